@@ -1,0 +1,43 @@
+"""Build the native core: Cython modules over C kernels, OpenMP, AVX2 when present."""
+import os
+import sys
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_tools"))
+from cpu_features import compile_flags  # noqa: E402
+
+CFLAGS = ["-O3", "-fopenmp", "-std=c11", "-fno-math-errno", *compile_flags()]
+LDFLAGS = ["-fopenmp"]
+
+# module name -> C sources it links besides its .pyx
+NATIVE_MODULES = {
+    "quant": ["native/quants.c", "native/matmul.c"],
+    "ops": ["native/ops_kernels.c"],
+    "sampler": ["native/sampler_kernels.c"],
+}
+
+
+def extension(name, c_sources):
+    return Extension(
+        f"pyforge.native.{name}",
+        sources=[f"native/{name}.pyx", *c_sources],
+        include_dirs=["native", np.get_include()],
+        extra_compile_args=CFLAGS,
+        extra_link_args=LDFLAGS,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+# PYFORGE_ONLY=quant,ops builds a subset (handy while working on one module).
+_only = [m for m in os.environ.get("PYFORGE_ONLY", "").split(",") if m]
+_selected = {n: s for n, s in NATIVE_MODULES.items() if not _only or n in _only}
+
+setup(
+    ext_modules=cythonize(
+        [extension(n, s) for n, s in _selected.items()],
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+    ),
+)

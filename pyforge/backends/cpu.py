@@ -1,0 +1,109 @@
+"""CPU backend: the model primitives over the native C kernels (OpenMP, AVX2).
+
+Weights stay in their stored format (memory-mapped); activations are float32.
+Every kernel call releases the GIL inside the native module.
+"""
+import os
+
+import numpy as np
+
+from pyforge.ggml_types import GGMLType
+from pyforge.native import ops, quant
+
+
+def default_threads():
+    """Physical cores: OpenMP threads that share a core's FMA units only fight."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, n_threads=None):
+        self.n_threads = int(n_threads or default_threads())
+        if self.n_threads < 1:
+            raise ValueError("n_threads must be at least 1")
+
+    # -- weights ---------------------------------------------------------
+    def prepare_weight(self, tensor):
+        """A matmul weight: the mapped bytes as stored (no copy)."""
+        return tensor
+
+    def prepare_vector(self, tensor):
+        """Norm weights and biases: small, converted once to float32."""
+        return self.to_float32(tensor)
+
+    @staticmethod
+    def to_float32(tensor):
+        n = int(np.prod(tensor.shape))
+        if tensor.ggml_type == GGMLType.F32:
+            return np.ascontiguousarray(tensor.data, dtype=np.float32).reshape(tensor.shape)
+        return quant.dequantize(np.ascontiguousarray(tensor.data), int(tensor.ggml_type), n).reshape(tensor.shape)
+
+    # -- buffers ---------------------------------------------------------
+    @staticmethod
+    def empty(shape):
+        return np.empty(shape, dtype=np.float32)
+
+    def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
+        # [n_blocks, block_size, n_kv_heads, head_dim] float32, K and V
+        shape = (n_blocks, block_size, n_kv_heads, head_dim)
+        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+
+    # -- primitives ------------------------------------------------------
+    def embed(self, token_ids, table, out):
+        """out[i] = row token_ids[i] of the embedding table (dequantized)."""
+        n_vocab, dim = table.shape
+        data = table.data
+        if table.ggml_type == GGMLType.F32:
+            np.take(data.reshape(n_vocab, dim), token_ids, axis=0, out=out)
+            return out
+        rows = data.reshape(n_vocab, -1)
+        for i, tok in enumerate(token_ids):
+            out[i] = quant.dequantize(rows[tok], int(table.ggml_type), dim)
+        return out
+
+    def matmul(self, x, weight, out):
+        """out[n, n_out] = x[n, n_in] @ W[n_out, n_in]^T."""
+        quant.matmul(x, weight.data, int(weight.ggml_type), weight.shape[0], out, self.n_threads)
+        return out
+
+    def rmsnorm(self, x, weight, eps, out):
+        ops.rmsnorm(x, weight, eps, out, self.n_threads)
+        return out
+
+    def rope(self, x, positions, n_rot, theta, neox, freq_factors):
+        ops.rope(x, positions, n_rot, theta, neox, freq_factors, self.n_threads)
+
+    def add_bias(self, x, bias):
+        x += bias
+
+    def add_inplace(self, x, y):
+        ops.add_inplace(x, y)
+
+    def silu_mul(self, gate, up, out):
+        ops.silu_mul(gate, up, out, self.n_threads)
+        return out
+
+    def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
+        ops.kv_store(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, meta, scale, out):
+        ops.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale, out, self.n_threads
+        )
+        return out

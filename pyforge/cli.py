@@ -1,0 +1,87 @@
+"""`pyforge generate | inspect` — the command-line entry point."""
+import argparse
+import sys
+import time
+
+
+def add_generate_parser(sub):
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    p.add_argument("--model", required=True, help="GGUF file or Hugging Face model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.set_defaults(func=run_generate)
+
+
+def add_inspect_parser(sub):
+    p = sub.add_parser("inspect", help="print a model file's architecture, tensors and vocabulary")
+    p.add_argument("path")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.set_defaults(func=run_inspect)
+
+
+def run_generate(args):
+    from pyforge.engine.engine import Engine
+    from pyforge.engine.sampling_params import SamplingParams
+    from pyforge.tokenizer import IncrementalDetokenizer
+
+    engine = Engine(args.model, n_threads=args.threads)
+    tok = engine.tokenizer
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    prompt_ids = tok.encode(text)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+    )
+    detok = IncrementalDetokenizer(tok)
+    start = time.perf_counter()
+    first = None
+    n = 0
+    for out in engine.generate(prompt_ids, params):
+        first = first or time.perf_counter()
+        n += 1
+        if out.token_id not in tok.eos_ids:
+            sys.stdout.write(detok.feed(out.token_id))
+            sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    end = time.perf_counter()
+    prefill = first - start if first else 0.0
+    decode = (end - first) / max(n - 1, 1) if first else 0.0
+    print(
+        f"[{len(prompt_ids)} prompt tokens in {prefill:.2f} s ({len(prompt_ids) / max(prefill, 1e-9):.1f} tok/s); "
+        f"{n} generated, {1 / max(decode, 1e-9):.1f} tok/s]",
+        file=sys.stderr,
+    )
+
+
+def run_inspect(args):
+    from pyforge.inspect import describe
+
+    print(describe(args.path, list_tensors=args.tensors))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="pyforge", description="pyforge LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    add_inspect_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"pyforge: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The engine as a library: load a model, add requests, step, read tokens.
+
+The serving process runs the same object in its loop; scripts, tests and
+benchmarks use it in-process.
+"""
+import itertools
+import secrets
+from dataclasses import dataclass, field
+
+from pyforge.backends import get_backend
+from pyforge.engine.block_manager import BlockManager
+from pyforge.engine.model_runner import KVCache, ModelRunner
+from pyforge.engine.sampler import Sampler
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.engine.scheduler import Scheduler
+from pyforge.engine.sequence import Sequence, SequenceStatus
+from pyforge.loader import load_model_file
+from pyforge.models.llama import LlamaModel
+from pyforge.tokenizer import Tokenizer
+
+DEFAULT_KV_CACHE_BYTES = 2 << 30
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class StepOutput:
+    seq_id: int
+    token_id: int
+    logprob: float
+    top_logprobs: list = field(default_factory=list)   # [(token_id, logprob)]
+    finish_reason: str | None = None
+
+    @property
+    def finished(self):
+        return self.finish_reason is not None
+
+
+def load_tokenizer(model_file):
+    kind, source = model_file.tokenizer_source
+    return Tokenizer.from_gguf_metadata(source) if kind == "gguf" else Tokenizer.from_hf_folder(source)
+
+
+class Engine:
+    def __init__(self, model_path, *, device="cpu", n_threads=None, max_model_len=None,
+                 kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512):
+        self.model_file = load_model_file(model_path)
+        cfg = self.model_file.config
+        if cfg.arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"{model_path}: architecture {cfg.arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
+        self.config = cfg
+        self.tokenizer = load_tokenizer(self.model_file)
+        self.backend = get_backend(device, n_threads=n_threads)
+        self.model = LlamaModel(self.model_file, self.backend)
+        self.max_model_len = min(max_model_len or cfg.context_length, cfg.context_length)
+        if kv_cache_tokens is None:
+            per_token = KVCache.bytes_per_token(cfg)
+            kv_cache_tokens = max(self.max_model_len, DEFAULT_KV_CACHE_BYTES // per_token)
+        n_blocks = -(-kv_cache_tokens // block_size)
+        self.kv_cache = KVCache(self.backend, cfg, n_blocks, block_size)
+        self.block_manager = BlockManager(n_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.sampler = Sampler()
+        self.sequences = {}
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------
+    def add_request(self, prompt_ids, params=None):
+        params = params or SamplingParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt_ids)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(next(self._ids), prompt_ids, params, self.sampler.seed_state(seed), self.max_model_len)
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def check_prompt(self, prompt_ids):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        if len(prompt_ids) + 1 > self.block_manager.n_blocks * self.block_manager.block_size:
+            raise ValueError("the prompt does not fit in the KV cache")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def abort(self, seq_id):
+        seq = self.sequences.pop(seq_id, None)
+        if seq is not None and not seq.status.is_finished:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    @property
+    def has_work(self):
+        return self.scheduler.has_work
+
+    # -- the step ----------------------------------------------------------
+    def step(self):
+        """Run one forward pass over what the scheduler picked; return new tokens."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        logits, sampling = self.runner.run(plan)
+        for seq, n in plan:
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        seqs = [plan[i][0] for i in sampling]
+        results = self.sampler.sample(logits, seqs)
+        return [self.append_token(seq, r) for seq, r in zip(seqs, results)]
+
+    def append_token(self, seq, result):
+        seq.token_ids.append(result.token_id)
+        status = seq.check_finished(result.token_id, self.tokenizer.eos_ids)
+        out = StepOutput(seq.seq_id, result.token_id, result.logprob, result.top_logprobs)
+        if status.is_finished:
+            self.scheduler.finish(seq, status)
+            self.sequences.pop(seq.seq_id, None)
+            out.finish_reason = seq.finish_reason
+        return out
+
+    # -- conveniences --------------------------------------------------------
+    def generate(self, prompt, params=None):
+        """Stream StepOutputs of one request (text prompts are tokenized)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        seq = self.add_request(ids, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.seq_id == seq.seq_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(seq.seq_id)
+
+    def prompt_logits(self, token_ids):
+        """Logits [n, vocab] at every prompt position (for reference checks)."""
+        seq = Sequence(-1, list(token_ids), SamplingParams(max_tokens=1), 0, self.max_model_len + 1)
+        if not self.block_manager.allocate(seq, len(token_ids)):
+            raise ValueError("the prompt does not fit in the KV cache")
+        try:
+            logits, _ = self.runner.run([(seq, len(token_ids))], all_logits=True)
+            return logits
+        finally:
+            self.block_manager.release(seq)

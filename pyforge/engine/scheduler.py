@@ -1,0 +1,83 @@
+"""One scheduling rule for every phase (as vLLM v1): each sequence's
+`num_computed_tokens` catches up with its `num_tokens` under one token budget
+per step. That gives chunked prefill, prefix reuse and decode in one batch.
+
+Pure bookkeeping over integers; the engine turns the plan into a ForwardBatch.
+"""
+from collections import deque
+
+from pyforge.engine.sequence import SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager, max_num_seqs, max_num_batched_tokens):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting = deque()
+        self.running = []
+
+    def add(self, seq):
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    def schedule(self):
+        """[(sequence, n_new_tokens)] for this step."""
+        budget = self.max_num_batched_tokens
+        plan = []
+        budget = self._schedule_running(plan, budget)
+        self._schedule_waiting(plan, budget)
+        return plan
+
+    def _schedule_running(self, plan, budget):
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    return budget
+            plan.append((seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, plan, budget):
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                seq.num_computed_tokens = self.blocks.reuse_prefix(seq)
+                seq.num_cached_prompt_tokens = seq.num_computed_tokens
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                if not self.running:
+                    # nothing will free blocks for it: drop the prefix claim and retry later
+                    self.blocks.release(seq)
+                    seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+
+    def preempt(self, seq):
+        """Free the newest sequence's blocks; it is recomputed from scratch later."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.PREEMPTED
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq, status):
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = status

@@ -1,0 +1,71 @@
+"""One generation: its tokens, progress, KV blocks and status."""
+from enum import IntEnum
+
+
+class SequenceStatus(IntEnum):
+    """Ordered: everything at or past FINISHED_STOPPED is finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self):
+        return self >= SequenceStatus.FINISHED_STOPPED
+
+
+# finished state -> OpenAI finish_reason
+FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Sequence:
+    def __init__(self, seq_id, prompt_ids, params, rng_state, max_model_len):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.rng_state = rng_state
+        # never generate past the context window
+        self.max_tokens = min(params.max_tokens, max_model_len - len(prompt_ids))
+        self.num_computed_tokens = 0   # tokens whose K/V are in the cache
+        self.num_cached_prompt_tokens = 0  # of those, reused from the prefix cache
+        self.block_table = []
+        self.block_keys = []            # prefix-cache keys of the full blocks, in order
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.status = SequenceStatus.WAITING
+
+    @property
+    def num_tokens(self):
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self):
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self):
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finish_reason(self):
+        return FINISH_REASONS.get(self.status)
+
+    def check_finished(self, token_id, eos_ids):
+        """Status after appending token_id (the caller appended it)."""
+        p = self.params
+        if not p.ignore_eos and token_id in eos_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if token_id in p.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= self.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        return SequenceStatus.RUNNING

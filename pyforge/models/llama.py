@@ -1,0 +1,127 @@
+"""The Llama family (Llama 2/3, TinyLlama, Mistral, Qwen2) over backend primitives.
+
+One definition: config switches biases (Qwen2), tied heads, rope style and rope
+scaling. The forward pass runs a flattened varlen batch against the paged KV
+cache, so one sequence or many take the same path.
+"""
+import math
+from dataclasses import dataclass
+
+from pyforge.models.rope_scaling import freq_factors_for
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: object
+    wq: object
+    wk: object
+    wv: object
+    wo: object
+    bq: object
+    bk: object
+    bv: object
+    ffn_norm: object
+    w_gate: object
+    w_up: object
+    w_down: object
+
+
+class LlamaModel:
+    def __init__(self, model_file, backend):
+        self.config = cfg = model_file.config
+        self.backend = backend
+        t = model_file.tensors
+        self.check_shapes(t)
+        self.token_embd = t["token_embd.weight"]
+        self.output_norm = backend.prepare_vector(t["output_norm.weight"])
+        head = t.get("output.weight") or self.token_embd
+        self.output = backend.prepare_weight(head)
+        self.layers = [self.load_layer(t, i) for i in range(cfg.n_layers)]
+        self.freq_factors = freq_factors_for(cfg, t)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def check_shapes(self, t):
+        cfg = self.config
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        expect = {"token_embd.weight": (cfg.vocab_size, cfg.hidden_size), "output_norm.weight": (cfg.hidden_size,)}
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            expect.update({
+                p + "attn_norm.weight": (cfg.hidden_size,),
+                p + "attn_q.weight": (q_dim, cfg.hidden_size),
+                p + "attn_k.weight": (kv_dim, cfg.hidden_size),
+                p + "attn_v.weight": (kv_dim, cfg.hidden_size),
+                p + "attn_output.weight": (cfg.hidden_size, q_dim),
+                p + "ffn_norm.weight": (cfg.hidden_size,),
+                p + "ffn_gate.weight": (cfg.ffn_size, cfg.hidden_size),
+                p + "ffn_up.weight": (cfg.ffn_size, cfg.hidden_size),
+                p + "ffn_down.weight": (cfg.hidden_size, cfg.ffn_size),
+            })
+        if "output.weight" in t:
+            expect["output.weight"] = (cfg.vocab_size, cfg.hidden_size)
+        for name, shape in expect.items():
+            if name not in t:
+                raise ValueError(f"model is missing tensor {name}")
+            if tuple(t[name].shape) != shape:
+                raise ValueError(f"tensor {name} has shape {tuple(t[name].shape)}, expected {shape}")
+
+    def load_layer(self, t, i):
+        b, p = self.backend, f"blk.{i}."
+
+        def bias(name):
+            return b.prepare_vector(t[p + name]) if p + name in t else None
+
+        return LayerWeights(
+            attn_norm=b.prepare_vector(t[p + "attn_norm.weight"]),
+            wq=b.prepare_weight(t[p + "attn_q.weight"]),
+            wk=b.prepare_weight(t[p + "attn_k.weight"]),
+            wv=b.prepare_weight(t[p + "attn_v.weight"]),
+            wo=b.prepare_weight(t[p + "attn_output.weight"]),
+            bq=bias("attn_q.bias"),
+            bk=bias("attn_k.bias"),
+            bv=bias("attn_v.bias"),
+            ffn_norm=b.prepare_vector(t[p + "ffn_norm.weight"]),
+            w_gate=b.prepare_weight(t[p + "ffn_gate.weight"]),
+            w_up=b.prepare_weight(t[p + "ffn_up.weight"]),
+            w_down=b.prepare_weight(t[p + "ffn_down.weight"]),
+        )
+
+    def forward(self, batch, kv_cache):
+        """Logits [len(batch.logits_rows), vocab] for the requested rows."""
+        cfg, b = self.config, self.backend
+        n = batch.n_tokens
+        x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
+        h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
+        for i, layer in enumerate(self.layers):
+            b.rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
+            b.add_inplace(x, self.attention(layer, h, batch, *kv_cache.layer(i)))
+            b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps, h)
+            b.add_inplace(x, self.mlp(layer, h))
+        rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
+        normed = b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))
+        return b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size)))
+
+    def attention(self, layer, h, batch, k_cache, v_cache):
+        cfg, b = self.config, self.backend
+        n, hd = batch.n_tokens, cfg.head_dim
+        q = self.project(h, layer.wq, layer.bq).reshape(n, cfg.n_heads, hd)     # [n, H, hd]
+        k = self.project(h, layer.wk, layer.bk).reshape(n, cfg.n_kv_heads, hd)  # [n, KV, hd]
+        v = self.project(h, layer.wv, layer.bv).reshape(n, cfg.n_kv_heads, hd)  # [n, KV, hd]
+        b.rope(q, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors)
+        b.rope(k, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors)
+        b.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
+        attn = b.attention(q, k_cache, v_cache, batch, self.scale, b.empty(q.shape))  # [n, H, hd]
+        return b.matmul(attn.reshape(n, -1), layer.wo, b.empty((n, cfg.hidden_size)))
+
+    def project(self, h, weight, bias):
+        out = self.backend.matmul(h, weight, self.backend.empty((h.shape[0], weight.shape[0])))
+        if bias is not None:
+            self.backend.add_bias(out, bias)
+        return out
+
+    def mlp(self, layer, h):
+        b, n = self.backend, h.shape[0]
+        gate = b.matmul(h, layer.w_gate, b.empty((n, self.config.ffn_size)))  # [n, ffn]
+        up = b.matmul(h, layer.w_up, b.empty((n, self.config.ffn_size)))      # [n, ffn]
+        act = b.silu_mul(gate, up, gate)
+        return b.matmul(act, layer.w_down, b.empty((n, self.config.hidden_size)))

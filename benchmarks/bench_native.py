@@ -1,0 +1,136 @@
+"""Single-stream prefill and decode: pyforge vs llama.cpp on the same GGUF file.
+
+    python benchmarks/bench_native.py [--formats Q4_K_M Q8_0] [--threads 2] [--rounds 3]
+
+Both engines run in this process, alternated round by round (this machine's
+speed drifts), on the synthetic tinyllama-1.1b model; medians are reported
+with the ratio and the decode bandwidth bound (weight bytes / measured bandwidth).
+"""
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+import numpy as np
+
+from pyforge.engine.engine import Engine
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.synthetic import ensure_model
+
+CONFIG = "tinyllama-1.1b"
+
+
+def measure_bandwidth(n_threads, gib=1.0, repeats=5):
+    """Read bandwidth (GB/s): n_threads numpy reductions over disjoint slices of a big array."""
+    data = np.ones(int(gib * 2**30) // 8, dtype=np.float64)
+    parts = np.array_split(data, n_threads)
+    best = 0.0
+    for _ in range(repeats):
+        threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, data.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def prompt_tokens(n, vocab=32000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [1] + rng.integers(100, vocab - 100, n - 1).tolist()
+
+
+class PyforgeRunner:
+    name = "pyforge"
+
+    def __init__(self, path, threads, n_ctx):
+        self.engine = Engine(path, n_threads=threads, max_model_len=n_ctx, kv_cache_tokens=n_ctx,
+                             max_num_batched_tokens=n_ctx)
+
+    def run(self, prompt, n_decode):
+        params = SamplingParams(temperature=0.0, max_tokens=n_decode + 1, ignore_eos=True)
+        seq = self.engine.add_request(prompt, params)
+        t0 = time.perf_counter()
+        self.engine.step()                     # prefill + first token
+        t1 = time.perf_counter()
+        for _ in range(n_decode):
+            self.engine.step()
+        t2 = time.perf_counter()
+        self.engine.abort(seq.seq_id)
+        return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
+
+
+class LlamaCppRunner:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, n_ctx):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=n_ctx, n_ubatch=n_ctx, verbose=False)
+
+    def run(self, prompt, n_decode):
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        for _ in range(n_decode):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
+
+
+def bench_format(fmt, args, bandwidth):
+    path = ensure_model(CONFIG, fmt)
+    weight_bytes = os.path.getsize(path)
+    n_ctx = args.prompt + args.decode + 16
+    runners = [PyforgeRunner(path, args.threads, n_ctx), LlamaCppRunner(path, args.threads, n_ctx)]
+    prompt = prompt_tokens(args.prompt)
+    results = {r.name: ([], []) for r in runners}
+    for r in runners:                       # warm-up: page in the weights
+        r.run(prompt[:32], 4)
+    for _ in range(args.rounds):
+        for r in runners:
+            pre, dec = r.run(prompt, args.decode)
+            results[r.name][0].append(pre)
+            results[r.name][1].append(dec)
+    med = {k: (statistics.median(p), statistics.median(d)) for k, (p, d) in results.items()}
+    bound = bandwidth * 1e9 / weight_bytes
+    return fmt, med, bound, weight_bytes
+
+
+def print_table(rows, args, bandwidth):
+    print(f"\nsynthetic {CONFIG}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}, "
+          f"median of {args.rounds} rounds; read bandwidth {bandwidth:.1f} GB/s")
+    print("| format | file MiB | prefill pyforge | prefill llama.cpp | ratio | decode pyforge | decode llama.cpp "
+          "| ratio | decode bound | pyforge % of bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for fmt, med, bound, size in rows:
+        pp, pd = med["pyforge"]
+        lp, ld = med["llama.cpp"]
+        print(f"| {fmt} | {size / 2**20:.0f} | {pp:.1f} | {lp:.1f} | {pp / lp:.2f} | {pd:.1f} | {ld:.1f} "
+              f"| {pd / ld:.2f} | {bound:.1f} | {100 * pd / bound:.0f}% |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", nargs="+", default=["Q4_K_M", "Q8_0"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    args = ap.parse_args()
+    bandwidth = measure_bandwidth(args.threads)
+    rows = [bench_format(fmt, args, bandwidth) for fmt in args.formats]
+    print_table(rows, args, bandwidth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,11 +11,12 @@ from pyforge.synthetic import write_gguf
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 STORIES = SHARED / "models" / "stories260K" / "stories260K.gguf"
+GGML_TYPE_F32 = 0   # llama.cpp's KV cache defaults to F16; ours is F32, so compare like with like
 
 
 def llama_cpp_logits(llama_cpp, path, ids):
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 8, n_batch=len(ids), n_ubatch=len(ids),
-                          n_threads=2, logits_all=True, verbose=False)
+                          n_threads=2, logits_all=True, verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 

@@ -1,0 +1,67 @@
+/* Non-matmul model primitives for the CPU backend: norms, rope, activations,
+ * the paged KV cache and attention over it.
+ *
+ * All tensors are C-contiguous float32 unless noted. Callers (native/ops.pyx)
+ * validate shapes and index ranges; these kernels trust their arguments.
+ * Each kernel has an AVX2/FMA path and a portable scalar path.
+ */
+#ifndef PYFORGE_OPS_KERNELS_H
+#define PYFORGE_OPS_KERNELS_H
+
+#include <stdint.h>
+
+/* out[n, d] = x[n, d] / sqrt(mean(x^2) + eps) * w[d]  (out may alias x) */
+void pf_rmsnorm(const float *x, const float *w, float eps, float *out,
+                int64_t n, int64_t d, int n_threads);
+
+/* Rotary embedding in place on x[n_tok, n_heads, head_dim]: the first n_rot
+ * dims of every head. Pair i turns by pos * theta^(-2i/n_rot) / freq_factors[i].
+ * neox = 0: pairs (2i, 2i+1) (GGUF "normal"); neox = 1: pairs (i, i + n_rot/2).
+ * freq_factors is float[n_rot/2] or NULL. Returns 0, or -1 if out of memory. */
+int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads,
+            int64_t head_dim, int n_rot, double theta, int neox,
+            const float *freq_factors, int n_threads);
+
+/* out[n] = silu(gate[n]) * up[n]  (out may alias gate or up) */
+void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads);
+
+/* x[n] += y[n] */
+void pf_add_inplace(float *x, const float *y, int64_t n);
+
+/* Rows of x[n, d] become softmax(row), in place. */
+void pf_softmax_rows(float *x, int64_t n, int64_t d);
+
+/* out[n] = index of the first maximum of each row of x[n, d] (d >= 1). */
+void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out);
+
+/* Token t of k, v [n_tok, row] goes to flat slot slot_mapping[t] of the caches
+ * viewed as [n_blocks * block_size, row], row = n_kv * head_dim. */
+void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
+                 const int32_t *slot_mapping, int64_t n_tok, int64_t row);
+
+/* The sizes of one paged-attention call. */
+typedef struct {
+    int64_t n_tok;       /* query rows, all sequences back to back */
+    int64_t n_heads;     /* query heads */
+    int64_t n_kv;        /* kv heads; n_heads % n_kv == 0 */
+    int64_t head_dim;
+    int64_t block_size;  /* tokens per cache block */
+    int64_t n_seq;
+    int64_t max_blocks;  /* columns of block_tables */
+    float scale;         /* applied to q.k before softmax */
+} PagedAttnDims;
+
+/* Causal attention of a varlen batch over the paged cache.
+ *   q, out        [n_tok, n_heads, head_dim]
+ *   k/v_cache     [n_blocks, block_size, n_kv, head_dim]
+ *   block_tables  int32 [n_seq, max_blocks]
+ *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
+ *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..
+ * Query row j of sequence s (n_q rows) sits at position L_s - n_q + j and sees
+ * positions 0 ..= that one. */
+void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
+                        const int32_t *block_tables, const int32_t *context_lens,
+                        const int32_t *query_start, float *out,
+                        const PagedAttnDims *dims, int n_threads);
+
+#endif

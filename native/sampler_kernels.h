@@ -1,0 +1,83 @@
+/* Batched token sampler: one call samples the next token of every sequence.
+ *
+ * Per row, in this order (vLLM / OpenAI semantics):
+ *   1. logprobs from the raw logits (log_softmax of the model output): the
+ *      chosen token's and the top-n (ids best first, ties to the lower id);
+ *   2. penalties over the row's token history: repetition (HF: divide positive
+ *      logits, multiply negative ones, for tokens in prompt or output), then
+ *      presence/frequency (OpenAI: subtract presence*[count>0] + frequency*count,
+ *      counts over the output only);
+ *   3. temperature < PF_GREEDY_TEMPERATURE: argmax, ties to the lower id;
+ *      otherwise temperature, top-k, top-p (nucleus over the top-k-renormalised
+ *      distribution), min-p (drop p < min_p * p_max), then one draw from the
+ *      renormalised survivors with the row's RNG. Filters rank tokens by
+ *      probability, ties to the lower id.
+ *
+ * RNG: SplitMix64 (Steele, Lea, Flood 2014), 64 bits of state per sequence,
+ * held by the caller and advanced by exactly one step per call, greedy rows
+ * included. The state is the seed itself (mod 2^64). A row's result depends
+ * only on its own logits, params, history and state, never on the batch.
+ */
+#ifndef PYFORGE_SAMPLER_KERNELS_H
+#define PYFORGE_SAMPLER_KERNELS_H
+
+#include <stdint.h>
+
+/* Below this a temperature means greedy (vLLM's _SAMPLING_EPS): dividing by
+ * it would overflow the scaled logits. */
+#define PF_GREEDY_TEMPERATURE 1e-5f
+
+/* Per-sequence parameters, each an array [n_seq]. */
+typedef struct {
+    const float *temperature;          /* < PF_GREEDY_TEMPERATURE: greedy */
+    const int32_t *top_k;              /* <= 0 or >= vocab: disabled */
+    const float *top_p;                /* >= 1: disabled */
+    const float *min_p;                /* <= 0: disabled */
+    const float *repetition_penalty;   /* 1: none */
+    const float *presence_penalty;     /* 0: none */
+    const float *frequency_penalty;    /* 0: none */
+} pf_sampling_params;
+
+/* Token history as CSR: row i owns entries offsets[i] .. offsets[i+1]-1.
+ * An entry is a token seen in the prompt or the output (repetition penalty
+ * applies) with its number of occurrences in the output (presence/frequency
+ * apply when > 0). Ids must lie in [0, vocab); they should be unique per row
+ * (a duplicate is penalised twice). */
+typedef struct {
+    const int32_t *offsets;   /* [n_seq + 1] */
+    const int32_t *ids;       /* [nnz] */
+    const int32_t *counts;    /* [nnz] */
+} pf_token_history;
+
+typedef struct {
+    int32_t *tokens;          /* [n_seq] */
+    float *logprobs;          /* [n_seq] raw log-softmax of the chosen token */
+    int32_t *top_ids;         /* [n_seq, n_top] best first */
+    float *top_logprobs;      /* [n_seq, n_top] */
+    int32_t n_top;            /* 0..vocab; cost grows with it, meant for <= 20 */
+} pf_sample_out;
+
+/* SplitMix64: advance *state, return the next 64-bit output. */
+uint64_t pf_rng_next(uint64_t *state);
+
+/* Uniform double in [0, 1) from the top 53 bits of one pf_rng_next. */
+double pf_rng_uniform(uint64_t *state);
+
+/* y = e^x for x <= 0 (the sampler's vectorised exp), exposed for tests. */
+void pf_exp_nonpositive(const float *x, float *y, int32_t n);
+
+/* Apply repetition / presence / frequency penalties to one row in place. */
+void pf_apply_penalties(float *row, float repetition, float presence, float frequency,
+                        const int32_t *ids, const int32_t *counts, int32_t n);
+
+/* Sample one token per row of logits [n_seq, vocab] (row-major).
+ * logits serve as scratch for the penalties and are restored bit-exactly
+ * before returning, so the caller sees them unchanged; they must be writable.
+ * rng_state [n_seq] is advanced in place. n_threads <= 0: OpenMP's default.
+ * Returns 0, or -1 when scratch memory could not be allocated. Thread-safe,
+ * touches no global state, needs no GIL. */
+int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
+              const pf_sampling_params *params, const pf_token_history *history,
+              uint64_t *rng_state, const pf_sample_out *out, int n_threads);
+
+#endif /* PYFORGE_SAMPLER_KERNELS_H */

@@ -1,0 +1,99 @@
+"""Sampling glue: pack each sequence's SamplingParams and token history into
+arrays and sample the whole batch in one native call (pyforge.native.sampler,
+whose contract is written down in native/sampler_kernels.h)."""
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pyforge.native import sampler as native
+
+_U64 = (1 << 64) - 1
+
+# SamplingParams field -> dtype of the per-row array the native call takes
+_PARAM_COLUMNS = (
+    ("temperature", np.float32),
+    ("top_k", np.int32),
+    ("top_p", np.float32),
+    ("min_p", np.float32),
+    ("repetition_penalty", np.float32),
+    ("presence_penalty", np.float32),
+    ("frequency_penalty", np.float32),
+)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: float                                      # raw log-softmax of token_id
+    top_logprobs: list = field(default_factory=list)    # [(token_id, logprob)], best first
+
+
+class Sampler:
+    """Samples a batch per call and keeps nothing between calls: each sequence
+    carries its own RNG state (`seq.rng_state`), which `sample` advances."""
+
+    def __init__(self, n_threads=0):
+        self.n_threads = n_threads   # 0: OpenMP's default
+
+    @staticmethod
+    def seed_state(seed=None):
+        """RNG state for a seed: SplitMix64's state is the seed mod 2^64.
+        None draws a fresh random one."""
+        return (secrets.randbits(64) if seed is None else seed) & _U64
+
+    def sample(self, logits, seqs):
+        """One token per sequence. logits: f32[len(seqs), vocab], row i for
+        seqs[i] (left unchanged). Each seq exposes `params` (SamplingParams),
+        `token_ids` (prompt then output), `num_prompt_tokens` and `rng_state`."""
+        if len(seqs) != len(logits):
+            raise ValueError(f"{len(logits)} rows of logits for {len(seqs)} sequences")
+        if not seqs:
+            return []
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        if not logits.flags.writeable:   # the kernel borrows rows as scratch
+            logits = logits.copy()
+        params = [seq.params for seq in seqs]
+        n_top = min(max(p.logprobs or 0 for p in params), logits.shape[1])
+        rng_state = np.array([seq.rng_state for seq in seqs], dtype=np.uint64)
+        tokens, logprobs, top_ids, top_logprobs = native.sample(
+            logits, *_param_arrays(params), *_history(seqs), rng_state,
+            n_top_logprobs=n_top, n_threads=self.n_threads,
+        )
+        for seq, state in zip(seqs, rng_state.tolist()):
+            seq.rng_state = state
+        return [
+            SampleResult(token, logprob, list(zip(ids[:p.logprobs or 0], lps[:p.logprobs or 0])))
+            for p, token, logprob, ids, lps in zip(
+                params, tokens.tolist(), logprobs.tolist(), top_ids.tolist(), top_logprobs.tolist()
+            )
+        ]
+
+
+def _param_arrays(params):
+    return [np.array([getattr(p, name) for p in params], dtype=dtype) for name, dtype in _PARAM_COLUMNS]
+
+
+def _history(seqs):
+    """The penalties' token history as CSR: offsets, ids, output counts."""
+    rows = [_penalised_tokens(seq) for seq in seqs]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(ids) for ids, _ in rows], out=offsets[1:])
+    ids = np.concatenate([ids for ids, _ in rows]).astype(np.int32)
+    counts = np.concatenate([counts for _, counts in rows]).astype(np.int32)
+    return offsets, ids, counts
+
+
+def _penalised_tokens(seq):
+    """(unique token ids, their counts in the output) for one sequence; empty
+    without penalties, so most rows cost nothing and long prompts are not
+    rescanned every step."""
+    p = seq.params
+    if p.repetition_penalty != 1.0:   # every token of prompt and output
+        tokens = np.asarray(seq.token_ids, dtype=np.int64)
+        ids, where = np.unique(tokens, return_inverse=True)
+        return ids, np.bincount(where[seq.num_prompt_tokens:], minlength=len(ids))
+    if p.presence_penalty or p.frequency_penalty:   # output tokens only
+        return np.unique(np.asarray(seq.token_ids[seq.num_prompt_tokens:], dtype=np.int64),
+                         return_counts=True)
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)

@@ -1,0 +1,78 @@
+"""Per-request sampling parameters: OpenAI / vLLM names and meanings, checked once."""
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+MAX_TEMPERATURE = 100.0   # OpenAI stops at 2; vLLM takes more, and so do we
+MAX_TOP_LOGPROBS = 20     # OpenAI's limit on top_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0         # 0: greedy (below 1e-5 the sampler is greedy too)
+    top_p: float = 1.0               # nucleus mass in (0, 1]; 1: off
+    top_k: int = 0                   # keep the k most likely; 0 or -1: off
+    min_p: float = 0.0               # drop p < min_p * p_max; 0: off
+    repetition_penalty: float = 1.0  # HF / vLLM, over prompt + output tokens; 1: off
+    presence_penalty: float = 0.0    # OpenAI, over output tokens: - presence * [count > 0]
+    frequency_penalty: float = 0.0   # OpenAI, over output tokens: - frequency * count
+    seed: int | None = None          # None: the engine draws one at admission
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None      # top logprobs per token, 0..20; None: none
+    n: int = 1
+
+    def __post_init__(self):
+        # frozen, but callers pass lists; a tuple keeps the object hashable
+        try:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        except TypeError:
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}") from None
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first field out of range."""
+        _in_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        _in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _in_range("min_p", self.min_p, 0.0, 1.0)
+        _real("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        _in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _integer("top_k", self.top_k, low=-1)
+        _integer("max_tokens", self.max_tokens, low=1)
+        _integer("n", self.n, low=1)
+        if self.seed is not None:
+            _integer("seed", self.seed)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        for token in self.stop_token_ids:
+            _integer("stop_token_ids", token, low=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    @property
+    def greedy(self):
+        return self.temperature == 0.0
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+def _in_range(name, value, low, high, low_open=False):
+    _real(name, value)
+    if not (low < value if low_open else low <= value) or not value <= high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def _integer(name, value, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")

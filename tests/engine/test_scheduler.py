@@ -1,0 +1,66 @@
+"""Scheduler on integers: token budget, chunked prefill, preemption."""
+from pyforge.engine.block_manager import BlockManager
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.engine.scheduler import Scheduler
+from pyforge.engine.sequence import Sequence, SequenceStatus
+
+
+def seq(n_prompt, seq_id):
+    return Sequence(seq_id, list(range(10, 10 + n_prompt)), SamplingParams(max_tokens=8), 0, 10_000)
+
+
+def advance(plan, new_token=1):
+    """What the engine does after a forward: count computed tokens, append samples."""
+    for s, n in plan:
+        s.num_computed_tokens += n
+        if s.num_computed_tokens == s.num_tokens:
+            s.token_ids.append(new_token)
+
+
+def test_long_prompt_is_chunked_and_decodes_share_the_step():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    short, long_ = seq(3, 0), seq(25, 1)
+    sched.add(short)
+    sched.add(long_)
+    plan = sched.schedule()
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 3), (1, 7)]
+    advance(plan)
+    plan = sched.schedule()
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1), (1, 9)]   # decode + next chunk
+    advance(plan)
+    plan = sched.schedule()
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1), (1, 9)]
+    advance(plan)
+    assert long_.num_computed_tokens == 25 and long_.num_tokens == 26
+
+
+def test_max_num_seqs_limits_admission():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(3):
+        sched.add(seq(2, i))
+    assert [s.seq_id for s, _ in sched.schedule()] == [0, 1]
+    assert len(sched.waiting) == 1
+
+
+def test_newest_sequence_is_preempted_when_blocks_run_out():
+    bm = BlockManager(4, 4)                       # 16 token slots
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a, b = seq(8, 0), seq(7, 1)
+    sched.add(a)
+    sched.add(b)
+    advance(sched.schedule())                     # a: 2 blocks, b: 2 blocks, pool full
+    assert bm.num_free == 0
+    plan = sched.schedule()                       # a needs a 3rd block: b is preempted
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1)]
+    assert b.status == SequenceStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert list(sched.waiting) == [b]
+
+
+def test_finish_releases_blocks():
+    bm = BlockManager(8, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a = seq(6, 0)
+    sched.add(a)
+    advance(sched.schedule())
+    sched.finish(a, SequenceStatus.FINISHED_ABORTED)
+    assert bm.num_free == 8 and not sched.has_work and a.finish_reason == "abort"

@@ -1,0 +1,397 @@
+"""pyforge.native.ops against float64 references written here (numpy) and torch
+(scaled_dot_product_attention with an explicit mask, HF's rotate-half rope).
+
+Error bound: max |ours - ref| / max |ref| <= 1e-5 unless stated; float32
+kernels land around 1e-7. Outputs are poisoned with NaN before each call so an
+element a kernel forgets to write fails the comparison.
+"""
+import numpy as np
+import pytest
+
+from pyforge.native import ops
+
+REL_TOL = 1e-5
+THREADS = [1, 2]
+
+
+def rel_err(ours, ref):
+    ours = np.asarray(ours, dtype=np.float64)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def poisoned(shape):
+    return np.full(shape, np.nan, dtype=np.float32)
+
+
+# -- rmsnorm -------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n,d", [(1, 64), (7, 4099), (33, 2048)])
+def test_rmsnorm(n, d, n_threads):
+    rng = np.random.default_rng(n * d)
+    x, w = randn(rng, n, d, scale=3.0), randn(rng, d)
+    out = poisoned((n, d))
+    ops.rmsnorm(x, w, 1e-5, out, n_threads)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + 1e-5) * w
+    assert rel_err(out, ref) < REL_TOL
+    # elementwise too: every output within a few float32 ulps of its reference
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_rmsnorm_in_place():
+    rng = np.random.default_rng(1)
+    x, w = randn(rng, 3, 40), randn(rng, 40)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + 1e-6) * w
+    ops.rmsnorm(x, w, 1e-6, x)
+    assert rel_err(x, ref) < REL_TOL
+
+
+# -- rope ------------------------------------------------------------------------
+
+def rope_ref(x, positions, n_rot, theta, neox, freq_factors=None):
+    """float64 rope from the definition: pair i turns by pos * theta^(-2i/n_rot) / ff[i]."""
+    out = x.astype(np.float64).copy()
+    half = n_rot // 2
+    inv = theta ** (-2.0 * np.arange(half) / n_rot)
+    if freq_factors is not None:
+        inv = inv / freq_factors.astype(np.float64)
+    ang = positions.astype(np.float64)[:, None] * inv[None, :]  # [n_tok, half]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    i0 = np.arange(half) if neox else 2 * np.arange(half)
+    i1 = i0 + half if neox else i0 + 1
+    x0, x1 = out[..., i0].copy(), out[..., i1].copy()
+    out[..., i0] = x0 * c - x1 * s
+    out[..., i1] = x0 * s + x1 * c
+    return out
+
+
+def rope_hf_neox(x, positions, n_rot, theta):
+    """Hugging Face's apply_rotary_pos_emb (rotate_half), in float64 torch."""
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(x.astype(np.float64))
+    rot, rest = t[..., :n_rot], t[..., n_rot:]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot))
+    freqs = torch.from_numpy(positions.astype(np.float64))[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [n_tok, 1, n_rot]
+    x1, x2 = rot[..., : n_rot // 2], rot[..., n_rot // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((rot * emb.cos() + rotated * emb.sin(), rest), dim=-1).numpy()
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("hd,n_rot", [(64, 64), (48, 48), (64, 32)])
+def test_rope(hd, n_rot, neox, n_threads):
+    rng = np.random.default_rng(hd + n_rot)
+    n_tok, n_heads = 37, 6
+    x = randn(rng, n_tok, n_heads, hd)
+    positions = rng.integers(0, 5000, n_tok).astype(np.int32)
+    ref = rope_ref(x, positions, n_rot, 10000.0, neox)
+    ops.rope(x, positions, n_rot, 10000.0, neox, None, n_threads)
+    assert rel_err(x, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("n_rot", [64, 32])
+def test_rope_neox_matches_hf_rotate_half(n_rot):
+    rng = np.random.default_rng(5)
+    x = randn(rng, 19, 4, 64)
+    positions = rng.integers(0, 3000, 19).astype(np.int32)
+    ref = rope_hf_neox(x, positions, n_rot, 500000.0)
+    ops.rope(x, positions, n_rot, 500000.0, True)
+    assert rel_err(x, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_freq_factors_and_large_positions(neox):
+    """Llama 3 style divisors, and positions up to 1e6 (a float angle would be off by ~0.06 rad)."""
+    rng = np.random.default_rng(6)
+    x = randn(rng, 8, 2, 64)
+    positions = np.array([0, 1, 2047, 8191, 65535, 131071, 500000, 1000000], dtype=np.int32)
+    ff = rng.uniform(1.0, 8.0, 32).astype(np.float32)
+    ref = rope_ref(x, positions, 64, 500000.0, neox, ff)
+    ops.rope(x, positions, 64, 500000.0, neox, ff, 2)
+    assert rel_err(x, ref) < REL_TOL
+
+
+# -- elementwise -----------------------------------------------------------------
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n,f", [(1, 5), (3, 173), (20, 5632)])
+def test_silu_mul(n, f, n_threads):
+    rng = np.random.default_rng(f)
+    gate, up = randn(rng, n, f, scale=4.0), randn(rng, n, f)
+    gate.flat[:4] = [-100.0, 100.0, -88.5, 30.0]  # exp over/underflow edges
+    out = poisoned((n, f))
+    ops.silu_mul(gate, up, out, n_threads)
+    g = gate.astype(np.float64)
+    ref = g / (1.0 + np.exp(-g)) * up
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-30)
+
+
+def test_silu_mul_into_gate():
+    rng = np.random.default_rng(2)
+    gate, up = randn(rng, 4, 100), randn(rng, 4, 100)
+    g = gate.astype(np.float64)
+    ref = g / (1.0 + np.exp(-g)) * up
+    ops.silu_mul(gate, up, gate)
+    assert rel_err(gate, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 33)])
+def test_add_inplace(shape):
+    rng = np.random.default_rng(3)
+    x, y = randn(rng, *shape), randn(rng, *shape)
+    ref = x.astype(np.float64) + y
+    ops.add_inplace(x, y)
+    np.testing.assert_allclose(x, ref, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("d", [1, 13, 32000])
+def test_softmax_rows(d):
+    rng = np.random.default_rng(d)
+    x = randn(rng, 4, d, scale=5.0)
+    if d > 1:
+        x[1, ::3] = -np.inf  # masked logits
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(axis=1, keepdims=True))
+    ref = e / e.sum(axis=1, keepdims=True)
+    ops.softmax_rows(x)
+    np.testing.assert_allclose(x, ref, rtol=2e-6, atol=1e-12)
+    if d > 1:
+        assert np.all(x[1, ::3] == 0.0)
+
+
+def test_argmax_rows():
+    rng = np.random.default_rng(4)
+    x = randn(rng, 6, 1000)
+    x[2, 10] = x[2, 500] = 50.0  # ties resolve to the first
+    got = ops.argmax_rows(x)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=1))
+
+
+# -- paged KV cache ----------------------------------------------------------------
+
+def make_batch(rng, seqs, block_size, n_kv, hd, spare_blocks=3):
+    """A varlen batch over a shuffled block pool.
+
+    seqs: (context_len, n_q) per sequence. Returns the caches (random, the
+    whole pool), block_tables, context_lens, query_start_loc.
+    """
+    need = [-(-L // block_size) for L, _ in seqs]
+    n_blocks = sum(need) + spare_blocks
+    pool = rng.permutation(n_blocks).astype(np.int32)  # blocks scattered through the pool
+    max_blocks = max(need) + 1
+    tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+    start = 0
+    for s, nb in enumerate(need):
+        tables[s, :nb] = pool[start:start + nb]
+        start += nb
+    k_cache = randn(rng, n_blocks, block_size, n_kv, hd)
+    v_cache = randn(rng, n_blocks, block_size, n_kv, hd)
+    context_lens = np.array([L for L, _ in seqs], dtype=np.int32)
+    qsl = np.concatenate([[0], np.cumsum([nq for _, nq in seqs])]).astype(np.int32)
+    return k_cache, v_cache, tables, context_lens, qsl
+
+
+def gather_context(cache, table, L, block_size):
+    """[L, n_kv, hd] float64: positions 0..L-1 of one sequence, in order."""
+    p = np.arange(L)
+    return cache[table[p // block_size], p % block_size].astype(np.float64)
+
+
+def attention_ref(q, k_cache, v_cache, tables, context_lens, qsl, scale):
+    """float64 causal GQA attention per sequence, from the definition."""
+    n_tok, n_heads, hd = q.shape
+    bs, n_kv = k_cache.shape[1], k_cache.shape[2]
+    out = np.zeros((n_tok, n_heads, hd))
+    for s, L in enumerate(context_lens):
+        rows = slice(qsl[s], qsl[s + 1])
+        n_q = qsl[s + 1] - qsl[s]
+        if n_q == 0:
+            continue
+        K = np.repeat(gather_context(k_cache, tables[s], L, bs), n_heads // n_kv, axis=1)  # [L, H, hd]
+        V = np.repeat(gather_context(v_cache, tables[s], L, bs), n_heads // n_kv, axis=1)  # [L, H, hd]
+        scores = np.einsum("qhd,khd->hqk", q[rows].astype(np.float64), K) * scale   # [H, n_q, L]
+        qpos = L - n_q + np.arange(n_q)
+        scores[:, np.arange(L)[None, :] > qpos[:, None]] = -np.inf
+        w = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        w /= w.sum(axis=-1, keepdims=True)
+        out[rows] = np.einsum("hqk,khd->qhd", w, V)
+    return out
+
+
+# decode rows (n_q = 1), a fresh prefill (n_q = L), prefill chunks after a
+# cached prefix (L > n_q > 1), an empty sequence, lengths off block boundaries
+MIXED = [(1, 1), (37, 1), (300, 1), (70, 70), (200, 45), (0, 0), (64, 1), (129, 17)]
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("hd,n_heads,n_kv", [(64, 8, 8), (64, 8, 2), (48, 8, 1), (64, 32, 4)])
+def test_paged_attention(hd, n_heads, n_kv, block_size, n_threads):
+    rng = np.random.default_rng(hd * 100 + n_heads * 10 + n_kv + block_size)
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, MIXED, block_size, n_kv, hd)
+    q = randn(rng, int(qsl[-1]), n_heads, hd)
+    scale = 1.0 / np.sqrt(hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, scale, out, n_threads)
+    ref = attention_ref(q, k_cache, v_cache, tables, lens, qsl, scale)
+    assert rel_err(out, ref) < REL_TOL
+
+
+def test_paged_attention_peaked_scores_and_odd_head_dim():
+    """Large logits (the online max must rescale), head_dim with a scalar tail."""
+    rng = np.random.default_rng(11)
+    hd = 20
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(150, 1), (90, 30)], 16, 2, hd)
+    q = randn(rng, int(qsl[-1]), 4, hd, scale=6.0)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 1.0, out, 2)
+    ref = attention_ref(q, k_cache, v_cache, tables, lens, qsl, 1.0)
+    assert rel_err(out, ref) < REL_TOL
+
+
+def test_paged_attention_matches_torch_sdpa():
+    """One sequence, prefill chunk after a cached prefix, against torch SDPA
+    (float64) with an explicit boolean causal mask and GQA by repeat."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    L, n_q, n_heads, n_kv, hd, bs = 150, 40, 8, 2, 64, 16
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(L, n_q)], bs, n_kv, hd)
+    q = randn(rng, n_q, n_heads, hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125, out, 2)
+
+    K = torch.from_numpy(gather_context(k_cache, tables[0], L, bs)).repeat_interleave(n_heads // n_kv, dim=1)
+    V = torch.from_numpy(gather_context(v_cache, tables[0], L, bs)).repeat_interleave(n_heads // n_kv, dim=1)
+    Q = torch.from_numpy(q.astype(np.float64))
+    mask = torch.arange(L)[None, :] <= (L - n_q + torch.arange(n_q))[:, None]  # [n_q, L] True = attend
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        Q.transpose(0, 1), K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask, scale=0.125
+    ).transpose(0, 1)
+    assert rel_err(out, ref.numpy()) < REL_TOL
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_kv_store_then_attention(block_size):
+    """kv_store writes exactly the mapped slots; attention then reads them back."""
+    rng = np.random.default_rng(13)
+    n_kv, hd, n_heads = 2, 64, 8
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(40, 1), (33, 33), (100, 7)], block_size, n_kv, hd)
+    # the new tokens of each sequence: its last n_q positions
+    slots = np.concatenate([
+        tables[s, p // block_size] * block_size + p % block_size
+        for s in range(len(lens))
+        for p in [np.arange(lens[s] - (qsl[s + 1] - qsl[s]), lens[s])]
+    ]).astype(np.int32)
+    n_tok = len(slots)
+    k, v = randn(rng, n_tok, n_kv, hd), randn(rng, n_tok, n_kv, hd)
+    k_ref, v_ref = k_cache.copy(), v_cache.copy()
+    k_ref.reshape(-1, n_kv, hd)[slots] = k
+    v_ref.reshape(-1, n_kv, hd)[slots] = v
+    ops.kv_store(k, v, k_cache, v_cache, slots)
+    np.testing.assert_array_equal(k_cache, k_ref)
+    np.testing.assert_array_equal(v_cache, v_ref)
+
+    q = randn(rng, n_tok, n_heads, hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125, out, 2)
+    assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, 0.125)) < REL_TOL
+
+
+# -- bad inputs --------------------------------------------------------------------
+
+def f32(*shape):
+    return np.zeros(shape, dtype=np.float32)
+
+
+def i32(*values):
+    return np.array(values, dtype=np.int32)
+
+
+def test_bad_elementwise_inputs():
+    x, w = f32(2, 8), f32(8)
+    with pytest.raises(ValueError):
+        ops.rmsnorm(x.astype(np.float64), w, 1e-5, f32(2, 8))  # dtype
+    with pytest.raises(ValueError):
+        ops.rmsnorm(x, f32(7), 1e-5, f32(2, 8))  # weight length
+    with pytest.raises(ValueError):
+        ops.rmsnorm(np.zeros((8, 2), np.float32).T, w, 1e-5, f32(2, 8))  # not contiguous
+    with pytest.raises(ValueError):
+        ops.rmsnorm(x, w, 1e-5, f32(2, 8), 0)  # n_threads
+    ro = f32(2, 8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        ops.rmsnorm(x, w, 1e-5, ro)  # read-only out
+    with pytest.raises(ValueError):
+        ops.silu_mul(x, f32(2, 9), f32(2, 8))
+    with pytest.raises(ValueError):
+        ops.add_inplace(f32(3), f32(4))
+    with pytest.raises(ValueError):
+        ops.add_inplace([1.0], f32(1))
+    with pytest.raises(ValueError):
+        ops.softmax_rows(f32(8))
+
+
+def test_bad_rope_inputs():
+    x = f32(3, 2, 8)
+    with pytest.raises(ValueError):
+        ops.rope(x, i32(0, 1), 8, 1e4, False)  # positions length
+    with pytest.raises(ValueError):
+        ops.rope(x, np.zeros(3, np.int64), 8, 1e4, False)  # positions dtype
+    for n_rot in (0, 7, 10):
+        with pytest.raises(ValueError):
+            ops.rope(x, i32(0, 1, 2), n_rot, 1e4, False)
+    with pytest.raises(ValueError):
+        ops.rope(x, i32(0, 1, 2), 8, 1e4, False, f32(3))  # freq_factors length
+
+
+def test_bad_kv_store_inputs():
+    k, cache = f32(2, 2, 8), f32(3, 4, 2, 8)  # 12 slots
+    with pytest.raises(ValueError):
+        ops.kv_store(k, k, cache, f32(3, 4, 2, 8), i32(0, 12))  # slot out of range
+    with pytest.raises(ValueError):
+        ops.kv_store(k, k, cache, f32(3, 4, 2, 8), i32(-1, 0))
+    with pytest.raises(ValueError):
+        ops.kv_store(k, k, f32(3, 4, 1, 8), f32(3, 4, 1, 8), i32(0, 1))  # n_kv mismatch
+    with pytest.raises(ValueError):
+        ops.kv_store(k, k, cache, f32(3, 4, 2, 8), i32(0))  # slot_mapping length
+
+
+def test_bad_attention_inputs():
+    cache = f32(4, 16, 2, 8)
+    q, out = f32(3, 4, 8), f32(3, 4, 8)
+    good = dict(block_tables=i32(0, 1).reshape(1, 2), context_lens=i32(20), query_start_loc=i32(0, 3))
+
+    def call(**kw):
+        a = {**good, **kw}
+        ops.paged_attention(kw.get("q", q), cache, cache, a["block_tables"], a["context_lens"],
+                            a["query_start_loc"], 0.3, kw.get("out", out))
+
+    call()  # the good batch passes
+    bad = [
+        dict(query_start_loc=i32(0, 2)),                      # does not end at n_tok
+        dict(query_start_loc=i32(1, 3)),                      # does not start at 0
+        dict(context_lens=i32(2)),                            # shorter than its 3 query rows
+        dict(context_lens=i32(40)),                           # needs 3 blocks, table has 2
+        dict(block_tables=i32(0, 4).reshape(1, 2)),           # block id out of range
+        dict(block_tables=i32(-1, 0).reshape(1, 2)),
+        dict(context_lens=i32(20, 20)),                       # n_seq mismatch
+        dict(block_tables=np.zeros((1, 2), np.int64)),        # dtype
+        dict(q=f32(3, 3, 8), out=f32(3, 3, 8)),               # 3 heads over 2 kv heads
+        dict(q=f32(3, 4, 16), out=f32(3, 4, 16)),             # head_dim mismatch
+        dict(out=f32(3, 4, 7)),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            call(**kw)
+    two = dict(block_tables=i32(0, 1, 2, 3).reshape(2, 2), context_lens=i32(20, 20))
+    with pytest.raises(ValueError):
+        call(**two, query_start_loc=i32(0, 4, 3))  # decreasing

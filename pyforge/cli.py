@@ -42,7 +42,7 @@ def run_generate(args):
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
     )
-    detok = IncrementalDetokenizer(tok)
+    detok = IncrementalDetokenizer(tok, prefix_ids=prompt_ids)
     start = time.perf_counter()
     first = None
     n = 0

@@ -1,0 +1,20 @@
+"""Shared test helpers.
+
+`require_module(name)` imports an optional reference library (torch, transformers,
+llama_cpp, gguf, ...). Where it is missing the calling test is skipped with the
+reason, unless PYFORGE_REQUIRE_REFERENCES=1 (set in CI): then it fails, so a
+broken reference install can never pass as a green run.
+"""
+import importlib
+import os
+
+import pytest
+
+
+def require_module(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("PYFORGE_REQUIRE_REFERENCES") == "1":
+            pytest.fail(f"reference module {name!r} is required (PYFORGE_REQUIRE_REFERENCES=1): {e}")
+        pytest.skip(f"reference module {name!r} is not installed: {e}")

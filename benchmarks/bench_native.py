@@ -67,21 +67,28 @@ class LlamaCppRunner:
     name = "llama.cpp"
 
     def __init__(self, path, threads, n_ctx):
-        from llama_cpp import Llama
+        import llama_cpp
 
-        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                          n_batch=n_ctx, n_ubatch=n_ctx, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def next_token(self):
+        """Greedy pick from the last row's logits (llm.scores is filled only with logits_all)."""
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
     def run(self, prompt, n_decode):
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self.next_token()
         t1 = time.perf_counter()
         for _ in range(n_decode):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self.next_token()
         t2 = time.perf_counter()
         return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
 

@@ -21,12 +21,18 @@ def llama_cpp_logits(llama_cpp, path, ids):
     return np.array(llm.scores[: len(ids)], dtype=np.float64)
 
 
+def last_logits(llama_cpp, llm):
+    """The last evaluated row's logits (llm.scores holds them only with logits_all)."""
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def llama_cpp_greedy(llama_cpp, path, ids, n):
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + n + 8, n_threads=2, verbose=False)
     llm.eval(ids)
     out = []
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llama_cpp, llm)))
         out.append(tok)
         llm.eval([tok])
     return out

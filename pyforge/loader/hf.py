@@ -1,0 +1,198 @@
+"""Hugging Face model folders: config.json + *.safetensors [+ model.safetensors.index.json].
+
+HF q/k weights are stored for rotate-half rope (not permuted as GGUF llama
+files are), so every HF model gets rope_neox=True.
+"""
+import json
+import os
+
+from pyforge.loader import ModelFile, ModelFileError, check_tensors, validated
+from pyforge.loader.names import IGNORE, canonical_to_hf, hf_to_canonical
+from pyforge.loader.safetensors import read_safetensors
+from pyforge.models.config import ModelConfig
+
+MAX_JSON = 64 * 1000 * 1000
+INDEX = "model.safetensors.index.json"
+
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+# defaults of the transformers config classes, where a config.json leaves a field out
+DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+}
+
+
+def read_json(path, what):
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_JSON:
+            raise ModelFileError(path, f"{what} is {size} bytes, larger than the {MAX_JSON}-byte limit")
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise ModelFileError(path, f"cannot read {what}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFileError(path, f"{what} is not valid JSON: {str(e)[:200]}") from None
+
+
+def config_from_hf(cfg, path="config.json"):
+    """A (validated) ModelConfig from a parsed HF config.json dict."""
+    def fail(problem):
+        raise ModelFileError(path, problem)
+
+    if not isinstance(cfg, dict):
+        fail("config.json must hold a JSON object")
+    archs = cfg.get("architectures") or []
+    arch = HF_ARCHS.get(archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if arch is None:
+        arch = cfg.get("model_type") if cfg.get("model_type") in DEFAULTS else None
+    if arch is None:
+        fail(f"unsupported model: architectures {archs!r}, model_type {cfg.get('model_type')!r} "
+             f"(supported: {', '.join(HF_ARCHS)})")
+    defaults = DEFAULTS[arch]
+
+    def get(key, kind, default=None):
+        v = cfg.get(key)
+        if v is None:
+            v = defaults.get(key, default)
+        if v is None:
+            fail(f"config.json is missing {key}")
+        ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok:
+            fail(f"config.json {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+        return kind(v)
+
+    if cfg.get("hidden_act", "silu") != "silu":
+        fail(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
+    if cfg.get("mlp_bias"):
+        fail("mlp_bias is not supported")
+    if arch != "qwen2" and cfg.get("attention_bias"):
+        fail("attention_bias (with an o_proj bias) is not supported for llama/mistral")
+    hidden = get("hidden_size", int)
+    n_heads = get("num_attention_heads", int)
+    if n_heads <= 0:
+        fail(f"num_attention_heads must be positive, got {n_heads}")
+    head_dim = get("head_dim", int, hidden // n_heads)
+    rotary = get("partial_rotary_factor", float, 1.0)
+    theta, scaling = _rope(cfg, fail, defaults)
+    context = get("max_position_embeddings", int)
+    window = cfg.get("sliding_window")
+    if arch == "mistral" and isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
+        context = window      # we attend to the whole context: exact only up to the window
+    config = ModelConfig(
+        arch=arch,
+        hidden_size=hidden,
+        n_layers=get("num_hidden_layers", int),
+        n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", int, n_heads),
+        head_dim=head_dim,
+        ffn_size=get("intermediate_size", int),
+        vocab_size=get("vocab_size", int),
+        rms_eps=get("rms_norm_eps", float),
+        rope_theta=theta,
+        n_rot=int(head_dim * rotary) // 2 * 2,
+        rope_neox=True,
+        rope_scaling=scaling,
+        context_length=context,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attn_bias=arch == "qwen2",
+    )
+    return validated(path, config)
+
+
+def _rope(cfg, fail, defaults):
+    """(theta, rope_scaling) from either `rope_theta` + `rope_scaling` or `rope_parameters`."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], params
+    else:
+        theta, scaling = cfg.get("rope_theta"), cfg.get("rope_scaling")
+    if theta is None:
+        theta = defaults["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        fail(f"config.json rope_theta must be a number, got {theta!r}")
+    if scaling is None:
+        return float(theta), None
+    if not isinstance(scaling, dict):
+        fail(f"config.json rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in (None, "default"):
+        return float(theta), None
+    out = {"rope_type": str(kind)}
+    for key, value in scaling.items():
+        if key not in ("rope_type", "type", "rope_theta") and value is not None:
+            out[key] = value
+    return float(theta), out
+
+
+def load_hf_folder(folder):
+    folder = os.fspath(folder)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ModelFileError(folder, "not a model folder: no config.json (expected a GGUF file or a HF folder)")
+    config = config_from_hf(read_json(config_path, "config.json"), config_path)
+    files, index = _shard_files(folder)
+    opened, tensors = [], {}
+    try:
+        for fname in files:
+            sf = read_safetensors(os.path.join(folder, fname))
+            opened.append(sf)
+            for name in sf.entries:
+                if index is not None and index.get(name, fname) != fname:
+                    raise ModelFileError(sf.path, f"tensor {name} is listed in {INDEX} under {index[name]}")
+                canon = hf_to_canonical(name)
+                if canon is None:
+                    raise ModelFileError(sf.path, f"unexpected tensor {name} (not part of a {config.arch} model)")
+                if canon == IGNORE:
+                    continue
+                if canon in tensors:
+                    raise ModelFileError(sf.path, f"duplicate tensor {name}")
+                tensors[canon] = sf.tensor_ref(name, canon)
+        if index is not None:
+            held = {name for sf in opened for name in sf.entries}
+            missing = sorted(set(index) - held)
+            if missing:
+                raise ModelFileError(os.path.join(folder, INDEX), f"lists tensor {missing[0]} that no shard holds")
+        if config.tie_embeddings:
+            tensors.pop("output.weight", None)     # some tied checkpoints save the head too
+        check_tensors(folder, config, tensors, file_name=_hf_name)
+    except BaseException:
+        tensors = None
+        for sf in opened:
+            sf.close()
+        raise
+    return ModelFile(folder, config, tensors, {}, ("hf", folder), closers=[sf.close for sf in opened])
+
+
+def _shard_files(folder):
+    """(safetensors file names, weight_map or None)."""
+    index_path = os.path.join(folder, INDEX)
+    if os.path.isfile(index_path):
+        index = read_json(index_path, INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFileError(index_path, "has no weight_map object")
+        files = []
+        for name, fname in weight_map.items():
+            if (not isinstance(fname, str) or os.path.basename(fname) != fname
+                    or not fname.endswith(".safetensors") or fname.startswith(".")):
+                raise ModelFileError(index_path, f"tensor {name} maps to a bad file name {fname!r}")
+            if fname not in files:
+                if not os.path.isfile(os.path.join(folder, fname)):
+                    raise ModelFileError(index_path, f"shard {fname} is missing from the folder")
+                files.append(fname)
+        return files, weight_map
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"], None
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelFileError(folder, "no *.safetensors weights in the folder (PyTorch .bin files are not supported)")
+    return files, None
+
+
+def _hf_name(canonical):
+    try:
+        return canonical_to_hf(canonical)
+    except KeyError:
+        return None

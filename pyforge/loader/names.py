@@ -1,0 +1,114 @@
+"""Canonical tensor names (llama.cpp's GGUF names) and the Hugging Face map.
+
+Every loader hands the model tensors under these names, in numpy order
+(rows first: a weight matrix is (n_out, n_in)):
+
+    token_embd.weight            (vocab, hidden)
+    output_norm.weight           (hidden,)
+    output.weight                (vocab, hidden)      absent when tied
+    rope_freqs.weight            (n_rot // 2,)        optional (Llama 3 GGUF)
+    blk.{i}.attn_norm.weight     (hidden,)
+    blk.{i}.attn_q.weight        (n_heads * head_dim, hidden)
+    blk.{i}.attn_k.weight        (n_kv_heads * head_dim, hidden)
+    blk.{i}.attn_v.weight        (n_kv_heads * head_dim, hidden)
+    blk.{i}.attn_q.bias / attn_k.bias / attn_v.bias     Qwen2 only
+    blk.{i}.attn_output.weight   (hidden, n_heads * head_dim)
+    blk.{i}.ffn_norm.weight      (hidden,)
+    blk.{i}.ffn_gate.weight      (ffn, hidden)
+    blk.{i}.ffn_up.weight        (ffn, hidden)
+    blk.{i}.ffn_down.weight      (hidden, ffn)
+"""
+import re
+
+HF_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+HF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+# Present in some older checkpoints, recomputed by every runtime.
+HF_IGNORED_LAYER = {"self_attn.rotary_emb.inv_freq"}
+
+_HF_LAYER_RE = re.compile(r"model\.layers\.(0|[1-9][0-9]{0,5})\.(.+)")
+_BLK_RE = re.compile(r"blk\.(0|[1-9][0-9]{0,5})\.(.+)")
+
+_CANON_TO_HF_GLOBAL = {v: k for k, v in HF_GLOBAL.items()}
+_CANON_TO_HF_LAYER = {v: k for k, v in HF_LAYER.items()}
+
+IGNORE = ""   # hf_to_canonical's answer for tensors that carry nothing we use
+
+
+def hf_to_canonical(name):
+    """Canonical name for a HF tensor name, IGNORE for ignorable ones, None if unknown."""
+    if name in HF_GLOBAL:
+        return HF_GLOBAL[name]
+    m = _HF_LAYER_RE.fullmatch(name)
+    if not m:
+        return None
+    layer, rest = m.groups()
+    if rest in HF_IGNORED_LAYER:
+        return IGNORE
+    if rest in HF_LAYER:
+        return f"blk.{layer}.{HF_LAYER[rest]}"
+    return None
+
+
+def canonical_to_hf(name):
+    """The HF name for a canonical name (the inverse of hf_to_canonical)."""
+    if name in _CANON_TO_HF_GLOBAL:
+        return _CANON_TO_HF_GLOBAL[name]
+    m = _BLK_RE.fullmatch(name)
+    if m and m.group(2) in _CANON_TO_HF_LAYER:
+        return f"model.layers.{m.group(1)}.{_CANON_TO_HF_LAYER[m.group(2)]}"
+    raise KeyError(f"no Hugging Face name for tensor {name!r}")
+
+
+def expected_shapes(config):
+    """{canonical name: numpy shape} of every tensor the config requires."""
+    c = config
+    shapes = {
+        "token_embd.weight": (c.vocab_size, c.hidden_size),
+        "output_norm.weight": (c.hidden_size,),
+    }
+    if not c.tie_embeddings:
+        shapes["output.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.n_layers):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (c.hidden_size,),
+            p + "attn_q.weight": (c.q_dim, c.hidden_size),
+            p + "attn_k.weight": (c.kv_dim, c.hidden_size),
+            p + "attn_v.weight": (c.kv_dim, c.hidden_size),
+            p + "attn_output.weight": (c.hidden_size, c.q_dim),
+            p + "ffn_norm.weight": (c.hidden_size,),
+            p + "ffn_gate.weight": (c.ffn_size, c.hidden_size),
+            p + "ffn_up.weight": (c.ffn_size, c.hidden_size),
+            p + "ffn_down.weight": (c.hidden_size, c.ffn_size),
+        })
+        if c.attn_bias:
+            shapes.update({
+                p + "attn_q.bias": (c.q_dim,),
+                p + "attn_k.bias": (c.kv_dim,),
+                p + "attn_v.bias": (c.kv_dim,),
+            })
+    return shapes
+
+
+def optional_shapes(config):
+    """Tensors a model may carry but need not."""
+    return {"rope_freqs.weight": (config.n_rot // 2,)}

@@ -1,0 +1,90 @@
+"""ModelConfig: the shape of a Llama-family model, whatever file it came from.
+
+Built by the loaders (GGUF metadata or a Hugging Face config.json) and by the
+synthetic model generator; validated once, frozen afterwards.
+"""
+import math
+from dataclasses import dataclass
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+# Sanity limits: far above any real model, low enough that a hostile file
+# cannot make us size buffers from absurd numbers.
+MAX_HIDDEN = 1 << 16
+MAX_LAYERS = 512
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_FFN = 1 << 20
+MAX_VOCAB = 1 << 20
+MAX_CONTEXT = 1 << 24
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str              # "llama" | "qwen2" | "mistral" (all llama-shaped)
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_size: int
+    vocab_size: int
+    rms_eps: float
+    rope_theta: float
+    n_rot: int             # rotary dims per head (<= head_dim)
+    rope_neox: bool        # True: rotate-half pairs (i, i + n_rot/2); False: interleaved pairs (2i, 2i+1)
+    rope_scaling: dict | None = None   # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    context_length: int = 2048
+    tie_embeddings: bool = False       # no output.weight: logits use token_embd
+    attn_bias: bool = False            # q/k/v biases (Qwen2)
+
+    @property
+    def q_dim(self):
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self):
+        return self.n_kv_heads * self.head_dim
+
+    def validate(self):
+        """Raise ValueError naming the first field that is out of range; return self."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"unsupported architecture {self.arch!r} (supported: {', '.join(ARCHS)})")
+        limits = {
+            "hidden_size": MAX_HIDDEN, "n_layers": MAX_LAYERS, "n_heads": MAX_HEADS,
+            "n_kv_heads": MAX_HEADS, "head_dim": MAX_HEAD_DIM, "ffn_size": MAX_FFN,
+            "vocab_size": MAX_VOCAB, "context_length": MAX_CONTEXT, "n_rot": MAX_HEAD_DIM,
+        }
+        for name, limit in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"{name} must be an integer in 1..{limit}, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2 or self.n_rot % 2 or self.n_rot > self.head_dim:
+            raise ValueError(f"rotary dims {self.n_rot} must be even and at most head_dim {self.head_dim} (even)")
+        if self.q_dim > 4 * MAX_HIDDEN:
+            raise ValueError(f"n_heads * head_dim = {self.q_dim} is too large")
+        if not (isinstance(self.rms_eps, float) and 0 < self.rms_eps < 1):
+            raise ValueError(f"rms_eps must be a float in (0, 1), got {self.rms_eps!r}")
+        if not (isinstance(self.rope_theta, float) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive float, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling()
+        return self
+
+    def _validate_rope_scaling(self):
+        s = self.rope_scaling
+        if not isinstance(s, dict) or not isinstance(s.get("rope_type"), str):
+            raise ValueError(f"rope_scaling must be a dict with a 'rope_type' string, got {s!r}")
+        for key, value in s.items():
+            if key == "rope_type":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+        if s["rope_type"] == "llama3":
+            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if key not in s:
+                    raise ValueError(f"llama3 rope_scaling needs {key!r}")
+            if s["high_freq_factor"] <= s["low_freq_factor"]:
+                raise ValueError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")

@@ -1,0 +1,460 @@
+"""Random-weight models with real shapes and a real vocabulary, for tests and benchmarks.
+
+The same (config, seed) gives the same weights in every container: a GGUF file
+(llama.cpp layout: Q/K rows permuted for interleaved rope on arch llama) and a
+Hugging Face folder (safetensors, rotate-half rope) represent one model.
+
+    write_gguf("tiny-gqa", "m.gguf", "Q8_0", seed=0)
+    write_hf_folder("tiny-qwen2", "folder", dtype="float32", seed=0)
+    ensure_model("tinyllama-1.1b", "Q4_K_M")        # generated once, cached
+    python -m pyforge.synthetic tinyllama-1.1b --format Q4_K_M --out m.gguf
+
+Weights are N(0, 0.02^2) per tensor from an RNG seeded by (seed, tensor name);
+norms are 1 + N(0, 0.05^2), Qwen2 biases N(0, 0.1^2). Vocabulary: Llama 2's 32000
+tokens (GGUF metadata from ggml-vocab-llama-spm.gguf, tokenizer.json from
+TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only to write files.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
+from pyforge.loader.names import canonical_to_hf, expected_shapes
+from pyforge.models.config import ModelConfig
+
+VERSION = 1       # bump when generated weights change, so caches regenerate
+
+
+def _cfg(**kw):
+    kw.setdefault("n_rot", kw["head_dim"])
+    kw.setdefault("rope_neox", True)     # the canonical (HF) weights are rotate-half
+    return ModelConfig(**kw).validate()
+
+
+_LLAMA = dict(arch="llama", vocab_size=32000, rms_eps=1e-5, rope_theta=10000.0, context_length=2048)
+CONFIGS = {
+    "tinyllama-1.1b": _cfg(**_LLAMA, hidden_size=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+                           ffn_size=5632),
+    # K-quant friendly (every row a multiple of 256) and still small
+    "small-k": _cfg(**_LLAMA, hidden_size=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, ffn_size=768),
+    "tiny-gqa": _cfg(**_LLAMA, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128),
+    "tiny-mha": _cfg(**_LLAMA, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_size=160),
+    "tiny-qwen2": _cfg(arch="qwen2", vocab_size=32000, rms_eps=1e-6, rope_theta=1000000.0, context_length=2048,
+                       hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128,
+                       tie_embeddings=True, attn_bias=True),
+    "tiny-llama3": _cfg(**{**_LLAMA, "rope_theta": 500000.0}, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        head_dim=16, ffn_size=128,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
+}
+
+GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M", "Q4_K", "Q6_K")
+HF_DTYPES = ("float32", "float16", "bfloat16")
+FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15, "Q6_K": 18, "BF16": 32}
+WEIGHT_STD, NORM_STD, BIAS_STD = 0.02, 0.05, 0.1
+RNG_CHUNK = 1 << 22        # elements per RNG stream
+
+
+def get_config(name):
+    if name not in CONFIGS:
+        raise ValueError(f"unknown synthetic config {name!r} (known: {', '.join(CONFIGS)})")
+    return CONFIGS[name]
+
+
+# -- weights ---------------------------------------------------------------
+def tensor_shapes(cfg):
+    """[(canonical name, numpy shape)] in file order (rope_freqs excluded)."""
+    shapes = expected_shapes(cfg)
+    head = [n for n in ("token_embd.weight",) if n in shapes]
+    tail = [n for n in ("output_norm.weight", "output.weight") if n in shapes]
+    middle = [n for n in shapes if n not in head and n not in tail]
+    return [(n, shapes[n]) for n in head + middle + tail]
+
+
+def make_tensor(name, shape, seed):
+    """float32 weights for one canonical tensor (HF layout), deterministic in (seed, name).
+
+    Filled in chunks, each from its own RNG stream, on all cores (numpy's
+    normal generator releases the GIL); the values do not depend on the core count.
+    """
+    n = math.prod(shape)
+    x = np.empty(n, dtype=np.float32)
+    key = zlib.crc32(name.encode())
+    scale, shift = (NORM_STD, 1.0) if name.endswith("norm.weight") else (
+        BIAS_STD if name.endswith(".bias") else WEIGHT_STD, 0.0)
+
+    def fill(start):
+        part = x[start:start + RNG_CHUNK]
+        np.random.default_rng([seed, key, start // RNG_CHUNK]).standard_normal(out=part, dtype=np.float32)
+        part *= scale
+        part += shift
+
+    starts = range(0, n, RNG_CHUNK)
+    if len(starts) == 1:
+        fill(0)
+    else:
+        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, starts))
+    return x.reshape(shape)
+
+
+def permute_qk(w, n_head):
+    """HF rotate-half rows -> llama.cpp interleaved rows: per head, row j and j + d/2 become 2j, 2j + 1."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w, n_head):
+    """The inverse of permute_qk."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_layout(cfg, name, x):
+    """The canonical tensor as stored in a GGUF of this arch (Q/K permuted for llama)."""
+    if cfg.arch != "qwen2" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        n_head = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
+        return permute_qk(x, n_head)
+    return x
+
+
+def to_bf16_bits(x):
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+# -- GGUF ----------------------------------------------------------------
+def _use_more_bits(i, n):
+    # llama.cpp's choice of the layers whose attn_v / ffn_down get Q6_K in Q4_K_M
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def gguf_tensor_type(cfg, fmt, name, shape):
+    """The stored type of one tensor for a file format (llama.cpp's choices for Q4_K_M)."""
+    if len(shape) == 1:
+        return GGMLType.F32
+    want = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16, "Q8_0": GGMLType.Q8_0,
+            "Q4_K": GGMLType.Q4_K, "Q6_K": GGMLType.Q6_K, "Q4_K_M": GGMLType.Q4_K}[fmt]
+    if fmt == "Q4_K_M":
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        if name == "output.weight" or (cfg.tie_embeddings and name == "token_embd.weight"):
+            want = GGMLType.Q6_K
+        elif name.endswith(("attn_v.weight", "ffn_down.weight")) and _use_more_bits(layer, cfg.n_layers):
+            want = GGMLType.Q6_K
+    if shape[-1] % BLOCK_LAYOUT[want][0] == 0:
+        return want
+    # rows that do not fill whole blocks fall back, as llama.cpp does (to types we run)
+    return GGMLType.Q8_0 if shape[-1] % BLOCK_LAYOUT[GGMLType.Q8_0][0] == 0 else GGMLType.F16
+
+
+def quantize(x, ggml_type):
+    """float32 rows -> stored values for ggml_type (2-D: F32/F16/BF16 values, else uint8 row bytes)."""
+    if ggml_type == GGMLType.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if ggml_type == GGMLType.F16:
+        return x.astype(np.float16)
+    if ggml_type == GGMLType.BF16:
+        return to_bf16_bits(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    native = _native_quantize()
+    if native is not None:
+        out = native(x, int(ggml_type))
+        out = np.frombuffer(out, dtype=np.uint8) if not isinstance(out, np.ndarray) else out.view(np.uint8)
+        rows = x.size // x.shape[-1]
+        block, size = BLOCK_LAYOUT[ggml_type]
+        if out.size != rows * (x.shape[-1] // block * size):
+            raise RuntimeError(f"pyforge.native.quant.quantize returned {out.size} bytes for {ggml_type.name} {x.shape}")
+        return out.reshape(rows, -1)
+    if ggml_type == GGMLType.Q8_0:
+        import gguf
+        return gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    raise NotImplementedError(f"quantizing to {ggml_type.name} needs pyforge.native.quant (not built yet)")
+
+
+def _native_quantize():
+    try:
+        from pyforge.native import quant
+    except ImportError:
+        return None
+    return getattr(quant, "quantize", None)
+
+
+def _check_quantizable(types):
+    if _native_quantize() is None:
+        missing = sorted({t.name for t in types} - {"F32", "F16", "BF16", "Q8_0"})
+        if missing:
+            raise NotImplementedError(f"quantizing to {', '.join(missing)} needs pyforge.native.quant (not built yet)")
+
+
+def gguf_plan(cfg, fmt):
+    """[(canonical name, numpy shape, stored type)] in file order, rope_freqs included."""
+    plan = [(name, shape, gguf_tensor_type(cfg, fmt, name, shape)) for name, shape in tensor_shapes(cfg)]
+    rope_freqs = _rope_freqs(cfg)
+    if rope_freqs is not None:
+        plan.insert(1, ("rope_freqs.weight", rope_freqs.shape, GGMLType.F32))
+    return plan
+
+
+def write_gguf(config_name, path, dtype="F32", seed=0):
+    """Write a synthetic model as GGUF; each tensor is generated, converted and written in turn,
+    so memory stays at about one tensor. dtype: F32, F16, BF16, Q8_0, Q4_K_M, Q4_K, Q6_K."""
+    import gguf
+
+    if dtype not in GGUF_FORMATS:
+        raise ValueError(f"unknown GGUF format {dtype!r} (known: {', '.join(GGUF_FORMATS)})")
+    cfg, path = get_config(config_name), Path(path)
+    plan = gguf_plan(cfg, dtype)
+    _check_quantizable(t for _, _, t in plan)
+    w = gguf.GGUFWriter(str(path), cfg.arch)
+    try:
+        _add_gguf_metadata(w, cfg, config_name, dtype, seed)
+        for name, shape, t in plan:
+            block, size = BLOCK_LAYOUT[t]
+            stored_shape = shape if block == 1 else (*shape[:-1], shape[-1] // block * size)
+            stored_dtype = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.uint16}.get(t, np.uint8)
+            w.add_tensor_info(name, stored_shape, np.dtype(stored_dtype), math.prod(shape) // block * size,
+                              raw_dtype=gguf.GGMLQuantizationType(int(t)))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, shape, t in plan:
+            if name == "rope_freqs.weight":
+                w.write_tensor_data(_rope_freqs(cfg))
+                continue
+            x = gguf_layout(cfg, name, make_tensor(name, shape, seed))
+            w.write_tensor_data(quantize(x, t) if x.ndim > 1 else x)
+            del x
+        w.close()
+    except BaseException:
+        w.close()
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _rope_freqs(cfg):
+    if not cfg.rope_scaling or cfg.rope_scaling.get("rope_type") != "llama3":
+        return None
+    from pyforge.models.rope_scaling import llama3_freq_factors
+    return np.asarray(llama3_freq_factors(cfg.n_rot, cfg.rope_theta, cfg.rope_scaling), dtype=np.float32)
+
+
+def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
+    import gguf
+
+    w.add_name(f"pyforge synthetic {config_name}")
+    w.add_context_length(cfg.context_length)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_size)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.n_rot)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(FILE_TYPE[fmt])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_uint32("pyforge.synthetic.seed", seed)
+    for key, (value, vtype, etype) in _vocab_metadata().items():
+        w.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                        sub_type=None if etype is None else gguf.GGUFValueType(etype))
+    template = _chat_template()
+    if template:
+        w.add_chat_template(template)
+
+
+def _vocab_metadata():
+    """tokenizer.* keys of the Llama 2 vocabulary GGUF: key -> (value, type, element type)."""
+    from pyforge.loader.gguf import read_gguf
+
+    gf = read_gguf(shared_dir() / "vocab" / "ggml-vocab-llama-spm.gguf")
+    try:
+        return {k: (v, *gf.value_types[k]) for k, v in gf.metadata.items()
+                if k.startswith("tokenizer.") and k != "tokenizer.chat_template"}
+    finally:
+        gf.close()
+
+
+def _chat_template():
+    with open(_tinyllama_dir() / "tokenizer_config.json", encoding="utf-8") as f:
+        return json.load(f).get("chat_template")
+
+
+# -- Hugging Face folder --------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_NAMES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
+            "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+MAX_SHARD_BYTES = 2 << 30
+
+
+def hf_config_dict(cfg, dtype="float32"):
+    cls, model_type = HF_NAMES[cfg.arch]
+    out = {
+        "architectures": [cls], "model_type": model_type,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_size,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
+        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": WEIGHT_STD, "torch_dtype": dtype,
+    }
+    if cfg.arch == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
+    """Write a synthetic model as a HF folder; shards > 1 writes model-0000i-of-0000n + index."""
+    from safetensors import TensorSpec, serialize_file
+
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"unknown HF dtype {dtype!r} (known: {', '.join(HF_DTYPES)})")
+    cfg, path = get_config(config_name), Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    itemsize = 4 if dtype == "float32" else 2
+    specs = tensor_shapes(cfg)
+    sizes = [math.prod(s) * itemsize for _, s in specs]
+    n = shards or max(1, -(-sum(sizes) // MAX_SHARD_BYTES))
+    groups = _split(specs, sizes, n)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        arrays = {canonical_to_hf(name): _hf_array(make_tensor(name, shape, seed), dtype) for name, shape in group}
+        spec = {k: TensorSpec(dtype="bfloat16" if dtype == "bfloat16" else a.dtype.name, shape=a.shape,
+                              data_ptr=a.ctypes.data, data_len=a.nbytes) for k, a in arrays.items()}
+        serialize_file(spec, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in arrays})
+        del arrays, spec
+    if n > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
+    for fname in TOKENIZER_FILES:
+        src = _tinyllama_dir() / fname
+        if src.exists():
+            shutil.copyfile(src, path / fname)
+    return path
+
+
+def _hf_array(x, dtype):
+    if dtype == "float16":
+        return x.astype(np.float16)
+    if dtype == "bfloat16":
+        return to_bf16_bits(x)
+    return x
+
+
+def _split(specs, sizes, n):
+    """n contiguous groups of roughly equal bytes (none empty)."""
+    n = max(1, min(n, len(specs)))
+    target, groups, acc = sum(sizes) / n, [[]], 0
+    for (spec, size) in zip(specs, sizes):
+        if groups[-1] and acc >= target * len(groups) and len(groups) < n:
+            groups.append([])
+        groups[-1].append(spec)
+        acc += size
+    while len(groups) < n:                 # few large tensors: split the last groups further
+        big = max((g for g in groups if len(g) > 1), key=len)
+        groups.insert(groups.index(big) + 1, [big.pop()])
+    return groups
+
+
+# -- shared data and the cache ---------------------------------------------
+def shared_dir():
+    """The project's shared data folder (vocabularies, tokenizer files)."""
+    env = os.environ.get("PYFORGE_SHARED_DIR")
+    repo = Path(__file__).resolve().parents[1]
+    for cand in ([Path(env)] if env else []) + [repo / "shared", repo.parent / "shared"]:
+        if (cand / "vocab" / "ggml-vocab-llama-spm.gguf").exists():
+            return cand
+    raise FileNotFoundError("shared data folder not found (vocab/ggml-vocab-llama-spm.gguf); set PYFORGE_SHARED_DIR")
+
+
+def _tinyllama_dir():
+    return shared_dir() / "models" / "TinyLlama-1.1B-Chat-v1.0"
+
+
+def default_cache_dir():
+    return Path(os.environ.get("PYFORGE_MODEL_CACHE") or Path.home() / ".cache" / "pyforge" / "models")
+
+
+def ensure_model(config_name, fmt="Q4_K_M", cache_dir=None, seed=0):
+    """Path of a cached synthetic model, generated on first use.
+
+    fmt: a GGUF format (F32, F16, BF16, Q8_0, Q4_K_M, Q4_K, Q6_K) or a HF dtype
+    ("hf-float32", "hf-float16", "hf-bfloat16"; the bare dtype works too).
+    """
+    get_config(config_name)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    hf_dtype = fmt[3:] if fmt.startswith("hf-") else fmt if fmt in HF_DTYPES else None
+    stem = f"{config_name}-{fmt}-s{seed}-v{VERSION}"
+    if hf_dtype is None:
+        final = cache / f"{stem}.gguf"
+        if not final.exists():
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{stem}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                write_gguf(config_name, tmp, fmt, seed)
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return final
+    final = cache / f"{stem}-hf"
+    if not final.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{stem}.", suffix=".tmp"))
+        try:
+            write_hf_folder(config_name, tmp, hf_dtype, seed)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.exists():      # another process won the race: use theirs
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return final
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pyforge.synthetic", description="generate a random-weight model")
+    p.add_argument("config", choices=sorted(CONFIGS))
+    p.add_argument("--format", default="Q4_K_M",
+                   help=f"GGUF: {', '.join(GGUF_FORMATS)}; HF folder: {', '.join('hf-' + d for d in HF_DTYPES)}")
+    p.add_argument("--out", help="output file (GGUF) or folder (HF); default: the model cache")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=None, help="HF only: number of safetensors shards")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    fmt = args.format
+    hf_dtype = fmt[3:] if fmt.startswith("hf-") else None
+    if args.out is None:
+        out = ensure_model(args.config, fmt, seed=args.seed)
+    elif hf_dtype:
+        out = write_hf_folder(args.config, args.out, hf_dtype, args.seed, args.shards)
+    else:
+        out = write_gguf(args.config, args.out, fmt, args.seed)
+    print(f"{out}  ({args.config}, {fmt}, seed {args.seed}, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,15 +94,15 @@ class LlamaCppRunner:
 
 
 def bench_format(fmt, args, bandwidth):
-    path = ensure_model(CONFIG, fmt)
+    path = str(ensure_model(CONFIG, fmt))
     weight_bytes = os.path.getsize(path)
     n_ctx = args.prompt + args.decode + 16
     runners = [PyforgeRunner(path, args.threads, n_ctx), LlamaCppRunner(path, args.threads, n_ctx)]
-    prompt = prompt_tokens(args.prompt)
     results = {r.name: ([], []) for r in runners}
     for r in runners:                       # warm-up: page in the weights
-        r.run(prompt[:32], 4)
-    for _ in range(args.rounds):
+        r.run(prompt_tokens(32, seed=1000), 4)
+    for i in range(args.rounds):
+        prompt = prompt_tokens(args.prompt, seed=i)   # a fresh prompt: no prefix-cache hits
         for r in runners:
             pre, dec = r.run(prompt, args.decode)
             results[r.name][0].append(pre)

@@ -46,7 +46,13 @@ def test_quantized_gguf_logits_agree(fmt, tmp_path):
     ids = [1] + np.random.default_rng(5).integers(3, engine.config.vocab_size, 299).tolist()
     ours = engine.prompt_logits(ids).astype(np.float64)
     ref = llama_cpp_logits(llama_cpp, path, ids)
-    agree = np.mean(ours.argmax(1) == ref.argmax(1))
+    # Both engines quantize activations (Q8_0 / Q8_K); each lands ~1% (relative) from a
+    # float64 evaluation of the same weights, and on a random-weight model many positions
+    # have top-2 gaps below that noise. Our pick counts as agreeing when it is llama.cpp's
+    # top-1 or within 2% of a logit standard deviation of it (a tie at this precision).
+    tie = 0.02 * ref.std()
+    picked = ref[np.arange(len(ids)), ours.argmax(1)]
+    agree = np.mean(picked >= ref.max(1) - tie)
     corr = min(np.corrcoef(o, r)[0, 1] for o, r in zip(ours, ref))
     assert agree >= 0.99, f"top-1 agreement {agree:.3f}"
     assert corr > 0.999, f"worst per-position logit correlation {corr:.5f}"

@@ -1,0 +1,187 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Stored-weight kernels for the CPU backend: dequantize, quantize, matmul.
+
+Types are ggml_type numbers (pyforge.ggml_types.GGMLType): F32, F16, BF16,
+Q4_0, Q8_0, Q4_K, Q5_K, Q6_K. Raw weights are numpy arrays of any dtype
+holding the GGUF bytes (memory-mapped, possibly read-only). Every size is
+checked here and rejected with ValueError; the C code trusts what it gets and
+runs without the GIL.
+"""
+import os
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint16_t
+
+from quants cimport *
+
+from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
+
+cnp.import_array()
+
+
+# The C structs are the file format: their sizes must be GGUF's.
+for _t, _size in ((GGMLType.Q4_0, sizeof(block_q4_0)), (GGMLType.Q8_0, sizeof(block_q8_0)),
+                  (GGMLType.Q4_K, sizeof(block_q4_K)), (GGMLType.Q5_K, sizeof(block_q5_K)),
+                  (GGMLType.Q6_K, sizeof(block_q6_K))):
+    if BLOCK_LAYOUT[_t][1] != _size:
+        raise ImportError(f"native {_t.name} block is {_size} bytes, GGUF says {BLOCK_LAYOUT[_t][1]}")
+    if pf_get_type_traits(_t).block_bytes != _size:
+        raise ImportError(f"traits table disagrees on the {_t.name} block size")
+
+
+# -- argument checks ---------------------------------------------------------
+
+cdef const pf_type_traits *_traits(ggml_type) except NULL:
+    """Traits of a storage type (Q8_K is internal to matmul, not a storage type)."""
+    cdef int t = ggml_type
+    cdef const pf_type_traits *tr = pf_get_type_traits(t)
+    if tr == NULL or tr.to_float == NULL or tr.vec_dot == NULL:
+        raise ValueError(f"unsupported ggml_type {ggml_type}")
+    return tr
+
+
+cdef int64_t _row_bytes(int ggml_type, int64_t n, const pf_type_traits *tr) except -1:
+    if n < 0 or n % tr.block_size:
+        raise ValueError(f"{tr.name.decode()} needs a multiple of {tr.block_size} weights, got {n}")
+    return pf_row_bytes(ggml_type, n)
+
+
+cdef cnp.ndarray _c_array(a, str name):
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a):
+        raise ValueError(f"{name} must be C-contiguous")
+    return <cnp.ndarray>a
+
+
+cdef cnp.ndarray _f32_2d(a, str name, bint writeable):
+    cdef cnp.ndarray arr = _c_array(a, name)
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32:
+        raise ValueError(f"{name} must be float32, got {a.dtype}")
+    if cnp.PyArray_NDIM(arr) != 2:
+        raise ValueError(f"{name} must have 2 dimensions, got shape {a.shape}")
+    if writeable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} must be writeable")
+    return arr
+
+
+cdef bint _overlap(cnp.ndarray a, cnp.ndarray b):
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
+
+
+# -- API -----------------------------------------------------------------------
+
+def simd_available():
+    """True when the AVX2/FMA kernels were compiled in."""
+    return bool(pf_simd_available())
+
+
+def dequantize(raw, ggml_type, n):
+    """float32[n]: the n weights whose GGUF bytes are raw (exactly that many bytes)."""
+    cdef const pf_type_traits *tr = _traits(ggml_type)
+    cdef int64_t nn = n
+    cdef int64_t nbytes = _row_bytes(ggml_type, nn, tr)
+    cdef cnp.ndarray src = _c_array(raw, "raw")
+    if cnp.PyArray_NBYTES(src) != nbytes:
+        raise ValueError(f"{n} {tr.name.decode()} weights are {nbytes} bytes, raw has {src.nbytes}")
+    cdef cnp.ndarray dst = np.empty(nn, dtype=np.float32)
+    cdef const void *sp = cnp.PyArray_DATA(src)
+    cdef float *dp = <float *>cnp.PyArray_DATA(dst)
+    with nogil:
+        tr.to_float(sp, dp, nn)
+    return dst
+
+
+def quantize(x, ggml_type, n_threads=None):
+    """GGUF bytes (uint8, shape (row_bytes,) or (rows, row_bytes)) of the float rows x.
+
+    x is 1-D or 2-D, its last dimension a multiple of the type's block size.
+    F32, F16, BF16, Q4_0, Q8_0 (bytes as gguf-py writes them), Q4_K, Q5_K, Q6_K.
+    """
+    cdef const pf_type_traits *tr = _traits(ggml_type)
+    if tr.from_float == NULL:
+        raise ValueError(f"cannot quantize to {tr.name.decode()}")
+    if not isinstance(x, np.ndarray) or x.ndim not in (1, 2):
+        raise ValueError("x must be a 1-D or 2-D numpy array")
+    if x.dtype.kind != "f":
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    cdef cnp.ndarray src = np.ascontiguousarray(x, dtype=np.float32)
+    cdef int64_t rb = _row_bytes(ggml_type, x.shape[x.ndim - 1], tr)
+    cdef cnp.ndarray dst = np.empty((x.shape[0], rb) if x.ndim == 2 else rb, dtype=np.uint8)
+    cdef int nt = n_threads if n_threads is not None else (os.cpu_count() or 1)
+    if nt < 1:
+        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+    cdef int t = ggml_type
+    cdef int64_t n = src.size
+    cdef const float *sp = <const float *>cnp.PyArray_DATA(src)
+    cdef void *dp = cnp.PyArray_DATA(dst)
+    with nogil:
+        pf_quantize(sp, dp, t, n, nt)
+    return dst
+
+
+def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True):
+    """out[t, r] = sum_k x[t, k] * W[r, k], W the n_out rows of stored weights w.
+
+    x float32 [n_tok, n_in]; w any C-contiguous array of exactly n_out rows of
+    n_in weights' bytes; out float32 [n_tok, n_out], not overlapping x.
+    simd=False runs the scalar reference kernels.
+    """
+    cdef const pf_type_traits *tr = _traits(ggml_type)
+    cdef cnp.ndarray xa = _f32_2d(x, "x", False)
+    cdef cnp.ndarray oa = _f32_2d(out, "out", True)
+    cdef cnp.ndarray wa = _c_array(w, "w")
+    cdef int64_t n_tok = xa.shape[0], n_in = xa.shape[1], no = n_out
+    if n_in == 0:
+        raise ValueError("x rows are empty")
+    cdef int64_t rb = _row_bytes(ggml_type, n_in, tr)
+    if no < 0 or oa.shape[0] != n_tok or oa.shape[1] != no:
+        raise ValueError(f"out must have shape ({n_tok}, {n_out}), got {out.shape}")
+    if cnp.PyArray_NBYTES(wa) != no * rb:
+        raise ValueError(f"w must hold {n_out} rows of {n_in} {tr.name.decode()} weights "
+                         f"({no * rb} bytes), got {wa.nbytes}")
+    if _overlap(xa, oa):
+        raise ValueError("out must not overlap x")
+    cdef int nt = n_threads
+    if nt < 1:
+        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+    cdef int t = ggml_type, use_simd = bool(simd), rc
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
+    cdef const void *wp = cnp.PyArray_DATA(wa)
+    cdef float *op = <float *>cnp.PyArray_DATA(oa)
+    with nogil:
+        rc = pf_matmul(xp, wp, t, n_tok, n_in, no, op, nt, use_simd)
+    if rc == -2:
+        raise MemoryError("matmul: out of memory for the quantized activations")
+    if rc:
+        raise ValueError("matmul: bad arguments")
+
+
+# -- test hooks: the portable half converters the F16C build does not use ----
+
+def _half_to_float_scalar(h):
+    """float32 copy of uint16 half bits h, through the portable C converter."""
+    cdef cnp.ndarray src = np.ascontiguousarray(h, dtype=np.uint16).ravel()
+    cdef cnp.ndarray dst = np.empty(src.size, dtype=np.float32)
+    cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(src)
+    cdef float *dp = <float *>cnp.PyArray_DATA(dst)
+    cdef int64_t i
+    for i in range(src.size):
+        dp[i] = pf_half_to_float_scalar(sp[i])
+    return dst
+
+
+def _float_to_half_scalar(f):
+    """uint16 half bits of float32 f, through the portable C converter."""
+    cdef cnp.ndarray src = np.ascontiguousarray(f, dtype=np.float32).ravel()
+    cdef cnp.ndarray dst = np.empty(src.size, dtype=np.uint16)
+    cdef const float *sp = <const float *>cnp.PyArray_DATA(src)
+    cdef uint16_t *dp = <uint16_t *>cnp.PyArray_DATA(dst)
+    cdef int64_t i
+    for i in range(src.size):
+        dp[i] = pf_float_to_half_scalar(sp[i])
+    return dst

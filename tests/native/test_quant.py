@@ -1,0 +1,370 @@
+"""pyforge.native.quant against gguf-py (the reference GGUF codec) and float64 numpy.
+
+- dequantize: bit for bit equal to gguf.quants.dequantize on random blocks
+  (random bytes, fp16 scale fields overwritten with finite random halves).
+- quantize: Q4_0 / Q8_0 / F16 / BF16 bytes equal gguf.quants.quantize's;
+  K-quants (gguf-py cannot quantize them) round-trip through gguf-py's
+  dequantizer within the stated error per type.
+- matmul: float64 x @ W.T of the gguf-dequantized weights, within the bound
+  that activation quantization explains (see matmul_bound); plus a tight check
+  against the same activations quantized by a numpy model, and SIMD == scalar
+  up to float summation order.
+"""
+import numpy as np
+import pytest
+
+from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType as T
+from pyforge.native import quant
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as GQ  # noqa: E402
+
+QUANTIZED = [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+DENSE = [T.F32, T.F16, T.BF16]
+ALL_TYPES = DENSE + QUANTIZED
+K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
+# byte offsets of the fp16 scale fields in each block (see native/quants.h)
+HALF_FIELDS = {T.Q4_0: [0], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+SIMD = [True, pytest.param(False, id="scalar")]
+needs_simd = pytest.mark.skipif(not quant.simd_available(), reason="built without AVX2/FMA")
+
+
+def simd_params():
+    """simd=True only where the AVX2 kernels exist; simd=False always."""
+    return [pytest.param(True, id="simd", marks=needs_simd), pytest.param(False, id="scalar")]
+
+
+# -- helpers -------------------------------------------------------------------
+
+def finite_halves(rng, n, lo_exp=-14, hi_exp=3):
+    """n random finite fp16 values, signs and magnitudes 2^lo_exp .. 2^hi_exp."""
+    mag = rng.uniform(1.0, 2.0, n) * 2.0 ** rng.integers(lo_exp, hi_exp, n)
+    return (mag * rng.choice([-1.0, 1.0], n)).astype(np.float16)
+
+
+def random_weights(t, n_weights, rng):
+    """Raw bytes of n_weights weights of type t: random bits, finite scales."""
+    if t == T.F32:
+        return rng.standard_normal(n_weights).astype(np.float32)
+    if t == T.F16:
+        return rng.standard_normal(n_weights).astype(np.float16)
+    if t == T.BF16:
+        return (rng.standard_normal(n_weights).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    block, size = BLOCK_LAYOUT[t]
+    raw = rng.integers(0, 256, (n_weights // block, size), dtype=np.uint8)
+    for off in HALF_FIELDS[t]:
+        raw[:, off:off + 2] = finite_halves(rng, len(raw), -8, -2).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(-1)
+
+
+def gguf_dequantize(raw, t):
+    """float32 weights as gguf-py decodes raw bytes of type t."""
+    if t == T.F32:
+        return raw.view(np.float32).copy()
+    if t == T.F16:
+        return raw.view(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(raw.view(np.uint8), GQ(int(t))).reshape(-1)
+
+
+def bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+# -- half converters (the portable path the F16C build never runs) --------------
+
+def test_scalar_half_to_float_all_patterns():
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ours, ref = quant._half_to_float_scalar(h), h.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(ours), nan)
+    assert np.array_equal(bits(ours)[~nan], bits(ref)[~nan])
+
+
+def test_scalar_float_to_half_rounding():
+    rng = np.random.default_rng(0)
+    # every exponent from below the smallest subnormal to above the largest half
+    f = (rng.uniform(1, 2, 200_000) * 2.0 ** rng.integers(-27, 18, 200_000)).astype(np.float32)
+    f *= rng.choice([-1, 1], f.size).astype(np.float32)
+    # exact ties between neighbouring halves, normal and subnormal, and the edges
+    h = np.arange(0, 0x7c00, 7, dtype=np.uint16)
+    mid = ((h.view(np.float16).astype(np.float64) + (h + 1).view(np.float16).astype(np.float64)) / 2)
+    edges = np.array([0.0, -0.0, 65504, 65519.996, 65520, 1e9, np.inf, -np.inf, 2**-25, 2**-24, 2**-14])
+    f = np.concatenate([f, mid.astype(np.float32), edges.astype(np.float32)])
+    with np.errstate(over="ignore"):
+        ref = f.astype(np.float16).view(np.uint16)
+    assert np.array_equal(quant._float_to_half_scalar(f), ref)
+    assert np.isnan(quant._float_to_half_scalar(np.float32([np.nan])).view(np.float16)).all()
+
+
+# -- dequantize ----------------------------------------------------------------
+
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf_bit_for_bit(t):
+    rng = np.random.default_rng(int(t))
+    raw = random_weights(t, 64 * 256, rng)
+    if t == T.F16:  # every finite half, subnormals and -0 included
+        h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+        raw = h[(h & 0x7c00) != 0x7c00].view(np.float16)
+    if t == T.BF16:  # any bits, NaN and inf included
+        raw = rng.integers(0, 1 << 16, raw.size, dtype=np.uint32).astype(np.uint16)
+    n = raw.size if t in DENSE else 64 * 256
+    ours = quant.dequantize(raw, int(t), n)
+    assert ours.dtype == np.float32 and ours.shape == (n,)
+    assert np.array_equal(bits(ours), bits(gguf_dequantize(raw, t)))
+
+
+def test_dequantize_accepts_read_only_views():
+    rng = np.random.default_rng(5)
+    raw = random_weights(T.Q4_K, 512, rng).reshape(2, -1)
+    raw.setflags(write=False)
+    ours = quant.dequantize(raw[1], int(T.Q4_K), 256)
+    assert np.array_equal(bits(ours), bits(gguf_dequantize(raw[1], T.Q4_K)))
+
+
+# -- quantize ------------------------------------------------------------------
+
+def weight_rows(rng, rows, cols):
+    """Gaussian rows of different scales, plus the awkward cases: a zero row,
+    a constant row, a row whose first element is -0.0, one huge outlier."""
+    x = rng.standard_normal((rows, cols)) * rng.uniform(0.01, 3.0, (rows, 1))
+    x[0] = 0.0
+    x[1] = 0.25
+    x[2, 0] = -0.0
+    x[3, 5] = 40.0
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("t", [T.F16, T.BF16, T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+def test_quantize_bytes_match_gguf(t):
+    rng = np.random.default_rng(1)
+    x = weight_rows(rng, 24, 512)
+    ours = quant.quantize(x, int(t))
+    ref = np.ascontiguousarray(gguf.quants.quantize(x, GQ(int(t)))).view(np.uint8).reshape(ours.shape)
+    assert ours.dtype == np.uint8 and ours.shape == (24, x.shape[1] // BLOCK_LAYOUT[t][0] * BLOCK_LAYOUT[t][1])
+    assert np.array_equal(ours, ref)
+
+
+# RMS round-trip error / RMS of the input, for Gaussian rows. Expected from the
+# step sizes: Q8_0 amax32/127 -> ~0.005; Q4_0 amax32/8 (one side clips) ->
+# ~0.09; Q4_K (max-min)/15 per 32 -> ~0.075; Q5_K /31 -> ~0.037; Q6_K
+# amax16/32 -> ~0.018; F16 / BF16: half an ulp.
+RMS_BOUND = {T.F16: 3e-4, T.BF16: 2.5e-3, T.Q8_0: 0.006, T.Q4_0: 0.1, T.Q4_K: 0.085, T.Q5_K: 0.043,
+             T.Q6_K: 0.021}
+
+
+@pytest.mark.parametrize("t", list(RMS_BOUND), ids=lambda t: t.name)
+def test_quantize_round_trip_through_gguf(t):
+    rng = np.random.default_rng(2)
+    x = weight_rows(rng, 32, 1024)
+    raw = quant.quantize(x, int(t))
+    back = gguf_dequantize(raw.reshape(-1), t).reshape(x.shape)
+    assert np.all(back[0] == 0.0)                                  # zeros stay exact
+    assert np.allclose(back[1], 0.25, rtol=0.02)                   # constants nearly so
+    normal = slice(4, None)
+    rel = np.sqrt(np.mean((back[normal] - x[normal]) ** 2, axis=1)) / np.sqrt(np.mean(x[normal] ** 2, axis=1))
+    assert rel.max() < RMS_BOUND[t], f"{t.name}: worst row rms error {rel.max():.4f}"
+    assert np.abs(back[3, 5] - 40.0) < 40.0 * 0.07                # an outlier keeps its size
+    # 1-D input gives the same bytes as the rows
+    assert np.array_equal(quant.quantize(x[5], int(t)), raw[5])
+
+
+def test_quantize_threads_give_same_bytes():
+    x = weight_rows(np.random.default_rng(3), 64, 2048)
+    for t in (T.Q4_K, T.Q6_K, T.Q8_0):
+        assert np.array_equal(quant.quantize(x, int(t), n_threads=1), quant.quantize(x, int(t), n_threads=2))
+
+
+# -- matmul ----------------------------------------------------------------------
+
+def q8_0_model(x):
+    """The Q8_0 activations matmul uses, as gguf-py makes them (same bytes as ggml)."""
+    raw = gguf.quants.quantize(x, GQ.Q8_0)
+    return gguf.quants.dequantize(raw, GQ.Q8_0).astype(np.float64)
+
+
+def q8_K_model(x):
+    """Q8_K activations per native/quants.c: d = amax/127, q = round-half-even(x * 127/amax)."""
+    b = x.reshape(-1, 256)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(b * iscale)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (q.astype(np.float64) * d).reshape(x.shape)
+
+
+def activation_model(t, x):
+    if t in DENSE:
+        return x.astype(np.float64)
+    return q8_K_model(x) if t in K_QUANTS else q8_0_model(x)
+
+
+def matmul_bound(t, x, w64):
+    """Largest |out - x @ W.T| that activation quantization plus float32
+    arithmetic can explain, per output [n_tok, n_out].
+
+    Activations are quantized per block of B = 32 (Q8_0) or 256 (Q8_K) to
+    q * d with d = amax/127 and |q| <= 127, so each element is off by at most
+    d/2 = amax/254; Q8_0 also stores d as fp16, adding |q| * |d - fp16(d)| <=
+    amax * 2^-11. The output error is at most sum_k |W[r,k]| * err_k. On top,
+    float32 rounding of products, scales and sums: n_in * 2^-24 * sum |x||W|
+    (any summation order; scales add a few ulps per block, covered by the 4x).
+    """
+    n_tok, n_in = x.shape
+    ax = np.abs(x.astype(np.float64))
+    if t in DENSE:
+        elem = np.zeros_like(ax)
+    else:
+        b = 256 if t in K_QUANTS else 32
+        amax = ax.reshape(n_tok, -1, b).max(axis=2, keepdims=True)
+        per = amax / 254 + (amax * 2.0**-11 if b == 32 else 0.0)
+        elem = np.broadcast_to(per, (n_tok, n_in // b, b)).reshape(n_tok, n_in)
+    arith = 4 * n_in * 2.0**-24 * (ax @ np.abs(w64).T)
+    return elem @ np.abs(w64).T + arith + 1e-30
+
+
+SHAPES = {  # type -> (n_in, n_out) pairs: odd block counts, tails, many rows
+    "dense": [(37, 5), (256, 67), (1000, 9)],
+    "q32": [(96, 5), (512, 67), (2048, 9)],
+    "k": [(256, 5), (768, 67), (2048, 9)],
+}
+
+
+def shapes_for(t):
+    return SHAPES["dense" if t in DENSE else "k" if t in K_QUANTS else "q32"]
+
+
+_CASES = {}
+
+
+def case(t, n_in, n_out):
+    """Random weights (bytes + gguf-decoded float64), cached across tests."""
+    key = (t, n_in, n_out)
+    if key not in _CASES:
+        rng = np.random.default_rng(n_in * 1000 + n_out + int(t))
+        raw = random_weights(t, n_in * n_out, rng)
+        w64 = gguf_dequantize(raw, t).astype(np.float64).reshape(n_out, n_in)
+        if t in DENSE:
+            raw = raw.reshape(n_out, n_in)
+        _CASES[key] = (raw, w64)
+    return _CASES[key]
+
+
+def run_matmul(x, raw, t, n_out, n_threads, simd):
+    out = np.full((x.shape[0], n_out), np.nan, dtype=np.float32)  # unwritten outputs fail
+    quant.matmul(x, raw, int(t), n_out, out, n_threads, simd)
+    return out
+
+
+@pytest.mark.parametrize("simd", simd_params())
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("n_tok", [1, 3, 17, 64])
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_matmul_matches_float64(t, n_tok, n_threads, simd):
+    for n_in, n_out in shapes_for(t):
+        raw, w64 = case(t, n_in, n_out)
+        rng = np.random.default_rng(n_tok * 7 + n_in)
+        x = (rng.standard_normal((n_tok, n_in)) * rng.uniform(0.1, 4, (n_tok, 1))).astype(np.float32)
+        out = run_matmul(x, raw, t, n_out, n_threads, simd).astype(np.float64)
+        err = np.abs(out - x.astype(np.float64) @ w64.T)
+        assert np.all(err <= matmul_bound(t, x, w64)), f"{t.name} {n_in}->{n_out}: max err {err.max():.3g}"
+        # tighter: against the very activations the kernels see, only float32
+        # rounding is left (relative to sum |a||W|)
+        a64 = activation_model(t, x)
+        tight = np.abs(out - a64 @ w64.T) / (np.abs(a64) @ np.abs(w64).T + 1e-30)
+        assert tight.max() < 4 * n_in * 2.0**-24 + 1e-6, f"{t.name} {n_in}->{n_out}: {tight.max():.3g}"
+
+
+@needs_simd
+@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
+def test_simd_matches_scalar(t):
+    n_in, n_out = shapes_for(t)[-1]
+    raw, w64 = case(t, n_in, n_out)
+    x = np.random.default_rng(9).standard_normal((11, n_in)).astype(np.float32)
+    fast, ref = run_matmul(x, raw, t, n_out, 2, True), run_matmul(x, raw, t, n_out, 1, False)
+    scale = np.abs(activation_model(t, x)) @ np.abs(w64).T
+    assert np.all(np.abs(fast.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30)
+
+
+def test_matmul_read_only_weights_and_weight_dtypes():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    w = rng.standard_normal((3, 64)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    for raw in (w, w.view(np.uint8), quant.quantize(w, int(T.F32))):
+        raw.setflags(write=False)
+        assert np.allclose(run_matmul(x, raw, T.F32, 3, 1, True), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_empty_batch():
+    raw, _ = case(T.Q4_K, 256, 5)
+    out = np.empty((0, 5), dtype=np.float32)
+    quant.matmul(np.empty((0, 256), np.float32), raw, int(T.Q4_K), 5, out, 2)
+
+
+# -- bad inputs ------------------------------------------------------------------
+
+def test_bad_dequantize_inputs():
+    raw = random_weights(T.Q4_K, 512, np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, 99, 512)                    # unknown type
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, 15, 512)                    # Q8_K: not a storage type
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, int(T.Q4_K), 768)           # more weights than bytes
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, int(T.Q4_K), 256)           # fewer
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, int(T.Q4_K), 300)           # not whole blocks
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, int(T.Q4_K), -256)
+    with pytest.raises(ValueError):
+        quant.dequantize(raw.reshape(2, -1)[:, :100], int(T.Q4_K), 256)  # not contiguous
+    with pytest.raises(ValueError):
+        quant.dequantize(bytes(raw), int(T.Q4_K), 512)    # not an array
+
+
+def test_bad_quantize_inputs():
+    x = np.zeros((2, 256), np.float32)
+    with pytest.raises(ValueError):
+        quant.quantize(x, 99)
+    with pytest.raises(ValueError):
+        quant.quantize(x[:, :100], int(T.Q4_K))           # not whole blocks
+    with pytest.raises(ValueError):
+        quant.quantize(np.zeros((2, 2, 256), np.float32), int(T.Q8_0))
+    with pytest.raises(ValueError):
+        quant.quantize(np.zeros(256, np.int32), int(T.Q8_0))
+    with pytest.raises(ValueError):
+        quant.quantize(x, int(T.Q8_0), n_threads=0)
+
+
+def test_bad_matmul_inputs():
+    raw, _ = case(T.Q4_K, 256, 5)
+    x = np.zeros((2, 256), np.float32)
+    out = np.zeros((2, 5), np.float32)
+    q = int(T.Q4_K)
+
+    def bad(**kw):
+        args = dict(x=x, w=raw, ggml_type=q, n_out=5, out=out, n_threads=1)
+        args.update(kw)
+        with pytest.raises(ValueError):
+            quant.matmul(**args)
+
+    bad(ggml_type=99)
+    bad(ggml_type=15)                                     # Q8_K
+    bad(w=raw[:-1])                                       # too few bytes
+    bad(w=np.concatenate([raw, raw[:144]]))               # too many
+    bad(n_out=4)                                          # out shape disagrees
+    bad(out=np.zeros((3, 5), np.float32))
+    bad(out=np.zeros((2, 5), np.float64))
+    bad(out=np.zeros((5, 2), np.float32).T)               # not contiguous
+    bad(x=x.astype(np.float64))
+    bad(x=x[0])                                           # 1-D
+    bad(x=np.zeros((2, 100), np.float32))                 # not whole blocks
+    bad(x=np.zeros((2, 0), np.float32), ggml_type=int(T.F32), w=np.zeros(0, np.float32))
+    bad(n_threads=0)
+    ro = np.zeros((2, 5), np.float32)
+    ro.setflags(write=False)
+    bad(out=ro)
+    buf = np.zeros((2, 256), np.float32)
+    bad(x=buf, out=buf.reshape(-1)[:10].reshape(2, 5))  # out overlaps x

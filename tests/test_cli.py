@@ -1,0 +1,43 @@
+"""The command line, run as a user runs it (a subprocess of `python -m pyforge.cli`)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K" / "stories260K.gguf"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pyforge(*args):
+    return subprocess.run([sys.executable, "-m", "pyforge.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def test_generate_streams_the_greedy_story():
+    r = pyforge("generate", "--model", str(STORIES), "--prompt", "Once upon a time", "--temperature", "0",
+                "--max-tokens", "24", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "there was a little girl named Lily" in r.stdout
+    assert "tok/s" in r.stderr
+
+
+def test_inspect_describes_the_model():
+    r = pyforge("inspect", str(STORIES))
+    assert r.returncode == 0, r.stderr
+    for expected in ("architecture:  llama", "layers:        5", "8 query, 4 kv", "F32", "512 tokens"):
+        assert expected in r.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00", b"not a model at all"])
+def test_bad_model_file_is_one_clear_error(tmp_path, content):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    r = pyforge("generate", "--model", str(bad), "--prompt", "hi")
+    assert r.returncode == 1
+    assert str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_without_a_template_is_a_clear_error():
+    r = pyforge("generate", "--model", str(STORIES), "--prompt", "hi", "--chat")
+    assert r.returncode == 1 and "template" in r.stderr and "Traceback" not in r.stderr

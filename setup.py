@@ -17,6 +17,7 @@ NATIVE_MODULES = {
     "quant": ["native/quants.c", "native/matmul.c"],
     "ops": ["native/ops_kernels.c"],
     "sampler": ["native/sampler_kernels.c"],
+    "ipc": ["native/shm_ring.c"],
 }
 
 

@@ -1,0 +1,301 @@
+"""The IPC contract between the HTTP workers and the engine.
+
+Rings (all in one shared-memory segment, see segment.py):
+
+  request ring       written by every worker process (any thread; the ring's
+                     writer lock keeps messages whole), read by the engine
+                     alone.  Records: SUBMIT, ABORT.
+  response ring [s]  one per worker slot s: written by the engine alone,
+                     read by the worker process holding slot s alone (one
+                     reader thread, which routes records to the waiting
+                     request by request_id).  Records: TOKENS, FINISH, ERROR.
+
+One ring message is one record. A request's responses are zero or more
+TOKENS, then exactly one FINISH or ERROR; after an ABORT the engine still
+sends the FINISH (reason "abort") so the worker can forget the request.
+
+How each side wakes the other (futexes in each ring's header, shm_ring.h):
+  - A writer publishes, then FUTEX_WAKEs the ring's reader only if it sleeps.
+  - The engine with nothing to run sleeps in request_ring.wait_readable();
+    with work it drains the ring with get_all() once per step, never sleeping.
+  - A worker's reader thread sleeps in response_ring.get(timeout).
+  - A writer facing a full ring sleeps until the reader frees space; workers
+    pass a timeout and answer a False put() with 503.
+  - The engine's liveness is the segment header's status word and heartbeat.
+
+Request ids are unique within a segment: workers make them with
+request_id(slot, n), the slot in the top 16 bits, so ids never collide
+across workers.
+
+Byte layout: little-endian, packed, one record per message.
+
+  header  u8 type | u8 flags (0) | u16 worker | u64 request_id      12 bytes
+  SUBMIT  u32 n_prompt | u32 n_params | i32 prompt_ids[n_prompt]
+          | params: UTF-8 JSON object [n_params] (SamplingParams fields)
+  ABORT   -
+  TOKENS  u32 n | u16 n_top | u16 has (1: logprobs, 2: top_logprobs)
+          | i32 token_ids[n] | f32 logprobs[n]                      if has & 1
+          | i32 top_ids[n * n_top] | f32 top_logprobs[n * n_top]     if has & 2
+  FINISH  u32 prompt_tokens | u32 completion_tokens | u32 cached_tokens
+          | u16 n | finish_reason: UTF-8[n]
+  ERROR   u16 status (HTTP) | u32 n | message: UTF-8[n]
+
+`worker` is the submitting worker's slot in SUBMIT (its responses go to that
+slot's ring) and 0 in every other record. Logprobs travel as float32, the
+sampler's own precision. Decoding checks every count against the bytes
+present before allocating, and raises ValueError on anything malformed.
+"""
+import json
+import struct
+import sys
+from array import array
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar, Union
+
+HEADER = struct.Struct("<BBHQ")
+_SUBMIT = struct.Struct("<II")
+_TOKENS = struct.Struct("<IHH")
+_FINISH = struct.Struct("<IIIH")
+_ERROR = struct.Struct("<HI")
+
+_HAS_LOGPROBS = 1
+_HAS_TOP = 2
+_SWAP = sys.byteorder != "little"   # array() is native-endian; the layout is little
+_SLOT_SHIFT = 48
+
+
+class RecordType(IntEnum):
+    SUBMIT = 1
+    ABORT = 2
+    TOKENS = 3
+    FINISH = 4
+    ERROR = 5
+
+
+def request_id(slot: int, n: int) -> int:
+    """The n-th request id of the worker in `slot`: unique within a segment."""
+    return slot << _SLOT_SHIFT | n & ((1 << _SLOT_SHIFT) - 1)
+
+
+def slot_of(request_id: int) -> int:
+    return request_id >> _SLOT_SHIFT
+
+
+# -- the records -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    request_id: int
+    worker: int
+    prompt_ids: list[int]
+    params: dict
+    TYPE: ClassVar[RecordType] = RecordType.SUBMIT
+
+    def _body(self):
+        params = json.dumps(self.params, separators=(",", ":"), allow_nan=False).encode()
+        return _pack(_SUBMIT, len(self.prompt_ids), len(params)) + _int32s(self.prompt_ids) + params
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        n_prompt, n_params = r.unpack(_SUBMIT)
+        prompt = r.int32s(n_prompt)
+        return cls(request_id, worker, prompt, _json_object(r.take(n_params)))
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: int
+    TYPE: ClassVar[RecordType] = RecordType.ABORT
+
+    def _body(self):
+        return b""
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        return cls(request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    request_id: int
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    TYPE: ClassVar[RecordType] = RecordType.TOKENS
+
+    def _body(self):
+        n, top = len(self.token_ids), self.top_logprobs
+        n_top = len(top[0]) if top else 0
+        _check_lengths(n, self.logprobs, top, n_top)
+        has = (_HAS_LOGPROBS if self.logprobs is not None else 0) | (_HAS_TOP if top is not None else 0)
+        parts = [_pack(_TOKENS, n, n_top, has), _int32s(self.token_ids)]
+        if self.logprobs is not None:
+            parts.append(_float32s(self.logprobs))
+        if top is not None:
+            parts.append(_int32s([i for row in top for i, _ in row]))
+            parts.append(_float32s([lp for row in top for _, lp in row]))
+        return b"".join(parts)
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        n, n_top, has = r.unpack(_TOKENS)
+        if has & ~(_HAS_LOGPROBS | _HAS_TOP):
+            raise ValueError(f"TOKENS record has unknown flags {has:#x}")
+        ids = r.int32s(n)
+        logprobs = r.float32s(n) if has & _HAS_LOGPROBS else None
+        top = None
+        if has & _HAS_TOP:
+            top_ids, top_lps = r.int32s(n * n_top), r.float32s(n * n_top)
+            pairs = list(zip(top_ids, top_lps))
+            top = [pairs[i * n_top:(i + 1) * n_top] for i in range(n)]
+        return cls(request_id, ids, logprobs, top)
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    request_id: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    TYPE: ClassVar[RecordType] = RecordType.FINISH
+
+    def _body(self):
+        reason = self.finish_reason.encode()
+        counts = (self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return _pack(_FINISH, *counts, len(reason)) + reason
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        prompt, completion, cached, n = r.unpack(_FINISH)
+        return cls(request_id, r.text(n), prompt, completion, cached)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    request_id: int
+    status: int
+    message: str
+    TYPE: ClassVar[RecordType] = RecordType.ERROR
+
+    def _body(self):
+        message = self.message.encode()
+        return _pack(_ERROR, self.status, len(message)) + message
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        status, n = r.unpack(_ERROR)
+        return cls(request_id, status, r.text(n))
+
+
+Record = Union[Submit, Abort, Tokens, Finish, Error]
+_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Tokens, Finish, Error)}
+
+
+def encode(record: Record) -> bytes:
+    """The record's bytes; ValueError if a field does not fit its layout."""
+    if type(record) not in _CLASSES.values():
+        raise ValueError(f"not a record: {record!r}")
+    worker = record.worker if isinstance(record, Submit) else 0
+    return _pack(HEADER, record.TYPE, 0, worker, record.request_id) + record._body()
+
+
+def decode(data) -> Record:
+    """The record in `data` (bytes-like); ValueError if it is not exactly one
+    well-formed record."""
+    r = _Reader(memoryview(data).cast("B"))
+    rtype, flags, worker, request_id = r.unpack(HEADER)
+    cls = _CLASSES.get(rtype)
+    if cls is None:
+        raise ValueError(f"unknown record type {rtype}")
+    if flags:
+        raise ValueError(f"record flags must be 0, got {flags:#x}")
+    record = cls._parse(r, worker, request_id)
+    r.end(cls.TYPE.name)
+    return record
+
+
+# -- encoding helpers --------------------------------------------------------
+
+def _pack(layout, *values):
+    try:
+        return layout.pack(*values)
+    except struct.error as e:
+        raise ValueError(f"record field out of range: {e}") from None
+
+
+def _int32s(values):
+    return _array("i", values, "token ids must be int32")
+
+
+def _float32s(values):
+    return _array("f", values, "logprobs must be numbers")
+
+
+def _array(code, values, what):
+    try:
+        a = array(code, values)
+    except (TypeError, OverflowError) as e:
+        raise ValueError(f"{what}: {e}") from None
+    if _SWAP:
+        a.byteswap()
+    return a.tobytes()
+
+
+def _check_lengths(n, logprobs, top, n_top):
+    if logprobs is not None and len(logprobs) != n:
+        raise ValueError(f"{len(logprobs)} logprobs for {n} tokens")
+    if top is not None and (len(top) != n or any(len(row) != n_top for row in top)):
+        raise ValueError(f"top_logprobs must hold {n} rows of equal length")
+
+
+# -- decoding ----------------------------------------------------------------
+
+class _Reader:
+    """A cursor over untrusted bytes: every read checks the bytes are there."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n):
+        if n > len(self.buf) - self.pos:
+            raise ValueError(f"truncated record: needs {n} more bytes at {self.pos}, has {len(self.buf) - self.pos}")
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    def unpack(self, layout):
+        return layout.unpack(self.take(layout.size))
+
+    def int32s(self, n):
+        return self._array("i", n)
+
+    def float32s(self, n):
+        return self._array("f", n)
+
+    def _array(self, code, n):
+        a = array(code)
+        a.frombytes(self.take(n * a.itemsize))
+        if _SWAP:
+            a.byteswap()
+        return a.tolist()
+
+    def text(self, n):
+        try:
+            return str(self.take(n), "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"record text is not UTF-8: {e}") from None
+
+    def end(self, what):
+        if self.pos != len(self.buf):
+            raise ValueError(f"{len(self.buf) - self.pos} stray bytes after a {what} record")
+
+
+def _json_object(raw):
+    try:
+        value = json.loads(str(raw, "utf-8"))
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"SUBMIT params are not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"SUBMIT params must be a JSON object, got {type(value).__name__}")
+    return value

@@ -1,0 +1,127 @@
+"""Record encode/decode: round trips of random records, hostile bytes."""
+import dataclasses
+import random
+import struct
+
+import pytest
+
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.ipc.records import (HEADER, Abort, Error, Finish, RecordType, Submit, Tokens, decode, encode,
+                                 request_id, slot_of)
+
+INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def f32(x):
+    """x as the float32 it travels as."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def random_record(rng):
+    rid = rng.randrange(1 << 64)
+    kind = rng.randrange(5)
+    if kind == 0:
+        params = {"temperature": rng.random(), "max_tokens": rng.randrange(1, 5000), "seed": None,
+                  "stop_token_ids": [rng.randrange(50000) for _ in range(rng.randrange(3))], "note": "é✓"}
+        return Submit(rid, rng.randrange(1 << 16), [rng.randint(*INT32) for _ in range(rng.randrange(300))], params)
+    if kind == 1:
+        return Abort(rid)
+    if kind == 2:
+        n, n_top = rng.randrange(5), rng.randrange(4)
+        logprobs = [f32(-rng.expovariate(1)) for _ in range(n)] if rng.random() < 0.5 else None
+        top = None
+        if rng.random() < 0.5:
+            top = [[(rng.randrange(1 << 17), f32(-rng.random() * 9)) for _ in range(n_top)] for _ in range(n)]
+        return Tokens(rid, [rng.randrange(1 << 17) for _ in range(n)], logprobs, top)
+    if kind == 3:
+        return Finish(rid, rng.choice(["stop", "length", "abort", ""]), *(rng.randrange(1 << 32) for _ in range(3)))
+    message = "".join(rng.choice("abc ✓\n") for _ in range(rng.randrange(40)))
+    return Error(rid, rng.choice([400, 413, 500, 503]), message)
+
+
+def test_random_records_round_trip():
+    rng = random.Random(0)
+    for _ in range(500):
+        record = random_record(rng)
+        assert decode(encode(record)) == record
+
+
+def test_each_type_round_trips_and_has_its_type_byte():
+    records = [Submit(1, 2, [1, 2, 3], {"temperature": 0.0}), Abort(5),
+               Tokens(6, [7], [-0.5], [[(7, -0.5), (8, -2.0)]]), Tokens(6, [], None, None),
+               Finish(9, "stop", 10, 2, 4), Error(11, 503, "engine is draining")]
+    for record in records:
+        data = encode(record)
+        assert data[0] == record.TYPE and decode(data) == record
+    assert len(encode(Abort(5))) == HEADER.size == 12
+
+
+def test_sampling_params_travel_as_json():
+    params = SamplingParams(temperature=0.7, top_k=40, seed=1234, stop_token_ids=[2, 13], logprobs=3)
+    record = decode(encode(Submit(request_id(3, 17), 3, [1, 2], dataclasses.asdict(params))))
+    assert SamplingParams(**record.params) == params
+    assert slot_of(record.request_id) == 3
+
+
+def test_truncated_records_raise_value_error():
+    rng = random.Random(1)
+    for _ in range(60):
+        data = encode(random_record(rng))
+        for cut in range(len(data)):
+            with pytest.raises(ValueError):
+                decode(data[:cut])
+        with pytest.raises(ValueError, match="stray"):
+            decode(data + b"\0")
+
+
+def test_garbage_and_mutations_raise_only_value_error():
+    rng = random.Random(2)
+    samples = [rng.randbytes(rng.randrange(64)) for _ in range(2000)]
+    for _ in range(300):
+        data = bytearray(encode(random_record(rng)))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        samples.append(bytes(data))
+    for data in samples:
+        try:
+            decode(data)
+        except ValueError:
+            pass
+
+
+def test_hostile_counts_fail_before_allocating():
+    huge = struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)
+    with pytest.raises(ValueError, match="truncated"):
+        decode(HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + huge)
+    with pytest.raises(ValueError, match="truncated"):
+        decode(HEADER.pack(RecordType.TOKENS, 0, 0, 1) + struct.pack("<IHH", 0xFFFFFFFF, 0xFFFF, 3))
+
+
+@pytest.mark.parametrize("data, match", [
+    (HEADER.pack(99, 0, 0, 1), "unknown record type"),
+    (HEADER.pack(RecordType.ABORT, 1, 0, 1), "flags"),
+    (HEADER.pack(RecordType.TOKENS, 0, 0, 1) + struct.pack("<IHH", 0, 0, 8), "flags"),
+    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<II", 0, 2) + b"[]", "JSON object"),
+    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<II", 0, 2) + b"{x", "JSON"),
+    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<II", 0, 20000) + b"[" * 20000, "JSON"),
+    (HEADER.pack(RecordType.ERROR, 0, 0, 1) + struct.pack("<HI", 500, 2) + b"\xff\xfe", "UTF-8"),
+    (b"", "truncated"),
+])
+def test_malformed_records_say_why(data, match):
+    with pytest.raises(ValueError, match=match):
+        decode(data)
+
+
+@pytest.mark.parametrize("record", [
+    Submit(1, 1 << 16, [1], {}),                      # worker beyond u16
+    Submit(1 << 64, 0, [1], {}),                      # request id beyond u64
+    Submit(1, 0, [1 << 31], {}),                      # token id beyond int32
+    Submit(1, 0, [1.5], {}),
+    Submit(1, 0, [1], {"temperature": float("nan")}),
+    Tokens(1, [1, 2], [-0.1]),                        # one logprob for two tokens
+    Tokens(1, [1, 2], None, [[(1, -0.1)], []]),       # ragged top_logprobs
+    Error(1, 70000, "status beyond u16"),
+])
+def test_unencodable_records_raise_value_error(record):
+    with pytest.raises(ValueError):
+        encode(record)

@@ -30,8 +30,7 @@ class LlamaModel:
     def __init__(self, model_file, backend):
         self.config = cfg = model_file.config
         self.backend = backend
-        t = model_file.tensors
-        self.check_shapes(t)
+        t = model_file.tensors   # shapes already checked against the config by the loader
         self.token_embd = t["token_embd.weight"]
         self.output_norm = backend.prepare_vector(t["output_norm.weight"])
         head = t.get("output.weight") or self.token_embd
@@ -39,31 +38,6 @@ class LlamaModel:
         self.layers = [self.load_layer(t, i) for i in range(cfg.n_layers)]
         self.freq_factors = freq_factors_for(cfg, t)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-
-    def check_shapes(self, t):
-        cfg = self.config
-        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        expect = {"token_embd.weight": (cfg.vocab_size, cfg.hidden_size), "output_norm.weight": (cfg.hidden_size,)}
-        for i in range(cfg.n_layers):
-            p = f"blk.{i}."
-            expect.update({
-                p + "attn_norm.weight": (cfg.hidden_size,),
-                p + "attn_q.weight": (q_dim, cfg.hidden_size),
-                p + "attn_k.weight": (kv_dim, cfg.hidden_size),
-                p + "attn_v.weight": (kv_dim, cfg.hidden_size),
-                p + "attn_output.weight": (cfg.hidden_size, q_dim),
-                p + "ffn_norm.weight": (cfg.hidden_size,),
-                p + "ffn_gate.weight": (cfg.ffn_size, cfg.hidden_size),
-                p + "ffn_up.weight": (cfg.ffn_size, cfg.hidden_size),
-                p + "ffn_down.weight": (cfg.hidden_size, cfg.ffn_size),
-            })
-        if "output.weight" in t:
-            expect["output.weight"] = (cfg.vocab_size, cfg.hidden_size)
-        for name, shape in expect.items():
-            if name not in t:
-                raise ValueError(f"model is missing tensor {name}")
-            if tuple(t[name].shape) != shape:
-                raise ValueError(f"tensor {name} has shape {tuple(t[name].shape)}, expected {shape}")
 
     def load_layer(self, t, i):
         b, p = self.backend, f"blk.{i}."

@@ -60,7 +60,7 @@ class Engine:
         self.block_manager = BlockManager(n_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
-        self.sampler = Sampler()
+        self.sampler = Sampler(n_threads=self.backend.n_threads)
         self.sequences = {}
         self._ids = itertools.count()
 

@@ -1,0 +1,256 @@
+"""The server configuration: one frozen `ServerConfig`, built and validated once.
+
+Precedence, highest first:
+
+  1. command-line flags        --max-num-seqs 32
+  2. environment variables     LLM_MAX_NUM_SEQS=32   (LLM_ + the field name in capitals)
+  3. a TOML file               max_num_seqs = 32     (--config FILE, or LLM_CONFIG=FILE; flat keys)
+  4. the defaults below
+
+Flag names follow vLLM / llama-server where the meaning is the same. Every
+value, whatever its source, goes through the same parser, so a bad one raises
+ValueError naming the field and where it came from ("max_num_seqs: must be
+>= 1, got 0 (from LLM_MAX_NUM_SEQS)"). Unknown TOML keys are errors too: a
+typo must not silently fall back to a default.
+"""
+import dataclasses
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                   # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "LLM_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("json", "pretty")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str                          # GGUF file, HF folder or repo id
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # the `model` clients send; default: the model file's stem
+    workers: int = 2                    # gunicorn worker processes
+    worker_threads: int = 32            # gthread threads per worker = concurrent requests per worker
+    threads: int | None = None          # engine CPU threads; None: physical cores
+    device: str = "cpu"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None    # None: the model's context length
+    kv_cache_tokens: int | None = None  # None: the engine's default pool size
+    block_size: int = 16
+    queue_capacity: int = 256           # waiting requests before 503 + Retry-After
+    default_max_tokens: int = 1024      # when a request sets no max_tokens
+    max_tokens_limit: int | None = None  # largest max_tokens accepted; None: the context decides
+    max_body_bytes: int = 8 << 20
+    api_key: str | None = None          # require `Authorization: Bearer <key>`; None: open
+    chat_template: str | None = None    # a file path or an inline Jinja template
+    log_level: str = "info"
+    log_format: str = "pretty"
+    drain_timeout: float = 30.0         # seconds in-flight requests get on SIGTERM
+    keepalive_interval: float = 15.0    # SSE comment after this many seconds without a token
+    stall_timeout: float = 600.0        # give a request up after this long without any engine event
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name)))
+        _check_relations(self)
+        if self.served_model_name is None:
+            object.__setattr__(self, "served_model_name", default_model_name(self.model))
+
+    @classmethod
+    def from_sources(cls, args=None, env=None, toml_path=None):
+        """Merge flags (an argparse Namespace from add_arguments; None = not given),
+        `env` (default os.environ) and the TOML file (toml_path, else --config,
+        else LLM_CONFIG) over the defaults."""
+        env = os.environ if env is None else env
+        flags = {k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in _FIELDS}
+        toml_path = toml_path or getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
+        layers = [(_read_toml(toml_path), lambda name: str(toml_path)),
+                  (_from_env(env), lambda name: ENV_PREFIX + name.upper()),
+                  (flags, lambda name: "--" + name.replace("_", "-"))]
+        values, origin = {}, {}
+        for layer, source in layers:
+            for name, value in layer.items():
+                values[name], origin[name] = value, source(name)
+        if "model" not in values:
+            raise ValueError("model: required (--model, LLM_MODEL or `model` in the TOML file)")
+        try:
+            return cls(**values)
+        except _FieldError as e:
+            where = f" (from {origin[e.field]})" if e.field in origin else ""
+            raise ValueError(f"{e}{where}") from None
+
+    def load_chat_template(self):
+        """The chat template's text (read from the file if it names one), or None."""
+        if self.chat_template is None:
+            return None
+        path = Path(self.chat_template)
+        return path.read_text(encoding="utf-8") if _is_file(path) else self.chat_template
+
+
+def default_model_name(model):
+    """'/models/llama-7b.Q4_K.gguf' -> 'llama-7b.Q4_K'; folders and repo ids stay as given."""
+    model = model.rstrip("/")
+    return Path(model).name[:-len(".gguf")] if model.endswith(".gguf") else model
+
+
+def add_arguments(parser):
+    """Add the server flags to an argparse parser; every default is None (= not given)."""
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, default=None, help=_HELP.get(f.name))
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"TOML file of settings (flags > {ENV_PREFIX}* env > file > defaults)")
+    return parser
+
+
+# -- parsing and validation ------------------------------------------------
+
+class _FieldError(ValueError):
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _int(low=None, optional=False):
+    def parse(name, value):
+        if optional and _is_none(value):
+            return None
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _FieldError(name, f"must be an integer, got {value!r}")
+        if low is not None and value < low:
+            raise _FieldError(name, f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float(low=0.0, low_open=False):
+    def parse(name, value):
+        try:
+            value = float(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+        except ValueError:
+            pass
+        if not isinstance(value, float) or not math.isfinite(value):
+            raise _FieldError(name, f"must be a number, got {value!r}")
+        if value < low or (low_open and value == low):
+            raise _FieldError(name, f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+        return value
+    return parse
+
+
+def _str(optional=False, choices=None, pattern=None):
+    def parse(name, value):
+        if optional and (value is None or value == ""):
+            return None
+        if not isinstance(value, str) or not value:
+            raise _FieldError(name, f"must be a non-empty string, got {value!r}")
+        if choices and value.lower() not in choices:
+            raise _FieldError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        if pattern and not pattern.fullmatch(value):
+            raise _FieldError(name, f"is not valid: {value!r}")
+        return value.lower() if choices else value
+    return parse
+
+
+def _chat_template(name, value):
+    value = _str(optional=True)(name, value)
+    if value is not None and not _is_file(Path(value)) and "{" not in value:
+        raise _FieldError(name, f"is neither a file nor a Jinja template: {value!r}")
+    return value
+
+
+_PARSERS = {
+    "model": _str(), "host": _str(), "port": _int(0), "served_model_name": _str(optional=True),
+    "workers": _int(1), "worker_threads": _int(1), "threads": _int(1, optional=True),
+    "device": _str(pattern=_DEVICE), "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
+    "max_model_len": _int(2, optional=True), "kv_cache_tokens": _int(1, optional=True),
+    "block_size": _int(1), "queue_capacity": _int(1), "default_max_tokens": _int(1),
+    "max_tokens_limit": _int(1, optional=True), "max_body_bytes": _int(1024),
+    "api_key": _str(optional=True), "chat_template": _chat_template,
+    "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
+    "drain_timeout": _float(), "keepalive_interval": _float(low_open=True),
+    "stall_timeout": _float(low_open=True),
+}
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
+assert _FIELDS == set(_PARSERS), "every config field needs a parser"
+
+
+def _parse(name, value):
+    return _PARSERS[name](name, value)
+
+
+def _check_relations(cfg):
+    if cfg.max_tokens_limit is not None and cfg.default_max_tokens > cfg.max_tokens_limit:
+        raise _FieldError("default_max_tokens",
+                          f"{cfg.default_max_tokens} exceeds max_tokens_limit ({cfg.max_tokens_limit})")
+    if cfg.kv_cache_tokens is not None and cfg.kv_cache_tokens < cfg.block_size:
+        raise _FieldError("kv_cache_tokens", f"must hold at least one block ({cfg.block_size} tokens)")
+
+
+def _is_none(value):
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
+def _is_file(path):
+    try:
+        return path.is_file()
+    except OSError:                 # e.g. an inline template too long to be a file name
+        return False
+
+
+def _from_env(env):
+    return {name: env[ENV_PREFIX + name.upper()] for name in _FIELDS if ENV_PREFIX + name.upper() in env}
+
+
+def _read_toml(path):
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path}: not valid TOML: {e}") from None
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)} "
+                         "(keys are field names with underscores, e.g. max_num_seqs)")
+    return data
+
+
+_HELP = {
+    "model": "GGUF file, Hugging Face model folder or repo id",
+    "served_model_name": "model name clients use (default: the model file name without .gguf)",
+    "workers": "HTTP worker processes",
+    "worker_threads": "threads per HTTP worker (each holds one request or stream)",
+    "threads": "engine CPU threads (default: physical cores)",
+    "device": "cpu, cuda or cuda:N",
+    "max_num_seqs": "most sequences decoded in one step",
+    "max_num_batched_tokens": "most tokens (prefill + decode) in one step",
+    "max_model_len": "context length (default: the model's)",
+    "kv_cache_tokens": "KV cache size in tokens (default: about 2 GiB)",
+    "block_size": "KV cache block size in tokens",
+    "queue_capacity": "waiting requests before new ones get 503",
+    "default_max_tokens": "max_tokens when a request sets none",
+    "max_tokens_limit": "largest max_tokens a request may ask for",
+    "max_body_bytes": "largest request body (413 above)",
+    "api_key": "require Authorization: Bearer KEY (health endpoints stay open)",
+    "chat_template": "chat template file or inline Jinja (overrides the model's)",
+    "log_level": "/".join(LOG_LEVELS),
+    "log_format": "/".join(LOG_FORMATS),
+    "drain_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "keepalive_interval": "seconds of silence before an SSE keep-alive comment",
+    "stall_timeout": "seconds without engine output before a request fails with 503",
+}

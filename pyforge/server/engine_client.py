@@ -1,0 +1,170 @@
+"""What the HTTP app needs from an engine, and the stream a request reads.
+
+The app talks to the engine only through `EngineClient`: `InProcessEngineClient`
+(inprocess.py) runs an `Engine` in a thread of the same process; the serving
+transport runs it in the engine process behind shared-memory rings. Both hand
+back a `RequestStream` per submitted prompt and feed it events from whatever
+thread receives them:
+
+    TokenEvent*  then exactly one  FinishEvent | ErrorEvent
+
+After `abort()` the producer still sends the FinishEvent (reason "abort"), as
+the IPC contract in `pyforge/ipc/records.py` does; readers need not wait for it.
+
+`StreamGroup` reads several streams as one (n choices, several prompts) and
+guards every wait with timeouts, so an engine that dies silently cannot hang
+an HTTP worker thread forever.
+"""
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+from pyforge.engine.sampling_params import SamplingParams
+
+DEFAULT_STALL_TIMEOUT = 600.0   # seconds without any event before a request is given up
+ABORT_GRACE = 2.0               # how long to wait for the FinishEvent an abort promises
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_ids: list[int]
+    logprobs: list[float] | None = None                    # one per token, if requested
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # one row per token, if requested
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    finish_reason: str          # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0      # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    status: int                 # the HTTP status the app answers with
+    message: str                # safe to show the client
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+class QueueFullError(Exception):
+    """The engine's waiting queue (or the ring to it) is full: answer 503 + Retry-After."""
+
+    def __init__(self, message="the server is at capacity; retry later", retry_after=1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineClient(Protocol):
+    max_model_len: int          # context length the engine enforces (prompt + output)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
+        """Queue one generation. Raises QueueFullError, or ValueError (a bad prompt: 400)."""
+
+    def ready(self) -> bool:
+        """True while the engine accepts work (false while loading or draining)."""
+
+    def stats(self) -> dict:
+        """queue_size, running, kv_usage (0..1), prefix_queries, prefix_hits."""
+
+
+class RequestStream:
+    """One submitted prompt's events, in order. The transport calls `put`; one
+    HTTP worker thread reads (iterate it, or read it through a StreamGroup)."""
+
+    def __init__(self, request_id: int, on_abort: Callable[[int], None], timeout: float = DEFAULT_STALL_TIMEOUT):
+        self.request_id = request_id
+        self.timeout = timeout
+        self._on_abort = on_abort
+        self._lock = threading.Lock()       # put() vs. _share(): no event lost or reordered
+        self._sink = queue.SimpleQueue()    # (stream, event); shared when grouped
+        self._tag = 0
+        self.done = False                   # the reader saw the final event
+        self.aborted = False
+
+    def put(self, event: Event) -> None:
+        with self._lock:
+            self._sink.put((self._tag, event))
+
+    def abort(self) -> None:
+        """Stop generating (idempotent; a no-op once the final event was read)."""
+        if not (self.done or self.aborted):
+            self.aborted = True
+            self._on_abort(self.request_id)
+
+    def __iter__(self) -> Iterator[Event]:
+        for _, event in StreamGroup([self]).events():
+            yield event
+
+    def _share(self, sink, tag):
+        """Route this stream's events, pending ones first, into `sink` as (tag, event)."""
+        with self._lock:
+            while True:
+                try:
+                    _, event = self._sink.get_nowait()
+                except queue.Empty:
+                    break
+                sink.put((tag, event))
+            self._sink, self._tag = sink, tag
+
+
+class StreamGroup:
+    """Several RequestStreams read as one, in arrival order: yields (index, event)."""
+
+    def __init__(self, streams: list[RequestStream]):
+        self.streams = list(streams)
+        self._events = queue.SimpleQueue()
+        for i, stream in enumerate(self.streams):
+            stream._share(self._events, i)
+
+    def events(self, heartbeat: float | None = None) -> Iterator[tuple[int, Event] | None]:
+        """Events until every stream finished; None after each `heartbeat` seconds
+        of silence (SSE keep-alives). A stream silent past its timeout gets an
+        ErrorEvent(503); aborted streams are waited on for ABORT_GRACE at most."""
+        live = {i for i, s in enumerate(self.streams) if not s.done}
+        last = time.monotonic()
+        while live:
+            item = self._next(live, last, heartbeat)
+            if item is None:
+                yield None
+                continue
+            i, event = item
+            last = time.monotonic()
+            if i not in live:
+                continue          # late events of a stream already given up
+            if not isinstance(event, TokenEvent):
+                self.streams[i].done = True
+                live.discard(i)
+            yield i, event
+
+    def _next(self, live, last, heartbeat):
+        """The next (index, event); a synthetic ErrorEvent/FinishEvent on timeout; None for a heartbeat."""
+        while True:
+            deadline = self._deadline(live, last)
+            wait = deadline - time.monotonic()
+            if heartbeat is not None:
+                wait = min(wait, heartbeat)
+            try:
+                return self._events.get(timeout=max(wait, 0.0))
+            except queue.Empty:
+                pass
+            if time.monotonic() < deadline:
+                return None       # heartbeat
+            return self._give_up(live)
+
+    def _deadline(self, live, last):
+        if all(self.streams[i].aborted for i in live):
+            return last + ABORT_GRACE
+        return last + min(self.streams[i].timeout for i in live)
+
+    def _give_up(self, live):
+        i = min(live)
+        stream = self.streams[i]
+        if stream.aborted:
+            return i, FinishEvent("abort", 0, 0, 0)
+        stream.abort()
+        return i, ErrorEvent(503, f"the engine did not answer within {stream.timeout:g} s")

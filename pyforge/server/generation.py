@@ -1,0 +1,342 @@
+"""Request → engine events → text, shared by the /v1 and /api routes.
+
+  (validation.py turns a JSON body into the GenerationRequest used here)
+  run:     Generation submits prompts x n streams, reads them as one group and
+           turns events into per-choice Updates: incremental detokenization,
+           stop strings matched on text (the engine only knows token ids),
+           logprobs, usage. A stop string aborts its stream at once.
+  serve:   `run` answers with one JSON body or an SSE stream, and maps
+           overload (503 + Retry-After) and engine errors to HTTP statuses.
+  observe: RequestTimer feeds the metrics observer (a no-op by default).
+
+Choice `index` follows OpenAI: prompt i's j-th sample is choice i * n + j.
+"""
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import falcon
+
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.server import sse
+from pyforge.server.engine_client import ErrorEvent, FinishEvent, QueueFullError, StreamGroup
+from pyforge.server.errors import APIError, bad_request, error_body, status_code
+from pyforge.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class ServingContext:
+    """What every generation route needs, passed explicitly to each resource."""
+    config: object              # ServerConfig
+    client: object              # EngineClient
+    tokenizer: object
+    observer: object
+    model_name: str
+    max_model_len: int
+    created: int                # when the app was built (the /v1/models `created`)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    text: str | None = None     # the prompt as text, for echo
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: list[Prompt]
+    params: SamplingParams
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Update:
+    """What one choice produced since its last update."""
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class ChoiceResult(NamedTuple):
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+
+
+class GenerationError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+# -- running ------------------------------------------------------------------
+
+class StopMatcher:
+    """Finds stop strings in streamed text, across token boundaries.
+
+    `push` returns the text that is safe to release: everything before a stop
+    string, minus any tail that could still become one (held back until the
+    next push or `flush`)."""
+
+    def __init__(self, stops):
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def push(self, text):
+        """(released text, True if a stop string was found)."""
+        self.pending += text
+        if not self.stops:
+            return self.flush(), False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            released, self.pending = self.pending[:min(hits)], ""
+            return released, True
+        cut = len(self.pending) - self._partial_tail()
+        released, self.pending = self.pending[:cut], self.pending[cut:]
+        return released, False
+
+    def flush(self):
+        text, self.pending = self.pending, ""
+        return text
+
+    def _partial_tail(self):
+        """Length of the longest tail of `pending` that starts some stop string."""
+        text = self.pending
+        for k in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+
+class _Choice:
+    """One sample of one prompt: detokenize, match stops, count, collect logprobs."""
+
+    def __init__(self, index, tokenizer, prompt, stop, skip_ids):
+        self.index = index
+        self.detok = IncrementalDetokenizer(tokenizer, prefix_ids=prompt.ids)
+        self.matcher = StopMatcher(stop)
+        self.skip_ids = skip_ids
+        self.n_tokens = 0
+        self.cached_tokens = 0
+        self.finish_reason = None
+
+    def on_tokens(self, event):
+        update = Update(self.index, logprobs=_logprob_entries(event))
+        self.n_tokens += len(event.token_ids)
+        text = "".join(self.detok.feed(t) for t in event.token_ids if t not in self.skip_ids)
+        update.text, stopped = self.matcher.push(text)
+        if stopped:
+            self.finish_reason = update.finish_reason = "stop"
+        return update
+
+    def on_finish(self, event):
+        self.cached_tokens = event.cached_tokens
+        released, stopped = self.matcher.push(self.detok.flush())
+        self.finish_reason = "stop" if stopped else event.finish_reason
+        return Update(self.index, released + self.matcher.flush(), finish_reason=self.finish_reason)
+
+
+def _logprob_entries(event):
+    if event.logprobs is None:
+        return []
+    tops = event.top_logprobs or [[] for _ in event.token_ids]
+    return [TokenLogprob(t, lp, list(top)) for t, lp, top in zip(event.token_ids, event.logprobs, tops)]
+
+
+class Generation:
+    """Submits a GenerationRequest's prompts x n and yields choice Updates."""
+
+    def __init__(self, ctx, request, timer):
+        self.ctx, self.request, self.timer = ctx, request, timer
+        tok, n = ctx.tokenizer, request.n
+        skip = frozenset() if request.params.ignore_eos else tok.eos_ids
+        self.choices = [_Choice(i * n + j, tok, p, request.stop, skip)
+                        for i, p in enumerate(request.prompts) for j in range(n)]
+        self.streams = []
+
+    def submit(self):
+        """Queue every choice; all or none (QueueFullError / ValueError propagate)."""
+        try:
+            for prompt in self.request.prompts:
+                for j in range(self.request.n):
+                    self.streams.append(self.ctx.client.submit(prompt.ids, self._params(j)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _params(self, j):
+        params = self.request.params
+        if j and params.seed is not None:      # n samples from a seeded request differ, reproducibly
+            params = dataclasses.replace(params, seed=params.seed + j)
+        return params
+
+    def updates(self, heartbeat=None):
+        """Updates as events arrive (None for a heartbeat); raises GenerationError."""
+        for item in StreamGroup(self.streams).events(heartbeat):
+            if item is None:
+                yield None
+                continue
+            update = self._on_event(*item)
+            if update is not None:
+                yield update
+
+    def _on_event(self, i, event):
+        choice, stream = self.choices[i], self.streams[i]
+        if isinstance(event, ErrorEvent):
+            self.close()
+            raise GenerationError(event.status, event.message)
+        if isinstance(event, FinishEvent):
+            if choice.finish_reason is not None:    # stopped by us: only the cache count is news
+                choice.cached_tokens = event.cached_tokens
+                return None
+            return choice.on_finish(event)
+        if choice.finish_reason is not None:
+            return None                             # tokens generated after our stop string
+        self.timer.tokens(len(event.token_ids))
+        update = choice.on_tokens(event)
+        if update.finish_reason is not None:
+            stream.abort()                          # a stop string: the engine may stop too
+        return update
+
+    def close(self):
+        """Abort whatever still runs (client gone, error, or done: then a no-op)."""
+        for stream in self.streams:
+            stream.abort()
+
+    def usage(self):
+        n = self.request.n
+        prompt_tokens = sum(len(p.ids) for p in self.request.prompts)
+        completion_tokens = sum(c.n_tokens for c in self.choices)
+        cached = sum(self.choices[i * n].cached_tokens for i in range(len(self.request.prompts)))
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def collect(generation):
+    """Run a Generation to the end: per choice, its text, logprobs and finish_reason."""
+    texts = {c.index: [] for c in generation.choices}
+    logprobs = {c.index: [] for c in generation.choices}
+    for update in generation.updates():
+        texts[update.index].append(update.text)
+        logprobs[update.index].extend(update.logprobs)
+    return [ChoiceResult("".join(texts[c.index]), logprobs[c.index], c.finish_reason) for c in generation.choices]
+
+
+# -- serving ------------------------------------------------------------------
+
+@contextmanager
+def observed(timer):
+    """Report a request that fails before its reply to the observer, with its status."""
+    try:
+        yield
+    except falcon.HTTPError as e:
+        timer.end(status_code(e))
+        raise
+    except Exception:
+        timer.end(500)
+        raise
+
+
+def run(ctx, resp, timer, request, *, stream, to_json, to_chunks):
+    """Submit `request`; reply with to_json(results, usage) or an SSE stream of
+    to_chunks(generation) (dicts, None for keep-alives)."""
+    gen = _start(ctx, request, timer)
+    if stream:
+        _stream(resp, gen, timer, to_chunks)
+        return
+    try:
+        results = collect(gen)
+    except GenerationError as e:
+        raise _api_error(e) from None
+    finally:
+        gen.close()
+    resp.media = to_json(results, gen.usage())
+    timer.end(200, gen.usage())
+
+
+def _start(ctx, request, timer):
+    try:
+        return Generation(ctx, request, timer).submit()
+    except QueueFullError as e:
+        raise APIError(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+    except ValueError as e:
+        raise bad_request(str(e), "prompt") from None
+
+
+def _api_error(e):
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return APIError(e.status, str(e), headers=headers)
+
+
+def _stream(resp, gen, timer, to_chunks):
+    status = [499]      # nginx's "client closed request" until the stream completes
+
+    def events():
+        try:
+            yield from to_chunks(gen)
+            status[0] = 200
+        except GenerationError as e:   # headers are gone: the error becomes the last event
+            status[0] = e.status
+            yield error_body(e.status, str(e))
+
+    def on_close():
+        gen.close()
+        timer.end(status[0], gen.usage())
+
+    sse.respond(resp, events(), on_close)
+
+
+# -- observing ----------------------------------------------------------------
+
+class NoopObserver:
+    def on_request_start(self):
+        pass
+
+    def on_first_token(self, seconds):
+        pass
+
+    def on_token(self, n, seconds_since_last):
+        pass
+
+    def on_request_end(self, status, seconds, prompt_tokens, completion_tokens):
+        pass
+
+
+class RequestTimer:
+    """Feeds one request's timings to the observer; `end` reports once."""
+
+    def __init__(self, observer):
+        self.observer = observer
+        self.start = self.last = time.perf_counter()
+        self.first = None
+        self.ended = False
+        observer.on_request_start()
+
+    def tokens(self, n):
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.observer.on_first_token(now - self.start)
+        self.observer.on_token(n, now - self.last)
+        self.last = now
+
+    def end(self, status, usage=None):
+        if not self.ended:
+            self.ended = True
+            usage = usage or {}
+            self.observer.on_request_end(status, time.perf_counter() - self.start,
+                                         usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))

@@ -1,0 +1,219 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Response shapes follow the OpenAI API reference (and vLLM where OpenAI is
+silent): `text_completion` / `chat.completion` objects, `*.chunk` objects in
+streams, `usage` with `prompt_tokens_details.cached_tokens`, and with
+`stream_options.include_usage` one last chunk with `choices: []` and the usage
+(every earlier chunk then carries `"usage": null`).
+"""
+import time
+import uuid
+
+from pyforge.server import generation as g
+from pyforge.server import validation as v
+from pyforge.server.errors import APIError, bad_request
+
+
+class Completions:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def on_post(self, req, resp):
+        timer = g.RequestTimer(self.ctx.observer)
+        with g.observed(timer):
+            body = v.read_json(req, self.ctx.config.max_body_bytes)
+            request, stream, include_usage = _completion_request(body, self.ctx)
+            fmt = _Format(self.ctx, "cmpl", "text_completion", include_usage)
+            g.run(self.ctx, resp, timer, request, stream=stream,
+                  to_json=lambda results, usage: fmt.completion(request, results, usage),
+                  to_chunks=lambda gen: fmt.completion_chunks(gen))
+
+
+class ChatCompletions:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def on_post(self, req, resp):
+        timer = g.RequestTimer(self.ctx.observer)
+        with g.observed(timer):
+            body = v.read_json(req, self.ctx.config.max_body_bytes)
+            request, stream, include_usage = _chat_request(body, self.ctx)
+            fmt = _Format(self.ctx, "chatcmpl", "chat.completion", include_usage)
+            g.run(self.ctx, resp, timer, request, stream=stream,
+                  to_json=lambda results, usage: fmt.chat(request, results, usage),
+                  to_chunks=lambda gen: fmt.chat_chunks(gen))
+
+
+class Models:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def on_get(self, req, resp):
+        resp.media = {"object": "list", "data": [self._card()]}
+
+    def on_get_one(self, req, resp, model):
+        if model not in (self.ctx.model_name, self.ctx.config.model):
+            raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        resp.media = self._card()
+
+    def _card(self):
+        return {"id": self.ctx.model_name, "object": "model", "created": self.ctx.created,
+                "owned_by": "pyforge", "max_model_len": self.ctx.max_model_len}
+
+
+def add_routes(app, ctx):
+    app.add_route("/v1/completions", Completions(ctx))
+    app.add_route("/v1/chat/completions", ChatCompletions(ctx))
+    models = Models(ctx)
+    app.add_route("/v1/models", models)
+    app.add_route("/v1/models/{model}", models, suffix="one")
+
+
+# -- requests -------------------------------------------------------------------
+
+def _completion_request(body, ctx):
+    v.check_model(body, ctx)
+    logprobs = v.parse_completion_logprobs(body.get("logprobs"))
+    echo = v.parse_bool(body, "echo")
+    if echo and logprobs is not None:
+        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+    params = v.sampling_params(body, ctx.config, ("max_tokens",), logprobs)
+    prompts = v.completion_prompts(body.get("prompt"), ctx)
+    request = g.GenerationRequest(prompts, params, v.parse_n(body), v.parse_stop(body.get("stop")), echo)
+    return (request, *_stream_flags(body))
+
+
+def _chat_request(body, ctx):
+    v.check_model(body, ctx)
+    logprobs = v.parse_chat_logprobs(body)
+    params = v.sampling_params(body, ctx.config, ("max_completion_tokens", "max_tokens"), logprobs)
+    prompt = v.chat_prompt(body.get("messages"), ctx)
+    request = g.GenerationRequest([prompt], params, v.parse_n(body), v.parse_stop(body.get("stop")))
+    return (request, *_stream_flags(body))
+
+
+def _stream_flags(body):
+    stream = v.parse_bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    include_usage = stream and options is not None and v.parse_bool(options, "include_usage")
+    return stream, include_usage
+
+
+# -- responses ------------------------------------------------------------------
+
+class _Format:
+    """Builds one request's response objects; every chunk shares id and created."""
+
+    def __init__(self, ctx, id_prefix, object_name, include_usage):
+        self.tok = ctx.tokenizer
+        self.keepalive = ctx.config.keepalive_interval
+        self.include_usage = include_usage
+        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.object = object_name
+        # OpenAI names completion stream chunks text_completion too; chat ones chat.completion.chunk
+        self.chunk_object = object_name + ".chunk" if object_name.startswith("chat") else object_name
+        self.created = int(time.time())
+        self.model = ctx.model_name
+
+    def _body(self, choices, usage):
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}
+
+    def _chunk(self, choices, usage=None):
+        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                 "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def _updates(self, gen):
+        """Updates worth a chunk, and None for keep-alives."""
+        for update in gen.updates(self.keepalive):
+            if update is None or update.text or update.logprobs or update.finish_reason:
+                yield update
+
+    # completions
+    def completion(self, request, results, usage):
+        choices = []
+        for index, (text, logprobs, reason) in enumerate(results):
+            prefix = self._echo(request, index)
+            choices.append({"index": index, "text": prefix + text, "finish_reason": reason,
+                            "logprobs": self._completion_logprobs(logprobs, len(prefix)) if _wants(request) else None})
+        return self._body(choices, usage)
+
+    def completion_chunks(self, gen):
+        offsets = {c.index: 0 for c in gen.choices}
+        if gen.request.echo:
+            yield self._chunk([{"index": c.index, "text": self._echo(gen.request, c.index), "logprobs": None,
+                                "finish_reason": None} for c in gen.choices])
+        for u in self._updates(gen):
+            if u is None:
+                yield None
+                continue
+            logprobs = self._completion_logprobs(u.logprobs, offsets[u.index]) if _wants(gen.request) else None
+            offsets[u.index] += sum(len(self._piece(lp.token_id)) for lp in u.logprobs)
+            yield self._chunk([{"index": u.index, "text": u.text, "logprobs": logprobs,
+                                "finish_reason": u.finish_reason}])
+        if self.include_usage:
+            yield self._chunk([], gen.usage())
+
+    def _echo(self, request, index):
+        if not request.echo:
+            return ""
+        prompt = request.prompts[index // request.n]
+        return prompt.text if prompt.text is not None else self.tok.decode(prompt.ids)
+
+    def _completion_logprobs(self, entries, offset):
+        tokens = [self._piece(e.token_id) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._piece(t): lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+    # chat
+    def chat(self, request, results, usage):
+        choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": {"content": self._chat_logprobs(logprobs)} if _wants(request) else None}
+                   for index, (text, logprobs, reason) in enumerate(results)]
+        return self._body(choices, usage)
+
+    def chat_chunks(self, gen):
+        # the role first, at once: clients see the stream open before the first token
+        yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None} for c in gen.choices])
+        for u in self._updates(gen):
+            if u is None:
+                yield None
+                continue
+            delta = {"content": u.text} if u.text else {}
+            logprobs = {"content": self._chat_logprobs(u.logprobs)} if u.logprobs else None
+            yield self._chunk([{"index": u.index, "delta": delta, "logprobs": logprobs,
+                                "finish_reason": u.finish_reason}])
+        if self.include_usage:
+            yield self._chunk([], gen.usage())
+
+    def _chat_logprobs(self, entries):
+        return [{**self._token(e.token_id, e.logprob),
+                 "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]
+
+    def _token(self, token_id, logprob):
+        raw = self.tok.token_to_piece(token_id)
+        return {"token": self._piece(token_id), "logprob": logprob, "bytes": list(raw)}
+
+    def _piece(self, token_id):
+        """A token as text; a piece that is not whole UTF-8 shows its bytes (as OpenAI does)."""
+        raw = self.tok.token_to_piece(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _wants(request):
+    return request.params.logprobs is not None
+

@@ -1,0 +1,61 @@
+"""Server-sent events over WSGI: `data: <json>\\n\\n` per event, `data: [DONE]` last.
+
+The body is a generator handed to Falcon as `resp.stream`; gunicorn writes
+(and so flushes) every chunk it yields as it comes. Silence is broken by a
+`: keep-alive` comment, so a dead client's socket errors out within one
+interval. When the client goes away, gunicorn stops iterating and closes the
+generator: `on_close` runs in its `finally` and aborts the request there.
+"""
+import json
+
+KEEPALIVE = b": keep-alive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def encode(obj):
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def respond(resp, events, on_close):
+    """Stream `events` (dicts; None for a keep-alive) as SSE, then [DONE]."""
+    resp.content_type = "text/event-stream; charset=utf-8"
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")     # no proxy buffering (nginx)
+    resp.stream = SSEBody(events, on_close)
+
+
+class SSEBody:
+    """The WSGI body iterable. `on_close` runs exactly once: at the end, on an
+    error, or when the server closes the body early (client gone) - even if
+    iteration never started, which a plain generator's `finally` would miss."""
+
+    def __init__(self, events, on_close):
+        self._frames = self._iterate(events)
+        self._on_close = on_close
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._frames)
+
+    def close(self):
+        try:
+            self._frames.close()
+        finally:
+            self._finish()
+
+    def _iterate(self, events):
+        try:
+            for event in events:
+                yield KEEPALIVE if event is None else encode(event)
+            yield DONE
+        finally:
+            getattr(events, "close", lambda: None)()    # run the producer's own cleanup now
+            self._finish()
+
+    def _finish(self):
+        if not self._closed:
+            self._closed = True
+            self._on_close()

@@ -1,0 +1,183 @@
+"""Request validation: a JSON body -> a GenerationRequest, or an APIError.
+
+Shared by the /v1 and /api routes, so both accept and reject the same things.
+Rules: unknown fields are ignored; null means "not set"; every rejection is a
+400 naming the offending `param` (404 for an unknown model, 413 for a body
+over the limit); a prompt that leaves no room for one generated token is
+rejected, never truncated. Ranges of the sampling fields are SamplingParams'
+own checks, so the engine and the app cannot disagree.
+"""
+import json
+from numbers import Integral
+
+from pyforge.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pyforge.server.errors import APIError, bad_request
+from pyforge.server.generation import Prompt
+from pyforge.tokenizer import ChatTemplateError
+
+MAX_N = 128     # OpenAI's limit on n
+# request fields passed to SamplingParams under the same name (OpenAI / vLLM names)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "seed", "ignore_eos", "stop_token_ids")
+
+
+def read_json(req, limit):
+    """The body as a JSON object: 413 above `limit` bytes, 400 if not a JSON object."""
+    if req.content_length is not None and req.content_length > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes")
+    raw = req.bounded_stream.read(limit + 1)     # a chunked body has no Content-Length
+    if len(raw) > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def check_model(body, ctx):
+    model = body.get("model")
+    if model is not None and model not in (ctx.model_name, ctx.config.model):
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None):
+    """SamplingParams from OpenAI / vLLM request fields (null means unset)."""
+    kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    max_tokens = next((body[k] for k in max_tokens_keys if body.get(k) is not None), config.default_max_tokens)
+    if config.max_tokens_limit is not None and _is_int(max_tokens) and max_tokens > config.max_tokens_limit:
+        raise bad_request(f"max_tokens must be <= {config.max_tokens_limit}, got {max_tokens}", "max_tokens")
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise bad_request(str(e), field if field in SAMPLING_FIELDS or field == "max_tokens" else None) from None
+
+
+def parse_n(body):
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be an integer in 1..{MAX_N}, got {n!r}", "n")
+    return n
+
+
+def parse_stop(value):
+    """`stop`: a string or a list of strings (any number; empty strings are ignored)."""
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request("stop must be a string or a list of strings", "stop")
+    return tuple(s for s in stops if s)
+
+
+def parse_completion_logprobs(value):
+    """Completions `logprobs`: how many top alternatives per token (0..20), or null."""
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {value!r}", "logprobs")
+    return value
+
+
+def parse_chat_logprobs(body):
+    """Chat `logprobs` (bool) + `top_logprobs` (0..20) -> top count, or None."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise bad_request(f"logprobs must be true or false, got {want!r}", "logprobs")
+    if top is not None:
+        if not want:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {top!r}",
+                              "top_logprobs")
+    return (top or 0) if want else None
+
+
+def parse_bool(body, key):
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{key} must be true or false, got {value!r}", key)
+    return bool(value)
+
+
+def completion_prompts(value, ctx):
+    """`prompt`: a string, a list of strings, a list of token ids or a list of such lists."""
+    if isinstance(value, str):
+        return [_text_prompt(value, ctx)]
+    if not isinstance(value, list) or not value:
+        raise bad_request("prompt must be a non-empty string, list of strings or list of token ids", "prompt")
+    if all(isinstance(p, str) for p in value):
+        return [_text_prompt(p, ctx) for p in value]
+    if all(_is_int(t) for t in value):
+        return [_ids_prompt(value, ctx)]
+    if all(isinstance(p, list) for p in value):
+        return [_ids_prompt(p, ctx) for p in value]
+    raise bad_request("prompt must not mix strings, token ids and lists", "prompt")
+
+
+def chat_prompt(messages, ctx):
+    """The rendered chat template of `messages`, tokenized."""
+    tok = ctx.tokenizer
+    try:
+        text = tok.apply_chat_template(_check_messages(messages), add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "messages") from None
+    # the template usually writes the BOS itself; do not add a second one
+    bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
+    ids = tok.encode(text, add_bos=False) if bos and text.startswith(bos) else tok.encode(text)
+    return _checked(Prompt(ids, text), ctx, "messages")
+
+
+def _check_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    return [_check_message(m, i) for i, m in enumerate(messages)]
+
+
+def _check_message(message, i):
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise bad_request(f"messages[{i}] must be an object with a string role", "messages")
+    content = message.get("content")
+    if isinstance(content, list):     # content parts: text only
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
+    elif content is not None and not isinstance(content, str):
+        raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return {**message, "content": content or ""}
+
+
+def _text_prompt(text, ctx):
+    if not text:
+        raise bad_request("the prompt is empty", "prompt")
+    return _checked(Prompt(ctx.tokenizer.encode(text), text), ctx, "prompt")
+
+
+def _ids_prompt(ids, ctx):
+    vocab = ctx.tokenizer.vocab_size
+    if not ids:
+        raise bad_request("the prompt is empty", "prompt")
+    if not all(_is_int(t) and 0 <= t < vocab for t in ids):
+        raise bad_request(f"prompt token ids must be integers in 0..{vocab - 1}", "prompt")
+    return _checked(Prompt([int(t) for t in ids]), ctx, "prompt")
+
+
+def _checked(prompt, ctx, param):
+    """Never truncate: a prompt that leaves no room for one new token is an error."""
+    n = len(prompt.ids)
+    if n >= ctx.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {ctx.max_model_len} tokens; the prompt has {n} "
+            "(a prompt must leave room for at least one generated token)", param, "context_length_exceeded")
+    return prompt
+
+
+def _is_int(value):
+    return isinstance(value, Integral) and not isinstance(value, bool)

@@ -1,4 +1,4 @@
-"""`pyforge generate | inspect` — the command-line entry point."""
+"""`pyforge serve | generate | inspect` — the command-line entry point."""
 import argparse
 import sys
 import time
@@ -25,6 +25,23 @@ def add_inspect_parser(sub):
     p.add_argument("path")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.set_defaults(func=run_inspect)
+
+
+def add_serve_parser(sub):
+    from pyforge.config import add_arguments
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server (engine process + gunicorn)")
+    add_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args):
+    from pyforge.config import ServerConfig
+    from pyforge.server.launcher import serve
+
+    status = serve(ServerConfig.from_sources(args))
+    if status:
+        sys.exit(status)
 
 
 def run_generate(args):
@@ -72,6 +89,7 @@ def run_inspect(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyforge", description="pyforge LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
     add_generate_parser(sub)
     add_inspect_parser(sub)
     args = parser.parse_args(argv)

@@ -1,0 +1,11 @@
+"""gunicorn settings and hooks: `gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py`.
+
+The configuration comes from LLM_* environment variables (and LLM_CONFIG, a
+TOML file), as for `pyforge serve`. The hooks (launcher.py) start the engine
+before the first worker, build each worker's app after its fork, and stop the
+engine and remove the shared-memory segment when gunicorn exits.
+"""
+from pyforge.config import ServerConfig
+from pyforge.server.launcher import gunicorn_settings
+
+globals().update(gunicorn_settings(ServerConfig.from_sources(None)))

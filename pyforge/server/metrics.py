@@ -1,0 +1,111 @@
+"""Metrics: what workers and the engine write to the segment, as Prometheus text.
+
+The engine writes its gauges and token counters into the segment's engine
+stats (engine_process.py). Each worker process writes request counts and
+latency histograms into its own slot through `SegmentObserver`, the app's
+observer hook. `/metrics`, served by any worker, reads the whole segment, so
+every worker gives the same answer: the sum over all slots.
+
+Names are vLLM's with our prefix (STYLE.md 12): pyforge:<name>, counters with
+_total, histograms with _bucket / _sum / _count, labelled with model_name.
+"""
+import math
+import threading
+
+import falcon
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "pyforge:"
+
+# (segment stat, exported name, Prometheus type, help)
+EXPORTS = (
+    ("num_requests_running", "num_requests_running", "gauge", "Requests in the running batch."),
+    ("num_requests_waiting", "num_requests_waiting", "gauge", "Requests waiting to be scheduled."),
+    ("kv_cache_usage_perc", "kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full)."),
+    ("prefix_cache_queries", "prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache."),
+    ("prompt_tokens", "prompt_tokens_total", "counter", "Prefilled prompt tokens."),
+    ("generation_tokens", "generation_tokens_total", "counter", "Generated tokens."),
+    ("num_preemptions", "num_preemptions_total", "counter", "Preempted sequences."),
+    ("requests", "requests_total", "counter", "HTTP generation requests received."),
+    ("request_success", "request_success_total", "counter", "Requests answered successfully."),
+    ("request_failure", "request_failure_total", "counter", "Requests answered with an error."),
+    ("time_to_first_token_seconds", "time_to_first_token_seconds", "histogram", "Time to first token."),
+    ("inter_token_latency_seconds", "inter_token_latency_seconds", "histogram", "Time between tokens."),
+    ("e2e_request_latency_seconds", "e2e_request_latency_seconds", "histogram", "End-to-end request latency."),
+)
+
+
+class SegmentObserver:
+    """The app's observer hook, writing to this worker's slot of the segment
+    (the segment object must hold a slot: IpcEngineClient claims it)."""
+
+    def __init__(self, segment):
+        self.seg = segment
+        self._first = threading.local()     # the token call right after on_first_token is not an ITL
+
+    def on_request_start(self):
+        self.seg.add("requests")
+
+    def on_first_token(self, seconds):
+        self.seg.observe("time_to_first_token_seconds", seconds)
+        self._first.pending = True
+
+    def on_token(self, n, seconds_since_last):
+        if getattr(self._first, "pending", False):
+            self._first.pending = False
+            return
+        for _ in range(max(n, 1)):
+            self.seg.observe("inter_token_latency_seconds", seconds_since_last / max(n, 1))
+
+    def on_request_end(self, status, seconds, prompt_tokens, completion_tokens):
+        self._first.pending = False
+        if 200 <= status < 400:
+            self.seg.add("request_success")
+            self.seg.observe("e2e_request_latency_seconds", seconds)
+        else:
+            self.seg.add("request_failure")
+
+
+def render(stats, model_name):
+    """Prometheus text exposition of a Segment.stats() dict."""
+    label = f'model_name="{_escape(model_name)}"'
+    lines = []
+    for field, name, kind, help_text in EXPORTS:
+        if field not in stats:
+            continue
+        full = PREFIX + name
+        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+        value = stats[field]
+        if kind != "histogram":
+            lines.append(f"{full}{{{label}}} {_number(value)}")
+            continue
+        cumulative = 0
+        for bound, count in zip(list(value["buckets"]) + [math.inf], value["counts"]):
+            cumulative += count
+            lines.append(f'{full}_bucket{{{label},le="{_number(float(bound))}"}} {cumulative}')
+        lines.append(f"{full}_sum{{{label}}} {_number(value['sum'])}")
+        lines.append(f"{full}_count{{{label}}} {value['count']}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsResource:
+    def __init__(self, segment, model_name):
+        self.seg = segment
+        self.model_name = model_name
+
+    def on_get(self, req, resp):
+        resp.content_type = CONTENT_TYPE
+        resp.text = render(self.seg.stats(), self.model_name)
+
+
+def _number(v):
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "+Inf" if v > 0 else "-Inf"
+        return repr(v)
+    return str(v)
+
+
+def _escape(s):
+    return str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,218 @@
+"""The engine process behind the shared-memory segment, with real processes."""
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import time
+
+import pytest
+
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
+from pyforge.server.engine_client import ErrorEvent, FinishEvent, QueueFullError, TokenEvent
+from pyforge.server.engine_process import run_engine
+from pyforge.server.ipc_client import IpcEngineClient
+
+SPAWN = mp.get_context("spawn")     # the test process runs an Engine (OpenMP): never fork after that
+SMALL = {"request_ring_bytes": 1 << 16, "response_ring_bytes": 1 << 16}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = [[1, 450, 4996, 17354 + i, 1701 + 3 * i] for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    from pyforge.synthetic import write_gguf
+    path = tmp_path_factory.mktemp("model") / "tiny-gqa.gguf"
+    write_gguf("tiny-gqa", path, "F32")
+    return str(path)
+
+
+def engine_kwargs(model_path, **kw):
+    return {"model_path": model_path, "n_threads": 1, "max_model_len": 256, "kv_cache_tokens": 2048,
+            "block_size": 16, "max_num_seqs": 32, **kw}
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """Greedy tokens of every prompt from the in-process engine."""
+    from pyforge.engine.engine import Engine
+    engine = Engine(**engine_kwargs(model_path))
+    return [[out.token_id for out in engine.generate(p, GREEDY)] for p in PROMPTS]
+
+
+class Running:
+    """A segment plus an engine process; torn down with checks that nothing is left."""
+
+    def __init__(self, model_path, n_workers=4, queue_capacity=64, **kw):
+        self.seg = Segment.create(new_name(f"pyforge-test{secrets.token_hex(3)}-"), n_workers=n_workers, **SMALL)
+        self.proc = SPAWN.Process(target=run_engine, args=(self.seg.name, engine_kwargs(model_path, **kw),
+                                                           queue_capacity, 10.0, "WARNING"))
+        self.proc.start()
+        deadline = time.monotonic() + 60
+        while self.seg.engine_status != EngineStatus.READY:
+            assert self.proc.is_alive(), "the engine died while loading"
+            assert time.monotonic() < deadline, "the engine did not get ready"
+            time.sleep(0.02)
+        self.clients = []
+
+    def client(self, **kw):
+        """A client on its own mapping (a slot per Segment object, as per worker process)."""
+        c = IpcEngineClient(Segment.attach(self.seg.name), max_model_len=256, **kw)
+        self.clients.append(c)
+        return c
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+            c.seg.close()
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(20)
+        assert self.proc.exitcode is not None
+        name = self.seg.name
+        self.seg.close()
+        self.seg.unlink()
+        assert not os.path.exists(os.path.join(SHM_DIR, name))
+
+
+@pytest.fixture
+def running(model_path):
+    r = Running(model_path)
+    yield r
+    r.close()
+
+
+def drain(stream):
+    tokens, last = [], None
+    for event in stream:
+        if isinstance(event, TokenEvent):
+            tokens.extend(event.token_ids)
+        else:
+            last = event
+    return tokens, last
+
+
+def test_greedy_tokens_through_ipc_equal_in_process(running, reference):
+    client = running.client(vocab_size=32000)
+    assert client.ready()
+    streams = [client.submit(p, GREEDY) for p in PROMPTS[:4]]
+    for i, stream in enumerate(streams):
+        tokens, last = drain(stream)
+        assert tokens == reference[i]
+        assert last == FinishEvent("length", len(PROMPTS[i]), 12, last.cached_tokens)
+    stats = running.seg.stats()
+    assert stats["generation_tokens"] == 48 and stats["prompt_tokens"] == sum(map(len, PROMPTS[:4]))
+
+
+def test_logprobs_travel(running):
+    stream = running.client().submit(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2, logprobs=3))
+    events = list(stream)
+    assert all(len(e.top_logprobs[0]) == 3 and len(e.logprobs) == 1 for e in events[:-1])
+    assert isinstance(events[-1], FinishEvent)
+
+
+def _client_process(name, indices, out):
+    seg = Segment.attach(name)
+    client = IpcEngineClient(seg, max_model_len=256)
+    streams = {i: client.submit(PROMPTS[i], GREEDY) for i in indices}
+    out.put({i: drain(s)[0] for i, s in streams.items()})
+    client.close()
+    seg.close()
+
+
+def test_sixteen_concurrent_requests_from_two_processes(running, reference):
+    out = SPAWN.Queue()
+    procs = [SPAWN.Process(target=_client_process, args=(running.seg.name, range(k, 16, 2), out)) for k in (0, 1)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        results.update(out.get(timeout=60))
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert results == dict(enumerate(reference))
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_abort_frees_blocks(running):
+    client = running.client()
+    stream = client.submit(PROMPTS[0] * 8, SamplingParams(max_tokens=200, ignore_eos=True))
+    events = iter(stream)
+    assert isinstance(next(events), TokenEvent)
+    wait_for(lambda: client.stats()["kv_usage"] > 0)
+    stream.abort()
+    assert drain(events)[1].finish_reason == "abort"
+    wait_for(lambda: client.stats()["kv_usage"] == 0 and client.stats()["running"] == 0)
+
+
+def test_bad_prompt_is_a_400_error_event(running):
+    client = running.client()          # no vocab_size: the engine itself must refuse
+    _, last = drain(client.submit([1, 10 ** 6], GREEDY))
+    assert isinstance(last, ErrorEvent) and last.status == 400 and "vocabulary" in last.message
+    _, last = drain(client.submit([1, 2], SamplingParams(max_tokens=2)))
+    assert isinstance(last, FinishEvent)           # the engine carries on
+    with pytest.raises(ValueError):
+        client.submit([], GREEDY)
+    with pytest.raises(ValueError):
+        client.submit([1] * 256, GREEDY)
+
+
+def test_full_queue_is_a_503(model_path):
+    r = Running(model_path, queue_capacity=1, max_num_seqs=1)
+    try:
+        client = r.client()
+        long = SamplingParams(max_tokens=40, ignore_eos=True)
+        streams = [client.submit(PROMPTS[i], long) for i in range(4)]
+        finals = [drain(s)[1] for s in streams]
+        assert any(isinstance(f, ErrorEvent) and f.status == 503 for f in finals)
+        assert isinstance(finals[0], FinishEvent)
+        # the client's own check, from the engine's waiting gauge
+        r.seg.set("num_requests_waiting", 5)
+        with pytest.raises(QueueFullError):
+            r.client(queue_capacity=1).submit(PROMPTS[0], GREEDY)
+    finally:
+        r.close()
+
+
+def test_killed_engine_ends_streams_with_an_error(model_path):
+    r = Running(model_path)
+    try:
+        client = r.client()
+        stream = client.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        events = iter(stream)
+        assert isinstance(next(events), TokenEvent)
+        os.kill(r.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, last = drain(events)
+        assert isinstance(last, ErrorEvent) and last.status == 503
+        assert time.monotonic() - t0 < 5
+        assert not client.ready()
+        with pytest.raises(QueueFullError):
+            client.submit(PROMPTS[0], GREEDY)
+    finally:
+        r.close()
+
+
+def test_sigterm_drains_running_requests(model_path):
+    r = Running(model_path)
+    try:
+        client = r.client()
+        stream = client.submit(PROMPTS[0], SamplingParams(max_tokens=60, ignore_eos=True))
+        events = iter(stream)
+        assert isinstance(next(events), TokenEvent)
+        os.kill(r.proc.pid, signal.SIGTERM)
+        wait_for(lambda: r.seg.engine_status != EngineStatus.READY)
+        assert not client.ready()
+        tokens, last = drain(events)
+        assert last == FinishEvent("length", len(PROMPTS[0]), 60, last.cached_tokens)
+        r.proc.join(10)
+        assert r.proc.exitcode == 0 and r.seg.engine_status == EngineStatus.STOPPED
+    finally:
+        r.close()

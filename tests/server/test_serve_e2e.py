@@ -1,0 +1,231 @@
+"""`pyforge serve` end to end on loopback: launcher, engine process, gunicorn
+workers, the official `openai` client, metrics, drain and engine loss."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+REPO = Path(__file__).resolve().parents[2]
+SHM = "/dev/shm"
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    from pyforge.synthetic import write_gguf
+    path = tmp_path_factory.mktemp("model") / "tiny-gqa.gguf"
+    write_gguf("tiny-gqa", path, "F32")
+    return str(path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid):
+    """Pids of every live process under `pid`."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def get(url, timeout=5):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Server:
+    def __init__(self, model_path, *flags, workers=2):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "pyforge.cli", "serve", "--model", model_path, "--port", str(self.port),
+               "--workers", str(workers), "--worker-threads", "40", "--threads", "1",
+               "--max-model-len", "2048", "--kv-cache-tokens", "16384", "--max-num-seqs", "32",
+               "--drain-timeout", "20", "--log-level", "warning", *flags]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, "the server exited while starting"
+            assert time.monotonic() < deadline, "the server did not get ready"
+            try:
+                if get(self.url + "/health/ready", 1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.pids = descendants(self.proc.pid)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0)
+
+    def segments(self):
+        return [n for n in os.listdir(SHM) if n.startswith(f"pyforge-{self.proc.pid}-")]
+
+    def stop(self, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code
+
+    def assert_clean(self):
+        alive = [p for p in self.pids if os.path.exists(f"/proc/{p}") and _not_zombie(p)]
+        assert alive == [], f"processes left behind: {alive}"
+        assert self.segments() == []
+
+
+def _not_zombie(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    s = Server(model_path)
+    assert len(s.pids) >= 3          # the engine and two workers
+    assert len(s.segments()) == 1
+    yield s
+    assert s.stop() == 0
+    s.assert_clean()
+
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def test_completions_and_chat_with_the_openai_client(server):
+    c = server.client
+    r = c.completions.create(model="tiny-gqa", prompt="Hello there", max_tokens=8, **GREEDY)
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    chunks = list(c.completions.create(model="tiny-gqa", prompt="Hello there", max_tokens=8, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8
+
+    messages = [{"role": "user", "content": "Say something."}]
+    r = c.chat.completions.create(model="tiny-gqa", messages=messages, max_tokens=6, **GREEDY)
+    assert r.usage.completion_tokens == 6 and r.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model="tiny-gqa", messages=messages, max_tokens=6, stream=True,
+                                            **GREEDY))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert c.models.list().data[0].id == "tiny-gqa"
+
+
+def test_concurrent_streams_equal_single_requests(server):
+    c = server.client
+    prompts = [f"Request number {i} says" for i in range(24)]
+    single = [c.completions.create(model="tiny-gqa", prompt=p, max_tokens=12, **GREEDY).choices[0].text
+              for p in prompts[:4]]
+
+    def stream(p):
+        chunks = list(c.completions.create(model="tiny-gqa", prompt=p, max_tokens=12, stream=True,
+                                           stream_options={"include_usage": True}, **GREEDY))
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(stream, prompts))
+    assert all(n == 12 for _, n in results)
+    assert [text for text, _ in results[:4]] == single
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(stream, prompts[4:8]))
+    assert again == results[4:8]
+
+
+def metric(text, name):
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def test_metrics_sum_over_workers(server):
+    before = get(server.url + "/metrics")[1]
+    n = 12
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(lambda i: server.client.completions.create(
+            model="tiny-gqa", prompt=f"metrics {i}", max_tokens=5, **GREEDY), range(n)))
+    # any worker answers for all: ask several times, always the same totals
+    texts = [get(server.url + "/metrics")[1] for _ in range(6)]
+    def grew(text, name):
+        return metric(text, "pyforge:" + name) - metric(before, "pyforge:" + name)
+
+    for text in texts:
+        assert grew(text, "request_success_total") == n
+        assert grew(text, "generation_tokens_total") == 5 * n
+        assert grew(text, "e2e_request_latency_seconds_count") == n
+        assert grew(text, "time_to_first_token_seconds_count") == n
+        assert grew(text, "inter_token_latency_seconds_count") == 4 * n
+        assert metric(text, "pyforge:num_requests_running") == 0
+        assert metric(text, "pyforge:kv_cache_usage_perc") == 0
+        assert metric(text, "pyforge:prompt_tokens_total") > 0
+        for name in ("prefix_cache_queries_total", "prefix_cache_hits_total", "num_requests_waiting",
+                     "inter_token_latency_seconds_count"):
+            metric(text, "pyforge:" + name)
+    assert 'pyforge:time_to_first_token_seconds_bucket{model_name="tiny-gqa",le="+Inf"}' in texts[0]
+
+
+def test_sigterm_drains_an_inflight_stream(model_path):
+    s = Server(model_path)
+    stream = s.client.completions.create(model="tiny-gqa", prompt="Drain me", max_tokens=1500, stream=True,
+                                         stream_options={"include_usage": True}, **GREEDY)
+    chunks = iter(stream)
+    next(chunks)
+    s.proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    rest = list(chunks)
+    assert time.monotonic() - t0 > 0.2          # still generating when the signal came
+    assert rest[-1].usage.completion_tokens == 1500
+    assert rest[-2].choices[0].finish_reason == "length"
+    assert s.stop() == 0
+    s.assert_clean()
+
+
+def test_killed_engine_makes_ready_fail_and_the_server_exit(model_path):
+    s = Server(model_path, workers=1)
+    engine = [p for p in s.pids if b"pyforge.server.engine_process" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(engine) == 1
+    os.kill(engine[0], signal.SIGKILL)
+    deadline = time.monotonic() + 1.5     # the server itself goes down ENGINE_LOSS_GRACE (2 s) after
+    while (answer := get(s.url + "/health/ready"))[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert answer[0] == 503 and json.loads(answer[1])["status"] == "not ready"
+    assert s.proc.wait(15) == 1      # it shuts itself down (no signal from us), exit status 1
+    s.assert_clean()
+
+
+def test_bad_model_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    r = subprocess.run([sys.executable, "-m", "pyforge.cli", "serve", "--model", str(bad), "--port", str(free_port())],
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert "while loading" in r.stderr and "bad.gguf" in r.stderr

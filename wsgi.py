@@ -1,0 +1,8 @@
+"""gunicorn entry point: `gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py`.
+
+`app` is a placeholder: the config's post_worker_init hook builds each worker's
+real app (engine client, tokenizer, routes) after the fork and swaps it in.
+"""
+from pyforge.server.launcher import placeholder_app as app
+
+__all__ = ["app"]

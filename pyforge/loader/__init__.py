@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyforge.ggml_types import GGMLType
+from pyforge.loader.hf_cache import hub_cache_dir, looks_like_repo_id, snapshot_folder
 from pyforge.loader.names import expected_shapes, optional_shapes
 
 
@@ -66,6 +67,12 @@ class ModelFile:
 def load_model_file(path):
     """A GGUF file or a Hugging Face model folder -> ModelFile."""
     path = os.fspath(path)
+    if looks_like_repo_id(path):
+        folder = snapshot_folder(path)
+        if folder is None:
+            raise ModelFileError(path, f"no such file or folder, and no cached snapshot of this Hugging Face repo "
+                                       f"in {hub_cache_dir()} (pyforge never downloads weights)")
+        path = folder
     if os.path.isdir(path):
         from pyforge.loader.hf import load_hf_folder
         return load_hf_folder(path)

@@ -18,6 +18,7 @@ NATIVE_MODULES = {
     "ops": ["native/ops_kernels.c"],
     "sampler": ["native/sampler_kernels.c"],
     "ipc": ["native/shm_ring.c"],
+    "block_pool": [],
 }
 
 

@@ -16,6 +16,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting = deque()
         self.running = []
+        self.num_preemptions = 0    # since start (a counter for /metrics)
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -72,6 +73,7 @@ class Scheduler:
         self.blocks.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.PREEMPTED
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def finish(self, seq, status):

@@ -173,10 +173,6 @@ def test_full_queue_is_a_503(model_path):
         finals = [drain(s)[1] for s in streams]
         assert any(isinstance(f, ErrorEvent) and f.status == 503 for f in finals)
         assert isinstance(finals[0], FinishEvent)
-        # the client's own check, from the engine's waiting gauge
-        r.seg.set("num_requests_waiting", 5)
-        with pytest.raises(QueueFullError):
-            r.client(queue_capacity=1).submit(PROMPTS[0], GREEDY)
     finally:
         r.close()
 

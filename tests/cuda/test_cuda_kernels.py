@@ -1,0 +1,300 @@
+"""CUDA kernels (cuda/*.cu through CuPy RawModule) against float64 numpy references.
+
+Needs CuPy and a CUDA device; skipped with the reason otherwise. Every output
+buffer is filled with NaN before its launch, so a position a kernel fails to
+write cannot pass. Error bounds, elementwise, per output dtype:
+  float32 out: |err| <= 1e-5 |ref| + 1e-5 max|ref|   (float arithmetic)
+  float16 out: |err| <= 2^-10 |ref| + atol            (one fp16 rounding, plus
+               the float accumulation of the kernel, bounded per test)
+Quantized weights are random bytes with finite scales (every bit pattern of
+the packed integers occurs), dequantized by the `gguf` package.
+"""
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require_module
+
+cupy = pytest.importorskip("cupy")
+try:
+    _N_DEV = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError as e:  # driver missing or broken
+    pytest.skip(f"no usable CUDA device: {e}", allow_module_level=True)
+if _N_DEV == 0:
+    pytest.skip("CuPy found no CUDA device", allow_module_level=True)
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+F16_RTOL = 2.0 ** -10
+NULL = np.uint64(0)  # a NULL pointer argument
+
+
+# -- launch helpers (the backend will own these) ----------------------------
+@functools.lru_cache(maxsize=None)
+def module(name):
+    src = (CUDA_DIR / f"{name}.cu").read_text()
+    return cupy.RawModule(code=src, options=("-I" + str(CUDA_DIR),))
+
+
+def launch(mod, kernel, grid, block, *args):
+    module(mod).get_function(kernel)(tuple(grid), (block,), args)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def elementwise_grid(n, block=256):
+    return (min(cdiv(n, block), 65535),)
+
+
+def nan_like(shape, dtype):
+    return cupy.full(shape, np.nan, dtype=dtype)
+
+
+def check(out, ref, rtol, atol):
+    out = cupy.asnumpy(out).astype(np.float64)
+    assert np.isfinite(out).all(), "kernel left NaN / inf in its output"
+    err = np.abs(out - ref)
+    bound = rtol * np.abs(ref) + atol
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert (err <= bound).all(), f"at {worst}: got {out[worst]}, want {ref[worst]} (bound {bound[worst]})"
+
+
+# -- quantized weights --------------------------------------------------------
+# type name: (weights per block, bytes per block, offsets of fp16 scale fields)
+QTYPES = {"Q8_0": (32, 34, (0,)), "Q4_K": (256, 144, (0, 2)), "Q6_K": (256, 210, (208,))}
+
+
+def random_quant(qtype, n_rows, n_in, rng):
+    """Random GGUF rows [n_rows, row_bytes] uint8 and their float64 weights [n_rows, n_in]."""
+    gguf = require_module("gguf")
+    bs, nbytes, scale_offs = QTYPES[qtype]
+    nb = n_in // bs
+    raw = rng.integers(0, 256, size=(n_rows * nb, nbytes), dtype=np.uint8)
+    for off in scale_offs:
+        d = rng.uniform(0.001, 0.05, size=n_rows * nb).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    raw = raw.reshape(n_rows, nb * nbytes)
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype))
+    return raw, np.asarray(ref, dtype=np.float64).reshape(n_rows, n_in)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n_rows,n_blocks", [(1, 1), (3, 2), (17, 11)])
+def test_dequantize(qtype, n_rows, n_blocks):
+    rng = np.random.default_rng(n_rows * 100 + n_blocks)
+    bs = QTYPES[qtype][0]
+    raw, ref = random_quant(qtype, n_rows, n_blocks * bs, rng)
+    total = n_rows * n_blocks
+    out = nan_like(total * bs, np.float16)
+    grid = (cdiv(total * bs, 256),) if qtype == "Q8_0" else (total,)
+    launch("quant", f"dequant_{qtype.lower().replace('_k', '_K')}_f16", grid, 256,
+           cupy.asarray(raw), out, np.int64(total))
+    check(out.reshape(n_rows, -1), ref, F16_RTOL, 1e-7 * np.abs(ref).max() + 6e-8)
+
+
+MATVEC_SHAPES = [(1, 256, 1), (37, 512, 1), (130, 2048, 3), (5, 4096, 8)]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n_out,n_in,n_x", MATVEC_SHAPES + [(9, 96, 2)])
+def test_matvec(qtype, n_out, n_in, n_x):
+    if n_in % QTYPES[qtype][0]:
+        pytest.skip(f"{n_in} is not a whole number of {qtype} blocks")
+    rng = np.random.default_rng(n_out * 7 + n_in + n_x)
+    raw, w = random_quant(qtype, n_out, n_in, rng)
+    x = rng.standard_normal((n_x, n_in)).astype(np.float16)
+    ref = x.astype(np.float64) @ w.T  # [n_x, n_out]
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    y = nan_like((n_x, n_out), np.float16)
+    warps = 4
+    launch("quant", f"matvec_{qtype.lower().replace('_k', '_K')}_f16", (cdiv(n_out, warps), n_x), 32 * warps,
+           cupy.asarray(raw), cupy.asarray(x), y, np.int32(n_in), np.int32(n_out))
+    # float accumulation (Q4_K subtracts dmin * m terms of the size of |w|): 1e-5 of sum |w x|
+    out = cupy.asnumpy(y).astype(np.float64)
+    assert np.isfinite(out).all()
+    assert (np.abs(out - ref) <= F16_RTOL * np.abs(ref) + 1e-5 * mag + 1e-4).all()
+
+
+# -- norm, rope, elementwise --------------------------------------------------
+DTYPES = {"f32": (np.float32, 1e-5), "f16": (np.float16, F16_RTOL)}
+
+
+@pytest.mark.parametrize("t", DTYPES)
+@pytest.mark.parametrize("n,d", [(1, 64), (7, 2048), (3, 5000)])
+def test_rmsnorm(t, n, d):
+    dtype, rtol = DTYPES[t]
+    rng = np.random.default_rng(n + d)
+    x = (rng.standard_normal((n, d)) * 3).astype(dtype)
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + 1e-6) * w
+    out = nan_like((n, d), dtype)
+    launch("norm_rope", f"rmsnorm_{t}", (n,), 256, cupy.asarray(x), cupy.asarray(w), out, np.int32(d),
+           np.float32(1e-6))
+    check(out, ref, rtol, 1e-5 * np.abs(ref).max())
+
+
+def rope_ref(x, pos, n_rot, theta, neox, ff):
+    """x [n_tok, n_heads, hd] float64, rotated as native/ops_kernels.c does."""
+    x = x.copy()
+    half = n_rot // 2
+    inv = theta ** (-2.0 * np.arange(half) / n_rot)
+    if ff is not None:
+        inv = inv / ff
+    a = pos[:, None].astype(np.float64) * inv  # [n_tok, half]
+    c, s = np.cos(a)[:, None, :], np.sin(a)[:, None, :]
+    i0 = np.arange(half) if neox else 2 * np.arange(half)
+    i1 = i0 + half if neox else i0 + 1
+    x0, x1 = x[:, :, i0].copy(), x[:, :, i1].copy()
+    x[:, :, i0], x[:, :, i1] = x0 * c - x1 * s, x0 * s + x1 * c
+    return x
+
+
+@pytest.mark.parametrize("t", DTYPES)
+@pytest.mark.parametrize("neox", [0, 1])
+@pytest.mark.parametrize("with_ff", [False, True])
+@pytest.mark.parametrize("n_tok,n_heads,hd,n_rot", [(1, 4, 64, 64), (9, 8, 128, 128), (5, 3, 128, 64)])
+def test_rope(t, neox, with_ff, n_tok, n_heads, hd, n_rot):
+    dtype, rtol = DTYPES[t]
+    rng = np.random.default_rng(n_tok * 31 + hd + neox)
+    x = rng.standard_normal((n_tok, n_heads, hd)).astype(dtype)
+    pos = rng.integers(0, 100_000, n_tok).astype(np.int32)
+    ff = rng.uniform(1.0, 8.0, n_rot // 2).astype(np.float32) if with_ff else None
+    ref = rope_ref(x.astype(np.float64), pos, n_rot, 10000.0, neox, None if ff is None else ff.astype(np.float64))
+    xd = cupy.asarray(x)
+    launch("norm_rope", f"rope_{t}", (n_tok,), 128, xd, cupy.asarray(pos), np.int32(n_heads), np.int32(hd),
+           np.int32(n_rot), np.float32(10000.0), np.int32(neox), NULL if ff is None else cupy.asarray(ff))
+    check(xd, ref, rtol, 4 * rtol * np.abs(ref).max())  # in place: no poisoning, every value is compared
+
+
+@pytest.mark.parametrize("t", DTYPES)
+@pytest.mark.parametrize("n", [1, 1000, 300_001])
+def test_elementwise(t, n):
+    dtype, rtol = DTYPES[t]
+    rng = np.random.default_rng(n)
+    g = (rng.standard_normal(n) * 6).astype(dtype)
+    u = rng.standard_normal(n).astype(dtype)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    out = nan_like(n, dtype)
+    launch("norm_rope", f"silu_mul_{t}", elementwise_grid(n), 256, cupy.asarray(g), cupy.asarray(u), out, np.int64(n))
+    ref = g64 * u64 / (1 + np.exp(-g64))
+    check(out, ref, rtol, 1e-6 * np.abs(ref).max())
+
+    x = cupy.asarray(g)
+    launch("norm_rope", f"add_inplace_{t}", elementwise_grid(n), 256, x, cupy.asarray(u), np.int64(n))
+    check(x, g64 + u64, rtol, 1e-7)
+
+    d = 1 if n == 1 else 1000
+    bias = rng.standard_normal(d).astype(np.float32)
+    x = cupy.asarray(g)
+    launch("norm_rope", f"add_bias_{t}", elementwise_grid(n), 256, x, cupy.asarray(bias), np.int64(n), np.int32(d))
+    check(x, g64 + np.resize(bias.astype(np.float64), n), rtol, 1e-7)
+
+
+# -- paged attention ------------------------------------------------------------
+def build_batch(seqs, n_heads, n_kv, hd, block_size, rng):
+    """seqs: (n_q, context_len) per sequence. Returns host arrays of a batch whose
+    blocks are scattered through a shuffled pool (plus unused blocks)."""
+    need = [cdiv(L, block_size) for _, L in seqs]
+    max_blocks = max(max(need), 1)
+    n_blocks = sum(need) + 5
+    perm = rng.permutation(n_blocks).astype(np.int32)
+    tables = np.full((len(seqs), max_blocks), -1, np.int32)
+    at = 0
+    for s, nb in enumerate(need):
+        tables[s, :nb] = perm[at:at + nb]
+        at += nb
+    shape = (n_blocks, block_size, n_kv, hd)
+    k_cache = rng.standard_normal(shape).astype(np.float16)
+    v_cache = rng.standard_normal(shape).astype(np.float16)
+    qs = np.concatenate([[0], np.cumsum([nq for nq, _ in seqs])]).astype(np.int32)
+    ctx = np.array([L for _, L in seqs], np.int32)
+    q = rng.standard_normal((int(qs[-1]), n_heads, hd)).astype(np.float16)
+    return q, k_cache, v_cache, tables, ctx, qs
+
+
+def attention_ref(q, k_cache, v_cache, tables, ctx, qs, scale):
+    """float64 [n_tok, n_heads, hd], the semantics of pf_paged_attention."""
+    n_tok, n_heads, hd = q.shape
+    bs, n_kv = k_cache.shape[1], k_cache.shape[2]
+    out = np.zeros((n_tok, n_heads, hd))
+    for s in range(len(ctx)):
+        n_q, L = qs[s + 1] - qs[s], int(ctx[s])
+        pos = np.arange(L)
+        keys = k_cache[tables[s, pos // bs], pos % bs].astype(np.float64)  # [L, n_kv, hd]
+        vals = v_cache[tables[s, pos // bs], pos % bs].astype(np.float64)
+        for j in range(n_q):
+            row, n_ctx = qs[s] + j, L - n_q + j + 1
+            for h in range(n_heads):
+                kv = h // (n_heads // n_kv)
+                sc = scale * keys[:n_ctx, kv] @ q[row, h].astype(np.float64)
+                p = np.exp(sc - sc.max())
+                out[row, h] = p @ vals[:n_ctx, kv] / p.sum()
+    return out
+
+
+HEADS = [(4, 4, 64, 16), (8, 2, 128, 16), (4, 1, 256, 8)]  # n_heads, n_kv, head_dim, block_size
+
+
+def attention_args(batch):
+    q, k_cache, v_cache, tables, ctx, qs = (cupy.asarray(a) for a in batch)
+    return q, k_cache, v_cache, tables, ctx, qs
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd,block_size", HEADS)
+def test_attention_prefill(n_heads, n_kv, hd, block_size):
+    rng = np.random.default_rng(n_heads * hd + block_size)
+    seqs = [(5, 5), (3, 20), (1, 33), (0, 7), (17, 40), (1, 1)]  # mixed prefill, chunked prefill, decode
+    batch = build_batch(seqs, n_heads, n_kv, hd, block_size, rng)
+    scale = 1.0 / np.sqrt(hd)
+    ref = attention_ref(*batch, scale)
+    q, k_cache, v_cache, tables, ctx, qs = attention_args(batch)
+    n_tok = q.shape[0]
+    out = nan_like(q.shape, np.float16)
+    launch("attention", "paged_attention_prefill", (cdiv(n_tok, 4), n_heads), 128,
+           q, k_cache, v_cache, tables, ctx, qs, out, np.int32(n_tok), np.int32(len(seqs)), np.int32(n_heads),
+           np.int32(n_kv), np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.float32(scale))
+    check(out, ref, F16_RTOL, 2e-4)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd,block_size", HEADS)
+@pytest.mark.parametrize("partition", [64, 256])
+def test_attention_decode(n_heads, n_kv, hd, block_size, partition):
+    rng = np.random.default_rng(n_heads * hd + block_size + partition)
+    seqs = [(1, 1), (1, 17), (0, 9), (1, 300), (1, 1000), (1, 2049)]
+    batch = build_batch(seqs, n_heads, n_kv, hd, block_size, rng)
+    scale = 1.0 / np.sqrt(hd)
+    ref = attention_ref(*batch, scale)
+    q, k_cache, v_cache, tables, ctx, qs = attention_args(batch)
+    n_seq, n_parts = len(seqs), cdiv(int(batch[4].max()), partition)
+    part_acc = nan_like((n_seq, n_heads, n_parts, hd), np.float32)
+    part_ml = nan_like((n_seq, n_heads, n_parts, 2), np.float32)
+    out = nan_like(q.shape, np.float16)
+    launch("attention", "paged_attention_decode", (n_heads, n_seq, n_parts), 128,
+           q, k_cache, v_cache, tables, ctx, qs, part_acc, part_ml, np.int32(n_heads), np.int32(n_kv),
+           np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.int32(partition), np.float32(scale))
+    launch("attention", "paged_attention_decode_reduce", (n_heads, n_seq), 128,
+           part_acc, part_ml, ctx, qs, out, np.int32(n_heads), np.int32(hd), np.int32(n_parts), np.int32(partition))
+    check(out, ref, F16_RTOL, 2e-4)
+
+
+def test_kv_store():
+    rng = np.random.default_rng(3)
+    n_blocks, bs, n_kv, hd, n_tok = 6, 16, 2, 64, 10
+    k = rng.standard_normal((n_tok, n_kv, hd)).astype(np.float16)
+    v = rng.standard_normal((n_tok, n_kv, hd)).astype(np.float16)
+    slots = rng.choice(n_blocks * bs, n_tok, replace=False).astype(np.int32)
+    slots[3] = -1  # padding: skipped
+    k_cache = nan_like((n_blocks, bs, n_kv, hd), np.float16)
+    v_cache = nan_like((n_blocks, bs, n_kv, hd), np.float16)
+    launch("attention", "kv_store_f16", (n_tok,), 128, cupy.asarray(k), cupy.asarray(v), k_cache, v_cache,
+           cupy.asarray(slots), np.int32(n_kv * hd))
+    kc, vc = cupy.asnumpy(k_cache).reshape(-1, n_kv, hd), cupy.asnumpy(v_cache).reshape(-1, n_kv, hd)
+    keep = slots >= 0
+    np.testing.assert_array_equal(kc[slots[keep]], k[keep])
+    np.testing.assert_array_equal(vc[slots[keep]], v[keep])
+    untouched = np.setdiff1d(np.arange(n_blocks * bs), slots[keep])
+    assert np.isnan(kc[untouched].astype(np.float32)).all()

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serving.py [--servers pyforge llama_cpp] [--concurrency 1 4 8 16 32]
                                        [--requests 64] [--threads 2] [--model PATH] [--json OUT]
+                                       [--plot benchmarks/serving.png] [--null-model]
 
 Each server is started here on loopback (pyforge: `pyforge serve`, one worker;
 llama.cpp: `python -m llama_cpp.server`, which needs `pip install
@@ -9,8 +10,19 @@ llama.cpp: `python -m llama_cpp.server`, which needs `pip install
 at concurrency c, c clients each send streamed /v1/completions requests back to
 back (64-token prompts, 64 generated tokens, greedy) until --requests are done.
 Reported per level: aggregate output tokens/s (all tokens / wall time),
-time to first token p50/p99 and inter-token latency p50/p99 (gaps between
-streamed chunks). Prompts differ per request (no prefix-cache help).
+tokens processed/s (prompt + generated tokens / wall time), time to first
+token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks).
+Prompts differ per request (no prefix-cache help). Before the levels, each
+server gets a prefix probe: two requests sharing a long prefix (--prefix-tokens,
+default 512) one after the other; the second one's TTFT shows the prefix cache
+(llama.cpp's server reuses its slot's KV prefix the same way).
+A PNG (--plot) draws throughput and latency against concurrency per server.
+
+--null-model runs pyforge alone with `serve --null-model` (no forward pass,
+models/null.py) at high concurrency (default 1 16 64): what HTTP, IPC,
+scheduling and sampling cost by themselves, i.e. pyforge's own ceiling in
+tokens/s. A real model can only be slower; if a real run comes close to this
+number, the serving stack, not the model, is the bottleneck.
 
 Default model: the synthetic tinyllama-1.1b Q4_K_M (pyforge.synthetic.ensure_model).
 On this machine class a Q4_K_M decode step reads ~0.67 GB of weights, so one
@@ -44,15 +56,16 @@ def free_port():
 
 # -- servers -------------------------------------------------------------------
 
-def start_pyforge(model, port, threads, max_seqs):
+def start_pyforge(model, port, threads, max_seqs, seq_tokens, null_model=False):
+    kv_tokens = max_seqs * (seq_tokens + 16) + 2048          # no preemption; room for the prefix probe
     cmd = [sys.executable, "-m", "pyforge.cli", "serve", "--model", model, "--port", str(port),
            "--workers", "1", "--worker-threads", str(max(64, 2 * max_seqs)), "--threads", str(threads),
-           "--max-num-seqs", str(max_seqs), "--max-model-len", "2048", "--kv-cache-tokens", str(max_seqs * 160 + 512),
-           "--log-level", "warning", "--served-model-name", "bench"]
+           "--max-num-seqs", str(max_seqs), "--max-model-len", "2048", "--kv-cache-tokens", str(kv_tokens),
+           "--log-level", "warning", "--served-model-name", "bench"] + (["--null-model"] if null_model else [])
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def start_llama_cpp(model, port, threads, max_seqs):
+def start_llama_cpp(model, port, threads, max_seqs, seq_tokens, null_model=False):
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048",
            "--model_alias", "bench", "--interrupt_requests", "False"]   # default True cuts running streams
@@ -118,7 +131,7 @@ def stream_completion(port, prompt, max_tokens):
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], n_chunks
 
 
-def run_level(port, prompts, concurrency, max_tokens):
+def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKENS):
     results, lock = [], threading.Lock()
     todo = iter(prompts)
 
@@ -140,9 +153,16 @@ def run_level(port, prompts, concurrency, max_tokens):
     ttfts = [r[0] for r in results if r[0] is not None]
     itls = [g for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)
+    processed = tokens + prompt_tokens * len(results)
     return {"concurrency": concurrency, "requests": len(results), "wall_s": wall, "output_tokens": tokens,
-            "tokens_per_s": tokens / wall, "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
+            "tokens_per_s": tokens / wall, "processed_per_s": processed / wall,
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
             "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+
+
+def prefix_probe(port, prefix, suffixes):
+    """TTFT (s) of requests sharing `prefix`, sent one after the other: the first fills the cache."""
+    return [stream_completion(port, prefix + s, 2)[0] for s in suffixes]
 
 
 def pct(values, p):
@@ -173,44 +193,121 @@ def make_prompts(model, n, n_tokens=PROMPT_TOKENS):
     return prompts
 
 
+def make_prefix(model, n_tokens):
+    """A 'system prompt' of about n_tokens tokens, unlike any benchmark prompt."""
+    text = make_prompts(model, 1, n_tokens)[0].replace("Request 0:", "System:", 1)
+    return text
+
+
+# -- report --------------------------------------------------------------------
+
+def print_row(row):
+    print(f"{row['server']:10s} c={row['concurrency']:3d} n={row['requests']:4d} "
+          f"{row['tokens_per_s']:8.1f} tok/s {row['processed_per_s']:8.1f} processed tok/s  "
+          f"TTFT p50 {row['ttft_p50'] * 1e3:8.1f} ms p99 {row['ttft_p99'] * 1e3:8.1f} ms  "
+          f"ITL p50 {row['itl_p50'] * 1e3:7.1f} ms p99 {row['itl_p99'] * 1e3:7.1f} ms  "
+          f"({row['output_tokens']} tokens in {row['wall_s']:.1f} s)", flush=True)
+
+
+def plot(rows, probes, path, title):
+    """Throughput and latency against concurrency, one line per server."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_tp, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == name]
+        c = [r["concurrency"] for r in mine]
+        line, = ax_tp.plot(c, [r["tokens_per_s"] for r in mine], "o-", label=f"{name} generated")
+        ax_tp.plot(c, [r["processed_per_s"] for r in mine], "s--", color=line.get_color(),
+                   label=f"{name} prompt + generated")
+        ax_lat.plot(c, [r["ttft_p50"] * 1e3 for r in mine], "o-", color=line.get_color(), label=f"{name} TTFT p50")
+        ax_lat.plot(c, [r["itl_p50"] * 1e3 for r in mine], "s--", color=line.get_color(), label=f"{name} ITL p50")
+        if name in probes:
+            cold, warm = probes[name]
+            ax_lat.axhline(warm * 1e3, color=line.get_color(), linestyle=":", linewidth=1,
+                           label=f"{name} TTFT, cached prefix ({cold * 1e3:.0f} ms cold)")
+    levels = sorted({r["concurrency"] for r in rows})
+    for ax, ylabel in ((ax_tp, "tokens/s"), (ax_lat, "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_lat.set_yscale("log")
+    ax_tp.set_title("throughput")
+    ax_lat.set_title("latency")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--servers", nargs="+", default=["pyforge", "llama_cpp"], choices=list(SERVERS))
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 16, 32])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=None,
+                    help="concurrent streams per level (default 1 4 8 16 32; with --null-model 1 16 64)")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency, >= 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=OUTPUT_TOKENS)
     ap.add_argument("--model", default=None, help="GGUF file (default: synthetic tinyllama-1.1b Q4_K_M)")
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    ap.add_argument("--prefix-tokens", type=int, default=512,
+                    help="shared prefix of the prefix-cache probe (0: no probe)")
+    ap.add_argument("--null-model", action="store_true",
+                    help="pyforge alone, no forward pass: the serving stack's ceiling")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--plot", default=None,
+                    help="PNG of throughput and latency vs concurrency (default benchmarks/serving.png; "
+                         "benchmarks/serving_null.png with --null-model; 'none': no plot)")
     args = ap.parse_args(argv)
+    if args.null_model:
+        args.servers = ["pyforge"]
+    if args.concurrency is None:
+        args.concurrency = [1, 16, 64] if args.null_model else [1, 4, 8, 16, 32]
+    if args.plot is None:
+        args.plot = str(REPO / "benchmarks" / ("serving_null.png" if args.null_model else "serving.png"))
     if args.model is None:
         from pyforge.synthetic import ensure_model
         args.model = str(ensure_model("tinyllama-1.1b", "Q4_K_M"))
     n_max = max(args.requests or max(8, 4 * c) for c in args.concurrency)
-    prompts = make_prompts(args.model, n_max * len(args.concurrency) + 1)
-    print(f"model {args.model}, {args.threads} threads, prompts {PROMPT_TOKENS} tokens, "
+    prompts = make_prompts(args.model, n_max * len(args.concurrency) + 1, args.prompt_tokens)
+    prefix = make_prefix(args.model, args.prefix_tokens) if args.prefix_tokens else None
+    seq_tokens = max(args.prompt_tokens, args.prefix_tokens + 16) + args.max_tokens
+    mode = " (NULL MODEL: no forward pass)" if args.null_model else ""
+    print(f"model {args.model}{mode}, {args.threads} threads, prompts {args.prompt_tokens} tokens, "
           f"{args.max_tokens} generated", flush=True)
-    rows = []
+    rows, probes = [], {}
     for name in args.servers:
         port = free_port()
-        proc = SERVERS[name](args.model, port, args.threads, max(args.concurrency))
+        proc = SERVERS[name](args.model, port, args.threads, max(args.concurrency), seq_tokens, args.null_model)
         try:
             wait_up(port, proc)
             stream_completion(port, prompts[-1], 4)          # warm-up
+            if prefix:
+                cold, warm = prefix_probe(port, prefix, [" Question: what is a river?", " Question: why?"])
+                probes[name] = (cold, warm)
+                print(f"{name:10s} prefix probe ({args.prefix_tokens}-token shared prefix): TTFT first "
+                      f"{cold * 1e3:.1f} ms, second {warm * 1e3:.1f} ms ({cold / warm:.1f}x)", flush=True)
             used = 0
             for c in args.concurrency:
                 n = args.requests or max(8, 4 * c)
-                row = {"server": name, **run_level(port, prompts[used:used + n], c, args.max_tokens)}
+                row = {"server": name, "null_model": args.null_model,
+                       **run_level(port, prompts[used:used + n], c, args.max_tokens, args.prompt_tokens)}
                 used += n
                 rows.append(row)
-                print(f"{name:10s} c={c:3d} n={row['requests']:4d} {row['tokens_per_s']:8.1f} tok/s  "
-                      f"TTFT p50 {row['ttft_p50'] * 1e3:8.1f} ms p99 {row['ttft_p99'] * 1e3:8.1f} ms  "
-                      f"ITL p50 {row['itl_p50'] * 1e3:7.1f} ms p99 {row['itl_p99'] * 1e3:7.1f} ms  "
-                      f"({row['output_tokens']} tokens in {row['wall_s']:.1f} s)", flush=True)
+                print_row(row)
         finally:
             stop(proc)
+    if args.plot and args.plot != "none":
+        title = (f"{Path(args.model).name}{mode}, {args.threads} threads, "
+                 f"{args.prompt_tokens}-token prompts, {args.max_tokens} generated")
+        plot(rows, probes, args.plot, title)
+        print(f"plot: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"levels": rows, "prefix_probe_ttft_s": probes}, indent=2))
     return rows
 
 

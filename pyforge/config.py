@@ -58,6 +58,7 @@ class ServerConfig:
     drain_timeout: float = 30.0         # seconds in-flight requests get on SIGTERM
     keepalive_interval: float = 15.0    # SSE comment after this many seconds without a token
     stall_timeout: float = 600.0        # give a request up after this long without any engine event
+    null_model: bool = False            # skip the forward pass (serving-stack ceiling benchmarks)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -107,6 +108,10 @@ def add_arguments(parser):
     """Add the server flags to an argparse parser; every default is None (= not given)."""
     for f in dataclasses.fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":      # `--null-model` alone means true; `--null-model false` too
+            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
+                                help=_HELP.get(f.name))
+            continue
         parser.add_argument(flag, dest=f.name, default=None, help=_HELP.get(f.name))
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"TOML file of settings (flags > {ENV_PREFIX}* env > file > defaults)")
@@ -163,6 +168,17 @@ def _str(optional=False, choices=None, pattern=None):
     return parse
 
 
+def _bool(name, value):
+    if isinstance(value, str) and value.strip().lower() in _BOOLS:
+        value = _BOOLS[value.strip().lower()]
+    if not isinstance(value, bool):
+        raise _FieldError(name, f"must be true or false, got {value!r}")
+    return value
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _chat_template(name, value):
     value = _str(optional=True)(name, value)
     if value is not None and not _is_file(Path(value)) and "{" not in value:
@@ -180,7 +196,7 @@ _PARSERS = {
     "api_key": _str(optional=True), "chat_template": _chat_template,
     "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
     "drain_timeout": _float(), "keepalive_interval": _float(low_open=True),
-    "stall_timeout": _float(low_open=True),
+    "stall_timeout": _float(low_open=True), "null_model": _bool,
 }
 _FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
@@ -253,4 +269,6 @@ _HELP = {
     "drain_timeout": "seconds in-flight requests get to finish on SIGTERM",
     "keepalive_interval": "seconds of silence before an SSE keep-alive comment",
     "stall_timeout": "seconds without engine output before a request fails with 503",
+    "null_model": "skip the model's forward pass: every step emits one fixed token (measures the serving "
+                  "stack's own ceiling; the output is meaningless)",
 }

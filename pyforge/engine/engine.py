@@ -16,6 +16,7 @@ from pyforge.engine.scheduler import Scheduler
 from pyforge.engine.sequence import Sequence, SequenceStatus
 from pyforge.loader import load_model_file
 from pyforge.models.llama import LlamaModel
+from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import Tokenizer
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30
@@ -42,7 +43,7 @@ def load_tokenizer(model_file):
 
 class Engine:
     def __init__(self, model_path, *, device="cpu", n_threads=None, max_model_len=None,
-                 kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512):
+                 kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, null_model=False):
         self.model_file = load_model_file(model_path)
         cfg = self.model_file.config
         if cfg.arch not in SUPPORTED_ARCHS:
@@ -50,7 +51,10 @@ class Engine:
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
         self.backend = get_backend(device, n_threads=n_threads)
-        self.model = LlamaModel(self.model_file, self.backend)
+        if null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
+            self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
+        else:
+            self.model = LlamaModel(self.model_file, self.backend)
         self.max_model_len = min(max_model_len or cfg.context_length, cfg.context_length)
         if kv_cache_tokens is None:
             per_token = KVCache.bytes_per_token(cfg)

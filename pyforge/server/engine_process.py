@@ -56,6 +56,7 @@ class EngineLoop:
         self.by_seq = {}            # seq id -> request id
         self.draining = False
         self._prefix = (0, 0)       # block manager counters already added to the stats
+        self._preemptions = 0       # scheduler counter already added to the stats
         self._next_check = 0.0
 
     # -- the loop ---------------------------------------------------------------
@@ -196,6 +197,10 @@ class EngineLoop:
             self.seg.add("prefix_cache_queries", queries - self._prefix[0])
             self.seg.add("prefix_cache_hits", hits - self._prefix[1])
             self._prefix = (queries, hits)
+        preemptions = engine.scheduler.num_preemptions
+        if preemptions != self._preemptions:
+            self.seg.add("num_preemptions", preemptions - self._preemptions)
+            self._preemptions = preemptions
 
 
 def _always():

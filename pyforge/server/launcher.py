@@ -47,7 +47,7 @@ def engine_kwargs(config):
     return {"model_path": config.model, "device": config.device, "n_threads": config.threads,
             "max_model_len": config.max_model_len, "kv_cache_tokens": config.kv_cache_tokens,
             "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
-            "max_num_batched_tokens": config.max_num_batched_tokens}
+            "max_num_batched_tokens": config.max_num_batched_tokens, "null_model": config.null_model}
 
 
 class EngineRunner:
@@ -79,6 +79,8 @@ class EngineRunner:
             self.stop()
             raise
         log.info("engine ready (pid %d, segment %s)", self.proc.pid, self.segment.name)
+        if self.config.null_model:
+            log.warning("--null-model: the engine skips the forward pass; every reply is one repeated token")
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout

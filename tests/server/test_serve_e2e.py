@@ -95,10 +95,21 @@ class Server:
         code = self.proc.wait(timeout)
         return code
 
-    def assert_clean(self):
-        alive = [p for p in self.pids if os.path.exists(f"/proc/{p}") and _not_zombie(p)]
-        assert alive == [], f"processes left behind: {alive}"
+    def assert_clean(self, grace=5.0):
+        # multiprocessing's resource tracker sees its pipe close only after the launcher exits: a moment later
+        deadline = time.monotonic() + grace
+        while (alive := [p for p in self.pids if os.path.exists(f"/proc/{p}") and _not_zombie(p)]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == [], f"processes left behind: {[(p, _cmdline(p)) for p in alive]}"
         assert self.segments() == []
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
 
 
 def _not_zombie(pid):
@@ -142,7 +153,8 @@ def test_completions_and_chat_with_the_openai_client(server):
 
 def test_concurrent_streams_equal_single_requests(server):
     c = server.client
-    prompts = [f"Request number {i} says" for i in range(24)]
+    n = 32
+    prompts = [f"Request number {i} says" for i in range(n)]
     single = [c.completions.create(model="tiny-gqa", prompt=p, max_tokens=12, **GREEDY).choices[0].text
               for p in prompts[:4]]
 
@@ -151,9 +163,9 @@ def test_concurrent_streams_equal_single_requests(server):
                                            stream_options={"include_usage": True}, **GREEDY))
         return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage.completion_tokens
 
-    with ThreadPoolExecutor(24) as pool:
+    with ThreadPoolExecutor(n) as pool:
         results = list(pool.map(stream, prompts))
-    assert all(n == 12 for _, n in results)
+    assert all(k == 12 for _, k in results)
     assert [text for text, _ in results[:4]] == single
     with ThreadPoolExecutor(4) as pool:
         again = list(pool.map(stream, prompts[4:8]))
@@ -229,3 +241,114 @@ def test_bad_model_file_is_a_clear_error(tmp_path):
                        timeout=30)
     assert r.returncode == 1
     assert "while loading" in r.stderr and "bad.gguf" in r.stderr
+
+
+# -- prefix reuse, disconnects, bad requests next to good ones -------------------
+
+def wait_for_metrics(server, done, timeout=10.0):
+    """Poll /metrics until done(text) or the timeout; the last text either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = get(server.url + "/metrics")[1]
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+def test_a_shared_prefix_is_served_from_the_cache(server, model_path):
+    from pyforge.engine.engine import load_tokenizer
+    from pyforge.loader import load_model_file
+    tok = load_tokenizer(load_model_file(model_path))
+    system = "You are the cache test assistant. " + " ".join(f"Rule {i}: answer briefly and kindly."
+                                                           for i in range(30))
+    prompts = [system + " Question: what is a river?", system + " Question: why is the sky blue?"]
+    ids = [tok.encode(p) for p in prompts]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert shared >= 200
+    full_blocks = shared // 16 * 16
+    hits = lambda text: metric(text, "pyforge:prefix_cache_hits_total")
+    before = hits(get(server.url + "/metrics")[1])
+
+    first, second = (server.client.completions.create(model="tiny-gqa", prompt=p, max_tokens=4, **GREEDY)
+                     for p in prompts)
+    assert first.usage.prompt_tokens == len(ids[0]) and second.usage.prompt_tokens == len(ids[1])
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert full_blocks <= cached < len(ids[1])
+    text = wait_for_metrics(server, lambda t: hits(t) - before >= cached)
+    assert hits(text) - before == cached
+
+
+def read_sse_events(sock, n):
+    """Read from a raw socket until n `data:` events have arrived; the bytes read."""
+    data = b""
+    while data.count(b"\ndata:") + data.startswith(b"data:") < n:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the stream early"
+        data += chunk
+    return data
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
+    idle_text = wait_for_metrics(server, lambda t: metric(t, "pyforge:num_requests_running") == 0)
+    idle = metric(idle_text, "pyforge:kv_cache_usage_perc")
+    body = json.dumps({"model": "tiny-gqa", "prompt": "Walk away from me", "max_tokens": 1800, "stream": True,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        sock.sendall(head + body)
+        data = read_sse_events(sock, 3)
+        assert data.startswith(b"HTTP/1.1 200")
+        busy = get(server.url + "/metrics")[1]
+        assert metric(busy, "pyforge:num_requests_running") == 1
+        assert metric(busy, "pyforge:kv_cache_usage_perc") > idle
+    finally:
+        sock.close()
+    text = wait_for_metrics(server, lambda t: metric(t, "pyforge:num_requests_running") == 0
+                            and metric(t, "pyforge:kv_cache_usage_perc") == idle)
+    assert metric(text, "pyforge:num_requests_running") == 0
+    assert metric(text, "pyforge:kv_cache_usage_perc") == idle
+    assert metric(text, "pyforge:generation_tokens_total") - metric(busy, "pyforge:generation_tokens_total") < 1500
+
+
+def post(url, body, timeout=10):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_are_answered_while_a_good_stream_completes(server):
+    stream = server.client.completions.create(model="tiny-gqa", prompt="Keep going", max_tokens=300, stream=True,
+                                              stream_options={"include_usage": True}, **GREEDY)
+    chunks = iter(stream)
+    first = next(chunks)
+    url = server.url + "/v1/completions"
+    too_long = json.dumps({"model": "tiny-gqa", "prompt": [5] * 2100, "max_tokens": 4}).encode()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda b: post(url, b), [b'{"model": "tiny-gqa", "prompt": ', too_long] * 2))
+    for (status, body), kind in zip(answers, ["invalid_request_error", "invalid_request_error"] * 2):
+        assert status == 400 and body["error"]["type"] == kind
+    assert answers[1][1]["error"]["code"] == "context_length_exceeded"
+    rest = [first, *chunks]
+    assert rest[-1].usage.completion_tokens == 300
+    assert rest[-2].choices[0].finish_reason == "length"
+
+
+def test_null_model_server_answers_with_the_requested_tokens(model_path):
+    s = Server(model_path, "--null-model", workers=1)
+    try:
+        r = s.client.completions.create(model="tiny-gqa", prompt="Anything", max_tokens=40, temperature=1.0)
+        assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+        chunks = list(s.client.chat.completions.create(
+            model="tiny-gqa", messages=[{"role": "user", "content": "Hi"}], max_tokens=25, stream=True,
+            stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 25
+        assert chunks[-2].choices[0].finish_reason == "length"
+    finally:
+        assert s.stop() == 0
+    s.assert_clean()

@@ -13,7 +13,7 @@ from pyforge.engine.model_runner import KVCache, ModelRunner
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
-from pyforge.engine.sequence import Sequence, SequenceStatus
+from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
 from pyforge.models.llama import LlamaModel
 from pyforge.models.null import NullModel, pick_token
@@ -80,18 +80,9 @@ class Engine:
         return seq
 
     def check_prompt(self, prompt_ids):
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}, "
-                "which must leave room for at least one generated token"
-            )
+        check_prompt_ids(prompt_ids, self.max_model_len, self.config.vocab_size)
         if len(prompt_ids) + 1 > self.block_manager.n_blocks * self.block_manager.block_size:
             raise ValueError("the prompt does not fit in the KV cache")
-        bad = next((t for t in prompt_ids if not 0 <= t < self.config.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     def abort(self, seq_id):
         seq = self.sequences.pop(seq_id, None)

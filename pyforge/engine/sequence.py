@@ -25,6 +25,21 @@ FINISH_REASONS = {
 }
 
 
+def check_prompt_ids(prompt_ids, max_model_len, vocab_size=None):
+    """The checks every entry point applies to a tokenized prompt (ValueError -> HTTP 400)."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; this model's context holds {max_model_len}, "
+            "which must leave room for at least one generated token"
+        )
+    if vocab_size is not None:
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 class Sequence:
     def __init__(self, seq_id, prompt_ids, params, rng_state, max_model_len):
         if not prompt_ids:

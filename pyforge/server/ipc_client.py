@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import threading
 
+from pyforge.engine.sequence import check_prompt_ids
 from pyforge.ipc import Abort, EngineStatus, Error, Finish, Submit, Tokens, decode, encode
 from pyforge.server.engine_client import (
     DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
@@ -68,16 +69,7 @@ class IpcEngineClient:
         return stream
 
     def check_prompt(self, prompt_ids):
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}, "
-                "which must leave room for at least one generated token")
-        if self.vocab_size is not None:
-            bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        check_prompt_ids(prompt_ids, self.max_model_len, self.vocab_size)
 
     def ready(self):
         return (not self._engine_lost and self.seg.engine_status == EngineStatus.READY

@@ -70,6 +70,7 @@ def run_generate(args):
             sys.stdout.write(detok.feed(out.token_id))
             sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")
+    sys.stdout.flush()   # the stats go to stderr: keep them after the text
     end = time.perf_counter()
     prefill = first - start if first else 0.0
     decode = (end - first) / max(n - 1, 1) if first else 0.0

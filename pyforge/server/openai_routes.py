@@ -14,7 +14,12 @@ from pyforge.server import validation as v
 from pyforge.server.errors import APIError, bad_request
 
 
-class Completions:
+class _OpenAIGeneration:
+    """POST handler shared by the two generation routes; subclasses name the
+    request parser, the id prefix, the object type and the reply formatters."""
+
+    parse = id_prefix = object_type = reply = chunks = None
+
     def __init__(self, ctx):
         self.ctx = ctx
 
@@ -22,26 +27,21 @@ class Completions:
         timer = g.RequestTimer(self.ctx.observer)
         with g.observed(timer):
             body = v.read_json(req, self.ctx.config.max_body_bytes)
-            request, stream, include_usage = _completion_request(body, self.ctx)
-            fmt = _Format(self.ctx, "cmpl", "text_completion", include_usage)
+            request, stream, include_usage = self.parse(body, self.ctx)
+            fmt = _Format(self.ctx, self.id_prefix, self.object_type, include_usage)
             g.run(self.ctx, resp, timer, request, stream=stream,
-                  to_json=lambda results, usage: fmt.completion(request, results, usage),
-                  to_chunks=lambda gen: fmt.completion_chunks(gen))
+                  to_json=lambda results, usage: getattr(fmt, self.reply)(request, results, usage),
+                  to_chunks=getattr(fmt, self.chunks))
 
 
-class ChatCompletions:
-    def __init__(self, ctx):
-        self.ctx = ctx
+class Completions(_OpenAIGeneration):
+    parse = staticmethod(lambda body, ctx: _completion_request(body, ctx))   # defined below
+    id_prefix, object_type, reply, chunks = "cmpl", "text_completion", "completion", "completion_chunks"
 
-    def on_post(self, req, resp):
-        timer = g.RequestTimer(self.ctx.observer)
-        with g.observed(timer):
-            body = v.read_json(req, self.ctx.config.max_body_bytes)
-            request, stream, include_usage = _chat_request(body, self.ctx)
-            fmt = _Format(self.ctx, "chatcmpl", "chat.completion", include_usage)
-            g.run(self.ctx, resp, timer, request, stream=stream,
-                  to_json=lambda results, usage: fmt.chat(request, results, usage),
-                  to_chunks=lambda gen: fmt.chat_chunks(gen))
+
+class ChatCompletions(_OpenAIGeneration):
+    parse = staticmethod(lambda body, ctx: _chat_request(body, ctx))
+    id_prefix, object_type, reply, chunks = "chatcmpl", "chat.completion", "chat", "chat_chunks"
 
 
 class Models:

@@ -24,6 +24,7 @@ The creator owns the segment's lifetime: it unlinks it on shutdown, and
 cleanup_stale() unlinks segments whose creator died without doing so.
 """
 import bisect
+import functools
 import os
 import re
 import secrets
@@ -106,6 +107,7 @@ def _align(n, to):
     return -(-n // to) * to
 
 
+@functools.cache
 def _field_offsets(stats):
     """name -> (byte offset within its block, Stat); and the block's size."""
     offsets, at = {}, 0
@@ -128,19 +130,22 @@ class Layout:
         ring_size(self.request_ring_bytes)     # raises unless a power of two in range
         ring_size(self.response_ring_bytes)
 
-    @property
+    @functools.cached_property
     def request_ring(self):
         return _align(PAGE + SLOT_BYTES * self.n_workers, PAGE)
 
-    @property
+    @functools.cached_property
     def response_stride(self):
         return _align(ring_size(self.response_ring_bytes), PAGE)
 
-    def response_ring(self, slot):
-        first = _align(self.request_ring + ring_size(self.request_ring_bytes), PAGE)
-        return first + slot * self.response_stride
+    @functools.cached_property
+    def _first_response_ring(self):
+        return _align(self.request_ring + ring_size(self.request_ring_bytes), PAGE)
 
-    @property
+    def response_ring(self, slot):
+        return self._first_response_ring + slot * self.response_stride
+
+    @functools.cached_property
     def engine_stats(self):
         return self.response_ring(self.n_workers)
 
@@ -218,6 +223,9 @@ class Segment:
         self._slot = None
         self._engine_fields = _field_offsets(ENGINE_STATS)[0]
         self._worker_fields = _field_offsets(WORKER_STATS)[0]
+        # name -> (absolute offset, Stat) for what this process may write: the
+        # engine fields, plus its own slot's worker fields once it holds one
+        self._writable = {name: (layout.engine_stats + off, stat) for name, (off, stat) in self._engine_fields.items()}
 
     @classmethod
     def create(cls, name=None, n_workers=1, request_ring_bytes=8 << 20, response_ring_bytes=4 << 20):
@@ -344,6 +352,8 @@ class Segment:
     def _claimed(self, slot):
         # the slot's stats stay: counters keep growing across owners, as Prometheus expects
         self._slot = slot
+        base = self.layout.worker_stats(slot)
+        self._writable.update((name, (base + off, stat)) for name, (off, stat) in self._worker_fields.items())
         self._words.add_i64(self._slot_at(slot) + _SLOT_CLAIMS, 1)
         ring = self.response_ring(slot)
         while ring.get_all():       # a dead predecessor's replies: nobody waits for them
@@ -354,6 +364,8 @@ class Segment:
         if self._slot is not None:
             self._words.cas_u32(self._slot_at(self._slot), os.getpid(), 0)
             self._slot = None
+            for name in self._worker_fields:
+                del self._writable[name]
 
     def request_ids(self):
         """Ids for this slot's requests: slot in the top 16 bits, then the
@@ -384,13 +396,22 @@ class Segment:
         offset, stat = self._field(name, "gauge")
         (self._words.store_f64 if stat.dtype == "f64" else self._words.store_i64)(offset, value)
 
-    def observe(self, name, value):
-        """Record one value in a worker histogram."""
+    def observe(self, name, value, count=1):
+        """Record `value` in a worker histogram, `count` times over."""
         offset, stat = self._field(name, "histogram")
         n = len(stat.buckets)
-        self._words.add_i64(offset + 8 * bisect.bisect_left(stat.buckets, value), 1)
-        self._words.add_f64(offset + 8 * (n + 1), value)
-        self._words.add_i64(offset + 8 * (n + 2), 1)
+        self._words.add_i64(offset + 8 * bisect.bisect_left(stat.buckets, value), count)
+        self._words.add_f64(offset + 8 * (n + 1), value * count)
+        self._words.add_i64(offset + 8 * (n + 2), count)
+
+    def get(self, name):
+        """One engine counter or gauge (stats() reads every field)."""
+        if name not in self._engine_fields:
+            raise KeyError(f"no engine counter or gauge named {name!r}")
+        offset, stat = self._engine_fields[name]
+        if stat.kind == "histogram":
+            raise ValueError(f"{name} is a histogram")
+        return self._read(self.layout.engine_stats + offset, stat)
 
     def stats(self, slot=None):
         """Every field by name: engine fields, plus worker fields summed over
@@ -402,16 +423,12 @@ class Segment:
         return out
 
     def _field(self, name, kind):
-        if name in self._engine_fields:
-            offset, stat = self._engine_fields[name]
-            offset += self.layout.engine_stats
-        elif name in self._worker_fields:
-            if self._slot is None:
+        entry = self._writable.get(name)
+        if entry is None:
+            if name in self._worker_fields:
                 raise RuntimeError(f"{name} is a worker stat: claim a slot first")
-            offset, stat = self._worker_fields[name]
-            offset += self.layout.worker_stats(self._slot)
-        else:
             raise KeyError(f"no stat named {name!r}")
+        offset, stat = entry
         if stat.kind != kind:
             raise ValueError(f"{name} is a {stat.kind}, not a {kind}")
         return offset, stat

@@ -55,7 +55,7 @@ class IpcEngineClient:
         self.check_prompt(prompt_ids)
         if not self.ready():
             raise QueueFullError("the engine is not ready")
-        if self.queue_capacity is not None and self.seg.stats()["num_requests_waiting"] >= self.queue_capacity:
+        if self.queue_capacity is not None and self.seg.get("num_requests_waiting") >= self.queue_capacity:
             raise QueueFullError()
         with self._lock:
             request_id = next(self._ids)

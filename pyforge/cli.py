@@ -15,6 +15,9 @@ def add_generate_parser(sub):
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--device", default="auto", help="auto (cuda when CuPy sees a GPU, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="cuda: fraction of the GPU's memory for weights and the KV cache")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=run_generate)
@@ -49,7 +52,8 @@ def run_generate(args):
     from pyforge.engine.sampling_params import SamplingParams
     from pyforge.tokenizer import IncrementalDetokenizer
 
-    engine = Engine(args.model, n_threads=args.threads)
+    engine = Engine(args.model, device=args.device, n_threads=args.threads,
+                    gpu_memory_utilization=args.gpu_memory_utilization)
     tok = engine.tokenizer
     text = args.prompt
     if args.chat:

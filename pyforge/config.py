@@ -29,7 +29,7 @@ else:                                   # pragma: no cover - Python 3.10
 ENV_PREFIX = "LLM_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "pretty")
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class ServerConfig:
     workers: int = 2                    # gunicorn worker processes
     worker_threads: int = 32            # gthread threads per worker = concurrent requests per worker
     threads: int | None = None          # engine CPU threads; None: physical cores
-    device: str = "cpu"
+    device: str = "auto"                # auto: cuda when CuPy sees a GPU, else cpu
+    gpu_memory_utilization: float = 0.9  # cuda: share of device memory for weights + KV cache (vLLM's flag)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None    # None: the model's context length
@@ -140,7 +141,7 @@ def _int(low=None, optional=False):
     return parse
 
 
-def _float(low=0.0, low_open=False):
+def _float(low=0.0, low_open=False, high=None):
     def parse(name, value):
         try:
             value = float(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
@@ -150,6 +151,8 @@ def _float(low=0.0, low_open=False):
             raise _FieldError(name, f"must be a number, got {value!r}")
         if value < low or (low_open and value == low):
             raise _FieldError(name, f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+        if high is not None and value > high:
+            raise _FieldError(name, f"must be <= {high:g}, got {value:g}")
         return value
     return parse
 
@@ -189,7 +192,8 @@ def _chat_template(name, value):
 _PARSERS = {
     "model": _str(), "host": _str(), "port": _int(0), "served_model_name": _str(optional=True),
     "workers": _int(1), "worker_threads": _int(1), "threads": _int(1, optional=True),
-    "device": _str(pattern=_DEVICE), "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
+    "device": _str(pattern=_DEVICE), "gpu_memory_utilization": _float(low_open=True, high=1.0),
+    "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
     "max_model_len": _int(2, optional=True), "kv_cache_tokens": _int(1, optional=True),
     "block_size": _int(1), "queue_capacity": _int(1), "default_max_tokens": _int(1),
     "max_tokens_limit": _int(1, optional=True), "max_body_bytes": _int(1024),
@@ -252,11 +256,14 @@ _HELP = {
     "workers": "HTTP worker processes",
     "worker_threads": "threads per HTTP worker (each holds one request or stream)",
     "threads": "engine CPU threads (default: physical cores)",
-    "device": "cpu, cuda or cuda:N",
+    "device": "auto (cuda when CuPy sees a GPU, else cpu), cpu, cuda or cuda:N",
+    "gpu_memory_utilization": "cuda: fraction of the GPU's memory for weights, activations and the KV cache; "
+                              "sizes the KV cache when --kv-cache-tokens is not given (0 < x <= 1)",
     "max_num_seqs": "most sequences decoded in one step",
     "max_num_batched_tokens": "most tokens (prefill + decode) in one step",
     "max_model_len": "context length (default: the model's)",
-    "kv_cache_tokens": "KV cache size in tokens (default: about 2 GiB)",
+    "kv_cache_tokens": "KV cache size in tokens (default: about 2 GiB on cpu; on cuda, what "
+                       "--gpu-memory-utilization leaves)",
     "block_size": "KV cache block size in tokens",
     "queue_capacity": "waiting requests before new ones get 503",
     "default_max_tokens": "max_tokens when a request sets none",

@@ -32,6 +32,7 @@ def default_threads():
 
 class CpuBackend:
     name = "cpu"
+    kv_dtype_bytes = 4
 
     def __init__(self, n_threads=None):
         self.n_threads = int(n_threads or default_threads())
@@ -41,6 +42,10 @@ class CpuBackend:
     # -- weights ---------------------------------------------------------
     def prepare_weight(self, tensor):
         """A matmul weight: the mapped bytes as stored (no copy)."""
+        return tensor
+
+    def prepare_embedding(self, tensor):
+        """The embedding table: rows are dequantized as they are looked up."""
         return tensor
 
     def prepare_vector(self, tensor):
@@ -58,6 +63,21 @@ class CpuBackend:
     @staticmethod
     def empty(shape):
         return np.empty(shape, dtype=np.float32)
+
+    @staticmethod
+    def kv_cache_budget_bytes(default_bytes):
+        """Bytes for the KV cache when the user sets no size: the engine's default."""
+        return default_bytes
+
+    @staticmethod
+    def prepare_batch(batch):
+        """The batch's metadata where the kernels read it: host numpy already."""
+        return batch
+
+    @staticmethod
+    def to_host(x):
+        """Logits for the sampler: already float32 numpy."""
+        return x
 
     def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
         # [n_blocks, block_size, n_kv_heads, head_dim] float32, K and V

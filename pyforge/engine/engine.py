@@ -43,22 +43,25 @@ def load_tokenizer(model_file):
 
 class Engine:
     def __init__(self, model_path, *, device="cpu", n_threads=None, max_model_len=None,
-                 kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, null_model=False):
+                 kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, null_model=False,
+                 gpu_memory_utilization=0.9):
         self.model_file = load_model_file(model_path)
         cfg = self.model_file.config
         if cfg.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"{model_path}: architecture {cfg.arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
-        self.backend = get_backend(device, n_threads=n_threads)
+        self.backend = get_backend(device, n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization,
+                                   head_dim=cfg.head_dim)
         if null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:
             self.model = LlamaModel(self.model_file, self.backend)
         self.max_model_len = min(max_model_len or cfg.context_length, cfg.context_length)
         if kv_cache_tokens is None:
-            per_token = KVCache.bytes_per_token(cfg)
-            kv_cache_tokens = max(self.max_model_len, DEFAULT_KV_CACHE_BYTES // per_token)
+            per_token = KVCache.bytes_per_token(cfg, self.backend.kv_dtype_bytes)
+            budget = self.backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES)   # cuda: free memory after the weights
+            kv_cache_tokens = max(self.max_model_len, budget // per_token)
         n_blocks = -(-kv_cache_tokens // block_size)
         self.kv_cache = KVCache(self.backend, cfg, n_blocks, block_size)
         self.block_manager = BlockManager(n_blocks, block_size)

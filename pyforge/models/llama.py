@@ -31,9 +31,10 @@ class LlamaModel:
         self.config = cfg = model_file.config
         self.backend = backend
         t = model_file.tensors   # shapes already checked against the config by the loader
-        self.token_embd = t["token_embd.weight"]
+        embd = t["token_embd.weight"]
+        self.token_embd = backend.prepare_embedding(embd)
         self.output_norm = backend.prepare_vector(t["output_norm.weight"])
-        head = t.get("output.weight") or self.token_embd
+        head = t.get("output.weight") or embd
         self.output = backend.prepare_weight(head)
         self.layers = [self.load_layer(t, i) for i in range(cfg.n_layers)]
         self.freq_factors = freq_factors_for(cfg, t)
@@ -61,8 +62,9 @@ class LlamaModel:
         )
 
     def forward(self, batch, kv_cache):
-        """Logits [len(batch.logits_rows), vocab] for the requested rows."""
+        """Logits [len(batch.logits_rows), vocab] for the requested rows (float32 numpy, on the host)."""
         cfg, b = self.config, self.backend
+        batch = b.prepare_batch(batch)              # the metadata where the kernels read it, once a step
         n = batch.n_tokens
         x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
         h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
@@ -73,7 +75,7 @@ class LlamaModel:
             b.add_inplace(x, self.mlp(layer, h))
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
         normed = b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))
-        return b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size)))
+        return b.to_host(b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size))))
 
     def attention(self, layer, h, batch, k_cache, v_cache):
         cfg, b = self.config, self.backend

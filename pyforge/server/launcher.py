@@ -47,7 +47,8 @@ def engine_kwargs(config):
     return {"model_path": config.model, "device": config.device, "n_threads": config.threads,
             "max_model_len": config.max_model_len, "kv_cache_tokens": config.kv_cache_tokens,
             "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
-            "max_num_batched_tokens": config.max_num_batched_tokens, "null_model": config.null_model}
+            "max_num_batched_tokens": config.max_num_batched_tokens, "null_model": config.null_model,
+            "gpu_memory_utilization": config.gpu_memory_utilization}
 
 
 class EngineRunner:

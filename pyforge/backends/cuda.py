@@ -1,0 +1,279 @@
+"""CUDA backend: the model primitives over CuPy, kernels from cuda/*.cu.
+
+Activations are float16 on the device. The fused quantized matvec, paged
+attention and the KV store in cuda/ all take half, the KV cache is half, and
+cuBLAS multiplies half matrices on tensor cores with float32 accumulation, so
+fp32 activations would need a conversion around each of them and double the
+activation traffic of a memory-bound decode. Every kernel computes in float;
+what fp16 costs is one rounding per stored activation (2^-11 relative) and
+the range |x| < 65504 for the residual stream, as when transformers runs a
+model in float16. Logits come back to the host as float32 numpy.
+
+Weights are uploaded once, at load. Q8_0 / Q4_K / Q6_K stay quantized: up to
+`matvec_max_rows` rows (decode) run the fused matvec over them; larger batches
+dequantize them to fp16 into a scratch buffer, a chunk of rows at a time, and
+multiply with cuBLAS (cupy.dot). F16 goes to cuBLAS as stored; F32 and BF16
+are converted to F16 on the device; types without a CUDA kernel (Q4_0, Q5_K)
+are dequantized on the host at load and run as F16.
+
+CuPy is imported only here, and only when a CudaBackend is made.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from pyforge.backends.cuda_kernels import CudaKernels, cdiv, elementwise_grid, head_dim_problem
+from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
+
+KEPT_QUANTIZED = {GGMLType.Q8_0: "q8_0", GGMLType.Q4_K: "q4_K", GGMLType.Q6_K: "q6_K"}
+MATVEC_MAX_ROWS = 4            # above this many rows, dequantize + cuBLAS beats one weight read per row
+DEQUANT_SCRATCH_BYTES = 256 << 20
+ACTIVATION_RESERVE_BYTES = 1 << 30   # kept free of the KV cache for activations, logits and cuBLAS workspace
+MIN_DECODE_PARTITION = 64      # positions per split-K block of decode attention (16 per warp)
+BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
+                "logits_rows")
+
+
+@dataclass
+class DeviceWeight:
+    ggml_type: GGMLType    # F16 (dense) or a KEPT_QUANTIZED type
+    shape: tuple           # (n_out, n_in)
+    data: object           # cupy: half [n_out, n_in], or uint8 [n_out, row bytes] of GGUF blocks
+
+
+@dataclass
+class DeviceBatch:
+    """A ForwardBatch with its arrays on the device (int32 views of one upload)."""
+    token_ids: object
+    positions: object
+    slot_mapping: object
+    block_tables: object
+    context_lens: object
+    query_start_loc: object
+    logits_rows: object
+    n_tokens: int
+    n_seqs: int
+    max_query_len: int      # 1: every sequence decodes one token (split-K decode attention)
+    max_context_len: int
+
+
+class CudaBackend:
+    name = "cuda"
+    kv_dtype_bytes = 2
+
+    def __init__(self, device_index=0, n_threads=None, gpu_memory_utilization=0.9,
+                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES):
+        import cupy
+
+        from pyforge.backends.cpu import default_threads
+
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+        if not 0 <= device_index < n_devices:
+            raise ValueError(f"device cuda:{device_index} does not exist ({n_devices} CUDA device(s))")
+        self.cupy = cupy
+        self.device = cupy.cuda.Device(device_index)
+        self.device.use()       # this thread's current device: the engine steps on one thread
+        self.n_sm = self.device.attributes["MultiProcessorCount"]
+        self.n_threads = int(n_threads or default_threads())   # the sampler's CPU threads
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.matvec_max_rows = matvec_max_rows
+        self.kernels = CudaKernels(cupy)
+        self._weights = {}           # tensor name -> DeviceWeight (a tied head shares the embedding's)
+        self._constants = {}         # id(host array) -> (host array, device copy)
+        self._scratch_cap = max(1, dequant_scratch_bytes // 2)   # fp16 elements
+        self._scratch_elems = 0      # what the largest quantized weight needs, up to the cap
+        self._scratch = None
+
+    # -- weights ---------------------------------------------------------
+    def prepare_weight(self, tensor):
+        """A matmul weight on the device, uploaded once per tensor name."""
+        w = self._weights.get(tensor.name)
+        if w is None:
+            w = self._weights[tensor.name] = self.upload(tensor)
+            if w.ggml_type in KEPT_QUANTIZED:
+                n_out, n_in = w.shape
+                self._scratch_elems = max(self._scratch_elems, min(n_out * n_in, max(n_in, self._scratch_cap)))
+        return w
+
+    prepare_embedding = prepare_weight   # rows are gathered (and dequantized) by embed
+
+    def prepare_vector(self, tensor):
+        """Norm weights and biases: float32 on the device (the kernels read float)."""
+        from pyforge.backends.cpu import CpuBackend
+
+        return self.cupy.asarray(CpuBackend.to_float32(tensor))
+
+    def upload(self, tensor):
+        """DeviceWeight of a loader TensorRef (benchmarks override this to make random weights)."""
+        cp, t = self.cupy, GGMLType(tensor.ggml_type)
+        if t in KEPT_QUANTIZED:
+            return DeviceWeight(t, tuple(tensor.shape), cp.asarray(np.ascontiguousarray(tensor.data)))
+        host = np.ascontiguousarray(tensor.data)
+        if t == GGMLType.F16:
+            data = cp.asarray(host)
+        elif t == GGMLType.F32:
+            data = cp.asarray(host).astype(cp.float16)
+        elif t == GGMLType.BF16:   # bf16 bits are the top half of a float32
+            data = (cp.asarray(host).astype(cp.uint32) << 16).view(cp.float32).astype(cp.float16)
+        else:                      # no CUDA kernel for this type: dequantize on the host, once
+            from pyforge.backends.cpu import CpuBackend
+
+            data = cp.asarray(CpuBackend.to_float32(tensor).astype(np.float16))
+        return DeviceWeight(GGMLType.F16, tuple(tensor.shape), data.reshape(tensor.shape))
+
+    def _constant(self, host):
+        """A device copy of a small host array the model passes every call (rope freq factors)."""
+        entry = self._constants.get(id(host))
+        if entry is None or entry[0] is not host:
+            entry = self._constants[id(host)] = (host, self.cupy.asarray(host))
+        return entry[1]
+
+    # -- buffers and memory ----------------------------------------------
+    def empty(self, shape):
+        return self.cupy.empty(shape, dtype=self.cupy.float16)
+
+    def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
+        # [n_blocks, block_size, n_kv_heads, head_dim] float16, K and V
+        problem = head_dim_problem(head_dim)
+        if problem:
+            raise ValueError(f"{problem} (use --device cpu)")
+        shape = (n_blocks, block_size, n_kv_heads, head_dim)
+        try:
+            return self.cupy.zeros(shape, self.cupy.float16), self.cupy.zeros(shape, self.cupy.float16)
+        except self.cupy.cuda.memory.OutOfMemoryError:
+            raise ValueError(f"out of GPU memory allocating a KV pool of {n_blocks} blocks x {block_size} tokens; "
+                             "lower --kv-cache-tokens or --max-model-len") from None
+
+    def kv_cache_budget_bytes(self, default_bytes):
+        """Bytes the KV cache may take: gpu_memory_utilization of the device's memory, less what
+        is in use now (weights, other processes), the dequant scratch and an activation reserve.
+        Called after the weights are uploaded; `default_bytes` (the CPU's size) is not used."""
+        free, total = self.cupy.cuda.runtime.memGetInfo()
+        in_use = total - free - self.cupy.get_default_memory_pool().free_bytes()
+        reserve = ACTIVATION_RESERVE_BYTES + 2 * self._scratch_elems
+        budget = int(self.gpu_memory_utilization * total) - in_use - reserve
+        if budget <= 0:
+            gib = 1 << 30
+            raise ValueError(f"no GPU memory left for the KV cache: {in_use / gib:.1f} GiB in use + "
+                             f"{reserve / gib:.1f} GiB reserved of {total / gib:.1f} GiB at "
+                             f"gpu_memory_utilization {self.gpu_memory_utilization}")
+        return budget
+
+    def prepare_batch(self, batch):
+        """The batch's int32 metadata on the device: one host-to-device copy per step."""
+        host = [np.ascontiguousarray(getattr(batch, f), dtype=np.int32) for f in BATCH_FIELDS]
+        flat = self.cupy.asarray(np.concatenate([h.ravel() for h in host]))
+        views, at = {}, 0
+        for field, h in zip(BATCH_FIELDS, host):
+            views[field] = flat[at:at + h.size].reshape(h.shape)
+            at += h.size
+        qsl, ctx = host[5], host[4]
+        return DeviceBatch(**views, n_tokens=len(host[0]), n_seqs=len(ctx),
+                           max_query_len=int(np.diff(qsl).max(initial=0)), max_context_len=int(ctx.max(initial=0)))
+
+    def to_host(self, x):
+        """Logits for the sampler: float32 numpy (waits for the step to finish). Converted on
+        the device: numpy's fp16 -> fp32 cast of a [256, 128k] batch costs more than the copy."""
+        return self.cupy.asnumpy(x.astype(self.cupy.float32))
+
+    # -- primitives ------------------------------------------------------
+    def embed(self, token_ids, table, out):
+        """out[i] = row token_ids[i] of the embedding table (a DeviceWeight; dequantized)."""
+        w = table
+        if w.ggml_type == GGMLType.F16:
+            self.cupy.take(w.data, token_ids, axis=0, out=out)
+        else:
+            rows = self.cupy.take(w.data, token_ids, axis=0)    # [n, row bytes]: the rows' blocks
+            self.kernels.dequant(KEPT_QUANTIZED[w.ggml_type], rows, out, out.size // BLOCK_LAYOUT[w.ggml_type][0])
+        return out
+
+    def matmul(self, x, weight, out):
+        """out[n, n_out] = x[n, n_in] @ W[n_out, n_in]^T."""
+        n_out, n_in = weight.shape
+        if weight.ggml_type == GGMLType.F16:
+            self.cupy.dot(x, weight.data.T, out=out)
+        elif x.shape[0] <= self.matvec_max_rows:
+            self.kernels.matvec(KEPT_QUANTIZED[weight.ggml_type], weight.data, x, out, n_in, n_out)
+        else:
+            self._dequant_matmul(x, weight, out)
+        return out
+
+    def _dequant_matmul(self, x, weight, out):
+        n_out, n_in = weight.shape
+        need = min(n_out * n_in, max(n_in, self._scratch_cap))
+        if self._scratch is None or self._scratch.size < need:
+            self._scratch = self.cupy.empty(max(need, self._scratch_elems), dtype=self.cupy.float16)
+        chunk = max(1, self._scratch.size // n_in)     # weight rows per dequantized chunk
+        qtype, block = KEPT_QUANTIZED[weight.ggml_type], BLOCK_LAYOUT[weight.ggml_type][0]
+        for r0 in range(0, n_out, chunk):
+            r1 = min(n_out, r0 + chunk)
+            w16 = self._scratch[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+            self.kernels.dequant(qtype, weight.data[r0:r1], w16, (r1 - r0) * n_in // block)
+            if r1 - r0 == n_out:
+                self.cupy.dot(x, w16.T, out=out)
+            else:               # a column slice of out is strided: cuBLAS writes a temporary
+                out[:, r0:r1] = self.cupy.dot(x, w16.T)
+        return out
+
+    def rmsnorm(self, x, weight, eps, out):
+        n, d = x.shape
+        self.kernels.launch("rmsnorm_f16", (n,), 256, x, weight, out, d, eps)
+        return out
+
+    def rope(self, x, positions, n_rot, theta, neox, freq_factors):
+        n_tok, n_heads, head_dim = x.shape
+        ff = None if freq_factors is None else self._constant(freq_factors)
+        self.kernels.launch("rope_f16", (n_tok,), 128, x, positions, n_heads, head_dim, n_rot, theta, int(neox), ff)
+
+    def add_bias(self, x, bias):
+        self.kernels.launch("add_bias_f16", elementwise_grid(x.size, self.n_sm), 256, x, bias, x.size, bias.size)
+
+    def add_inplace(self, x, y):
+        self.kernels.launch("add_inplace_f16", elementwise_grid(x.size, self.n_sm), 256, x, y, x.size)
+
+    def silu_mul(self, gate, up, out):
+        self.kernels.launch("silu_mul_f16", elementwise_grid(gate.size, self.n_sm), 256, gate, up, out, gate.size)
+        return out
+
+    def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
+        n_tok, n_kv, head_dim = k.shape
+        self.kernels.launch("kv_store_f16", (n_tok,), 128, k, v, k_cache, v_cache, slot_mapping, n_kv * head_dim)
+
+    def attention(self, q, k_cache, v_cache, meta, scale, out):
+        if meta.max_query_len == 1:
+            return self._decode_attention(q, k_cache, v_cache, meta, scale, out)
+        n_tok, n_heads, head_dim = q.shape
+        _, block_size, n_kv, _ = k_cache.shape
+        self.kernels.launch("paged_attention_prefill", (cdiv(n_tok, 4), n_heads), 128,
+                            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, out,
+                            n_tok, meta.n_seqs, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
+                            scale)
+        return out
+
+    def _decode_attention(self, q, k_cache, v_cache, meta, scale, out):
+        """One query row per sequence: the context split into partitions (split-K), then merged."""
+        _, n_heads, head_dim = q.shape
+        _, block_size, n_kv, _ = k_cache.shape
+        partition, n_parts = decode_partition(meta.max_context_len, meta.n_seqs, n_heads, self.n_sm)
+        cp = self.cupy
+        part_acc = cp.empty((meta.n_seqs, n_heads, n_parts, head_dim), dtype=cp.float32)
+        part_ml = cp.empty((meta.n_seqs, n_heads, n_parts, 2), dtype=cp.float32)
+        self.kernels.launch("paged_attention_decode", (n_heads, meta.n_seqs, n_parts), 128,
+                            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
+                            part_acc, part_ml, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
+                            partition, scale)
+        self.kernels.launch("paged_attention_decode_reduce", (n_heads, meta.n_seqs), 128,
+                            part_acc, part_ml, meta.context_lens, meta.query_start_loc, out,
+                            n_heads, head_dim, n_parts, partition)
+        return out
+
+
+def decode_partition(max_context_len, n_seqs, n_heads, n_sm):
+    """(positions per partition, partitions): enough (head, sequence, partition) blocks to
+    fill every SM twice, each partition a multiple of 64 positions and at least 64."""
+    want_parts = max(1, cdiv(2 * n_sm, n_heads * n_seqs))
+    per_part = cdiv(max(1, max_context_len), want_parts)
+    partition = max(MIN_DECODE_PARTITION, cdiv(per_part, MIN_DECODE_PARTITION) * MIN_DECODE_PARTITION)
+    return partition, cdiv(max(1, max_context_len), partition)

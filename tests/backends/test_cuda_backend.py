@@ -1,0 +1,273 @@
+"""The CUDA backend (pyforge.backends.cuda) against the CPU backend and transformers.
+
+Every test runs twice: `emulated` puts tests/backends/fake_cupy.py (numpy
+standing in for CuPy and the kernels) under the backend, so its glue is
+checked on any machine; `device` uses real CuPy on a GPU and is skipped, with
+the reason, where there is none. Models: the synthetic `small-k` shape (head
+dim 64, GQA 4/2, every row a multiple of 256, 32000-token vocabulary).
+
+Bounds on logits, as relative L2 error ||ours - ref|| / ||ref|| per batch:
+  vs the CPU backend (float32 activations; its quantized matmuls quantize
+  the activations to 8 bits, which the CUDA path does not):
+    F32 / F16 / BF16 weights     5e-3   fp16 activations: one 2^-11 rounding per
+                                        stored value; 0.7-1.0e-3 measured emulated
+    Q8_0 / Q4_K_M / Q6_K         4e-2   dominated by the CPU's activation
+                                        quantization; 1.0-1.8e-2 measured emulated
+  vs transformers (torch, CPU, float32 safetensors): 5e-3 (0.9e-3 emulated).
+The emulation stores fp16 where the kernels do and accumulates in float, so
+the GPU's errors should be close to those measured numbers; each test prints
+its error (pytest -s).
+Greedy generation: the token lists are equal, or first differ at a near-tie:
+where the CPU's top-two logits are closer than twice the largest CUDA-vs-CPU
+logit difference measured at that very position (fp16 can flip those; on a
+random-weight model with a 32000-token vocabulary that happens now and then).
+"""
+import sys
+
+import numpy as np
+import pytest
+from fake_cupy import make_fake_cupy
+
+from conftest import require_module
+from pyforge.backends import cuda_status
+from pyforge.backends.cpu import CpuBackend
+from pyforge.engine.engine import Engine
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.engine.sequence import Sequence
+from pyforge.ggml_types import GGMLType
+from pyforge.loader import TensorRef
+from pyforge.synthetic import ensure_model, quantize, write_hf_folder
+
+IMPLS = ["emulated", "device"]
+FORMATS = {"F32": 5e-3, "F16": 5e-3, "BF16": 5e-3, "Q8_0": 4e-2, "Q4_K_M": 4e-2, "Q6_K": 4e-2}
+TRANSFORMERS_BOUND = 5e-3
+ENGINE_ARGS = dict(n_threads=2, max_model_len=1024, kv_cache_tokens=4096, block_size=16)
+
+
+def rel_err(ours, ref):
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def require_device():
+    pytest.importorskip("cupy")
+    ok, why = cuda_status()
+    if not ok:
+        pytest.skip(why)
+
+
+def with_cupy(impl, make, **fake_args):
+    """make() with the CuPy of `impl` importable: the fake for `emulated`."""
+    if impl == "device":
+        require_device()
+        return make()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "cupy", make_fake_cupy(**fake_args))
+        return make()
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """engines(device, fmt, impl): one engine per combination, made once for the module."""
+    cache = {}
+
+    def get(device, fmt, impl=None):
+        key = (device, fmt, impl)
+        if key not in cache:
+            path = str(ensure_model("small-k", fmt))
+            make = lambda: Engine(path, device=device, **ENGINE_ARGS)  # noqa: E731
+            cache[key] = make() if device == "cpu" else with_cupy(impl, make)
+        return cache[key]
+    return get
+
+
+def prompts(vocab, seed=0, lengths=(1, 7, 40, 100)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+# -- logits ------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prompt_logits_match_cpu(engines, impl, fmt):
+    """Prefill of 1 (decode kernels, matvec), 7, 40 and 100 tokens (prefill kernel, dequant + GEMM)."""
+    cuda, cpu = engines("cuda", fmt, impl), engines("cpu", fmt)
+    for ids in prompts(cpu.config.vocab_size):
+        err = rel_err(cuda.prompt_logits(ids), cpu.prompt_logits(ids))
+        print(f"{impl} {fmt} prompt of {len(ids)}: rel err {err:.2e} (bound {FORMATS[fmt]:.0e})")
+        assert err < FORMATS[fmt]
+
+
+def new_sequence(engine, ids, seq_id):
+    return Sequence(seq_id, ids, SamplingParams(max_tokens=1), 0, engine.max_model_len)
+
+
+def run_plans(engine, token_lists, steps):
+    """Logits of the last step of `steps`: each a list of (sequence index, n new tokens)."""
+    bm, runner = engine.block_manager, engine.runner
+    seqs = [new_sequence(engine, ids, i) for i, ids in enumerate(token_lists)]
+    filler = new_sequence(engine, list(range(3, 3 + 64)), 99)
+    bm.allocate(filler, 64)       # so the sequences' blocks are not the first ones of the pool
+    try:
+        for step in steps:
+            plan = [(seqs[i], n) for i, n in step]
+            for seq, n in plan:
+                bm.allocate(seq, seq.num_computed_tokens + n)
+            logits, _ = runner.run(plan, all_logits=True)
+            for seq, n in plan:
+                seq.num_computed_tokens += n
+        return logits
+    finally:
+        for seq in (*seqs, filler):
+            bm.release(seq)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", ["F16", "Q4_K_M"])
+def test_decode_batch_logits_match_cpu(engines, impl, fmt):
+    """Three sequences prefilled, then one decode step together: split-K decode attention, matvec."""
+    cuda, cpu = engines("cuda", fmt, impl), engines("cpu", fmt)
+    lists = prompts(cpu.config.vocab_size, seed=2, lengths=(30, 77, 5))
+    steps = [[(0, 29), (1, 76), (2, 4)], [(0, 1), (1, 1), (2, 1)]]
+    err = rel_err(run_plans(cuda, lists, steps), run_plans(cpu, lists, steps))
+    print(f"{impl} {fmt} decode batch: rel err {err:.2e}")
+    assert err < FORMATS[fmt]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_batch_with_cached_prefix_matches_cpu(engines, impl):
+    """One varlen batch: a prefill from scratch, a chunk after 33 cached tokens, one decode row."""
+    cuda, cpu = engines("cuda", "F16", impl), engines("cpu", "F16")
+    lists = prompts(cpu.config.vocab_size, seed=1, lengths=(23, 50, 18))
+    steps = [[(1, 33), (2, 17)], [(0, 23), (1, 17), (2, 1)]]
+    err = rel_err(run_plans(cuda, lists, steps), run_plans(cpu, lists, steps))
+    print(f"{impl} mixed batch: rel err {err:.2e}")
+    assert err < FORMATS["F16"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_match_transformers(impl, tmp_path):
+    torch = require_module("torch")
+    transformers = require_module("transformers")
+    folder = write_hf_folder("small-k", tmp_path / "hf", dtype="float32", seed=5)
+    cuda = with_cupy(impl, lambda: Engine(str(folder), device="cuda", **ENGINE_ARGS))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    for ids in prompts(cuda.config.vocab_size, seed=4, lengths=(1, 40)):
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0].double().numpy()
+        err = rel_err(cuda.prompt_logits(ids), expected)
+        print(f"{impl} vs transformers, prompt of {len(ids)}: rel err {err:.2e}")
+        assert err < TRANSFORMERS_BOUND
+
+
+# -- generation ----------------------------------------------------------------
+def assert_greedy_agrees(ours, expected, prompt, cuda, cpu):
+    if ours == expected:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(ours, expected)) if a != b)
+    context = prompt + expected[:i]
+    cpu_row, cuda_row = cpu.prompt_logits(context)[-1], cuda.prompt_logits(context)[-1]
+    second, first = np.sort(cpu_row)[-2:]
+    noise = float(np.abs(cuda_row - cpu_row).max())
+    print(f"diverged at token {i}: cpu top-2 gap {first - second:.3g}, measured logit noise {noise:.3g}")
+    assert first - second <= 2 * noise, f"tokens differ at {i} and it is no near-tie: {ours} vs {expected}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_greedy_generation_matches_cpu(engines, impl):
+    cuda, cpu = engines("cuda", "F16", impl), engines("cpu", "F16")
+    ids = prompts(cpu.config.vocab_size, seed=3, lengths=(20,))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    ours = [o.token_id for o in cuda.generate(ids, params)]
+    expected = [o.token_id for o in cpu.generate(ids, params)]
+    assert len(ours) == 64
+    assert_greedy_agrees(ours, expected, ids, cuda, cpu)
+
+
+def generate_batch(engine, token_lists, n_tokens):
+    params = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True)
+    seqs = [engine.add_request(ids, params) for ids in token_lists]
+    out = {s.seq_id: [] for s in seqs}
+    while engine.has_work:
+        for o in engine.step():
+            out[o.seq_id].append(o.token_id)
+    return [out[s.seq_id] for s in seqs]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_with_shared_prefix_matches_cpu(engines, impl):
+    """Four requests sharing a 48-token prefix (3 blocks), decoded together: later ones reuse
+    the cached blocks; quantized weights (Q4_K, Q6_K) on the matvec path."""
+    cuda, cpu = engines("cuda", "Q4_K_M", impl), engines("cpu", "Q4_K_M")
+    rng = np.random.default_rng(6)
+    prefix = rng.integers(3, cpu.config.vocab_size, 48).tolist()
+    lists = [prefix + rng.integers(3, cpu.config.vocab_size, n).tolist() for n in (3, 9, 17, 1)]
+    generate_batch(cuda, lists[:1], 1)        # caches the prefix
+    hits_before = cuda.block_manager.prefix_hits
+    ours, expected = generate_batch(cuda, lists, 16), generate_batch(cpu, lists, 16)
+    assert cuda.block_manager.prefix_hits - hits_before >= 4 * 48
+    for a, b, ids in zip(ours, expected, lists):
+        assert len(a) == 16
+        assert_greedy_agrees(a, b, ids, cuda, cpu)
+
+
+# -- primitives ---------------------------------------------------------------
+def cuda_backend(impl, **options):
+    from pyforge.backends.cuda import CudaBackend
+
+    return with_cupy(impl, lambda: CudaBackend(**options))
+
+
+def tensor_ref(name, w, ggml_type):
+    data = quantize(w, ggml_type)
+    return TensorRef(name, ggml_type, w.shape, data)
+
+
+WEIGHT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "Q4_0", "Q5_K"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("type_name", WEIGHT_TYPES)
+@pytest.mark.parametrize("n_rows", [1, 4, 9])
+def test_matmul_paths(impl, type_name, n_rows):
+    """Fused matvec (<= 4 rows) and dequantize + cuBLAS in chunks of 16 weight rows (9 rows)."""
+    backend = cuda_backend(impl, matvec_max_rows=4, dequant_scratch_bytes=2 * 16 * 512)
+    rng = np.random.default_rng(n_rows)
+    tensor = tensor_ref("w", (rng.standard_normal((40, 512)) * 0.05).astype(np.float32), GGMLType[type_name])
+    w = CpuBackend.to_float32(tensor).astype(np.float64)
+    x = rng.standard_normal((n_rows, 512)).astype(np.float16)
+    out = backend.matmul(backend.cupy.asarray(x), backend.prepare_weight(tensor), backend.empty((n_rows, 40)))
+    got, ref = backend.cupy.asnumpy(out).astype(np.float64), x.astype(np.float64) @ w.T
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    # fp16 output rounding, float accumulation, F32 / BF16 weights rounded to fp16
+    assert (np.abs(got - ref) <= 2.0 ** -10 * np.abs(ref) + 1e-3 * mag).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("type_name", ["F32", "F16", "Q8_0", "Q4_K", "Q6_K", "Q4_0"])
+def test_embed_rows(impl, type_name):
+    backend = cuda_backend(impl)
+    rng = np.random.default_rng(0)
+    table = tensor_ref("token_embd.weight", rng.standard_normal((50, 256)).astype(np.float32), GGMLType[type_name])
+    ids = np.array([3, 0, 49, 3, 17], np.int32)
+    out = backend.embed(backend.cupy.asarray(ids), backend.prepare_embedding(table), backend.empty((5, 256)))
+    ref = CpuBackend.to_float32(table)[ids]
+    np.testing.assert_allclose(backend.cupy.asnumpy(out).astype(np.float32), ref, rtol=2.0 ** -10, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kv_cache_sized_from_gpu_memory(impl):
+    """Without --kv-cache-tokens the pool takes what gpu_memory_utilization leaves after the weights."""
+    path = str(ensure_model("small-k", "F16"))
+    args = {k: v for k, v in ENGINE_ARGS.items() if k != "kv_cache_tokens"}
+    if impl == "emulated":      # 16 GiB device, 1 GiB in use: 2 GiB + 32 MiB is in use + reserve + 32 MiB
+        fake = dict(total_bytes=16 << 30, free_bytes=15 << 30)
+        util = ((2 << 30) + (32 << 20)) / (16 << 30)
+        engine = with_cupy(impl, lambda: Engine(path, device="cuda", gpu_memory_utilization=util, **args), **fake)
+        assert engine.kv_cache.n_blocks * 16 * 1024 == 32 << 20     # 1 KiB of fp16 K and V per token
+        with pytest.raises(ValueError, match="no GPU memory left for the KV cache"):
+            with_cupy(impl, lambda: Engine(path, device="cuda", gpu_memory_utilization=0.1, **args), **fake)
+        return
+    engine = with_cupy(impl, lambda: Engine(path, device="cuda", gpu_memory_utilization=0.1, **args))
+    total = engine.backend.cupy.cuda.runtime.memGetInfo()[1]
+    kv_bytes = engine.kv_cache.n_blocks * 16 * 1024
+    assert engine.max_model_len * 1024 <= kv_bytes <= 0.1 * total

@@ -1,0 +1,101 @@
+"""--device auto | cpu | cuda[:N] and --gpu-memory-utilization, on a machine without CuPy
+(CuPy's absence is forced, so these run the same on a GPU machine)."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+from fake_cupy import make_fake_cupy
+
+from pyforge.backends import get_backend, resolve_device
+from pyforge.cli import main
+from pyforge.config import ServerConfig, add_arguments
+from pyforge.engine.engine import Engine
+from pyforge.synthetic import ensure_model
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)      # `import cupy` raises ImportError
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+
+
+def test_auto_picks_cpu_without_cupy(no_cupy):
+    assert resolve_device("auto") == "cpu"
+    assert get_backend("auto").name == "cpu"
+
+
+def test_cuda_without_cupy_is_one_clear_error(no_cupy):
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available: CuPy is not installed .*pyforge\[cuda12\]"):
+        get_backend("cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        get_backend("tpu")
+
+
+def test_cli_reports_missing_cupy_without_a_traceback(no_cupy, capsys):
+    path = ensure_model("small-k", "F16")
+    assert main(["generate", "--model", str(path), "--prompt", "hi", "--device", "cuda", "--max-tokens", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyforge: error: device 'cuda' is not available: CuPy is not installed")
+    assert "Traceback" not in err
+
+
+def test_auto_picks_cuda_when_cupy_sees_a_device(fake_cupy):
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("auto", head_dim=64) == "cuda"
+    assert resolve_device("auto", head_dim=16) == "cpu"     # the CUDA attention kernels need multiples of 32
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_auto_engine_falls_back_to_cpu_for_small_heads(fake_cupy):
+    engine = Engine(str(ensure_model("tiny-gqa", "F32")), device="auto", n_threads=1, kv_cache_tokens=256)
+    assert engine.backend.name == "cpu"
+    with pytest.raises(ValueError, match="head_dim a multiple of 32"):
+        Engine(str(ensure_model("tiny-gqa", "F32")), device="cuda", n_threads=1, kv_cache_tokens=256)
+
+
+def test_missing_device_index_is_an_error(fake_cupy):
+    with pytest.raises(ValueError, match=r"cuda:3 does not exist \(1 CUDA device"):
+        get_backend("cuda:3")
+
+
+def test_importing_the_cuda_backend_needs_no_cupy():
+    code = ("import sys; sys.modules['cupy'] = None; import pyforge.backends.cuda, pyforge.backends.cuda_kernels; "
+            "import pyforge.backends as b; print(b.resolve_device('auto'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "cpu"
+
+
+# -- configuration ---------------------------------------------------------------
+def parse(argv):
+    return add_arguments(argparse.ArgumentParser()).parse_args(["--model", "m", *argv])
+
+
+def test_device_defaults_to_auto_and_utilization_to_vllms():
+    cfg = ServerConfig.from_sources(parse([]), env={})
+    assert (cfg.device, cfg.gpu_memory_utilization) == ("auto", 0.9)
+    cfg = ServerConfig.from_sources(parse(["--device", "cuda:1"]), env={"LLM_GPU_MEMORY_UTILIZATION": "0.5"})
+    assert (cfg.device, cfg.gpu_memory_utilization) == ("cuda:1", 0.5)
+    assert ServerConfig.from_sources(parse(["--gpu-memory-utilization", "1"]), env={}).gpu_memory_utilization == 1.0
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "gpu_memory_utilization: must be > 0, got 0 (from --gpu-memory-utilization)"),
+    ("1.5", "gpu_memory_utilization: must be <= 1, got 1.5 (from --gpu-memory-utilization)"),
+    ("most", "gpu_memory_utilization: must be a number"),
+])
+def test_bad_utilization_names_field_and_source(value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServerConfig.from_sources(parse(["--gpu-memory-utilization", value]), env={})
+
+
+def test_engine_kwargs_carry_device_and_utilization():
+    from pyforge.server.launcher import engine_kwargs
+
+    kw = engine_kwargs(ServerConfig.from_sources(parse(["--device", "cpu", "--gpu-memory-utilization", "0.7"]),
+                                                 env={}))
+    assert (kw["device"], kw["gpu_memory_utilization"]) == ("cpu", 0.7)

@@ -11,7 +11,15 @@ at concurrency c, c clients each send streamed /v1/completions requests back to
 back (64-token prompts, 64 generated tokens, greedy) until --requests are done.
 Reported per level: aggregate output tokens/s (all tokens / wall time),
 tokens processed/s (prompt + generated tokens / wall time), time to first
-token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks).
+token p50/p99, inter-token latency p50/p99 (gaps between streamed chunks with
+text), tokens per chunk, and the client's own CPU use (it shares the machine).
+Tokens are counted by the server: each request asks for
+`stream_options.include_usage` and takes `usage.completion_tokens` from the
+last chunk. A server that sends no usage (llama-cpp-python's server ignores
+stream_options) has its text chunks counted instead, one token each, which is
+how that server streams. A server may put several tokens in one chunk (pyforge
+does when a stream falls behind, as vLLM and llama-server do), so chunk gaps
+are inter-chunk, not per-token, latencies; tokens per chunk says how far apart.
 Prompts differ per request (no prefix-cache help). Before the levels, each
 server gets a prefix probe: two requests sharing a long prefix (--prefix-tokens,
 default 512) one after the other; the second one's TTFT shows the prefix cache
@@ -104,16 +112,16 @@ def stop(proc):
 # -- one request ---------------------------------------------------------------
 
 def stream_completion(port, prompt, max_tokens):
-    """(ttft seconds, [inter-chunk gaps], n output tokens) of one streamed request."""
+    """(ttft seconds, [inter-chunk gaps], n output tokens, n chunks with text) of one streamed request."""
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "ignore_eos": True}).encode()
+                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-    stamps, n_chunks = [], 0
+    stamps, usage = [], None
     for line in resp:
         line = line.strip()
         if not line.startswith(b"data:"):
@@ -124,11 +132,13 @@ def stream_completion(port, prompt, max_tokens):
         chunk = json.loads(data)
         if chunk.get("choices") and chunk["choices"][0].get("text"):
             stamps.append(time.perf_counter())
-            n_chunks += 1
+        if chunk.get("usage"):
+            usage = chunk["usage"]
     conn.close()
     if not stamps:
-        return None, [], 0
-    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], n_chunks
+        return None, [], 0, 0
+    n_tokens = usage["completion_tokens"] if usage else len(stamps)
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], n_tokens, len(stamps)
 
 
 def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKENS):
@@ -145,19 +155,23 @@ def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKEN
             with lock:
                 results.append(r)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
-    wall = time.perf_counter() - start
+    wall, cpu_end = time.perf_counter() - start, os.times()
+    client_cpu = cpu_end.user - cpu.user + cpu_end.system - cpu.system
     ttfts = [r[0] for r in results if r[0] is not None]
     itls = [g for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)
+    chunks = sum(r[3] for r in results)
     processed = tokens + prompt_tokens * len(results)
     return {"concurrency": concurrency, "requests": len(results), "wall_s": wall, "output_tokens": tokens,
             "tokens_per_s": tokens / wall, "processed_per_s": processed / wall,
             "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
-            "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99)}
+            "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99),
+            "tokens_per_chunk": tokens / max(chunks, 1), "client_cpu_cores": client_cpu / wall,
+            "short_requests": sum(r[2] != max_tokens for r in results)}
 
 
 def prefix_probe(port, prefix, suffixes):
@@ -206,7 +220,10 @@ def print_row(row):
           f"{row['tokens_per_s']:8.1f} tok/s {row['processed_per_s']:8.1f} processed tok/s  "
           f"TTFT p50 {row['ttft_p50'] * 1e3:8.1f} ms p99 {row['ttft_p99'] * 1e3:8.1f} ms  "
           f"ITL p50 {row['itl_p50'] * 1e3:7.1f} ms p99 {row['itl_p99'] * 1e3:7.1f} ms  "
-          f"({row['output_tokens']} tokens in {row['wall_s']:.1f} s)", flush=True)
+          f"{row['tokens_per_chunk']:4.1f} tok/chunk, client {row['client_cpu_cores']:.2f} cores  "
+          f"({row['output_tokens']} tokens in {row['wall_s']:.1f} s)"
+          + (f"  {row['short_requests']} requests got fewer than max_tokens!" if row["short_requests"] else ""),
+          flush=True)
 
 
 def plot(rows, probes, path, title):

@@ -13,7 +13,11 @@ the IPC contract in `pyforge/ipc/records.py` does; readers need not wait for it.
 
 `StreamGroup` reads several streams as one (n choices, several prompts) and
 guards every wait with timeouts, so an engine that dies silently cannot hang
-an HTTP worker thread forever.
+an HTTP worker thread forever. A reader that falls behind gets what piled up
+at once: a stream's consecutive TokenEvents merge into one (tokens, logprobs
+and top logprobs concatenated in order), so a slow client or a busy worker
+pays its per-event costs (an SSE write, a JSON chunk) once per batch of
+tokens rather than once per token, as vLLM and llama-server do.
 """
 import queue
 import threading
@@ -32,6 +36,20 @@ class TokenEvent:
     token_ids: list[int]
     logprobs: list[float] | None = None                    # one per token, if requested
     top_logprobs: list[list[tuple[int, float]]] | None = None  # one row per token, if requested
+
+    @staticmethod
+    def join(events: list["TokenEvent"]) -> "TokenEvent":
+        """One event holding `events`' tokens in order (events of one request:
+        logprobs are present in all of them or in none)."""
+        if len(events) == 1:
+            return events[0]
+        return TokenEvent([t for e in events for t in e.token_ids], _joined(e.logprobs for e in events),
+                          _joined(e.top_logprobs for e in events))
+
+
+def _joined(parts):
+    parts = list(parts)
+    return None if any(p is None for p in parts) else [x for p in parts for x in p]
 
 
 @dataclass(frozen=True)
@@ -132,14 +150,36 @@ class StreamGroup:
             if item is None:
                 yield None
                 continue
-            i, event = item
             last = time.monotonic()
-            if i not in live:
-                continue          # late events of a stream already given up
-            if not isinstance(event, TokenEvent):
-                self.streams[i].done = True
-                live.discard(i)
-            yield i, event
+            for i, event in self._with_pending(item):
+                if i not in live:
+                    continue      # late events of a stream already given up
+                if not isinstance(event, TokenEvent):
+                    self.streams[i].done = True
+                    live.discard(i)
+                yield i, event
+
+    def _with_pending(self, first):
+        """`first` and every event already queued behind it, each stream's
+        consecutive TokenEvents merged into one; per-stream order is kept."""
+        items, runs = [], {}            # runs: stream -> the TokenEvent list still growing in items
+        i, event = first
+        while True:
+            if isinstance(event, TokenEvent):
+                run = runs.get(i)
+                if run is not None:
+                    run.append(event)
+                else:
+                    runs[i] = run = [event]
+                    items.append((i, run))
+            else:
+                runs.pop(i, None)
+                items.append((i, event))
+            try:
+                i, event = self._events.get_nowait()
+            except queue.Empty:
+                break
+        return [(i, TokenEvent.join(e) if isinstance(e, list) else e) for i, e in items]
 
     def _next(self, live, last, heartbeat):
         """The next (index, event); a synthetic ErrorEvent/FinishEvent on timeout; None for a heartbeat."""

@@ -133,13 +133,31 @@ class _Choice:
         self.finish_reason = None
 
     def on_tokens(self, event):
-        update = Update(self.index, logprobs=_logprob_entries(event))
-        self.n_tokens += len(event.token_ids)
-        text = "".join(self.detok.feed(t) for t in event.token_ids if t not in self.skip_ids)
-        update.text, stopped = self.matcher.push(text)
-        if stopped:
-            self.finish_reason = update.finish_reason = "stop"
-        return update
+        """The Update for an event of one or more tokens. Stop strings are
+        matched token by token, as if each token had come alone: the tokens
+        after the one that completes a stop string are dropped (not counted,
+        no logprobs), exactly as their own later events would have been."""
+        ids = event.token_ids
+        if self.matcher.stops:
+            text, n = self._until_stop(ids)
+        else:
+            (text, _), n = self.matcher.push("".join(self._feed(ids))), len(ids)
+        self.n_tokens += n
+        return Update(self.index, text, _logprob_entries(event, n), self.finish_reason)
+
+    def _feed(self, ids):
+        return [self.detok.feed(t) for t in ids if t not in self.skip_ids]
+
+    def _until_stop(self, ids):
+        """(released text, tokens consumed) up to and including a stop string's last token."""
+        released = []
+        for n, t in enumerate(ids, 1):
+            text, stopped = self.matcher.push(self.detok.feed(t) if t not in self.skip_ids else "")
+            released.append(text)
+            if stopped:
+                self.finish_reason = "stop"
+                return "".join(released), n
+        return "".join(released), len(ids)
 
     def on_finish(self, event):
         self.cached_tokens = event.cached_tokens
@@ -148,11 +166,12 @@ class _Choice:
         return Update(self.index, released + self.matcher.flush(), finish_reason=self.finish_reason)
 
 
-def _logprob_entries(event):
+def _logprob_entries(event, n):
+    """TokenLogprobs of the event's first n tokens ([] without logprobs)."""
     if event.logprobs is None:
         return []
     tops = event.top_logprobs or [[] for _ in event.token_ids]
-    return [TokenLogprob(t, lp, list(top)) for t, lp, top in zip(event.token_ids, event.logprobs, tops)]
+    return [TokenLogprob(t, lp, list(top)) for t, lp, top in zip(event.token_ids[:n], event.logprobs, tops)]
 
 
 class Generation:
@@ -195,6 +214,7 @@ class Generation:
 
     def _on_event(self, i, event):
         choice, stream = self.choices[i], self.streams[i]
+        n_before = choice.n_tokens
         if isinstance(event, ErrorEvent):
             self.close()
             raise GenerationError(event.status, event.message)
@@ -205,8 +225,8 @@ class Generation:
             return choice.on_finish(event)
         if choice.finish_reason is not None:
             return None                             # tokens generated after our stop string
-        self.timer.tokens(len(event.token_ids))
         update = choice.on_tokens(event)
+        self.timer.tokens(choice.n_tokens - n_before)
         if update.finish_reason is not None:
             stream.abort()                          # a stop string: the engine may stop too
         return update

@@ -17,8 +17,18 @@
 #include <omp.h>
 #endif
 
-/* Below this many logits in a batch a parallel region costs more than it saves. */
-#define PARALLEL_MIN_LOGITS (1 << 15)
+/* Below this many logits in a batch (~2 ms of work on one core: 128 rows of a
+ * 32k vocabulary) the batch is sampled on one thread. A parallel region saves
+ * less than that, and costs far more when the cores are shared: on the
+ * serving machine the HTTP worker and the clients run beside the engine, and
+ * a team waits at its barrier for any member the OS has put aside (a whole
+ * time slice, milliseconds). */
+#define PARALLEL_MIN_LOGITS (1 << 22)
+/* Row scans keep this many independent partial results (max, sums, flags):
+ * a single vector accumulator would wait on its own add or max every step. */
+#define LANES 32
+/* sum_exp adds float lanes over blocks this long, then each block in double. */
+#define SUM_BLOCK 2048
 /* Quickselect hands ranges this small to an insertion sort. */
 #define SMALL_RANGE 16
 /* Up to this k, top-k scans the logits with a sorted list instead of
@@ -42,25 +52,33 @@ double pf_rng_uniform(uint64_t *state)
 
 /* ---- exp ---------------------------------------------------------------- */
 
-/* e^x for x <= 0, within 2.1 ulp; 0 from -87 down, where floats turn subnormal
+/* a * b + c: one fused instruction where the CPU has FMA. ISO C mode
+ * (-std=c11) never contracts a * b + c by itself, so say it where it pays. */
+#ifdef __FMA__
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* e^x for x <= 0, within 2 ulp; 0 from -87 down, where floats turn subnormal
  * (such tokens weigh < 1e-37 of the best one). libm's expf does not vectorise
  * without -ffast-math and was half the sampler's time; this one is plain C
- * the compiler turns into 8-wide AVX2. Cody-Waite reduction x = n ln2 + r,
+ * the compiler turns into 8-wide AVX2 FMA. Cody-Waite reduction x = n ln2 + r,
  * |r| <= ln2 / 2, then a degree-6 Taylor polynomial (error r^7/7! < 2.4e-7). */
 static inline float exp_nonpositive(float x)
 {
     const float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     const float round_magic = 12582912.0f;   /* 1.5 * 2^23: adding it rounds to an integer */
     float xc = x > -87.0f ? x : -87.0f;      /* -inf and NaN land here too */
-    float n = (xc * log2e + round_magic) - round_magic;
-    float r = (xc - n * ln2_hi) - n * ln2_lo;
+    float n = MADD(xc, log2e, round_magic) - round_magic;
+    float r = MADD(n, -ln2_lo, MADD(n, -ln2_hi, xc));
     float p = 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = MADD(p, r, 1.0f / 120);
+    p = MADD(p, r, 1.0f / 24);
+    p = MADD(p, r, 1.0f / 6);
+    p = MADD(p, r, 0.5f);
+    p = MADD(p, r, 1.0f);
+    p = MADD(p, r, 1.0f);
     union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};   /* 2^n, n in [-126, 0] */
     return x > -87.0f ? p * scale.f : 0.0f;
 }
@@ -76,32 +94,64 @@ void pf_exp_nonpositive(const float *x, float *y, int32_t n)
 
 static float max_value(const float *row, int32_t vocab)
 {
+    float lane[LANES];
+    for (int j = 0; j < LANES; j++)
+        lane[j] = -INFINITY;
+    int32_t i = 0;
+    for (; i + LANES <= vocab; i += LANES) {
+        const float *x = row + i;   /* x[j], not row[i + j]: -fwrapv (Python's flags) would keep that scalar */
+        for (int j = 0; j < LANES; j++)
+            lane[j] = x[j] > lane[j] ? x[j] : lane[j];
+    }
     float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (int32_t i = 0; i < vocab; i++)
+    for (int j = 0; j < LANES; j++)
+        m = lane[j] > m ? lane[j] : m;
+    for (; i < vocab; i++)
         m = row[i] > m ? row[i] : m;
     return m;
 }
 
 /* First index holding `value` (the argmax when value is the max: ties go to
- * the lower id); 0 when none does (a NaN max). */
+ * the lower id); 0 when none does (a NaN max). Finds the first LANES-long
+ * stretch that holds it with vector compares, then the index in it. */
 static int32_t first_index_of(const float *row, int32_t vocab, float value)
 {
-    for (int32_t i = 0; i < vocab; i++)
+    int32_t i = 0;
+    for (; i + LANES <= vocab; i += LANES) {
+        const float *x = row + i;
+        int hit = 0;
+        for (int j = 0; j < LANES; j++)
+            hit |= x[j] == value;
+        if (hit)
+            break;
+    }
+    for (; i < vocab; i++)
         if (row[i] == value)
             return i;
     return 0;
 }
 
-/* Sum of exp(x - max), accumulated in double: float partial sums over 150k
- * terms can drift past the 1e-5 we promise on logprobs. */
+/* Sum of exp(x - max). Float lanes add at most SUM_BLOCK / LANES terms each
+ * (all <= 1) before the block's total goes into a double: plain float sums
+ * over 150k terms could drift past the 1e-5 we promise on logprobs. */
 static double sum_exp(const float *row, int32_t vocab, float max)
 {
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int32_t i = 0; i < vocab; i++)
-        s += exp_nonpositive(row[i] - max);
-    return s;
+    double total = 0.0;
+    int32_t i = 0;
+    while (i + LANES <= vocab) {
+        float lane[LANES] = {0};
+        int32_t end = vocab - i > SUM_BLOCK ? i + SUM_BLOCK : vocab;
+        for (; i + LANES <= end; i += LANES) {
+            const float *x = row + i;
+            for (int j = 0; j < LANES; j++)
+                lane[j] += exp_nonpositive(x[j] - max);
+        }
+        for (int j = 0; j < LANES; j++)
+            total += lane[j];
+    }
+    for (; i < vocab; i++)
+        total += exp_nonpositive(row[i] - max);
+    return total;
 }
 
 /* Put (x, id) into the best-first list ids/vals[0..pos], shifting worse
@@ -134,9 +184,9 @@ static void top_n(const float *row, int32_t vocab, int32_t n, int32_t *ids, floa
  * OpenAI and vLLM report by default). Fills top ids / logprobs; returns the
  * log-sum-exp of the row. */
 static double raw_logprobs(const float *row, int32_t vocab, int32_t n_top,
-                           int32_t *top_ids, float *top_logprobs)
+                           int32_t *top_ids, float *top_logprobs, float *row_max)
 {
-    float max = max_value(row, vocab);
+    float max = *row_max = max_value(row, vocab);
     double lse = (double)max + log(sum_exp(row, vocab, max));
     if (n_top > 0) {
         top_n(row, vocab, n_top, top_ids, top_logprobs);
@@ -365,11 +415,11 @@ static double keep_floor(float top_p, float min_p, double total, int32_t n)
     return floor;
 }
 
-/* The token for a row of penalised logits, given the row's uniform u. */
-static int32_t choose(const float *row, int32_t vocab, const pf_sampling_params *p, int32_t i,
+/* The token for a row of penalised logits whose largest value is max, given
+ * the row's uniform u. */
+static int32_t choose(const float *row, int32_t vocab, float max, const pf_sampling_params *p, int32_t i,
                       double u, cand_t *cand)
 {
-    float max = max_value(row, vocab);
     float t = p->temperature[i], top_p = p->top_p[i];
     if (!(t >= PF_GREEDY_TEMPERATURE) || !isfinite(max))
         return first_index_of(row, vocab, max);
@@ -391,7 +441,8 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
                        const pf_sample_out *out, scratch_t *s)
 {
     size_t top_at = (size_t)i * (size_t)out->n_top;
-    double lse = raw_logprobs(row, vocab, out->n_top, out->top_ids + top_at, out->top_logprobs + top_at);
+    float max;
+    double lse = raw_logprobs(row, vocab, out->n_top, out->top_ids + top_at, out->top_logprobs + top_at, &max);
 
     const int32_t *ids = h->ids + h->offsets[i], *counts = h->counts + h->offsets[i];
     int32_t n_hist = h->offsets[i + 1] - h->offsets[i];
@@ -401,7 +452,9 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
                        p->frequency_penalty[i], ids, counts, n_hist);
 
     double u = pf_rng_uniform(&rng_state[i]);   /* greedy rows step too: one step per call */
-    int32_t token = choose(row, vocab, p, i, u, s->cand);
+    if (n_hist > 0)                              /* penalties moved logits: scan again */
+        max = max_value(row, vocab);
+    int32_t token = choose(row, vocab, max, p, i, u, s->cand);
 
     for (int32_t j = 0; j < n_hist; j++)
         row[ids[j]] = s->saved[j];
@@ -442,17 +495,29 @@ static inline int thread_id(void)
 #endif
 }
 
+/* 1 if some row draws (is not greedy), so needs the candidate scratch. */
+static int any_draws(const float *temperature, int32_t n_seq)
+{
+    for (int32_t i = 0; i < n_seq; i++)
+        if (temperature[i] >= PF_GREEDY_TEMPERATURE)
+            return 1;
+    return 0;
+}
+
 int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
               const pf_sampling_params *params, const pf_token_history *history,
               uint64_t *rng_state, const pf_sample_out *out, int n_threads)
 {
     int team = team_size(n_seq, vocab, n_threads);
     size_t n_saved = (size_t)longest_row(history->offsets, n_seq) + 1;
+    /* greedy rows never touch candidates: an all-greedy batch skips the
+     * (vocab-sized, so mmap'd) block */
+    size_t n_cand = any_draws(params->temperature, n_seq) ? (size_t)vocab : 0;
     /* One block per call, carved per thread, allocated before the parallel
      * region so a failed malloc cannot strand threads at a worksharing loop. */
-    cand_t *cand = malloc((size_t)team * (size_t)vocab * sizeof(cand_t));
+    cand_t *cand = n_cand ? malloc((size_t)team * n_cand * sizeof(cand_t)) : NULL;
     float *saved = malloc((size_t)team * n_saved * sizeof(float));
-    if (!cand || !saved) {
+    if ((n_cand && !cand) || !saved) {
         free(cand);
         free(saved);
         return -1;
@@ -460,7 +525,7 @@ int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
     for (int32_t i = 0; i < n_seq; i++) {
         int tid = thread_id();
-        scratch_t s = {cand + (size_t)tid * (size_t)vocab, saved + (size_t)tid * n_saved};
+        scratch_t s = {cand ? cand + (size_t)tid * n_cand : NULL, saved + (size_t)tid * n_saved};
         sample_row(logits + (size_t)i * (size_t)vocab, vocab, i, params, history, rng_state, out, &s);
     }
     free(cand);

@@ -329,6 +329,18 @@ def test_same_seed_same_tokens_alone_or_in_a_batch():
     assert len(set(alone)) > 1
 
 
+def test_a_batch_big_enough_for_threads_samples_as_one_thread_does():
+    # 1400 x 3000 logits pass PARALLEL_MIN_LOGITS (2^22): the only batches sampled by a team
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((1400, 3000)) * 2).astype(np.float32)
+    params = dict(temperature=np.where(np.arange(1400) % 3 == 0, 0.0, 0.8), top_k=40, top_p=0.9, n_top=3,
+                  seeds=np.arange(1400))
+    one = sample(logits, n_threads=1, **params)
+    two = sample(logits, n_threads=2, **params)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_different_seeds_draw_differently():
     logits = np.zeros((2, 1000), np.float32)   # uniform: any two streams agree 1 time in 1000
     state = np.array([1, 2], np.uint64)

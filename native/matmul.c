@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "k_scales.h"
+#include "matmul_amx.h"
 #include "quants.h"
 
 #ifdef _OPENMP
@@ -434,18 +436,6 @@ NR_DISPATCH(q8_0, dot_q8_0_k)
 
 /* -- Q4_K / Q5_K weights, Q8_K activations --------------------------------- */
 
-/* The 12 packed scale bytes -> bytes 0..7 = sc[0..7], bytes 8..15 = m[0..7],
- * four sub-blocks per 32-bit word at a time (layout in quants.h). Scalar on
- * purpose: the integer ALUs are idle while the vector ports are the limit. */
-PF_INLINE __m128i k_scales_mins(const uint8_t *p) {
-    uint32_t w0, w1, w2;
-    memcpy(&w0, p, 4), memcpy(&w1, p + 4, 4), memcpy(&w2, p + 8, 4);
-    const uint32_t sc_lo = w0 & 0x3f3f3f3fu, m_lo = w1 & 0x3f3f3f3fu;
-    const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
-    const uint32_t m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
-    return _mm_set_epi32((int)m_hi, (int)m_lo, (int)sc_hi, (int)sc_lo);
-}
-
 /* Bit b of every byte of qh, moved to bit 4 (the fifth bit of a Q5_K weight). */
 PF_INLINE __m256i bit_to_16(__m256i qh, const int b) {
     const __m256i m = _mm256_set1_epi8(0x10);
@@ -647,6 +637,8 @@ int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_
     if (n_tok == 0 || n_out == 0) return 0;
     const size_t a_row = act_row_bytes(vt, n_in);
 
+    if (simd >= PF_KERNELS_BEST && n_tok >= PF_AMX_MIN_TOKENS && pf_amx_supports(type, n_in) && pf_amx_available())
+        return pf_matmul_amx(x, w, type, n_tok, n_in, n_out, out, n_threads);
     const int use_simd = simd && pf_simd_available();
     char *qx = NULL; /* activations quantized to vec_dot_type, unless that is F32 */
     if (vt != PF_F32 && !(qx = aligned_alloc(64, (size_t)n_tok * a_row))) return -2;

@@ -14,10 +14,14 @@
 /* 1 when the AVX2/FMA kernels were compiled in. */
 int pf_simd_available(void);
 
+/* Which kernels pf_matmul may use: the scalar references, the AVX2 ones, or
+ * the best this CPU has (AMX tiles for batches where present, matmul_amx.h). */
+enum { PF_KERNELS_SCALAR = 0, PF_KERNELS_AVX2 = 1, PF_KERNELS_BEST = 2 };
+
 /*   x    float32 [n_tok, n_in]
  *   w    n_out rows of n_in weights of ggml_type `type`, row after row
  *   out  float32 [n_tok, n_out]   (must not overlap x)
- * n_threads OpenMP threads; simd = 0 forces the scalar kernels.
+ * n_threads OpenMP threads; simd is one of PF_KERNELS_*.
  * Returns 0; -1 for an unknown type or n_in not a whole number of blocks;
  * -2 when out of memory. The caller checks buffer sizes. */
 int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out,

@@ -80,6 +80,12 @@ def simd_available():
     return bool(pf_simd_available())
 
 
+def amx_available():
+    """True when batched Q4_K / Q6_K matmuls run on AMX tiles here (CPU + OS
+    support, and PYFORGE_DISABLE_AMX unset)."""
+    return bool(pf_amx_available())
+
+
 def dequantize(raw, ggml_type, n):
     """float32[n]: the n weights whose GGUF bytes are raw (exactly that many bytes)."""
     cdef const pf_type_traits *tr = _traits(ggml_type)
@@ -124,12 +130,13 @@ def quantize(x, ggml_type, n_threads=None):
     return dst
 
 
-def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True):
+def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True):
     """out[t, r] = sum_k x[t, k] * W[r, k], W the n_out rows of stored weights w.
 
     x float32 [n_tok, n_in]; w any C-contiguous array of exactly n_out rows of
     n_in weights' bytes; out float32 [n_tok, n_out], not overlapping x.
-    simd=False runs the scalar reference kernels.
+    simd=False runs the scalar reference kernels; amx=False keeps batches on
+    the AVX2 kernels even where AMX tiles exist.
     """
     cdef const pf_type_traits *tr = _traits(ggml_type)
     cdef cnp.ndarray xa = _f32_2d(x, "x", False)
@@ -149,7 +156,8 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True):
     cdef int nt = n_threads
     if nt < 1:
         raise ValueError(f"n_threads must be at least 1, got {n_threads}")
-    cdef int t = ggml_type, use_simd = bool(simd), rc
+    cdef int t = ggml_type, rc
+    cdef int use_simd = PF_KERNELS_SCALAR if not simd else PF_KERNELS_BEST if amx else PF_KERNELS_AVX2
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef const void *wp = cnp.PyArray_DATA(wa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)

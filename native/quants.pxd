@@ -66,6 +66,14 @@ cdef extern from "quants.h" nogil:
 
 
 cdef extern from "matmul.h" nogil:
+    enum:
+        PF_KERNELS_SCALAR
+        PF_KERNELS_AVX2
+        PF_KERNELS_BEST
     int pf_simd_available()
     int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out,
                   float *out, int n_threads, int simd)
+
+
+cdef extern from "matmul_amx.h" nogil:
+    int pf_amx_available()

@@ -7,8 +7,8 @@
   dequantizer within the stated error per type.
 - matmul: float64 x @ W.T of the gguf-dequantized weights, within the bound
   that activation quantization explains (see matmul_bound); plus a tight check
-  against the same activations quantized by a numpy model, and SIMD == scalar
-  up to float summation order.
+  against the same activations quantized by a numpy model, and SIMD (AVX2,
+  and AMX tiles where the CPU has them) == scalar up to float summation order.
 """
 import numpy as np
 import pytest
@@ -25,13 +25,23 @@ ALL_TYPES = DENSE + QUANTIZED
 K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
 # byte offsets of the fp16 scale fields in each block (see native/quants.h)
 HALF_FIELDS = {T.Q4_0: [0], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
-SIMD = [True, pytest.param(False, id="scalar")]
 needs_simd = pytest.mark.skipif(not quant.simd_available(), reason="built without AVX2/FMA")
+needs_amx = pytest.mark.skipif(not quant.amx_available(), reason="no AMX-INT8 on this CPU (or PYFORGE_DISABLE_AMX)")
 
 
-def simd_params():
-    """simd=True only where the AVX2 kernels exist; simd=False always."""
-    return [pytest.param(True, id="simd", marks=needs_simd), pytest.param(False, id="scalar")]
+AMX_TYPES = {T.Q4_K, T.Q6_K}
+
+
+def type_kernel_params(types):
+    """(type, kernels) for every kernel family that covers the type: AMX
+    tiles (batched Q4_K / Q6_K), AVX2, and the scalar references."""
+    params = []
+    for t in types:
+        if t in AMX_TYPES:
+            params.append(pytest.param(t, "amx", id=f"{t.name}-amx", marks=needs_amx))
+        params.append(pytest.param(t, "avx2", id=f"{t.name}-avx2", marks=needs_simd))
+        params.append(pytest.param(t, "scalar", id=f"{t.name}-scalar"))
+    return params
 
 
 # -- helpers -------------------------------------------------------------------
@@ -250,22 +260,23 @@ def case(t, n_in, n_out):
     return _CASES[key]
 
 
-def run_matmul(x, raw, t, n_out, n_threads, simd):
+def run_matmul(x, raw, t, n_out, n_threads, kernels="amx"):
+    """kernels: 'amx' (the best this CPU has: AMX tiles for batches where
+    present, else AVX2), 'avx2' or 'scalar'."""
     out = np.full((x.shape[0], n_out), np.nan, dtype=np.float32)  # unwritten outputs fail
-    quant.matmul(x, raw, int(t), n_out, out, n_threads, simd)
+    quant.matmul(x, raw, int(t), n_out, out, n_threads, simd=kernels != "scalar", amx=kernels == "amx")
     return out
 
 
-@pytest.mark.parametrize("simd", simd_params())
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("n_tok", [1, 3, 17, 64])
-@pytest.mark.parametrize("t", ALL_TYPES, ids=lambda t: t.name)
-def test_matmul_matches_float64(t, n_tok, n_threads, simd):
+@pytest.mark.parametrize("t, kernels", type_kernel_params(ALL_TYPES))
+def test_matmul_matches_float64(t, kernels, n_tok, n_threads):
     for n_in, n_out in shapes_for(t):
         raw, w64 = case(t, n_in, n_out)
         rng = np.random.default_rng(n_tok * 7 + n_in)
         x = (rng.standard_normal((n_tok, n_in)) * rng.uniform(0.1, 4, (n_tok, 1))).astype(np.float32)
-        out = run_matmul(x, raw, t, n_out, n_threads, simd).astype(np.float64)
+        out = run_matmul(x, raw, t, n_out, n_threads, kernels).astype(np.float64)
         err = np.abs(out - x.astype(np.float64) @ w64.T)
         assert np.all(err <= matmul_bound(t, x, w64)), f"{t.name} {n_in}->{n_out}: max err {err.max():.3g}"
         # tighter: against the very activations the kernels see, only float32
@@ -281,9 +292,11 @@ def test_simd_matches_scalar(t):
     n_in, n_out = shapes_for(t)[-1]
     raw, w64 = case(t, n_in, n_out)
     x = np.random.default_rng(9).standard_normal((11, n_in)).astype(np.float32)
-    fast, ref = run_matmul(x, raw, t, n_out, 2, True), run_matmul(x, raw, t, n_out, 1, False)
+    ref = run_matmul(x, raw, t, n_out, 1, "scalar")
     scale = np.abs(activation_model(t, x)) @ np.abs(w64).T
-    assert np.all(np.abs(fast.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30)
+    for kernels in ("avx2", "amx"):
+        fast = run_matmul(x, raw, t, n_out, 2, kernels)
+        assert np.all(np.abs(fast.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30), kernels
 
 
 def test_matmul_read_only_weights_and_weight_dtypes():
@@ -293,7 +306,7 @@ def test_matmul_read_only_weights_and_weight_dtypes():
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     for raw in (w, w.view(np.uint8), quant.quantize(w, int(T.F32))):
         raw.setflags(write=False)
-        assert np.allclose(run_matmul(x, raw, T.F32, 3, 1, True), ref, rtol=1e-5, atol=1e-5)
+        assert np.allclose(run_matmul(x, raw, T.F32, 3, 1), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_empty_batch():
@@ -368,3 +381,14 @@ def test_bad_matmul_inputs():
     bad(out=ro)
     buf = np.zeros((2, 256), np.float32)
     bad(x=buf, out=buf.reshape(-1)[:10].reshape(2, 5))  # out overlaps x
+
+
+def test_amx_can_be_switched_off():
+    """PYFORGE_DISABLE_AMX=1 keeps every matmul on the AVX2 / scalar kernels."""
+    import os
+    import subprocess
+    import sys
+    code = "from pyforge.native import quant; print(quant.amx_available())"
+    env = dict(os.environ, PYFORGE_DISABLE_AMX="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -53,7 +53,10 @@ class SegmentObserver:
 
     def on_token(self, n, seconds_since_last):
         if getattr(self._first, "pending", False):
+            # the first of these n tokens is the first token (its wait is the TTFT); the rest came with it
             self._first.pending = False
+            if n > 1:
+                self.seg.observe("inter_token_latency_seconds", 0.0, n - 1)
             return
         n = max(n, 1)       # n tokens that arrived together: n gaps of an n-th of the wait each
         self.seg.observe("inter_token_latency_seconds", seconds_since_last / n, n)

@@ -185,3 +185,24 @@ def test_chat_and_api_streams_do_not_depend_on_event_sizes(tok, sizes):
     assert events[-1]["usage"]["completion_tokens"] == len(ids)
     r = app.simulate_post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 200})
     assert r.json["choices"][0]["text"] == expected_text(tok, ids) and r.json["usage"]["completion_tokens"] == len(ids)
+
+
+# -- metrics: tokens that arrive together -----------------------------------------------
+
+def test_inter_token_latency_counts_every_token_of_a_merged_event():
+    from pyforge.ipc.segment import Segment, _unlink, new_name
+    from pyforge.server.metrics import SegmentObserver
+    seg = Segment.create(new_name("pyforge-test-coalesce-"), n_workers=1,
+                         request_ring_bytes=1 << 12, response_ring_bytes=1 << 12)
+    try:
+        seg.claim_slot()
+        observer = SegmentObserver(seg)
+        observer.on_first_token(0.5)
+        observer.on_token(3, 0.5)           # the first event: the first token and two more with it
+        observer.on_token(4, 0.08)          # four tokens 80 ms later: four gaps of 20 ms
+        itl = seg.stats()["inter_token_latency_seconds"]
+        assert itl["count"] == 3 + 4 - 1 and itl["sum"] == pytest.approx(0.08)
+        assert itl["counts"][:2] == [2, 4]  # two gaps of 0 s (<= 10 ms), four of 20 ms (<= 25 ms)
+    finally:
+        seg.close()
+        _unlink(seg.name)

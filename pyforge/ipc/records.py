@@ -10,9 +10,13 @@ Rings (all in one shared-memory segment, see segment.py):
                      reader thread, which routes records to the waiting
                      request by request_id).  Records: TOKENS, FINISH, ERROR.
 
-One ring message is one record. A request's responses are zero or more
-TOKENS, then exactly one FINISH or ERROR; after an ABORT the engine still
-sends the FINISH (reason "abort") so the worker can forget the request.
+A request ring message is one record. A response ring message is a batch:
+one or more records back to back (each record's length follows from its own
+counts), so the engine writes one message per worker per step however many
+of that worker's requests advanced (encode_batch / decode_batch). A request's
+responses are zero or more TOKENS, then exactly one FINISH or ERROR, in ring
+order; after an ABORT the engine still sends the FINISH (reason "abort") so
+the worker can forget the request.
 
 How each side wakes the other (futexes in each ring's header, shm_ring.h):
   - A writer publishes, then FUTEX_WAKEs the ring's reader only if it sleeps.
@@ -41,7 +45,8 @@ Byte layout: little-endian, packed, one record per message.
   ERROR   u16 status (HTTP) | u32 n | message: UTF-8[n]
 
 `worker` is the submitting worker's slot in SUBMIT (its responses go to that
-slot's ring) and 0 in every other record. Logprobs travel as float32, the
+slot's ring) and 0 in every other record. TOKENS usually carries one token
+without logprobs: encode_token() writes exactly those bytes in one pack. Logprobs travel as float32, the
 sampler's own precision. Decoding checks every count against the bytes
 present before allocating, and raises ValueError on anything malformed.
 """
@@ -56,6 +61,7 @@ from typing import ClassVar, Union
 HEADER = struct.Struct("<BBHQ")
 _SUBMIT = struct.Struct("<II")
 _TOKENS = struct.Struct("<IHH")
+_ONE_TOKEN = struct.Struct("<BBHQIHHi")     # HEADER + _TOKENS + one token id: the common TOKENS record
 _FINISH = struct.Struct("<IIIH")
 _ERROR = struct.Struct("<HI")
 
@@ -201,19 +207,54 @@ def encode(record: Record) -> bytes:
     return _pack(HEADER, record.TYPE, 0, worker, record.request_id) + record._body()
 
 
+def encode_token(request_id: int, token_id: int) -> bytes:
+    """encode(Tokens(request_id, [token_id])), in one struct pack."""
+    try:
+        return _ONE_TOKEN.pack(RecordType.TOKENS, 0, 0, request_id, 1, 0, 0, token_id)
+    except struct.error as e:
+        raise ValueError(f"record field out of range: {e}") from None
+
+
+def encode_batch(records) -> bytes:
+    """Records back to back: one response ring message (decode_batch reads it)."""
+    return b"".join(encode(r) for r in records)
+
+
 def decode(data) -> Record:
     """The record in `data` (bytes-like); ValueError if it is not exactly one
     well-formed record."""
     r = _Reader(memoryview(data).cast("B"))
+    record = _parse_record(r)
+    r.end(type(record).TYPE.name)
+    return record
+
+
+def decode_batch(data) -> list[Record]:
+    """The records in a response ring message, in order; ValueError unless it
+    is one or more well-formed records and nothing else."""
+    buf = memoryview(data).cast("B")
+    r, out, n = _Reader(buf), [], len(buf)
+    if not n:
+        raise ValueError("truncated record: an empty message")
+    while r.pos < n:
+        if buf[r.pos] == RecordType.TOKENS and n - r.pos >= _ONE_TOKEN.size:
+            _, flags, _, request_id, count, _, has, token = _ONE_TOKEN.unpack_from(buf, r.pos)
+            if count == 1 and not flags and not has:     # what decode would make of it, quicker
+                r.pos += _ONE_TOKEN.size
+                out.append(Tokens(request_id, [token]))
+                continue
+        out.append(_parse_record(r))
+    return out
+
+
+def _parse_record(r):
     rtype, flags, worker, request_id = r.unpack(HEADER)
     cls = _CLASSES.get(rtype)
     if cls is None:
         raise ValueError(f"unknown record type {rtype}")
     if flags:
         raise ValueError(f"record flags must be 0, got {flags:#x}")
-    record = cls._parse(r, worker, request_id)
-    r.end(cls.TYPE.name)
-    return record
+    return cls._parse(r, worker, request_id)
 
 
 # -- encoding helpers --------------------------------------------------------

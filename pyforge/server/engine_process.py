@@ -10,7 +10,8 @@ The loop (DESIGN.md, "Engine step"; ring traffic in pyforge/ipc/records.py):
      prompt or bad params: ERROR 400; the waiting queue at `queue_capacity`, or
      draining: ERROR 503), ABORT -> Engine.abort + FINISH "abort".
   3. step(); each StepOutput becomes a TOKENS record (and a FINISH when the
-     sequence ends) on the response ring of the worker slot that submitted it.
+     sequence ends) for the worker slot that submitted it; each slot gets its
+     step's records as one batch message (one ring write, one wake-up).
   4. Stats (waiting, running, KV usage, prefix-cache counters, token totals)
      and the heartbeat.
 
@@ -27,7 +28,8 @@ import time
 from dataclasses import dataclass
 
 from pyforge.engine.sampling_params import SamplingParams
-from pyforge.ipc import Abort, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode
+from pyforge.ipc import (Abort, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
+                         encode_token)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ class EngineLoop:
             self.fail_all(500, "internal error in the engine")
             return
         self.seg.add("generation_tokens", len(outputs))
+        batches, prompt_tokens = {}, 0          # worker slot -> (encoded records, their requests)
         for out in outputs:
             request_id = self.by_seq.get(out.seq_id)
             if request_id is None:
@@ -142,20 +145,33 @@ class EngineLoop:
             req = self.requests[request_id]
             if not req.counted_prompt:
                 req.counted_prompt = True
-                self.seg.add("prompt_tokens", req.seq.num_prompt_tokens)
-            top = [list(out.top_logprobs)] if req.want_logprobs else None
-            tokens = Tokens(request_id, [out.token_id], [out.logprob] if req.want_logprobs else None, top)
-            if not self.reply(req.worker, tokens):
-                self.engine.abort(out.seq_id)
+                prompt_tokens += req.seq.num_prompt_tokens
+            records, reqs = batches.setdefault(req.worker, ([], []))
+            reqs.append(req)
+            if req.want_logprobs:
+                records.append(encode(Tokens(request_id, [out.token_id], [out.logprob], [list(out.top_logprobs)])))
+            else:
+                records.append(encode_token(request_id, out.token_id))
+            if out.finished:
                 self.forget(req)
-            elif out.finished:
-                self.finish(req, out.finish_reason)
+                records.append(encode(self._finish_record(req, out.finish_reason)))
+        if prompt_tokens:
+            self.seg.add("prompt_tokens", prompt_tokens)
+        for worker, (records, reqs) in batches.items():
+            if not self.send(worker, b"".join(records), reqs[0].request_id):
+                for req in reqs:                # that worker is gone or stuck: its requests end here
+                    self.engine.abort(req.seq.seq_id)
+                    self.forget(req)
 
     def finish(self, req, reason):
-        seq = req.seq
         self.forget(req)
-        self.reply(req.worker, Finish(req.request_id, reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                                      seq.num_cached_prompt_tokens))
+        self.reply(req.worker, self._finish_record(req, reason))
+
+    @staticmethod
+    def _finish_record(req, reason):
+        seq = req.seq
+        return Finish(req.request_id, reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                      seq.num_cached_prompt_tokens)
 
     def forget(self, req):
         self.requests.pop(req.request_id, None)
@@ -176,14 +192,19 @@ class EngineLoop:
 
     def reply(self, worker, record):
         """Put one record on `worker`'s response ring; False if the worker is gone or stuck."""
+        return self.send(worker, encode(record), record.request_id)
+
+    def send(self, worker, message, request_id):
+        """Put one message (a batch of records) on `worker`'s response ring;
+        False if the worker is gone or stuck."""
         try:
             ring = self.seg.response_ring(worker)
         except ValueError:
             log.error("request from unknown worker slot %d", worker)
             return False
-        if ring.put(encode(record), timeout=PUT_TIMEOUT):
+        if ring.put(message, timeout=PUT_TIMEOUT):
             return True
-        log.error("worker slot %d does not read its replies; dropping its request %#x", worker, record.request_id)
+        log.error("worker slot %d does not read its replies; dropping its requests (%#x, ...)", worker, request_id)
         return False
 
     # -- stats ------------------------------------------------------------------

@@ -19,7 +19,7 @@ import logging
 import threading
 
 from pyforge.engine.sequence import check_prompt_ids
-from pyforge.ipc import Abort, EngineStatus, Error, Finish, Submit, Tokens, decode, encode
+from pyforge.ipc import Abort, EngineStatus, Error, Finish, Submit, Tokens, decode_batch, encode
 from pyforge.server.engine_client import (
     DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
 )
@@ -117,16 +117,19 @@ class IpcEngineClient:
         self._fail_all("the engine stopped")
 
     def _route(self, message):
+        """Hand each record of a response message (a batch) to its stream."""
         try:
-            record = decode(message)
+            records = decode_batch(message)
         except ValueError as e:
-            log.error("dropping a malformed response record: %s", e)
+            log.error("dropping a malformed response message: %s", e)
             return
-        with self._lock:
-            final = isinstance(record, (Finish, Error))
-            stream = self._streams.pop(record.request_id, None) if final else self._streams.get(record.request_id)
-        if stream is not None:
-            stream.put(_event(record))
+        streams, final = self._streams, (Finish, Error)
+        with self._lock:       # a final record is the stream's last: forget it
+            routed = [(streams.pop(r.request_id, None) if isinstance(r, final) else streams.get(r.request_id), r)
+                      for r in records]
+        for stream, record in routed:
+            if stream is not None:
+                stream.put(_event(record))
 
     def _lose_engine(self):
         while (message := self._ring.get_all(1)):     # what it said before dying still counts

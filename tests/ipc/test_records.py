@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from pyforge.engine.sampling_params import SamplingParams
-from pyforge.ipc.records import (HEADER, Abort, Error, Finish, RecordType, Submit, Tokens, decode, encode,
-                                 request_id, slot_of)
+from pyforge.ipc.records import (HEADER, Abort, Error, Finish, RecordType, Submit, Tokens, decode, decode_batch,
+                                 encode, encode_batch, encode_token, request_id, slot_of)
 
 INT32 = (-(1 << 31), (1 << 31) - 1)
 
@@ -125,3 +125,63 @@ def test_malformed_records_say_why(data, match):
 def test_unencodable_records_raise_value_error(record):
     with pytest.raises(ValueError):
         encode(record)
+
+
+# -- batches: response ring messages ------------------------------------------------
+
+def test_one_token_fast_encoding_is_the_tokens_record():
+    for rid, token in [(0, 0), (1 << 63, 31999), ((1 << 64) - 1, -(1 << 31)), (5, (1 << 31) - 1)]:
+        assert encode_token(rid, token) == encode(Tokens(rid, [token]))
+        assert decode_batch(encode_token(rid, token)) == [Tokens(rid, [token])]
+    with pytest.raises(ValueError):
+        encode_token(1 << 64, 0)
+    with pytest.raises(ValueError):
+        encode_token(1, 1 << 31)
+
+
+def test_a_coalesced_tokens_record_round_trips():
+    record = Tokens(7, [5, 6, 7, 8], [f32(-0.25), f32(-1.5), 0.0, f32(-3.0)],
+                    [[(5, f32(-0.25)), (9, f32(-2.0))], [(6, f32(-1.5)), (1, f32(-1.75))],
+                     [(7, 0.0), (2, f32(-20.0))], [(3, f32(-1.0)), (8, f32(-3.0))]])
+    assert decode(encode(record)) == record
+    assert decode_batch(encode_batch([record, Finish(7, "length", 3, 4)])) == [record, Finish(7, "length", 3, 4)]
+
+
+def test_random_batches_round_trip():
+    rng = random.Random(3)
+    for _ in range(300):
+        records = [random_record(rng) for _ in range(rng.randrange(1, 12))]
+        records += [Tokens(rng.randrange(1 << 64), [rng.randint(*INT32)]) for _ in range(rng.randrange(4))]
+        rng.shuffle(records)
+        data = encode_batch(records)
+        assert data == b"".join(encode(r) for r in records)
+        assert decode_batch(data) == records
+
+
+def test_truncated_or_padded_batches_raise_value_error():
+    rng = random.Random(4)
+    for _ in range(40):
+        records = [random_record(rng) for _ in range(rng.randrange(1, 4))] + [Tokens(9, [3])]
+        rng.shuffle(records)
+        data = encode_batch(records)
+        ends = [len(encode_batch(records[:k])) for k in range(len(records) + 1)]
+        for cut in range(len(data)):
+            if cut in ends[1:]:                             # a record boundary: a shorter, valid batch
+                assert decode_batch(data[:cut]) == records[:ends.index(cut)]
+            else:
+                with pytest.raises(ValueError):
+                    decode_batch(data[:cut])
+        with pytest.raises(ValueError):
+            decode_batch(data + b"\0")
+
+
+def test_batch_fast_path_defers_odd_records_to_the_checks():
+    one = bytearray(encode_token(1, 2))
+    one[1] = 1                                            # flags set: the generic path says why
+    with pytest.raises(ValueError, match="flags"):
+        decode_batch(bytes(one))
+    bad_has = HEADER.pack(RecordType.TOKENS, 0, 0, 1) + struct.pack("<IHHi", 1, 0, 8, 5)
+    with pytest.raises(ValueError, match="flags"):
+        decode_batch(bad_has)
+    with_lp = encode(Tokens(1, [2], [f32(-0.5)]))         # one token with a logprob: not the fast layout
+    assert decode_batch(with_lp + encode_token(3, 4)) == [Tokens(1, [2], [f32(-0.5)]), Tokens(3, [4])]

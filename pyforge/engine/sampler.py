@@ -76,12 +76,18 @@ def _param_arrays(params):
 
 def _history(seqs):
     """The penalties' token history as CSR: offsets, ids, output counts."""
+    if not any(_penalised(seq.params) for seq in seqs):     # the usual batch: nothing to build
+        return np.zeros(len(seqs) + 1, dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
     rows = [_penalised_tokens(seq) for seq in seqs]
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(ids) for ids, _ in rows], out=offsets[1:])
     ids = np.concatenate([ids for ids, _ in rows]).astype(np.int32)
     counts = np.concatenate([counts for _, counts in rows]).astype(np.int32)
     return offsets, ids, counts
+
+
+def _penalised(p):
+    return p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
 
 
 def _penalised_tokens(seq):

@@ -17,12 +17,20 @@ class NullModel:
     def __init__(self, config, token_id):
         self.config = config
         self.token_id = int(token_id)
+        self._logits = np.zeros((0, config.vocab_size), dtype=np.float32)
 
     def forward(self, batch, kv_cache):
-        """Logits f32[len(batch.logits_rows), vocab]: PEAK at token_id, 0 elsewhere."""
-        logits = np.zeros((len(batch.logits_rows), self.config.vocab_size), dtype=np.float32)
-        logits[:, self.token_id] = PEAK
-        return logits
+        """Logits f32[len(batch.logits_rows), vocab]: PEAK at token_id, 0 elsewhere.
+
+        Rows of one buffer kept across calls, filled once: making the logits is
+        the forward pass's work, which this model leaves out (fresh zeros cost
+        ~0.35 ms a step for 64 rows, a third of sampling them). The engine only
+        reads them; the sampler restores what it borrows as scratch."""
+        n = len(batch.logits_rows)
+        if n > len(self._logits):
+            self._logits = np.zeros((max(n, 2 * len(self._logits)), self.config.vocab_size), dtype=np.float32)
+            self._logits[:, self.token_id] = PEAK
+        return self._logits[:n]
 
 
 def pick_token(tokenizer, vocab_size):

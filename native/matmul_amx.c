@@ -153,114 +153,157 @@ static void quantize_token(const float *x, int64_t t, int64_t n_tok, block_q8_K 
     }
 }
 
-/* 16 weight rows as TMUL operands. Each weight's integer product with its
- * sub-block scale, p = sc * q (Q4_K: 0..945; Q6_K: -4096..4064), is split
- * into bytes p = 256 * hi + lo (lo unsigned, hi signed), so one C tile can
- * sum a whole 256-weight block: dot = 256 * (hi . a) + (lo . a).
- *   lo, hi  [16][n_in]        bytes of p, as the A tiles read them
- *   d       [16][n_in/256]    the block's d
- *   mins    [16][n_in/32]     -dmin * m of each sub-block (Q4_K only) */
+/* One 256-weight block of 16 weight rows as TMUL operands: each weight's
+ * integer product with its sub-block scale (the integer the AVX2 kernel sums
+ * too) as two bytes lo, hi with p = 2^shift * hi + lo, so one pair of C tiles
+ * sums the whole block: dot = 2^shift (hi . a) + (lo . a).
+ *   Q4_K: sc = 16 sh + sl, lo = sl * q, hi = sh * q (both 0..225), shift 4;
+ *   Q6_K: p = sc * (q - 32) in -4096..4064, lo its low byte (unsigned),
+ *         hi its high byte (signed), shift 8.
+ *   lo, hi  [16][256]   as the A tiles read them (8 KB: in L1)
+ *   d       [16]        the block's d
+ *   mins    [16][8]     -dmin * m of each sub-block (Q4_K only) */
 typedef struct {
     uint8_t *lo;
     int8_t *hi;
     float *d, *mins;
-} weight_rows;
+} weight_block;
 
-/* 32 products (16-bit) -> their low and high bytes, in order. */
-PF_INLINE void store_split(__m512i p, uint8_t *lo, int8_t *hi) {
-    _mm256_storeu_si256((__m256i *)lo, _mm512_cvtepi16_epi8(p));
-    _mm256_storeu_si256((__m256i *)hi, _mm512_cvtepi16_epi8(_mm512_srai_epi16(p, 8)));
+/* 64 products in order -> their low and high bytes: pe / po hold the
+ * products of the even / odd weights, one per 16-bit lane. */
+PF_INLINE void store_split(__m512i pe, __m512i po, uint8_t *lo, int8_t *hi) {
+    const __m512i low_byte = _mm512_set1_epi16(0x00ff);
+    /* ternary logic 0xE4: mask ? a : b, bit by bit */
+    const __m512i l = _mm512_ternarylogic_epi32(pe, _mm512_slli_epi16(po, 8), low_byte, 0xe4);
+    const __m512i h = _mm512_ternarylogic_epi32(_mm512_srai_epi16(pe, 8), po, low_byte, 0xe4);
+    _mm512_storeu_si512(lo, l);
+    _mm512_storeu_si512(hi, h);
 }
 
-static void unpack_q4_K_row(const block_q4_K *blk, int64_t nb, const weight_rows *wr, int64_t r, int64_t n_in) {
-    uint8_t *lo = wr->lo + r * n_in;
-    int8_t *hi = wr->hi + r * n_in;
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    for (int64_t i = 0; i < nb; i++) {
-        const __m128i sm = k_scales_mins(blk[i].scales);
-        uint8_t sc[16];
-        _mm_storeu_si128((__m128i *)sc, sm);
-        for (int c = 0; c < 4; c++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk[i].qs + 32 * c));
-            const __m256i q[2] = {_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)};
-            for (int h = 0; h < 2; h++) { /* sub-block 2c + h: weights 32 (2c + h) .. */
-                const int64_t k = QK_K * i + 32 * (2 * c + h);
-                const __m512i p = _mm512_mullo_epi16(_mm512_cvtepu8_epi16(q[h]), _mm512_set1_epi16(sc[2 * c + h]));
-                store_split(p, lo + k, hi + k);
-            }
-        }
-        wr->d[r * nb + i] = pf_half_to_float(blk[i].d);
-        const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)));
-        _mm256_storeu_ps(wr->mins + r * (n_in / 32) + 8 * i,
-                         _mm256_mul_ps(_mm256_set1_ps(-pf_half_to_float(blk[i].dmin)), m));
+/* sc * q for 64 unsigned bytes q (0..63): s16 holds one int16 scale per
+ * 16-bit lane (the scale of that lane's two weights). maddubs with bytes
+ * (s, 0) resp. (0, s) multiplies the even resp. odd weight alone. */
+PF_INLINE void scaled_products(__m512i q, __m512i s16, __m512i *pe, __m512i *po) {
+    *pe = _mm512_maddubs_epi16(q, _mm512_and_si512(s16, _mm512_set1_epi16(0x00ff)));
+    *po = _mm512_maddubs_epi16(q, _mm512_slli_epi16(s16, 8));
+}
+
+/* Byte products for Q4_K by table: sc = 16 sh + sl (sh 0..3, sl 0..15), so
+ * sc * q = 16 * (sh * q) + sl * q with both products bytes (<= 225), and a
+ * 4-bit q indexes a 16-byte row of products with one shuffle. */
+#define PF_PRODUCTS(a)                                                                                            \
+    { 0 * a, 1 * a, 2 * a, 3 * a, 4 * a, 5 * a, 6 * a, 7 * a, 8 * a, 9 * a, 10 * a, 11 * a, 12 * a, 13 * a, 14 * a, 15 * a }
+static const uint8_t products_table[16][16] = { /* [s][q] = s * q; rows 0..3 serve sh too */
+    PF_PRODUCTS(0),  PF_PRODUCTS(1),  PF_PRODUCTS(2),  PF_PRODUCTS(3),  PF_PRODUCTS(4),  PF_PRODUCTS(5),
+    PF_PRODUCTS(6),  PF_PRODUCTS(7),  PF_PRODUCTS(8),  PF_PRODUCTS(9),  PF_PRODUCTS(10), PF_PRODUCTS(11),
+    PF_PRODUCTS(12), PF_PRODUCTS(13), PF_PRODUCTS(14), PF_PRODUCTS(15),
+};
+#undef PF_PRODUCTS
+
+/* Rows a, b of the products table in the two 256-bit halves (each row in
+ * both 128-bit lanes of its half), for a 64-byte shuffle. */
+PF_INLINE __m512i table_pair(int a, int b) {
+    const __m256i ta = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)products_table[a]));
+    const __m256i tb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)products_table[b]));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(ta), tb, 1);
+}
+
+/* Q4_K: chunk c of 32 bytes holds sub-block 2c in its low nibbles and 2c + 1
+ * in its high ones, i.e. weights 64c .. 64c + 63 in order as [low | high].
+ * Here lo = sl * q and hi = sh * q: dot = 16 (hi . a) + (lo . a). */
+static void unpack_q4_K(const block_q4_K *blk, const weight_block *wb, int r) {
+    uint8_t *lo = wb->lo + r * QK_K;
+    int8_t *hi = wb->hi + r * QK_K;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    const __m128i sm = k_scales_mins(blk->scales);
+    uint8_t sc[16];
+    _mm_storeu_si128((__m128i *)sc, sm);
+    for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+        const __m512i vv = _mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1);
+        const __m512i q = _mm512_and_si512(_mm512_srlv_epi16(vv, nibble_shift), m4);
+        const int s0 = sc[2 * c], s1 = sc[2 * c + 1];
+        _mm512_storeu_si512(lo + 64 * c, _mm512_shuffle_epi8(table_pair(s0 & 15, s1 & 15), q));
+        _mm512_storeu_si512(hi + 64 * c, _mm512_shuffle_epi8(table_pair(s0 >> 4, s1 >> 4), q));
     }
+    wb->d[r] = pf_half_to_float(blk->d);
+    const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)));
+    _mm256_storeu_ps(wb->mins + 8 * r, _mm256_mul_ps(_mm256_set1_ps(-pf_half_to_float(blk->dmin)), m));
 }
 
 /* Q6_K weight 128h + 32g + l: low nibble from ql, two high bits from qh
- * (layout in quants.h), q - 32 signed; 32 weights span sub-blocks 8h + 2g
- * and 8h + 2g + 1. */
-static void unpack_q6_K_row(const block_q6_K *blk, int64_t nb, const weight_rows *wr, int64_t r, int64_t n_in) {
-    uint8_t *lo = wr->lo + r * n_in;
-    int8_t *hi = wr->hi + r * n_in;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
-    for (int64_t i = 0; i < nb; i++) {
-        for (int h = 0; h < 2; h++) {
-            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk[i].ql + 64 * h));
-            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk[i].ql + 64 * h + 32));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk[i].qh + 32 * h));
-            const __m256i g[4] = {
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
-            };
-            for (int k = 0; k < 4; k++) {
-                const int s = 8 * h + 2 * k;
-                const __m512i sc = _mm512_inserti64x4(_mm512_set1_epi16(blk[i].scales[s]),
-                                                      _mm256_set1_epi16(blk[i].scales[s + 1]), 1);
-                const __m512i p = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(_mm256_sub_epi8(g[k], off)), sc);
-                store_split(p, lo + QK_K * i + 128 * h + 32 * k, hi + QK_K * i + 128 * h + 32 * k);
-            }
+ * (layout in quants.h); p = sc * (q - 32) = sc * q - 32 sc. Half h in two
+ * passes of 64 weights: groups g = 0, 1 (low nibbles of ql[64h..64h+63], qh
+ * bits 0-1 / 2-3) and g = 2, 3 (high nibbles, qh bits 4-5 / 6-7); each pass
+ * spans four 16-weight sub-blocks. */
+static void unpack_q6_K(const block_q6_K *blk, const weight_block *wb, int r) {
+    uint8_t *lo = wb->lo + r * QK_K;
+    int8_t *hi = wb->hi + r * QK_K;
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i shift_01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shift_23 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    /* 16-bit lane i of a pass -> sub-block i / 8 of its four */
+    const __m512i quarter = _mm512_srli_epi16(
+        _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7,
+                         6, 5, 4, 3, 2, 1, 0),
+        3);
+    const __m512i sc16 = _mm512_cvtepi8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)blk->scales)));
+    for (int h = 0; h < 2; h++) {
+        const __m512i ql = _mm512_loadu_si512(blk->ql + 64 * h);
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h)));
+        const __m512i q[2] = {
+            /* ternary logic 0xEA: (a & b) | c */
+            _mm512_ternarylogic_epi32(m4, ql, _mm512_and_si512(_mm512_sllv_epi16(qh, shift_01), m30), 0xea),
+            _mm512_ternarylogic_epi32(m4, _mm512_srli_epi16(ql, 4),
+                                      _mm512_and_si512(_mm512_srlv_epi16(qh, shift_23), m30), 0xea),
+        };
+        for (int p = 0; p < 2; p++) {
+            const __m512i idx = _mm512_add_epi16(quarter, _mm512_set1_epi16((short)(8 * h + 4 * p)));
+            const __m512i s = _mm512_permutexvar_epi16(idx, sc16), off = _mm512_slli_epi16(s, 5);
+            __m512i pe, po;
+            scaled_products(q[p], s, &pe, &po);
+            store_split(_mm512_sub_epi16(pe, off), _mm512_sub_epi16(po, off), lo + 128 * h + 64 * p,
+                        hi + 128 * h + 64 * p);
         }
-        wr->d[r * nb + i] = pf_half_to_float(blk[i].d);
     }
+    wb->d[r] = pf_half_to_float(blk->d);
 }
 
-/* Rows r0.. r0+15 of w (rows past n_out become zeros). */
-static void unpack_rows(const char *w, size_t w_row, int type, int64_t r0, int64_t n_out, int64_t n_in,
-                        const weight_rows *wr) {
-    const int64_t nb = n_in / QK_K;
-    for (int64_t r = 0; r < ROWS; r++) {
+/* Block b of rows r0 .. r0 + 15 of w (rows past n_out become zeros). */
+static void unpack_block(const char *w, size_t w_row, int type, int64_t r0, int64_t n_out, int64_t b,
+                         const weight_block *wb) {
+    for (int r = 0; r < ROWS; r++) {
+        const char *row = w + (size_t)(r0 + r) * w_row;
         if (r0 + r >= n_out) {
-            memset(wr->lo + r * n_in, 0, (size_t)n_in);
-            memset(wr->hi + r * n_in, 0, (size_t)n_in);
-            memset(wr->d + r * nb, 0, (size_t)nb * sizeof(float));
-            if (wr->mins) memset(wr->mins + r * (n_in / 32), 0, (size_t)(n_in / 32) * sizeof(float));
+            memset(wb->lo + r * QK_K, 0, QK_K);
+            memset(wb->hi + r * QK_K, 0, QK_K);
+            memset(wb->mins + 8 * r, 0, 8 * sizeof(float));
+            wb->d[r] = 0.0f;
         } else if (type == PF_Q4_K) {
-            unpack_q4_K_row((const void *)(w + (size_t)(r0 + r) * w_row), nb, wr, r, n_in);
+            unpack_q4_K((const block_q4_K *)row + b, wb, r);
         } else {
-            unpack_q6_K_row((const void *)(w + (size_t)(r0 + r) * w_row), nb, wr, r, n_in);
+            unpack_q6_K((const block_q6_K *)row + b, wb, r);
         }
     }
 }
 
-/* C tiles of one 256-weight block from k0 for one or two token groups
- * (tiles 0, 1 and 2, 3), stored to c[0..1] / c[2..3]. */
-PF_INLINE void block_tiles(const weight_rows *wr, int64_t n_in, const int8_t *aq0, const int8_t *aq1, int64_t k0,
-                           int32_t c[4][ROWS][ROWS], const int two) {
+/* C tiles of one block for one or two token groups (tiles 0, 1 and 2, 3),
+ * stored to c[0..1] / c[2..3]; aq0 / aq1 point at the block's activations. */
+PF_INLINE void block_tiles(const weight_block *wb, const int8_t *aq0, const int8_t *aq1, int32_t c[4][ROWS][ROWS],
+                           const int two) {
     _tile_zero(0);
     _tile_zero(1);
     if (two) {
         _tile_zero(2);
         _tile_zero(3);
     }
-    for (int64_t k = k0; k < k0 + QK_K; k += SLICE) {
-        _tile_loadd(4, wr->lo + k, n_in);
-        _tile_loadd(5, wr->hi + k, n_in);
+    for (int k = 0; k < QK_K; k += SLICE) {
+        _tile_loadd(4, wb->lo + k, QK_K);
+        _tile_loadd(5, wb->hi + k, QK_K);
         _tile_loadd(6, aq0 + k * ROWS, 64);
         _tile_dpbusd(0, 4, 6); /* unsigned low bytes x signed activations */
-        _tile_dpbssd(1, 5, 6); /* signed high bytes x signed activations */
+        _tile_dpbssd(1, 5, 6); /* signed (Q6_K) or small (Q4_K) high bytes */
         if (two) {
             _tile_loadd(7, aq1 + k * ROWS, 64);
             _tile_dpbusd(2, 4, 7);
@@ -275,50 +318,26 @@ PF_INLINE void block_tiles(const weight_rows *wr, int64_t n_in, const int8_t *aq
     }
 }
 
-/* acc[row] += d_w * d_a * (256 hi + lo) + sum_j mins_j * (d_a * sum of a)_j
- * for block b of one token group. */
-PF_INLINE void fold_block(const int32_t clo[ROWS][ROWS], const int32_t chi[ROWS][ROWS], const weight_rows *wr,
-                          int64_t nb, int64_t b, const float *ad, const float *asums, float acc[ROWS][ROWS]) {
-    const __m512 da = _mm512_load_ps(ad + b * ROWS);
+/* acc[row] += d_w * d_a * (2^shift hi + lo) + sum_j mins_j * (d_a * sum of a)_j
+ * for one block of one token group: ad = the block's 16 token scales, asums
+ * its [8][16] scaled sub-block sums. */
+PF_INLINE void fold_block(const int32_t clo[ROWS][ROWS], const int32_t chi[ROWS][ROWS], __m128i shift,
+                          const float *wd, const float *wmins, const float *ad, const float *asums,
+                          float acc[ROWS][ROWS]) {
+    const __m512 da = _mm512_load_ps(ad);
     for (int n = 0; n < ROWS; n++) {
-        const __m512i t = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(chi[n]), 8), _mm512_load_si512(clo[n]));
-        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(wr->d[n * nb + b]), da);
+        const __m512i t = _mm512_add_epi32(_mm512_sll_epi32(_mm512_load_si512(chi[n]), shift), _mm512_load_si512(clo[n]));
+        const __m512 s = _mm512_mul_ps(_mm512_set1_ps(wd[n]), da);
         _mm512_store_ps(acc[n], _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), s, _mm512_load_ps(acc[n])));
     }
-    if (wr->mins) {
-        const int64_t n32 = nb * 8;
+    if (wmins) {
         __m512 sums[8];
-        for (int j = 0; j < 8; j++) sums[j] = _mm512_load_ps(asums + (8 * b + j) * ROWS);
+        for (int j = 0; j < 8; j++) sums[j] = _mm512_load_ps(asums + j * ROWS);
         for (int n = 0; n < ROWS; n++) {
             __m512 v = _mm512_load_ps(acc[n]);
-            for (int j = 0; j < 8; j++) v = _mm512_fmadd_ps(_mm512_set1_ps(wr->mins[n * n32 + 8 * b + j]), sums[j], v);
+            for (int j = 0; j < 8; j++) v = _mm512_fmadd_ps(_mm512_set1_ps(wmins[8 * n + j]), sums[j], v);
             _mm512_store_ps(acc[n], v);
         }
-    }
-}
-
-typedef struct {
-    const int8_t *q;
-    const float *d, *sums;
-} group_view;
-
-PF_INLINE group_view view_of(const act_groups *a, int64_t g) {
-    return (group_view){group_q(a, g), group_d(a, g), a->sums ? group_sums(a, g) : NULL};
-}
-
-/* acc[t][row][token] = dot of 16 unpacked weight rows with the tokens of
- * one or two groups. Software-pipelined: block b + 1's tile ops are issued
- * before block b is folded, so the tile unit and the vector units overlap and
- * no load waits on a tile store just issued. */
-PF_INLINE void rows_x_groups(const weight_rows *wr, int64_t n_in, const group_view *g0, const group_view *g1,
-                             int32_t c[2][4][ROWS][ROWS], float acc[2][ROWS][ROWS], const int two) {
-    const int64_t nb = n_in / QK_K;
-    memset(acc, 0, (two ? 2 : 1) * sizeof(float[ROWS][ROWS]));
-    block_tiles(wr, n_in, g0->q, two ? g1->q : NULL, 0, c[0], two);
-    for (int64_t b = 0; b < nb; b++) {
-        if (b + 1 < nb) block_tiles(wr, n_in, g0->q, two ? g1->q : NULL, (b + 1) * QK_K, c[(b + 1) & 1], two);
-        fold_block(c[b & 1][0], c[b & 1][1], wr, nb, b, g0->d, g0->sums, acc[0]);
-        if (two) fold_block(c[b & 1][2], c[b & 1][3], wr, nb, b, g1->d, g1->sums, acc[1]);
     }
 }
 
@@ -330,35 +349,38 @@ static void store_tile(float acc[ROWS][ROWS], float *out, int64_t n_out, int64_t
 }
 
 typedef struct {
-    weight_rows wr;
+    weight_block wb[2];          /* by block parity: block b is folded while b + 1 is unpacked */
     block_q8_K *tmp;
-    int32_t (*c)[4][ROWS][ROWS]; /* [2]: the block being folded, the block being multiplied */
-    float (*acc)[ROWS][ROWS];    /* [2]: per token group */
+    int32_t (*c)[4][ROWS][ROWS]; /* [2]: the C tiles being folded, the ones being multiplied */
+    float (*acc)[ROWS][ROWS];    /* [n_groups] */
 } thread_space;
 
 static void free_spaces(thread_space *ts, int n) {
-    for (int i = 0; i < n; i++)
-        free(ts[i].wr.lo), free(ts[i].wr.hi), free(ts[i].wr.d), free(ts[i].wr.mins), free(ts[i].tmp), free(ts[i].c),
-            free(ts[i].acc);
+    for (int i = 0; i < n; i++) {
+        for (int p = 0; p < 2; p++) free(ts[i].wb[p].lo), free(ts[i].wb[p].hi), free(ts[i].wb[p].d), free(ts[i].wb[p].mins);
+        free(ts[i].tmp), free(ts[i].c), free(ts[i].acc);
+    }
     free(ts);
 }
 
 /* aligned_alloc wants a size that is a multiple of the alignment. */
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) & ~(size_t)63); }
 
-static thread_space *alloc_spaces(int n, int64_t n_in, int has_mins) {
+static thread_space *alloc_spaces(int n, int64_t n_in, int64_t n_groups) {
     thread_space *ts = calloc((size_t)n, sizeof *ts);
     if (!ts) return NULL;
     for (int i = 0; i < n; i++) {
-        weight_rows *wr = &ts[i].wr;
-        wr->lo = alloc64((size_t)ROWS * n_in);
-        wr->hi = alloc64((size_t)ROWS * n_in);
-        wr->d = alloc64((size_t)ROWS * (n_in / QK_K) * sizeof(float));
-        wr->mins = has_mins ? alloc64((size_t)ROWS * (n_in / 32) * sizeof(float)) : NULL;
+        int ok = 1;
+        for (int p = 0; p < 2; p++) {
+            weight_block *wb = &ts[i].wb[p];
+            wb->lo = alloc64(ROWS * QK_K), wb->hi = alloc64(ROWS * QK_K);
+            wb->d = alloc64(ROWS * sizeof(float)), wb->mins = alloc64(ROWS * 8 * sizeof(float));
+            ok = ok && wb->lo && wb->hi && wb->d && wb->mins;
+        }
         ts[i].tmp = malloc((size_t)(n_in / QK_K) * sizeof(block_q8_K));
         ts[i].c = alloc64(2 * sizeof(int32_t[4][ROWS][ROWS]));
-        ts[i].acc = alloc64(2 * sizeof(float[ROWS][ROWS]));
-        if (!wr->lo || !wr->hi || !wr->d || (has_mins && !wr->mins) || !ts[i].tmp || !ts[i].c || !ts[i].acc) {
+        ts[i].acc = alloc64((size_t)n_groups * sizeof(float[ROWS][ROWS]));
+        if (!ok || !ts[i].tmp || !ts[i].c || !ts[i].acc) {
             free_spaces(ts, n);
             return NULL;
         }
@@ -366,21 +388,51 @@ static thread_space *alloc_spaces(int n, int64_t n_in, int has_mins) {
     return ts;
 }
 
-/* Every token group against the 16 weight rows in wr, two groups per pass. */
-static void row_group(const thread_space *my, const act_groups *act, int64_t n_groups, float *out, int64_t n_out,
-                      int64_t r0, int64_t n_tok) {
-    const int64_t n_in = act->n_in;
-    for (int64_t g = 0; g < n_groups; g += 2) {
-        const group_view g0 = view_of(act, g);
-        if (g + 1 < n_groups) {
-            const group_view g1 = view_of(act, g + 1);
-            rows_x_groups(&my->wr, n_in, &g0, &g1, my->c, my->acc, 1);
-            store_tile(my->acc[1], out, n_out, r0, (g + 1) * ROWS, n_tok);
-        } else {
-            rows_x_groups(&my->wr, n_in, &g0, NULL, my->c, my->acc, 0);
-        }
-        store_tile(my->acc[0], out, n_out, r0, g * ROWS, n_tok);
+/* One pass over 16 weight rows. Work item i is block i / n_pairs against
+ * token groups 2p and 2p + 1, p = i % n_pairs. */
+typedef struct {
+    const char *w;
+    size_t w_row;
+    int type;
+    int64_t r0, n_out, n_groups, n_pairs;
+    const act_groups *act;
+} row_job;
+
+/* Item i's C tiles into c[i & 1]; its block is unpacked on its first pair. */
+static void item_tiles(const row_job *job, thread_space *my, int64_t i) {
+    const int64_t b = i / job->n_pairs, g = 2 * (i % job->n_pairs);
+    const weight_block *wb = &my->wb[b & 1];
+    if (g == 0) unpack_block(job->w, job->w_row, job->type, job->r0, job->n_out, b, wb);
+    const int8_t *aq0 = group_q(job->act, g) + b * QK_K * ROWS;
+    if (g + 1 < job->n_groups) block_tiles(wb, aq0, group_q(job->act, g + 1) + b * QK_K * ROWS, my->c[i & 1], 1);
+    else block_tiles(wb, aq0, NULL, my->c[i & 1], 0);
+}
+
+static void item_fold(const row_job *job, thread_space *my, int64_t i) {
+    const int64_t b = i / job->n_pairs, g0 = 2 * (i % job->n_pairs);
+    const weight_block *wb = &my->wb[b & 1];
+    const int has_mins = job->act->sums != NULL;
+    const __m128i shift = _mm_cvtsi32_si128(job->type == PF_Q4_K ? 4 : 8);
+    for (int64_t g = g0; g < g0 + 2 && g < job->n_groups; g++) {
+        int32_t(*c)[ROWS][ROWS] = my->c[i & 1] + 2 * (g - g0);
+        fold_block(c[0], c[1], shift, wb->d, has_mins ? wb->mins : NULL, group_d(job->act, g) + b * ROWS,
+                   has_mins ? group_sums(job->act, g) + 8 * b * ROWS : NULL, my->acc[g]);
     }
+}
+
+/* Rows r0 .. r0 + 15 against every token, block by block: a block's 16 rows
+ * are unpacked once (8 KB, in L1) and every pair of token groups passes over
+ * them. Software-pipelined: item i + 1's tile ops are issued before item i is
+ * folded, so the tile unit and the vector units overlap. */
+static void row_group(const row_job *job, thread_space *my, float *out, int64_t n_tok) {
+    const int64_t n_items = (job->act->n_in / QK_K) * job->n_pairs;
+    memset(my->acc, 0, (size_t)job->n_groups * sizeof(float[ROWS][ROWS]));
+    item_tiles(job, my, 0);
+    for (int64_t i = 0; i < n_items; i++) {
+        if (i + 1 < n_items) item_tiles(job, my, i + 1);
+        item_fold(job, my, i);
+    }
+    for (int64_t g = 0; g < job->n_groups; g++) store_tile(my->acc[g], out, job->n_out, job->r0, g * ROWS, n_tok);
 }
 
 int pf_matmul_amx(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out,
@@ -389,34 +441,35 @@ int pf_matmul_amx(const float *x, const void *w, int type, int64_t n_tok, int64_
     if (n_tok == 0 || n_out == 0) return 0;
     const int has_mins = type == PF_Q4_K;
     const int64_t n_groups = (n_tok + ROWS - 1) / ROWS, n_row_groups = (n_out + ROWS - 1) / ROWS;
-    const size_t w_row = (size_t)pf_row_bytes(type, n_in);
     act_groups act = {
         .q = alloc64((size_t)n_groups * ROWS * n_in),
         .d = alloc64((size_t)n_groups * ROWS * (n_in / QK_K) * sizeof(float)),
         .sums = has_mins ? alloc64((size_t)n_groups * ROWS * (n_in / 32) * sizeof(float)) : NULL,
         .n_in = n_in,
     };
-    thread_space *ts = alloc_spaces(n_threads, n_in, has_mins);
+    thread_space *ts = alloc_spaces(n_threads, n_in, n_groups);
     if (!act.q || !act.d || (has_mins && !act.sums) || !ts) {
         free(act.q), free(act.d), free(act.sums);
         if (ts) free_spaces(ts, n_threads);
         return -2;
     }
+    const size_t w_row = (size_t)pf_row_bytes(type, n_in);
 #pragma omp parallel num_threads(n_threads)
     {
         int tid = 0;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        const thread_space *my = &ts[tid];
+        thread_space *my = &ts[tid];
         /* whole groups per thread: slots of one group share cache lines */
 #pragma omp for schedule(static, ROWS)
         for (int64_t t = 0; t < n_groups * ROWS; t++) quantize_token(x, t, n_tok, my->tmp, &act);
         load_tile_config();
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t rg = 0; rg < n_row_groups; rg++) {
-            unpack_rows(w, w_row, type, rg * ROWS, n_out, n_in, &my->wr);
-            row_group(my, &act, n_groups, out, n_out, rg * ROWS, n_tok);
+            const row_job job = {.w = w, .w_row = w_row, .type = type, .r0 = rg * ROWS, .n_out = n_out,
+                                 .n_groups = n_groups, .n_pairs = (n_groups + 1) / 2, .act = &act};
+            row_group(&job, my, out, n_tok);
         }
         _tile_release();
     }

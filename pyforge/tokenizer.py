@@ -161,8 +161,9 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._strip_pending = tokenizer._strip      # the leading space is dropped once, at the start
-        for token_id in prefix_ids:
-            self.feed(token_id)
+        if prefix_ids:      # the state feeding them one by one leaves, from one decode of their bytes
+            self._emit(self._utf8.decode(b"".join(tokenizer.token_to_piece(t, skip_special_tokens)
+                                                  for t in prefix_ids)))
 
     def feed(self, token_id):
         return self._emit(self._utf8.decode(self._tokenizer.token_to_piece(token_id, self._skip)))

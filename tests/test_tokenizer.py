@@ -245,6 +245,21 @@ def test_incremental_random_ids(tinyllama, gguf_tokenizer):
             assert "".join(stream(tok, ids, skip_special_tokens=skip)) == tok.decode(ids, skip_special_tokens=skip)
 
 
+def test_a_prompt_prefix_leaves_the_state_feeding_it_token_by_token_would(tinyllama, gguf_tokenizer):
+    rng = random.Random(99)
+    for tok in (tinyllama, gguf_tokenizer("qwen2")):
+        for trial in range(200):
+            prefix, ids = ([rng.randrange(3, 259) if rng.random() < 0.6 else rng.randrange(tok.vocab_size)
+                            for _ in range(rng.randrange(n))] for n in (12, 12))
+            skip = trial % 2 == 0
+            one_by_one = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+            for t in prefix:
+                one_by_one.feed(t)
+            at_once = IncrementalDetokenizer(tok, skip_special_tokens=skip, prefix_ids=prefix)
+            assert [at_once.feed(i) for i in ids] + [at_once.flush()] == \
+                [one_by_one.feed(i) for i in ids] + [one_by_one.flush()]
+
+
 def test_incremental_real_text_never_emits_partial_characters(tinyllama, gguf_tokenizer):
     for tok in (tinyllama, gguf_tokenizer("qwen2"), gguf_tokenizer("gpt-2")):
         for text in TEXTS:

@@ -11,12 +11,15 @@ vocabulary) raises ValueError; an engine that is not ready, a waiting queue at
 capacity (as of the engine's last step) or a full request ring raise
 QueueFullError. The engine still checks everything itself and answers ERROR.
 
-When the engine process dies, `ready()` turns false at once and the dispatcher
-ends every pending stream with ErrorEvent(503) within one poll interval.
+When the engine process dies, `ready()` turns false within ALIVE_TRUST seconds
+(a live engine is looked up in /proc at most that often: once per request
+costs more than the rest of submit) and the dispatcher ends every pending
+stream with ErrorEvent(503) within one poll interval.
 """
 import dataclasses
 import logging
 import threading
+import time
 
 from pyforge.engine.sequence import check_prompt_ids
 from pyforge.ipc import Abort, EngineStatus, Error, Finish, Submit, Tokens, decode_batch, encode
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 POLL = 0.25              # dispatcher wake-up interval for the engine liveness check
 PUT_TIMEOUT = 1.0        # seconds to wait for room in the request ring before answering 503
+ALIVE_TRUST = 0.05       # seconds a check that found the engine process alive stays believed
 
 
 class IpcEngineClient:
@@ -45,6 +49,7 @@ class IpcEngineClient:
         self._streams = {}           # request id -> RequestStream awaiting its final record
         self._closed = threading.Event()
         self._engine_lost = False
+        self._alive_at = -ALIVE_TRUST   # when the engine process was last seen alive
         self._ring = segment.response_ring(self.slot)
         self._thread = threading.Thread(target=self._dispatch, name=f"pyforge-ipc-{self.slot}", daemon=True)
         self._thread.start()
@@ -73,12 +78,21 @@ class IpcEngineClient:
 
     def ready(self):
         return (not self._engine_lost and self.seg.engine_status == EngineStatus.READY
-                and _alive(self.seg.engine_pid) and self._thread.is_alive())
+                and self._engine_process_alive() and self._thread.is_alive())
 
     def engine_alive(self):
         """The engine process exists (loading, ready or draining)."""
         return (not self._engine_lost and self.seg.engine_status != EngineStatus.STOPPED
-                and _alive(self.seg.engine_pid))
+                and self._engine_process_alive())
+
+    def _engine_process_alive(self):
+        now = time.monotonic()
+        if now - self._alive_at < ALIVE_TRUST:
+            return True
+        alive = _alive(self.seg.engine_pid)
+        if alive:
+            self._alive_at = now
+        return alive
 
     def stats(self):
         s = self.seg.stats()
@@ -147,7 +161,8 @@ class IpcEngineClient:
 
 
 def _params_dict(params):
-    d = dataclasses.asdict(params)
+    # the fields are flat: no need for asdict()'s recursive deep copy
+    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
     d["stop_token_ids"] = list(d["stop_token_ids"])
     return d
 

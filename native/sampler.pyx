@@ -9,7 +9,7 @@ operations, RNG, tie rules) is written down in sampler_kernels.h.
 """
 import numpy as np
 
-from libc.stdint cimport int32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint64_t
 
 
 cdef extern from "sampler_kernels.h" nogil:
@@ -33,6 +33,7 @@ cdef extern from "sampler_kernels.h" nogil:
         int32_t *top_ids
         float *top_logprobs
         int32_t n_top
+        const uint8_t *want_logprobs
 
     uint64_t pf_rng_next(uint64_t *state)
     void pf_exp_nonpositive(const float *x, float *y, int32_t n)
@@ -79,7 +80,7 @@ def sample(float[:, ::1] logits,
            const float[::1] presence_penalty, const float[::1] frequency_penalty,
            const int32_t[::1] history_offsets, const int32_t[::1] history_ids,
            const int32_t[::1] history_counts, uint64_t[::1] rng_state,
-           int n_top_logprobs=0, int n_threads=0):
+           int n_top_logprobs=0, int n_threads=0, const uint8_t[::1] want_logprobs=None):
     """Sample one token for each row of logits.
 
     logits              f32[n_seq, vocab], C-contiguous and writable: penalties
@@ -94,6 +95,9 @@ def sample(float[:, ::1] logits,
     rng_state           uint64[n_seq], advanced one step per row, in place.
     n_top_logprobs      K, how many top raw logprobs to return per row.
     n_threads           OpenMP threads; 0 takes OpenMP's default.
+    want_logprobs       uint8[n_seq] or None (every row): rows with 0 skip the
+                        raw log-softmax; their logprob is NaN and their top
+                        lists stay 0. Tokens do not depend on it.
 
     Returns (tokens int32[n_seq], logprobs f32[n_seq] (raw, of the chosen
     token), top_ids int32[n_seq, K], top_logprobs f32[n_seq, K]), top lists
@@ -109,6 +113,8 @@ def sample(float[:, ::1] logits,
                       ("presence_penalty", presence_penalty),
                       ("frequency_penalty", frequency_penalty), ("rng_state", rng_state)):
         _check_len(name, arr.shape[0], n_seq)
+    if want_logprobs is not None:
+        _check_len("want_logprobs", want_logprobs.shape[0], n_seq)
     cdef pf_token_history history = _history(history_offsets, history_ids, history_counts,
                                              n_seq, vocab)
 
@@ -137,6 +143,7 @@ def sample(float[:, ::1] logits,
     out.top_ids = &top_ids_v[0, 0] if n_top_logprobs else NULL
     out.top_logprobs = &top_logprobs_v[0, 0] if n_top_logprobs else NULL
     out.n_top = n_top_logprobs
+    out.want_logprobs = &want_logprobs[0] if want_logprobs is not None else NULL
 
     cdef int rc
     with nogil:

@@ -441,8 +441,13 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
                        const pf_sample_out *out, scratch_t *s)
 {
     size_t top_at = (size_t)i * (size_t)out->n_top;
+    int want = out->want_logprobs == NULL || out->want_logprobs[i];
     float max;
-    double lse = raw_logprobs(row, vocab, out->n_top, out->top_ids + top_at, out->top_logprobs + top_at, &max);
+    double lse = 0.0;
+    if (want)
+        lse = raw_logprobs(row, vocab, out->n_top, out->top_ids + top_at, out->top_logprobs + top_at, &max);
+    else
+        max = max_value(row, vocab);
 
     const int32_t *ids = h->ids + h->offsets[i], *counts = h->counts + h->offsets[i];
     int32_t n_hist = h->offsets[i + 1] - h->offsets[i];
@@ -459,7 +464,7 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
     for (int32_t j = 0; j < n_hist; j++)
         row[ids[j]] = s->saved[j];
     out->tokens[i] = token;
-    out->logprobs[i] = (float)(row[token] - lse);
+    out->logprobs[i] = want ? (float)(row[token] - lse) : NAN;
 }
 
 /* ---- the batch ---------------------------------------------------------- */

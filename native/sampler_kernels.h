@@ -55,6 +55,10 @@ typedef struct {
     int32_t *top_ids;         /* [n_seq, n_top] best first */
     float *top_logprobs;      /* [n_seq, n_top] */
     int32_t n_top;            /* 0..vocab; cost grows with it, meant for <= 20 */
+    /* [n_seq], or NULL for every row: rows with 0 skip the raw log-softmax
+     * (most of a greedy row's cost), get logprob NaN and leave their top
+     * entries alone. The tokens drawn do not depend on it. */
+    const uint8_t *want_logprobs;
 } pf_sample_out;
 
 /* SplitMix64: advance *state, return the next 64-bit output. */

@@ -31,10 +31,16 @@ class SampleResult:
 
 class Sampler:
     """Samples a batch per call and keeps nothing between calls: each sequence
-    carries its own RNG state (`seq.rng_state`), which `sample` advances."""
+    carries its own RNG state (`seq.rng_state`), which `sample` advances.
 
-    def __init__(self, n_threads=0):
+    Every result carries the chosen token's raw logprob unless `all_logprobs`
+    is off: then only rows whose params ask for logprobs get it (NaN for the
+    rest, whose log-softmax, most of a greedy row's cost, is skipped). The
+    serving engine turns it off: it sends logprobs only to who asked."""
+
+    def __init__(self, n_threads=0, all_logprobs=True):
         self.n_threads = n_threads   # 0: OpenMP's default
+        self.all_logprobs = all_logprobs
 
     @staticmethod
     def seed_state(seed=None):
@@ -56,9 +62,10 @@ class Sampler:
         params = [seq.params for seq in seqs]
         n_top = min(max(p.logprobs or 0 for p in params), logits.shape[1])
         rng_state = np.array([seq.rng_state for seq in seqs], dtype=np.uint64)
+        want = None if self.all_logprobs else np.array([p.logprobs is not None for p in params], dtype=np.uint8)
         tokens, logprobs, top_ids, top_logprobs = native.sample(
             logits, *_param_arrays(params), *_history(seqs), rng_state,
-            n_top_logprobs=n_top, n_threads=self.n_threads,
+            n_top_logprobs=n_top, n_threads=self.n_threads, want_logprobs=want,
         )
         for seq, state in zip(seqs, rng_state.tolist()):
             seq.rng_state = state

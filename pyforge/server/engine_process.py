@@ -53,6 +53,7 @@ class EngineLoop:
     def __init__(self, segment, engine, queue_capacity=256):
         self.seg = segment
         self.engine = engine
+        engine.sampler.all_logprobs = False    # logprobs go only to requests that ask: skip the others'
         self.queue_capacity = queue_capacity
         self.requests = {}          # request id -> _Request
         self.by_seq = {}            # seq id -> request id

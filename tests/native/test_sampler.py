@@ -34,7 +34,8 @@ def history_csr(rows):
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-           presence_penalty=0.0, frequency_penalty=0.0, history=None, seeds=0, n_top=0, n_threads=0):
+           presence_penalty=0.0, frequency_penalty=0.0, history=None, seeds=0, n_top=0, n_threads=0,
+           want_logprobs=None):
     """Call the kernel, broadcasting scalar params over rows. Returns
     (tokens, logprobs, top_ids, top_logprobs, rng_state after)."""
     n = logits.shape[0]
@@ -49,6 +50,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition
         rows(presence_penalty, np.float32), rows(frequency_penalty, np.float32),
         *(history if history is not None else no_history(n)), state,
         n_top_logprobs=n_top, n_threads=n_threads,
+        want_logprobs=None if want_logprobs is None else np.asarray(want_logprobs, np.uint8),
     )
     return (*out, state)
 
@@ -110,6 +112,27 @@ def test_logprobs_are_log_softmax_of_the_raw_logits(vocab):
     np.testing.assert_array_equal(top_ids, np.argsort(-ref, axis=1, kind="stable")[:, :20])
     np.testing.assert_allclose(top_lps, np.take_along_axis(ref, top_ids, axis=1), rtol=0, atol=1e-5)
     assert np.isfinite(logits[1, tokens[1]])
+
+
+def test_rows_that_want_no_logprobs_draw_the_same_tokens():
+    rng = np.random.default_rng(12)
+    logits = (rng.standard_normal((8, 4000)) * 3).astype(np.float32)
+    hist = history_csr([(rng.integers(0, 4000, 20), rng.integers(0, 4000, 5)) for _ in range(8)])
+    params = dict(temperature=[0.0, 0.8, 0.0, 1.2, 0.0, 0.5, 0.0, 1.0], top_k=[0, 50, 0, 0, 5, 0, 0, 20],
+                  top_p=0.95, repetition_penalty=[1.0, 1.3, 1.0, 1.0, 1.2, 1.0, 1.0, 1.0], history=hist,
+                  seeds=np.arange(8), n_top=4)
+    want = [1, 0, 0, 1, 0, 1, 0, 0]
+    full = sample(logits, **params)
+    some = sample(logits, want_logprobs=want, **params)
+    np.testing.assert_array_equal(some[0], full[0])                  # tokens
+    np.testing.assert_array_equal(some[4], full[4])                  # rng states
+    w = np.array(want, bool)
+    np.testing.assert_array_equal(some[1][w], full[1][w])
+    assert np.isnan(some[1][~w]).all()
+    np.testing.assert_array_equal(some[2][w], full[2][w])
+    np.testing.assert_array_equal(some[3][w], full[3][w])
+    with pytest.raises(ValueError, match="want_logprobs"):
+        sample(logits, want_logprobs=[1, 0], **params)
 
 
 def test_top_logprob_ties_go_to_the_lower_id():
@@ -384,6 +407,18 @@ def test_sampler_glue_packs_params_history_and_logprobs():
     assert [t for t, _ in results[0].top_logprobs] == np.argsort(-ref[0], kind="stable")[:3].tolist()
     assert results[1].top_logprobs == [] and results[2].top_logprobs == []
     assert [s.rng_state for s in seqs] == [(x + GOLDEN_GAMMA) & U64 for x in (1, 5, 2)]
+
+
+def test_glue_skips_logprobs_nobody_asked_for_when_told():
+    logits = np.random.default_rng(13).standard_normal((3, 300)).astype(np.float32)
+    seqs = lambda: [make_seq([1], [], SamplingParams(temperature=0, logprobs=2), 1),    # noqa: E731
+                    make_seq([1], [], SamplingParams(temperature=0.9, seed=3), 3),
+                    make_seq([1], [], SamplingParams(temperature=0), 4)]
+    full = Sampler().sample(logits, seqs())
+    some = Sampler(all_logprobs=False).sample(logits, seqs())
+    assert [r.token_id for r in some] == [r.token_id for r in full]
+    assert some[0] == full[0] and len(some[0].top_logprobs) == 2
+    assert np.isnan(some[1].logprob) and np.isnan(some[2].logprob) and some[1].top_logprobs == []
 
 
 def test_glue_same_seed_replays():

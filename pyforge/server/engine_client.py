@@ -14,10 +14,11 @@ the IPC contract in `pyforge/ipc/records.py` does; readers need not wait for it.
 `StreamGroup` reads several streams as one (n choices, several prompts) and
 guards every wait with timeouts, so an engine that dies silently cannot hang
 an HTTP worker thread forever. A reader that falls behind gets what piled up
-at once: a stream's consecutive TokenEvents merge into one (tokens, logprobs
-and top logprobs concatenated in order), so a slow client or a busy worker
-pays its per-event costs (an SSE write, a JSON chunk) once per batch of
-tokens rather than once per token, as vLLM and llama-server do.
+at once: a stream's tokens that arrive before its reader takes them join one
+run, read as one TokenEvent (tokens, logprobs and top logprobs in order), so
+a slow client or a busy worker pays its per-event costs (a wake-up, an SSE
+write, a JSON chunk) once per batch of tokens rather than once per token, as
+vLLM and llama-server do. A final event closes the run before it.
 """
 import queue
 import threading
@@ -36,20 +37,6 @@ class TokenEvent:
     token_ids: list[int]
     logprobs: list[float] | None = None                    # one per token, if requested
     top_logprobs: list[list[tuple[int, float]]] | None = None  # one row per token, if requested
-
-    @staticmethod
-    def join(events: list["TokenEvent"]) -> "TokenEvent":
-        """One event holding `events`' tokens in order (events of one request:
-        logprobs are present in all of them or in none)."""
-        if len(events) == 1:
-            return events[0]
-        return TokenEvent([t for e in events for t in e.token_ids], _joined(e.logprobs for e in events),
-                          _joined(e.top_logprobs for e in events))
-
-
-def _joined(parts):
-    parts = list(parts)
-    return None if any(p is None for p in parts) else [x for p in parts for x in p]
 
 
 @dataclass(frozen=True)
@@ -90,23 +77,68 @@ class EngineClient(Protocol):
         """queue_size, running, kv_usage (0..1), prefix_queries, prefix_hits."""
 
 
+class _TokenRun:
+    """Tokens put on a stream since its reader last took them. The run's
+    marker waits in the sink in event order; whatever joined the run by the
+    time the reader reaches it is read as one TokenEvent."""
+
+    __slots__ = ("token_ids", "logprobs", "top_logprobs")
+
+    def __init__(self):
+        self.token_ids, self.logprobs, self.top_logprobs = [], [], []
+
+    def add(self, token_ids, logprobs, top_logprobs):
+        self.token_ids += token_ids
+        # one request's events carry logprobs in all of them or in none
+        if self.logprobs is not None:
+            self.logprobs = None if logprobs is None else self.logprobs + logprobs
+        if self.top_logprobs is not None:
+            self.top_logprobs = None if top_logprobs is None else self.top_logprobs + top_logprobs
+
+    def event(self):
+        return TokenEvent(self.token_ids, self.logprobs, self.top_logprobs)
+
+
 class RequestStream:
-    """One submitted prompt's events, in order. The transport calls `put`; one
-    HTTP worker thread reads (iterate it, or read it through a StreamGroup)."""
+    """One submitted prompt's events, in order. The transport calls `put`
+    (or `put_tokens`); one HTTP worker thread reads (iterate it, or read it
+    through a StreamGroup)."""
 
     def __init__(self, request_id: int, on_abort: Callable[[int], None], timeout: float = DEFAULT_STALL_TIMEOUT):
         self.request_id = request_id
         self.timeout = timeout
         self._on_abort = on_abort
-        self._lock = threading.Lock()       # put() vs. _share(): no event lost or reordered
-        self._sink = queue.SimpleQueue()    # (stream, event); shared when grouped
+        self._lock = threading.Lock()       # put() vs. _share() and _take(): nothing lost or reordered
+        self._sink = queue.SimpleQueue()    # (stream, event or _TokenRun); shared when grouped
         self._tag = 0
+        self._run = None                    # the _TokenRun still open to more tokens
         self.done = False                   # the reader saw the final event
         self.aborted = False
 
     def put(self, event: Event) -> None:
+        if type(event) is TokenEvent:
+            self.put_tokens(event.token_ids, event.logprobs, event.top_logprobs)
+            return
         with self._lock:
+            self._run = None
             self._sink.put((self._tag, event))
+
+    def put_tokens(self, token_ids, logprobs=None, top_logprobs=None) -> None:
+        """put(TokenEvent(token_ids, logprobs, top_logprobs)) without making the event:
+        the tokens join the run the reader has not taken yet, or start one."""
+        with self._lock:
+            run = self._run
+            if run is None:
+                run = self._run = _TokenRun()
+                self._sink.put((self._tag, run))
+            run.add(token_ids, logprobs, top_logprobs)
+
+    def _take(self, run):
+        """The reader's side: close `run` to more tokens, as one TokenEvent."""
+        with self._lock:
+            if self._run is run:
+                self._run = None
+        return run.event()
 
     def abort(self) -> None:
         """Stop generating (idempotent; a no-op once the final event was read)."""
@@ -150,36 +182,16 @@ class StreamGroup:
             if item is None:
                 yield None
                 continue
+            i, event = item
             last = time.monotonic()
-            for i, event in self._with_pending(item):
-                if i not in live:
-                    continue      # late events of a stream already given up
-                if not isinstance(event, TokenEvent):
-                    self.streams[i].done = True
-                    live.discard(i)
-                yield i, event
-
-    def _with_pending(self, first):
-        """`first` and every event already queued behind it, each stream's
-        consecutive TokenEvents merged into one; per-stream order is kept."""
-        items, runs = [], {}            # runs: stream -> the TokenEvent list still growing in items
-        i, event = first
-        while True:
-            if isinstance(event, TokenEvent):
-                run = runs.get(i)
-                if run is not None:
-                    run.append(event)
-                else:
-                    runs[i] = run = [event]
-                    items.append((i, run))
-            else:
-                runs.pop(i, None)
-                items.append((i, event))
-            try:
-                i, event = self._events.get_nowait()
-            except queue.Empty:
-                break
-        return [(i, TokenEvent.join(e) if isinstance(e, list) else e) for i, e in items]
+            if i not in live:
+                continue          # late events of a stream already given up
+            if type(event) is _TokenRun:
+                event = self.streams[i]._take(event)
+            elif not isinstance(event, TokenEvent):
+                self.streams[i].done = True
+                live.discard(i)
+            yield i, event
 
     def _next(self, live, last, heartbeat):
         """The next (index, event); a synthetic ErrorEvent/FinishEvent on timeout; None for a heartbeat."""

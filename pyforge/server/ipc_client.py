@@ -142,7 +142,11 @@ class IpcEngineClient:
             routed = [(streams.pop(r.request_id, None) if isinstance(r, final) else streams.get(r.request_id), r)
                       for r in records]
         for stream, record in routed:
-            if stream is not None:
+            if stream is None:
+                continue
+            if type(record) is Tokens:
+                stream.put_tokens(record.token_ids, record.logprobs, record.top_logprobs)
+            else:
                 stream.put(_event(record))
 
     def _lose_engine(self):

@@ -62,6 +62,19 @@ def test_a_final_event_ends_a_run_of_tokens():
     assert list(StreamGroup([a]).events()) == [(0, token_event([1, 2])), (0, FinishEvent("length", 3, 2))]
 
 
+def test_tokens_after_the_reader_took_a_run_start_the_next():
+    a = RequestStream(1, lambda _: None)
+    events = StreamGroup([a]).events()
+    a.put_tokens([1], [-0.5], [[(1, -0.5)]])
+    assert next(events) == (0, TokenEvent([1], [-0.5], [[(1, -0.5)]]))
+    a.put(TokenEvent([2], [-0.25], [[(2, -0.25)]]))
+    a.put_tokens([3, 4], [-1.0, -2.0], [[(3, -1.0)], [(4, -2.0)]])
+    a.put(FinishEvent("stop", 2, 4))
+    assert next(events) == (0, TokenEvent([2, 3, 4], [-0.25, -1.0, -2.0], [[(2, -0.25)], [(3, -1.0)], [(4, -2.0)]]))
+    assert next(events) == (0, FinishEvent("stop", 2, 4))
+    assert next(events, None) is None
+
+
 # -- one choice: merged events against one event per token ----------------------------
 
 def serve_choice(tok, events, stop=()):

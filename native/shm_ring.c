@@ -29,11 +29,15 @@ _Static_assert(sizeof(_Atomic uint32_t) == 4, "futex words are 32-bit");
  * memory: across processes only lock-free atomics work. */
 _Static_assert(ATOMIC_INT_LOCK_FREE == 2 && ATOMIC_LLONG_LOCK_FREE == 2, "need lock-free atomics");
 
-/* Waiters spin this long before sleeping. A FUTEX_WAKE on shared memory costs
- * the waker microseconds; a spin shorter than that makes a steady writer and
- * a faster reader ping-pong: the reader sleeps, the wake delays the writer,
- * the reader sleeps again. Idle waits pay it once per sleep: ~0 CPU. */
-#define SPIN_NS 50000u
+/* Waiters spin this long before sleeping: about what the FUTEX_WAKE a sleeper
+ * costs its waker, so a reader that is only just ahead of a steady writer
+ * catches the next message without a wake-up. Longer spins cost more than
+ * they save on the serving machine: its few cores are shared by the engine,
+ * the HTTP workers and their clients, the engine writes a worker one message
+ * per step (the reader is not just ahead but a step ahead), and every
+ * microsecond a reader spins is taken from one of them (a 50 us spin per
+ * empty ring cost a single stream ~15% of its tokens/s). */
+#define SPIN_NS 5000u
 
 #define FRAME_FLAGS (PF_FRAME_START | PF_FRAME_END)
 

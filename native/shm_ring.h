@@ -37,7 +37,7 @@
  * since waiters live in other processes.
  *   data_seq   bumped by a producer after publishing, when readers_waiting
  *   space_seq  bumped by the consumer after freeing space, when writers_waiting
- * A waiter spins briefly (50 us), registers in the waiters count, re-checks,
+ * A waiter spins briefly (5 us), registers in the waiters count, re-checks,
  * then FUTEX_WAITs on the seq value it read before checking, so a wake
  * between its check and its sleep is never lost. Signalers pay a syscall only
  * when someone waits. The lock's waiters sleep on the lock word itself.

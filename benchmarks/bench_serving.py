@@ -8,11 +8,14 @@ Each server is started here on loopback (pyforge: `pyforge serve`, one worker;
 llama.cpp: `python -m llama_cpp.server`, which needs `pip install
 'llama-cpp-python[server]'`), warmed up, then driven by a bounded thread pool:
 at concurrency c, c clients each send streamed /v1/completions requests back to
-back (64-token prompts, 64 generated tokens, greedy) until --requests are done.
+back (64-token prompts, 64 generated tokens, greedy) until --requests are done,
+each client on one kept-alive HTTP/1.1 connection as the openai SDK's pool
+does (--new-connections: a new connection per request).
 Reported per level: aggregate output tokens/s (all tokens / wall time),
 tokens processed/s (prompt + generated tokens / wall time), time to first
 token p50/p99, inter-token latency p50/p99 (gaps between streamed chunks with
-text), tokens per chunk, and the client's own CPU use (it shares the machine).
+text), tokens per chunk, and the CPU cores used meanwhile by the client (it
+shares the machine) and by the server's processes (pyforge: engine, workers).
 Tokens are counted by the server: each request asks for
 `stream_options.include_usage` and takes `usage.completion_tokens` from the
 last chunk. A server that sends no usage (llama-cpp-python's server ignores
@@ -111,11 +114,14 @@ def stop(proc):
 
 # -- one request ---------------------------------------------------------------
 
-def stream_completion(port, prompt, max_tokens):
-    """(ttft seconds, [inter-chunk gaps], n output tokens, n chunks with text) of one streamed request."""
+def stream_completion(port, prompt, max_tokens, conn=None):
+    """(ttft seconds, [inter-chunk gaps], n output tokens, n chunks with text) of one streamed request,
+    on `conn` (kept open for the next request) or on a connection of its own."""
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -134,33 +140,72 @@ def stream_completion(port, prompt, max_tokens):
             stamps.append(time.perf_counter())
         if chunk.get("usage"):
             usage = chunk["usage"]
-    conn.close()
+    resp.read()                 # the end of the chunked body: the connection is then ready for more
+    if own:
+        conn.close()
     if not stamps:
         return None, [], 0, 0
     n_tokens = usage["completion_tokens"] if usage else len(stamps)
     return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], n_tokens, len(stamps)
 
 
-def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKENS):
+def server_cpu(pid):
+    """CPU seconds (user + system) used so far by the server process `pid` and
+    its descendants, by role: engine (pyforge's engine process), workers (every
+    other descendant: gunicorn workers), main (pid itself: the launcher, or all
+    of llama-cpp-python's server)."""
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry)] = int(fields[1])
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    out, todo = {"main": cpu.get(pid, 0.0)}, [pid]
+    while todo:
+        here = todo.pop()
+        for child in [c for c, p in parent.items() if p == here]:
+            todo.append(child)
+            try:
+                engine = b"engine_process" in Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            role = "engine" if engine else "workers"
+            out[role] = out.get(role, 0.0) + cpu[child]
+    return out
+
+
+def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKENS, keep_alive=True,
+              server_pid=None):
     results, lock = [], threading.Lock()
     todo = iter(prompts)
 
     def client():
-        while True:
-            with lock:
-                prompt = next(todo, None)
-            if prompt is None:
-                return
-            r = stream_completion(port, prompt, max_tokens)
-            with lock:
-                results.append(r)
+        # keep-alive: one connection per client, as the openai SDK's connection pool does
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600) if keep_alive else None
+        try:
+            while True:
+                with lock:
+                    prompt = next(todo, None)
+                if prompt is None:
+                    return
+                r = stream_completion(port, prompt, max_tokens, conn)
+                with lock:
+                    results.append(r)
+        finally:
+            if conn is not None:
+                conn.close()
 
     start, cpu = time.perf_counter(), os.times()
+    served = server_cpu(server_pid) if server_pid else {}
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall, cpu_end = time.perf_counter() - start, os.times()
     client_cpu = cpu_end.user - cpu.user + cpu_end.system - cpu.system
+    served = {role: (t - served.get(role, 0.0)) / wall for role, t in server_cpu(server_pid).items()} if server_pid else {}
     ttfts = [r[0] for r in results if r[0] is not None]
     itls = [g for r in results for g in r[1]]
     tokens = sum(r[2] for r in results)
@@ -171,6 +216,7 @@ def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKEN
             "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
             "itl_p50": pct(itls, 50), "itl_p99": pct(itls, 99),
             "tokens_per_chunk": tokens / max(chunks, 1), "client_cpu_cores": client_cpu / wall,
+            "server_cpu_cores": served,
             "short_requests": sum(r[2] != max_tokens for r in results)}
 
 
@@ -220,7 +266,9 @@ def print_row(row):
           f"{row['tokens_per_s']:8.1f} tok/s {row['processed_per_s']:8.1f} processed tok/s  "
           f"TTFT p50 {row['ttft_p50'] * 1e3:8.1f} ms p99 {row['ttft_p99'] * 1e3:8.1f} ms  "
           f"ITL p50 {row['itl_p50'] * 1e3:7.1f} ms p99 {row['itl_p99'] * 1e3:7.1f} ms  "
-          f"{row['tokens_per_chunk']:4.1f} tok/chunk, client {row['client_cpu_cores']:.2f} cores  "
+          f"{row['tokens_per_chunk']:4.1f} tok/chunk, CPU cores: client {row['client_cpu_cores']:.2f}"
+          + "".join(f" {role} {cores:.2f}" for role, cores in row.get("server_cpu_cores", {}).items() if cores >= 0.005)
+          + "  "
           f"({row['output_tokens']} tokens in {row['wall_s']:.1f} s)"
           + (f"  {row['short_requests']} requests got fewer than max_tokens!" if row["short_requests"] else ""),
           flush=True)
@@ -275,6 +323,8 @@ def main(argv=None):
                     help="shared prefix of the prefix-cache probe (0: no probe)")
     ap.add_argument("--null-model", action="store_true",
                     help="pyforge alone, no forward pass: the serving stack's ceiling")
+    ap.add_argument("--new-connections", action="store_true",
+                    help="a new connection per request (default: each client keeps one open, as the openai SDK does)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--plot", default=None,
                     help="PNG of throughput and latency vs concurrency (default benchmarks/serving.png; "
@@ -295,7 +345,8 @@ def main(argv=None):
     seq_tokens = max(args.prompt_tokens, args.prefix_tokens + 16) + args.max_tokens
     mode = " (NULL MODEL: no forward pass)" if args.null_model else ""
     print(f"model {args.model}{mode}, {args.threads} threads, prompts {args.prompt_tokens} tokens, "
-          f"{args.max_tokens} generated", flush=True)
+          f"{args.max_tokens} generated, {'a new connection per request' if args.new_connections else 'keep-alive'}",
+          flush=True)
     rows, probes = [], {}
     for name in args.servers:
         port = free_port()
@@ -312,7 +363,8 @@ def main(argv=None):
             for c in args.concurrency:
                 n = args.requests or max(8, 4 * c)
                 row = {"server": name, "null_model": args.null_model,
-                       **run_level(port, prompts[used:used + n], c, args.max_tokens, args.prompt_tokens)}
+                       **run_level(port, prompts[used:used + n], c, args.max_tokens, args.prompt_tokens,
+                                   keep_alive=not args.new_connections, server_pid=proc.pid)}
                 used += n
                 rows.append(row)
                 print_row(row)

@@ -107,7 +107,10 @@ def test_greedy_tokens_through_ipc_equal_in_process(running, reference):
 def test_logprobs_travel(running):
     stream = running.client().submit(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2, logprobs=3))
     events = list(stream)
-    assert all(len(e.top_logprobs[0]) == 3 and len(e.logprobs) == 1 for e in events[:-1])
+    # tokens a slow reader finds waiting come as one event: count per token, not per event
+    assert all(len(e.logprobs) == len(e.top_logprobs) == len(e.token_ids) for e in events[:-1])
+    assert sum(len(e.token_ids) for e in events[:-1]) == 2
+    assert all(len(row) == 3 for e in events[:-1] for row in e.top_logprobs)
     assert isinstance(events[-1], FinishEvent)
 
 

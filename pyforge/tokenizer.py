@@ -161,12 +161,16 @@ class IncrementalDetokenizer:
         self._skip = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._strip_pending = tokenizer._strip      # the leading space is dropped once, at the start
-        if prefix_ids:      # the state feeding them one by one leaves, from one decode of their bytes
-            self._emit(self._utf8.decode(b"".join(tokenizer.token_to_piece(t, skip_special_tokens)
-                                                  for t in prefix_ids)))
+        if prefix_ids:      # the state feeding them one by one leaves
+            self.feed_many(prefix_ids)
 
     def feed(self, token_id):
         return self._emit(self._utf8.decode(self._tokenizer.token_to_piece(token_id, self._skip)))
+
+    def feed_many(self, token_ids):
+        """What feed() of each id in turn returns, joined: one UTF-8 decode of all their bytes."""
+        piece = self._tokenizer.token_to_piece
+        return self._emit(self._utf8.decode(b"".join(piece(t, self._skip) for t in token_ids)))
 
     def flush(self):
         text = self._emit(self._utf8.decode(b"", final=True))

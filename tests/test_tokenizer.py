@@ -260,6 +260,19 @@ def test_a_prompt_prefix_leaves_the_state_feeding_it_token_by_token_would(tinyll
                 [one_by_one.feed(i) for i in ids] + [one_by_one.flush()]
 
 
+def test_feeding_many_tokens_at_once_gives_their_joined_text(tinyllama, gguf_tokenizer):
+    rng = random.Random(7)
+    for tok in (tinyllama, gguf_tokenizer("qwen2")):
+        for trial in range(200):
+            ids = [rng.randrange(3, 259) if rng.random() < 0.6 else rng.randrange(tok.vocab_size)
+                   for _ in range(rng.randrange(1, 40))]
+            one, many = IncrementalDetokenizer(tok), IncrementalDetokenizer(tok)
+            cuts = sorted(rng.sample(range(len(ids) + 1), min(3, len(ids) + 1)))
+            parts = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+            assert [many.feed_many(p) for p in parts] == ["".join(one.feed(t) for t in p) for p in parts]
+            assert many.flush() == one.flush()
+
+
 def test_incremental_real_text_never_emits_partial_characters(tinyllama, gguf_tokenizer):
     for tok in (tinyllama, gguf_tokenizer("qwen2"), gguf_tokenizer("gpt-2")):
         for text in TEXTS:

@@ -141,12 +141,9 @@ class _Choice:
         if self.matcher.stops:
             text, n = self._until_stop(ids)
         else:
-            (text, _), n = self.matcher.push("".join(self._feed(ids))), len(ids)
+            (text, _), n = self.matcher.push(self.detok.feed_many(t for t in ids if t not in self.skip_ids)), len(ids)
         self.n_tokens += n
         return Update(self.index, text, _logprob_entries(event, n), self.finish_reason)
-
-    def _feed(self, ids):
-        return [self.detok.feed(t) for t in ids if t not in self.skip_ids]
 
     def _until_stop(self, ids):
         """(released text, tokens consumed) up to and including a stop string's last token."""

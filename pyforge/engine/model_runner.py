@@ -37,6 +37,8 @@ class ModelRunner:
         is array arithmetic, so a 64-sequence decode step costs tens of
         microseconds, not one numpy call per sequence."""
         bs, n_seq = self.kv_cache.block_size, len(plan)
+        if not all_logits and all(n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) for seq, n in plan):
+            return self._decode_batch(plan, bs), list(range(n_seq))
         # [n_seq, 4]: tokens cached, new tokens, all tokens, blocks held
         ints = np.array([(seq.num_computed_tokens, n, len(seq.token_ids), len(seq.block_table)) for seq, n in plan],
                         dtype=np.int32).reshape(n_seq, 4)
@@ -65,6 +67,24 @@ class ModelRunner:
             logits_rows=logits_rows.astype(np.int32),
         )
         return batch, np.flatnonzero(caught_up).tolist()
+
+    @staticmethod
+    def _decode_batch(plan, bs):
+        """build_batch's batch when every sequence adds its one newest token
+        (the steady state): plain lists, a handful of numpy calls."""
+        n_seq = len(plan)
+        positions = [seq.num_computed_tokens for seq, _ in plan]
+        tables = [seq.block_table for seq, _ in plan]
+        width = max(map(len, tables))
+        return ForwardBatch(
+            token_ids=np.array([seq.token_ids[-1] for seq, _ in plan], dtype=np.int32),
+            positions=np.array(positions, dtype=np.int32),
+            slot_mapping=np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], dtype=np.int32),
+            block_tables=np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32).reshape(n_seq, width),
+            context_lens=np.array([p + 1 for p in positions], dtype=np.int32),
+            query_start_loc=np.arange(n_seq + 1, dtype=np.int32),
+            logits_rows=np.arange(n_seq, dtype=np.int32),
+        )
 
     def run(self, plan, all_logits=False):
         batch, sampling = self.build_batch(plan, all_logits)

@@ -270,11 +270,17 @@ static void unpack_q6_K(const block_q6_K *blk, const weight_block *wb, int r) {
     wb->d[r] = pf_half_to_float(blk->d);
 }
 
-/* Block b of rows r0 .. r0 + 15 of w (rows past n_out become zeros). */
+/* Block b of rows r0 .. r0 + 15 of w (rows past n_out become zeros). The
+ * 16 rows are 16 streams too sparse for the hardware prefetcher (one block
+ * of each per step): fetching block b + 1 now doubles the rate from DRAM. */
 static void unpack_block(const char *w, size_t w_row, int type, int64_t r0, int64_t n_out, int64_t b,
                          const weight_block *wb) {
+    const size_t block_bytes = type == PF_Q4_K ? sizeof(block_q4_K) : sizeof(block_q6_K);
+    const int prefetch = (int64_t)((b + 2) * block_bytes) <= (int64_t)w_row;
     for (int r = 0; r < ROWS; r++) {
         const char *row = w + (size_t)(r0 + r) * w_row;
+        if (prefetch && r0 + r < n_out)
+            for (size_t l = 0; l < block_bytes; l += 64) __builtin_prefetch(row + (b + 1) * block_bytes + l);
         if (r0 + r >= n_out) {
             memset(wb->lo + r * QK_K, 0, QK_K);
             memset(wb->hi + r * QK_K, 0, QK_K);

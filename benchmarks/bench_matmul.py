@@ -3,9 +3,10 @@
     python benchmarks/bench_matmul.py [--threads 2] [--tokens 1 4 8 16 32 64 512] [--reps 15]
 
 Weights are random floats quantized by pyforge (TinyLlama-1.1B's FFN and head
-shapes); the same activations go through `quant.matmul` with amx=False (AVX2)
-and amx=True (AMX tiles where the CPU has them, from 9 tokens up), alternated,
-best of --reps. Reported: ms, GFLOP/s (2 x tokens x weights), and the weight
+shapes), in enough copies (--weight-mib in all) that each call reads its weights
+from DRAM, as a model's layers do, not from the last call's cache; the same
+activations go through `quant.matmul` with amx=False (AVX2) and amx=True (AMX
+tiles where the CPU has them, from 9 tokens up), best of --reps. Reported: ms, GFLOP/s (2 x tokens x weights), and the weight
 bytes / time (the decode roofline: a 1-token matmul cannot beat bandwidth).
 """
 import argparse
@@ -23,27 +24,28 @@ SHAPES = [  # (name, type, n_in, n_out)
 ]
 
 
-def best_time(fn, reps):
+def best_time(fn, copies, reps):
+    """Best time of fn(weights) over reps calls, each on the next copy."""
     best = float("inf")
-    for _ in range(reps):
+    for i in range(reps):
+        w = copies[i % len(copies)]
         t0 = time.perf_counter()
-        fn()
+        fn(w)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def bench_shape(name, t, n_in, n_out, tokens, threads, reps):
+def bench_shape(name, t, n_in, n_out, tokens, threads, reps, weight_mib):
     rng = np.random.default_rng(0)
     w = quant.quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), int(t))
+    copies = [w] + [w.copy() for _ in range(max(1, int(weight_mib * 2**20 // w.nbytes)) - 1)]
     rows = []
     for n_tok in tokens:
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
         out = np.empty((n_tok, n_out), dtype=np.float32)
         times = {}
-        for amx in (False, True):   # alternated per size; warm once first
-            quant.matmul(x, w, int(t), n_out, out, threads, amx=amx)
         for kind, amx in (("avx2", False), ("amx", True)):
-            times[kind] = best_time(lambda: quant.matmul(x, w, int(t), n_out, out, threads, amx=amx), reps)
+            times[kind] = best_time(lambda wc: quant.matmul(x, wc, int(t), n_out, out, threads, amx=amx), copies, reps)
         flops = 2.0 * n_tok * n_in * n_out
         rows.append((name, t.name, n_tok, times["avx2"], times["amx"], flops, w.nbytes))
     return rows
@@ -54,13 +56,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64, 512])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--weight-mib", type=float, default=640, help="weight copies in all (a 1.1B Q4_K_M model: ~640)")
     args = ap.parse_args()
     print(f"AMX available: {quant.amx_available()}; {args.threads} threads; best of {args.reps}")
     print("| matmul | type | tokens | AVX2 ms | AMX ms | AVX2 GFLOP/s | AMX GFLOP/s | AMX / AVX2 | AMX weight GB/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         for name, tname, n_tok, t_avx2, t_amx, flops, wbytes in bench_shape(*shape, args.tokens, args.threads,
-                                                                             args.reps):
+                                                                             args.reps, args.weight_mib):
             print(f"| {name} | {tname} | {n_tok} | {t_avx2 * 1e3:.2f} | {t_amx * 1e3:.2f} | {flops / t_avx2 / 1e9:.0f} | "
                   f"{flops / t_amx / 1e9:.0f} | {t_avx2 / t_amx:.2f} | {wbytes / t_amx / 1e9:.1f} |")
 

@@ -287,7 +287,8 @@ def plot(rows, probes, path, title):
         ax_tp.plot(c, [r["processed_per_s"] for r in mine], "s--", color=line.get_color(),
                    label=f"{name} prompt + generated")
         ax_lat.plot(c, [r["ttft_p50"] * 1e3 for r in mine], "o-", color=line.get_color(), label=f"{name} TTFT p50")
-        ax_lat.plot(c, [r["itl_p50"] * 1e3 for r in mine], "s--", color=line.get_color(), label=f"{name} ITL p50")
+        ax_lat.plot(c, [r["itl_p50"] * 1e3 for r in mine], "s--", color=line.get_color(),
+                    label=f"{name} ITL p50 (gap between chunks)")
         if name in probes:
             cold, warm = probes[name]
             ax_lat.axhline(warm * 1e3, color=line.get_color(), linestyle=":", linewidth=1,

@@ -4,22 +4,23 @@
  * 16 rows x 64 bytes in "VNNI" layout (4 consecutive k of one column per
  * 32-bit lane) into 16 x 16 int32. Here
  *   A = 16 weight rows; each weight as its integer product with its
- *       sub-block scale, p = sc * q (the integer the AVX2 kernel sums too),
- *       split into two bytes p = 256 * hi + lo: one A tile of lo, one of hi;
+ *       sub-block scale (the integer the AVX2 kernel sums too), split into
+ *       two bytes with p = 2^shift * hi + lo: one A tile of lo, one of hi
+ *       (weight_block below says how per type);
  *   B = the Q8_K activations of 16 tokens, laid out av[k/4][token][k%4]
  *       once per call;
  *   C = lo . a and hi . a, summed over a whole 256-weight block (4 TMUL ops
  *       each), since the sub-block scales are inside p.
  * Per block, AVX-512 folds the two C tiles into float sums:
- *   acc[row][token] += d_w * d_a * (256 * C_hi + C_lo)
+ *   acc[row][token] += d_w * d_a * (2^shift * C_hi + C_lo)
  *                      - sum_j dmin * m_j * d_a * (sum of a over sub-block j)
  * (the second line for Q4_K's mins), which is the AVX2 kernel's sum in
  * another order of float additions.
  *
- * Work: threads take groups of 16 weight rows, unpack them once into a
- * per-thread buffer (2 x 16 x n_in bytes, in L2), then pass every group of
- * 16 tokens over them, two groups per pass so each A tile feeds two B tiles.
- * Tokens past n_tok are zero (they add nothing).
+ * Work: threads take groups of 16 weight rows; a group's 256-weight blocks
+ * are unpacked one at a time (8 KB, in L1) and every pair of 16-token groups
+ * passes over each (one A tile feeds two B tiles). Tokens past n_tok are
+ * zero (they add nothing).
  */
 #define _GNU_SOURCE /* syscall() under -std=c11 */
 #include "matmul_amx.h"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_cupy import make_fake_cupy
+from emulated_cupy import make_emulated_cupy
 
 from pyforge.engine.model_runner import KVCache
 from pyforge.models.config import ModelConfig
@@ -27,7 +27,7 @@ def bench():
 
 def fake_backend(bench):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "cupy", make_fake_cupy())
+        mp.setitem(sys.modules, "cupy", make_emulated_cupy())
         return bench.RandomWeightBackend()
 
 

@@ -1,8 +1,8 @@
 """The CUDA backend (pyforge.backends.cuda) against the CPU backend and transformers.
 
-Every test runs twice: `emulated` puts tests/backends/fake_cupy.py (numpy
-standing in for CuPy and the kernels) under the backend, so its glue is
-checked on any machine; `device` uses real CuPy on a GPU and is skipped, with
+Every test runs twice: `emulated` puts tests/emulated_cupy.py (numpy arrays,
+and cuda/*.cu run on the CPU by build_tools/cuda_emulator) under the backend,
+so the backend and its kernels are checked on any machine; `device` uses real CuPy on a GPU and is skipped, with
 the reason, where there is none. Models: the synthetic `small-k` shape (head
 dim 64, GQA 4/2, every row a multiple of 256, 32000-token vocabulary).
 
@@ -13,10 +13,10 @@ Bounds on logits, as relative L2 error ||ours - ref|| / ||ref|| per batch:
                                         stored value; 0.7-1.0e-3 measured emulated
     Q8_0 / Q4_K_M / Q6_K         4e-2   dominated by the CPU's activation
                                         quantization; 1.0-1.8e-2 measured emulated
-  vs transformers (torch, CPU, float32 safetensors): 5e-3 (0.9e-3 emulated).
-The emulation stores fp16 where the kernels do and accumulates in float, so
-the GPU's errors should be close to those measured numbers; each test prints
-its error (pytest -s).
+  vs transformers (torch, CPU, float32 safetensors): 5e-3 (0.8-0.9e-3 emulated).
+The emulator runs the kernels' own arithmetic (float, fp16 stores); the GPU
+differs only by FMA contraction and its expf / rsqrtf, so its errors should
+be close to those measured numbers; each test prints its error (pytest -s).
 Greedy generation: the token lists are equal, or first differ at a near-tie:
 where the CPU's top-two logits are closer than twice the largest CUDA-vs-CPU
 logit difference measured at that very position (fp16 can flip those; on a
@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 import pytest
-from fake_cupy import make_fake_cupy
+from emulated_cupy import make_emulated_cupy
 
 from conftest import require_module
 from pyforge.backends import cuda_status
@@ -56,12 +56,12 @@ def require_device():
 
 
 def with_cupy(impl, make, **fake_args):
-    """make() with the CuPy of `impl` importable: the fake for `emulated`."""
+    """make() with the CuPy of `impl` importable: the emulated one for `emulated`."""
     if impl == "device":
         require_device()
         return make()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "cupy", make_fake_cupy(**fake_args))
+        mp.setitem(sys.modules, "cupy", make_emulated_cupy(**fake_args))
         return make()
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from fake_cupy import make_fake_cupy
+from emulated_cupy import make_emulated_cupy
 
 from pyforge.backends import get_backend, resolve_device
 from pyforge.cli import main
@@ -20,8 +20,8 @@ def no_cupy(monkeypatch):
 
 
 @pytest.fixture
-def fake_cupy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+def emulated_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", make_emulated_cupy())
 
 
 def test_auto_picks_cpu_without_cupy(no_cupy):
@@ -44,21 +44,21 @@ def test_cli_reports_missing_cupy_without_a_traceback(no_cupy, capsys):
     assert "Traceback" not in err
 
 
-def test_auto_picks_cuda_when_cupy_sees_a_device(fake_cupy):
+def test_auto_picks_cuda_when_cupy_sees_a_device(emulated_cupy):
     assert resolve_device("auto") == "cuda"
     assert resolve_device("auto", head_dim=64) == "cuda"
     assert resolve_device("auto", head_dim=16) == "cpu"     # the CUDA attention kernels need multiples of 32
     assert resolve_device("cpu") == "cpu"
 
 
-def test_auto_engine_falls_back_to_cpu_for_small_heads(fake_cupy):
+def test_auto_engine_falls_back_to_cpu_for_small_heads(emulated_cupy):
     engine = Engine(str(ensure_model("tiny-gqa", "F32")), device="auto", n_threads=1, kv_cache_tokens=256)
     assert engine.backend.name == "cpu"
     with pytest.raises(ValueError, match="head_dim a multiple of 32"):
         Engine(str(ensure_model("tiny-gqa", "F32")), device="cuda", n_threads=1, kv_cache_tokens=256)
 
 
-def test_missing_device_index_is_an_error(fake_cupy):
+def test_missing_device_index_is_an_error(emulated_cupy):
     with pytest.raises(ValueError, match=r"cuda:3 does not exist \(1 CUDA device"):
         get_backend("cuda:3")
 

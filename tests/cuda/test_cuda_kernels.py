@@ -1,8 +1,11 @@
-"""CUDA kernels (cuda/*.cu through CuPy RawModule) against float64 numpy references.
+"""CUDA kernels (cuda/*.cu) against float64 numpy references.
 
-Needs CuPy and a CUDA device; skipped with the reason otherwise. Every output
-buffer is filled with NaN before its launch, so a position a kernel fails to
-write cannot pass. Error bounds, elementwise, per output dtype:
+They run on a CUDA device through CuPy when there is one, else on the CPU
+through the CUDA emulator (tests/emulated_cupy.py, build_tools/cuda_emulator),
+which executes the same source with real barriers and warp shuffles; TARGET
+says which. Every output buffer is filled with NaN before its launch, so a
+position a kernel fails to write cannot pass. Error bounds, elementwise, per
+output dtype:
   float32 out: |err| <= 1e-5 |ref| + 1e-5 max|ref|   (float arithmetic)
   float16 out: |err| <= 2^-10 |ref| + atol            (one fp16 rounding, plus
                the float accumulation of the kernel, bounded per test)
@@ -10,22 +13,26 @@ Quantized weights are random bytes with finite scales (every bit pattern of
 the packed integers occurs), dequantized by the `gguf` package.
 """
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
+from emulated_cupy import make_emulated_cupy
 
 from conftest import require_module
+from pyforge.backends import cuda_status
+from pyforge.backends.cuda_kernels import compile_options, kernel_source
 
-cupy = pytest.importorskip("cupy")
-try:
-    _N_DEV = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError as e:  # driver missing or broken
-    pytest.skip(f"no usable CUDA device: {e}", allow_module_level=True)
-if _N_DEV == 0:
-    pytest.skip("CuPy found no CUDA device", allow_module_level=True)
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+def _cupy_and_target():
+    """Real CuPy with a device, else the emulated one."""
+    ok, _ = cuda_status()
+    if ok:
+        import cupy
+        return cupy, "gpu"
+    return make_emulated_cupy(), "emulator"
+
+
+cupy, TARGET = _cupy_and_target()
 F16_RTOL = 2.0 ** -10
 NULL = np.uint64(0)  # a NULL pointer argument
 
@@ -33,8 +40,7 @@ NULL = np.uint64(0)  # a NULL pointer argument
 # -- launch helpers (the backend will own these) ----------------------------
 @functools.lru_cache(maxsize=None)
 def module(name):
-    src = (CUDA_DIR / f"{name}.cu").read_text()
-    return cupy.RawModule(code=src, options=("-I" + str(CUDA_DIR),))
+    return cupy.RawModule(code=kernel_source(name), options=compile_options())
 
 
 def launch(mod, kernel, grid, block, *args):

@@ -1,0 +1,70 @@
+"""CuPy on the CPU: numpy arrays for device arrays, and cuda/*.cu run by the
+CUDA emulator (build_tools/cuda_emulator) for RawModule.
+
+With it, pyforge.backends.cuda and the kernel tests run on a machine without
+a GPU, and what runs is the kernels' own source: launch grids, indexing,
+shuffles and barriers as written. `empty` buffers start as NaN (floats) or
+-1, so anything a kernel or a short grid leaves unwritten shows; every
+launch's arguments are checked against the kernel's C parameters. cuBLAS
+(`dot`) is numpy with float32 accumulation. Not covered: races, memory
+faults, speed (the tests under `device` run on a real GPU).
+"""
+import types
+
+import numpy as np
+import pytest
+
+from build_tools import cuda_emulator
+
+
+def require_emulator():
+    if cuda_emulator.compiler() is None:
+        pytest.skip("no C++ compiler for the CUDA emulator", allow_module_level=True)
+
+
+def make_emulated_cupy(total_bytes=16 << 30, free_bytes=16 << 30, n_sm=4):
+    require_emulator()
+    cp = types.ModuleType("cupy")
+    cp.float16, cp.float32, cp.uint32, cp.int32, cp.uint8 = np.float16, np.float32, np.uint32, np.int32, np.uint8
+    cp.asarray = lambda a, dtype=None: np.array(a, dtype=dtype, copy=True)   # a device copy
+    cp.asnumpy = lambda a: np.array(a, copy=True)
+    cp.empty = _poisoned_empty
+    cp.full = lambda shape, value, dtype=float: np.full(shape, value, dtype)
+    cp.zeros = lambda shape, dtype=float: np.zeros(shape, dtype)
+    cp.ones = lambda shape, dtype=float: np.ones(shape, dtype)
+    rng = np.random.default_rng(0)
+    cp.random = types.SimpleNamespace(
+        standard_normal=lambda size, dtype=np.float64: rng.standard_normal(size).astype(dtype),
+        randint=lambda low, high, size, dtype=np.int64: rng.integers(low, high, size).astype(dtype))
+    cp.take = np.take
+    cp.dot = _dot
+    cp.RawModule = RawModule
+    pool = types.SimpleNamespace(free_bytes=lambda: 0)
+    cp.get_default_memory_pool = lambda: pool
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (free_bytes, total_bytes))
+    device = types.SimpleNamespace(use=lambda: None, attributes={"MultiProcessorCount": n_sm})
+    memory = types.SimpleNamespace(OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {}))
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda index=0: device, memory=memory)
+    return cp
+
+
+def _poisoned_empty(shape, dtype=float):
+    dtype = np.dtype(dtype)
+    return np.full(shape, np.nan, dtype) if dtype.kind == "f" else np.full(shape, -1, dtype)
+
+
+def _dot(a, b, out=None):
+    """cuBLAS fp16 GEMM: float32 accumulation, result rounded to the output type."""
+    result = (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
+    if out is None:
+        return result
+    assert out.flags.c_contiguous and out.dtype == result.dtype and out.shape == result.shape
+    out[...] = result
+    return out
+
+
+class RawModule(cuda_emulator.RawModule):
+    def __init__(self, code, options=()):
+        # CuPy's disk cache keys on the code text alone, so common.cuh must be pasted in
+        assert '#include "common.cuh"' not in code, "common.cuh must be pasted in (CuPy caches by the code text)"
+        super().__init__(code, options)

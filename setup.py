@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_tools"))
 from cpu_features import compile_flags  # noqa: E402
@@ -37,7 +37,12 @@ def extension(name, c_sources):
 _only = [m for m in os.environ.get("PYFORGE_ONLY", "").split(",") if m]
 _selected = {n: s for n, s in NATIVE_MODULES.items() if not _only or n in _only}
 
+# cuda/ ships inside the package as pyforge/cuda_sources, so an installed (non-editable)
+# pyforge finds its kernel sources; a checkout reads cuda/ itself.
 setup(
+    packages=find_packages(include=["pyforge*"]) + ["pyforge.cuda_sources"],
+    package_dir={"pyforge.cuda_sources": "cuda"},
+    package_data={"pyforge.cuda_sources": ["*.cu", "*.cuh"]},
     ext_modules=cythonize(
         [extension(n, s) for n, s in _selected.items()],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},

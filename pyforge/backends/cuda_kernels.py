@@ -18,9 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-# The sources sit in the repository's cuda/ (a wheel does not carry them yet);
-# PYFORGE_CUDA_DIR points elsewhere.
-CUDA_DIR = Path(os.environ.get("PYFORGE_CUDA_DIR") or Path(__file__).resolve().parents[2] / "cuda")
+
+def _default_cuda_dir():
+    """The checkout's cuda/ when running from one, else the copy an installed wheel
+    carries (pyforge/cuda_sources, see setup.py); PYFORGE_CUDA_DIR overrides both."""
+    checkout = Path(__file__).resolve().parents[2] / "cuda"
+    return checkout if (checkout / "common.cuh").is_file() else Path(__file__).resolve().parents[1] / "cuda_sources"
+
+
+CUDA_DIR = Path(os.environ.get("PYFORGE_CUDA_DIR") or _default_cuda_dir())
 
 KERNELS = {
     "quant": {
@@ -105,8 +111,8 @@ class CudaKernels:
 
     def __init__(self, cupy, cuda_dir=CUDA_DIR):
         if not (Path(cuda_dir) / "common.cuh").is_file():
-            raise FileNotFoundError(f"CUDA kernel sources not found in {cuda_dir}: run from a source checkout "
-                                    "(pip install -e .) or set PYFORGE_CUDA_DIR to its cuda/ folder")
+            raise FileNotFoundError(f"CUDA kernel sources not found in {cuda_dir}: reinstall pyforge "
+                                    "or set PYFORGE_CUDA_DIR to a checkout's cuda/ folder")
         self._functions = {}
         for module, signatures in KERNELS.items():
             mod = cupy.RawModule(code=kernel_source(module, cuda_dir), options=compile_options(cuda_dir))

@@ -4,7 +4,7 @@
 
 For each shape (1B: TinyLlama-1.1B; 8B: Llama-3-8B) and weight format (F16,
 or Q4_K for every matrix):
-  decode   tokens/s at batch 1, 16, 64, 256, every sequence at context 512
+  decode   tokens/s at batch 1, 4, 8, 16, 64, 256, every sequence at context 512
            (one new token per sequence per step)
   prefill  tokens/s of one pass over 4 sequences of 512 tokens
   bound    decode: batch x bandwidth / (matmul weight bytes + the batch's KV
@@ -47,7 +47,7 @@ SHAPES = {
                       context_length=8192).validate(),
 }
 FORMATS = {"F16": GGMLType.F16, "Q4_K": GGMLType.Q4_K}
-BATCHES = (1, 16, 64, 256)
+BATCHES = (1, 4, 8, 16, 64, 256)   # 4 and 8: where the fused matvec hands over to dequant + cuBLAS
 CONTEXT = 512
 PREFILL = (4, 512)      # sequences x tokens
 BLOCK = 16

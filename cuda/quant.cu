@@ -54,74 +54,105 @@ extern "C" __global__ void dequant_q6_K_f16(const block_q6_K *__restrict__ src, 
 /* All three kernels share one launch layout:
  *   w  [n_out] rows of n_in weights (blocks)    x  half [n_x, n_in]
  *   y  half [n_x, n_out]
- *   grid (ceil(n_out / (blockDim.x / 32)), n_x), block (128: 4 warps).
- * One warp per output row; lane t reads byte t of each 32-wide run of a block
- * (coalesced), multiplies by x in float, and the warp reduces at the end.
- * blockIdx.y picks the activation row, so a small decode batch is one launch
- * (the weight rows then come from L2 after the first read). */
+ *   grid (ceil(n_out / (blockDim.x / 32)), ceil(n_x / MV_ROWS)), block (128: 4 warps).
+ * One warp per output row and per group of up to MV_ROWS activation rows
+ * (blockIdx.y): each weight is read from memory once for the whole group and
+ * multiplied into every row of it, so a decode batch of up to MV_ROWS costs
+ * one pass over the weights, not one per sequence. Lane t reads byte t of each
+ * 32-wide run of a block (coalesced), multiplies in float, and the warp
+ * reduces each row's sum at the end. */
+#define MV_ROWS 8
+
+/* This group's rows of x (n_rows of them) and its outputs for weight row `row`. */
+struct MvGroup {
+    const __half *x;
+    __half *y;
+    int n_rows;
+};
+
+__device__ __forceinline__ MvGroup mv_group(const __half *x, __half *y, int n_in, int n_out, int n_x, int row) {
+    const int r0 = blockIdx.y * MV_ROWS;
+    return MvGroup{x + (pf_i64)r0 * n_in, y + (pf_i64)r0 * n_out + row, min(MV_ROWS, n_x - r0)};
+}
+
+__device__ __forceinline__ void mv_store(const MvGroup &g, const float *acc, int n_out) {
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        if (j >= g.n_rows) break;
+        const float v = pf_warp_sum(acc[j]);
+        if ((threadIdx.x & 31) == 0) g.y[(pf_i64)j * n_out] = __float2half_rn(v);
+    }
+}
 
 /* Q8_0: lane t takes weight t of every block of the row. */
 extern "C" __global__ void matvec_q8_0_f16(const block_q8_0 *__restrict__ w, const __half *__restrict__ x,
-                                           __half *__restrict__ y, int n_in, int n_out) {
+                                           __half *__restrict__ y, int n_in, int n_out, int n_x) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     if (row >= n_out) return;
     const int nb = n_in / QK8_0;
     const block_q8_0 *wr = w + (pf_i64)row * nb;
-    const __half *xr = x + (pf_i64)blockIdx.y * n_in;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int ib = 0; ib < nb; ib++)
-        acc += pf_h2f(wr[ib].d) * (float)wr[ib].qs[lane] * __half2float(xr[ib * QK8_0 + lane]);
-    acc = pf_warp_sum(acc);
-    if (lane == 0) y[(pf_i64)blockIdx.y * n_out + row] = __float2half_rn(acc);
+    const MvGroup g = mv_group(x, y, n_in, n_out, n_x, row);
+    float acc[MV_ROWS] = {};
+    for (int ib = 0; ib < nb; ib++) {
+        const float wv = pf_h2f(wr[ib].d) * (float)wr[ib].qs[lane];
+        const __half *xb = g.x + ib * QK8_0 + lane;
+#pragma unroll
+        for (int j = 0; j < MV_ROWS; j++)
+            if (j < g.n_rows) acc[j] += wv * __half2float(xb[(pf_i64)j * n_in]);
+    }
+    mv_store(g, acc, n_out);
 }
 
 /* Q4_K: per super-block, lane t takes weights 64c + t (low nibble, sub-block
- * 2c) and 64c + 32 + t (high nibble, sub-block 2c + 1) for c = 0..3, and
- * applies d*sc and dmin*m once per sub-block: sum(w x) = d sc sum(q x) - dmin m sum(x). */
+ * 2c) and 64c + 32 + t (high nibble, sub-block 2c + 1) for c = 0..3, as
+ * d*sc*q - dmin*m, formed once and used for every row of the group. */
 extern "C" __global__ void matvec_q4_K_f16(const block_q4_K *__restrict__ w, const __half *__restrict__ x,
-                                           __half *__restrict__ y, int n_in, int n_out) {
+                                           __half *__restrict__ y, int n_in, int n_out, int n_x) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     if (row >= n_out) return;
     const int nb = n_in / QK_K;
     const block_q4_K *wr = w + (pf_i64)row * nb;
-    const __half *xr = x + (pf_i64)blockIdx.y * n_in;
-    float acc = 0.0f;
+    const MvGroup g = mv_group(x, y, n_in, n_out, n_x, row);
+    float acc[MV_ROWS] = {};
     for (int ib = 0; ib < nb; ib++) {
         const block_q4_K *b = wr + ib;
-        const __half *xb = xr + ib * QK_K;
+        const __half *xb = g.x + ib * QK_K + lane;
         const float d = pf_h2f(b->d), dmin = pf_h2f(b->dmin);
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             const int q = b->qs[32 * c + lane];
-            const float x0 = __half2float(xb[64 * c + lane]), x1 = __half2float(xb[64 * c + 32 + lane]);
             float sc0, m0, sc1, m1;
             pf_q4k_scale_min(b->scales, 2 * c, &sc0, &m0);
             pf_q4k_scale_min(b->scales, 2 * c + 1, &sc1, &m1);
-            acc += d * (sc0 * (float)(q & 0xF) * x0 + sc1 * (float)(q >> 4) * x1) - dmin * (m0 * x0 + m1 * x1);
+            const float w0 = d * sc0 * (float)(q & 0xF) - dmin * m0, w1 = d * sc1 * (float)(q >> 4) - dmin * m1;
+#pragma unroll
+            for (int j = 0; j < MV_ROWS; j++)
+                if (j < g.n_rows) {
+                    const __half *xj = xb + (pf_i64)j * n_in + 64 * c;
+                    acc[j] += w0 * __half2float(xj[0]) + w1 * __half2float(xj[32]);
+                }
         }
     }
-    acc = pf_warp_sum(acc);
-    if (lane == 0) y[(pf_i64)blockIdx.y * n_out + row] = __float2half_rn(acc);
+    mv_store(g, acc, n_out);
 }
 
 /* Q6_K: per super-block, lane t takes weights 128h + 32g + t (h = 0..1,
  * g = 0..3): bytes ql[64h + 32(g&1) + t] and qh[32h + t], scale 8h + 2g + t/16. */
 extern "C" __global__ void matvec_q6_K_f16(const block_q6_K *__restrict__ w, const __half *__restrict__ x,
-                                           __half *__restrict__ y, int n_in, int n_out) {
+                                           __half *__restrict__ y, int n_in, int n_out, int n_x) {
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     if (row >= n_out) return;
     const int nb = n_in / QK_K;
     const block_q6_K *wr = w + (pf_i64)row * nb;
-    const __half *xr = x + (pf_i64)blockIdx.y * n_in;
-    float acc = 0.0f;
+    const MvGroup gr = mv_group(x, y, n_in, n_out, n_x, row);
+    float acc[MV_ROWS] = {};
     for (int ib = 0; ib < nb; ib++) {
         const block_q6_K *b = wr + ib;
-        const __half *xb = xr + ib * QK_K;
-        float part = 0.0f;
+        const __half *xb = gr.x + ib * QK_K + lane;
+        const float d = pf_h2f(b->d);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int lo0 = b->ql[64 * h + lane], lo1 = b->ql[64 * h + 32 + lane];
@@ -130,12 +161,12 @@ extern "C" __global__ void matvec_q6_K_f16(const block_q6_K *__restrict__ w, con
             for (int g = 0; g < 4; g++) {
                 const int lo = ((g & 1) ? lo1 : lo0) >> (4 * (g >> 1));
                 const int q = ((lo & 0xF) | (((hi >> (2 * g)) & 3) << 4)) - 32;
-                const float s = (float)b->scales[8 * h + 2 * g + lane / 16];
-                part += s * (float)q * __half2float(xb[128 * h + 32 * g + lane]);
+                const float wv = d * (float)b->scales[8 * h + 2 * g + lane / 16] * (float)q;
+#pragma unroll
+                for (int j = 0; j < MV_ROWS; j++)
+                    if (j < gr.n_rows) acc[j] += wv * __half2float(xb[(pf_i64)j * n_in + 128 * h + 32 * g]);
             }
         }
-        acc += pf_h2f(b->d) * part;
     }
-    acc = pf_warp_sum(acc);
-    if (lane == 0) y[(pf_i64)blockIdx.y * n_out + row] = __float2half_rn(acc);
+    mv_store(gr, acc, n_out);
 }

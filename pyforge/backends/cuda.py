@@ -26,7 +26,10 @@ from pyforge.backends.cuda_kernels import CudaKernels, cdiv, elementwise_grid, h
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 
 KEPT_QUANTIZED = {GGMLType.Q8_0: "q8_0", GGMLType.Q4_K: "q4_K", GGMLType.Q6_K: "q6_K"}
-MATVEC_MAX_ROWS = 4            # above this many rows, dequantize + cuBLAS beats one weight read per row
+# Up to this many rows the fused matvec reads each quantized weight once for all of them
+# (quant.cu MV_ROWS); dequantize + cuBLAS moves >= 32 bits of fp16 per weight instead of
+# 4.5-8.5. A traffic estimate, not yet a GPU measurement: bench_cuda.py's batches 4, 8, 16 show it.
+MATVEC_MAX_ROWS = 8
 DEQUANT_SCRATCH_BYTES = 256 << 20
 ACTIVATION_RESERVE_BYTES = 1 << 30   # kept free of the KV cache for activations, logits and cuBLAS workspace
 MIN_DECODE_PARTITION = 64      # positions per split-K block of decode attention (16 per warp)

@@ -31,7 +31,7 @@ CUDA_DIR = Path(os.environ.get("PYFORGE_CUDA_DIR") or _default_cuda_dir())
 KERNELS = {
     "quant": {
         "dequant_q8_0_f16": "bhQ", "dequant_q4_K_f16": "bhQ", "dequant_q6_K_f16": "bhQ",
-        "matvec_q8_0_f16": "bhhII", "matvec_q4_K_f16": "bhhII", "matvec_q6_K_f16": "bhhII",
+        "matvec_q8_0_f16": "bhhIII", "matvec_q4_K_f16": "bhhIII", "matvec_q6_K_f16": "bhhIII",
     },
     "norm_rope": {
         **{f"rmsnorm_{t}": f"{p}f{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
@@ -49,6 +49,7 @@ KERNELS = {
 }
 
 MAX_HEAD_DIM = 256      # attention.cu: a lane holds head_dim / 32 <= 8 dims
+MATVEC_ROWS = 8         # quant.cu MV_ROWS: activation rows one matvec warp multiplies per weight read
 
 POINTER_DTYPES = {"h": np.float16, "f": np.float32, "i": np.int32, "b": np.uint8}
 SCALAR_TYPES = {"I": np.int32, "Q": np.int64, "F": np.float32}
@@ -132,5 +133,7 @@ class CudaKernels:
         self.launch(f"dequant_{qtype}_f16", grid, 256, src, dst, n_blocks)
 
     def matvec(self, qtype, w, x, y, n_in, n_out):
-        """y[n_x, n_out] = x[n_x, n_in] @ W^T: one warp per output row, 4 warps a block."""
-        self.launch(f"matvec_{qtype}_f16", (cdiv(n_out, 4), x.shape[0]), 128, w, x, y, n_in, n_out)
+        """y[n_x, n_out] = x[n_x, n_in] @ W^T: one warp per output row and group of MATVEC_ROWS rows
+        of x, 4 warps a block."""
+        n_x = x.shape[0]
+        self.launch(f"matvec_{qtype}_f16", (cdiv(n_out, 4), cdiv(n_x, MATVEC_ROWS)), 128, w, x, y, n_in, n_out, n_x)

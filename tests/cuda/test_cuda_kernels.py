@@ -101,7 +101,7 @@ def test_dequantize(qtype, n_rows, n_blocks):
     check(out.reshape(n_rows, -1), ref, F16_RTOL, 1e-7 * np.abs(ref).max() + 6e-8)
 
 
-MATVEC_SHAPES = [(1, 256, 1), (37, 512, 1), (130, 2048, 3), (5, 4096, 8)]
+MATVEC_SHAPES = [(1, 256, 1), (37, 512, 1), (130, 2048, 3), (5, 4096, 8), (66, 512, 19)]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -115,9 +115,9 @@ def test_matvec(qtype, n_out, n_in, n_x):
     ref = x.astype(np.float64) @ w.T  # [n_x, n_out]
     mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
     y = nan_like((n_x, n_out), np.float16)
-    warps = 4
-    launch("quant", f"matvec_{qtype.lower().replace('_k', '_K')}_f16", (cdiv(n_out, warps), n_x), 32 * warps,
-           cupy.asarray(raw), cupy.asarray(x), y, np.int32(n_in), np.int32(n_out))
+    warps, group = 4, 8     # quant.cu: 4 warps a block, MV_ROWS rows of x per warp
+    launch("quant", f"matvec_{qtype.lower().replace('_k', '_K')}_f16", (cdiv(n_out, warps), cdiv(n_x, group)),
+           32 * warps, cupy.asarray(raw), cupy.asarray(x), y, np.int32(n_in), np.int32(n_out), np.int32(n_x))
     # float accumulation (Q4_K subtracts dmin * m terms of the size of |w|): 1e-5 of sum |w x|
     out = cupy.asnumpy(y).astype(np.float64)
     assert np.isfinite(out).all()

@@ -8,8 +8,8 @@
 # `gpu_check.sh tests` or `gpu_check.sh bench` runs one of the two (after the build).
 # Each stage has its own time limit (build 120 s, tests 240 s, benchmark 210 s) so
 # the whole stays under the tool's 10 minutes; a failing stage does not stop the
-# next. The tests' `emulated` variants (numpy stand-in for CuPy, already run on the
-# CPU machines) are left out to save device time. Results in $OUT (./gpu-out when
+# next. The tests' `emulated` variants (the kernels on the CPU emulator, already run
+# on the CPU machines) are left out to save device time. Results in $OUT (./gpu-out when
 # unset): summary.log, env.log, build.log, tests.log, bench.log, bench.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."

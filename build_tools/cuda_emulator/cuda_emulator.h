@@ -14,8 +14,12 @@
  * The scheduler resumes a waiting fiber only once its wait is over, so a
  * shuffle costs each lane about one switch there and back.
  * __shared__ variables are statics: one block runs at a time, so each block
- * sees them alone. What this cannot show: races between threads (the order is
- * fixed), memory faults (a stray pointer is the host's), timing.
+ * sees them alone. The scheduler visits a block's threads in an order of its
+ * own (a permutation drawn per block, the same on every run), not thread 0
+ * first, so code that reads another thread's write without a barrier or
+ * shuffle between them tends to read stale data and fail its test. What this
+ * cannot show: every race (the order is one of many), memory faults (a stray
+ * pointer is the host's), timing.
  */
 #ifndef PYFORGE_CUDA_EMULATOR_H
 #define PYFORGE_CUDA_EMULATOR_H
@@ -78,6 +82,7 @@ struct Warp {
 struct State {
     std::mutex lock;        /* ctypes drops the GIL: one launch at a time */
     Fiber fibers[MAX_THREADS];
+    int order[MAX_THREADS];  /* the scheduler's visiting order of this block's threads */
     Warp warps[MAX_WARPS];
     unsigned char *stacks = nullptr;
     int n_threads = 0, live = 0, arrived = 0, current = 0;
@@ -221,6 +226,19 @@ static bool wait_over(const Fiber &f) {
     }
 }
 
+/* A Fisher-Yates permutation of 0..n-1 from a generator seeded by the block index. */
+static void shuffle_order(int n) {
+    uint64_t x = 0x9E3779B97F4A7C15ull ^ (((uint64_t)g.block_idx.z << 42) | ((uint64_t)g.block_idx.y << 21) |
+                                           g.block_idx.x);
+    for (int i = 0; i < n; i++) g.order[i] = i;
+    for (int i = n - 1; i > 0; i--) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;  /* xorshift64 */
+        const int j = (int)(x % (uint64_t)(i + 1));
+        const int t = g.order[i];
+        g.order[i] = g.order[j], g.order[j] = t;
+    }
+}
+
 static bool run_block() {
     const int n = g.n_threads;
     memset(g.warps, 0, sizeof(Warp) * ((n + 31) / 32));
@@ -234,12 +252,13 @@ static bool run_block() {
         f.shuffles = 0;
         start_fiber(f);
     }
+    shuffle_order(n);
     g.live = n;
     g.arrived = 0;
     while (g.live > 0) {
         bool resumed = false;
         for (int i = 0; i < n && !g.failed; i++) {
-            Fiber &f = g.fibers[i];
+            Fiber &f = g.fibers[g.order[i]];
             if (f.done || !wait_over(f)) continue;
             f.wait = RUNNABLE;
             resumed = true;

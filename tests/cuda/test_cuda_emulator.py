@@ -31,6 +31,15 @@ extern "C" __global__ void shuffles(const int *x, int *out_xor, int *out_down, i
     out_bcast[t] = __shfl_sync(0xffffffffu, v, 7);
 }
 
+/* out[t] = base + (t + 1) % n, read from the neighbour's shared slot, with or without a barrier. */
+extern "C" __global__ void neighbour(int *out, int base, int with_barrier) {
+    __shared__ int buf[1024];
+    const int t = threadIdx.x, n = blockDim.x;
+    buf[t] = base + t;
+    if (with_barrier) __syncthreads();
+    out[t] = buf[(t + 1) % n];
+}
+
 /* Lanes of row >= n exit, the others shuffle with the whole warp. */
 extern "C" __global__ void exit_then_shuffle(float *y, int n) {
     if ((int)threadIdx.x >= n) return;
@@ -89,6 +98,16 @@ def test_grid_stride_and_half_conversions(mod):
     y = np.full(5000, np.nan, np.float16)
     mod.get_function("scale_half")((3,), (128,), (x, y, np.int64(5000), np.float32(3.0)))
     np.testing.assert_array_equal(y, (x.astype(np.float32) * np.float32(3.0)).astype(np.float16))
+
+
+def test_a_missing_barrier_shows(mod):
+    """Threads run in a shuffled order, so reading a neighbour's write before a barrier goes wrong."""
+    neighbour, t = mod.get_function("neighbour"), np.arange(256)
+    out = np.full(256, -1, np.int32)
+    neighbour((1,), (256,), (out, np.int32(1000), np.int32(1)))
+    np.testing.assert_array_equal(out, 1000 + (t + 1) % 256)
+    neighbour((1,), (256,), (out, np.int32(0), np.int32(0)))    # stale slots still hold 1000 + t
+    assert (out != (t + 1) % 256).sum() > 32
 
 
 def test_whole_warps_exiting_is_fine(mod):

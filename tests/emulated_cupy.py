@@ -9,6 +9,7 @@ launch's arguments are checked against the kernel's C parameters. cuBLAS
 (`dot`) is numpy with float32 accumulation. Not covered: races, memory
 faults, speed (the tests under `device` run on a real GPU).
 """
+import os
 import types
 
 import numpy as np
@@ -18,7 +19,10 @@ from build_tools import cuda_emulator
 
 
 def require_emulator():
+    """Skip without a C++ compiler, or fail where CI asks for every check (PYFORGE_REQUIRE_EMULATOR=1)."""
     if cuda_emulator.compiler() is None:
+        if os.environ.get("PYFORGE_REQUIRE_EMULATOR") == "1":
+            pytest.fail("the CUDA emulator needs a C++ compiler (PYFORGE_REQUIRE_EMULATOR=1)")
         pytest.skip("no C++ compiler for the CUDA emulator", allow_module_level=True)
 
 

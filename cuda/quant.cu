@@ -1,5 +1,6 @@
-/* Quantized weights on the GPU: dequantize to fp16, and the fused quantized
- * matrix x vector products of decode.
+/* Weights on the GPU: dequantize to fp16, and the fused matrix x vector
+ * products of decode (quantized weights; fp16 ones for CUDA graphs, where
+ * cuBLAS cannot be captured through CuPy).
  *
  * Weights are GGUF rows as stored (cuda/common.cuh): a [n_out, n_in] matrix
  * is n_out rows of n_in / block_size blocks, back to back. n_in must be a
@@ -169,4 +170,32 @@ extern "C" __global__ void matvec_q6_K_f16(const block_q6_K *__restrict__ w, con
         }
     }
     mv_store(gr, acc, n_out);
+}
+
+/* F16: lane t takes the 8 weights 256k + 8t .. 256k + 8t + 7 of the row, in one
+ * 16-byte load (a warp reads 512 contiguous bytes); n_in a multiple of 8. */
+extern "C" __global__ void matvec_f16_f16(const __half *__restrict__ w, const __half *__restrict__ x,
+                                          __half *__restrict__ y, int n_in, int n_out, int n_x) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (row >= n_out) return;
+    const __half *wr = w + (pf_i64)row * n_in;
+    const MvGroup g = mv_group(x, y, n_in, n_out, n_x, row);
+    float acc[MV_ROWS] = {};
+    for (int i = 8 * lane; i < n_in; i += 256) {
+        const uint4 wq = *(const uint4 *)(wr + i);
+        const __half *wh = (const __half *)&wq;
+        float wf[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) wf[e] = __half2float(wh[e]);
+#pragma unroll
+        for (int j = 0; j < MV_ROWS; j++)
+            if (j < g.n_rows) {
+                const uint4 xq = *(const uint4 *)(g.x + (pf_i64)j * n_in + i);
+                const __half *xh = (const __half *)&xq;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[j] += wf[e] * __half2float(xh[e]);
+            }
+    }
+    mv_store(g, acc, n_out);
 }

@@ -47,6 +47,9 @@ struct dim3 {
     unsigned int x, y, z;
 };
 typedef dim3 uint3;
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
 
 namespace pf_emu {
 

@@ -32,6 +32,7 @@ KERNELS = {
     "quant": {
         "dequant_q8_0_f16": "bhQ", "dequant_q4_K_f16": "bhQ", "dequant_q6_K_f16": "bhQ",
         "matvec_q8_0_f16": "bhhIII", "matvec_q4_K_f16": "bhhIII", "matvec_q6_K_f16": "bhhIII",
+        "matvec_f16_f16": "hhhIII",
     },
     "norm_rope": {
         **{f"rmsnorm_{t}": f"{p}f{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
@@ -133,7 +134,7 @@ class CudaKernels:
         self.launch(f"dequant_{qtype}_f16", grid, 256, src, dst, n_blocks)
 
     def matvec(self, qtype, w, x, y, n_in, n_out):
-        """y[n_x, n_out] = x[n_x, n_in] @ W^T: one warp per output row and group of MATVEC_ROWS rows
-        of x, 4 warps a block."""
+        """y[n_x, n_out] = x[n_x, n_in] @ W^T (qtype q8_0, q4_K, q6_K or f16): one warp per output row
+        and group of MATVEC_ROWS rows of x, 4 warps a block."""
         n_x = x.shape[0]
         self.launch(f"matvec_{qtype}_f16", (cdiv(n_out, 4), cdiv(n_x, MATVEC_ROWS)), 128, w, x, y, n_in, n_out, n_x)

@@ -124,6 +124,21 @@ def test_matvec(qtype, n_out, n_in, n_x):
     assert (np.abs(out - ref) <= F16_RTOL * np.abs(ref) + 1e-5 * mag + 1e-4).all()
 
 
+@pytest.mark.parametrize("n_out,n_in,n_x", [(1, 8, 1), (37, 264, 1), (130, 2048, 3), (5, 4096, 8), (66, 520, 19)])
+def test_matvec_f16(n_out, n_in, n_x):
+    rng = np.random.default_rng(n_out + n_in + n_x)
+    w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float16)
+    x = rng.standard_normal((n_x, n_in)).astype(np.float16)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    y = nan_like((n_x, n_out), np.float16)
+    launch("quant", "matvec_f16_f16", (cdiv(n_out, 4), cdiv(n_x, 8)), 128, cupy.asarray(w), cupy.asarray(x), y,
+           np.int32(n_in), np.int32(n_out), np.int32(n_x))
+    out = cupy.asnumpy(y).astype(np.float64)
+    assert np.isfinite(out).all()
+    assert (np.abs(out - ref) <= F16_RTOL * np.abs(ref) + 1e-6 * mag + 1e-5).all()
+
+
 # -- norm, rope, elementwise --------------------------------------------------
 DTYPES = {"f32": (np.float32, 1e-5), "f16": (np.float16, F16_RTOL)}
 

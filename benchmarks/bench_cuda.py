@@ -6,6 +6,8 @@ For each shape (1B: TinyLlama-1.1B; 8B: Llama-3-8B) and weight format (F16,
 or Q4_K for every matrix):
   decode   tokens/s at batch 1, 4, 8, 16, 64, 256, every sequence at context 512
            (one new token per sequence per step)
+  decode graph  the same for batches up to 8, each step a CUDA graph replay
+           (--cuda-graphs; --no-graphs leaves these rows out)
   prefill  tokens/s of one pass over 4 sequences of 512 tokens
   bound    decode: batch x bandwidth / (matmul weight bytes + the batch's KV
            bytes), bandwidth measured by a device-to-device copy (read + write);
@@ -106,8 +108,9 @@ def paged_batch(cfg, lengths, starts, rng):
         logits_rows=(qsl[1:] - 1).astype(np.int32))
 
 
-def bench_model(backend, cfg, fmt, batches, context, prefill, bandwidth, gemm_rate):
-    """Rows of {phase, batch, tokens, step_ms, tok_s, bound_tok_s} for one model on one backend."""
+def bench_model(backend, cfg, fmt, batches, context, prefill, bandwidth, gemm_rate, graphs=False):
+    """Rows of {phase, batch, tokens, step_ms, tok_s, bound_tok_s} for one model on one backend;
+    graphs: also decode as CUDA graph replays ("decode graph") where the batch allows one."""
     rng = np.random.default_rng(0)
     model = build_model(backend, cfg, fmt)
     n_blocks = max(max(batches) * -(-(context + 1) // BLOCK), prefill[0] * -(-prefill[1] // BLOCK))
@@ -120,6 +123,15 @@ def bench_model(backend, cfg, fmt, batches, context, prefill, bandwidth, gemm_ra
         sec = step_seconds(lambda batch=batch: model.forward(batch, kv))
         bound = b * bandwidth / (w_bytes + b * (context + 1) * kv_token)
         rows.append(dict(phase="decode", batch=b, tokens=b, step_ms=sec * 1e3, tok_s=b / sec, bound_tok_s=bound))
+    if graphs:
+        backend.use_cuda_graphs(context + 1, BLOCK)
+        for b in (b for b in batches if b <= backend.matvec_max_rows):
+            batch = paged_batch(cfg, [1] * b, [context] * b, rng)
+            sec = step_seconds(lambda batch=batch: model.forward(batch, kv))
+            bound = b * bandwidth / (w_bytes + b * (context + 1) * kv_token)
+            rows.append(dict(phase="decode graph", batch=b, tokens=b, step_ms=sec * 1e3, tok_s=b / sec,
+                             bound_tok_s=bound))
+        backend.graphs = None
     n_seq, length = prefill
     batch = paged_batch(cfg, [length] * n_seq, [0] * n_seq, rng)
     sec = step_seconds(lambda: model.forward(batch, kv))
@@ -184,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     ap.add_argument("--json", default="bench_cuda.json", help="where to write the results")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode rows")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -195,9 +208,10 @@ def main(argv=None):
     for shape in args.shapes:
         cfg = SHAPES[shape]
         for fmt in args.formats:
-            backend = RandomWeightBackend()
+            backend = RandomWeightBackend(stream=True)
             rows, w_bytes = bench_model(backend, cfg, fmt, args.batches, CONTEXT, PREFILL,
-                                        report["bandwidth_GBps"] * 1e9, report["gemm_TFLOPs"] * 1e12)
+                                        report["bandwidth_GBps"] * 1e9, report["gemm_TFLOPs"] * 1e12,
+                                        graphs=not args.no_graphs)
             del backend
             cp.get_default_memory_pool().free_all_blocks()
             report["rows"] += [dict(model=shape, format=fmt, weight_GB=w_bytes / 1e9, **r) for r in rows]
@@ -207,7 +221,8 @@ def main(argv=None):
             ours = torch_rows(torch, cfg, args.batches, CONTEXT, *PREFILL)
             for r in report["rows"]:
                 if r["model"] == shape and r["format"] == "F16":
-                    r["torch_tok_s"] = ours[(r["phase"], r["batch"] if r["phase"] == "decode" else r["tokens"])]
+                    phase = "prefill" if r["phase"] == "prefill" else "decode"
+                    r["torch_tok_s"] = ours[(phase, r["batch"] if phase == "decode" else r["tokens"])]
             print(f"[{time.perf_counter() - t0:6.1f} s] {shape} torch done", flush=True)
     report["seconds"] = time.perf_counter() - t0
     print_table(report)

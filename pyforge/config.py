@@ -43,6 +43,7 @@ class ServerConfig:
     threads: int | None = None          # engine CPU threads; None: physical cores
     device: str = "auto"                # auto: cuda when CuPy sees a GPU, else cpu
     gpu_memory_utilization: float = 0.9  # cuda: share of device memory for weights + KV cache (vLLM's flag)
+    cuda_graphs: bool = False           # cuda: replay small decode steps as CUDA graphs
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None    # None: the model's context length
@@ -200,7 +201,7 @@ _PARSERS = {
     "api_key": _str(optional=True), "chat_template": _chat_template,
     "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
     "drain_timeout": _float(), "keepalive_interval": _float(low_open=True),
-    "stall_timeout": _float(low_open=True), "null_model": _bool,
+    "stall_timeout": _float(low_open=True), "null_model": _bool, "cuda_graphs": _bool,
 }
 _FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
@@ -259,6 +260,7 @@ _HELP = {
     "device": "auto (cuda when CuPy sees a GPU, else cpu), cpu, cuda or cuda:N",
     "gpu_memory_utilization": "cuda: fraction of the GPU's memory for weights, activations and the KV cache; "
                               "sizes the KV cache when --kv-cache-tokens is not given (0 < x <= 1)",
+    "cuda_graphs": "cuda: run decode steps of up to 8 sequences as captured CUDA graphs (fewer host launches)",
     "max_num_seqs": "most sequences decoded in one step",
     "max_num_batched_tokens": "most tokens (prefill + decode) in one step",
     "max_model_len": "context length (default: the model's)",

@@ -8,7 +8,15 @@ shuffles and barriers as written. `empty` buffers start as NaN (floats) or
 launch's arguments are checked against the kernel's C parameters. cuBLAS
 (`dot`) is numpy with float32 accumulation. Not covered: races, memory
 faults, speed (the tests under `device` run on a real GPU).
+
+Stream capture is recorded, not run: while a stream captures, kernel
+launches, `take` and `copyto` are appended to the graph and nothing executes
+until Graph.launch replays them, so anything a captured step computes some
+other way (on the host, at capture time) comes out stale on replay and fails
+its test. As in CuPy, `dot` (cuBLAS) refuses to be captured, and so does
+`asarray` (a host copy has no place in a replay).
 """
+import contextlib
 import os
 import types
 
@@ -40,25 +48,90 @@ def make_emulated_cupy(total_bytes=16 << 30, free_bytes=16 << 30, n_sm=4):
     cp.random = types.SimpleNamespace(
         standard_normal=lambda size, dtype=np.float64: rng.standard_normal(size).astype(dtype),
         randint=lambda low, high, size, dtype=np.int64: rng.integers(low, high, size).astype(dtype))
-    cp.take = np.take
+    cp.take = _take
+    cp.copyto = _recorded(np.copyto)
     cp.dot = _dot
+    cp.asarray = _no_capture("asarray", cp.asarray)
     cp.RawModule = RawModule
     pool = types.SimpleNamespace(free_bytes=lambda: 0)
     cp.get_default_memory_pool = lambda: pool
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (free_bytes, total_bytes))
     device = types.SimpleNamespace(use=lambda: None, attributes={"MultiProcessorCount": n_sm})
     memory = types.SimpleNamespace(OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {}))
-    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda index=0: device, memory=memory)
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda index=0: device, memory=memory, Stream=Stream,
+                                    MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+                                    using_allocator=lambda allocator=None: contextlib.nullcontext())
     return cp
+
+
+# -- stream capture ---------------------------------------------------------------
+_capturing = []     # the graph being recorded, if a stream is capturing
+
+
+class Stream:
+    def __init__(self, non_blocking=False):
+        self.non_blocking = non_blocking
+
+    def use(self):
+        return self
+
+    def begin_capture(self):
+        assert not _capturing, "one capture at a time"
+        _capturing.append(Graph())
+
+    def end_capture(self):
+        return _capturing.pop()
+
+
+class Graph:
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, stream=None):
+        for call in self.calls:
+            call()
+
+
+def _run_or_record(call):
+    if _capturing:
+        _capturing[-1].calls.append(call)
+    else:
+        call()
+
+
+def _recorded(fn):
+    def wrapper(*args, **kwargs):
+        _run_or_record(lambda: fn(*args, **kwargs))
+    return wrapper
+
+
+def _no_capture(name, fn):
+    def wrapper(*args, **kwargs):
+        if _capturing:
+            raise RuntimeError(f"cupy.{name} while a stream captures: a replay would not repeat it")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _take(a, indices, axis=None, out=None):
+    if out is None:
+        assert axis == 0
+        out = _poisoned_empty((*np.shape(indices), *a.shape[1:]), a.dtype)
+    _run_or_record(lambda: np.take(a, indices, axis=axis, out=out))
+    return out
 
 
 def _poisoned_empty(shape, dtype=float):
     dtype = np.dtype(dtype)
-    return np.full(shape, np.nan, dtype) if dtype.kind == "f" else np.full(shape, -1, dtype)
+    if dtype.kind == "f":
+        return np.full(shape, np.nan, dtype)
+    return np.full(shape, -1 if dtype.kind == "i" else np.iinfo(dtype).max, dtype)
 
 
 def _dot(a, b, out=None):
     """cuBLAS fp16 GEMM: float32 accumulation, result rounded to the output type."""
+    if _capturing:
+        raise NotImplementedError("cuBLAS calls cannot be captured (as in CuPy)")
     result = (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
     if out is None:
         return result
@@ -72,3 +145,7 @@ class RawModule(cuda_emulator.RawModule):
         # CuPy's disk cache keys on the code text alone, so common.cuh must be pasted in
         assert '#include "common.cuh"' not in code, "common.cuh must be pasted in (CuPy caches by the code text)"
         super().__init__(code, options)
+
+    def get_function(self, name):
+        function = super().get_function(name)
+        return lambda grid, block, args: _run_or_record(lambda: function(grid, block, args))

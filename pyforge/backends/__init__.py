@@ -37,8 +37,9 @@ def resolve_device(device, head_dim=None):
     return "cuda" if cuda_status()[0] else "cpu"
 
 
-def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_dim=None):
-    """The backend for a device name: cpu, cuda, cuda:N or auto (head_dim: the model's, for auto)."""
+def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_dim=None, cuda_graphs=False):
+    """The backend for a device name: cpu, cuda, cuda:N or auto (head_dim: the model's, for auto);
+    cuda_graphs asks for the stream that graph capture needs (ignored on cpu)."""
     device = resolve_device(device, head_dim)
     if device == "cpu":
         from pyforge.backends.cpu import CpuBackend
@@ -52,4 +53,5 @@ def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_d
         raise ValueError(f"device {device!r} is not available: {why}")
     from pyforge.backends.cuda import CudaBackend
 
-    return CudaBackend(int(match.group(1) or 0), n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization)
+    return CudaBackend(int(match.group(1) or 0), n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization,
+                       stream=cuda_graphs)

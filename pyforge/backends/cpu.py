@@ -74,6 +74,9 @@ class CpuBackend:
         """The batch's metadata where the kernels read it: host numpy already."""
         return batch
 
+    def run_forward(self, forward, batch, kv_cache):
+        return forward(self.prepare_batch(batch), kv_cache)
+
     @staticmethod
     def to_host(x):
         """Logits for the sampler: already float32 numpy."""

@@ -16,6 +16,11 @@ multiply with cuBLAS (cupy.dot). F16 goes to cuBLAS as stored; F32 and BF16
 are converted to F16 on the device; types without a CUDA kernel (Q4_0, Q5_K)
 are dequantized on the host at load and run as F16.
 
+With `--cuda-graphs` (stream=True, then use_cuda_graphs) every launch goes to
+a stream of the backend's own, and small decode steps replay captured graphs
+(cuda_graphs.py); F16 matmuls inside a capture use the matvec_f16 kernel,
+since CuPy refuses to capture cuBLAS.
+
 CuPy is imported only here, and only when a CudaBackend is made.
 """
 from dataclasses import dataclass
@@ -65,7 +70,7 @@ class CudaBackend:
     kv_dtype_bytes = 2
 
     def __init__(self, device_index=0, n_threads=None, gpu_memory_utilization=0.9,
-                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES):
+                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False):
         import cupy
 
         from pyforge.backends.cpu import default_threads
@@ -82,6 +87,12 @@ class CudaBackend:
         self.n_threads = int(n_threads or default_threads())   # the sampler's CPU threads
         self.gpu_memory_utilization = gpu_memory_utilization
         self.matvec_max_rows = matvec_max_rows
+        # A stream of our own (needed to capture graphs; the null stream cannot be captured)
+        self.stream = cupy.cuda.Stream(non_blocking=True) if stream else None
+        if self.stream is not None:
+            self.stream.use()   # current for this thread: every launch and copy below goes there
+        self.graphs = None           # DecodeGraphs, after use_cuda_graphs
+        self.capturing = False       # inside a graph capture (or its warm-up): no cuBLAS
         self.kernels = CudaKernels(cupy)
         self._weights = {}           # tensor name -> DeviceWeight (a tied head shares the embedding's)
         self._constants = {}         # id(host array) -> (host array, device copy)
@@ -176,6 +187,21 @@ class CudaBackend:
         return DeviceBatch(**views, n_tokens=len(host[0]), n_seqs=len(ctx),
                            max_query_len=int(np.diff(qsl).max(initial=0)), max_context_len=int(ctx.max(initial=0)))
 
+    def use_cuda_graphs(self, max_model_len, block_size):
+        """Replay decode steps of up to matvec_max_rows sequences as CUDA graphs (cuda_graphs.py)."""
+        from pyforge.backends.cuda_graphs import DecodeGraphs
+
+        if self.stream is None:
+            raise ValueError("CUDA graphs need the backend made with stream=True")
+        self.graphs = DecodeGraphs(self, max_model_len, block_size)
+
+    def run_forward(self, forward, batch, kv_cache):
+        """forward(device batch, kv_cache) -> device logits, for a host ForwardBatch: by a graph
+        replay when graphs are on and the batch is a small decode step, else directly."""
+        if self.graphs is not None and self.graphs.handles(batch):
+            return self.graphs.run(forward, batch, kv_cache)
+        return forward(self.prepare_batch(batch), kv_cache)
+
     def to_host(self, x):
         """Logits for the sampler: float32 numpy (waits for the step to finish). Converted on
         the device: numpy's fp16 -> fp32 cast of a [256, 128k] batch costs more than the copy."""
@@ -195,7 +221,12 @@ class CudaBackend:
     def matmul(self, x, weight, out):
         """out[n, n_out] = x[n, n_in] @ W[n_out, n_in]^T."""
         n_out, n_in = weight.shape
-        if weight.ggml_type == GGMLType.F16:
+        if weight.ggml_type == GGMLType.F16 and self.capturing:    # CuPy cannot capture cuBLAS
+            if x.shape[0] > self.matvec_max_rows or n_in % 8:
+                raise ValueError(f"a CUDA graph needs <= {self.matvec_max_rows} rows and n_in % 8 == 0, "
+                                 f"got {x.shape[0]} x {n_in}")
+            self.kernels.matvec("f16", weight.data, x, out, n_in, n_out)
+        elif weight.ggml_type == GGMLType.F16:
             self.cupy.dot(x, weight.data.T, out=out)
         elif x.shape[0] <= self.matvec_max_rows:
             self.kernels.matvec(KEPT_QUANTIZED[weight.ggml_type], weight.data, x, out, n_in, n_out)

@@ -44,7 +44,7 @@ def load_tokenizer(model_file):
 class Engine:
     def __init__(self, model_path, *, device="cpu", n_threads=None, max_model_len=None,
                  kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, null_model=False,
-                 gpu_memory_utilization=0.9):
+                 gpu_memory_utilization=0.9, cuda_graphs=False):
         self.model_file = load_model_file(model_path)
         cfg = self.model_file.config
         if cfg.arch not in SUPPORTED_ARCHS:
@@ -52,7 +52,7 @@ class Engine:
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
         self.backend = get_backend(device, n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization,
-                                   head_dim=cfg.head_dim)
+                                   head_dim=cfg.head_dim, cuda_graphs=cuda_graphs)
         if null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:
@@ -64,6 +64,10 @@ class Engine:
             kv_cache_tokens = max(self.max_model_len, budget // per_token)
         n_blocks = -(-kv_cache_tokens // block_size)
         self.kv_cache = KVCache(self.backend, cfg, n_blocks, block_size)
+        if cuda_graphs and not null_model:
+            if self.backend.name != "cuda":
+                raise ValueError(f"cuda_graphs needs the cuda device, not {self.backend.name}")
+            self.backend.use_cuda_graphs(self.max_model_len, block_size)
         self.block_manager = BlockManager(n_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)

@@ -63,8 +63,12 @@ class LlamaModel:
 
     def forward(self, batch, kv_cache):
         """Logits [len(batch.logits_rows), vocab] for the requested rows (float32 numpy, on the host)."""
+        b = self.backend
+        return b.to_host(b.run_forward(self.forward_device, batch, kv_cache))
+
+    def forward_device(self, batch, kv_cache):
+        """The forward pass over a batch already on the backend (prepare_batch's); logits stay there."""
         cfg, b = self.config, self.backend
-        batch = b.prepare_batch(batch)              # the metadata where the kernels read it, once a step
         n = batch.n_tokens
         x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
         h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
@@ -75,7 +79,7 @@ class LlamaModel:
             b.add_inplace(x, self.mlp(layer, h))
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
         normed = b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))
-        return b.to_host(b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size))))
+        return b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size)))
 
     def attention(self, layer, h, batch, k_cache, v_cache):
         cfg, b = self.config, self.backend

@@ -48,7 +48,7 @@ def engine_kwargs(config):
             "max_model_len": config.max_model_len, "kv_cache_tokens": config.kv_cache_tokens,
             "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
             "max_num_batched_tokens": config.max_num_batched_tokens, "null_model": config.null_model,
-            "gpu_memory_utilization": config.gpu_memory_utilization}
+            "gpu_memory_utilization": config.gpu_memory_utilization, "cuda_graphs": config.cuda_graphs}
 
 
 class EngineRunner:

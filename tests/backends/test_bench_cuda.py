@@ -28,14 +28,16 @@ def bench():
 def fake_backend(bench):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "cupy", make_emulated_cupy())
-        return bench.RandomWeightBackend()
+        return bench.RandomWeightBackend(stream=True)
 
 
 @pytest.mark.parametrize("fmt", ["F16", "Q4_K"])
 def test_bench_model_rows(bench, fmt, capsys):
-    rows, w_bytes = bench.bench_model(fake_backend(bench), TINY, fmt, [1, 5], 40, (2, 24), 1e12, 1e14)
-    assert [(r["phase"], r["batch"], r["tokens"]) for r in rows] == [("decode", 1, 1), ("decode", 5, 5),
-                                                                     ("prefill", 2, 48)]
+    rows, w_bytes = bench.bench_model(fake_backend(bench), TINY, fmt, [1, 5, 9], 40, (2, 24), 1e12, 1e14,
+                                      graphs=True)
+    assert [(r["phase"], r["batch"], r["tokens"]) for r in rows] == [
+        ("decode", 1, 1), ("decode", 5, 5), ("decode", 9, 9), ("decode graph", 1, 1), ("decode graph", 5, 5),
+        ("prefill", 2, 48)]
     assert all(r["tok_s"] > 0 and r["bound_tok_s"] > 0 for r in rows)
     per_weight = 2 if fmt == "F16" else 144 / 256
     n_weights = 2 * (256 * 256 * 2 + 128 * 256 * 2 + 3 * 512 * 256) + 512 * 256

@@ -23,6 +23,7 @@ logit difference measured at that very position (fp16 can flip those; on a
 random-weight model with a 32000-token vocabulary that happens now and then).
 """
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -67,14 +68,14 @@ def with_cupy(impl, make, **fake_args):
 
 @pytest.fixture(scope="module")
 def engines():
-    """engines(device, fmt, impl): one engine per combination, made once for the module."""
+    """engines(device, fmt, impl, graphs): one engine per combination, made once for the module."""
     cache = {}
 
-    def get(device, fmt, impl=None):
-        key = (device, fmt, impl)
+    def get(device, fmt, impl=None, graphs=False):
+        key = (device, fmt, impl, graphs)
         if key not in cache:
             path = str(ensure_model("small-k", fmt))
-            make = lambda: Engine(path, device=device, **ENGINE_ARGS)  # noqa: E731
+            make = lambda: Engine(path, device=device, cuda_graphs=graphs, **ENGINE_ARGS)  # noqa: E731
             cache[key] = make() if device == "cpu" else with_cupy(impl, make)
         return cache[key]
     return get
@@ -208,6 +209,65 @@ def test_batch_with_shared_prefix_matches_cpu(engines, impl):
     for a, b, ids in zip(ours, expected, lists):
         assert len(a) == 16
         assert_greedy_agrees(a, b, ids, cuda, cpu)
+
+
+# -- CUDA graphs ----------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", ["F16", "Q4_K_M"])
+def test_graph_decode_steps_match_cpu(engines, impl, fmt):
+    """Prefill eagerly, then three decode steps of 3 sequences as replays of one captured graph
+    (padded to 4): every replay sees that step's tokens, positions and KV slots."""
+    cuda, cpu = engines("cuda", fmt, impl, graphs=True), engines("cpu", fmt)
+    graphs = cuda.backend.graphs
+    lists = prompts(cpu.config.vocab_size, seed=7, lengths=(30, 77, 5))
+    prefill = [[(0, 27), (1, 74), (2, 2)]]
+    for n_decode in (1, 2, 3):
+        steps = prefill + [[(0, 1), (1, 1), (2, 1)]] * n_decode
+        replays = graphs.replays
+        err = rel_err(run_plans(cuda, lists, steps), run_plans(cpu, lists, steps))
+        print(f"{impl} {fmt} graph decode step {n_decode}: rel err {err:.2e}")
+        assert err < FORMATS[fmt]
+        assert graphs.replays - replays == n_decode     # the prefill ran eagerly, each decode step replayed
+    assert set(graphs.steps) == {4}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_graph_generation_matches_cpu(engines, impl):
+    """Batches of 1 and 3 sequences (graphs of 1 and 4) through Engine.step."""
+    cuda, cpu = engines("cuda", "F16", impl, graphs=True), engines("cpu", "F16")
+    for n in (1, 3):
+        lists = prompts(cpu.config.vocab_size, seed=10 + n, lengths=(9, 31, 4)[:n])
+        ours, expected = generate_batch(cuda, lists, 8), generate_batch(cpu, lists, 8)
+        for a, b, ids in zip(ours, expected, lists):
+            assert len(a) == 8
+            assert_greedy_agrees(a, b, ids, cuda, cpu)
+    assert {1, 4} <= set(cuda.backend.graphs.steps)
+    assert cuda.block_manager.num_free == cuda.block_manager.n_blocks   # nothing leaked
+
+
+def test_graphs_take_only_small_decode_batches():
+    from pyforge.backends.cuda_graphs import DecodeGraphs
+    from pyforge.models.batch import ForwardBatch
+
+    backend = types.SimpleNamespace(cupy=make_emulated_cupy(), matvec_max_rows=8)
+    graphs = DecodeGraphs(backend, max_model_len=1024, block_size=16)
+
+    def batch(n_seq, n_tok, width=4, all_logits=False):
+        qsl = np.linspace(0, n_tok, n_seq + 1).astype(np.int32)
+        return ForwardBatch(token_ids=np.zeros(n_tok, np.int32), positions=np.zeros(n_tok, np.int32),
+                            slot_mapping=np.zeros(n_tok, np.int32), block_tables=np.zeros((n_seq, width), np.int32),
+                            context_lens=np.ones(n_seq, np.int32), query_start_loc=qsl,
+                            logits_rows=np.arange(n_tok if all_logits else n_seq, dtype=np.int32))
+    assert graphs.handles(batch(1, 1)) and graphs.handles(batch(8, 8))
+    assert not graphs.handles(batch(9, 9))             # past the largest graph (cuBLAS would be needed)
+    assert not graphs.handles(batch(2, 6))             # a prefill
+    assert not graphs.handles(batch(1, 1, width=65))   # a table longer than max_model_len allows
+
+
+def test_graphs_need_the_cuda_device():
+    path = str(ensure_model("small-k", "F16"))
+    with pytest.raises(ValueError, match="cuda_graphs needs the cuda device"):
+        Engine(path, device="cpu", cuda_graphs=True, **ENGINE_ARGS)
 
 
 # -- primitives ---------------------------------------------------------------

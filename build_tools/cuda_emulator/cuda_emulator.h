@@ -284,7 +284,9 @@ static int launch(void (*entry)(void **), const unsigned *grid, const unsigned *
                   int error_len) {
     std::lock_guard<std::mutex> hold(g.lock);
     const unsigned long threads = (unsigned long)block[0] * block[1] * block[2];
-    if (threads == 0 || threads > MAX_THREADS || grid[0] * grid[1] * grid[2] == 0) {
+    /* CUDA's limits: block <= 1024 threads (z <= 64), grid y and z <= 65535, x < 2^31 */
+    if (threads == 0 || threads > MAX_THREADS || block[2] > 64 || grid[0] == 0 || grid[1] == 0 || grid[2] == 0 ||
+        grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535) {
         snprintf(error, error_len, "bad launch: grid (%u, %u, %u), block (%u, %u, %u)", grid[0], grid[1], grid[2],
                  block[0], block[1], block[2]);
         return -1;

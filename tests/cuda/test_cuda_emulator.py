@@ -150,8 +150,9 @@ def test_arguments_are_checked_against_the_parameters(mod, args, message):
 
 
 def test_bad_launches_and_sources_fail_clearly(mod):
-    with pytest.raises(cuda_emulator.EmulatorError, match="bad launch"):
-        mod.get_function("deadlock")((1,), (2048,), (np.zeros(2048, np.float32),))
+    for grid, block in (((1,), (2048,)), ((1, 65536), (32,)), ((1, 0), (32,))):   # past CUDA's launch limits
+        with pytest.raises(cuda_emulator.EmulatorError, match="bad launch"):
+            mod.get_function("deadlock")(grid, block, (np.zeros(2048, np.float32),))
     with pytest.raises(cuda_emulator.EmulatorError, match="no extern"):
         mod.get_function("missing")
     with pytest.raises(cuda_emulator.EmulatorError, match="rejected"):

@@ -1,4 +1,5 @@
-/* Non-matmul model primitives: rmsnorm, rope, silu * mul, residual add, bias.
+/* Non-matmul model primitives: rmsnorm (alone, or after the residual add), rope,
+ * silu * mul, residual add, bias.
  * Each has an _f32 and an _f16 entry point (activations float or half);
  * norm weights, biases and freq factors are always float32. Arithmetic is
  * float throughout, as native/ops_kernels.c (the reference) does.
@@ -30,6 +31,35 @@ extern "C" __global__ void rmsnorm_f32(const float *x, const float *w, float *ou
 }
 extern "C" __global__ void rmsnorm_f16(const __half *x, const float *w, __half *out, int d, float eps) {
     rmsnorm_row(x, w, out, d, eps);
+}
+
+/* add_rmsnorm_{f32,f16}(x, y, w, out, d, eps): x += y (the residual add, stored
+ * as add_inplace stores it), then out = rmsnorm(x) as rmsnorm_*: one launch and
+ * one pass over x instead of two. x, y, out [n, d] (out not x or y); w float [d];
+ * grid (n), block (multiple of 32, <= 1024; 256). Each thread reads back only the
+ * elements of x it wrote itself, so no barrier is needed between the passes. */
+template <typename T>
+__device__ void add_rmsnorm_row(T *x, const T *y, const float *__restrict__ w, T *out, int d, float eps) {
+    __shared__ float scratch[32];
+    T *xr = x + (pf_i64)blockIdx.x * d;
+    const T *yr = y + (pf_i64)blockIdx.x * d;
+    T *orow = out + (pf_i64)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        pf_store(xr + j, pf_load(xr + j) + pf_load(yr + j));
+        const float v = pf_load(xr + j);    /* the stored (rounded) sum, as rmsnorm would read it */
+        ss += v * v;
+    }
+    const float r = rsqrtf(pf_block_sum(ss, scratch) / (float)d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) pf_store(orow + j, pf_load(xr + j) * r * w[j]);
+}
+
+extern "C" __global__ void add_rmsnorm_f32(float *x, const float *y, const float *w, float *out, int d, float eps) {
+    add_rmsnorm_row(x, y, w, out, d, eps);
+}
+extern "C" __global__ void add_rmsnorm_f16(__half *x, const __half *y, const float *w, __half *out, int d,
+                                           float eps) {
+    add_rmsnorm_row(x, y, w, out, d, eps);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -109,6 +109,11 @@ class CpuBackend:
         ops.rmsnorm(x, weight, eps, out, self.n_threads)
         return out
 
+    def add_rmsnorm(self, x, y, weight, eps, out):
+        """x += y, then out = rmsnorm(x) (two kernels here: one pass each, no launch cost to save)."""
+        ops.add_inplace(x, y)
+        return self.rmsnorm(x, weight, eps, out)
+
     def rope(self, x, positions, n_rot, theta, neox, freq_factors):
         ops.rope(x, positions, n_rot, theta, neox, freq_factors, self.n_threads)
 

@@ -256,6 +256,12 @@ class CudaBackend:
         self.kernels.launch("rmsnorm_f16", (n,), 256, x, weight, out, d, eps)
         return out
 
+    def add_rmsnorm(self, x, y, weight, eps, out):
+        """x += y, then out = rmsnorm(x): the residual add and the next norm in one launch."""
+        n, d = x.shape
+        self.kernels.launch("add_rmsnorm_f16", (n,), 256, x, y, weight, out, d, eps)
+        return out
+
     def rope(self, x, positions, n_rot, theta, neox, freq_factors):
         n_tok, n_heads, head_dim = x.shape
         ff = None if freq_factors is None else self._constant(freq_factors)

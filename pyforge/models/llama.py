@@ -72,11 +72,15 @@ class LlamaModel:
         n = batch.n_tokens
         x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
         h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
+        mlp_out = None      # each residual add goes with the norm after it (one launch on cuda)
         for i, layer in enumerate(self.layers):
-            b.rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
-            b.add_inplace(x, self.attention(layer, h, batch, *kv_cache.layer(i)))
-            b.rmsnorm(x, layer.ffn_norm, cfg.rms_eps, h)
-            b.add_inplace(x, self.mlp(layer, h))
+            if mlp_out is None:
+                b.rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
+            else:
+                b.add_rmsnorm(x, mlp_out, layer.attn_norm, cfg.rms_eps, h)
+            b.add_rmsnorm(x, self.attention(layer, h, batch, *kv_cache.layer(i)), layer.ffn_norm, cfg.rms_eps, h)
+            mlp_out = self.mlp(layer, h)
+        b.add_inplace(x, mlp_out)
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
         normed = b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))
         return b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size)))

@@ -56,3 +56,17 @@ def test_random_weights_give_finite_logits(bench, fmt):
     batch = bench.paged_batch(TINY, [30, 1], [0, 40], np.random.default_rng(0))
     logits = model.forward(batch, kv)
     assert logits.shape == (2, 512) and logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_host_benchmark_counts_launches_and_replays():
+    """benchmarks/bench_cuda_host.py: a decode step's launches over the null CuPy, eager and as a graph."""
+    spec = importlib.util.spec_from_file_location("bench_cuda_host", BENCH.with_name("bench_cuda_host.py"))
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "cupy", host.null_cupy())
+        r = host.measure(TINY, "F16", 2)
+    # per layer: 2 add_rmsnorm (layer 0: rmsnorm), 7 matmuls, 2 rope, kv_store, 2 attention, silu;
+    # + embed, the last residual add, the final norm, the head
+    assert r["launches"] == TINY.n_layers * 15 + 4 and r["graph_launches"] == 1
+    assert r["graph_ms"] > 0 and r["eager_ms"] > 0 and r["bound_ms"] > 0

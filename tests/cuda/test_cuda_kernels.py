@@ -158,6 +158,23 @@ def test_rmsnorm(t, n, d):
     check(out, ref, rtol, 1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("t", DTYPES)
+@pytest.mark.parametrize("n,d", [(1, 64), (7, 2048), (3, 5000)])
+def test_add_rmsnorm(t, n, d):
+    dtype, rtol = DTYPES[t]
+    rng = np.random.default_rng(n + d + 1)
+    x = (rng.standard_normal((n, d)) * 3).astype(dtype)
+    y = rng.standard_normal((n, d)).astype(dtype)
+    w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    summed = (x.astype(np.float64) + y).astype(dtype).astype(np.float64)     # stored as add_inplace stores it
+    ref = summed / np.sqrt((summed ** 2).mean(axis=1, keepdims=True) + 1e-6) * w
+    xd, out = cupy.asarray(x), nan_like((n, d), dtype)
+    launch("norm_rope", f"add_rmsnorm_{t}", (n,), 256, xd, cupy.asarray(y), cupy.asarray(w), out, np.int32(d),
+           np.float32(1e-6))
+    check(xd, summed, rtol, 1e-7)
+    check(out, ref, rtol, 1e-5 * np.abs(ref).max())
+
+
 def rope_ref(x, pos, n_rot, theta, neox, ff):
     """x [n_tok, n_heads, hd] float64, rotated as native/ops_kernels.c does."""
     x = x.copy()

@@ -25,6 +25,8 @@ GRAPH_BATCH_SIZES (a batch is padded up to the next one) and replayed:
 - Before its capture, each size runs once eagerly on padding (nothing written
   to the KV cache): the kernels get compiled, the rope constants and the
   dequant scratch get uploaded and allocated outside the capture.
+- The engine captures every size at start-up (capture_all), as vLLM does, so
+  no request waits for a capture; a size not captured yet is captured on use.
 """
 from dataclasses import dataclass
 
@@ -60,6 +62,11 @@ class DecodeGraphs:
         return (0 < n <= self.sizes[-1] if self.sizes else False) and len(batch.token_ids) == n \
             and len(batch.logits_rows) == n and batch.block_tables.shape[1] <= self.max_blocks \
             and np.array_equal(batch.query_start_loc, np.arange(n + 1))
+
+    def capture_all(self, forward, kv_cache):
+        for size in self.sizes:
+            if size not in self.steps:
+                self._capture(size, forward, kv_cache)
 
     def run(self, forward, batch, kv_cache):
         """Device logits [n_seqs, vocab] of the decode batch, by a graph replay."""

@@ -68,6 +68,7 @@ class Engine:
             if self.backend.name != "cuda":
                 raise ValueError(f"cuda_graphs needs the cuda device, not {self.backend.name}")
             self.backend.use_cuda_graphs(self.max_model_len, block_size)
+            self.backend.graphs.capture_all(self.model.forward_device, self.kv_cache)
         self.block_manager = BlockManager(n_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)

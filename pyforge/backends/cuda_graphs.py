@@ -59,9 +59,11 @@ class DecodeGraphs:
     def handles(self, batch):
         """Whether batch (a host ForwardBatch) is a decode step a graph can run."""
         n = len(batch.context_lens)
-        return (0 < n <= self.sizes[-1] if self.sizes else False) and len(batch.token_ids) == n \
-            and len(batch.logits_rows) == n and batch.block_tables.shape[1] <= self.max_blocks \
-            and np.array_equal(batch.query_start_loc, np.arange(n + 1))
+        if not self.sizes or not 0 < n <= self.sizes[-1]:
+            return False
+        every_row = np.arange(n + 1)
+        return (len(batch.token_ids) == n and batch.block_tables.shape[1] <= self.max_blocks
+                and np.array_equal(batch.query_start_loc, every_row) and np.array_equal(batch.logits_rows, every_row[:n]))
 
     def capture_all(self, forward, kv_cache):
         for size in self.sizes:

@@ -63,7 +63,8 @@ class DecodeGraphs:
             return False
         every_row = np.arange(n + 1)
         return (len(batch.token_ids) == n and batch.block_tables.shape[1] <= self.max_blocks
-                and np.array_equal(batch.query_start_loc, every_row) and np.array_equal(batch.logits_rows, every_row[:n]))
+                and np.array_equal(batch.query_start_loc, every_row)
+                and np.array_equal(batch.logits_rows, every_row[:n]))
 
     def capture_all(self, forward, kv_cache):
         for size in self.sizes:

@@ -253,12 +253,12 @@ def test_graphs_take_only_small_decode_batches():
     backend = types.SimpleNamespace(cupy=make_emulated_cupy(), matvec_max_rows=8)
     graphs = DecodeGraphs(backend, max_model_len=1024, block_size=16)
 
-    def batch(n_seq, n_tok, width=4, all_logits=False):
+    def batch(n_seq, n_tok, width=4):
         qsl = np.linspace(0, n_tok, n_seq + 1).astype(np.int32)
         return ForwardBatch(token_ids=np.zeros(n_tok, np.int32), positions=np.zeros(n_tok, np.int32),
                             slot_mapping=np.zeros(n_tok, np.int32), block_tables=np.zeros((n_seq, width), np.int32),
                             context_lens=np.ones(n_seq, np.int32), query_start_loc=qsl,
-                            logits_rows=np.arange(n_tok if all_logits else n_seq, dtype=np.int32))
+                            logits_rows=np.arange(n_seq, dtype=np.int32))
     assert graphs.handles(batch(1, 1)) and graphs.handles(batch(8, 8))
     assert not graphs.handles(batch(9, 9))             # past the largest graph (cuBLAS would be needed)
     assert not graphs.handles(batch(2, 6))             # a prefill

@@ -69,7 +69,11 @@ class DecodeGraphs:
     def capture_all(self, forward, kv_cache):
         for size in self.sizes:
             if size not in self.steps:
-                self._capture(size, forward, kv_cache)
+                try:
+                    self._capture(size, forward, kv_cache)
+                except Exception as e:      # a CUDA or CuPy refusal: say what to do instead
+                    raise ValueError(f"capturing the CUDA graph of a {size}-sequence decode step failed "
+                                     f"({type(e).__name__}: {e}); run without --cuda-graphs") from e
 
     def run(self, forward, batch, kv_cache):
         """Device logits [n_seqs, vocab] of the decode batch, by a graph replay."""

@@ -265,6 +265,17 @@ def test_graphs_take_only_small_decode_batches():
     assert not graphs.handles(batch(1, 1, width=65))   # a table longer than max_model_len allows
 
 
+def test_a_failed_capture_is_a_clear_error(monkeypatch):
+    from pyforge.backends import cuda_graphs
+
+    def refuse(self, size, forward, kv_cache):
+        raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture", refuse)
+    path = str(ensure_model("small-k", "F16"))
+    with pytest.raises(ValueError, match="graph of a 1-sequence decode step failed.*run without --cuda-graphs"):
+        with_cupy("emulated", lambda: Engine(path, device="cuda", cuda_graphs=True, **ENGINE_ARGS))
+
+
 def test_graphs_need_the_cuda_device():
     path = str(ensure_model("small-k", "F16"))
     with pytest.raises(ValueError, match="cuda_graphs needs the cuda device"):

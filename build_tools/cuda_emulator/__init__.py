@@ -14,7 +14,8 @@ the pointer's), and a shuffle with an exited lane or a deadlock fails the
 launch with a message. It cannot show races, memory faults or speed.
 
 Compiled modules are cached by the hash of their text in
-$PYFORGE_CUDA_EMULATOR_CACHE (default ~/.cache/pyforge/cuda_emulator).
+$PYFORGE_CUDA_EMULATOR_CACHE (default ~/.cache/pyforge/cuda_emulator, or a
+folder in /tmp where the home folder is not writable).
 """
 import ctypes
 import hashlib
@@ -101,9 +102,14 @@ def _entries(kernels):
 
 
 def _cache_dir():
-    root = os.environ.get("PYFORGE_CUDA_EMULATOR_CACHE") or Path.home() / ".cache" / "pyforge" / "cuda_emulator"
-    Path(root).mkdir(parents=True, exist_ok=True)
-    return Path(root)
+    """$PYFORGE_CUDA_EMULATOR_CACHE, else ~/.cache/pyforge/cuda_emulator, else (no writable home) one in /tmp."""
+    root = Path(os.environ.get("PYFORGE_CUDA_EMULATOR_CACHE") or Path.home() / ".cache" / "pyforge" / "cuda_emulator")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = Path(tempfile.gettempdir()) / f"pyforge-cuda-emulator-{os.getuid()}"
+        root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _include_dirs(options):

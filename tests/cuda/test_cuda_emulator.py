@@ -2,6 +2,9 @@
 barriers, shuffles and shared memory behave as on a GPU, and what a GPU would
 run wrongly (a shuffle with an exited lane, a deadlock, an argument of the
 wrong type) fails the launch with a message instead."""
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from emulated_cupy import require_emulator
@@ -157,3 +160,8 @@ def test_bad_launches_and_sources_fail_clearly(mod):
         mod.get_function("missing")
     with pytest.raises(cuda_emulator.EmulatorError, match="rejected"):
         cuda_emulator.RawModule(code='extern "C" __global__ void broken(float *y) { y[0] = undeclared; }')
+
+
+def test_an_unwritable_cache_falls_back_to_tmp(monkeypatch):
+    monkeypatch.setenv("PYFORGE_CUDA_EMULATOR_CACHE", "/proc/pyforge-cannot-be-made")   # mkdir fails, even as root
+    assert cuda_emulator._cache_dir().parent == Path(tempfile.gettempdir())

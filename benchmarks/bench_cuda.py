@@ -117,20 +117,17 @@ def bench_model(backend, cfg, fmt, batches, context, prefill, bandwidth, gemm_ra
     kv = KVCache(backend, cfg, n_blocks, BLOCK)
     w_bytes, w_count = matmul_weights(model)
     kv_token = KVCache.bytes_per_token(cfg, backend.kv_dtype_bytes)
-    rows = []
-    for b in batches:
+
+    def decode_row(phase, b):
         batch = paged_batch(cfg, [1] * b, [context] * b, rng)
-        sec = step_seconds(lambda batch=batch: model.forward(batch, kv))
+        sec = step_seconds(lambda: model.forward(batch, kv))
         bound = b * bandwidth / (w_bytes + b * (context + 1) * kv_token)
-        rows.append(dict(phase="decode", batch=b, tokens=b, step_ms=sec * 1e3, tok_s=b / sec, bound_tok_s=bound))
+        return dict(phase=phase, batch=b, tokens=b, step_ms=sec * 1e3, tok_s=b / sec, bound_tok_s=bound)
+
+    rows = [decode_row("decode", b) for b in batches]
     if graphs:
         backend.use_cuda_graphs(context + 1, BLOCK)
-        for b in (b for b in batches if b <= backend.matvec_max_rows):
-            batch = paged_batch(cfg, [1] * b, [context] * b, rng)
-            sec = step_seconds(lambda batch=batch: model.forward(batch, kv))
-            bound = b * bandwidth / (w_bytes + b * (context + 1) * kv_token)
-            rows.append(dict(phase="decode graph", batch=b, tokens=b, step_ms=sec * 1e3, tok_s=b / sec,
-                             bound_tok_s=bound))
+        rows += [decode_row("decode graph", b) for b in batches if b <= backend.matvec_max_rows]
         backend.graphs = None
     n_seq, length = prefill
     batch = paged_batch(cfg, [length] * n_seq, [0] * n_seq, rng)

@@ -178,11 +178,7 @@ class CudaBackend:
     def prepare_batch(self, batch):
         """The batch's int32 metadata on the device: one host-to-device copy per step."""
         host = [np.ascontiguousarray(getattr(batch, f), dtype=np.int32) for f in BATCH_FIELDS]
-        flat = self.cupy.asarray(np.concatenate([h.ravel() for h in host]))
-        views, at = {}, 0
-        for field, h in zip(BATCH_FIELDS, host):
-            views[field] = flat[at:at + h.size].reshape(h.shape)
-            at += h.size
+        views = field_views(self.cupy.asarray(pack_fields(host)), host)
         qsl, ctx = host[5], host[4]
         return DeviceBatch(**views, n_tokens=len(host[0]), n_seqs=len(ctx),
                            max_query_len=int(np.diff(qsl).max(initial=0)), max_context_len=int(ctx.max(initial=0)))
@@ -308,6 +304,20 @@ class CudaBackend:
                             part_acc, part_ml, meta.context_lens, meta.query_start_loc, out,
                             n_heads, head_dim, n_parts, partition)
         return out
+
+
+def pack_fields(host):
+    """The BATCH_FIELDS host arrays back to back, one flat int32 array (one upload)."""
+    return np.concatenate([h.ravel() for h in host])
+
+
+def field_views(flat, host):
+    """{field: the part of flat (pack_fields' layout, on the device) shaped as its host array}."""
+    views, at = {}, 0
+    for field, h in zip(BATCH_FIELDS, host):
+        views[field] = flat[at:at + h.size].reshape(h.shape)
+        at += h.size
+    return views
 
 
 def decode_partition(max_context_len, n_seqs, n_heads, n_sm):

@@ -104,20 +104,18 @@ class DecodeGraphs:
                 np.arange(size, dtype=np.int32)]
 
     def _write(self, step, host):
-        cp = self.cupy
-        cp.copyto(step.flat, cp.asarray(np.concatenate([h.ravel() for h in host])))
+        from pyforge.backends.cuda import pack_fields
+
+        self.cupy.copyto(step.flat, self.cupy.asarray(pack_fields(host)))
 
     def _capture(self, size, forward, kv_cache):
-        from pyforge.backends.cuda import BATCH_FIELDS, DeviceBatch
+        from pyforge.backends.cuda import DeviceBatch, field_views
 
         cp, backend = self.cupy, self.backend
         host = self._host_fields(size)
         flat = cp.empty(sum(h.size for h in host), dtype=cp.int32)
-        views, at = {}, 0
-        for field, h in zip(BATCH_FIELDS, host):
-            views[field] = flat[at:at + h.size].reshape(h.shape)
-            at += h.size
-        batch = DeviceBatch(**views, n_tokens=size, n_seqs=size, max_query_len=1, max_context_len=self.max_model_len)
+        batch = DeviceBatch(**field_views(flat, host), n_tokens=size, n_seqs=size, max_query_len=1,
+                            max_context_len=self.max_model_len)
         step = CapturedStep(None, flat, batch, None, forward, kv_cache)
         self._write(step, host)                 # all padding: the warm-up writes nothing to the KV cache
         backend.capturing = True                # the same kernels as the capture will use

@@ -20,7 +20,7 @@ from emulated_cupy import make_emulated_cupy
 
 from conftest import require_module
 from pyforge.backends import cuda_status
-from pyforge.backends.cuda_kernels import compile_options, kernel_source
+from pyforge.backends.cuda_kernels import MATVEC_ROWS, compile_options, kernel_source
 
 
 def _cupy_and_target():
@@ -115,8 +115,8 @@ def test_matvec(qtype, n_out, n_in, n_x):
     ref = x.astype(np.float64) @ w.T  # [n_x, n_out]
     mag = np.abs(x.astype(np.float64)) @ np.abs(w).T
     y = nan_like((n_x, n_out), np.float16)
-    warps, group = 4, 8     # quant.cu: 4 warps a block, MV_ROWS rows of x per warp
-    launch("quant", f"matvec_{qtype.lower().replace('_k', '_K')}_f16", (cdiv(n_out, warps), cdiv(n_x, group)),
+    warps = 4               # quant.cu: 4 warps a block, MV_ROWS (= MATVEC_ROWS) rows of x per warp
+    launch("quant", f"matvec_{qtype.lower().replace('_k', '_K')}_f16", (cdiv(n_out, warps), cdiv(n_x, MATVEC_ROWS)),
            32 * warps, cupy.asarray(raw), cupy.asarray(x), y, np.int32(n_in), np.int32(n_out), np.int32(n_x))
     # float accumulation (Q4_K subtracts dmin * m terms of the size of |w|): 1e-5 of sum |w x|
     out = cupy.asnumpy(y).astype(np.float64)
@@ -132,8 +132,8 @@ def test_matvec_f16(n_out, n_in, n_x):
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
     y = nan_like((n_x, n_out), np.float16)
-    launch("quant", "matvec_f16_f16", (cdiv(n_out, 4), cdiv(n_x, 8)), 128, cupy.asarray(w), cupy.asarray(x), y,
-           np.int32(n_in), np.int32(n_out), np.int32(n_x))
+    launch("quant", "matvec_f16_f16", (cdiv(n_out, 4), cdiv(n_x, MATVEC_ROWS)), 128, cupy.asarray(w),
+           cupy.asarray(x), y, np.int32(n_in), np.int32(n_out), np.int32(n_x))
     out = cupy.asnumpy(y).astype(np.float64)
     assert np.isfinite(out).all()
     assert (np.abs(out - ref) <= F16_RTOL * np.abs(ref) + 1e-6 * mag + 1e-5).all()

@@ -1,7 +1,7 @@
 """Compile every cuda/*.cu with nvcc, as a check that the kernel sources build.
 
-The kernels are compiled for real at run time by CuPy (NVRTC); this is the
-build-time guard, usable without a GPU:
+The kernels are compiled for real at run time by CuPy (NVRTC, which
+nvrtc_check.py runs as CuPy does); this is the nvcc guard, usable without a GPU:
 
     python build_tools/nvcc_check.py            # every file, sm_80 and sm_90
     python build_tools/nvcc_check.py cuda/quant.cu --arch sm_90

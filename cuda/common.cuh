@@ -1,8 +1,9 @@
-/* Shared definitions for the pyforge CUDA kernels (cuda/*.cu).
+/* Shared definitions for the pyforge CUDA kernels (every .cu file here).
  *
  * Every .cu file is compiled on its own, at run time by CuPy (NVRTC:
- * RawModule(code=..., options=("-I<repo>/cuda", ...))) and here by nvcc
- * (build_tools/nvcc_check.py). So: no host code, no C/C++ standard headers
+ * RawModule(code=..., options=("-I<repo>/cuda", ...))), and in the tests by
+ * nvcc and by NVRTC with CuPy's options (build_tools/nvcc_check.py,
+ * nvrtc_check.py). So: no host code, no C/C++ standard headers
  * (NVRTC has none; only cuda_fp16.h, which CuPy puts on the include path),
  * and every kernel extern "C" so it is found by its plain name.
  *

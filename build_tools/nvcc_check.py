@@ -90,9 +90,13 @@ def main(argv=None):
         print("nvcc not found", file=sys.stderr)
         return 2
     results = check_all([Path(f) for f in args.files] or None, tuple(args.arch or ARCHS))
+    return report(results, lambda r: f"{r.source.name:<16} {r.arch}  {r.seconds:5.1f}s  {len(r.kernels)} kernels")
+
+
+def report(results, describe):
+    """A line per result (ok / FAIL, then describe(result)), the log of each failure; the exit status."""
     for r in results:
-        status = "ok  " if r.ok else "FAIL"
-        print(f"{status} {r.source.name:<16} {r.arch}  {r.seconds:5.1f}s  {len(r.kernels)} kernels")
+        print(f"{'ok  ' if r.ok else 'FAIL'} {describe(r)}")
         if not r.ok:
             print(r.log)
     return 0 if all(r.ok for r in results) else 1

@@ -6,7 +6,7 @@ NVRTC the text of `kernel_source(module)` with `compile_options()`, plus the
 options CuPy adds itself, and the CUDA runtime headers (cuda_fp16.h) on the
 include path. This check does exactly that, without a GPU:
 
-    python build_tools/nvrtc_check.py           # every module, sm_80 and sm_90
+    python -m build_tools.nvrtc_check           # every module, sm_80 and sm_90
 
 NVRTC and the headers are found as CuPy 14 finds them, through
 cuda.pathfinder (the NVIDIA wheels `cuda-toolkit[nvrtc,cudart]`, conda, or
@@ -18,9 +18,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from build_tools.nvcc_check import ARCHS, report
 from pyforge.backends.cuda_kernels import KERNELS, compile_options, kernel_source
 
-ARCHS = ("sm_80", "sm_90")
 # What CuPy 14.2 adds to a RawModule's options (cupy/cuda/compiler.py:
 # _compile_with_cache_cuda and _compile_using_nvrtc_no_warning), besides -arch.
 # It also adds --pch (NVRTC >= 12.8), left out here: precompiled headers only
@@ -109,11 +109,7 @@ def main(argv=None):
     nvrtc, include = toolchain
     print(f"NVRTC {nvrtc.version[0]}.{nvrtc.version[1]} ({nvrtc.path}), headers {include}")
     results = [compile_module(m, a, nvrtc, include) for m in KERNELS for a in (args.arch or ARCHS)]
-    for r in results:
-        print(f"{'ok  ' if r.ok else 'FAIL'} {r.module:<10} {r.arch}  {r.seconds:5.1f}s")
-        if not r.ok:
-            print(r.log)
-    return 0 if all(r.ok for r in results) else 1
+    return report(results, lambda r: f"{r.module:<10} {r.arch}  {r.seconds:5.1f}s")
 
 
 if __name__ == "__main__":

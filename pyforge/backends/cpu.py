@@ -33,6 +33,7 @@ def default_threads():
 class CpuBackend:
     name = "cpu"
     kv_dtype_bytes = 4
+    activation_dtype_bytes = 4
 
     def __init__(self, n_threads=None):
         self.n_threads = int(n_threads or default_threads())
@@ -65,7 +66,7 @@ class CpuBackend:
         return np.empty(shape, dtype=np.float32)
 
     @staticmethod
-    def kv_cache_budget_bytes(default_bytes):
+    def kv_cache_budget_bytes(default_bytes, activation_bytes=0):
         """Bytes for the KV cache when the user sets no size: the engine's default."""
         return default_bytes
 

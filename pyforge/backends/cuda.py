@@ -36,7 +36,11 @@ KEPT_QUANTIZED = {GGMLType.Q8_0: "q8_0", GGMLType.Q4_K: "q4_K", GGMLType.Q6_K: "
 # 4.5-8.5. A traffic estimate, not yet a GPU measurement: bench_cuda.py's batches 4, 8, 16 show it.
 MATVEC_MAX_ROWS = 8
 DEQUANT_SCRATCH_BYTES = 256 << 20
-ACTIVATION_RESERVE_BYTES = 1 << 30   # kept free of the KV cache for activations, logits and cuBLAS workspace
+# Kept free of the KV cache for activations, logits and cuBLAS workspace: the larger of a floor and
+# a margin times the model's estimate for the largest step (CuPy's pool caches freed blocks and rounds
+# sizes up; cuBLAS and CuPy make temporaries of their own).
+ACTIVATION_RESERVE_BYTES = 1 << 30
+ACTIVATION_MARGIN = 2
 MIN_DECODE_PARTITION = 64      # positions per split-K block of decode attention (16 per warp)
 BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
                 "logits_rows")
@@ -68,6 +72,7 @@ class DeviceBatch:
 class CudaBackend:
     name = "cuda"
     kv_dtype_bytes = 2
+    activation_dtype_bytes = 2
 
     def __init__(self, device_index=0, n_threads=None, gpu_memory_utilization=0.9,
                  matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False):
@@ -160,13 +165,14 @@ class CudaBackend:
             raise ValueError(f"out of GPU memory allocating a KV pool of {n_blocks} blocks x {block_size} tokens; "
                              "lower --kv-cache-tokens or --max-model-len") from None
 
-    def kv_cache_budget_bytes(self, default_bytes):
+    def kv_cache_budget_bytes(self, default_bytes, activation_bytes=0):
         """Bytes the KV cache may take: gpu_memory_utilization of the device's memory, less what
-        is in use now (weights, other processes), the dequant scratch and an activation reserve.
+        is in use now (weights, other processes), the dequant scratch and an activation reserve
+        (activation_bytes: the model's estimate for the largest step the scheduler may run).
         Called after the weights are uploaded; `default_bytes` (the CPU's size) is not used."""
         free, total = self.cupy.cuda.runtime.memGetInfo()
         in_use = total - free - self.cupy.get_default_memory_pool().free_bytes()
-        reserve = ACTIVATION_RESERVE_BYTES + 2 * self._scratch_elems
+        reserve = max(ACTIVATION_RESERVE_BYTES, ACTIVATION_MARGIN * activation_bytes) + 2 * self._scratch_elems
         budget = int(self.gpu_memory_utilization * total) - in_use - reserve
         if budget <= 0:
             gib = 1 << 30

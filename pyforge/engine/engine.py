@@ -60,7 +60,9 @@ class Engine:
         self.max_model_len = min(max_model_len or cfg.context_length, cfg.context_length)
         if kv_cache_tokens is None:
             per_token = KVCache.bytes_per_token(cfg, self.backend.kv_dtype_bytes)
-            budget = self.backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES)   # cuda: free memory after the weights
+            # cuda: free memory after the weights, less room for the largest step's activations
+            peak = self.model.activation_bytes(max_num_batched_tokens, min(max_num_seqs, max_num_batched_tokens))
+            budget = self.backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES, peak)
             kv_cache_tokens = max(self.max_model_len, budget // per_token)
         n_blocks = -(-kv_cache_tokens // block_size)
         self.kv_cache = KVCache(self.backend, cfg, n_blocks, block_size)

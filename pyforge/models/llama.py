@@ -61,6 +61,18 @@ class LlamaModel:
             w_down=b.prepare_weight(t[p + "ffn_down.weight"]),
         )
 
+    def activation_bytes(self, n_tokens, n_rows):
+        """The most activation memory one forward pass of n_tokens tokens with n_rows logits rows
+        holds at once (the backend's activation dtype): what forward_device keeps alive, counted
+        from its code. Throughout: the residual stream x, the norm scratch h and the last MLP
+        output; then the larger of attention's buffers (q, k, v, its output, wo's) and the MLP's
+        (gate, up, w_down's); then the logits rows, their norm, the logits and a float32 copy of
+        them for the host (counted on top, though they come after the layers)."""
+        cfg, e = self.config, self.backend.activation_dtype_bytes
+        d, q, kv = cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        per_token = 3 * d + max(2 * q + 2 * kv + d, 2 * cfg.ffn_size + d)
+        return n_tokens * per_token * e + n_rows * (2 * d * e + cfg.vocab_size * (e + 4))
+
     def forward(self, batch, kv_cache):
         """Logits [len(batch.logits_rows), vocab] for the requested rows (float32 numpy, on the host)."""
         b = self.backend

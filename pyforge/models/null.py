@@ -19,6 +19,10 @@ class NullModel:
         self.token_id = int(token_id)
         self._logits = np.zeros((0, config.vocab_size), dtype=np.float32)
 
+    @staticmethod
+    def activation_bytes(n_tokens, n_rows):
+        return 0        # no forward pass
+
     def forward(self, batch, kv_cache):
         """Logits f32[len(batch.logits_rows), vocab]: PEAK at token_id, 0 elsewhere.
 

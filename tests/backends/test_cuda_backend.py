@@ -343,3 +343,26 @@ def test_kv_cache_sized_from_gpu_memory(impl):
     total = engine.backend.cupy.cuda.runtime.memGetInfo()[1]
     kv_bytes = engine.kv_cache.n_blocks * 16 * 1024
     assert engine.max_model_len * 1024 <= kv_bytes <= 0.1 * total
+
+
+def test_kv_cache_leaves_room_for_the_largest_step():
+    """The reserve is ACTIVATION_MARGIN x the model's estimate for a step of max_num_batched_tokens
+    once that passes the 1 GiB floor; the engine hands the backend that estimate."""
+    from pyforge.backends.cuda import ACTIVATION_MARGIN, ACTIVATION_RESERVE_BYTES, CudaBackend
+
+    fake = dict(total_bytes=16 << 30, free_bytes=15 << 30)
+    backend = with_cupy("emulated", CudaBackend, **fake)
+    budget = backend.kv_cache_budget_bytes
+    assert budget(0, 0) == budget(0, ACTIVATION_RESERVE_BYTES // ACTIVATION_MARGIN)     # under the floor
+    assert budget(0, 0) - budget(0, 1 << 30) == ACTIVATION_MARGIN * (1 << 30) - ACTIVATION_RESERVE_BYTES
+
+    path = str(ensure_model("small-k", "F16"))
+    args = {k: v for k, v in ENGINE_ARGS.items() if k != "kv_cache_tokens"}
+    util = ((2 << 30) + (128 << 20)) / (16 << 30)       # 128 MiB of KV cache at the default step size
+    make = lambda n: Engine(path, device="cuda", gpu_memory_utilization=util, max_num_batched_tokens=n, **args)  # noqa
+    engine = with_cupy("emulated", lambda: make(512), **fake)
+    n = (ACTIVATION_RESERVE_BYTES // ACTIVATION_MARGIN + (8 << 20)) // engine.model.activation_bytes(1, 0)
+    extra = ACTIVATION_MARGIN * engine.model.activation_bytes(n, 64) - ACTIVATION_RESERVE_BYTES
+    assert 0 < extra < 128 << 20        # a step of n tokens needs more than the floor, less than the pool
+    larger = with_cupy("emulated", lambda: make(n), **fake)
+    assert (engine.kv_cache.n_blocks - larger.kv_cache.n_blocks) * 16 * 1024 == pytest.approx(extra, abs=16 * 1024)

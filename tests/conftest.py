@@ -18,3 +18,26 @@ def require_module(name):
         if os.environ.get("PYFORGE_REQUIRE_REFERENCES") == "1":
             pytest.fail(f"reference module {name!r} is required (PYFORGE_REQUIRE_REFERENCES=1): {e}")
         pytest.skip(f"reference module {name!r} is not installed: {e}")
+
+
+def fail_next_run(engine, error):
+    """The engine's next forward pass raises `error` (as an out-of-memory would); later ones run."""
+    real = engine.runner.run
+
+    def run(*args, **kwargs):
+        engine.runner.run = real
+        raise error
+    engine.runner.run = run
+
+
+def drain_stream(stream):
+    """(token ids, the last event) of a request stream (engine_client.RequestStream), read to its end."""
+    from pyforge.server.engine_client import TokenEvent
+
+    tokens, last = [], None
+    for event in stream:
+        if isinstance(event, TokenEvent):
+            tokens.extend(event.token_ids)
+        else:
+            last = event
+    return tokens, last

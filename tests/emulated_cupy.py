@@ -53,7 +53,8 @@ def make_emulated_cupy(total_bytes=16 << 30, free_bytes=16 << 30, n_sm=4):
     cp.dot = _dot
     cp.asarray = _no_capture("asarray", cp.asarray)
     cp.RawModule = RawModule
-    pool = types.SimpleNamespace(free_bytes=lambda: 0)
+    pool = types.SimpleNamespace(free_bytes=lambda: 0, blocks_freed=0)   # an empty pool; counts free_all_blocks
+    pool.free_all_blocks = lambda: setattr(pool, "blocks_freed", pool.blocks_freed + 1)
     cp.get_default_memory_pool = lambda: pool
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (free_bytes, total_bytes))
     device = types.SimpleNamespace(use=lambda: None, attributes={"MultiProcessorCount": n_sm})

@@ -200,9 +200,15 @@ class CudaBackend:
     def run_forward(self, forward, batch, kv_cache):
         """forward(device batch, kv_cache) -> device logits, for a host ForwardBatch: by a graph
         replay when graphs are on and the batch is a small decode step, else directly."""
-        if self.graphs is not None and self.graphs.handles(batch):
-            return self.graphs.run(forward, batch, kv_cache)
-        return forward(self.prepare_batch(batch), kv_cache)
+        try:
+            if self.graphs is not None and self.graphs.handles(batch):
+                return self.graphs.run(forward, batch, kv_cache)
+            return forward(self.prepare_batch(batch), kv_cache)
+        except self.cupy.cuda.memory.OutOfMemoryError:
+            # the engine fails this step's requests and steps on: hand the pool's cached
+            # blocks back, so that the next step does not meet the same fragments
+            self.cupy.get_default_memory_pool().free_all_blocks()
+            raise
 
     def to_host(self, x):
         """Logits for the sampler: float32 numpy (waits for the step to finish). Converted on

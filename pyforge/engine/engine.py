@@ -23,6 +23,17 @@ DEFAULT_KV_CACHE_BYTES = 2 << 30
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 
 
+class StepError(RuntimeError):
+    """A forward pass failed (out of GPU memory, say). The sequences it ran, seq_ids, are
+    aborted and their KV blocks freed; every other sequence is untouched, and the engine
+    steps on. out_of_memory: the cause was a MemoryError (CuPy's OutOfMemoryError is one)."""
+
+    def __init__(self, seq_ids, cause):
+        super().__init__(f"the forward pass of {len(seq_ids)} sequence(s) failed: {type(cause).__name__}: {cause}")
+        self.seq_ids = list(seq_ids)
+        self.out_of_memory = isinstance(cause, MemoryError)
+
+
 @dataclass
 class StepOutput:
     seq_id: int
@@ -109,7 +120,13 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
-        logits, sampling = self.runner.run(plan)
+        try:
+            logits, sampling = self.runner.run(plan)
+        except Exception as e:      # nothing of this step was recorded: end its sequences only
+            seq_ids = [seq.seq_id for seq, _ in plan]
+            for seq_id in seq_ids:
+                self.abort(seq_id)
+            raise StepError(seq_ids, e) from e
         for seq, n in plan:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)

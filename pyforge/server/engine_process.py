@@ -27,9 +27,11 @@ import signal
 import time
 from dataclasses import dataclass
 
+from pyforge.engine.engine import StepError
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc import (Abort, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
                          encode_token)
+from pyforge.server.engine_client import step_error_reply
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,10 @@ class EngineLoop:
     def step(self):
         try:
             outputs = self.engine.step()
+        except StepError as e:      # the step's requests fail; the rest carry on
+            log.error("engine step failed: %s", e, exc_info=e.__cause__)
+            self.fail_sequences(e.seq_ids, *step_error_reply(e))
+            return
         except Exception:
             log.exception("engine step failed")
             self.fail_all(500, "internal error in the engine")
@@ -177,6 +183,12 @@ class EngineLoop:
     def forget(self, req):
         self.requests.pop(req.request_id, None)
         self.by_seq.pop(req.seq.seq_id, None)
+
+    def fail_sequences(self, seq_ids, status, message):
+        """Error replies for the requests of these (already aborted) sequences."""
+        for req in [self.requests[self.by_seq[s]] for s in seq_ids if s in self.by_seq]:
+            self.forget(req)
+            self.reply(req.worker, Error(req.request_id, status, message))
 
     def fail_all(self, status, message):
         for req in list(self.requests.values()):

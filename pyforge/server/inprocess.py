@@ -15,8 +15,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from pyforge.engine.engine import StepError
 from pyforge.server.engine_client import (
-    DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
+    DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent, step_error_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ class InProcessEngineClient:
     def _step(self):
         try:
             outputs = self.engine.step() if self.engine.has_work else []
+        except StepError as e:      # the step's requests fail; the rest carry on
+            log.error("engine step failed: %s", e, exc_info=e.__cause__)
+            self._fail_sequences(e.seq_ids, *step_error_reply(e))
+            outputs = []
         except Exception:
             # our bug: fail what is in flight rather than leave readers waiting
             log.exception("engine step failed")
@@ -148,6 +153,11 @@ class InProcessEngineClient:
         del self._by_seq[seq.seq_id]
         req.stream.put(FinishEvent(reason, seq.num_prompt_tokens, seq.num_output_tokens,
                                    seq.num_cached_prompt_tokens))
+
+    def _fail_sequences(self, seq_ids, status, message):
+        """ErrorEvents for the requests of these (already aborted) sequences."""
+        for request_id in [self._by_seq.pop(s) for s in seq_ids if s in self._by_seq]:
+            self._requests.pop(request_id).stream.put(ErrorEvent(status, message))
 
     def _fail_all(self, status, message):
         for req in list(self._requests.values()):

@@ -32,7 +32,7 @@ from emulated_cupy import make_emulated_cupy
 from conftest import require_module
 from pyforge.backends import cuda_status
 from pyforge.backends.cpu import CpuBackend
-from pyforge.engine.engine import Engine
+from pyforge.engine.engine import Engine, StepError
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence
 from pyforge.ggml_types import GGMLType
@@ -182,6 +182,27 @@ def test_greedy_generation_matches_cpu(engines, impl):
     expected = [o.token_id for o in cpu.generate(ids, params)]
     assert len(ours) == 64
     assert_greedy_agrees(ours, expected, ids, cuda, cpu)
+
+
+def test_out_of_memory_in_a_step_fails_that_step(engines, monkeypatch):
+    """CuPy's OutOfMemoryError in a forward pass: the pool's cached blocks go back to the device,
+    the engine ends that step's sequences (StepError, out_of_memory) and the next request runs."""
+    engine = engines("cuda", "F16", "emulated")
+    backend = engine.backend
+    pool = backend.cupy.get_default_memory_pool()
+    freed = pool.blocks_freed
+
+    def out_of_memory(*args):
+        raise backend.cupy.cuda.memory.OutOfMemoryError("injected: out of memory allocating 1 GiB")
+    with monkeypatch.context() as mp:
+        mp.setattr(backend, "rmsnorm", out_of_memory)
+        seq = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+        with pytest.raises(StepError) as raised:
+            engine.step()
+    assert raised.value.seq_ids == [seq.seq_id] and raised.value.out_of_memory
+    assert pool.blocks_freed == freed + 1
+    assert engine.block_manager.num_free == engine.block_manager.n_blocks
+    assert len(generate_batch(engine, [[1, 2, 3]], 2)[0]) == 2
 
 
 def generate_batch(engine, token_lists, n_tokens):

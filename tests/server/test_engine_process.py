@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import drain_stream, fail_next_run
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
 from pyforge.server.engine_client import ErrorEvent, FinishEvent, QueueFullError, TokenEvent
@@ -82,22 +83,12 @@ def running(model_path):
     r.close()
 
 
-def drain(stream):
-    tokens, last = [], None
-    for event in stream:
-        if isinstance(event, TokenEvent):
-            tokens.extend(event.token_ids)
-        else:
-            last = event
-    return tokens, last
-
-
 def test_greedy_tokens_through_ipc_equal_in_process(running, reference):
     client = running.client(vocab_size=32000)
     assert client.ready()
     streams = [client.submit(p, GREEDY) for p in PROMPTS[:4]]
     for i, stream in enumerate(streams):
-        tokens, last = drain(stream)
+        tokens, last = drain_stream(stream)
         assert tokens == reference[i]
         assert last == FinishEvent("length", len(PROMPTS[i]), 12, last.cached_tokens)
     stats = running.seg.stats()
@@ -118,7 +109,7 @@ def _client_process(name, indices, out):
     seg = Segment.attach(name)
     client = IpcEngineClient(seg, max_model_len=256)
     streams = {i: client.submit(PROMPTS[i], GREEDY) for i in indices}
-    out.put({i: drain(s)[0] for i, s in streams.items()})
+    out.put({i: drain_stream(s)[0] for i, s in streams.items()})
     client.close()
     seg.close()
 
@@ -151,20 +142,51 @@ def test_abort_frees_blocks(running):
     assert isinstance(next(events), TokenEvent)
     wait_for(lambda: client.stats()["kv_usage"] > 0)
     stream.abort()
-    assert drain(events)[1].finish_reason == "abort"
+    assert drain_stream(events)[1].finish_reason == "abort"
     wait_for(lambda: client.stats()["kv_usage"] == 0 and client.stats()["running"] == 0)
 
 
 def test_bad_prompt_is_a_400_error_event(running):
     client = running.client()          # no vocab_size: the engine itself must refuse
-    _, last = drain(client.submit([1, 10 ** 6], GREEDY))
+    _, last = drain_stream(client.submit([1, 10 ** 6], GREEDY))
     assert isinstance(last, ErrorEvent) and last.status == 400 and "vocabulary" in last.message
-    _, last = drain(client.submit([1, 2], SamplingParams(max_tokens=2)))
+    _, last = drain_stream(client.submit([1, 2], SamplingParams(max_tokens=2)))
     assert isinstance(last, FinishEvent)           # the engine carries on
     with pytest.raises(ValueError):
         client.submit([], GREEDY)
     with pytest.raises(ValueError):
         client.submit([1] * 256, GREEDY)
+
+
+def test_a_failed_step_fails_only_its_requests(model_path):
+    """The engine loop in this process, over a real segment: a step that runs out of memory
+    ends its own two requests with a 503; the third, waiting, generates as if nothing happened."""
+    from pyforge.engine.engine import Engine
+    from pyforge.server.engine_process import EngineLoop
+
+    engine = Engine(**engine_kwargs(model_path, max_num_seqs=2))
+    expected = [out.token_id for out in engine.generate(PROMPTS[2], GREEDY)]
+    seg = Segment.create(new_name(f"pyforge-test{secrets.token_hex(3)}-"), n_workers=1, **SMALL)
+    client = IpcEngineClient(Segment.attach(seg.name), max_model_len=256)
+    try:
+        loop = EngineLoop(seg, engine)
+        seg.engine_pid, seg.engine_status = os.getpid(), EngineStatus.READY    # as run_engine does
+        streams = [client.submit(p, GREEDY) for p in PROMPTS[:3]]
+        while len(loop.requests) < 3:
+            loop.drain_ring()
+        fail_next_run(engine, MemoryError("injected"))
+        while loop.requests:
+            loop.run_once()
+        results = [drain_stream(s) for s in streams]
+    finally:
+        client.close()
+        client.seg.close()
+        seg.close()
+        seg.unlink()
+    for tokens, last in results[:2]:
+        assert tokens == [] and isinstance(last, ErrorEvent) and last.status == 503, last
+    assert results[2] == (expected, FinishEvent("length", len(PROMPTS[2]), 12, results[2][1].cached_tokens))
+    assert engine.block_manager.num_free == engine.block_manager.n_blocks
 
 
 def test_full_queue_is_a_503(model_path):
@@ -178,7 +200,7 @@ def test_full_queue_is_a_503(model_path):
                 streams.append(client.submit(PROMPTS[i], long))
             except QueueFullError:
                 rejected_at_submit += 1
-        finals = [drain(s)[1] for s in streams]
+        finals = [drain_stream(s)[1] for s in streams]
         engine_503s = sum(isinstance(f, ErrorEvent) and f.status == 503 for f in finals)
         assert rejected_at_submit + engine_503s >= 2     # one runs, one waits, the rest are refused
         assert isinstance(finals[0], FinishEvent)
@@ -195,7 +217,7 @@ def test_killed_engine_ends_streams_with_an_error(model_path):
         assert isinstance(next(events), TokenEvent)
         os.kill(r.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
-        _, last = drain(events)
+        _, last = drain_stream(events)
         assert isinstance(last, ErrorEvent) and last.status == 503
         assert time.monotonic() - t0 < 5
         assert not client.ready()
@@ -215,7 +237,7 @@ def test_sigterm_drains_running_requests(model_path):
         os.kill(r.proc.pid, signal.SIGTERM)
         wait_for(lambda: r.seg.engine_status != EngineStatus.READY)
         assert not client.ready()
-        tokens, last = drain(events)
+        tokens, last = drain_stream(events)
         assert last == FinishEvent("length", len(PROMPTS[0]), 60, last.cached_tokens)
         r.proc.join(10)
         assert r.proc.exitcode == 0 and r.seg.engine_status == EngineStatus.STOPPED

@@ -73,7 +73,7 @@ def find_toolchain():
     try:
         from cuda import pathfinder
     except ImportError:
-        return None, "cuda-pathfinder is not installed (pip install '.[test]')"
+        return None, "cuda-pathfinder is not installed (pip install '.[nvrtc-check]')"
     try:
         nvrtc = Nvrtc(pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path)
     except Exception as e:      # DynamicLibNotFoundError and friends

@@ -31,7 +31,7 @@ from pyforge.engine.engine import StepError
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc import (Abort, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
                          encode_token)
-from pyforge.server.engine_client import step_error_reply
+from pyforge.server.engine_client import INTERNAL_ERROR, step_error_reply
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class EngineLoop:
             return
         except Exception:
             log.exception("engine step failed")
-            self.fail_all(500, "internal error in the engine")
+            self.fail_all(500, INTERNAL_ERROR)
             return
         self.seg.add("generation_tokens", len(outputs))
         batches, prompt_tokens = {}, 0          # worker slot -> (encoded records, their requests)

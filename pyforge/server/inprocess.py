@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from pyforge.engine.engine import StepError
 from pyforge.server.engine_client import (
-    DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent, step_error_reply,
+    DEFAULT_STALL_TIMEOUT, INTERNAL_ERROR, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
+    step_error_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class InProcessEngineClient:
         except Exception:
             # our bug: fail what is in flight rather than leave readers waiting
             log.exception("engine step failed")
-            self._fail_all(500, "internal error in the engine")
+            self._fail_all(500, INTERNAL_ERROR)
             outputs = []
         for out in outputs:
             self._publish(out)

@@ -24,13 +24,16 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 
 
 class StepError(RuntimeError):
-    """A forward pass failed (out of GPU memory, say). The sequences it ran, seq_ids, are
-    aborted and their KV blocks freed; every other sequence is untouched, and the engine
-    steps on. out_of_memory: the cause was a MemoryError (CuPy's OutOfMemoryError is one)."""
+    """Part of a step failed: the forward pass (out of GPU memory, say) or sampling some
+    rows. The sequences it ended, seq_ids, are aborted and their KV blocks freed; every
+    other sequence is untouched, and the engine steps on. `outputs` are the step's
+    results for the sequences that did succeed (publish them as usual).
+    out_of_memory: the cause was a MemoryError (CuPy's OutOfMemoryError is one)."""
 
-    def __init__(self, seq_ids, cause):
-        super().__init__(f"the forward pass of {len(seq_ids)} sequence(s) failed: {type(cause).__name__}: {cause}")
+    def __init__(self, seq_ids, cause, outputs=()):
+        super().__init__(f"{len(seq_ids)} sequence(s) of the step failed: {type(cause).__name__}: {cause}")
         self.seq_ids = list(seq_ids)
+        self.outputs = list(outputs)
         self.out_of_memory = isinstance(cause, MemoryError)
 
 
@@ -94,6 +97,7 @@ class Engine:
         params = params or SamplingParams()
         prompt_ids = [int(t) for t in prompt_ids]
         self.check_prompt(prompt_ids)
+        self.sampler.check_params(params)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(next(self._ids), prompt_ids, params, self.sampler.seed_state(seed), self.max_model_len)
         self.sequences[seq.seq_id] = seq
@@ -131,8 +135,27 @@ class Engine:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
         seqs = [plan[i][0] for i in sampling]
-        results = self.sampler.sample(logits, seqs)
+        try:
+            results = self.sampler.sample(logits, seqs)
+        except Exception as e:      # find the rows that fail alone: only they end
+            return self._sample_rows(logits, seqs, e)
         return [self.append_token(seq, r) for seq, r in zip(seqs, results)]
+
+    def _sample_rows(self, logits, seqs, batch_error):
+        outputs, failed, cause = [], [], batch_error
+        for i, seq in enumerate(seqs):
+            try:
+                result = self.sampler.sample(logits[i:i + 1], [seq])[0]
+            except Exception as e:
+                failed.append(seq.seq_id)
+                cause = e
+                continue
+            outputs.append(self.append_token(seq, result))
+        for seq_id in failed:
+            self.abort(seq_id)
+        if failed:
+            raise StepError(failed, cause, outputs)
+        return outputs
 
     def append_token(self, seq, result):
         seq.token_ids.append(result.token_id)

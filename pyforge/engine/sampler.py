@@ -48,6 +48,15 @@ class Sampler:
         None draws a fresh random one."""
         return (secrets.randbits(64) if seed is None else seed) & _U64
 
+    @staticmethod
+    def check_params(params):
+        """ValueError if `params` would not pack into the batch's arrays (checked at
+        admission, so one request's values can never fail a batched step)."""
+        try:
+            _param_arrays([params])
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"sampling parameters out of range: {e}") from None
+
     def sample(self, logits, seqs):
         """One token per sequence. logits: f32[len(seqs), vocab], row i for
         seqs[i] (left unchanged). Each seq exposes `params` (SamplingParams),

@@ -5,6 +5,7 @@ from numbers import Integral, Real
 
 MAX_TEMPERATURE = 100.0   # OpenAI stops at 2; vLLM takes more, and so do we
 MAX_TOP_LOGPROBS = 20     # OpenAI's limit on top_logprobs
+INT32_MAX = (1 << 31) - 1  # top_k, max_tokens and token ids travel as int32 (sampler, IPC records)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class SamplingParams:
         try:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         except TypeError:
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}") from None
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {brief(self.stop_token_ids)}") from None
         self.validate()
 
     def validate(self):
@@ -38,41 +39,55 @@ class SamplingParams:
         _in_range("min_p", self.min_p, 0.0, 1.0)
         _real("repetition_penalty", self.repetition_penalty)
         if not 0.0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            raise ValueError(f"repetition_penalty must be > 0, got {brief(self.repetition_penalty)}")
         _in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _integer("top_k", self.top_k, low=-1)
-        _integer("max_tokens", self.max_tokens, low=1)
-        _integer("n", self.n, low=1)
+        # every bound here keeps a value inside what a batched step packs (int32 / uint64):
+        # a value past them would fail the step of every sequence batched with it
+        _integer("top_k", self.top_k, low=-1, high=INT32_MAX)
+        _integer("max_tokens", self.max_tokens, low=1, high=INT32_MAX)
+        _integer("n", self.n, low=1, high=INT32_MAX)
         if self.seed is not None:
-            _integer("seed", self.seed)
+            _integer("seed", self.seed)      # any size: the RNG state is the seed mod 2^64
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, low=0, high=MAX_TOP_LOGPROBS)
         for token in self.stop_token_ids:
-            _integer("stop_token_ids", token, low=0)
+            _integer("stop_token_ids", token, low=0, high=INT32_MAX)
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise ValueError(f"ignore_eos must be true or false, got {brief(self.ignore_eos)}")
 
     @property
     def greedy(self):
         return self.temperature == 0.0
 
 
+def brief(value, limit=40):
+    """repr(value) cut to `limit` characters: error messages never echo a whole request value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number, got {brief(value)}")
+    try:
+        value = float(value)        # an integer literal past 1e308 overflows here
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got nan")
 
 
 def _in_range(name, value, low, high, low_open=False):
     _real(name, value)
     if not (low < value if low_open else low <= value) or not value <= high:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
+        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {brief(value)}")
 
 
 def _integer(name, value, low=None, high=None):
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {brief(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+        raise ValueError(f"{name} must be {bounds}, got {brief(value)}")

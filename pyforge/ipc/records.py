@@ -8,14 +8,16 @@ Rings (all in one shared-memory segment, see segment.py):
   response ring [s]  one per worker slot s: written by the engine alone,
                      read by the worker process holding slot s alone (one
                      reader thread, which routes records to the waiting
-                     request by request_id).  Records: TOKENS, FINISH, ERROR.
+                     request by request_id).  Records: ADMITTED, TOKENS,
+                     FINISH, ERROR.
 
 A request ring message is one record. A response ring message is a batch:
 one or more records back to back (each record's length follows from its own
 counts), so the engine writes one message per worker per step however many
 of that worker's requests advanced (encode_batch / decode_batch). A request's
-responses are zero or more TOKENS, then exactly one FINISH or ERROR, in ring
-order; after an ABORT the engine still sends the FINISH (reason "abort") so
+responses are ADMITTED (the engine queued it), zero or more TOKENS, then
+exactly one FINISH or ERROR, in ring order; a refused request gets its ERROR
+alone; after an ABORT the engine still sends the FINISH (reason "abort") so
 the worker can forget the request.
 
 How each side wakes the other (futexes in each ring's header, shm_ring.h):
@@ -37,6 +39,7 @@ Byte layout: little-endian, packed, one record per message.
   SUBMIT  u32 n_prompt | u32 n_params | i32 prompt_ids[n_prompt]
           | params: UTF-8 JSON object [n_params] (SamplingParams fields)
   ABORT   -
+  ADMITTED -
   TOKENS  u32 n | u16 n_top | u16 has (1: logprobs, 2: top_logprobs)
           | i32 token_ids[n] | f32 logprobs[n]                      if has & 1
           | i32 top_ids[n * n_top] | f32 top_logprobs[n * n_top]     if has & 2
@@ -77,6 +80,7 @@ class RecordType(IntEnum):
     TOKENS = 3
     FINISH = 4
     ERROR = 5
+    ADMITTED = 6
 
 
 def request_id(slot: int, n: int) -> int:
@@ -113,6 +117,19 @@ class Submit:
 class Abort:
     request_id: int
     TYPE: ClassVar[RecordType] = RecordType.ABORT
+
+    def _body(self):
+        return b""
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        return cls(request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    request_id: int
+    TYPE: ClassVar[RecordType] = RecordType.ADMITTED
 
     def _body(self):
         return b""
@@ -195,8 +212,8 @@ class Error:
         return cls(request_id, status, r.text(n))
 
 
-Record = Union[Submit, Abort, Tokens, Finish, Error]
-_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Tokens, Finish, Error)}
+Record = Union[Submit, Abort, Admitted, Tokens, Finish, Error]
+_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Admitted, Tokens, Finish, Error)}
 
 
 def encode(record: Record) -> bytes:

@@ -47,7 +47,7 @@ class _Generate:
             request = self._request(body)
             g.run(self.ctx, resp, timer, request, stream=self.stream,
                   to_json=lambda results, usage: self._reply(results[0].text, results[0].finish_reason, usage),
-                  to_chunks=self._chunks)
+                  to_chunks=self._chunks, client_gone=g.connection_watch(req))
 
     def _request(self, body):
         v.check_model(body, self.ctx)

@@ -6,7 +6,11 @@ transport runs it in the engine process behind shared-memory rings. Both hand
 back a `RequestStream` per submitted prompt and feed it events from whatever
 thread receives them:
 
-    TokenEvent*  then exactly one  FinishEvent | ErrorEvent
+    AdmittedEvent  then  TokenEvent*  then exactly one  FinishEvent | ErrorEvent
+    (or ErrorEvent alone: the engine refused the request)
+
+The AdmittedEvent says the engine took the request into its queue: a stream
+waits for it before its status line, so a refusal is still a plain 503/400.
 
 After `abort()` the producer still sends the FinishEvent (reason "abort"), as
 the IPC contract in `pyforge/ipc/records.py` does; readers need not wait for it.
@@ -40,6 +44,15 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class AdmittedEvent:
+    """The engine took the request into its waiting queue (it may say so again after an
+    engine restart resubmitted the request)."""
+
+
+ADMITTED = AdmittedEvent()
+
+
+@dataclass(frozen=True)
 class FinishEvent:
     finish_reason: str          # "stop" | "length" | "abort"
     prompt_tokens: int
@@ -53,7 +66,8 @@ class ErrorEvent:
     message: str                # safe to show the client
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = AdmittedEvent | TokenEvent | FinishEvent | ErrorEvent
+FINAL_EVENTS = (FinishEvent, ErrorEvent)
 
 
 class QueueFullError(Exception):
@@ -165,20 +179,21 @@ class RequestStream:
 class StreamGroup:
     """Several RequestStreams read as one, in arrival order: yields (index, event)."""
 
-    def __init__(self, streams: list[RequestStream]):
+    def __init__(self, streams: list[RequestStream], heartbeat: float | None = None):
         self.streams = list(streams)
+        self.heartbeat = heartbeat      # read at every wait: a reader may change it between events
         self._events = queue.SimpleQueue()
         for i, stream in enumerate(self.streams):
             stream._share(self._events, i)
 
-    def events(self, heartbeat: float | None = None) -> Iterator[tuple[int, Event] | None]:
-        """Events until every stream finished; None after each `heartbeat` seconds
+    def events(self) -> Iterator[tuple[int, Event] | None]:
+        """Events until every stream finished; None after each `self.heartbeat` seconds
         of silence (SSE keep-alives). A stream silent past its timeout gets an
         ErrorEvent(503); aborted streams are waited on for ABORT_GRACE at most."""
         live = {i for i, s in enumerate(self.streams) if not s.done}
         last = time.monotonic()
         while live:
-            item = self._next(live, last, heartbeat)
+            item = self._next(live, last, self.heartbeat)
             if item is None:
                 yield None
                 continue
@@ -188,7 +203,7 @@ class StreamGroup:
                 continue          # late events of a stream already given up
             if type(event) is _TokenRun:
                 event = self.streams[i]._take(event)
-            elif not isinstance(event, TokenEvent):
+            elif isinstance(event, FINAL_EVENTS):
                 self.streams[i].done = True
                 live.discard(i)
             yield i, event

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from pyforge.engine.engine import StepError
 from pyforge.engine.sampling_params import SamplingParams
-from pyforge.ipc import (Abort, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
+from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
                          encode_token)
 from pyforge.server.engine_client import INTERNAL_ERROR, step_error_reply
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT = 0.1          # seconds asleep on an empty request ring between heartbeats
 PUT_TIMEOUT = 1.0        # a worker that does not drain its ring this long loses its requests
-CHECK_EVERY = 1.0        # seconds between checks of worker slots and of the parent
+CHECK_EVERY = 0.25       # seconds between checks of worker slots and of the parent
 
 
 @dataclass
@@ -46,6 +46,7 @@ class _Request:
     worker: int
     seq: object
     want_logprobs: bool
+    worker_pid: int             # the slot's owner at submission: a replacement worker does not adopt these
     counted_prompt: bool = False
 
 
@@ -119,12 +120,15 @@ class EngineLoop:
         if len(self.engine.scheduler.waiting) >= self.queue_capacity:
             return self.reply(rec.worker, Error(rec.request_id, 503, "the server is at capacity; retry later"))
         try:
+            worker_pid = self.seg.slot_pid(rec.worker)
             params = SamplingParams(**rec.params)
             seq = self.engine.add_request(rec.prompt_ids, params)
         except (TypeError, ValueError) as e:
             return self.reply(rec.worker, Error(rec.request_id, 400, str(e)))
-        self.requests[rec.request_id] = _Request(rec.request_id, rec.worker, seq, params.logprobs is not None)
+        self.requests[rec.request_id] = _Request(rec.request_id, rec.worker, seq, params.logprobs is not None,
+                                                 worker_pid)
         self.by_seq[seq.seq_id] = rec.request_id
+        self.reply(rec.worker, Admitted(rec.request_id))
 
     def abort(self, request_id):
         req = self.requests.get(request_id)
@@ -138,7 +142,7 @@ class EngineLoop:
         except StepError as e:      # the step's requests fail; the rest carry on
             log.error("engine step failed: %s", e, exc_info=e.__cause__)
             self.fail_sequences(e.seq_ids, *step_error_reply(e))
-            return
+            outputs = e.outputs
         except Exception:
             log.exception("engine step failed")
             self.fail_all(500, INTERNAL_ERROR)
@@ -197,11 +201,16 @@ class EngineLoop:
             self.reply(req.worker, Error(req.request_id, status, message))
 
     def abort_orphans(self):
-        """Abort the requests of worker slots whose process died or left."""
-        dead = {w for w in {r.worker for r in self.requests.values()} if not _alive(self.seg.slot_pid(w))}
-        for req in [r for r in self.requests.values() if r.worker in dead]:
-            self.engine.abort(req.seq.seq_id)
-            self.forget(req)
+        """Abort the requests of worker processes that died or left, even where a
+        new worker has already claimed the slot."""
+        owners = {}
+        for req in list(self.requests.values()):
+            if req.worker not in owners:
+                pid = self.seg.slot_pid(req.worker)
+                owners[req.worker] = pid if _alive(pid) else None
+            if owners[req.worker] != req.worker_pid:
+                self.engine.abort(req.seq.seq_id)
+                self.forget(req)
 
     def reply(self, worker, record):
         """Put one record on `worker`'s response ring; False if the worker is gone or stuck."""

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # status -> OpenAI error type: OpenAI calls every client error an
 # invalid_request_error (401 included, with code invalid_api_key)
 ERROR_TYPES = {500: "server_error", 503: "server_error", 504: "server_error"}
+MAX_MESSAGE = 500   # characters: a message never carries a whole request value back
 
 
 class APIError(falcon.HTTPError):
@@ -42,15 +43,17 @@ def serialize_error(req, resp, error):
     """Falcon error serializer: every HTTPError as an OpenAI error body."""
     status = status_code(error)
     message = error.description or _default_message(req, error)
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 3] + "..."
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(error_body(status, message, getattr(error, "param", None), getattr(error, "code", None)))
 
 
 def _default_message(req, error):
     if isinstance(error, falcon.HTTPRouteNotFound):
-        return f"Invalid URL ({req.method} {req.path})"
+        return f"Invalid URL ({req.method[:16]} {req.path[:200]})"
     if isinstance(error, falcon.HTTPMethodNotAllowed):
-        return f"Method {req.method} is not allowed on {req.path}"
+        return f"Method {req.method[:16]} is not allowed on {req.path[:200]}"
     return error.title
 
 

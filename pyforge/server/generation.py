@@ -12,6 +12,9 @@
 Choice `index` follows OpenAI: prompt i's j-th sample is choice i * n + j.
 """
 import dataclasses
+import itertools
+import select
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ import falcon
 
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.server import sse
-from pyforge.server.engine_client import ErrorEvent, FinishEvent, QueueFullError, StreamGroup
+from pyforge.server.engine_client import AdmittedEvent, ErrorEvent, FinishEvent, QueueFullError, StreamGroup
 from pyforge.server.errors import APIError, bad_request, error_body, status_code
 from pyforge.tokenizer import IncrementalDetokenizer
 
@@ -73,6 +76,13 @@ class ChoiceResult(NamedTuple):
     text: str
     logprobs: list[TokenLogprob]
     finish_reason: str
+
+
+DISCONNECT_CHECK = 0.25    # seconds between looks at a waiting client's socket
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its (non-streamed) reply."""
 
 
 class GenerationError(Exception):
@@ -181,6 +191,9 @@ class Generation:
         self.choices = [_Choice(i * n + j, tok, p, request.stop, skip)
                         for i, p in enumerate(request.prompts) for j in range(n)]
         self.streams = []
+        self._group = None
+        self._events = None         # the group's one event iterator, shared by admitted() and updates()
+        self._early = []            # events admitted() read past the admissions
 
     def submit(self):
         """Queue every choice; all or none (QueueFullError / ValueError propagate)."""
@@ -199,9 +212,36 @@ class Generation:
             params = dataclasses.replace(params, seed=params.seed + j)
         return params
 
+    def _next_events(self, heartbeat):
+        if self._events is None:
+            self._group = StreamGroup(self.streams)
+            self._events = self._group.events()
+        self._group.heartbeat = heartbeat
+        return self._events
+
+    def admitted(self):
+        """Wait until the engine took every stream into its queue (the first event of
+        each); raises GenerationError if it refused one. Later events stay queued."""
+        waiting = set(range(len(self.streams)))
+        self._early = []
+        for item in self._next_events(None):
+            i, event = item
+            if isinstance(event, ErrorEvent):
+                self.close()
+                raise GenerationError(event.status, event.message)
+            if isinstance(event, AdmittedEvent):
+                waiting.discard(i)
+            else:
+                self._early.append(item)     # a transport without the event: take what came
+                waiting.discard(i)
+            if not waiting:
+                return self
+        return self
+
     def updates(self, heartbeat=None):
         """Updates as events arrive (None for a heartbeat); raises GenerationError."""
-        for item in StreamGroup(self.streams).events(heartbeat):
+        early, self._early = self._early, []
+        for item in itertools.chain(early, self._next_events(heartbeat)):
             if item is None:
                 yield None
                 continue
@@ -215,6 +255,8 @@ class Generation:
         if isinstance(event, ErrorEvent):
             self.close()
             raise GenerationError(event.status, event.message)
+        if isinstance(event, AdmittedEvent):
+            return None
         if isinstance(event, FinishEvent):
             if choice.finish_reason is not None:    # stopped by us: only the cache count is news
                 choice.cached_tokens = event.cached_tokens
@@ -243,11 +285,21 @@ class Generation:
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def collect(generation):
-    """Run a Generation to the end: per choice, its text, logprobs and finish_reason."""
+def collect(generation, client_gone=None):
+    """Run a Generation to the end: per choice, its text, logprobs and finish_reason.
+    `client_gone()` is asked every DISCONNECT_CHECK seconds: once true, the
+    generation is aborted (its KV blocks freed) and ClientGone raised."""
     texts = {c.index: [] for c in generation.choices}
     logprobs = {c.index: [] for c in generation.choices}
-    for update in generation.updates():
+    next_check = time.monotonic() + DISCONNECT_CHECK
+    for update in generation.updates(DISCONNECT_CHECK if client_gone else None):
+        if client_gone is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + DISCONNECT_CHECK
+            if client_gone():
+                generation.close()
+                raise ClientGone()
+        if update is None:
+            continue
         texts[update.index].append(update.text)
         logprobs[update.index].extend(update.logprobs)
     return [ChoiceResult("".join(texts[c.index]), logprobs[c.index], c.finish_reason) for c in generation.choices]
@@ -268,19 +320,27 @@ def observed(timer):
         raise
 
 
-def run(ctx, resp, timer, request, *, stream, to_json, to_chunks):
+def run(ctx, resp, timer, request, *, stream, to_json, to_chunks, client_gone=None):
     """Submit `request`; reply with to_json(results, usage) or an SSE stream of
-    to_chunks(generation) (dicts, None for keep-alives)."""
+    to_chunks(generation) (dicts, None for keep-alives). A stream starts (status
+    200) only once the engine admitted it: a refusal is a plain error reply."""
     gen = _start(ctx, request, timer)
-    if stream:
-        _stream(resp, gen, timer, to_chunks)
-        return
     try:
-        results = collect(gen)
+        if stream:
+            gen.admitted()
+            _stream(resp, gen, timer, to_chunks)
+            return
+        results = collect(gen, client_gone)
     except GenerationError as e:
-        raise _api_error(e) from None
-    finally:
         gen.close()
+        raise _api_error(e) from None
+    except ClientGone:
+        timer.end(499, gen.usage())
+        resp.status = 499
+        return
+    finally:
+        if not stream:
+            gen.close()
     resp.media = to_json(results, gen.usage())
     timer.end(200, gen.usage())
 
@@ -315,6 +375,25 @@ def _stream(resp, gen, timer, to_chunks):
         timer.end(status[0], gen.usage())
 
     sse.respond(resp, events(), on_close)
+
+
+def connection_watch(req):
+    """client_gone() for the request's socket, or None where the server gives none
+    (falcon.testing). A readable socket with nothing to read is a closed one."""
+    sock = req.env.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def client_gone():
+        try:
+            if not select.select([sock], [], [], 0)[0]:
+                return False
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+    return client_gone
 
 
 # -- observing ----------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pyforge.engine.engine import StepError
 from pyforge.server.engine_client import (
-    DEFAULT_STALL_TIMEOUT, INTERNAL_ERROR, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, INTERNAL_ERROR, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
     step_error_reply,
 )
 
@@ -108,6 +108,7 @@ class InProcessEngineClient:
                 continue
             self._requests[req.stream.request_id] = req
             self._by_seq[req.seq.seq_id] = req.stream.request_id
+            req.stream.put(ADMITTED)
 
     def _apply_aborts(self, aborts):
         for request_id in aborts:
@@ -122,7 +123,7 @@ class InProcessEngineClient:
         except StepError as e:      # the step's requests fail; the rest carry on
             log.error("engine step failed: %s", e, exc_info=e.__cause__)
             self._fail_sequences(e.seq_ids, *step_error_reply(e))
-            outputs = []
+            outputs = e.outputs
         except Exception:
             # our bug: fail what is in flight rather than leave readers waiting
             log.exception("engine step failed")

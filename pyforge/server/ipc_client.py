@@ -13,8 +13,12 @@ QueueFullError. The engine still checks everything itself and answers ERROR.
 
 When the engine process dies, `ready()` turns false within ALIVE_TRUST seconds
 (a live engine is looked up in /proc at most that often: once per request
-costs more than the rest of submit) and the dispatcher ends every pending
-stream with ErrorEvent(503) within one poll interval.
+costs more than the rest of submit). Within one poll interval the dispatcher
+ends every stream that had tokens with ErrorEvent(503); those still queued
+(no token yet: their client has seen nothing) wait for the engine the
+launcher restarts, up to RESTART_WAIT seconds, and are then submitted to it
+again under new ids (an ABORT of the old id first, in case a copy of the old
+SUBMIT was still in the ring).
 """
 import dataclasses
 import logging
@@ -22,9 +26,9 @@ import threading
 import time
 
 from pyforge.engine.sequence import check_prompt_ids
-from pyforge.ipc import Abort, EngineStatus, Error, Finish, Submit, Tokens, decode_batch, encode
+from pyforge.ipc import Abort, Admitted, EngineStatus, Error, Finish, Submit, Tokens, decode_batch, encode
 from pyforge.server.engine_client import (
-    DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
 )
 from pyforge.server.engine_process import _alive
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 POLL = 0.25              # dispatcher wake-up interval for the engine liveness check
 PUT_TIMEOUT = 1.0        # seconds to wait for room in the request ring before answering 503
 ALIVE_TRUST = 0.05       # seconds a check that found the engine process alive stays believed
+RESTART_WAIT = 120.0     # seconds queued requests wait for a restarted engine
 
 
 class IpcEngineClient:
@@ -47,8 +52,12 @@ class IpcEngineClient:
         self._ids = segment.request_ids()
         self._lock = threading.Lock()
         self._streams = {}           # request id -> RequestStream awaiting its final record
+        self._queued = {}            # request id -> its Submit, until the first token: resubmittable
+        self._held = []              # (stream, Submit) waiting for a restarted engine, and since when
+        self._held_since = None
         self._closed = threading.Event()
-        self._engine_lost = False
+        self._engine_lost = False    # the response ring broke: this client is done
+        self._lost_pid = None        # the engine process we saw die
         self._alive_at = -ALIVE_TRUST   # when the engine process was last seen alive
         self._ring = segment.response_ring(self.slot)
         self._thread = threading.Thread(target=self._dispatch, name=f"pyforge-ipc-{self.slot}", daemon=True)
@@ -65,11 +74,13 @@ class IpcEngineClient:
         with self._lock:
             request_id = next(self._ids)
             stream = RequestStream(request_id, self._abort, self.timeout)
+            submit = Submit(request_id, self.slot, prompt_ids, _params_dict(params))
             self._streams[request_id] = stream     # before the put: no reply can be missed
-        record = encode(Submit(request_id, self.slot, prompt_ids, _params_dict(params)))
-        if not self.seg.request_ring.put(record, timeout=PUT_TIMEOUT):
+            self._queued[request_id] = submit
+        if not self.seg.request_ring.put(encode(submit), timeout=PUT_TIMEOUT):
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._queued.pop(request_id, None)
             raise QueueFullError("the engine's request ring is full; retry later")
         return stream
 
@@ -80,16 +91,12 @@ class IpcEngineClient:
         return (not self._engine_lost and self.seg.engine_status == EngineStatus.READY
                 and self._engine_process_alive() and self._thread.is_alive())
 
-    def engine_alive(self):
-        """The engine process exists (loading, ready or draining)."""
-        return (not self._engine_lost and self.seg.engine_status != EngineStatus.STOPPED
-                and self._engine_process_alive())
-
     def _engine_process_alive(self):
         now = time.monotonic()
         if now - self._alive_at < ALIVE_TRUST:
             return True
-        alive = _alive(self.seg.engine_pid)
+        pid = self.seg.engine_pid
+        alive = pid != self._lost_pid and _alive(pid)
         if alive:
             self._alive_at = now
         return alive
@@ -109,6 +116,7 @@ class IpcEngineClient:
 
     def _abort(self, request_id):
         with self._lock:
+            self._held = [(st, sub) for st, sub in self._held if st.request_id != request_id]
             pending = request_id in self._streams
         if pending and not self.seg.request_ring.put(encode(Abort(request_id)), timeout=PUT_TIMEOUT):
             log.error("could not send ABORT for request %#x: the request ring stays full", request_id)
@@ -126,8 +134,10 @@ class IpcEngineClient:
                 self._route(message)
                 continue
             pid = self.seg.engine_pid
-            if pid and not _alive(pid):
-                self._lose_engine()
+            if pid and pid != self._lost_pid and not _alive(pid):
+                self._lose_engine(pid)
+            if self._held:
+                self._resubmit_held()
         self._fail_all("the engine stopped")
 
     def _route(self, message):
@@ -137,10 +147,14 @@ class IpcEngineClient:
         except ValueError as e:
             log.error("dropping a malformed response message: %s", e)
             return
-        streams, final = self._streams, (Finish, Error)
+        streams, queued, final = self._streams, self._queued, (Finish, Error)
         with self._lock:       # a final record is the stream's last: forget it
-            routed = [(streams.pop(r.request_id, None) if isinstance(r, final) else streams.get(r.request_id), r)
-                      for r in records]
+            routed = []
+            for r in records:
+                if type(r) is not Admitted:     # the request started (or ended): no resubmitting it
+                    queued.pop(r.request_id, None)
+                routed.append((streams.pop(r.request_id, None) if isinstance(r, final) else
+                               streams.get(r.request_id), r))
         for stream, record in routed:
             if stream is None:
                 continue
@@ -149,17 +163,53 @@ class IpcEngineClient:
             else:
                 stream.put(_event(record))
 
-    def _lose_engine(self):
+    def _lose_engine(self, pid):
+        """The engine process died: fail what had started, hold what was queued."""
         while (message := self._ring.get_all(1)):     # what it said before dying still counts
             self._route(message[0])
-        if not self._engine_lost:
-            log.error("the engine process (pid %d) is gone", self.seg.engine_pid)
-        self._engine_lost = True
-        self._fail_all("the engine process stopped")
+        log.error("the engine process (pid %d) is gone; %d queued request(s) wait for its restart",
+                  pid, len(self._queued))
+        self._lost_pid = pid
+        with self._lock:
+            held = [(self._streams.pop(i), sub) for i, sub in self._queued.items() if i in self._streams]
+            self._queued = {}
+            self._held += held
+            self._held_since = self._held_since or time.monotonic()
+        self._fail_all("the engine process stopped while generating this request; retry", held_too=False)
 
-    def _fail_all(self, message):
+    def _resubmit_held(self):
+        """Hand the held requests to the restarted engine, or give them up after RESTART_WAIT."""
+        if not self.ready():
+            if time.monotonic() - self._held_since > RESTART_WAIT:
+                with self._lock:
+                    held, self._held, self._held_since = self._held, [], None
+                for stream, _ in held:
+                    stream.put(ErrorEvent(503, "the engine did not come back in time; retry later"))
+            return
+        with self._lock:
+            held, self._held, self._held_since = self._held, [], None
+        for stream, old in held:
+            with self._lock:
+                submit = Submit(next(self._ids), self.slot, old.prompt_ids, old.params)
+                stream.request_id = submit.request_id
+                self._streams[submit.request_id] = stream
+                self._queued[submit.request_id] = submit
+            ok = (self.seg.request_ring.put(encode(Abort(old.request_id)), timeout=PUT_TIMEOUT)
+                  and self.seg.request_ring.put(encode(submit), timeout=PUT_TIMEOUT))
+            if not ok:
+                with self._lock:
+                    self._streams.pop(submit.request_id, None)
+                    self._queued.pop(submit.request_id, None)
+                stream.put(ErrorEvent(503, "the engine's request ring is full; retry later"))
+        log.info("resubmitted %d queued request(s) to the restarted engine", len(held))
+
+    def _fail_all(self, message, held_too=True):
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
+            self._queued = {}
+            if held_too:
+                streams += [stream for stream, _ in self._held]
+                self._held, self._held_since = [], None
         for stream in streams:
             stream.put(ErrorEvent(503, message))
 
@@ -172,6 +222,8 @@ def _params_dict(params):
 
 
 def _event(record):
+    if isinstance(record, Admitted):
+        return ADMITTED
     if isinstance(record, Tokens):
         return TokenEvent(record.token_ids, record.logprobs, record.top_logprobs)
     if isinstance(record, Finish):

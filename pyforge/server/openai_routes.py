@@ -9,6 +9,7 @@ streams, `usage` with `prompt_tokens_details.cached_tokens`, and with
 import time
 import uuid
 
+from pyforge.engine.sampling_params import brief
 from pyforge.server import generation as g
 from pyforge.server import validation as v
 from pyforge.server.errors import APIError, bad_request
@@ -31,7 +32,7 @@ class _OpenAIGeneration:
             fmt = _Format(self.ctx, self.id_prefix, self.object_type, include_usage)
             g.run(self.ctx, resp, timer, request, stream=stream,
                   to_json=lambda results, usage: getattr(fmt, self.reply)(request, results, usage),
-                  to_chunks=getattr(fmt, self.chunks))
+                  to_chunks=getattr(fmt, self.chunks), client_gone=g.connection_watch(req))
 
 
 class Completions(_OpenAIGeneration):
@@ -52,8 +53,8 @@ class Models:
         resp.media = {"object": "list", "data": [self._card()]}
 
     def on_get_one(self, req, resp, model):
-        if model not in (self.ctx.model_name, self.ctx.config.model):
-            raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        if model != self.ctx.model_name:
+            raise APIError(404, f"the model {brief(model)} does not exist", param="model", code="model_not_found")
         resp.media = self._card()
 
     def _card(self):

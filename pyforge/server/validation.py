@@ -10,7 +10,7 @@ own checks, so the engine and the app cannot disagree.
 import json
 from numbers import Integral
 
-from pyforge.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pyforge.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, brief
 from pyforge.server.errors import APIError, bad_request
 from pyforge.server.generation import Prompt
 from pyforge.tokenizer import ChatTemplateError
@@ -22,10 +22,16 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
 
 
 def read_json(req, limit):
-    """The body as a JSON object: 413 above `limit` bytes, 400 if not a JSON object."""
+    """The body as a JSON object: 415 unless sent as application/json, 413 above
+    `limit` bytes, 400 if not a JSON object of valid Unicode."""
+    if req.content_type is None or req.content_type.split(";", 1)[0].strip().lower() != "application/json":
+        # a form POST from any web page must not reach the engine as JSON
+        raise APIError(415, "the request body must be sent as Content-Type: application/json")
     if req.content_length is not None and req.content_length > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes")
-    raw = req.bounded_stream.read(limit + 1)     # a chunked body has no Content-Length
+    # a chunked body has no Content-Length: bounded_stream would read it as empty
+    stream = req.bounded_stream if req.content_length is not None else req.stream
+    raw = stream.read(limit + 1)
     if len(raw) > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes")
     try:
@@ -34,13 +40,27 @@ def read_json(req, limit):
         raise bad_request(f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise bad_request(f"the body must be a JSON object, got {type(body).__name__}")
+    _check_unicode(body)
     return body
+
+
+def _check_unicode(body):
+    """JSON may escape a lone surrogate (\\ud800), which is no Unicode text: no
+    tokenizer or reply can take it."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the body holds a lone UTF-16 surrogate escape (such as \\ud800), "
+                          "which is not valid Unicode") from None
+    except (ValueError, RecursionError):     # nesting too deep to write back: it cannot be a request
+        raise bad_request("the body is nested too deeply") from None
 
 
 def check_model(body, ctx):
     model = body.get("model")
-    if model is not None and model not in (ctx.model_name, ctx.config.model):
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {ctx.model_name!r}",
+    # served names only: accepting the model's file path would tell a client which paths exist
+    if model is not None and model != ctx.model_name:
+        raise APIError(404, f"the model {brief(model)} does not exist; this server serves {ctx.model_name!r}",
                        param="model", code="model_not_found")
 
 
@@ -49,7 +69,7 @@ def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None
     kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     max_tokens = next((body[k] for k in max_tokens_keys if body.get(k) is not None), config.default_max_tokens)
     if config.max_tokens_limit is not None and _is_int(max_tokens) and max_tokens > config.max_tokens_limit:
-        raise bad_request(f"max_tokens must be <= {config.max_tokens_limit}, got {max_tokens}", "max_tokens")
+        raise bad_request(f"max_tokens must be <= {config.max_tokens_limit}, got {brief(max_tokens)}", "max_tokens")
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
     except ValueError as e:
@@ -62,7 +82,7 @@ def parse_n(body):
     if n is None:
         return 1
     if not _is_int(n) or not 1 <= n <= MAX_N:
-        raise bad_request(f"n must be an integer in 1..{MAX_N}, got {n!r}", "n")
+        raise bad_request(f"n must be an integer in 1..{MAX_N}, got {brief(n)}", "n")
     return n
 
 
@@ -81,7 +101,7 @@ def parse_completion_logprobs(value):
     if value is None:
         return None
     if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise bad_request(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {value!r}", "logprobs")
+        raise bad_request(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {brief(value)}", "logprobs")
     return value
 
 
@@ -89,12 +109,12 @@ def parse_chat_logprobs(body):
     """Chat `logprobs` (bool) + `top_logprobs` (0..20) -> top count, or None."""
     want, top = body.get("logprobs"), body.get("top_logprobs")
     if want is not None and not isinstance(want, bool):
-        raise bad_request(f"logprobs must be true or false, got {want!r}", "logprobs")
+        raise bad_request(f"logprobs must be true or false, got {brief(want)}", "logprobs")
     if top is not None:
         if not want:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise bad_request(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {top!r}",
+            raise bad_request(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {brief(top)}",
                               "top_logprobs")
     return (top or 0) if want else None
 
@@ -102,7 +122,7 @@ def parse_chat_logprobs(body):
 def parse_bool(body, key):
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise bad_request(f"{key} must be true or false, got {value!r}", key)
+        raise bad_request(f"{key} must be true or false, got {brief(value)}", key)
     return bool(value)
 
 

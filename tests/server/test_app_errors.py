@@ -12,6 +12,7 @@ from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.server.app import create_app
 from pyforge.server.engine_client import (
+    ADMITTED,
     ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
 )
 from pyforge.server.inprocess import InProcessEngineClient
@@ -53,6 +54,9 @@ class ScriptedClient:
         return stream
 
     def _play(self, stream):
+        # as the real transports: admitted first, unless the engine refuses the request outright
+        if not (self.script and isinstance(self.script[0][1], ErrorEvent)):
+            stream.put(ADMITTED)
         for delay, event in self.script:
             time.sleep(delay)
             stream.put(event)

@@ -10,7 +10,7 @@ import pytest
 from conftest import drain_stream, fail_next_run
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
-from pyforge.server.engine_client import ErrorEvent, FinishEvent, QueueFullError, TokenEvent
+from pyforge.server.engine_client import ADMITTED, ErrorEvent, FinishEvent, QueueFullError, TokenEvent
 from pyforge.server.engine_process import run_engine
 from pyforge.server.ipc_client import IpcEngineClient
 
@@ -97,7 +97,8 @@ def test_greedy_tokens_through_ipc_equal_in_process(running, reference):
 
 def test_logprobs_travel(running):
     stream = running.client().submit(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2, logprobs=3))
-    events = list(stream)
+    admitted, *events = list(stream)
+    assert admitted is ADMITTED
     # tokens a slow reader finds waiting come as one event: count per token, not per event
     assert all(len(e.logprobs) == len(e.top_logprobs) == len(e.token_ids) for e in events[:-1])
     assert sum(len(e.token_ids) for e in events[:-1]) == 2
@@ -139,6 +140,7 @@ def test_abort_frees_blocks(running):
     client = running.client()
     stream = client.submit(PROMPTS[0] * 8, SamplingParams(max_tokens=200, ignore_eos=True))
     events = iter(stream)
+    assert next(events) is ADMITTED
     assert isinstance(next(events), TokenEvent)
     wait_for(lambda: client.stats()["kv_usage"] > 0)
     stream.abort()
@@ -214,6 +216,7 @@ def test_killed_engine_ends_streams_with_an_error(model_path):
         client = r.client()
         stream = client.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
         events = iter(stream)
+        assert next(events) is ADMITTED
         assert isinstance(next(events), TokenEvent)
         os.kill(r.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -233,6 +236,7 @@ def test_sigterm_drains_running_requests(model_path):
         client = r.client()
         stream = client.submit(PROMPTS[0], SamplingParams(max_tokens=60, ignore_eos=True))
         events = iter(stream)
+        assert next(events) is ADMITTED
         assert isinstance(next(events), TokenEvent)
         os.kill(r.proc.pid, signal.SIGTERM)
         wait_for(lambda: r.seg.engine_status != EngineStatus.READY)

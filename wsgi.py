@@ -1,8 +1,5 @@
-"""gunicorn entry point: `gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py`.
-
-`app` is a placeholder: the config's post_worker_init hook builds each worker's
-real app (engine client, tokenizer, routes) after the fork and swaps it in.
-"""
-from pyforge.server.launcher import placeholder_app as app
+"""gunicorn entry point in a checkout: `gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py`
+(installed, from any folder: `gunicorn pyforge.wsgi:app -c python:pyforge.server.gunicorn_conf`)."""
+from pyforge.wsgi import app
 
 __all__ = ["app"]

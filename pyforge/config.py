@@ -60,6 +60,9 @@ class ServerConfig:
     drain_timeout: float = 30.0         # seconds in-flight requests get on SIGTERM
     keepalive_interval: float = 15.0    # SSE comment after this many seconds without a token
     stall_timeout: float = 600.0        # give a request up after this long without any engine event
+    request_read_timeout: float = 10.0  # seconds a client gets to send a whole request (head and body)
+    worker_connections: int = 4096      # open connections per worker (held, reading or idle)
+    max_engine_restarts: int = 5        # engine crashes within ten minutes before the server gives up
     null_model: bool = False            # skip the forward pass (serving-stack ceiling benchmarks)
 
     def __post_init__(self):
@@ -201,7 +204,8 @@ _PARSERS = {
     "api_key": _str(optional=True), "chat_template": _chat_template,
     "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
     "drain_timeout": _float(), "keepalive_interval": _float(low_open=True),
-    "stall_timeout": _float(low_open=True), "null_model": _bool, "cuda_graphs": _bool,
+    "stall_timeout": _float(low_open=True), "request_read_timeout": _float(low_open=True),
+    "worker_connections": _int(1), "max_engine_restarts": _int(0), "null_model": _bool, "cuda_graphs": _bool,
 }
 _FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
@@ -278,6 +282,11 @@ _HELP = {
     "drain_timeout": "seconds in-flight requests get to finish on SIGTERM",
     "keepalive_interval": "seconds of silence before an SSE keep-alive comment",
     "stall_timeout": "seconds without engine output before a request fails with 503",
+    "request_read_timeout": "seconds a client gets to send a whole request (headers and body); a slower "
+                            "or stalled connection is closed without holding a worker thread",
+    "worker_connections": "open connections per HTTP worker (reading, served or kept alive)",
+    "max_engine_restarts": "engine crashes within ten minutes that the server restarts it after; one more "
+                           "and it exits with status 1",
     "null_model": "skip the model's forward pass: every step emits one fixed token (measures the serving "
                   "stack's own ceiling; the output is meaningless)",
 }

@@ -1,4 +1,5 @@
-"""gunicorn settings and hooks: `gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py`.
+"""gunicorn settings and hooks: `gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py` in a
+checkout, `gunicorn pyforge.wsgi:app -c python:pyforge.server.gunicorn_conf` anywhere.
 
 The configuration comes from LLM_* environment variables (and LLM_CONFIG, a
 TOML file), as for `pyforge serve`. The hooks (launcher.py) start the engine

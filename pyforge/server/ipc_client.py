@@ -58,6 +58,7 @@ class IpcEngineClient:
         self._closed = threading.Event()
         self._engine_lost = False    # the response ring broke: this client is done
         self._lost_pid = None        # the engine process we saw die
+        self._engine_pid = None      # the engine process our requests went to
         self._alive_at = -ALIVE_TRUST   # when the engine process was last seen alive
         self._ring = segment.response_ring(self.slot)
         self._thread = threading.Thread(target=self._dispatch, name=f"pyforge-ipc-{self.slot}", daemon=True)
@@ -123,6 +124,7 @@ class IpcEngineClient:
 
     # -- the dispatcher thread ---------------------------------------------------
     def _dispatch(self):
+        next_watch = 0.0
         while not self._closed.is_set():
             try:
                 message = self._ring.get(timeout=POLL)
@@ -132,13 +134,24 @@ class IpcEngineClient:
                 break
             if message is not None:
                 self._route(message)
-                continue
-            pid = self.seg.engine_pid
-            if pid and pid != self._lost_pid and not _alive(pid):
-                self._lose_engine(pid)
-            if self._held:
-                self._resubmit_held()
+            now = time.monotonic()
+            if now >= next_watch:       # however busy the ring: a restart must not go unseen
+                next_watch = now + POLL
+                self._watch_engine()
+                if self._held:
+                    self._resubmit_held()
         self._fail_all("the engine stopped")
+
+    def _watch_engine(self):
+        """Notice the engine process we talk to dying, or being replaced already (a
+        fast restart can come and go between two looks)."""
+        pid = self.seg.engine_pid
+        if self._engine_pid and pid != self._engine_pid:
+            self._lose_engine(self._engine_pid)
+        elif pid and pid != self._lost_pid and not _alive(pid):
+            self._lose_engine(pid)
+        if pid and pid != self._lost_pid:
+            self._engine_pid = pid
 
     def _route(self, message):
         """Hand each record of a response message (a batch) to its stream."""
@@ -169,7 +182,7 @@ class IpcEngineClient:
             self._route(message[0])
         log.error("the engine process (pid %d) is gone; %d queued request(s) wait for its restart",
                   pid, len(self._queued))
-        self._lost_pid = pid
+        self._lost_pid, self._engine_pid = pid, None
         with self._lock:
             held = [(self._streams.pop(i), sub) for i, sub in self._queued.items() if i in self._streams]
             self._queued = {}

@@ -2,41 +2,55 @@
 
     serve(config) -> exit status
 
+  0. The port is checked first: a busy one is an error before any model loads.
   1. Segment.create (after cleanup_stale() of segments whose creator died).
-  2. The engine process (`python -m pyforge.server.engine_process`), waited on
-     until its status is READY; if it exits first (a bad model file), a clear
-     error and no server.
-  3. gunicorn in this process (BaseApplication, gthread workers). Each worker,
-     in post_worker_init, maps the segment, claims a slot (IpcEngineClient),
-     reads the tokenizer from the model file (mmap: cheap) and builds the app
-     (create_app + /metrics); it replaces the placeholder WSGI callable.
+  2. The engine process (ENGINE_BOOT: pyforge.server.engine_process, imported
+     from the installed package), waited on until its status is READY; if it
+     exits first (a bad model file), a clear error and no server.
+  3. gunicorn in a forked child (BaseApplication, GuardedThreadWorker workers).
+     Each worker, in post_worker_init, maps the segment, claims a slot
+     (IpcEngineClient), reads the tokenizer from the model file (mmap: cheap)
+     and builds the app (create_app + /metrics); it replaces the placeholder.
+  4. This process supervises: a crashed engine is restarted on the same
+     segment (the workers stay up, /health/ready is 503 meanwhile, queued
+     requests are resubmitted to the new engine, running ones get an error);
+     more than max_engine_restarts crashes within RESTART_WINDOW, and the
+     server logs why and exits with status 1.
 
-`gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py` runs the same hooks:
-on_starting makes the segment and engine from the LLM_* environment.
+`gunicorn wsgi:app -c pyforge/server/gunicorn_conf.py` (or, from anywhere,
+`gunicorn pyforge.wsgi:app -c python:pyforge.server.gunicorn_conf`) runs the
+same hooks: on_starting makes the segment and engine from the LLM_*
+environment and supervises it from a thread of the arbiter.
 
-Shutdown: SIGTERM makes gunicorn stop accepting and give in-flight requests
-`drain_timeout` seconds; on_exit then stops the engine (SIGTERM: it drains
-too) and unlinks the segment. If the engine process dies, /health/ready turns
-503 at once and, ENGINE_LOSS_GRACE seconds later, the server shuts down the
-same way and exits with status 1.
+Shutdown: SIGTERM (forwarded to the arbiter) makes gunicorn stop accepting and
+give in-flight requests `drain_timeout` seconds; then the engine is stopped
+(SIGTERM: it drains too) and the segment unlinked. An engine stopped from
+outside in an orderly way (SIGTERM to it) shuts the server down the same way.
 """
 import json
 import math
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 
 from pyforge.ipc.segment import EngineStatus, Segment, cleanup_stale
 
 log = logging.getLogger("pyforge.launcher")
 
 LOAD_TIMEOUT = 600.0        # seconds the engine may take to load the model
-ENGINE_LOSS_GRACE = 2.0     # seconds between losing the engine and shutting down
 STOP_GRACE = 5.0            # seconds past drain_timeout before the engine is killed
+RESTART_WINDOW = 600.0      # seconds over which engine crashes are counted against max_engine_restarts
+WATCH_EVERY = 0.05          # seconds between looks at the engine process
+# The engine runs the installed pyforge: `python -m` and `-c` put the current folder
+# first on sys.path, where a checkout's source tree (no compiled modules) would win.
+ENGINE_BOOT = ("import sys; sys.path.pop(0); "
+               "from pyforge.server.engine_process import main; main(sys.argv[1:])")
 
 
 class EngineStartError(RuntimeError):
@@ -51,14 +65,29 @@ def engine_kwargs(config):
             "gpu_memory_utilization": config.gpu_memory_utilization, "cuda_graphs": config.cuda_graphs}
 
 
+def describe_exit(code):
+    """A process's exit as words: "status 3", "killed by SIGKILL", or "status unknown"."""
+    if code is None:
+        return "status unknown (reaped by another waiter)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"status {code}"
+
+
 class EngineRunner:
-    """The segment and the engine process: start, watch, stop (idempotent)."""
+    """The segment and the engine process: start, supervise (restart on a crash,
+    within max_engine_restarts per RESTART_WINDOW), stop. Idempotent stop."""
 
     def __init__(self, config):
         self.config = config
         self.segment = None
         self.proc = None
-        self.engine_lost = False
+        self.gave_up = False            # the engine crashed more often than we restart it
+        self.restart_times = []         # seconds each restart took, until READY
+        self._crashes = deque()
         self._stopping = False
         self._owner = os.getpid()     # gunicorn's forked workers inherit this object: only we stop it
 
@@ -67,15 +96,13 @@ class EngineRunner:
         return self.segment.name
 
     def start(self, timeout=LOAD_TIMEOUT):
-        cleanup_stale()
+        removed = cleanup_stale()
+        if removed:
+            log.info("removed %d shared-memory segment(s) of dead servers: %s", len(removed), ", ".join(removed))
         # gunicorn may briefly run a replacement next to a dying worker: room for both
         self.segment = Segment.create(n_workers=2 * self.config.workers + 2)
-        cmd = [sys.executable, "-m", "pyforge.server.engine_process", self.segment.name,
-               json.dumps(engine_kwargs(self.config)), str(self.config.queue_capacity),
-               str(self.config.drain_timeout), self.config.log_level]
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-            self._wait_ready(timeout)
+            self._spawn(timeout)
         except BaseException:
             self.stop()
             raise
@@ -83,34 +110,75 @@ class EngineRunner:
         if self.config.null_model:
             log.warning("--null-model: the engine skips the forward pass; every reply is one repeated token")
 
+    def _spawn(self, timeout):
+        cmd = [sys.executable, "-c", ENGINE_BOOT, self.segment.name,
+               json.dumps(engine_kwargs(self.config)), str(self.config.queue_capacity),
+               str(self.config.drain_timeout), self.config.log_level]
+        self.segment.engine_pid = 0
+        self.segment.engine_status = EngineStatus.STARTING
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self._wait_ready(timeout)
+
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
         while self.segment.engine_status != EngineStatus.READY:
             code = self.proc.poll()
             if code is not None:
-                raise EngineStartError(f"the engine process exited with status {code} while loading "
+                raise EngineStartError(f"the engine process exited ({describe_exit(code)}) while loading "
                                        f"{self.config.model} (its error is logged above)")
+            if self._stopping:
+                raise EngineStartError("the server is stopping")
             if time.monotonic() > deadline:
                 raise EngineStartError(f"the engine did not load {self.config.model} within {timeout:g} s")
             time.sleep(0.05)
 
-    def watch(self, on_lost):
-        """Call on_lost() (from a thread) if the engine exits while we are not stopping it."""
-        def wait():
-            while self.proc.poll() is None and not self._stopping:
-                if self.segment.engine_status == EngineStatus.STOPPED:
-                    break
-                time.sleep(0.2)
-            if self._stopping:
-                return
-            code = self.proc.poll()     # 0 also when gunicorn's SIGCHLD handler reaped it first
+    # -- supervision ------------------------------------------------------------
+    def supervise(self, on_end):
+        """Watch the engine from a thread: restart it when it crashes; call on_end()
+        when it stopped in an orderly way from outside, or crashed once too often."""
+        threading.Thread(target=self._supervise, args=(on_end,), name="pyforge-engine-watch", daemon=True).start()
+
+    def _supervise(self, on_end):
+        while not self._stopping:
+            code = _wait_exit(self.proc, WATCH_EVERY)
+            if code is False or self._stopping:
+                continue
             if self.segment.engine_status == EngineStatus.STOPPED:
                 log.warning("the engine process (pid %d) was stopped from outside; shutting down", self.proc.pid)
-            else:
-                self.engine_lost = True
-                log.error("the engine process (pid %d) died (status %s)", self.proc.pid, code)
-            on_lost()
-        threading.Thread(target=wait, name="pyforge-engine-watch", daemon=True).start()
+                return on_end()
+            log.error("the engine process (pid %d) died (%s)", self.proc.pid, describe_exit(code))
+            if not self._restart():
+                self.gave_up = True
+                return on_end()
+
+    def _restart(self):
+        """Start a new engine on the same segment (the workers wait for it); False
+        once crashes within RESTART_WINDOW pass max_engine_restarts."""
+        while not self._stopping:
+            now = time.monotonic()
+            self._crashes.append(now)
+            while self._crashes and self._crashes[0] < now - RESTART_WINDOW:
+                self._crashes.popleft()
+            if len(self._crashes) > self.config.max_engine_restarts:
+                log.critical("the engine crashed %d times within %g s (max_engine_restarts=%d); giving up",
+                             len(self._crashes), RESTART_WINDOW, self.config.max_engine_restarts)
+                return False
+            log.warning("restarting the engine (crash %d of at most %d within %g s)", len(self._crashes),
+                        self.config.max_engine_restarts, RESTART_WINDOW)
+            start = time.monotonic()
+            try:
+                self._spawn(LOAD_TIMEOUT)
+            except EngineStartError as e:
+                log.error("%s", e)
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                _reap(self.proc)
+                time.sleep(min(0.5 * len(self._crashes), 5.0))
+                continue
+            self.restart_times.append(time.monotonic() - start)
+            log.info("engine restarted (pid %d) in %.1f s", self.proc.pid, self.restart_times[-1])
+            return True
+        return True
 
     def stop(self):
         if self._stopping or os.getpid() != self._owner:
@@ -135,6 +203,25 @@ class EngineRunner:
             log.info("engine stopped; segment %s removed", name)
 
 
+def _wait_exit(proc, timeout):
+    """The process's exit code once it ended (negative: the signal), False while it
+    runs, None if someone else reaped it first. Looks without reaping (WNOWAIT),
+    so the status is read even where gunicorn's arbiter reaps every child."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return proc.returncode if proc.returncode is not None else None
+        if info is not None and info.si_pid:
+            code = -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
+            _reap(proc)
+            return code
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(0.01, timeout))
+
+
 def _reap(proc):
     """Reap the engine even if gunicorn's SIGCHLD handler got there first."""
     if proc is not None:
@@ -142,6 +229,17 @@ def _reap(proc):
             proc.wait(0)
         except (subprocess.TimeoutExpired, ChildProcessError):
             pass
+
+
+def check_port(host, port):
+    """OSError now if host:port cannot be listened on, before a model takes minutes to load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as gunicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 # -- the worker side -------------------------------------------------------
@@ -170,7 +268,7 @@ def placeholder_app(environ, start_response):
     """The WSGI callable gunicorn loads; post_worker_init swaps in the real app."""
     start_response("503 Service Unavailable", [("Content-Type", "application/json")])
     return [b'{"error": {"message": "the worker is not initialised (run gunicorn with '
-            b'-c pyforge/server/gunicorn_conf.py)", "type": "server_error"}}']
+            b'-c python:pyforge.server.gunicorn_conf)", "type": "server_error"}}']
 
 
 # -- gunicorn hooks (shared by `pyforge serve` and gunicorn_conf.py) --------
@@ -178,13 +276,16 @@ def placeholder_app(environ, start_response):
 def on_starting(server):
     """Arbiter, before any worker: the engine, unless the launcher started it."""
     app = server.app
-    if getattr(app, "engine_runner", None) is None:
-        from pyforge.config import ServerConfig
-        app.pyforge_config = ServerConfig.from_sources(None)
-        _configure_logging(app.pyforge_config)
-        app.engine_runner = EngineRunner(app.pyforge_config)
-        app.engine_runner.start()
-    app.engine_runner.watch(lambda: _shutdown_after(ENGINE_LOSS_GRACE))
+    if getattr(app, "engine_runner", None) is not None:
+        return                          # `pyforge serve`: the launcher process supervises the engine
+    from pyforge.config import ServerConfig
+    app.pyforge_config = ServerConfig.from_sources(None)
+    _configure_logging(app.pyforge_config)
+    check_port(app.pyforge_config.host, app.pyforge_config.port)
+    app.engine_runner = EngineRunner(app.pyforge_config)
+    app.engine_runner.start()
+    # the arbiter's graceful stop, as if from outside
+    app.engine_runner.supervise(lambda: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def post_worker_init(worker):
@@ -203,11 +304,8 @@ def on_exit(server):
     runner = getattr(server.app, "engine_runner", None)
     if runner is not None:
         runner.stop()
-
-
-def _shutdown_after(seconds):
-    time.sleep(seconds)
-    os.kill(os.getpid(), signal.SIGTERM)     # the arbiter's graceful stop, as if from outside
+        if runner.gave_up:
+            raise SystemExit(1)         # gunicorn's own exit would say 0
 
 
 def gunicorn_settings(config):
@@ -215,7 +313,8 @@ def gunicorn_settings(config):
         "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
         "workers": config.workers,
         "threads": config.worker_threads,
-        "worker_class": "gthread",
+        "worker_class": "pyforge.server.worker.GuardedThreadWorker",
+        "worker_connections": config.worker_connections,
         "graceful_timeout": max(1, math.ceil(config.drain_timeout)),
         "timeout": 60,
         "keepalive": 5,
@@ -254,19 +353,76 @@ def _configure_logging(config):
 
 
 def serve(config):
-    """Run the server until it is stopped; returns the exit status."""
+    """Run the server until it is stopped; returns the exit status. gunicorn runs in a
+    child process, so this one alone waits on the engine (the arbiter reaps every
+    child it has) and restarts it when it crashes."""
     _configure_logging(config)
+    try:
+        check_port(config.host, config.port)
+    except OSError as e:
+        log.error("%s", e)
+        return 1
     runner = EngineRunner(config)
     try:
         runner.start()
     except EngineStartError as e:
         log.error("%s", e)
         return 1
-    status = 0
     try:
-        _application_class()(config, runner).run()
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        arbiter = _fork_gunicorn(config, runner)
+        runner.supervise(lambda: os.kill(arbiter, signal.SIGTERM))
+        status = _wait_for_gunicorn(arbiter)
     finally:
         runner.stop()
-    return 1 if runner.engine_lost else status
+    return 1 if runner.gave_up else status
+
+
+def _fork_gunicorn(config, runner):
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        _die_with_parent(parent)
+        _application_class()(config, runner).run()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        log.exception("gunicorn failed")
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_for_gunicorn(pid):
+    """Forward stop signals to gunicorn's arbiter and wait for it; its exit status."""
+    def forward(signum, frame):
+        try:
+            os.kill(pid, signal.SIGTERM if signum == signal.SIGTERM else signum)
+        except ProcessLookupError:
+            pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        log.error("gunicorn's arbiter (pid %d) died (%s)", pid, describe_exit(code))
+        return 1
+    return code
+
+
+def _die_with_parent(parent):
+    """The arbiter gets SIGTERM if the launcher dies (Linux), so a killed launcher
+    leaves no server behind; the engine watches its parent the same way."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)       # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:         # it died before the request took effect
+        os._exit(1)

@@ -31,7 +31,12 @@ def read_json(req, limit):
         raise APIError(413, f"the request body is larger than {limit} bytes")
     # a chunked body has no Content-Length: bounded_stream would read it as empty
     stream = req.bounded_stream if req.content_length is not None else req.stream
-    raw = stream.read(limit + 1)
+    try:
+        raw = stream.read(limit + 1)
+    except Exception as e:      # the server's body reader: malformed chunked framing, a body cut short
+        if isinstance(e, OSError) and not isinstance(e, TimeoutError):
+            raise
+        raise bad_request(f"the request body could not be read: {type(e).__name__}") from None
     if len(raw) > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes")
     try:

@@ -1,0 +1,221 @@
+"""The gunicorn worker: gthread, except that no thread waits on a slow client.
+
+gunicorn's gthread worker hands a connection to a thread as soon as its first
+byte arrives; the thread then reads the request line, headers and body with
+blocking reads and no deadline. A client that sends half a request and goes
+silent (or drips a byte every few seconds: slowloris) holds that thread for
+as long as it likes, and workers x threads such clients deny service to all.
+
+`GuardedThreadWorker` reads each request in the worker's event loop instead,
+non-blocking, into a buffer: the request line and headers, and a body whose
+Content-Length is within the body limit. Only a whole request reaches a
+thread (its bytes given back to gunicorn's parser), so threads serve requests,
+never wait for them. A connection that has not delivered its whole request
+within `request_read_timeout` seconds of its first byte (or of being accepted,
+or of going idle after a kept-alive reply's idle period) is closed. What is
+left to read in a thread (a chunked body, a body after `Expect: 100-continue`)
+and every write to the client run under kernel socket timeouts of the same
+length (SO_RCVTIMEO / SO_SNDTIMEO), so a thread is never held longer than that
+by a client that stops reading or writing.
+"""
+import errno
+import re
+import resource
+import selectors
+import socket
+import struct
+import time
+from functools import partial
+
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+MAX_HEAD_BYTES = 64 << 10    # a head this long without its end goes to gunicorn's parser (which refuses it)
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+_EXPECT_CONTINUE = re.compile(rb"^expect[ \t]*:[ \t]*100-continue", re.I | re.M)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def request_complete(data, body_limit):
+    """True once `data` holds a whole request as far as this worker waits for one:
+    the head, and a body (Content-Length or chunked) of up to `body_limit` bytes.
+    Whatever gunicorn's parser must judge (framing it refuses, 100-continue, a
+    body past the limit, a head too long to be valid) counts as complete: a
+    thread reads the rest, under socket timeouts, or answers the error."""
+    end = _HEAD_END.search(data)
+    if end is None:
+        return len(data) > MAX_HEAD_BYTES
+    head, body = data[:end.start()], memoryview(data)[end.end():]
+    if _EXPECT_CONTINUE.search(head):
+        return True
+    codings, lengths = _TRANSFER_ENCODING.findall(head), _CONTENT_LENGTH.findall(head)
+    if codings:
+        if lengths or len(codings) > 1 or codings[0].lower() != b"chunked":
+            return True          # framing the parser (or unsupported_coding) refuses
+        return len(body) > body_limit or chunked_body_end(body) is not None
+    if len(lengths) != 1:
+        return True              # no body, or a conflicting Content-Length for the parser to refuse
+    return len(body) >= min(int(lengths[0]), body_limit + 1)
+
+
+def unsupported_coding(data):
+    """The Transfer-Encoding of a whole head when it is not plain `chunked`, else None.
+    gunicorn would answer 501 with an HTML page; a request we cannot read is the
+    client's error (400), answered in our error shape."""
+    end = _HEAD_END.search(data)
+    codings = _TRANSFER_ENCODING.findall(data[:end.start()]) if end else []
+    if len(codings) == 1 and codings[0].lower() != b"chunked":
+        return codings[0][:40].decode("latin-1")
+    return None
+
+
+def refusal(status, message):
+    """A whole HTTP/1.1 error response with an OpenAI-shaped body; the connection closes."""
+    import json
+    from http import HTTPStatus
+
+    from pyforge.server.errors import error_body
+    body = json.dumps(error_body(status, message)).encode()
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def chunked_body_end(body):
+    """Where a whole chunked body (RFC 9112 7.1: chunks, the last chunk, trailer
+    fields, CRLF) ends in `body`; None while it is incomplete. Malformed framing
+    counts as complete (0): the parser answers it."""
+    pos = 0
+    while True:
+        eol = bytes(body[pos:pos + 4096]).find(b"\r\n")
+        if eol < 0:
+            return None if len(body) - pos < 4096 else 0
+        size_text = bytes(body[pos:pos + eol]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return 0
+        pos += eol + 2
+        if size == 0:
+            return _trailer_end(body, pos)
+        pos += size + 2
+        if pos > len(body):
+            return None
+
+
+def _trailer_end(body, pos):
+    while True:
+        eol = bytes(body[pos:pos + 8192]).find(b"\r\n")
+        if eol < 0:
+            return None if len(body) - pos < 8192 else 0
+        pos += eol + 2
+        if eol == 0:
+            return pos
+
+
+class GuardedThreadWorker(ThreadWorker):
+    """gthread with each request read whole in the event loop (see the module doc)."""
+
+    def init_process(self):
+        config = self.app.pyforge_config      # set by the launcher or by the on_starting hook
+        self.reading = {}       # TConn -> deadline, oldest first (one timeout for all)
+        self.read_timeout = config.request_read_timeout
+        self.body_limit = config.max_body_bytes
+        _raise_open_file_limit()
+        super().init_process()
+
+    # -- connections in, requests read in the loop ------------------------------
+    def accept(self, listener):
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        _set_io_timeouts(client_sock, self.read_timeout)
+        conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())   # non-blocking
+        conn.pf_data = bytearray()
+        self._read_request(conn)
+
+    def on_client_socket_readable(self, conn, client):
+        """A kept-alive connection has bytes: read its next request in the loop too."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        conn.pf_data = bytearray()
+        self._read_request(conn)
+
+    def _read_request(self, conn):
+        self.reading[conn] = time.monotonic() + self.read_timeout
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_request_bytes, conn))
+
+    def _on_request_bytes(self, conn, sock):
+        try:
+            data = sock.recv(256 << 10)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:                    # the client left before its request was whole
+            self._drop(conn)
+            return
+        conn.pf_data += data
+        if not request_complete(conn.pf_data, self.body_limit):
+            return
+        coding = unsupported_coding(conn.pf_data)
+        if coding is not None:
+            try:
+                sock.send(refusal(400, f"unsupported Transfer-Encoding {coding!r} (only chunked is)"))
+            except OSError:
+                pass
+            self._drop(conn)
+            return
+        self.poller.unregister(sock)
+        del self.reading[conn]
+        conn.data_ready = True          # gthread's own wait for a first byte is over
+        self.enqueue_req(conn)
+
+    def handle(self, conn):
+        data = getattr(conn, "pf_data", None)
+        if data:
+            conn.pf_data = None
+            conn.sock.setblocking(True)
+            conn.init()                 # the parser, which then reads what we read first
+            conn.parser.unreader.unread(bytes(data))
+        return super().handle(conn)
+
+    # -- timeouts ---------------------------------------------------------------
+    def murder_pending(self):
+        super().murder_pending()
+        now = time.monotonic()
+        for conn, deadline in list(self.reading.items()):
+            if deadline > now and self.alive:
+                break                   # insertion order is deadline order
+            self._drop(conn)
+
+    def _drop(self, conn):
+        self.reading.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        self.nr_conns -= 1
+        conn.close()
+
+
+def _set_io_timeouts(sock, seconds):
+    """Kernel send/receive timeouts: they bound the blocking reads and writes a
+    thread does on this socket (Python's own timeout is reset by gthread)."""
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _raise_open_file_limit():
+    """Every held connection is a descriptor: take the hard limit, not the soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
+        except (ValueError, OSError):
+            pass

@@ -1,5 +1,6 @@
 """`pyforge serve | generate | inspect` — the command-line entry point."""
 import argparse
+import os
 import sys
 import time
 
@@ -101,6 +102,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader left (`pyforge inspect FILE | head`): nothing went wrong. Point stdout
+        # at /dev/null, or the interpreter's own last flush raises the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:
         print(f"pyforge: error: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ def describe(path, list_tensors=False):
             f"context:       {cfg.context_length}, rope theta {cfg.rope_theta:g}"
             f" ({'neox' if cfg.rope_neox else 'interleaved'}, {cfg.n_rot} dims)"
             + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
-            f"tensor types:  " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
+            "tensor types:  " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
             f"vocab:         {cfg.vocab_size}",
         ]
         lines += _tokenizer_lines(mf)

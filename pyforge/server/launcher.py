@@ -140,8 +140,9 @@ class EngineRunner:
 
     def _supervise(self, on_end):
         while not self._stopping:
-            code = _wait_exit(self.proc, WATCH_EVERY)
+            code = _exit_code(self.proc)
             if code is False or self._stopping:
+                time.sleep(WATCH_EVERY)
                 continue
             if self.segment.engine_status == EngineStatus.STOPPED:
                 log.warning("the engine process (pid %d) was stopped from outside; shutting down", self.proc.pid)
@@ -203,23 +204,18 @@ class EngineRunner:
             log.info("engine stopped; segment %s removed", name)
 
 
-def _wait_exit(proc, timeout):
+def _exit_code(proc):
     """The process's exit code once it ended (negative: the signal), False while it
     runs, None if someone else reaped it first. Looks without reaping (WNOWAIT),
     so the status is read even where gunicorn's arbiter reaps every child."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return proc.returncode if proc.returncode is not None else None
-        if info is not None and info.si_pid:
-            code = -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
-            _reap(proc)
-            return code
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(min(0.01, timeout))
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.returncode
+    if info is None or not info.si_pid:
+        return False
+    _reap(proc)
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
 
 
 def _reap(proc):

@@ -12,8 +12,6 @@ _total, histograms with _bucket / _sum / _count, labelled with model_name.
 import math
 import threading
 
-import falcon
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "pyforge:"
 

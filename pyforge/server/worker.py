@@ -55,7 +55,8 @@ def request_complete(data, body_limit):
         return len(body) > body_limit or chunked_body_end(body) is not None
     if len(lengths) != 1:
         return True              # no body, or a conflicting Content-Length for the parser to refuse
-    return len(body) >= min(int(lengths[0]), body_limit + 1)
+    length = int(lengths[0])
+    return length > body_limit or len(body) >= length      # past the limit: the app answers 413 unread
 
 
 def unsupported_coding(data):
@@ -212,10 +213,11 @@ def _set_io_timeouts(sock, seconds):
 
 
 def _raise_open_file_limit():
-    """Every held connection is a descriptor: take the hard limit, not the soft 1024."""
+    """Every held connection is a descriptor: take the hard limit, not a soft 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             pass

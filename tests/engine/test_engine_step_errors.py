@@ -44,3 +44,35 @@ def test_a_failed_step_ends_only_its_sequences(model_path, error, out_of_memory)
     assert engine.block_manager.num_free == engine.block_manager.n_blocks      # nothing held for a or b
     assert generate_all(engine, [c]) == [reference[2]]
     assert engine.block_manager.num_free == engine.block_manager.n_blocks
+
+
+def test_a_row_that_fails_to_sample_ends_only_its_sequence(model_path):
+    """Sampling is batched: a row whose values break the batch is found by sampling the
+    rows alone, and only its sequence ends; the others get this step's token."""
+    reference = generate_all(ref := make_engine(model_path), [ref.add_request(p, GREEDY) for p in PROMPTS[:2]])
+    engine = make_engine(model_path)
+    a, b = [engine.add_request(p, GREEDY) for p in PROMPTS[:2]]
+    real = engine.sampler.sample
+
+    def sample(logits, seqs):
+        if any(s is b for s in seqs):
+            raise OverflowError("injected: this row's values do not pack")
+        return real(logits, seqs)
+    engine.sampler.sample = sample
+    with pytest.raises(StepError) as raised:
+        engine.step()
+    assert raised.value.seq_ids == [b.seq_id] and [o.seq_id for o in raised.value.outputs] == [a.seq_id]
+    assert b.status == SequenceStatus.FINISHED_ABORTED
+    engine.sampler.sample = real
+    first = raised.value.outputs[0].token_id
+    assert [first, *generate_all(engine, [a])[0]] == reference[0]
+    assert engine.block_manager.num_free == engine.block_manager.n_blocks
+
+
+def test_values_that_would_not_pack_are_refused_at_admission(model_path):
+    engine = make_engine(model_path)
+    params = SamplingParams(max_tokens=4)
+    object.__setattr__(params, "top_k", 2**40)      # past SamplingParams' own check, as a bug would be
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request(PROMPTS[0], params)
+    assert not engine.has_work

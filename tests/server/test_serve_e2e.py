@@ -1,5 +1,6 @@
 """`pyforge serve` end to end on loopback: launcher, engine process, gunicorn
-workers, the official `openai` client, metrics, drain and engine loss."""
+workers, the official `openai` client, metrics and drain (engine loss and
+hostile clients: test_hardening.py)."""
 import json
 import os
 import signal
@@ -8,7 +9,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -117,19 +117,6 @@ def test_sigterm_drains_an_inflight_stream(model_path):
     assert rest[-1].usage.completion_tokens == 1500
     assert rest[-2].choices[0].finish_reason == "length"
     assert s.stop() == 0
-    s.assert_clean()
-
-
-def test_killed_engine_makes_ready_fail_and_the_server_exit(model_path):
-    s = Server(model_path, workers=1)
-    engine = [p for p in s.pids if b"pyforge.server.engine_process" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(engine) == 1
-    os.kill(engine[0], signal.SIGKILL)
-    deadline = time.monotonic() + 1.5     # the server itself goes down ENGINE_LOSS_GRACE (2 s) after
-    while (answer := get(s.url + "/health/ready"))[0] == 200 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert answer[0] == 503 and json.loads(answer[1])["status"] == "not ready"
-    assert s.proc.wait(15) == 1      # it shuts itself down (no signal from us), exit status 1
     s.assert_clean()
 
 

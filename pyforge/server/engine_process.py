@@ -61,6 +61,7 @@ class EngineLoop:
         self.requests = {}          # request id -> _Request
         self.by_seq = {}            # seq id -> request id
         self.draining = False
+        self._admitted = {}         # worker slot -> requests admitted since the last send
         self._prefix = (0, 0)       # block manager counters already added to the stats
         self._preemptions = 0       # scheduler counter already added to the stats
         self._next_check = 0.0
@@ -82,6 +83,7 @@ class EngineLoop:
                 log.error("the launcher (pid %d) is gone; stopping", parent_pid)
                 stop_requested = _always
         self.drain_ring()
+        self.send_batches(self._take_admitted())
         self.fail_all(503, "the engine is shutting down")
 
     def run_once(self):
@@ -90,6 +92,7 @@ class EngineLoop:
         self.drain_ring()
         if self.engine.has_work:
             self.step()
+        self.send_batches(self._take_admitted())     # what no step carried (the step failed)
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_EVERY
@@ -128,7 +131,8 @@ class EngineLoop:
         self.requests[rec.request_id] = _Request(rec.request_id, rec.worker, seq, params.logprobs is not None,
                                                  worker_pid)
         self.by_seq[seq.seq_id] = rec.request_id
-        self.reply(rec.worker, Admitted(rec.request_id))
+        # sent with this step's tokens for that worker: one ring write, not one per request
+        self._admitted.setdefault(rec.worker, []).append(self.requests[rec.request_id])
 
     def abort(self, request_id):
         req = self.requests.get(request_id)
@@ -148,7 +152,8 @@ class EngineLoop:
             self.fail_all(500, INTERNAL_ERROR)
             return
         self.seg.add("generation_tokens", len(outputs))
-        batches, prompt_tokens = {}, 0          # worker slot -> (encoded records, their requests)
+        # worker slot -> (encoded records, their requests); admissions first, in ring order
+        batches, prompt_tokens = self._take_admitted(), 0
         for out in outputs:
             request_id = self.by_seq.get(out.seq_id)
             if request_id is None:
@@ -168,6 +173,14 @@ class EngineLoop:
                 records.append(encode(self._finish_record(req, out.finish_reason)))
         if prompt_tokens:
             self.seg.add("prompt_tokens", prompt_tokens)
+        self.send_batches(batches)
+
+    def _take_admitted(self):
+        admitted, self._admitted = self._admitted, {}
+        return {worker: ([encode(Admitted(r.request_id)) for r in reqs], list(reqs))
+                for worker, reqs in admitted.items()}
+
+    def send_batches(self, batches):
         for worker, (records, reqs) in batches.items():
             if not self.send(worker, b"".join(records), reqs[0].request_id):
                 for req in reqs:                # that worker is gone or stuck: its requests end here

@@ -1,3 +1,11 @@
-"""pyforge: a small LLM inference server with a compiled core."""
+"""pyforge: a small LLM inference server with a compiled core.
 
+Imported from a checkout's source tree after a non-editable install (`python -m
+pytest` or gunicorn run from the repository folder put it first on sys.path),
+the package also searches the installed copy, so the compiled modules, which
+only the installed copy has, are found (see pyforge/native/__init__.py).
+"""
+from pkgutil import extend_path
+
+__path__ = extend_path(__path__, __name__)
 __version__ = "0.1.0"

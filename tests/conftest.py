@@ -20,6 +20,16 @@ def require_module(name):
         pytest.skip(f"reference module {name!r} is not installed: {e}")
 
 
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    """A small random model (synthetic tiny-gqa, F32; served as "tiny-gqa"), written
+    once per session; test modules that need another model define their own."""
+    from pyforge.synthetic import write_gguf
+    path = tmp_path_factory.mktemp("model") / "tiny-gqa.gguf"
+    write_gguf("tiny-gqa", path, "F32")
+    return str(path)
+
+
 def fail_next_run(engine, error):
     """The engine's next forward pass raises `error` (as an out-of-memory would); later ones run."""
     real = engine.runner.run

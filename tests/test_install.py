@@ -130,3 +130,15 @@ def test_gunicorn_runs_the_installed_package(installed, tmp_path, where, app, co
         assert readme_curl(port)["usage"]["completion_tokens"] == 40
     finally:
         stop(proc)
+
+
+def test_the_checkout_finds_the_installed_compiled_modules(installed):
+    """`python -m pytest` or `python -c` in the repository folder import the source
+    tree first; its compiled modules come from the installed package."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([installed / "python", "-c", "import pyforge, pyforge.native.block_pool as m; "
+                          "print(pyforge.__path__[0]); print(m.__file__)"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    package, module = out.stdout.split()
+    assert package == str(REPO / "pyforge") and not module.startswith(str(REPO))

@@ -113,30 +113,28 @@ class Submit:
         return cls(request_id, worker, prompt, _json_object(r.take(n_params)))
 
 
+class _Bodiless:
+    """A record that is its header alone (ABORT, ADMITTED)."""
+    __slots__ = ()
+
+    def _body(self):
+        return b""
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        return cls(request_id)
+
+
 @dataclass(frozen=True, slots=True)
-class Abort:
+class Abort(_Bodiless):
     request_id: int
     TYPE: ClassVar[RecordType] = RecordType.ABORT
 
-    def _body(self):
-        return b""
-
-    @classmethod
-    def _parse(cls, r, worker, request_id):
-        return cls(request_id)
-
 
 @dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(_Bodiless):
     request_id: int
     TYPE: ClassVar[RecordType] = RecordType.ADMITTED
-
-    def _body(self):
-        return b""
-
-    @classmethod
-    def _parse(cls, r, worker, request_id):
-        return cls(request_id)
 
 
 @dataclass(frozen=True, slots=True)

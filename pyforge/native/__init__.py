@@ -1,9 +1,8 @@
 """Compiled extension modules (built from ../../native by setup.py).
 
-Run from a checkout after a non-editable `pip install .`, `import pyforge` can
-find the source tree first (`python -m`, `python -c` and gunicorn put the
-current folder at the head of sys.path), and this folder there holds no
-compiled modules: the installed package's copies of them are found instead.
+In a checkout used after a non-editable `pip install .`, this folder holds no
+compiled modules: with pyforge/__init__.py's extended path, the installed
+package's copies of them are found instead.
 """
 from pkgutil import extend_path
 

@@ -23,14 +23,6 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    from pyforge.synthetic import write_gguf
-    path = tmp_path_factory.mktemp("model") / "tiny-gqa.gguf"
-    write_gguf("tiny-gqa", path, "F32")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def server(model_path):
     s = Server(model_path, "--request-read-timeout", "3")
     yield s

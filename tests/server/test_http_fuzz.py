@@ -77,11 +77,8 @@ class FuzzedServer(Server):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from pyforge.synthetic import write_gguf
-    path = tmp_path_factory.mktemp("model") / f"{MODEL}.gguf"
-    write_gguf(MODEL, path, "F32")
-    s = FuzzedServer(str(path))
+def server(model_path):
+    s = FuzzedServer(model_path)
     yield s
     assert s.stop() == 0
     s.assert_clean()

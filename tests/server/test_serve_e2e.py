@@ -18,14 +18,6 @@ from live_server import REPO, Server, free_port, get, metric, post, read_sse_eve
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    from pyforge.synthetic import write_gguf
-    path = tmp_path_factory.mktemp("model") / "tiny-gqa.gguf"
-    write_gguf("tiny-gqa", path, "F32")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def server(model_path):
     s = Server(model_path)
     assert len(s.pids) >= 3          # the engine and two workers

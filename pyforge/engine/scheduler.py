@@ -29,8 +29,10 @@ class Scheduler:
         """[(sequence, n_new_tokens)] for this step."""
         budget = self.max_num_batched_tokens
         plan = []
+        preemptions = self.num_preemptions
         budget = self._schedule_running(plan, budget)
-        self._schedule_waiting(plan, budget)
+        if self.num_preemptions == preemptions:     # a sequence preempted now must not come straight back
+            self._schedule_waiting(plan, budget)
         return plan
 
     def _schedule_running(self, plan, budget):

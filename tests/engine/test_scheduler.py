@@ -64,3 +64,38 @@ def test_finish_releases_blocks():
     advance(sched.schedule())
     sched.finish(a, SequenceStatus.FINISHED_ABORTED)
     assert bm.num_free == 8 and not sched.has_work and a.finish_reason == "abort"
+
+
+class ScriptedBlocks:
+    """A block manager whose allocate() fails for `fail_for` once: the scheduler must
+    preempt; every other call succeeds (as if the victim's blocks were plenty)."""
+
+    def __init__(self, fail_for):
+        self.fail_for = fail_for
+
+    def allocate(self, seq, n_tokens):
+        if seq is self.fail_for:
+            self.fail_for = None
+            return False
+        seq.block_table = seq.block_table or [0]
+        return True
+
+    def release(self, seq):
+        seq.block_table = []
+
+    def reuse_prefix(self, seq):
+        return 0
+
+
+def test_a_sequence_preempted_in_a_step_is_not_readmitted_in_that_step():
+    a, b = seq(4, 0), seq(4, 1)
+    sched = Scheduler(ScriptedBlocks(fail_for=None), max_num_seqs=8, max_num_batched_tokens=100)
+    sched.add(a)
+    sched.add(b)
+    advance(sched.schedule())
+    sched.blocks.fail_for = a                    # a's next block is not there: b, the newest, gives way
+    plan = sched.schedule()
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1)]
+    assert b.status == SequenceStatus.PREEMPTED and list(sched.waiting) == [b]
+    plan = sched.schedule()                      # the next step takes it back
+    assert sorted(s.seq_id for s, _ in plan) == [0, 1] and b.status == SequenceStatus.RUNNING

@@ -236,7 +236,7 @@ def pct(values, p):
 
 def make_prompts(model, n, n_tokens=PROMPT_TOKENS):
     """n different texts of n_tokens tokens each (BOS included) in the model's vocabulary."""
-    from pyforge.engine.engine import load_tokenizer
+    from pyforge.tokenizer import load_tokenizer
     from pyforge.loader import load_model_file
     tok = load_tokenizer(load_model_file(model))
     words = ("river stone quiet lantern orbit maple signal harbor velvet engine copper meadow "

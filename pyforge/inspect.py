@@ -1,7 +1,7 @@
 """A human-readable summary of a model file (`pyforge inspect`)."""
 from collections import Counter
 
-from pyforge.engine.engine import load_tokenizer
+from pyforge.tokenizer import load_tokenizer
 from pyforge.loader import load_model_file
 
 

@@ -145,6 +145,14 @@ class Tokenizer:
         return render(self._compiled, messages, add_generation_prompt=add_generation_prompt, **context)
 
 
+def load_tokenizer(model_file):
+    """The tokenizer of a loaded model file (pyforge.loader.load_model_file): from its
+    GGUF metadata or its folder's tokenizer.json. Workers call this without loading
+    the engine's compiled modules."""
+    kind, source = model_file.tokenizer_source
+    return Tokenizer.from_gguf_metadata(source) if kind == "gguf" else Tokenizer.from_hf_folder(source)
+
+
 class IncrementalDetokenizer:
     """Streams text token by token: `feed(id)` returns only complete characters, so a
     character split over several byte tokens appears once whole; `flush()` ends the stream.

@@ -17,10 +17,13 @@ from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
 from pyforge.models.llama import LlamaModel
 from pyforge.models.null import NullModel, pick_token
-from pyforge.tokenizer import Tokenizer
+from pyforge.tokenizer import load_tokenizer
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+
+
+INTERNAL_ERROR = "internal error in the engine"     # what a client hears of our bugs
 
 
 class StepError(RuntimeError):
@@ -36,6 +39,12 @@ class StepError(RuntimeError):
         self.outputs = list(outputs)
         self.out_of_memory = isinstance(cause, MemoryError)
 
+    def reply(self):
+        """(HTTP status, message) for the requests this step ended."""
+        if self.out_of_memory:
+            return 503, "the server ran out of memory running this request; retry later"
+        return 500, INTERNAL_ERROR
+
 
 @dataclass
 class StepOutput:
@@ -48,11 +57,6 @@ class StepOutput:
     @property
     def finished(self):
         return self.finish_reason is not None
-
-
-def load_tokenizer(model_file):
-    kind, source = model_file.tokenizer_source
-    return Tokenizer.from_gguf_metadata(source) if kind == "gguf" else Tokenizer.from_hf_folder(source)
 
 
 class Engine:

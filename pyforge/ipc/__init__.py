@@ -6,11 +6,11 @@ engine state, stats); pyforge.native.ipc: the ring itself.
 """
 from pyforge.ipc.records import (Abort, Admitted, Error, Finish, RecordType, Submit, Tokens, decode, decode_batch, encode,
                                  encode_batch, encode_token, request_id)
-from pyforge.ipc.segment import EngineStatus, Segment, cleanup_stale
+from pyforge.ipc.segment import EngineStatus, Segment, cleanup_stale, process_alive
 from pyforge.native.ipc import Ring, RingCorruptError
 
 __all__ = [
     "Abort", "Admitted", "EngineStatus", "Error", "Finish", "RecordType", "Ring", "RingCorruptError", "Segment",
     "Submit", "Tokens", "cleanup_stale", "decode", "decode_batch", "encode", "encode_batch", "encode_token",
-    "request_id",
+    "process_alive", "request_id",
 ]

@@ -182,16 +182,20 @@ def _unlink(name):
     os.unlink(os.path.join(SHM_DIR, name))
 
 
-def _alive(pid):
+def process_alive(pid):
+    """A live process, zombies not counted: a dead worker, engine or launcher may
+    linger as a zombie until its parent reaps it. The one liveness check of every
+    side of the segment."""
     if not 0 < pid < 1 << 31:
         return False                # not a pid (a garbage word, or a crafted name)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True                 # someone else's process: alive
-    return True                     # (a zombie counts as alive until reaped)
+    except OSError:
+        return True                 # someone else's process that we may not read: alive
+    return state not in (b"Z", b"X")
 
 
 def cleanup_stale(prefix=DEFAULT_PREFIX):
@@ -201,7 +205,7 @@ def cleanup_stale(prefix=DEFAULT_PREFIX):
     removed = []
     for name in sorted(os.listdir(SHM_DIR)):
         match = pattern.fullmatch(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             try:
                 _unlink(name)
             except FileNotFoundError:
@@ -345,7 +349,7 @@ class Segment:
                 return self._claimed(slot)
         for slot in range(self.layout.n_workers):
             owner = self.slot_pid(slot)
-            if owner and not _alive(owner) and self._words.cas_u32(self._slot_at(slot), owner, me):
+            if owner and not process_alive(owner) and self._words.cas_u32(self._slot_at(slot), owner, me):
                 return self._claimed(slot)
         raise RuntimeError(f"all {self.layout.n_workers} worker slots are held by live processes")
 

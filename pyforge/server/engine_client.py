@@ -235,13 +235,3 @@ class StreamGroup:
             return i, FinishEvent("abort", 0, 0, 0)
         stream.abort()
         return i, ErrorEvent(503, f"the engine did not answer within {stream.timeout:g} s")
-
-
-INTERNAL_ERROR = "internal error in the engine"     # what a client hears of our bugs
-
-
-def step_error_reply(error):
-    """(HTTP status, message) for the requests of a failed engine step (an engine StepError)."""
-    if error.out_of_memory:
-        return 503, "the server ran out of memory running this request; retry later"
-    return 500, INTERNAL_ERROR

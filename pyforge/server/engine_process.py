@@ -27,11 +27,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-from pyforge.engine.engine import StepError
+from pyforge.engine.engine import INTERNAL_ERROR, StepError
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
-                         encode_token)
-from pyforge.server.engine_client import INTERNAL_ERROR, step_error_reply
+                         encode_token, process_alive)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +144,7 @@ class EngineLoop:
             outputs = self.engine.step()
         except StepError as e:      # the step's requests fail; the rest carry on
             log.error("engine step failed: %s", e, exc_info=e.__cause__)
-            self.fail_sequences(e.seq_ids, *step_error_reply(e))
+            self.fail_sequences(e.seq_ids, *e.reply())
             outputs = e.outputs
         except Exception:
             log.exception("engine step failed")
@@ -220,7 +219,7 @@ class EngineLoop:
         for req in list(self.requests.values()):
             if req.worker not in owners:
                 pid = self.seg.slot_pid(req.worker)
-                owners[req.worker] = pid if _alive(pid) else None
+                owners[req.worker] = pid if process_alive(pid) else None
             if owners[req.worker] != req.worker_pid:
                 self.engine.abort(req.seq.seq_id)
                 self.forget(req)
@@ -261,20 +260,6 @@ class EngineLoop:
 
 def _always():
     return True
-
-
-def _alive(pid):
-    """A live, non-zombie process (a dead worker may linger as a zombie)."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-    except OSError:
-        return True
-    return state not in (b"Z", b"X")
 
 
 def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30.0, log_level="INFO"):

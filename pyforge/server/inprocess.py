@@ -15,10 +15,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from pyforge.engine.engine import StepError
+from pyforge.engine.engine import INTERNAL_ERROR, StepError
 from pyforge.server.engine_client import (
-    ADMITTED, DEFAULT_STALL_TIMEOUT, INTERNAL_ERROR, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
-    step_error_reply,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ class InProcessEngineClient:
             outputs = self.engine.step() if self.engine.has_work else []
         except StepError as e:      # the step's requests fail; the rest carry on
             log.error("engine step failed: %s", e, exc_info=e.__cause__)
-            self._fail_sequences(e.seq_ids, *step_error_reply(e))
+            self._fail_sequences(e.seq_ids, *e.reply())
             outputs = e.outputs
         except Exception:
             # our bug: fail what is in flight rather than leave readers waiting

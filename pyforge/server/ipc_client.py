@@ -26,11 +26,11 @@ import threading
 import time
 
 from pyforge.engine.sequence import check_prompt_ids
-from pyforge.ipc import Abort, Admitted, EngineStatus, Error, Finish, Submit, Tokens, decode_batch, encode
+from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Submit, Tokens, decode_batch, encode,
+                         process_alive)
 from pyforge.server.engine_client import (
     ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
 )
-from pyforge.server.engine_process import _alive
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class IpcEngineClient:
         if now - self._alive_at < ALIVE_TRUST:
             return True
         pid = self.seg.engine_pid
-        alive = pid != self._lost_pid and _alive(pid)
+        alive = pid != self._lost_pid and process_alive(pid)
         if alive:
             self._alive_at = now
         return alive
@@ -148,7 +148,7 @@ class IpcEngineClient:
         pid = self.seg.engine_pid
         if self._engine_pid and pid != self._engine_pid:
             self._lose_engine(self._engine_pid)
-        elif pid and pid != self._lost_pid and not _alive(pid):
+        elif pid and pid != self._lost_pid and not process_alive(pid):
             self._lose_engine(pid)
         if pid and pid != self._lost_pid:
             self._engine_pid = pid

@@ -242,7 +242,7 @@ def check_port(host, port):
 
 def build_worker_app(config, segment_name):
     """Everything a worker process serves: (falcon app, engine client)."""
-    from pyforge.engine.engine import load_tokenizer
+    from pyforge.tokenizer import load_tokenizer
     from pyforge.loader import load_model_file
     from pyforge.server.app import create_app
     from pyforge.server.ipc_client import IpcEngineClient

@@ -13,7 +13,7 @@ from pyforge.server.engine_client import FinishEvent, RequestStream, StreamGroup
 from pyforge.server.generation import Prompt, _Choice
 from pyforge.tokenizer import Tokenizer
 from pyforge.loader import load_model_file
-from pyforge.engine.engine import load_tokenizer
+from pyforge.tokenizer import load_tokenizer
 
 STORIES = "/work/shared/models/stories260K/stories260K.gguf"
 PROMPT = "Once upon a time"

@@ -125,7 +125,7 @@ def test_bad_model_file_is_a_clear_error(tmp_path):
 # -- prefix reuse, disconnects, bad requests next to good ones -------------------
 
 def test_a_shared_prefix_is_served_from_the_cache(server, model_path):
-    from pyforge.engine.engine import load_tokenizer
+    from pyforge.tokenizer import load_tokenizer
     from pyforge.loader import load_model_file
     tok = load_tokenizer(load_model_file(model_path))
     system = "You are the cache test assistant. " + " ".join(f"Rule {i}: answer briefly and kindly."

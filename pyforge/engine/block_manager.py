@@ -58,9 +58,6 @@ class BlockManager:
         need = -(-n_tokens // self.block_size)
         return max(0, need - len(seq.block_table))
 
-    def can_allocate(self, seq, n_tokens):
-        return self.blocks_needed(seq, n_tokens) <= self.pool.num_free
-
     def allocate(self, seq, n_tokens):
         """Grow seq's block table to hold n_tokens tokens; False if blocks ran out."""
         need = self.blocks_needed(seq, n_tokens)

@@ -22,7 +22,6 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None      # top logprobs per token, 0..20; None: none
-    n: int = 1
 
     def __post_init__(self):
         # frozen, but callers pass lists; a tuple keeps the object hashable
@@ -46,7 +45,6 @@ class SamplingParams:
         # a value past them would fail the step of every sequence batched with it
         _integer("top_k", self.top_k, low=-1, high=INT32_MAX)
         _integer("max_tokens", self.max_tokens, low=1, high=INT32_MAX)
-        _integer("n", self.n, low=1, high=INT32_MAX)
         if self.seed is not None:
             _integer("seed", self.seed)      # any size: the RNG state is the seed mod 2^64
         if self.logprobs is not None:
@@ -55,10 +53,6 @@ class SamplingParams:
             _integer("stop_token_ids", token, low=0, high=INT32_MAX)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {brief(self.ignore_eos)}")
-
-    @property
-    def greedy(self):
-        return self.temperature == 0.0
 
 
 def brief(value, limit=40):

@@ -36,6 +36,7 @@ from enum import IntEnum
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
+from pyforge.ipc.records import request_id
 from pyforge.native.ipc import Ring, SharedWords, ring_size
 
 SHM_DIR = "/dev/shm"
@@ -372,12 +373,13 @@ class Segment:
                 del self._writable[name]
 
     def request_ids(self):
-        """Ids for this slot's requests: slot in the top 16 bits, then the
-        slot's claim count, so a new owner never reuses a dead one's ids."""
+        """Ids for this slot's requests (records.request_id: the slot in the top 16
+        bits), numbered from the slot's claim count times 2^32, so a new owner
+        never reuses a dead one's ids."""
         if self._slot is None:
             raise RuntimeError("claim a slot first")
         claims = self._words.load_i64(self._slot_at(self._slot) + _SLOT_CLAIMS)
-        first = (self._slot << 48) | (claims & 0xFFFF) << 32
+        first = request_id(self._slot, (claims & 0xFFFF) << 32)
         return iter(range(first, first + (1 << 32)))
 
     def _slot_at(self, slot):

@@ -24,21 +24,3 @@ class ForwardBatch:
     @property
     def n_seqs(self):
         return len(self.context_lens)
-
-
-def single_sequence_batch(token_ids, start_pos, block_table, block_size, all_logits=False):
-    """A batch of one sequence whose first `start_pos` tokens are already cached."""
-    token_ids = np.asarray(token_ids, dtype=np.int32)
-    n = len(token_ids)
-    positions = np.arange(start_pos, start_pos + n, dtype=np.int32)
-    table = np.asarray(block_table, dtype=np.int32)
-    slots = table[positions // block_size] * block_size + positions % block_size
-    return ForwardBatch(
-        token_ids=token_ids,
-        positions=positions,
-        slot_mapping=slots.astype(np.int32),
-        block_tables=table.reshape(1, -1),
-        context_lens=np.array([start_pos + n], dtype=np.int32),
-        query_start_loc=np.array([0, n], dtype=np.int32),
-        logits_rows=np.arange(n, dtype=np.int32) if all_logits else np.array([n - 1], dtype=np.int32),
-    )

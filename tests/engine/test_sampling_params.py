@@ -11,9 +11,7 @@ def test_defaults_follow_openai():
     p = SamplingParams()
     assert (p.temperature, p.top_p, p.top_k, p.min_p) == (1.0, 1.0, 0, 0.0)
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
-    assert (p.seed, p.max_tokens, p.stop_token_ids, p.ignore_eos, p.logprobs, p.n) == (None, 16, (), False, None, 1)
-    assert not p.greedy
-    assert SamplingParams(temperature=0).greedy
+    assert (p.seed, p.max_tokens, p.stop_token_ids, p.ignore_eos, p.logprobs) == (None, 16, (), False, None)
 
 
 def test_frozen_and_hashable_with_list_stop_ids():
@@ -44,7 +42,7 @@ def test_accepts_edges(kwargs):
     ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
     ("max_tokens", 0), ("max_tokens", 3.0),
     ("logprobs", -1), ("logprobs", 21),
-    ("n", 0), ("seed", 1.5), ("seed", True),
+    ("seed", 1.5), ("seed", True),
     ("stop_token_ids", [1, -3]), ("stop_token_ids", 5),
     ("ignore_eos", "yes"),
 ])

@@ -1,5 +1,8 @@
 """Shared test helpers.
 
+REPO, SHARED (../shared beside the checkout) and STORIES (its stories260K GGUF)
+are the one place those paths are written.
+
 `require_module(name)` imports an optional reference library (torch, transformers,
 llama_cpp, gguf, ...). Where it is missing the calling test is skipped with the
 reason, unless PYFORGE_REQUIRE_REFERENCES=1 (set in CI): then it fails, so a
@@ -7,8 +10,13 @@ broken reference install can never pass as a green run.
 """
 import importlib
 import os
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"          # models and vocabularies laid beside the checkout
+STORIES = str(SHARED / "models" / "stories260K" / "stories260K.gguf")     # as Engine and ServerConfig take it
 
 
 def require_module(name):

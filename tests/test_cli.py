@@ -1,12 +1,10 @@
 """The command line, run as a user runs it (a subprocess of `python -m pyforge.cli`)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K" / "stories260K.gguf"
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, STORIES
 
 
 def pyforge(*args):

@@ -5,15 +5,13 @@ import copy
 import json
 import pickle
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import require_module
+from conftest import SHARED, require_module
 from pyforge.tokenizer import CHATML_TEMPLATE, ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS, VOCAB = SHARED / "models", SHARED / "vocab"
 TINYLLAMA, PHI3 = MODELS / "TinyLlama-1.1B-Chat-v1.0", MODELS / "Phi-3-mini-tokenizer"
 

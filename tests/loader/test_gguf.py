@@ -2,17 +2,15 @@
 import struct
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import require_module
+from conftest import SHARED, require_module
 from pyforge.ggml_types import GGMLType
 from pyforge.loader import ModelFileError, load_model_file
 from pyforge.loader.gguf import read_gguf
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
 STORIES = SHARED / "models" / "stories260K" / "stories260K.gguf"
 OLLAMA_TINY = SHARED / "models" / "ollama-llama-2-tiny-random" / "llama-2-tiny-random.gguf"
 VOCAB_SPM = SHARED / "vocab" / "ggml-vocab-llama-spm.gguf"

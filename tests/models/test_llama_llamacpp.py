@@ -1,15 +1,13 @@
 """GGUF models against llama.cpp (through llama-cpp-python) on the same file."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import require_module
+from conftest import SHARED, require_module
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.synthetic import write_gguf
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 STORIES = SHARED / "models" / "stories260K" / "stories260K.gguf"
 GGML_TYPE_F32 = 0   # llama.cpp's KV cache defaults to F16; ours is F32, so compare like with like
 

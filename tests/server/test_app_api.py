@@ -5,13 +5,13 @@ import time
 import pytest
 from falcon import testing
 
+from conftest import STORIES
 from pyforge.config import ServerConfig
 from pyforge.engine.engine import Engine
 from pyforge.server.app import create_app
 from pyforge.server.inprocess import InProcessEngineClient
 from pyforge.synthetic import write_gguf
 
-STORIES = "/work/shared/models/stories260K/stories260K.gguf"
 PROMPT = "Once upon a time"
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 from falcon import testing
 
+from conftest import STORIES
 from pyforge.config import ServerConfig
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
@@ -17,7 +18,6 @@ from pyforge.server.engine_client import (
 )
 from pyforge.server.inprocess import InProcessEngineClient
 
-STORIES = "/work/shared/models/stories260K/stories260K.gguf"
 PROMPT = "Once upon a time"
 KEY = "sk-test-123"
 

@@ -7,6 +7,7 @@ import random
 import pytest
 from falcon import testing
 
+from conftest import STORIES
 from pyforge.config import ServerConfig
 from pyforge.server.app import create_app
 from pyforge.server.engine_client import FinishEvent, RequestStream, StreamGroup, TokenEvent
@@ -15,7 +16,6 @@ from pyforge.tokenizer import Tokenizer
 from pyforge.loader import load_model_file
 from pyforge.tokenizer import load_tokenizer
 
-STORIES = "/work/shared/models/stories260K/stories260K.gguf"
 PROMPT = "Once upon a time"
 TEXT = (" there was a little girl named Lily. She liked to play in the park with her dog, Max. "
         "One day it rained, and the little dog ran home.")

@@ -63,6 +63,7 @@ class ServerConfig:
     request_read_timeout: float = 10.0  # seconds a client gets to send a whole request (head and body)
     worker_connections: int = 4096      # open connections per worker (held, reading or idle)
     max_engine_restarts: int = 5        # engine crashes within ten minutes before the server gives up
+    engine_heartbeat_timeout: float = 30.0  # seconds without an engine heartbeat before ready turns 503
     null_model: bool = False            # skip the forward pass (serving-stack ceiling benchmarks)
 
     def __post_init__(self):
@@ -205,7 +206,8 @@ _PARSERS = {
     "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
     "drain_timeout": _float(), "keepalive_interval": _float(low_open=True),
     "stall_timeout": _float(low_open=True), "request_read_timeout": _float(low_open=True),
-    "worker_connections": _int(1), "max_engine_restarts": _int(0), "null_model": _bool, "cuda_graphs": _bool,
+    "worker_connections": _int(1), "max_engine_restarts": _int(0),
+    "engine_heartbeat_timeout": _float(low_open=True), "null_model": _bool, "cuda_graphs": _bool,
 }
 _FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
@@ -287,6 +289,8 @@ _HELP = {
     "worker_connections": "open connections per HTTP worker (reading, served or kept alive)",
     "max_engine_restarts": "engine crashes within ten minutes that the server restarts it after; one more "
                            "and it exits with status 1",
+    "engine_heartbeat_timeout": "seconds without an engine heartbeat (a wedged engine: alive, not stepping) "
+                                "before /health/ready answers 503; longer than the slowest step",
     "null_model": "skip the model's forward pass: every step emits one fixed token (measures the serving "
                   "stack's own ceiling; the output is meaningless)",
 }

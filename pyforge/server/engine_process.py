@@ -25,9 +25,9 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from pyforge.engine.engine import INTERNAL_ERROR, StepError
+from pyforge.engine.requests import RequestTable
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
                          encode_token, process_alive)
@@ -35,35 +35,80 @@ from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Segment, 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 0.1          # seconds asleep on an empty request ring between heartbeats
-PUT_TIMEOUT = 1.0        # a worker that does not drain its ring this long loses its requests
+PUT_TIMEOUT = 0.0        # a worker whose ring is full loses its requests at once: one stuck
+                         # worker must not stall the step of every other request
 CHECK_EVERY = 0.25       # seconds between checks of worker slots and of the parent
 
 
-@dataclass
-class _Request:
-    request_id: int
-    worker: int
-    seq: object
-    want_logprobs: bool
-    worker_pid: int             # the slot's owner at submission: a replacement worker does not adopt these
-    counted_prompt: bool = False
+class _Worker(NamedTuple):
+    """Who waits for a request: a worker slot, and the process that held it at
+    submission (a replacement worker in the same slot does not adopt its requests)."""
+    slot: int
+    pid: int
+
+
+class RingReplies:
+    """The table's replies as response-ring records: one message per worker slot per
+    flush() (admissions, tokens and finishes of a step together); a refusal goes at once."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.batches = {}           # worker slot -> ([encoded records], [entries])
+
+    def _add(self, entry, record):
+        records, entries = self.batches.setdefault(entry.owner.slot, ([], []))
+        records.append(record)
+        entries.append(entry)
+
+    def admitted(self, entry):
+        self._add(entry, encode(Admitted(entry.request_id)))
+
+    def tokens(self, entry, out):
+        if entry.want_logprobs:
+            self._add(entry, encode(Tokens(entry.request_id, [out.token_id], [out.logprob], [list(out.top_logprobs)])))
+        else:
+            self._add(entry, encode_token(entry.request_id, out.token_id))
+
+    def finished(self, entry, reason):
+        seq = entry.seq
+        self._add(entry, encode(Finish(entry.request_id, reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                                       seq.num_cached_prompt_tokens)))
+
+    def failed(self, entry, status, message):
+        record = Error(entry.request_id, status, message)
+        if entry.seq is None:       # refused at admission: nothing else of it is coming
+            self.loop.send(entry.owner.slot, encode(record), entry.request_id)
+        else:
+            self._add(entry, encode(record))
+
+    def flush(self):
+        batches, self.batches = self.batches, {}
+        for slot, (records, entries) in batches.items():
+            if not self.loop.send(slot, b"".join(records), entries[0].request_id):
+                for entry in entries:           # that worker is gone or stuck: its requests end here
+                    if entry.request_id in self.loop.table.entries:
+                        self.loop.table.drop(entry)
 
 
 class EngineLoop:
-    """Owns the Engine and the bookkeeping request id <-> sequence <-> worker slot."""
+    """The Engine behind the segment: ring records in, the request table, ring records out."""
 
     def __init__(self, segment, engine, queue_capacity=256):
         self.seg = segment
         self.engine = engine
         engine.sampler.all_logprobs = False    # logprobs go only to requests that ask: skip the others'
         self.queue_capacity = queue_capacity
-        self.requests = {}          # request id -> _Request
-        self.by_seq = {}            # seq id -> request id
+        self.replies = RingReplies(self)
+        self.table = RequestTable(engine, self.replies)
         self.draining = False
-        self._admitted = {}         # worker slot -> requests admitted since the last send
         self._prefix = (0, 0)       # block manager counters already added to the stats
         self._preemptions = 0       # scheduler counter already added to the stats
+        self._prompt_tokens = 0     # table counter already added to the stats
         self._next_check = 0.0
+
+    @property
+    def requests(self):
+        return self.table.entries
 
     # -- the loop ---------------------------------------------------------------
     def run(self, stop_requested, drain_timeout=30.0, parent_pid=None):
@@ -74,7 +119,7 @@ class EngineLoop:
                 self.draining = True
                 self.seg.engine_status = EngineStatus.DRAINING
                 deadline = time.monotonic() + drain_timeout
-                log.info("draining %d requests (up to %g s)", len(self.requests), drain_timeout)
+                log.info("draining %d requests (up to %g s)", len(self.table), drain_timeout)
             if deadline is not None and (not self.engine.has_work or time.monotonic() >= deadline):
                 break
             self.run_once()
@@ -82,8 +127,8 @@ class EngineLoop:
                 log.error("the launcher (pid %d) is gone; stopping", parent_pid)
                 stop_requested = _always
         self.drain_ring()
-        self.send_batches(self._take_admitted())
-        self.fail_all(503, "the engine is shutting down")
+        self.table.fail_all(503, "the engine is shutting down")
+        self.replies.flush()
 
     def run_once(self):
         if not self.engine.has_work:
@@ -91,7 +136,7 @@ class EngineLoop:
         self.drain_ring()
         if self.engine.has_work:
             self.step()
-        self.send_batches(self._take_admitted())     # what no step carried (the step failed)
+        self.replies.flush()
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_EVERY
@@ -109,120 +154,41 @@ class EngineLoop:
             if isinstance(record, Submit):
                 self.submit(record)
             elif isinstance(record, Abort):
-                self.abort(record.request_id)
+                self.table.abort(record.request_id)
             else:
                 log.error("unexpected %s record on the request ring", type(record).__name__)
 
     # -- requests ---------------------------------------------------------------
     def submit(self, rec):
-        if rec.request_id in self.requests:
-            return self.reply(rec.worker, Error(rec.request_id, 400, "duplicate request id"))
         if self.draining:
             return self.reply(rec.worker, Error(rec.request_id, 503, "the engine is shutting down"))
         if len(self.engine.scheduler.waiting) >= self.queue_capacity:
             return self.reply(rec.worker, Error(rec.request_id, 503, "the server is at capacity; retry later"))
         try:
-            worker_pid = self.seg.slot_pid(rec.worker)
+            owner = _Worker(rec.worker, self.seg.slot_pid(rec.worker))
             params = SamplingParams(**rec.params)
-            seq = self.engine.add_request(rec.prompt_ids, params)
         except (TypeError, ValueError) as e:
             return self.reply(rec.worker, Error(rec.request_id, 400, str(e)))
-        self.requests[rec.request_id] = _Request(rec.request_id, rec.worker, seq, params.logprobs is not None,
-                                                 worker_pid)
-        self.by_seq[seq.seq_id] = rec.request_id
-        # sent with this step's tokens for that worker: one ring write, not one per request
-        self._admitted.setdefault(rec.worker, []).append(self.requests[rec.request_id])
-
-    def abort(self, request_id):
-        req = self.requests.get(request_id)
-        if req is not None:
-            self.engine.abort(req.seq.seq_id)
-            self.finish(req, "abort")
+        self.table.admit(rec.request_id, owner, rec.prompt_ids, params)
 
     def step(self):
-        try:
-            outputs = self.engine.step()
-        except StepError as e:      # the step's requests fail; the rest carry on
-            log.error("engine step failed: %s", e, exc_info=e.__cause__)
-            self.fail_sequences(e.seq_ids, *e.reply())
-            outputs = e.outputs
-        except Exception:
-            log.exception("engine step failed")
-            self.fail_all(500, INTERNAL_ERROR)
-            return
-        self.seg.add("generation_tokens", len(outputs))
-        # worker slot -> (encoded records, their requests); admissions first, in ring order
-        batches, prompt_tokens = self._take_admitted(), 0
-        for out in outputs:
-            request_id = self.by_seq.get(out.seq_id)
-            if request_id is None:
-                continue
-            req = self.requests[request_id]
-            if not req.counted_prompt:
-                req.counted_prompt = True
-                prompt_tokens += req.seq.num_prompt_tokens
-            records, reqs = batches.setdefault(req.worker, ([], []))
-            reqs.append(req)
-            if req.want_logprobs:
-                records.append(encode(Tokens(request_id, [out.token_id], [out.logprob], [list(out.top_logprobs)])))
-            else:
-                records.append(encode_token(request_id, out.token_id))
-            if out.finished:
-                self.forget(req)
-                records.append(encode(self._finish_record(req, out.finish_reason)))
-        if prompt_tokens:
-            self.seg.add("prompt_tokens", prompt_tokens)
-        self.send_batches(batches)
-
-    def _take_admitted(self):
-        admitted, self._admitted = self._admitted, {}
-        return {worker: ([encode(Admitted(r.request_id)) for r in reqs], list(reqs))
-                for worker, reqs in admitted.items()}
-
-    def send_batches(self, batches):
-        for worker, (records, reqs) in batches.items():
-            if not self.send(worker, b"".join(records), reqs[0].request_id):
-                for req in reqs:                # that worker is gone or stuck: its requests end here
-                    self.engine.abort(req.seq.seq_id)
-                    self.forget(req)
-
-    def finish(self, req, reason):
-        self.forget(req)
-        self.reply(req.worker, self._finish_record(req, reason))
-
-    @staticmethod
-    def _finish_record(req, reason):
-        seq = req.seq
-        return Finish(req.request_id, reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                      seq.num_cached_prompt_tokens)
-
-    def forget(self, req):
-        self.requests.pop(req.request_id, None)
-        self.by_seq.pop(req.seq.seq_id, None)
-
-    def fail_sequences(self, seq_ids, status, message):
-        """Error replies for the requests of these (already aborted) sequences."""
-        for req in [self.requests[self.by_seq[s]] for s in seq_ids if s in self.by_seq]:
-            self.forget(req)
-            self.reply(req.worker, Error(req.request_id, status, message))
-
-    def fail_all(self, status, message):
-        for req in list(self.requests.values()):
-            self.engine.abort(req.seq.seq_id)
-            self.forget(req)
-            self.reply(req.worker, Error(req.request_id, status, message))
+        self.seg.add("generation_tokens", self.table.step())
+        started = self.table.started_prompt_tokens
+        if started != self._prompt_tokens:
+            self.seg.add("prompt_tokens", started - self._prompt_tokens)
+            self._prompt_tokens = started
 
     def abort_orphans(self):
-        """Abort the requests of worker processes that died or left, even where a
+        """Drop the requests of worker processes that died or left, even where a
         new worker has already claimed the slot."""
         owners = {}
-        for req in list(self.requests.values()):
-            if req.worker not in owners:
-                pid = self.seg.slot_pid(req.worker)
-                owners[req.worker] = pid if process_alive(pid) else None
-            if owners[req.worker] != req.worker_pid:
-                self.engine.abort(req.seq.seq_id)
-                self.forget(req)
+        for entry in list(self.table.entries.values()):
+            slot = entry.owner.slot
+            if slot not in owners:
+                pid = self.seg.slot_pid(slot)
+                owners[slot] = pid if process_alive(pid) else None
+            if owners[slot] != entry.owner.pid:
+                self.table.drop(entry)
 
     def reply(self, worker, record):
         """Put one record on `worker`'s response ring; False if the worker is gone or stuck."""

@@ -2,25 +2,24 @@
 
 The thread runs the loop the engine process runs (see DESIGN.md, "Engine step"):
 admit submitted requests and apply aborts, step while there is work, otherwise
-sleep on a condition until a request or an abort arrives (no busy spin). Each
-StepOutput becomes an event on its request's stream. For tests, notebooks and
-scripts that want the HTTP app without the shared-memory transport.
+sleep on a condition until a request or an abort arrives (no busy spin). The
+bookkeeping is the request table the engine process uses too
+(pyforge/engine/requests.py); StreamReplies turns its replies into events on
+each request's stream. For tests, notebooks and scripts that want the HTTP app
+without the shared-memory transport.
 
 Only the loop thread touches the Engine; other threads hand it work through
 the two deques under `_cond`.
 """
 import itertools
-import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
 
-from pyforge.engine.engine import INTERNAL_ERROR, StepError
+from pyforge.engine.requests import RequestTable
 from pyforge.server.engine_client import (
     ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +27,30 @@ class _Request:
     stream: RequestStream
     prompt_ids: list
     params: object
-    seq: object = None          # the engine's Sequence once admitted
+
+
+class StreamReplies:
+    """The request table's replies as events on each request's RequestStream (its owner)."""
+
+    @staticmethod
+    def admitted(entry):
+        entry.owner.put(ADMITTED)
+
+    @staticmethod
+    def tokens(entry, out):
+        want = entry.want_logprobs
+        entry.owner.put(TokenEvent([out.token_id], [out.logprob] if want else None,
+                                   [list(out.top_logprobs)] if want else None))
+
+    @staticmethod
+    def finished(entry, reason):
+        seq = entry.seq
+        entry.owner.put(FinishEvent(reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                                    seq.num_cached_prompt_tokens))
+
+    @staticmethod
+    def failed(entry, status, message):
+        entry.owner.put(ErrorEvent(status, message))
 
 
 class InProcessEngineClient:
@@ -43,8 +65,7 @@ class InProcessEngineClient:
         self._n_waiting = 0         # requests admitted but not yet scheduled
         self._closed = False
         self._ids = itertools.count(1)
-        self._requests = {}         # request id -> _Request (loop thread only)
-        self._by_seq = {}           # seq id -> request id (loop thread only)
+        self._table = RequestTable(engine, StreamReplies())    # the loop thread's alone
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="pyforge-engine", daemon=True)
         self._thread.start()
@@ -100,72 +121,21 @@ class InProcessEngineClient:
 
     def _admit(self, submits):
         for req in submits:
-            try:
-                req.seq = self.engine.add_request(req.prompt_ids, req.params)
-            except ValueError as e:
-                req.stream.put(ErrorEvent(400, str(e)))
-                continue
-            self._requests[req.stream.request_id] = req
-            self._by_seq[req.seq.seq_id] = req.stream.request_id
-            req.stream.put(ADMITTED)
+            self._table.admit(req.stream.request_id, req.stream, req.prompt_ids, req.params)
 
     def _apply_aborts(self, aborts):
         for request_id in aborts:
-            req = self._requests.get(request_id)
-            if req is not None:
-                self.engine.abort(req.seq.seq_id)
-                self._finish(req, "abort")
+            self._table.abort(request_id)
 
     def _step(self):
-        try:
-            outputs = self.engine.step() if self.engine.has_work else []
-        except StepError as e:      # the step's requests fail; the rest carry on
-            log.error("engine step failed: %s", e, exc_info=e.__cause__)
-            self._fail_sequences(e.seq_ids, *e.reply())
-            outputs = e.outputs
-        except Exception:
-            # our bug: fail what is in flight rather than leave readers waiting
-            log.exception("engine step failed")
-            self._fail_all(500, INTERNAL_ERROR)
-            outputs = []
-        for out in outputs:
-            self._publish(out)
+        if self.engine.has_work:
+            self._table.step()
         with self._cond:
             self._n_waiting = len(self.engine.scheduler.waiting)
             self._stats = self._snapshot()
 
-    def _publish(self, out):
-        request_id = self._by_seq.get(out.seq_id)
-        if request_id is None:
-            return
-        req = self._requests[request_id]
-        want = req.params.logprobs is not None
-        req.stream.put(TokenEvent(
-            [out.token_id],
-            [out.logprob] if want else None,
-            [list(out.top_logprobs)] if want else None,
-        ))
-        if out.finished:
-            self._finish(req, out.finish_reason)
-
-    def _finish(self, req, reason):
-        seq = req.seq
-        del self._requests[req.stream.request_id]
-        del self._by_seq[seq.seq_id]
-        req.stream.put(FinishEvent(reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                                   seq.num_cached_prompt_tokens))
-
-    def _fail_sequences(self, seq_ids, status, message):
-        """ErrorEvents for the requests of these (already aborted) sequences."""
-        for request_id in [self._by_seq.pop(s) for s in seq_ids if s in self._by_seq]:
-            self._requests.pop(request_id).stream.put(ErrorEvent(status, message))
-
     def _fail_all(self, status, message):
-        for req in list(self._requests.values()):
-            self.engine.abort(req.seq.seq_id)
-            del self._requests[req.stream.request_id]
-            del self._by_seq[req.seq.seq_id]
-            req.stream.put(ErrorEvent(status, message))
+        self._table.fail_all(status, message)
         with self._cond:
             pending, self._submits = self._submits, deque()
         for req in pending:

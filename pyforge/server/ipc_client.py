@@ -11,6 +11,8 @@ vocabulary) raises ValueError; an engine that is not ready, a waiting queue at
 capacity (as of the engine's last step) or a full request ring raise
 QueueFullError. The engine still checks everything itself and answers ERROR.
 
+`ready()` is false while the engine is not READY, and once its heartbeat has not
+moved for `heartbeat_timeout` seconds (a wedged engine: alive, not stepping).
 When the engine process dies, `ready()` turns false within ALIVE_TRUST seconds
 (a live engine is looked up in /proc at most that often: once per request
 costs more than the rest of submit). Within one poll interval the dispatcher
@@ -38,16 +40,19 @@ POLL = 0.25              # dispatcher wake-up interval for the engine liveness c
 PUT_TIMEOUT = 1.0        # seconds to wait for room in the request ring before answering 503
 ALIVE_TRUST = 0.05       # seconds a check that found the engine process alive stays believed
 RESTART_WAIT = 120.0     # seconds queued requests wait for a restarted engine
+HEARTBEAT_TIMEOUT = 30.0  # seconds without an engine heartbeat before ready() is false
 
 
 class IpcEngineClient:
     def __init__(self, segment, max_model_len, vocab_size=None, queue_capacity=None,
-                 timeout=DEFAULT_STALL_TIMEOUT):
+                 timeout=DEFAULT_STALL_TIMEOUT, heartbeat_timeout=HEARTBEAT_TIMEOUT):
         self.seg = segment
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.queue_capacity = queue_capacity
         self.timeout = timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self._beat = (segment.heartbeat, time.monotonic())     # the last heartbeat seen, and when
         self.slot = segment.claim_slot()
         self._ids = segment.request_ids()
         self._lock = threading.Lock()
@@ -90,7 +95,16 @@ class IpcEngineClient:
 
     def ready(self):
         return (not self._engine_lost and self.seg.engine_status == EngineStatus.READY
-                and self._engine_process_alive() and self._thread.is_alive())
+                and self._engine_process_alive() and self._engine_beating() and self._thread.is_alive())
+
+    def _engine_beating(self):
+        """The engine stepped (or idled) within heartbeat_timeout: alive is not enough,
+        a wedged engine is alive too."""
+        beat, now = self.seg.heartbeat, time.monotonic()
+        if beat != self._beat[0]:
+            self._beat = (beat, now)
+            return True
+        return now - self._beat[1] < self.heartbeat_timeout
 
     def _engine_process_alive(self):
         now = time.monotonic()

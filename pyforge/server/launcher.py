@@ -254,7 +254,8 @@ def build_worker_app(config, segment_name):
     max_model_len = min(config.max_model_len or context, context)    # as Engine computes it
     segment = Segment.attach(segment_name)
     client = IpcEngineClient(segment, max_model_len, vocab_size=model_file.config.vocab_size,
-                             queue_capacity=config.queue_capacity, timeout=config.stall_timeout)
+                             queue_capacity=config.queue_capacity, timeout=config.stall_timeout,
+                             heartbeat_timeout=config.engine_heartbeat_timeout)
     app = create_app(config, client, tokenizer, SegmentObserver(segment))
     app.add_route("/metrics", MetricsResource(segment, config.served_model_name))
     return app, client

@@ -356,3 +356,25 @@ def test_inspect_into_a_closed_pipe_is_quiet(model_path):
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 0
     assert "BrokenPipe" not in err and "Traceback" not in err
+
+
+def test_a_wedged_engine_makes_ready_fail_until_it_beats_again(model_path):
+    """Alive is not enough: an engine that stops stepping (SIGSTOP stands in for a
+    hang) turns /health/ready 503 after --engine-heartbeat-timeout; it comes back."""
+    s = Server(model_path, "--engine-heartbeat-timeout", "1", workers=1)
+    pid = engine_pid(s)
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while get(s.url + "/health/ready")[0] == 200:
+            assert time.monotonic() < deadline, "ready stayed 200 for a wedged engine"
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while get(s.url + "/health/ready")[0] != 200:
+            assert time.monotonic() < deadline, "ready did not come back with the heartbeat"
+            time.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        assert s.stop() == 0
+    s.assert_clean()

@@ -1,0 +1,109 @@
+"""One request table behind every engine loop (the engine process's and the
+in-process client's): request id <-> sequence <-> whoever waits for the reply;
+admission, aborts, the step and what a failed step ends.
+
+The loops differ only in their transport, which the table calls through a
+`Replies` object:
+
+    admitted(entry)                    the engine queued it
+    tokens(entry, output)              one StepOutput of this step
+    finished(entry, reason)            the last record: "stop" | "length" | "abort"
+    failed(entry, status, message)     the last record: an error (HTTP status)
+
+Each entry is answered with exactly one of finished / failed (a refused
+admission gets failed alone); after that the table has forgotten it.
+"""
+import logging
+from dataclasses import dataclass
+
+from pyforge.engine.engine import INTERNAL_ERROR, StepError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    request_id: int
+    owner: object               # the transport's: a worker slot (and its pid), or a RequestStream
+    want_logprobs: bool = False
+    seq: object = None          # the engine's Sequence once admitted
+    started: bool = False       # it has had a token
+
+
+class RequestTable:
+    def __init__(self, engine, replies):
+        self.engine = engine
+        self.replies = replies
+        self.entries = {}           # request id -> Entry
+        self._by_seq = {}           # seq id -> Entry
+        self.started_prompt_tokens = 0  # prompt tokens of the requests that had a token (a counter)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def admit(self, request_id, owner, prompt_ids, params):
+        """Queue a request in the engine; the Entry, or None if it was refused (400)."""
+        entry = Entry(request_id, owner, params.logprobs is not None)
+        if request_id in self.entries:
+            self.replies.failed(entry, 400, "duplicate request id")
+            return None
+        try:
+            entry.seq = self.engine.add_request(prompt_ids, params)
+        except (TypeError, ValueError) as e:
+            self.replies.failed(entry, 400, str(e))
+            return None
+        self.entries[request_id] = entry
+        self._by_seq[entry.seq.seq_id] = entry
+        self.replies.admitted(entry)
+        return entry
+
+    def abort(self, request_id):
+        """Stop a request at its client's wish: it finishes with reason "abort"."""
+        entry = self.entries.get(request_id)
+        if entry is not None:
+            self.drop(entry)
+            self.replies.finished(entry, "abort")
+
+    def drop(self, entry):
+        """End a request without a reply (nobody is left to read one)."""
+        self.engine.abort(entry.seq.seq_id)
+        self._forget(entry)
+
+    def step(self):
+        """One engine step; every output goes to its entry's replies. A failed step
+        ends only the requests it names (503 out of memory, else 500); a bug in the
+        step ends every request (500). Returns the number of outputs."""
+        try:
+            outputs = self.engine.step()
+        except StepError as e:
+            log.error("engine step failed: %s", e, exc_info=e.__cause__)
+            status, message = e.reply()
+            for entry in [self._by_seq[s] for s in e.seq_ids if s in self._by_seq]:
+                self._forget(entry)
+                self.replies.failed(entry, status, message)
+            outputs = e.outputs
+        except Exception:
+            log.exception("engine step failed")
+            self.fail_all(500, INTERNAL_ERROR)
+            return 0
+        for out in outputs:
+            entry = self._by_seq.get(out.seq_id)
+            if entry is None:
+                continue
+            if not entry.started:
+                entry.started = True
+                self.started_prompt_tokens += entry.seq.num_prompt_tokens
+            self.replies.tokens(entry, out)
+            if out.finished:
+                self._forget(entry)
+                self.replies.finished(entry, out.finish_reason)
+        return len(outputs)
+
+    def fail_all(self, status, message):
+        for entry in list(self.entries.values()):
+            self.drop(entry)
+            self.replies.failed(entry, status, message)
+
+    def _forget(self, entry):
+        self.entries.pop(entry.request_id, None)
+        self._by_seq.pop(entry.seq.seq_id, None)

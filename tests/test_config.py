@@ -106,3 +106,31 @@ def test_default_model_name():
     assert default_model_name("/models/tiny.gguf") == "tiny"
     assert default_model_name("TinyLlama/TinyLlama-1.1B-Chat-v1.0") == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
     assert default_model_name("/models/llama/") == "/models/llama"
+
+
+# -- --device and --gpu-memory-utilization (moved from tests/backends) ---------------
+
+def test_device_defaults_to_auto_and_utilization_to_vllms():
+    cfg = ServerConfig.from_sources(parse(["--model", "m"]), env={})
+    assert (cfg.device, cfg.gpu_memory_utilization) == ("auto", 0.9)
+    cfg = ServerConfig.from_sources(parse(["--model", "m", "--device", "cuda:1"]), env={"LLM_GPU_MEMORY_UTILIZATION": "0.5"})
+    assert (cfg.device, cfg.gpu_memory_utilization) == ("cuda:1", 0.5)
+    assert ServerConfig.from_sources(parse(["--model", "m", "--gpu-memory-utilization", "1"]), env={}).gpu_memory_utilization == 1.0
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "gpu_memory_utilization: must be > 0, got 0 (from --gpu-memory-utilization)"),
+    ("1.5", "gpu_memory_utilization: must be <= 1, got 1.5 (from --gpu-memory-utilization)"),
+    ("most", "gpu_memory_utilization: must be a number"),
+])
+def test_bad_utilization_names_field_and_source(value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServerConfig.from_sources(parse(["--model", "m", "--gpu-memory-utilization", value]), env={})
+
+
+def test_engine_kwargs_carry_device_and_utilization():
+    from pyforge.server.launcher import engine_kwargs
+
+    kw = engine_kwargs(ServerConfig.from_sources(parse(["--model", "m", "--device", "cpu", "--gpu-memory-utilization", "0.7"]),
+                                                 env={}))
+    assert (kw["device"], kw["gpu_memory_utilization"]) == ("cpu", 0.7)

@@ -1,6 +1,5 @@
-"""--device auto | cpu | cuda[:N] and --gpu-memory-utilization, on a machine without CuPy
+"""--device auto | cpu | cuda[:N] on a machine without CuPy
 (CuPy's absence is forced, so these run the same on a GPU machine)."""
-import argparse
 import subprocess
 import sys
 
@@ -9,7 +8,6 @@ from emulated_cupy import make_emulated_cupy
 
 from pyforge.backends import get_backend, resolve_device
 from pyforge.cli import main
-from pyforge.config import ServerConfig, add_arguments
 from pyforge.engine.engine import Engine
 from pyforge.synthetic import ensure_model
 
@@ -68,34 +66,3 @@ def test_importing_the_cuda_backend_needs_no_cupy():
             "import pyforge.backends as b; print(b.resolve_device('auto'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "cpu"
-
-
-# -- configuration ---------------------------------------------------------------
-def parse(argv):
-    return add_arguments(argparse.ArgumentParser()).parse_args(["--model", "m", *argv])
-
-
-def test_device_defaults_to_auto_and_utilization_to_vllms():
-    cfg = ServerConfig.from_sources(parse([]), env={})
-    assert (cfg.device, cfg.gpu_memory_utilization) == ("auto", 0.9)
-    cfg = ServerConfig.from_sources(parse(["--device", "cuda:1"]), env={"LLM_GPU_MEMORY_UTILIZATION": "0.5"})
-    assert (cfg.device, cfg.gpu_memory_utilization) == ("cuda:1", 0.5)
-    assert ServerConfig.from_sources(parse(["--gpu-memory-utilization", "1"]), env={}).gpu_memory_utilization == 1.0
-
-
-@pytest.mark.parametrize("value, message", [
-    ("0", "gpu_memory_utilization: must be > 0, got 0 (from --gpu-memory-utilization)"),
-    ("1.5", "gpu_memory_utilization: must be <= 1, got 1.5 (from --gpu-memory-utilization)"),
-    ("most", "gpu_memory_utilization: must be a number"),
-])
-def test_bad_utilization_names_field_and_source(value, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ServerConfig.from_sources(parse(["--gpu-memory-utilization", value]), env={})
-
-
-def test_engine_kwargs_carry_device_and_utilization():
-    from pyforge.server.launcher import engine_kwargs
-
-    kw = engine_kwargs(ServerConfig.from_sources(parse(["--device", "cpu", "--gpu-memory-utilization", "0.7"]),
-                                                 env={}))
-    assert (kw["device"], kw["gpu_memory_utilization"]) == ("cpu", 0.7)

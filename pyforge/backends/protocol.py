@@ -1,0 +1,41 @@
+"""The contract between a model definition and a backend: the primitives a model may
+call, and what the engine asks of a backend around them. A new backend implements
+all of it (tests/backends/test_backend_protocol.py checks the cpu and cuda ones,
+and that the models call nothing else).
+
+Arrays are the backend's own (numpy on cpu, CuPy on cuda); `out` arguments are
+written in place; shapes are in the shape comments of models/llama.py.
+"""
+from typing import Protocol
+
+
+class Backend(Protocol):
+    name: str                       # "cpu" | "cuda"
+    n_threads: int                  # CPU threads (the sampler's too)
+    kv_dtype_bytes: int             # bytes per KV cache element
+    activation_dtype_bytes: int     # bytes per activation element
+
+    # -- weights, buffers, the KV cache
+    def prepare_weight(self, tensor): """A matmul weight, kept in its stored format where a kernel exists."""
+    def prepare_embedding(self, tensor): """The embedding table (rows looked up by embed)."""
+    def prepare_vector(self, tensor): """Norm weights and biases."""
+    def empty(self, shape): """An uninitialised float activation buffer."""
+    def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim): """(K, V) pools of one layer."""
+    def kv_cache_budget_bytes(self, default_bytes, activation_bytes=0): """Bytes the KV cache may take."""
+
+    # -- one forward pass
+    def prepare_batch(self, batch): """The ForwardBatch's metadata where the kernels read it."""
+    def run_forward(self, forward, batch, kv_cache): """forward(batch, kv_cache) -> logits, run here."""
+    def to_host(self, x): """A result as a numpy array."""
+
+    # -- the primitives
+    def embed(self, token_ids, table, out): """out[i] = table[token_ids[i]]."""
+    def matmul(self, x, weight, out): """out = x @ weight.T."""
+    def rmsnorm(self, x, weight, eps, out): """out = x / rms(x) * weight, per row."""
+    def add_rmsnorm(self, x, y, weight, eps, out): """x += y, then out = rmsnorm(x)."""
+    def rope(self, x, positions, n_rot, theta, neox, freq_factors): """Rotary embedding, in place."""
+    def add_bias(self, x, bias): """x += bias, per row."""
+    def add_inplace(self, x, y): """x += y."""
+    def silu_mul(self, gate, up, out): """out = silu(gate) * up."""
+    def kv_store(self, k, v, k_cache, v_cache, slot_mapping): """Write this step's K, V into their slots."""
+    def attention(self, q, k_cache, v_cache, meta, scale, out): """Paged causal attention over the batch."""

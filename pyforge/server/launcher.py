@@ -4,7 +4,7 @@
 
   0. The port is checked first: a busy one is an error before any model loads.
   1. Segment.create (after cleanup_stale() of segments whose creator died).
-  2. The engine process (ENGINE_BOOT: pyforge.server.engine_process, imported
+  2. The engine process (ENGINE_BOOT: pyforge.serving.engine_process, imported
      from the installed package), waited on until its status is READY; if it
      exits first (a bad model file), a clear error and no server.
   3. gunicorn in a forked child (BaseApplication, GuardedThreadWorker workers).
@@ -50,7 +50,7 @@ WATCH_EVERY = 0.05          # seconds between looks at the engine process
 # The engine runs the installed pyforge: `python -m` and `-c` put the current folder
 # first on sys.path, where a checkout's source tree (no compiled modules) would win.
 ENGINE_BOOT = ("import sys; sys.path.pop(0); "
-               "from pyforge.server.engine_process import main; main(sys.argv[1:])")
+               "from pyforge.serving.engine_process import main; main(sys.argv[1:])")
 
 
 class EngineStartError(RuntimeError):

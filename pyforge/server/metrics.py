@@ -1,7 +1,7 @@
 """Metrics: what workers and the engine write to the segment, as Prometheus text.
 
 The engine writes its gauges and token counters into the segment's engine
-stats (engine_process.py). Each worker process writes request counts and
+stats (pyforge/serving/engine_process.py). Each worker process writes request counts and
 latency histograms into its own slot through `SegmentObserver`, the app's
 observer hook. `/metrics`, served by any worker, reads the whole segment, so
 every worker gives the same answer: the sum over all slots.

@@ -11,7 +11,7 @@ from conftest import drain_stream, fail_next_run
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
 from pyforge.server.engine_client import ADMITTED, ErrorEvent, FinishEvent, QueueFullError, TokenEvent
-from pyforge.server.engine_process import run_engine
+from pyforge.serving.engine_process import run_engine
 from pyforge.server.ipc_client import IpcEngineClient
 
 SPAWN = mp.get_context("spawn")     # the test process runs an Engine (OpenMP): never fork after that
@@ -164,7 +164,7 @@ def test_a_failed_step_fails_only_its_requests(model_path):
     """The engine loop in this process, over a real segment: a step that runs out of memory
     ends its own two requests with a 503; the third, waiting, generates as if nothing happened."""
     from pyforge.engine.engine import Engine
-    from pyforge.server.engine_process import EngineLoop
+    from pyforge.serving.engine_process import EngineLoop
 
     engine = Engine(**engine_kwargs(model_path, max_num_seqs=2))
     expected = [out.token_id for out in engine.generate(PROMPTS[2], GREEDY)]

@@ -257,7 +257,7 @@ def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30
 
 
 def main(argv=None):
-    """python -m pyforge.server.engine_process SEGMENT ENGINE_KWARGS_JSON QUEUE_CAPACITY DRAIN_TIMEOUT [LOG_LEVEL]
+    """python -m pyforge.serving.engine_process SEGMENT ENGINE_KWARGS_JSON QUEUE_CAPACITY DRAIN_TIMEOUT [LOG_LEVEL]
     (what the launcher runs)."""
     import json
     import sys

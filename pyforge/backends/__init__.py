@@ -3,6 +3,7 @@
 `cpu` (native C kernels, always available) and `cuda` (CuPy, optional). Nothing
 CUDA is imported unless the cuda backend is asked for, or `auto` looks for it.
 """
+import os
 import re
 
 CUDA_INSTALL_HINT = "pip install 'pyforge[cuda12]' or 'pyforge[cuda13]', matching the CUDA driver"
@@ -55,3 +56,22 @@ def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_d
 
     return CudaBackend(int(match.group(1) or 0), n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization,
                        stream=cuda_graphs)
+
+
+def default_threads():
+    """Physical cores: OpenMP threads that share a core's FMA units only fight."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1

@@ -3,31 +3,12 @@
 Weights stay in their stored format (memory-mapped); activations are float32.
 Every kernel call releases the GIL inside the native module.
 """
-import os
-
 import numpy as np
 
+from pyforge.backends import default_threads
+from pyforge.dequant import to_float32
 from pyforge.ggml_types import GGMLType
 from pyforge.native import ops, quant
-
-
-def default_threads():
-    """Physical cores: OpenMP threads that share a core's FMA units only fight."""
-    try:
-        cores = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((phys, core))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 class CpuBackend:
@@ -51,14 +32,8 @@ class CpuBackend:
 
     def prepare_vector(self, tensor):
         """Norm weights and biases: small, converted once to float32."""
-        return self.to_float32(tensor)
+        return to_float32(tensor)
 
-    @staticmethod
-    def to_float32(tensor):
-        n = int(np.prod(tensor.shape))
-        if tensor.ggml_type == GGMLType.F32:
-            return np.ascontiguousarray(tensor.data, dtype=np.float32).reshape(tensor.shape)
-        return quant.dequantize(np.ascontiguousarray(tensor.data), int(tensor.ggml_type), n).reshape(tensor.shape)
 
     # -- buffers ---------------------------------------------------------
     @staticmethod

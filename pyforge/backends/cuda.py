@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyforge.backends.cuda_batch import BATCH_FIELDS, DeviceBatch, field_views, pack_fields
 from pyforge.backends.cuda_kernels import CudaKernels, cdiv, elementwise_grid, head_dim_problem
+from pyforge.dequant import to_float32
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 
 KEPT_QUANTIZED = {GGMLType.Q8_0: "q8_0", GGMLType.Q4_K: "q4_K", GGMLType.Q6_K: "q6_K"}
@@ -42,31 +44,11 @@ DEQUANT_SCRATCH_BYTES = 256 << 20
 ACTIVATION_RESERVE_BYTES = 1 << 30
 ACTIVATION_MARGIN = 2
 MIN_DECODE_PARTITION = 64      # positions per split-K block of decode attention (16 per warp)
-BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens", "query_start_loc",
-                "logits_rows")
-
-
 @dataclass
 class DeviceWeight:
     ggml_type: GGMLType    # F16 (dense) or a KEPT_QUANTIZED type
     shape: tuple           # (n_out, n_in)
     data: object           # cupy: half [n_out, n_in], or uint8 [n_out, row bytes] of GGUF blocks
-
-
-@dataclass
-class DeviceBatch:
-    """A ForwardBatch with its arrays on the device (int32 views of one upload)."""
-    token_ids: object
-    positions: object
-    slot_mapping: object
-    block_tables: object
-    context_lens: object
-    query_start_loc: object
-    logits_rows: object
-    n_tokens: int
-    n_seqs: int
-    max_query_len: int      # 1: every sequence decodes one token (split-K decode attention)
-    max_context_len: int
 
 
 class CudaBackend:
@@ -78,7 +60,7 @@ class CudaBackend:
                  matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False):
         import cupy
 
-        from pyforge.backends.cpu import default_threads
+        from pyforge.backends import default_threads
 
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -120,9 +102,8 @@ class CudaBackend:
 
     def prepare_vector(self, tensor):
         """Norm weights and biases: float32 on the device (the kernels read float)."""
-        from pyforge.backends.cpu import CpuBackend
 
-        return self.cupy.asarray(CpuBackend.to_float32(tensor))
+        return self.cupy.asarray(to_float32(tensor))
 
     def upload(self, tensor):
         """DeviceWeight of a loader TensorRef (benchmarks override this to make random weights)."""
@@ -137,9 +118,8 @@ class CudaBackend:
         elif t == GGMLType.BF16:   # bf16 bits are the top half of a float32
             data = (cp.asarray(host).astype(cp.uint32) << 16).view(cp.float32).astype(cp.float16)
         else:                      # no CUDA kernel for this type: dequantize on the host, once
-            from pyforge.backends.cpu import CpuBackend
-
-            data = cp.asarray(CpuBackend.to_float32(tensor).astype(np.float16))
+    
+            data = cp.asarray(to_float32(tensor).astype(np.float16))
         return DeviceWeight(GGMLType.F16, tuple(tensor.shape), data.reshape(tensor.shape))
 
     def _constant(self, host):
@@ -316,20 +296,6 @@ class CudaBackend:
                             part_acc, part_ml, meta.context_lens, meta.query_start_loc, out,
                             n_heads, head_dim, n_parts, partition)
         return out
-
-
-def pack_fields(host):
-    """The BATCH_FIELDS host arrays back to back, one flat int32 array (one upload)."""
-    return np.concatenate([h.ravel() for h in host])
-
-
-def field_views(flat, host):
-    """{field: the part of flat (pack_fields' layout, on the device) shaped as its host array}."""
-    views, at = {}, 0
-    for field, h in zip(BATCH_FIELDS, host):
-        views[field] = flat[at:at + h.size].reshape(h.shape)
-        at += h.size
-    return views
 
 
 def decode_partition(max_context_len, n_seqs, n_heads, n_sm):

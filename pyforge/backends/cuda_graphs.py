@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyforge.backends.cuda_batch import DeviceBatch, field_views, pack_fields
+
 GRAPH_BATCH_SIZES = (1, 2, 4, 8)
 
 
@@ -104,12 +106,10 @@ class DecodeGraphs:
                 np.arange(size, dtype=np.int32)]
 
     def _write(self, step, host):
-        from pyforge.backends.cuda import pack_fields
 
         self.cupy.copyto(step.flat, self.cupy.asarray(pack_fields(host)))
 
     def _capture(self, size, forward, kv_cache):
-        from pyforge.backends.cuda import DeviceBatch, field_views
 
         cp, backend = self.cupy, self.backend
         host = self._host_fields(size)

@@ -31,7 +31,7 @@ from emulated_cupy import make_emulated_cupy
 
 from conftest import require_module
 from pyforge.backends import cuda_status
-from pyforge.backends.cpu import CpuBackend
+from pyforge.dequant import to_float32
 from pyforge.engine.engine import Engine, StepError
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence
@@ -326,7 +326,7 @@ def test_matmul_paths(impl, type_name, n_rows):
     backend = cuda_backend(impl, matvec_max_rows=4, dequant_scratch_bytes=2 * 16 * 512)
     rng = np.random.default_rng(n_rows)
     tensor = tensor_ref("w", (rng.standard_normal((40, 512)) * 0.05).astype(np.float32), GGMLType[type_name])
-    w = CpuBackend.to_float32(tensor).astype(np.float64)
+    w = to_float32(tensor).astype(np.float64)
     x = rng.standard_normal((n_rows, 512)).astype(np.float16)
     out = backend.matmul(backend.cupy.asarray(x), backend.prepare_weight(tensor), backend.empty((n_rows, 40)))
     got, ref = backend.cupy.asnumpy(out).astype(np.float64), x.astype(np.float64) @ w.T
@@ -343,7 +343,7 @@ def test_embed_rows(impl, type_name):
     table = tensor_ref("token_embd.weight", rng.standard_normal((50, 256)).astype(np.float32), GGMLType[type_name])
     ids = np.array([3, 0, 49, 3, 17], np.int32)
     out = backend.embed(backend.cupy.asarray(ids), backend.prepare_embedding(table), backend.empty((5, 256)))
-    ref = CpuBackend.to_float32(table)[ids]
+    ref = to_float32(table)[ids]
     np.testing.assert_allclose(backend.cupy.asnumpy(out).astype(np.float32), ref, rtol=2.0 ** -10, atol=1e-6)
 
 

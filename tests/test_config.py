@@ -128,9 +128,11 @@ def test_bad_utilization_names_field_and_source(value, message):
         ServerConfig.from_sources(parse(["--model", "m", "--gpu-memory-utilization", value]), env={})
 
 
-def test_engine_kwargs_carry_device_and_utilization():
-    from pyforge.server.launcher import engine_kwargs
+def test_engine_config_carries_device_and_utilization():
+    from pyforge.engine.config import EngineConfig
 
-    kw = engine_kwargs(ServerConfig.from_sources(parse(["--model", "m", "--device", "cpu", "--gpu-memory-utilization", "0.7"]),
-                                                 env={}))
-    assert (kw["device"], kw["gpu_memory_utilization"]) == ("cpu", 0.7)
+    server = ServerConfig.from_sources(parse(["--model", "m", "--device", "cpu", "--gpu-memory-utilization", "0.7"]),
+                                       env={})
+    engine = EngineConfig.from_server_config(server)
+    assert (engine.model_path, engine.device, engine.gpu_memory_utilization) == ("m", "cpu", 0.7)
+    assert EngineConfig(**engine.to_dict()) == engine      # what crosses to the engine process as JSON

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from pyforge.backends import get_backend
 from pyforge.engine.block_manager import BlockManager
-from pyforge.engine.model_runner import KVCache, ModelRunner
+from pyforge.engine.config import EngineConfig
+from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
@@ -19,7 +20,6 @@ from pyforge.models.llama import LlamaModel
 from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
 
-DEFAULT_KV_CACHE_BYTES = 2 << 30
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 
 
@@ -60,37 +60,32 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model_path, *, device="cpu", n_threads=None, max_model_len=None,
-                 kv_cache_tokens=None, block_size=16, max_num_seqs=64, max_num_batched_tokens=512, null_model=False,
-                 gpu_memory_utilization=0.9, cuda_graphs=False):
-        self.model_file = load_model_file(model_path)
+    def __init__(self, model, **options):
+        """Engine(EngineConfig(...)), or Engine(model_path, **EngineConfig fields)."""
+        self.engine_config = ec = model if isinstance(model, EngineConfig) else EngineConfig(str(model), **options)
+        self.model_file = load_model_file(ec.model_path)
         cfg = self.model_file.config
         if cfg.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"{model_path}: architecture {cfg.arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})")
+            raise ValueError(f"{ec.model_path}: architecture {cfg.arch!r} is not supported "
+                             f"({', '.join(SUPPORTED_ARCHS)})")
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
-        self.backend = get_backend(device, n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization,
-                                   head_dim=cfg.head_dim, cuda_graphs=cuda_graphs)
-        if null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
+        self.backend = get_backend(ec.device, n_threads=ec.n_threads, gpu_memory_utilization=ec.gpu_memory_utilization,
+                                   head_dim=cfg.head_dim, cuda_graphs=ec.cuda_graphs)
+        if ec.null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:
             self.model = LlamaModel(self.model_file, self.backend)
-        self.max_model_len = min(max_model_len or cfg.context_length, cfg.context_length)
-        if kv_cache_tokens is None:
-            per_token = KVCache.bytes_per_token(cfg, self.backend.kv_dtype_bytes)
-            # cuda: free memory after the weights, less room for the largest step's activations
-            peak = self.model.activation_bytes(max_num_batched_tokens, min(max_num_seqs, max_num_batched_tokens))
-            budget = self.backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES, peak)
-            kv_cache_tokens = max(self.max_model_len, budget // per_token)
-        n_blocks = -(-kv_cache_tokens // block_size)
-        self.kv_cache = KVCache(self.backend, cfg, n_blocks, block_size)
-        if cuda_graphs and not null_model:
+        self.max_model_len = min(ec.max_model_len or cfg.context_length, cfg.context_length)
+        n_blocks = size_kv_cache(ec, cfg, self.backend, self.model, self.max_model_len)
+        self.kv_cache = KVCache(self.backend, cfg, n_blocks, ec.block_size)
+        if ec.cuda_graphs and not ec.null_model:
             if self.backend.name != "cuda":
                 raise ValueError(f"cuda_graphs needs the cuda device, not {self.backend.name}")
-            self.backend.use_cuda_graphs(self.max_model_len, block_size)
+            self.backend.use_cuda_graphs(self.max_model_len, ec.block_size)
             self.backend.graphs.capture_all(self.model.forward_device, self.kv_cache)
-        self.block_manager = BlockManager(n_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.block_manager = BlockManager(n_blocks, ec.block_size)
+        self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(n_threads=self.backend.n_threads)
         self.sequences = {}

@@ -7,6 +7,24 @@ import numpy as np
 from pyforge.models.batch import ForwardBatch
 
 
+DEFAULT_KV_CACHE_BYTES = 2 << 30    # the CPU backend's pool when no size is given
+
+
+def size_kv_cache(engine_config, model_config, backend, model, max_model_len):
+    """The KV pool's size in blocks: the one place it is decided. kv_cache_tokens
+    when given; else what the backend's budget holds (cpu: DEFAULT_KV_CACHE_BYTES;
+    cuda: free memory after the weights, less room for the activations of the
+    largest step the scheduler may run), and never less than one whole context."""
+    ec = engine_config
+    tokens = ec.kv_cache_tokens
+    if tokens is None:
+        per_token = KVCache.bytes_per_token(model_config, backend.kv_dtype_bytes)
+        peak = model.activation_bytes(ec.max_num_batched_tokens, min(ec.max_num_seqs, ec.max_num_batched_tokens))
+        budget = backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES, peak)
+        tokens = max(max_model_len, budget // per_token)
+    return -(-tokens // ec.block_size)
+
+
 class KVCache:
     """One block pool per layer, K and V: [n_layers][n_blocks, block_size, n_kv, head_dim]."""
 

@@ -39,6 +39,7 @@ import threading
 import time
 from collections import deque
 
+from pyforge.engine.config import EngineConfig
 from pyforge.ipc.segment import EngineStatus, Segment, cleanup_stale
 
 log = logging.getLogger("pyforge.launcher")
@@ -55,14 +56,6 @@ ENGINE_BOOT = ("import sys; sys.path.pop(0); "
 
 class EngineStartError(RuntimeError):
     pass
-
-
-def engine_kwargs(config):
-    return {"model_path": config.model, "device": config.device, "n_threads": config.threads,
-            "max_model_len": config.max_model_len, "kv_cache_tokens": config.kv_cache_tokens,
-            "block_size": config.block_size, "max_num_seqs": config.max_num_seqs,
-            "max_num_batched_tokens": config.max_num_batched_tokens, "null_model": config.null_model,
-            "gpu_memory_utilization": config.gpu_memory_utilization, "cuda_graphs": config.cuda_graphs}
 
 
 def describe_exit(code):
@@ -112,7 +105,7 @@ class EngineRunner:
 
     def _spawn(self, timeout):
         cmd = [sys.executable, "-c", ENGINE_BOOT, self.segment.name,
-               json.dumps(engine_kwargs(self.config)), str(self.config.queue_capacity),
+               json.dumps(EngineConfig.from_server_config(self.config).to_dict()), str(self.config.queue_capacity),
                str(self.config.drain_timeout), self.config.log_level]
         self.segment.engine_pid = 0
         self.segment.engine_status = EngineStatus.STARTING

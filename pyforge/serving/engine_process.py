@@ -1,6 +1,6 @@
 """The engine process: one `Engine` behind the shared-memory segment.
 
-    run_engine(segment_name, engine_kwargs, queue_capacity, drain_timeout)
+    run_engine(segment_name, engine_config (EngineConfig fields), queue_capacity, drain_timeout)
 
 The loop (DESIGN.md, "Engine step"; ring traffic in pyforge/ipc/records.py):
 
@@ -239,9 +239,10 @@ def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30
     seg = Segment.attach(segment_name)
     try:
         seg.engine_pid = os.getpid()
+        from pyforge.engine.config import EngineConfig
         from pyforge.engine.engine import Engine     # the heavy imports happen in this process only
         try:
-            engine = Engine(**engine_kwargs)
+            engine = Engine(EngineConfig(**engine_kwargs))
         except (ValueError, OSError) as e:
             log.error("could not load the model: %s", e)
             raise SystemExit(2) from None

@@ -11,8 +11,8 @@ from conftest import drain_stream, fail_next_run
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
 from pyforge.server.engine_client import ADMITTED, ErrorEvent, FinishEvent, QueueFullError, TokenEvent
-from pyforge.serving.engine_process import run_engine
 from pyforge.server.ipc_client import IpcEngineClient
+from pyforge.serving.engine_process import run_engine
 
 SPAWN = mp.get_context("spawn")     # the test process runs an Engine (OpenMP): never fork after that
 SMALL = {"request_ring_bytes": 1 << 16, "response_ring_bytes": 1 << 16}
@@ -36,8 +36,9 @@ def engine_kwargs(model_path, **kw):
 @pytest.fixture(scope="module")
 def reference(model_path):
     """Greedy tokens of every prompt from the in-process engine."""
+    from pyforge.engine.config import EngineConfig
     from pyforge.engine.engine import Engine
-    engine = Engine(**engine_kwargs(model_path))
+    engine = Engine(EngineConfig(**engine_kwargs(model_path)))
     return [[out.token_id for out in engine.generate(p, GREEDY)] for p in PROMPTS]
 
 
@@ -163,10 +164,11 @@ def test_bad_prompt_is_a_400_error_event(running):
 def test_a_failed_step_fails_only_its_requests(model_path):
     """The engine loop in this process, over a real segment: a step that runs out of memory
     ends its own two requests with a 503; the third, waiting, generates as if nothing happened."""
+    from pyforge.engine.config import EngineConfig
     from pyforge.engine.engine import Engine
     from pyforge.serving.engine_process import EngineLoop
 
-    engine = Engine(**engine_kwargs(model_path, max_num_seqs=2))
+    engine = Engine(EngineConfig(**engine_kwargs(model_path, max_num_seqs=2)))
     expected = [out.token_id for out in engine.generate(PROMPTS[2], GREEDY)]
     seg = Segment.create(new_name(f"pyforge-test{secrets.token_hex(3)}-"), n_workers=1, **SMALL)
     client = IpcEngineClient(Segment.attach(seg.name), max_model_len=256)

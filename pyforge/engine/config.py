@@ -1,0 +1,32 @@
+"""EngineConfig: what an Engine is built from, written down once. The launcher
+makes it from the server's config and sends it to the engine process as JSON;
+scripts and tests pass the same fields to Engine(model_path, **fields)."""
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str                     # GGUF file or Hugging Face model folder
+    device: str = "cpu"                 # cpu | cuda | cuda:N | auto
+    n_threads: int | None = None        # CPU threads; None: physical cores
+    max_model_len: int | None = None    # None: the model's context length
+    kv_cache_tokens: int | None = None  # None: sized by size_kv_cache (model_runner.py)
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    null_model: bool = False            # no forward pass (serving-stack benchmarks)
+    gpu_memory_utilization: float = 0.9
+    cuda_graphs: bool = False
+
+    @classmethod
+    def from_server_config(cls, config):
+        """The engine part of a ServerConfig (pyforge/config.py)."""
+        return cls(config.model, device=config.device, n_threads=config.threads,
+                   max_model_len=config.max_model_len, kv_cache_tokens=config.kv_cache_tokens,
+                   block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                   max_num_batched_tokens=config.max_num_batched_tokens, null_model=config.null_model,
+                   gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

@@ -31,6 +31,7 @@ import numpy as np
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 from pyforge.loader.names import canonical_to_hf, expected_shapes
 from pyforge.models.config import ModelConfig
+from pyforge.models.registry import family
 
 VERSION = 1       # bump when generated weights change, so caches regenerate
 
@@ -122,7 +123,7 @@ def unpermute_qk(w, n_head):
 
 def gguf_layout(cfg, name, x):
     """The canonical tensor as stored in a GGUF of this arch (Q/K permuted for llama)."""
-    if cfg.arch != "qwen2" and name.endswith(("attn_q.weight", "attn_k.weight")):
+    if not family(cfg.arch).gguf_rope_neox and name.endswith(("attn_q.weight", "attn_k.weight")):
         n_head = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
         return permute_qk(x, n_head)
     return x
@@ -296,15 +297,13 @@ def _chat_template():
 
 # -- Hugging Face folder --------------------------------------------------
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-HF_NAMES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral"),
-            "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 MAX_SHARD_BYTES = 2 << 30
 
 
 def hf_config_dict(cfg, dtype="float32"):
-    cls, model_type = HF_NAMES[cfg.arch]
+    fam = family(cfg.arch)
     out = {
-        "architectures": [cls], "model_type": model_type,
+        "architectures": [fam.hf_architectures[0]], "model_type": fam.hf_model_type,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_size,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -313,10 +312,7 @@ def hf_config_dict(cfg, dtype="float32"):
         "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": WEIGHT_STD, "torch_dtype": dtype,
     }
-    if cfg.arch == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    else:
-        out.update(attention_bias=False, mlp_bias=False)
+    out.update(fam.hf_config_extras(cfg))
     return out
 
 

@@ -16,11 +16,10 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
 from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
-from pyforge.models.llama import LlamaModel
+from pyforge.models.registry import family
 from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 
 
 INTERNAL_ERROR = "internal error in the engine"     # what a client hears of our bugs
@@ -65,9 +64,10 @@ class Engine:
         self.engine_config = ec = model if isinstance(model, EngineConfig) else EngineConfig(str(model), **options)
         self.model_file = load_model_file(ec.model_path)
         cfg = self.model_file.config
-        if cfg.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"{ec.model_path}: architecture {cfg.arch!r} is not supported "
-                             f"({', '.join(SUPPORTED_ARCHS)})")
+        try:
+            model_class = family(cfg.arch).model_class()
+        except ValueError as e:
+            raise ValueError(f"{ec.model_path}: {e}") from None
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
         self.backend = get_backend(ec.device, n_threads=ec.n_threads, gpu_memory_utilization=ec.gpu_memory_utilization,
@@ -75,7 +75,7 @@ class Engine:
         if ec.null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:
-            self.model = LlamaModel(self.model_file, self.backend)
+            self.model = model_class(self.model_file, self.backend)
         self.max_model_len = min(ec.max_model_len or cfg.context_length, cfg.context_length)
         n_blocks = size_kv_cache(ec, cfg, self.backend, self.model, self.max_model_len)
         self.kv_cache = KVCache(self.backend, cfg, n_blocks, ec.block_size)

@@ -24,6 +24,7 @@ import numpy as np
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 from pyforge.loader import ModelFile, ModelFileError, TensorRef, check_tensors, validated
 from pyforge.models.config import ModelConfig
+from pyforge.models.registry import family
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -55,7 +56,6 @@ OTHER_GGML_TYPES = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: 
 
 VIEW_DTYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.uint16}
 
-ARCHS = ("llama", "qwen2", "mistral")
 
 
 @dataclass
@@ -353,8 +353,10 @@ def config_from_gguf(path, meta, tensors):
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         fail("metadata general.architecture is missing or not a string")
-    if arch not in ARCHS:
-        fail(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHS)})")
+    try:
+        fam = family(arch)
+    except ValueError as e:
+        fail(str(e))
     if "token_embd.weight" not in tensors:
         fail("missing tensor token_embd.weight" + ("" if tensors else " (the file holds no tensors: vocabulary only?)"))
 
@@ -389,7 +391,7 @@ def config_from_gguf(path, meta, tensors):
         rms_eps=number("attention.layer_norm_rms_epsilon", float),
         rope_theta=number("rope.freq_base", float, 10000.0),
         n_rot=number("rope.dimension_count", int, head_dim),
-        rope_neox=arch == "qwen2",
+        rope_neox=fam.gguf_rope_neox,
         rope_scaling=_rope_scaling(meta, arch, number),
         context_length=number("context_length", int),
         tie_embeddings="output.weight" not in tensors,

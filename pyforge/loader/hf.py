@@ -10,17 +10,11 @@ from pyforge.loader import ModelFile, ModelFileError, check_tensors, validated
 from pyforge.loader.names import IGNORE, canonical_to_hf, hf_to_canonical
 from pyforge.loader.safetensors import read_safetensors
 from pyforge.models.config import ModelConfig
+from pyforge.models.registry import FAMILIES, family_of_hf_config
 
 MAX_JSON = 64 * 1000 * 1000
 INDEX = "model.safetensors.index.json"
 
-HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-# defaults of the transformers config classes, where a config.json leaves a field out
-DEFAULTS = {
-    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
-}
 
 
 def read_json(path, what):
@@ -43,14 +37,12 @@ def config_from_hf(cfg, path="config.json"):
 
     if not isinstance(cfg, dict):
         fail("config.json must hold a JSON object")
-    archs = cfg.get("architectures") or []
-    arch = HF_ARCHS.get(archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
-    if arch is None:
-        arch = cfg.get("model_type") if cfg.get("model_type") in DEFAULTS else None
-    if arch is None:
-        fail(f"unsupported model: architectures {archs!r}, model_type {cfg.get('model_type')!r} "
-             f"(supported: {', '.join(HF_ARCHS)})")
-    defaults = DEFAULTS[arch]
+    fam = family_of_hf_config(cfg)
+    if fam is None:
+        supported = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
+        fail(f"unsupported model: architectures {cfg.get('architectures')!r}, model_type "
+             f"{cfg.get('model_type')!r} (supported: {supported})")
+    defaults = fam.hf_defaults
 
     def get(key, kind, default=None):
         v = cfg.get(key)
@@ -67,8 +59,8 @@ def config_from_hf(cfg, path="config.json"):
         fail(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
     if cfg.get("mlp_bias"):
         fail("mlp_bias is not supported")
-    if arch != "qwen2" and cfg.get("attention_bias"):
-        fail("attention_bias (with an o_proj bias) is not supported for llama/mistral")
+    if not fam.qkv_bias and cfg.get("attention_bias"):
+        fail(f"attention_bias (with an o_proj bias) is not supported for {fam.arch}")
     hidden = get("hidden_size", int)
     n_heads = get("num_attention_heads", int)
     if n_heads <= 0:
@@ -78,10 +70,11 @@ def config_from_hf(cfg, path="config.json"):
     theta, scaling = _rope(cfg, fail, defaults)
     context = get("max_position_embeddings", int)
     window = cfg.get("sliding_window")
-    if arch == "mistral" and isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
+    if fam.context_is_sliding_window and isinstance(window, int) and not isinstance(window, bool) and \
+            0 < window < context:
         context = window      # we attend to the whole context: exact only up to the window
     config = ModelConfig(
-        arch=arch,
+        arch=fam.arch,
         hidden_size=hidden,
         n_layers=get("num_hidden_layers", int),
         n_heads=n_heads,
@@ -96,7 +89,7 @@ def config_from_hf(cfg, path="config.json"):
         rope_scaling=scaling,
         context_length=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attn_bias=arch == "qwen2",
+        attn_bias=fam.qkv_bias,
     )
     return validated(path, config)
 

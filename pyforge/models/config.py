@@ -6,7 +6,7 @@ synthetic model generator; validated once, frozen afterwards.
 import math
 from dataclasses import dataclass
 
-ARCHS = ("llama", "qwen2", "mistral")
+from pyforge.models.registry import family
 
 # Sanity limits: far above any real model, low enough that a hostile file
 # cannot make us size buffers from absurd numbers.
@@ -21,7 +21,7 @@ MAX_CONTEXT = 1 << 24
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str              # "llama" | "qwen2" | "mistral" (all llama-shaped)
+    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2"
     hidden_size: int
     n_layers: int
     n_heads: int
@@ -48,8 +48,7 @@ class ModelConfig:
 
     def validate(self):
         """Raise ValueError naming the first field that is out of range; return self."""
-        if self.arch not in ARCHS:
-            raise ValueError(f"unsupported architecture {self.arch!r} (supported: {', '.join(ARCHS)})")
+        family(self.arch)         # ValueError for an unknown one
         limits = {
             "hidden_size": MAX_HIDDEN, "n_layers": MAX_LAYERS, "n_heads": MAX_HEADS,
             "n_kv_heads": MAX_HEADS, "head_dim": MAX_HEAD_DIM, "ffn_size": MAX_FFN,

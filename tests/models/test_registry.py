@@ -1,0 +1,41 @@
+"""Model families as registry entries: every family round-trips through the files
+we write and read, lookups fail clearly, and no code outside the registry asks
+which family a model is."""
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from pyforge.loader.hf import config_from_hf
+from pyforge.models.llama import LlamaModel
+from pyforge.models.registry import FAMILIES, family, family_of_hf_config
+from pyforge.synthetic import CONFIGS, hf_config_dict
+
+PACKAGE = Path(__file__).resolve().parents[2] / "pyforge"
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_a_family_survives_its_own_config_json(arch):
+    cfg = dataclasses.replace(CONFIGS["tiny-gqa"], arch=arch, attn_bias=FAMILIES[arch].qkv_bias)
+    written = hf_config_dict(cfg)
+    assert family_of_hf_config(written) is FAMILIES[arch]
+    read = config_from_hf(written)
+    assert (read.arch, read.attn_bias, read.hidden_size) == (arch, FAMILIES[arch].qkv_bias, cfg.hidden_size)
+
+
+def test_lookups():
+    assert family("qwen2").qkv_bias and family("qwen2").gguf_rope_neox
+    assert family("llama").model_class() is LlamaModel
+    assert family_of_hf_config({"architectures": ["MistralForCausalLM"]}).arch == "mistral"
+    assert family_of_hf_config({"architectures": ["SomethingElse"], "model_type": "llama"}).arch == "llama"
+    assert family_of_hf_config({"model_type": "gpt2"}) is None
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2' \(supported: llama, mistral, qwen2\)"):
+        family("gpt2")
+
+
+def test_no_code_outside_the_registry_asks_for_a_family_by_name():
+    asks = re.compile(r"\barch\s*(?:==|!=|in\b|not in\b)|\b(?:arch|ARCHS)\s*=\s*\(")
+    offenders = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py") if p.name != "registry.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if asks.search(line)]
+    assert offenders == []

@@ -8,6 +8,8 @@ One POSIX shared-memory object (/dev/shm/<name>), laid out as:
                        12  u32 n_workers             40 u32 engine status  (atomic)
                        16  u64 request ring bytes    44 u32 engine pid     (atomic)
                        24  u64 response ring bytes   48 u64 engine heartbeat (atomic)
+                                                     56 u32 max_model_len  (engine facts,
+                                                     60 u32 vocab_size      written before READY)
   PAGE                worker slots, 64 bytes each: u32 pid (0: free) | u32 - | u64 claims
   page-aligned        request ring (ring_size(request_ring_bytes))
   page-aligned        response ring per slot (ring_size(response_ring_bytes)) each
@@ -42,12 +44,13 @@ from pyforge.native.ipc import Ring, SharedWords, ring_size
 SHM_DIR = "/dev/shm"
 DEFAULT_PREFIX = "pyforge-"
 MAGIC = b"PYFORGE\0"
-VERSION = 1
+VERSION = 2
 PAGE = 4096
 SLOT_BYTES = 64
 
 _STATIC = struct.Struct("<8sIIQQII")    # magic .. stats layout
 _STATUS, _ENGINE_PID, _HEARTBEAT = 40, 44, 48
+_FACTS = {"max_model_len": 56, "vocab_size": 60}    # what the engine decided, for the workers to read
 _SLOT_PID, _SLOT_CLAIMS = 0, 8
 
 
@@ -320,6 +323,15 @@ class Segment:
     @engine_pid.setter
     def engine_pid(self, pid):
         self._words.store_u32(_ENGINE_PID, pid)
+
+    def publish_facts(self, **facts):
+        """The engine's effective limits (max_model_len, vocab_size): one owner decides them."""
+        for name, value in facts.items():
+            self._words.store_u32(_FACTS[name], value)
+
+    @property
+    def facts(self):
+        return {name: self._words.load_u32(offset) for name, offset in _FACTS.items()}
 
     @property
     def heartbeat(self):

@@ -241,12 +241,10 @@ def build_worker_app(config, segment_name):
     from pyforge.server.ipc_client import IpcEngineClient
     from pyforge.server.metrics import MetricsResource, SegmentObserver
 
-    model_file = load_model_file(config.model)
-    tokenizer = load_tokenizer(model_file)
-    context = model_file.config.context_length
-    max_model_len = min(config.max_model_len or context, context)    # as Engine computes it
+    tokenizer = load_tokenizer(load_model_file(config.model))
     segment = Segment.attach(segment_name)
-    client = IpcEngineClient(segment, max_model_len, vocab_size=model_file.config.vocab_size,
+    facts = segment.facts           # what the engine decided: the workers do not recompute it
+    client = IpcEngineClient(segment, facts["max_model_len"], vocab_size=facts["vocab_size"],
                              queue_capacity=config.queue_capacity, timeout=config.stall_timeout,
                              heartbeat_timeout=config.engine_heartbeat_timeout)
     app = create_app(config, client, tokenizer, SegmentObserver(segment))

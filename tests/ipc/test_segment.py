@@ -194,3 +194,13 @@ def test_cleanup_stale_removes_only_dead_creators(prefix, segment):
     assert cleanup_stale(prefix) == [dead]
     assert not os.path.exists(os.path.join(SHM_DIR, dead))
     assert os.path.exists(os.path.join(SHM_DIR, segment.name))  # ours: creator alive
+
+
+def test_the_engine_publishes_its_facts(prefix):
+    with Segment.create(new_name(prefix), n_workers=1) as seg:
+        try:
+            seg.publish_facts(max_model_len=4096, vocab_size=32000)
+            with Segment.attach(seg.name) as other:
+                assert other.facts == {"max_model_len": 4096, "vocab_size": 32000}
+        finally:
+            seg.unlink()

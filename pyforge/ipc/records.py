@@ -36,8 +36,15 @@ across workers.
 Byte layout: little-endian, packed, one record per message.
 
   header  u8 type | u8 flags (0) | u16 worker | u64 request_id      12 bytes
-  SUBMIT  u32 n_prompt | u32 n_params | i32 prompt_ids[n_prompt]
-          | params: UTF-8 JSON object [n_params] (SamplingParams fields)
+  SUBMIT  u32 n_prompt | u16 params_version (1) | u16 n_stop | PARAMS
+          | i32 stop_token_ids[n_stop] | i32 prompt_ids[n_prompt]
+          | u32 n_ext | extensions[n_ext]    (empty today; room for what later
+                                              features add: a grammar handle,
+                                              logit bias, speculative settings)
+  PARAMS  (version 1, 68 bytes) f64 temperature | f64 top_p | f64 min_p
+          | f64 repetition_penalty | f64 presence_penalty | f64 frequency_penalty
+          | i32 top_k | u32 max_tokens | u64 seed (mod 2^64) | u8 flags
+          (1: seed set, 2: ignore_eos, 4: logprobs set) | u8 logprobs | u16 0
   ABORT   -
   ADMITTED -
   TOKENS  u32 n | u16 n_top | u16 has (1: logprobs, 2: top_logprobs)
@@ -53,7 +60,6 @@ without logprobs: encode_token() writes exactly those bytes in one pack. Logprob
 sampler's own precision. Decoding checks every count against the bytes
 present before allocating, and raises ValueError on anything malformed.
 """
-import json
 import struct
 import sys
 from array import array
@@ -61,12 +67,20 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Union
 
+from pyforge.engine.sampling_params import SamplingParams
+
 HEADER = struct.Struct("<BBHQ")
-_SUBMIT = struct.Struct("<II")
+_SUBMIT = struct.Struct("<IHH")
+_PARAMS = struct.Struct("<ddddddiIQBBH")
+PARAMS_VERSION = 1
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_SEED_SET, _IGNORE_EOS, _LOGPROBS_SET = 1, 2, 4
+_U64 = (1 << 64) - 1
 _TOKENS = struct.Struct("<IHH")
 _ONE_TOKEN = struct.Struct("<BBHQIHHi")     # HEADER + _TOKENS + one token id: the common TOKENS record
 _FINISH = struct.Struct("<IIIH")
 _ERROR = struct.Struct("<HI")
+_U32 = struct.Struct("<I")
 
 _HAS_LOGPROBS = 1
 _HAS_TOP = 2
@@ -99,18 +113,39 @@ class Submit:
     request_id: int
     worker: int
     prompt_ids: list[int]
-    params: dict
+    params: SamplingParams      # decoding checks it again (SamplingParams' own checks)
+    extensions: bytes = b""
     TYPE: ClassVar[RecordType] = RecordType.SUBMIT
 
     def _body(self):
-        params = json.dumps(self.params, separators=(",", ":"), allow_nan=False).encode()
-        return _pack(_SUBMIT, len(self.prompt_ids), len(params)) + _int32s(self.prompt_ids) + params
+        stops = self.params.stop_token_ids
+        return (_pack(_SUBMIT, len(self.prompt_ids), PARAMS_VERSION, len(stops)) + _pack_params(self.params)
+                + _int32s(stops) + _int32s(self.prompt_ids) + _pack(_U32, len(self.extensions)) + self.extensions)
 
     @classmethod
     def _parse(cls, r, worker, request_id):
-        n_prompt, n_params = r.unpack(_SUBMIT)
+        n_prompt, version, n_stop = r.unpack(_SUBMIT)
+        if version != PARAMS_VERSION:
+            raise ValueError(f"SUBMIT params version {version}, this build reads {PARAMS_VERSION}")
+        fields = _unpack_params(r.unpack(_PARAMS))
+        stops = r.int32s(n_stop)
         prompt = r.int32s(n_prompt)
-        return cls(request_id, worker, prompt, _json_object(r.take(n_params)))
+        (n_ext,) = r.unpack(_U32)
+        return cls(request_id, worker, prompt, SamplingParams(**fields, stop_token_ids=stops), bytes(r.take(n_ext)))
+
+
+def _pack_params(p):
+    flags = ((_SEED_SET if p.seed is not None else 0) | (_IGNORE_EOS if p.ignore_eos else 0)
+             | (_LOGPROBS_SET if p.logprobs is not None else 0))
+    return _pack(_PARAMS, *(float(getattr(p, name)) for name in _FLOAT_PARAMS), p.top_k, p.max_tokens,
+                 (p.seed or 0) & _U64, flags, p.logprobs or 0, 0)
+
+
+def _unpack_params(values):
+    *floats, top_k, max_tokens, seed, flags, logprobs, _ = values
+    return {**dict(zip(_FLOAT_PARAMS, floats)), "top_k": top_k, "max_tokens": max_tokens,
+            "seed": seed if flags & _SEED_SET else None, "ignore_eos": bool(flags & _IGNORE_EOS),
+            "logprobs": logprobs if flags & _LOGPROBS_SET else None}
 
 
 class _Bodiless:
@@ -244,6 +279,15 @@ def decode(data) -> Record:
     return record
 
 
+def peek_header(data):
+    """(RecordType, worker, request_id) of a message's first record, or None if even
+    its header is cut short: who to answer when the rest is malformed."""
+    if len(data) < HEADER.size:
+        return None
+    rtype, _, worker, request_id = HEADER.unpack_from(data, 0)
+    return rtype, worker, request_id
+
+
 def decode_batch(data) -> list[Record]:
     """The records in a response ring message, in order; ValueError unless it
     is one or more well-formed records and nothing else."""
@@ -345,13 +389,3 @@ class _Reader:
     def end(self, what):
         if self.pos != len(self.buf):
             raise ValueError(f"{len(self.buf) - self.pos} stray bytes after a {what} record")
-
-
-def _json_object(raw):
-    try:
-        value = json.loads(str(raw, "utf-8"))
-    except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"SUBMIT params are not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"SUBMIT params must be a JSON object, got {type(value).__name__}")
-    return value

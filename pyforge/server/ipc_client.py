@@ -22,7 +22,6 @@ launcher restarts, up to RESTART_WAIT seconds, and are then submitted to it
 again under new ids (an ABORT of the old id first, in case a copy of the old
 SUBMIT was still in the ring).
 """
-import dataclasses
 import logging
 import threading
 import time
@@ -80,7 +79,7 @@ class IpcEngineClient:
         with self._lock:
             request_id = next(self._ids)
             stream = RequestStream(request_id, self._abort, self.timeout)
-            submit = Submit(request_id, self.slot, prompt_ids, _params_dict(params))
+            submit = Submit(request_id, self.slot, prompt_ids, params)
             self._streams[request_id] = stream     # before the put: no reply can be missed
             self._queued[request_id] = submit
         if not self.seg.request_ring.put(encode(submit), timeout=PUT_TIMEOUT):
@@ -239,13 +238,6 @@ class IpcEngineClient:
                 self._held, self._held_since = [], None
         for stream in streams:
             stream.put(ErrorEvent(503, message))
-
-
-def _params_dict(params):
-    # the fields are flat: no need for asdict()'s recursive deep copy
-    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-    d["stop_token_ids"] = list(d["stop_token_ids"])
-    return d
 
 
 def _event(record):

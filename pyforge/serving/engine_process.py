@@ -28,9 +28,8 @@ import time
 from typing import NamedTuple
 
 from pyforge.engine.requests import RequestTable
-from pyforge.engine.sampling_params import SamplingParams
-from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Segment, Submit, Tokens, decode, encode,
-                         encode_token, process_alive)
+from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, RecordType, Segment, Submit, Tokens, decode,
+                         encode, encode_token, peek_header, process_alive)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class EngineLoop:
             try:
                 record = decode(message)
             except ValueError as e:
-                log.error("dropping a malformed request record: %s", e)
+                self.refuse_malformed(message, e)
                 continue
             if isinstance(record, Submit):
                 self.submit(record)
@@ -158,6 +157,14 @@ class EngineLoop:
             else:
                 log.error("unexpected %s record on the request ring", type(record).__name__)
 
+    def refuse_malformed(self, message, error):
+        """A SUBMIT that does not decode (another build's layout, say) is answered 400,
+        so its client does not wait; anything else malformed is only logged."""
+        header = peek_header(message)
+        log.error("malformed request record: %s", error)
+        if header is not None and header[0] == RecordType.SUBMIT:
+            self.reply(header[1], Error(header[2], 400, f"the engine could not read this request: {error}"))
+
     # -- requests ---------------------------------------------------------------
     def submit(self, rec):
         if self.draining:
@@ -165,11 +172,12 @@ class EngineLoop:
         if len(self.engine.scheduler.waiting) >= self.queue_capacity:
             return self.reply(rec.worker, Error(rec.request_id, 503, "the server is at capacity; retry later"))
         try:
+            if rec.extensions:
+                raise ValueError("the request carries extensions this engine does not know")
             owner = _Worker(rec.worker, self.seg.slot_pid(rec.worker))
-            params = SamplingParams(**rec.params)
-        except (TypeError, ValueError) as e:
+        except ValueError as e:
             return self.reply(rec.worker, Error(rec.request_id, 400, str(e)))
-        self.table.admit(rec.request_id, owner, rec.prompt_ids, params)
+        self.table.admit(rec.request_id, owner, rec.prompt_ids, rec.params)
 
     def step(self):
         self.seg.add("generation_tokens", self.table.step())

@@ -1,5 +1,4 @@
 """Record encode/decode: round trips of random records, hostile bytes."""
-import dataclasses
 import random
 import struct
 
@@ -21,8 +20,10 @@ def random_record(rng):
     rid = rng.randrange(1 << 64)
     kind = rng.randrange(5)
     if kind == 0:
-        params = {"temperature": rng.random(), "max_tokens": rng.randrange(1, 5000), "seed": None,
-                  "stop_token_ids": [rng.randrange(50000) for _ in range(rng.randrange(3))], "note": "é✓"}
+        params = SamplingParams(temperature=rng.random() * 2, top_p=rng.random() or 1.0, top_k=rng.randrange(-1, 100),
+                                max_tokens=rng.randrange(1, 5000), seed=rng.choice([None, rng.randrange(1 << 64)]),
+                                stop_token_ids=[rng.randrange(50000) for _ in range(rng.randrange(3))],
+                                ignore_eos=rng.random() < 0.5, logprobs=rng.choice([None, 0, 5]))
         return Submit(rid, rng.randrange(1 << 16), [rng.randint(*INT32) for _ in range(rng.randrange(300))], params)
     if kind == 1:
         return Abort(rid)
@@ -47,7 +48,7 @@ def test_random_records_round_trip():
 
 
 def test_each_type_round_trips_and_has_its_type_byte():
-    records = [Submit(1, 2, [1, 2, 3], {"temperature": 0.0}), Abort(5),
+    records = [Submit(1, 2, [1, 2, 3], SamplingParams(temperature=0.0)), Abort(5),
                Tokens(6, [7], [-0.5], [[(7, -0.5), (8, -2.0)]]), Tokens(6, [], None, None),
                Finish(9, "stop", 10, 2, 4), Error(11, 503, "engine is draining")]
     for record in records:
@@ -56,11 +57,16 @@ def test_each_type_round_trips_and_has_its_type_byte():
     assert len(encode(Abort(5))) == HEADER.size == 12
 
 
-def test_sampling_params_travel_as_json():
-    params = SamplingParams(temperature=0.7, top_k=40, seed=1234, stop_token_ids=[2, 13], logprobs=3)
-    record = decode(encode(Submit(request_id(3, 17), 3, [1, 2], dataclasses.asdict(params))))
-    assert SamplingParams(**record.params) == params
+def test_sampling_params_travel_packed_and_exact():
+    params = SamplingParams(temperature=0.7, top_k=40, min_p=0.05, repetition_penalty=1.1, presence_penalty=-0.5,
+                            frequency_penalty=0.25, seed=1234, stop_token_ids=[2, 13], logprobs=3, ignore_eos=True)
+    data = encode(Submit(request_id(3, 17), 3, [1, 2], params))
+    record = decode(data)
+    assert record.params == params and record.prompt_ids == [1, 2] and record.extensions == b""
     assert slot_of(record.request_id) == 3
+    assert len(data) == HEADER.size + 8 + 68 + 2 * 4 + 2 * 4 + 4     # the layout the docstring draws
+    # a seed of any size travels as its residue mod 2^64, which is all the RNG uses
+    assert decode(encode(Submit(1, 0, [1], SamplingParams(seed=-5)))).params.seed == 2**64 - 5
 
 
 def test_truncated_records_raise_value_error():
@@ -90,9 +96,13 @@ def test_garbage_and_mutations_raise_only_value_error():
 
 
 def test_hostile_counts_fail_before_allocating():
-    huge = struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)
-    with pytest.raises(ValueError, match="truncated"):
-        decode(HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + huge)
+    params = struct.pack("<ddddddiIQBBH", 1, 1, 0, 1, 0, 0, 0, 16, 0, 0, 0, 0)
+    for counts in (struct.pack("<IHH", 0xFFFFFFFF, 1, 0), struct.pack("<IHH", 0, 1, 0xFFFF)):
+        with pytest.raises(ValueError, match="truncated"):     # prompt ids, stop ids
+            decode(HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + counts + params)
+    with pytest.raises(ValueError, match="truncated"):         # extensions
+        decode(HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<IHH", 0, 1, 0) + params
+               + struct.pack("<I", 0xFFFFFFFF))
     with pytest.raises(ValueError, match="truncated"):
         decode(HEADER.pack(RecordType.TOKENS, 0, 0, 1) + struct.pack("<IHH", 0xFFFFFFFF, 0xFFFF, 3))
 
@@ -101,9 +111,11 @@ def test_hostile_counts_fail_before_allocating():
     (HEADER.pack(99, 0, 0, 1), "unknown record type"),
     (HEADER.pack(RecordType.ABORT, 1, 0, 1), "flags"),
     (HEADER.pack(RecordType.TOKENS, 0, 0, 1) + struct.pack("<IHH", 0, 0, 8), "flags"),
-    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<II", 0, 2) + b"[]", "JSON object"),
-    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<II", 0, 2) + b"{x", "JSON"),
-    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<II", 0, 20000) + b"[" * 20000, "JSON"),
+    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<IHH", 0, 2, 0), "params version 2"),
+    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<IHH", 0, 1, 0) + b"\0" * 20, "truncated"),
+    (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<IHH", 0, 1, 0)
+     + struct.pack("<ddddddiIQBBH", float("nan"), 1, 0, 1, 0, 0, 0, 16, 0, 0, 0, 0) + struct.pack("<I", 0),
+     "temperature must be a number"),
     (HEADER.pack(RecordType.ERROR, 0, 0, 1) + struct.pack("<HI", 500, 2) + b"\xff\xfe", "UTF-8"),
     (b"", "truncated"),
 ])
@@ -113,11 +125,10 @@ def test_malformed_records_say_why(data, match):
 
 
 @pytest.mark.parametrize("record", [
-    Submit(1, 1 << 16, [1], {}),                      # worker beyond u16
-    Submit(1 << 64, 0, [1], {}),                      # request id beyond u64
-    Submit(1, 0, [1 << 31], {}),                      # token id beyond int32
-    Submit(1, 0, [1.5], {}),
-    Submit(1, 0, [1], {"temperature": float("nan")}),
+    Submit(1, 1 << 16, [1], SamplingParams()),        # worker beyond u16
+    Submit(1 << 64, 0, [1], SamplingParams()),        # request id beyond u64
+    Submit(1, 0, [1 << 31], SamplingParams()),        # token id beyond int32
+    Submit(1, 0, [1.5], SamplingParams()),
     Tokens(1, [1, 2], [-0.1]),                        # one logprob for two tokens
     Tokens(1, [1, 2], None, [[(1, -0.1)], []]),       # ragged top_logprobs
     Error(1, 70000, "status beyond u16"),

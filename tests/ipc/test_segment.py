@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.records import Submit, decode, encode
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, _open_shm, _unlink, cleanup_stale, new_name
 
@@ -82,7 +83,7 @@ def create_and_die(prefix, conn):
 def test_engine_in_another_process(segment):
     assert segment.engine_status == EngineStatus.STARTING
     slot = segment.claim_slot()
-    segment.request_ring.put(encode(Submit(next(segment.request_ids()), slot, [1, 2, 3], {"max_tokens": 4})))
+    segment.request_ring.put(encode(Submit(next(segment.request_ids()), slot, [1, 2, 3], SamplingParams(max_tokens=4))))
     assert run(engine_child, segment.name) == 0
     assert segment.engine_status == EngineStatus.READY and segment.engine_pid > 0
     assert segment.heartbeat == 1

@@ -3,6 +3,7 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
+import struct
 import time
 
 import pytest
@@ -249,3 +250,31 @@ def test_sigterm_drains_running_requests(model_path):
         assert r.proc.exitcode == 0 and r.seg.engine_status == EngineStatus.STOPPED
     finally:
         r.close()
+
+
+def test_submits_the_engine_cannot_take_are_answered_400(model_path):
+    """A SUBMIT of another build's layout, or one carrying extensions this engine does
+    not know, is answered (its client must not wait), not dropped or half-honoured."""
+    from pyforge.engine.config import EngineConfig
+    from pyforge.engine.engine import Engine
+    from pyforge.ipc.records import HEADER, Error, RecordType, Submit, decode_batch, encode
+    from pyforge.serving.engine_process import EngineLoop
+
+    engine = Engine(EngineConfig(**engine_kwargs(model_path)))
+    seg = Segment.create(new_name(f"pyforge-test{secrets.token_hex(3)}-"), n_workers=1, **SMALL)
+    worker = Segment.attach(seg.name)
+    try:
+        slot = worker.claim_slot()
+        loop = EngineLoop(seg, engine)
+        seg.request_ring.put(HEADER.pack(RecordType.SUBMIT, 0, slot, 7) + struct.pack("<IHH", 1, 99, 0))
+        seg.request_ring.put(encode(Submit(8, slot, [1, 2], GREEDY, extensions=b"\x01")))
+        loop.run_once()
+        replies = [r for m in worker.response_ring(slot).get_all() for r in decode_batch(m)]
+    finally:
+        worker.close()
+        seg.close()
+        seg.unlink()
+    assert [(r.request_id, r.status) for r in replies] == [(7, 400), (8, 400)]
+    assert all(isinstance(r, Error) for r in replies)
+    assert "version 99" in replies[0].message and "extensions" in replies[1].message
+    assert not engine.has_work

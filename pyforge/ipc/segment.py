@@ -70,24 +70,31 @@ class Stat:
     +Inf; not cumulative), a float64 sum and an int64 count."""
     name: str
     kind: str                            # "counter" | "gauge" | "histogram"
+    help: str                            # the /metrics HELP line
     dtype: str = "i64"                   # counters and gauges: "i64" | "f64"
     buckets: tuple[float, ...] = ()
+
+    @property
+    def exported_name(self):
+        """Its Prometheus name after the pyforge: prefix (vLLM's: counters end in _total)."""
+        return self.name + "_total" if self.kind == "counter" else self.name
 
     @property
     def words(self):
         return len(self.buckets) + 3 if self.kind == "histogram" else 1
 
 
-# Names follow vLLM's metrics (pyforge:<name>, counters get _total on export).
+# The one table of metrics: names follow vLLM's (pyforge:<name>, counters get _total
+# on export); server/metrics.py exports exactly these, in this order.
 ENGINE_STATS = (
-    Stat("num_requests_waiting", "gauge"),
-    Stat("num_requests_running", "gauge"),
-    Stat("kv_cache_usage_perc", "gauge", "f64"),
-    Stat("prefix_cache_queries", "counter"),
-    Stat("prefix_cache_hits", "counter"),
-    Stat("prompt_tokens", "counter"),
-    Stat("generation_tokens", "counter"),
-    Stat("num_preemptions", "counter"),
+    Stat("num_requests_running", "gauge", "Requests in the running batch."),
+    Stat("num_requests_waiting", "gauge", "Requests waiting to be scheduled."),
+    Stat("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).", "f64"),
+    Stat("prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache."),
+    Stat("prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."),
+    Stat("prompt_tokens", "counter", "Prefilled prompt tokens."),
+    Stat("generation_tokens", "counter", "Generated tokens."),
+    Stat("num_preemptions", "counter", "Preempted sequences."),
 )
 _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -96,12 +103,12 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0)
 WORKER_STATS = (
-    Stat("requests", "counter"),
-    Stat("request_success", "counter"),
-    Stat("request_failure", "counter"),
-    Stat("e2e_request_latency_seconds", "histogram", buckets=_LATENCY_BUCKETS),
-    Stat("time_to_first_token_seconds", "histogram", buckets=_TTFT_BUCKETS),
-    Stat("inter_token_latency_seconds", "histogram", buckets=_ITL_BUCKETS),
+    Stat("requests", "counter", "HTTP generation requests received."),
+    Stat("request_success", "counter", "Requests answered successfully."),
+    Stat("request_failure", "counter", "Requests answered with an error."),
+    Stat("time_to_first_token_seconds", "histogram", "Time to first token.", buckets=_TTFT_BUCKETS),
+    Stat("inter_token_latency_seconds", "histogram", "Time between tokens.", buckets=_ITL_BUCKETS),
+    Stat("e2e_request_latency_seconds", "histogram", "End-to-end request latency.", buckets=_LATENCY_BUCKETS),
 )
 # Two builds with different field lists must not share a segment.
 STATS_LAYOUT = zlib.crc32(repr((ENGINE_STATS, WORKER_STATS)).encode())

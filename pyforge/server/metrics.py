@@ -12,27 +12,10 @@ _total, histograms with _bucket / _sum / _count, labelled with model_name.
 import math
 import threading
 
+from pyforge.ipc.segment import ENGINE_STATS, WORKER_STATS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "pyforge:"
-
-# (segment stat, exported name, Prometheus type, help)
-EXPORTS = (
-    ("num_requests_running", "num_requests_running", "gauge", "Requests in the running batch."),
-    ("num_requests_waiting", "num_requests_waiting", "gauge", "Requests waiting to be scheduled."),
-    ("kv_cache_usage_perc", "kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full)."),
-    ("prefix_cache_queries", "prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache."),
-    ("prefix_cache_hits", "prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache."),
-    ("prompt_tokens", "prompt_tokens_total", "counter", "Prefilled prompt tokens."),
-    ("generation_tokens", "generation_tokens_total", "counter", "Generated tokens."),
-    ("num_preemptions", "num_preemptions_total", "counter", "Preempted sequences."),
-    ("requests", "requests_total", "counter", "HTTP generation requests received."),
-    ("request_success", "request_success_total", "counter", "Requests answered successfully."),
-    ("request_failure", "request_failure_total", "counter", "Requests answered with an error."),
-    ("time_to_first_token_seconds", "time_to_first_token_seconds", "histogram", "Time to first token."),
-    ("inter_token_latency_seconds", "inter_token_latency_seconds", "histogram", "Time between tokens."),
-    ("e2e_request_latency_seconds", "e2e_request_latency_seconds", "histogram", "End-to-end request latency."),
-)
-
 
 class SegmentObserver:
     """The app's observer hook, writing to this worker's slot of the segment
@@ -72,13 +55,13 @@ def render(stats, model_name):
     """Prometheus text exposition of a Segment.stats() dict."""
     label = f'model_name="{_escape(model_name)}"'
     lines = []
-    for field, name, kind, help_text in EXPORTS:
-        if field not in stats:
+    for stat in ENGINE_STATS + WORKER_STATS:
+        if stat.name not in stats:
             continue
-        full = PREFIX + name
-        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
-        value = stats[field]
-        if kind != "histogram":
+        full = PREFIX + stat.exported_name
+        lines += [f"# HELP {full} {stat.help}", f"# TYPE {full} {stat.kind}"]
+        value = stats[stat.name]
+        if stat.kind != "histogram":
             lines.append(f"{full}{{{label}}} {_number(value)}")
             continue
         cumulative = 0

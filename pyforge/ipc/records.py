@@ -51,7 +51,7 @@ Byte layout: little-endian, packed, one record per message.
           | i32 token_ids[n] | f32 logprobs[n]                      if has & 1
           | i32 top_ids[n * n_top] | f32 top_logprobs[n * n_top]     if has & 2
   FINISH  u32 prompt_tokens | u32 completion_tokens | u32 cached_tokens
-          | u16 n | finish_reason: UTF-8[n]
+          | u8 finish_reason (FinishReason: 1 stop, 2 length, 3 abort)
   ERROR   u16 status (HTTP) | u32 n | message: UTF-8[n]
 
 `worker` is the submitting worker's slot in SUBMIT (its responses go to that
@@ -78,7 +78,7 @@ _SEED_SET, _IGNORE_EOS, _LOGPROBS_SET = 1, 2, 4
 _U64 = (1 << 64) - 1
 _TOKENS = struct.Struct("<IHH")
 _ONE_TOKEN = struct.Struct("<BBHQIHHi")     # HEADER + _TOKENS + one token id: the common TOKENS record
-_FINISH = struct.Struct("<IIIH")
+_FINISH = struct.Struct("<IIIB")
 _ERROR = struct.Struct("<HI")
 _U32 = struct.Struct("<I")
 
@@ -86,6 +86,16 @@ _HAS_LOGPROBS = 1
 _HAS_TOP = 2
 _SWAP = sys.byteorder != "little"   # array() is native-endian; the layout is little
 _SLOT_SHIFT = 48
+
+
+class FinishReason(IntEnum):
+    """Why a request ended, as FINISH carries it; the names are OpenAI's finish_reason."""
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+
+
+_REASON_CODES = {r.name.lower(): r for r in FinishReason}
 
 
 class RecordType(IntEnum):
@@ -218,14 +228,19 @@ class Finish:
     TYPE: ClassVar[RecordType] = RecordType.FINISH
 
     def _body(self):
-        reason = self.finish_reason.encode()
-        counts = (self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-        return _pack(_FINISH, *counts, len(reason)) + reason
+        reason = _REASON_CODES.get(self.finish_reason)
+        if reason is None:
+            raise ValueError(f"finish_reason must be one of {', '.join(_REASON_CODES)}, got {self.finish_reason!r}")
+        return _pack(_FINISH, self.prompt_tokens, self.completion_tokens, self.cached_tokens, reason)
 
     @classmethod
     def _parse(cls, r, worker, request_id):
-        prompt, completion, cached, n = r.unpack(_FINISH)
-        return cls(request_id, r.text(n), prompt, completion, cached)
+        prompt, completion, cached, code = r.unpack(_FINISH)
+        try:
+            reason = FinishReason(code).name.lower()
+        except ValueError:
+            raise ValueError(f"unknown finish reason {code}") from None
+        return cls(request_id, reason, prompt, completion, cached)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ def random_record(rng):
             top = [[(rng.randrange(1 << 17), f32(-rng.random() * 9)) for _ in range(n_top)] for _ in range(n)]
         return Tokens(rid, [rng.randrange(1 << 17) for _ in range(n)], logprobs, top)
     if kind == 3:
-        return Finish(rid, rng.choice(["stop", "length", "abort", ""]), *(rng.randrange(1 << 32) for _ in range(3)))
+        return Finish(rid, rng.choice(["stop", "length", "abort"]), *(rng.randrange(1 << 32) for _ in range(3)))
     message = "".join(rng.choice("abc ✓\n") for _ in range(rng.randrange(40)))
     return Error(rid, rng.choice([400, 413, 500, 503]), message)
 
@@ -117,6 +117,7 @@ def test_hostile_counts_fail_before_allocating():
      + struct.pack("<ddddddiIQBBH", float("nan"), 1, 0, 1, 0, 0, 0, 16, 0, 0, 0, 0) + struct.pack("<I", 0),
      "temperature must be a number"),
     (HEADER.pack(RecordType.ERROR, 0, 0, 1) + struct.pack("<HI", 500, 2) + b"\xff\xfe", "UTF-8"),
+    (HEADER.pack(RecordType.FINISH, 0, 0, 1) + struct.pack("<IIIB", 1, 1, 0, 9), "unknown finish reason 9"),
     (b"", "truncated"),
 ])
 def test_malformed_records_say_why(data, match):
@@ -129,6 +130,7 @@ def test_malformed_records_say_why(data, match):
     Submit(1 << 64, 0, [1], SamplingParams()),        # request id beyond u64
     Submit(1, 0, [1 << 31], SamplingParams()),        # token id beyond int32
     Submit(1, 0, [1.5], SamplingParams()),
+    Finish(1, "tired", 1, 1),                         # not a finish reason
     Tokens(1, [1, 2], [-0.1]),                        # one logprob for two tokens
     Tokens(1, [1, 2], None, [[(1, -0.1)], []]),       # ragged top_logprobs
     Error(1, 70000, "status beyond u16"),

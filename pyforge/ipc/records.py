@@ -1,4 +1,5 @@
-"""The IPC contract between the HTTP workers and the engine.
+"""The IPC contract between the HTTP workers and the engine (restated for C, byte for
+byte, in native/pyforge_ipc.h; tests/serving/c_client.c is a client built from it).
 
 Rings (all in one shared-memory segment, see segment.py):
 

@@ -1,4 +1,5 @@
-"""The shared-memory segment that joins the HTTP workers and the engine.
+"""The shared-memory segment that joins the HTTP workers and the engine (its layout in
+C: native/pyforge_ipc.h).
 
 One POSIX shared-memory object (/dev/shm/<name>), laid out as:
 

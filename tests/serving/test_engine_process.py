@@ -2,13 +2,16 @@
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import signal
 import struct
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import drain_stream, fail_next_run
+from conftest import REPO, drain_stream, fail_next_run
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
 from pyforge.server.engine_client import ADMITTED, ErrorEvent, FinishEvent, QueueFullError, TokenEvent
@@ -278,3 +281,24 @@ def test_submits_the_engine_cannot_take_are_answered_400(model_path):
     assert all(isinstance(r, Error) for r in replies)
     assert "version 99" in replies[0].message and "extensions" in replies[1].message
     assert not engine.has_work
+
+
+def test_a_c_client_talks_to_the_engine_with_the_c_header(running, reference, tmp_path):
+    """native/pyforge_ipc.h is the whole contract: a C program built from it (and the
+    ring, native/shm_ring.c) attaches to a live engine, submits, and reads the same
+    greedy tokens the in-process engine makes."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    exe = tmp_path / "c_client"
+    subprocess.run([gcc, "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-I", str(REPO / "native"),
+                    str(Path(__file__).with_name("c_client.c")), str(REPO / "native" / "shm_ring.c"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=120)
+    out = subprocess.run([str(exe), running.seg.name, "12", *map(str, PROMPTS[0])],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0] == "admitted"
+    assert [int(line.split()[1]) for line in lines if line.startswith("token ")] == reference[0]
+    assert f"finish length {len(PROMPTS[0])} 12" in lines
+    assert all(running.seg.slot_pid(s) == 0 for s in range(4))      # it gave its slot back

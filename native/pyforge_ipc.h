@@ -86,6 +86,10 @@ enum pf_record_type {
 };
 
 enum pf_finish_reason { PF_FINISH_STOP = 1, PF_FINISH_LENGTH = 2, PF_FINISH_ABORT = 3 };
+enum pf_error_kind {            /* pyforge/engine/errors.py: ErrorKind */
+    PF_ERROR_BAD_REQUEST = 1, PF_ERROR_OVERLOADED = 2, PF_ERROR_OUT_OF_MEMORY = 3,
+    PF_ERROR_SHUTTING_DOWN = 4, PF_ERROR_INTERNAL = 5,
+};
 
 #pragma pack(push, 1)
 typedef struct {
@@ -140,7 +144,7 @@ typedef struct {
 
 /* ERROR: pf_error, then n bytes of UTF-8 message. */
 typedef struct {
-    uint16_t status;            /* the HTTP status a worker answers with */
+    uint16_t kind;              /* pf_error_kind: a worker maps it to an HTTP status */
     uint32_t n;
 } pf_error;
 #pragma pack(pop)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pyforge.backends import get_backend
 from pyforge.engine.block_manager import BlockManager
 from pyforge.engine.config import EngineConfig
+from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
@@ -20,9 +21,6 @@ from pyforge.models.registry import family
 from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
 
-
-
-INTERNAL_ERROR = "internal error in the engine"     # what a client hears of our bugs
 
 
 class StepError(RuntimeError):
@@ -39,10 +37,10 @@ class StepError(RuntimeError):
         self.out_of_memory = isinstance(cause, MemoryError)
 
     def reply(self):
-        """(HTTP status, message) for the requests this step ended."""
+        """(ErrorKind, message) for the requests this step ended."""
         if self.out_of_memory:
-            return 503, "the server ran out of memory running this request; retry later"
-        return 500, INTERNAL_ERROR
+            return ErrorKind.OUT_OF_MEMORY, "the server ran out of memory running this request; retry later"
+        return ErrorKind.INTERNAL, INTERNAL_ERROR
 
 
 @dataclass

@@ -8,7 +8,7 @@ The loops differ only in their transport, which the table calls through a
     admitted(entry)                    the engine queued it
     tokens(entry, output)              one StepOutput of this step
     finished(entry, reason)            the last record: "stop" | "length" | "abort"
-    failed(entry, status, message)     the last record: an error (HTTP status)
+    failed(entry, kind, message)       the last record: an error (an ErrorKind)
 
 Each entry is answered with exactly one of finished / failed (a refused
 admission gets failed alone); after that the table has forgotten it.
@@ -16,7 +16,8 @@ admission gets failed alone); after that the table has forgotten it.
 import logging
 from dataclasses import dataclass
 
-from pyforge.engine.engine import INTERNAL_ERROR, StepError
+from pyforge.engine.engine import StepError
+from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ class RequestTable:
         """Queue a request in the engine; the Entry, or None if it was refused (400)."""
         entry = Entry(request_id, owner, params.logprobs is not None)
         if request_id in self.entries:
-            self.replies.failed(entry, 400, "duplicate request id")
+            self.replies.failed(entry, ErrorKind.BAD_REQUEST, "duplicate request id")
             return None
         try:
             entry.seq = self.engine.add_request(prompt_ids, params)
         except (TypeError, ValueError) as e:
-            self.replies.failed(entry, 400, str(e))
+            self.replies.failed(entry, ErrorKind.BAD_REQUEST, str(e))
             return None
         self.entries[request_id] = entry
         self._by_seq[entry.seq.seq_id] = entry
@@ -71,20 +72,20 @@ class RequestTable:
 
     def step(self):
         """One engine step; every output goes to its entry's replies. A failed step
-        ends only the requests it names (503 out of memory, else 500); a bug in the
-        step ends every request (500). Returns the number of outputs."""
+        ends only the requests it names (OUT_OF_MEMORY, else INTERNAL); a bug in the
+        step ends every request (INTERNAL). Returns the number of outputs."""
         try:
             outputs = self.engine.step()
         except StepError as e:
             log.error("engine step failed: %s", e, exc_info=e.__cause__)
-            status, message = e.reply()
+            kind, message = e.reply()
             for entry in [self._by_seq[s] for s in e.seq_ids if s in self._by_seq]:
                 self._forget(entry)
-                self.replies.failed(entry, status, message)
+                self.replies.failed(entry, kind, message)
             outputs = e.outputs
         except Exception:
             log.exception("engine step failed")
-            self.fail_all(500, INTERNAL_ERROR)
+            self.fail_all(ErrorKind.INTERNAL, INTERNAL_ERROR)
             return 0
         for out in outputs:
             entry = self._by_seq.get(out.seq_id)
@@ -99,10 +100,10 @@ class RequestTable:
                 self.replies.finished(entry, out.finish_reason)
         return len(outputs)
 
-    def fail_all(self, status, message):
+    def fail_all(self, kind, message):
         for entry in list(self.entries.values()):
             self.drop(entry)
-            self.replies.failed(entry, status, message)
+            self.replies.failed(entry, kind, message)
 
     def _forget(self, entry):
         self.entries.pop(entry.request_id, None)

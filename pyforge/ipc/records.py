@@ -53,7 +53,8 @@ Byte layout: little-endian, packed, one record per message.
           | i32 top_ids[n * n_top] | f32 top_logprobs[n * n_top]     if has & 2
   FINISH  u32 prompt_tokens | u32 completion_tokens | u32 cached_tokens
           | u8 finish_reason (FinishReason: 1 stop, 2 length, 3 abort)
-  ERROR   u16 status (HTTP) | u32 n | message: UTF-8[n]
+  ERROR   u16 kind (ErrorKind: 1 bad request, 2 overloaded, 3 out of memory,
+          4 shutting down, 5 internal) | u32 n | message: UTF-8[n]
 
 `worker` is the submitting worker's slot in SUBMIT (its responses go to that
 slot's ring) and 0 in every other record. TOKENS usually carries one token
@@ -68,6 +69,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Union
 
+from pyforge.engine.errors import ErrorKind
 from pyforge.engine.sampling_params import SamplingParams
 
 HEADER = struct.Struct("<BBHQ")
@@ -247,18 +249,24 @@ class Finish:
 @dataclass(frozen=True, slots=True)
 class Error:
     request_id: int
-    status: int
+    kind: ErrorKind
     message: str
     TYPE: ClassVar[RecordType] = RecordType.ERROR
 
     def _body(self):
+        if not isinstance(self.kind, ErrorKind):
+            raise ValueError(f"an ERROR record's kind must be an ErrorKind, got {self.kind!r}")
         message = self.message.encode()
-        return _pack(_ERROR, self.status, len(message)) + message
+        return _pack(_ERROR, self.kind, len(message)) + message
 
     @classmethod
     def _parse(cls, r, worker, request_id):
-        status, n = r.unpack(_ERROR)
-        return cls(request_id, status, r.text(n))
+        code, n = r.unpack(_ERROR)
+        try:
+            kind = ErrorKind(code)
+        except ValueError:
+            raise ValueError(f"unknown error kind {code}") from None
+        return cls(request_id, kind, r.text(n))
 
 
 Record = Union[Submit, Abort, Admitted, Tokens, Finish, Error]

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
+from pyforge.engine.errors import ErrorKind
 from pyforge.engine.sampling_params import SamplingParams
 
 DEFAULT_STALL_TIMEOUT = 600.0   # seconds without any event before a request is given up
@@ -64,6 +65,15 @@ class FinishEvent:
 class ErrorEvent:
     status: int                 # the HTTP status the app answers with
     message: str                # safe to show the client
+
+
+# The one place an engine's ErrorKind becomes an HTTP status (503s carry Retry-After).
+HTTP_STATUS = {ErrorKind.BAD_REQUEST: 400, ErrorKind.OVERLOADED: 503, ErrorKind.OUT_OF_MEMORY: 503,
+               ErrorKind.SHUTTING_DOWN: 503, ErrorKind.INTERNAL: 500}
+
+
+def error_event(kind, message):
+    return ErrorEvent(HTTP_STATUS[kind], message)
 
 
 Event = AdmittedEvent | TokenEvent | FinishEvent | ErrorEvent

@@ -16,9 +16,10 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from pyforge.engine.errors import ErrorKind
 from pyforge.engine.requests import RequestTable
 from pyforge.server.engine_client import (
-    ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, FinishEvent, QueueFullError, RequestStream, TokenEvent, error_event,
 )
 
 
@@ -49,8 +50,8 @@ class StreamReplies:
                                     seq.num_cached_prompt_tokens))
 
     @staticmethod
-    def failed(entry, status, message):
-        entry.owner.put(ErrorEvent(status, message))
+    def failed(entry, kind, message):
+        entry.owner.put(error_event(kind, message))
 
 
 class InProcessEngineClient:
@@ -117,7 +118,7 @@ class InProcessEngineClient:
             self._admit(submits)
             self._apply_aborts(aborts)
             self._step()
-        self._fail_all(503, "the engine is shutting down")
+        self._fail_all(ErrorKind.SHUTTING_DOWN, "the engine is shutting down")
 
     def _admit(self, submits):
         for req in submits:
@@ -134,12 +135,12 @@ class InProcessEngineClient:
             self._n_waiting = len(self.engine.scheduler.waiting)
             self._stats = self._snapshot()
 
-    def _fail_all(self, status, message):
-        self._table.fail_all(status, message)
+    def _fail_all(self, kind, message):
+        self._table.fail_all(kind, message)
         with self._cond:
             pending, self._submits = self._submits, deque()
         for req in pending:
-            req.stream.put(ErrorEvent(status, message))
+            req.stream.put(error_event(kind, message))
 
     def _snapshot(self):
         engine, blocks = self.engine, self.engine.block_manager

@@ -31,6 +31,7 @@ from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, Submit, T
                          process_alive)
 from pyforge.server.engine_client import (
     ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, QueueFullError, RequestStream, TokenEvent,
+    error_event,
 )
 
 log = logging.getLogger(__name__)
@@ -248,5 +249,5 @@ def _event(record):
     if isinstance(record, Finish):
         return FinishEvent(record.finish_reason, record.prompt_tokens, record.completion_tokens, record.cached_tokens)
     if isinstance(record, Error):
-        return ErrorEvent(record.status, record.message)
+        return error_event(record.kind, record.message)
     raise ValueError(f"unexpected {type(record).__name__} record on a response ring")

@@ -27,6 +27,7 @@ import signal
 import time
 from typing import NamedTuple
 
+from pyforge.engine.errors import ErrorKind
 from pyforge.engine.requests import RequestTable
 from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, RecordType, Segment, Submit, Tokens, decode,
                          encode, encode_token, peek_header, process_alive)
@@ -73,8 +74,8 @@ class RingReplies:
         self._add(entry, encode(Finish(entry.request_id, reason, seq.num_prompt_tokens, seq.num_output_tokens,
                                        seq.num_cached_prompt_tokens)))
 
-    def failed(self, entry, status, message):
-        record = Error(entry.request_id, status, message)
+    def failed(self, entry, kind, message):
+        record = Error(entry.request_id, kind, message)
         if entry.seq is None:       # refused at admission: nothing else of it is coming
             self.loop.send(entry.owner.slot, encode(record), entry.request_id)
         else:
@@ -126,7 +127,7 @@ class EngineLoop:
                 log.error("the launcher (pid %d) is gone; stopping", parent_pid)
                 stop_requested = _always
         self.drain_ring()
-        self.table.fail_all(503, "the engine is shutting down")
+        self.table.fail_all(ErrorKind.SHUTTING_DOWN, "the engine is shutting down")
         self.replies.flush()
 
     def run_once(self):
@@ -163,20 +164,22 @@ class EngineLoop:
         header = peek_header(message)
         log.error("malformed request record: %s", error)
         if header is not None and header[0] == RecordType.SUBMIT:
-            self.reply(header[1], Error(header[2], 400, f"the engine could not read this request: {error}"))
+            self.reply(header[1], Error(header[2], ErrorKind.BAD_REQUEST,
+                                        f"the engine could not read this request: {error}"))
 
     # -- requests ---------------------------------------------------------------
     def submit(self, rec):
         if self.draining:
-            return self.reply(rec.worker, Error(rec.request_id, 503, "the engine is shutting down"))
+            return self.reply(rec.worker, Error(rec.request_id, ErrorKind.SHUTTING_DOWN, "the engine is shutting down"))
         if len(self.engine.scheduler.waiting) >= self.queue_capacity:
-            return self.reply(rec.worker, Error(rec.request_id, 503, "the server is at capacity; retry later"))
+            return self.reply(rec.worker, Error(rec.request_id, ErrorKind.OVERLOADED,
+                                                "the server is at capacity; retry later"))
         try:
             if rec.extensions:
                 raise ValueError("the request carries extensions this engine does not know")
             owner = _Worker(rec.worker, self.seg.slot_pid(rec.worker))
         except ValueError as e:
-            return self.reply(rec.worker, Error(rec.request_id, 400, str(e)))
+            return self.reply(rec.worker, Error(rec.request_id, ErrorKind.BAD_REQUEST, str(e)))
         self.table.admit(rec.request_id, owner, rec.prompt_ids, rec.params)
 
     def step(self):

@@ -6,6 +6,7 @@ from conftest import fail_next_run
 from pyforge.engine.engine import Engine
 from pyforge.engine.requests import RequestTable
 from pyforge.engine.sampling_params import SamplingParams
+from pyforge.server.engine_client import HTTP_STATUS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 PROMPTS = [[1, 450, 4996, 17354], [1, 3118, 29871, 42, 7], [1, 910, 338, 263, 1243, 29889]]
@@ -26,8 +27,8 @@ class Recorder:
     def finished(self, entry, reason):
         self.log.append((entry.request_id, "finished", reason))
 
-    def failed(self, entry, status, message):
-        self.log.append((entry.request_id, "failed", status))
+    def failed(self, entry, kind, message):
+        self.log.append((entry.request_id, "failed", HTTP_STATUS[kind]))
 
     def of(self, request_id):
         return [r[1:] for r in self.log if r[0] == request_id]

@@ -4,6 +4,7 @@ import struct
 
 import pytest
 
+from pyforge.engine.errors import ErrorKind
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.records import (HEADER, Abort, Error, Finish, RecordType, Submit, Tokens, decode, decode_batch,
                                  encode, encode_batch, encode_token, request_id, slot_of)
@@ -37,7 +38,7 @@ def random_record(rng):
     if kind == 3:
         return Finish(rid, rng.choice(["stop", "length", "abort"]), *(rng.randrange(1 << 32) for _ in range(3)))
     message = "".join(rng.choice("abc ✓\n") for _ in range(rng.randrange(40)))
-    return Error(rid, rng.choice([400, 413, 500, 503]), message)
+    return Error(rid, rng.choice(list(ErrorKind)), message)
 
 
 def test_random_records_round_trip():
@@ -50,7 +51,7 @@ def test_random_records_round_trip():
 def test_each_type_round_trips_and_has_its_type_byte():
     records = [Submit(1, 2, [1, 2, 3], SamplingParams(temperature=0.0)), Abort(5),
                Tokens(6, [7], [-0.5], [[(7, -0.5), (8, -2.0)]]), Tokens(6, [], None, None),
-               Finish(9, "stop", 10, 2, 4), Error(11, 503, "engine is draining")]
+               Finish(9, "stop", 10, 2, 4), Error(11, ErrorKind.SHUTTING_DOWN, "engine is draining")]
     for record in records:
         data = encode(record)
         assert data[0] == record.TYPE and decode(data) == record
@@ -116,7 +117,8 @@ def test_hostile_counts_fail_before_allocating():
     (HEADER.pack(RecordType.SUBMIT, 0, 0, 1) + struct.pack("<IHH", 0, 1, 0)
      + struct.pack("<ddddddiIQBBH", float("nan"), 1, 0, 1, 0, 0, 0, 16, 0, 0, 0, 0) + struct.pack("<I", 0),
      "temperature must be a number"),
-    (HEADER.pack(RecordType.ERROR, 0, 0, 1) + struct.pack("<HI", 500, 2) + b"\xff\xfe", "UTF-8"),
+    (HEADER.pack(RecordType.ERROR, 0, 0, 1) + struct.pack("<HI", 5, 2) + b"\xff\xfe", "UTF-8"),
+    (HEADER.pack(RecordType.ERROR, 0, 0, 1) + struct.pack("<HI", 500, 0), "unknown error kind 500"),
     (HEADER.pack(RecordType.FINISH, 0, 0, 1) + struct.pack("<IIIB", 1, 1, 0, 9), "unknown finish reason 9"),
     (b"", "truncated"),
 ])
@@ -133,7 +135,7 @@ def test_malformed_records_say_why(data, match):
     Finish(1, "tired", 1, 1),                         # not a finish reason
     Tokens(1, [1, 2], [-0.1]),                        # one logprob for two tokens
     Tokens(1, [1, 2], None, [[(1, -0.1)], []]),       # ragged top_logprobs
-    Error(1, 70000, "status beyond u16"),
+    Error(1, 503, "an HTTP status, not an ErrorKind"),
 ])
 def test_unencodable_records_raise_value_error(record):
     with pytest.raises(ValueError):

@@ -4,7 +4,7 @@
  *   c_client SEGMENT MAX_TOKENS PROMPT_ID...
  *
  * Prints "admitted", one "token ID" line per token, then "finish REASON PROMPT
- * COMPLETION" (exit 0) or "error STATUS MESSAGE" (exit 2). Built and run by
+ * COMPLETION" (exit 0) or "error KIND MESSAGE" (exit 2; pf_error_kind). Built and run by
  * tests/serving/test_engine_process.py against a real engine process.
  */
 #define _GNU_SOURCE
@@ -131,7 +131,7 @@ static int print_records(const unsigned char *p, uint64_t len, uint64_t request_
             memcpy(&e, p + at, sizeof e);
             at += sizeof e;
             if (mine) {
-                printf("error %u %.*s\n", e.status, (int)e.n, (const char *)(p + at));
+                printf("error %u %.*s\n", e.kind, (int)e.n, (const char *)(p + at));
                 return 2;
             }
             at += e.n;

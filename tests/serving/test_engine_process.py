@@ -260,6 +260,7 @@ def test_submits_the_engine_cannot_take_are_answered_400(model_path):
     not know, is answered (its client must not wait), not dropped or half-honoured."""
     from pyforge.engine.config import EngineConfig
     from pyforge.engine.engine import Engine
+    from pyforge.engine.errors import ErrorKind
     from pyforge.ipc.records import HEADER, Error, RecordType, Submit, decode_batch, encode
     from pyforge.serving.engine_process import EngineLoop
 
@@ -277,7 +278,7 @@ def test_submits_the_engine_cannot_take_are_answered_400(model_path):
         worker.close()
         seg.close()
         seg.unlink()
-    assert [(r.request_id, r.status) for r in replies] == [(7, 400), (8, 400)]
+    assert [(r.request_id, r.kind) for r in replies] == [(7, ErrorKind.BAD_REQUEST), (8, ErrorKind.BAD_REQUEST)]
     assert all(isinstance(r, Error) for r in replies)
     assert "version 99" in replies[0].message and "extensions" in replies[1].message
     assert not engine.has_work

@@ -216,14 +216,19 @@ def test_full_queue_is_a_503(model_path):
         r.close()
 
 
+def generating(client, max_tokens):
+    """The events of a request already admitted and generating (its first token read)."""
+    events = iter(client.submit(PROMPTS[0], SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+    assert next(events) is ADMITTED
+    assert isinstance(next(events), TokenEvent)
+    return events
+
+
 def test_killed_engine_ends_streams_with_an_error(model_path):
     r = Running(model_path)
     try:
         client = r.client()
-        stream = client.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
-        events = iter(stream)
-        assert next(events) is ADMITTED
-        assert isinstance(next(events), TokenEvent)
+        events = generating(client, 200)
         os.kill(r.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
         _, last = drain_stream(events)
@@ -240,10 +245,7 @@ def test_sigterm_drains_running_requests(model_path):
     r = Running(model_path)
     try:
         client = r.client()
-        stream = client.submit(PROMPTS[0], SamplingParams(max_tokens=60, ignore_eos=True))
-        events = iter(stream)
-        assert next(events) is ADMITTED
-        assert isinstance(next(events), TokenEvent)
+        events = generating(client, 60)
         os.kill(r.proc.pid, signal.SIGTERM)
         wait_for(lambda: r.seg.engine_status != EngineStatus.READY)
         assert not client.ready()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,13 +133,15 @@ def test_gunicorn_runs_the_installed_package(installed, tmp_path, where, app, co
         stop(proc)
 
 
-def test_the_checkout_finds_the_installed_compiled_modules(installed):
+def test_the_checkout_finds_the_installed_compiled_modules(installed, tmp_path):
     """`python -m pytest` or `python -c` in the repository folder import the source
-    tree first; its compiled modules come from the installed package."""
+    tree first; its compiled modules come from the installed package. (A copy of the
+    tree without compiled modules stands in for a fresh clone.)"""
+    shutil.copytree(REPO / "pyforge", tmp_path / "pyforge", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([installed / "python", "-c", "import pyforge, pyforge.native.block_pool as m; "
                           "print(pyforge.__path__[0]); print(m.__file__)"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     package, module = out.stdout.split()
-    assert package == str(REPO / "pyforge") and not module.startswith(str(REPO))
+    assert package == str(tmp_path / "pyforge") and module.startswith(str(installed.parent))

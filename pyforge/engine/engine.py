@@ -22,7 +22,6 @@ from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
 
 
-
 class StepError(RuntimeError):
     """Part of a step failed: the forward pass (out of GPU memory, say) or sampling some
     rows. The sequences it ended, seq_ids, are aborted and their KV blocks freed; every

@@ -229,13 +229,11 @@ class Generation:
             if isinstance(event, ErrorEvent):
                 self.close()
                 raise GenerationError(event.status, event.message)
-            if isinstance(event, AdmittedEvent):
-                waiting.discard(i)
-            else:
+            if not isinstance(event, AdmittedEvent):
                 self._early.append(item)     # a transport without the event: take what came
-                waiting.discard(i)
+            waiting.discard(i)
             if not waiting:
-                return self
+                break
         return self
 
     def updates(self, heartbeat=None):
@@ -331,8 +329,7 @@ def run(ctx, resp, timer, request, *, stream, to_json, to_chunks, client_gone=No
             _stream(resp, gen, timer, to_chunks)
             return
         results = collect(gen, client_gone)
-    except GenerationError as e:
-        gen.close()
+    except GenerationError as e:     # the generation closed itself
         raise _api_error(e) from None
     except ClientGone:
         timer.end(499, gen.usage())

@@ -206,16 +206,15 @@ class IpcEngineClient:
 
     def _resubmit_held(self):
         """Hand the held requests to the restarted engine, or give them up after RESTART_WAIT."""
-        if not self.ready():
-            if time.monotonic() - self._held_since > RESTART_WAIT:
-                with self._lock:
-                    held, self._held, self._held_since = self._held, [], None
-                for stream, _ in held:
-                    stream.put(ErrorEvent(503, "the engine did not come back in time; retry later"))
+        ready = self.ready()
+        if not ready and time.monotonic() - self._held_since <= RESTART_WAIT:
             return
         with self._lock:
             held, self._held, self._held_since = self._held, [], None
         for stream, old in held:
+            if not ready:
+                stream.put(ErrorEvent(503, "the engine did not come back in time; retry later"))
+                continue
             with self._lock:
                 submit = Submit(next(self._ids), self.slot, old.prompt_ids, old.params)
                 stream.request_id = submit.request_id
@@ -228,7 +227,8 @@ class IpcEngineClient:
                     self._streams.pop(submit.request_id, None)
                     self._queued.pop(submit.request_id, None)
                 stream.put(ErrorEvent(503, "the engine's request ring is full; retry later"))
-        log.info("resubmitted %d queued request(s) to the restarted engine", len(held))
+        if ready:
+            log.info("resubmitted %d queued request(s) to the restarted engine", len(held))
 
     def _fail_all(self, message, held_too=True):
         with self._lock:

@@ -50,8 +50,9 @@ def read_json(req, limit):
 
 
 def _check_unicode(body):
-    """JSON may escape a lone surrogate (\\ud800), which is no Unicode text: no
-    tokenizer or reply can take it."""
+    """A lone surrogate is no Unicode text: no tokenizer or reply can take it. JSON
+    makes one from an escape (\\ud800), and json.loads decodes bytes with
+    surrogatepass, so raw surrogate bytes make one too: look at the whole body."""
     try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

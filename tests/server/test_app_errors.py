@@ -255,3 +255,10 @@ def test_good_request_completes_while_bad_ones_are_rejected(served):
     assert result["r"].status_code == 200 and result["r"].text.endswith("data: [DONE]\n\n")
     assert '"finish_reason":"length"' in result["r"].text
     assert not engine.has_work and engine.block_manager.num_free == engine.block_manager.n_blocks
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-32-be"])
+def test_a_lone_surrogate_escape_is_a_400_in_any_json_encoding(app, encoding):
+    body = json.dumps({"prompt": "lone \ud800 here", "max_tokens": 2}).encode(encoding)
+    r = app.simulate_post("/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    assert "surrogate" in assert_error(r, 400)["message"]

@@ -100,7 +100,14 @@ typedef struct {
 } pf_record_header;
 
 /* SUBMIT: pf_submit, then i32 stop_token_ids[n_stop], i32 prompt_ids[n_prompt],
- * u32 n_ext, n_ext extension bytes (none yet: an engine refuses unknown ones). */
+ * u32 n_ext, n_ext bytes of extension entries back to back, each a
+ * pf_extension then its n value bytes (an engine refuses a tag it does not know). */
+typedef enum { PF_EXT_GRAMMAR = 1 } pf_extension_tag;   /* GRAMMAR: an llguidance grammar, UTF-8 */
+typedef struct {
+    uint16_t tag;           /* pf_extension_tag */
+    uint16_t flags;         /* 0 */
+    uint32_t n;             /* value bytes that follow */
+} pf_extension;
 #define PF_PARAMS_VERSION 1
 #define PF_PARAM_SEED_SET 1u
 #define PF_PARAM_IGNORE_EOS 2u
@@ -153,5 +160,6 @@ static_assert(sizeof(pf_record_header) == 12, "record header is 12 bytes");
 static_assert(sizeof(pf_params) == 68, "SUBMIT params (version 1) are 68 bytes");
 static_assert(sizeof(pf_submit) == 76, "SUBMIT fixed part is 76 bytes");
 static_assert(sizeof(pf_tokens) == 8 && sizeof(pf_finish) == 13 && sizeof(pf_error) == 6, "record bodies");
+static_assert(sizeof(pf_extension) == 8, "SUBMIT extension entry header is 8 bytes");
 
 #endif /* PYFORGE_IPC_H */

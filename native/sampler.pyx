@@ -9,7 +9,7 @@ operations, RNG, tie rules) is written down in sampler_kernels.h.
 """
 import numpy as np
 
-from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
 
 cdef extern from "sampler_kernels.h" nogil:
@@ -27,6 +27,11 @@ cdef extern from "sampler_kernels.h" nogil:
         const int32_t *ids
         const int32_t *counts
 
+    ctypedef struct pf_token_mask:
+        const uint32_t *bits
+        int32_t words
+        const int32_t *mask_of
+
     ctypedef struct pf_sample_out:
         int32_t *tokens
         float *logprobs
@@ -41,7 +46,8 @@ cdef extern from "sampler_kernels.h" nogil:
                             const int32_t *ids, const int32_t *counts, int32_t n)
     int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
                   const pf_sampling_params *params, const pf_token_history *history,
-                  uint64_t *rng_state, const pf_sample_out *out, int n_threads)
+                  const pf_token_mask *mask, uint64_t *rng_state, const pf_sample_out *out,
+                  int n_threads)
 
 
 cdef int32_t _NO_TOKENS[1]
@@ -80,7 +86,8 @@ def sample(float[:, ::1] logits,
            const float[::1] presence_penalty, const float[::1] frequency_penalty,
            const int32_t[::1] history_offsets, const int32_t[::1] history_ids,
            const int32_t[::1] history_counts, uint64_t[::1] rng_state,
-           int n_top_logprobs=0, int n_threads=0, const uint8_t[::1] want_logprobs=None):
+           int n_top_logprobs=0, int n_threads=0, const uint8_t[::1] want_logprobs=None,
+           const uint32_t[:, ::1] mask_bits=None, const int32_t[::1] mask_of=None):
     """Sample one token for each row of logits.
 
     logits              f32[n_seq, vocab], C-contiguous and writable: penalties
@@ -98,12 +105,16 @@ def sample(float[:, ::1] logits,
     want_logprobs       uint8[n_seq] or None (every row): rows with 0 skip the
                         raw log-softmax; their logprob is NaN and their top
                         lists stay 0. Tokens do not depend on it.
+    mask_bits, mask_of  allowed-token bitmasks uint32[n_masks, words] (bit t % 32
+                        of word t / 32: token t allowed) and, per row, the index
+                        of its mask or -1 for none (int32[n_seq]); both or
+                        neither. A row whose mask allows nothing gets token -1.
 
     Returns (tokens int32[n_seq], logprobs f32[n_seq] (raw, of the chosen
     token), top_ids int32[n_seq, K], top_logprobs f32[n_seq, K]), top lists
     best first with ties to the lower id.
     """
-    cdef Py_ssize_t n_seq = logits.shape[0], vocab = logits.shape[1]
+    cdef Py_ssize_t n_seq = logits.shape[0], vocab = logits.shape[1], i
     if vocab < 1:
         raise ValueError("logits have an empty vocabulary axis")
     if not 0 <= n_top_logprobs <= vocab:
@@ -117,6 +128,22 @@ def sample(float[:, ::1] logits,
         _check_len("want_logprobs", want_logprobs.shape[0], n_seq)
     cdef pf_token_history history = _history(history_offsets, history_ids, history_counts,
                                              n_seq, vocab)
+    cdef pf_token_mask mask
+    cdef pf_token_mask *mask_ptr = NULL
+    if (mask_bits is None) != (mask_of is None):
+        raise ValueError("mask_bits and mask_of go together")
+    if mask_of is not None:
+        _check_len("mask_of", mask_of.shape[0], n_seq)
+        for i in range(n_seq):
+            if not -1 <= mask_of[i] < mask_bits.shape[0]:
+                raise ValueError(f"mask_of[{i}] = {mask_of[i]} names no mask (0..{mask_bits.shape[0] - 1})")
+        if mask_bits.shape[0] and mask_bits.shape[1] < 1:
+            raise ValueError("mask_bits rows must hold at least one word")
+        if mask_bits.shape[0]:
+            mask.bits = &mask_bits[0, 0]
+            mask.words = <int32_t>mask_bits.shape[1]
+            mask.mask_of = &mask_of[0]
+            mask_ptr = &mask
 
     tokens = np.zeros(n_seq, dtype=np.int32)
     logprobs = np.zeros(n_seq, dtype=np.float32)
@@ -148,7 +175,7 @@ def sample(float[:, ::1] logits,
     cdef int rc
     with nogil:
         rc = pf_sample(&logits[0, 0], <int32_t>n_seq, <int32_t>vocab, &params, &history,
-                       &rng_state[0], &out, n_threads)
+                       mask_ptr, &rng_state[0], &out, n_threads)
     if rc != 0:
         raise MemoryError("sampler scratch allocation failed")
     return tokens, logprobs, top_ids, top_logprobs

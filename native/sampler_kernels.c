@@ -434,10 +434,30 @@ static int32_t choose(const float *row, int32_t vocab, float max, const pf_sampl
 typedef struct {
     cand_t *cand;   /* [vocab] */
     float *saved;   /* [longest history row] raw logits the penalties overwrite */
+    float *masked;  /* [vocab] a constrained row's logits with disallowed ones -inf */
 } scratch_t;
 
+/* dst = src where the mask allows the token, -inf elsewhere (the row itself
+ * stays untouched: the caller sees its logits unchanged). */
+static void apply_mask(const float *src, int32_t vocab, const uint32_t *bits, int32_t words, float *dst)
+{
+    int32_t covered = words * 32 < vocab ? words * 32 : vocab;
+    for (int32_t t = 0; t < covered; t++)
+        dst[t] = (bits[t >> 5] >> (t & 31)) & 1u ? src[t] : -INFINITY;
+    for (int32_t t = covered; t < vocab; t++)
+        dst[t] = -INFINITY;
+}
+
+/* The row's mask, or NULL when it is unconstrained. */
+static const uint32_t *row_mask(const pf_token_mask *mask, int32_t i)
+{
+    if (mask == NULL || mask->mask_of[i] < 0)
+        return NULL;
+    return mask->bits + (size_t)mask->mask_of[i] * (size_t)mask->words;
+}
+
 static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_params *p,
-                       const pf_token_history *h, uint64_t *rng_state,
+                       const pf_token_history *h, const pf_token_mask *mask, uint64_t *rng_state,
                        const pf_sample_out *out, scratch_t *s)
 {
     size_t top_at = (size_t)i * (size_t)out->n_top;
@@ -457,14 +477,20 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
                        p->frequency_penalty[i], ids, counts, n_hist);
 
     double u = pf_rng_uniform(&rng_state[i]);   /* greedy rows step too: one step per call */
-    if (n_hist > 0)                              /* penalties moved logits: scan again */
-        max = max_value(row, vocab);
-    int32_t token = choose(row, vocab, max, p, i, u, s->cand);
+    const float *pick = row;
+    const uint32_t *bits = row_mask(mask, i);
+    if (bits != NULL) {
+        apply_mask(row, vocab, bits, mask->words, s->masked);
+        pick = s->masked;
+    }
+    if (n_hist > 0 || bits != NULL)              /* penalties or the mask moved logits: scan again */
+        max = max_value(pick, vocab);
+    int32_t token = (bits != NULL && max == -INFINITY) ? -1 : choose(pick, vocab, max, p, i, u, s->cand);
 
     for (int32_t j = 0; j < n_hist; j++)
         row[ids[j]] = s->saved[j];
     out->tokens[i] = token;
-    out->logprobs[i] = want ? (float)(row[token] - lse) : NAN;
+    out->logprobs[i] = want && token >= 0 ? (float)(row[token] - lse) : NAN;
 }
 
 /* ---- the batch ---------------------------------------------------------- */
@@ -509,9 +535,19 @@ static int any_draws(const float *temperature, int32_t n_seq)
     return 0;
 }
 
+/* 1 if some row has a mask, so needs the masked-row scratch. */
+static int any_masked(const pf_token_mask *mask, int32_t n_seq)
+{
+    for (int32_t i = 0; mask != NULL && i < n_seq; i++)
+        if (mask->mask_of[i] >= 0)
+            return 1;
+    return 0;
+}
+
 int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
               const pf_sampling_params *params, const pf_token_history *history,
-              uint64_t *rng_state, const pf_sample_out *out, int n_threads)
+              const pf_token_mask *mask, uint64_t *rng_state, const pf_sample_out *out,
+              int n_threads)
 {
     int team = team_size(n_seq, vocab, n_threads);
     size_t n_saved = (size_t)longest_row(history->offsets, n_seq) + 1;
@@ -522,18 +558,23 @@ int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
      * region so a failed malloc cannot strand threads at a worksharing loop. */
     cand_t *cand = n_cand ? malloc((size_t)team * n_cand * sizeof(cand_t)) : NULL;
     float *saved = malloc((size_t)team * n_saved * sizeof(float));
-    if ((n_cand && !cand) || !saved) {
+    size_t n_masked = any_masked(mask, n_seq) ? (size_t)vocab : 0;
+    float *masked = n_masked ? malloc((size_t)team * n_masked * sizeof(float)) : NULL;
+    if ((n_cand && !cand) || !saved || (n_masked && !masked)) {
         free(cand);
         free(saved);
+        free(masked);
         return -1;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
     for (int32_t i = 0; i < n_seq; i++) {
         int tid = thread_id();
-        scratch_t s = {cand ? cand + (size_t)tid * n_cand : NULL, saved + (size_t)tid * n_saved};
-        sample_row(logits + (size_t)i * (size_t)vocab, vocab, i, params, history, rng_state, out, &s);
+        scratch_t s = {cand ? cand + (size_t)tid * n_cand : NULL, saved + (size_t)tid * n_saved,
+                       masked ? masked + (size_t)tid * n_masked : NULL};
+        sample_row(logits + (size_t)i * (size_t)vocab, vocab, i, params, history, mask, rng_state, out, &s);
     }
     free(cand);
     free(saved);
+    free(masked);
     return 0;
 }

@@ -7,7 +7,10 @@
  *      logits, multiply negative ones, for tokens in prompt or output), then
  *      presence/frequency (OpenAI: subtract presence*[count>0] + frequency*count,
  *      counts over the output only);
- *   3. temperature < PF_GREEDY_TEMPERATURE: argmax, ties to the lower id;
+ *   3. the row's allowed-token mask, if it has one (a grammar's: structured
+ *      output): every token it does not allow is out of the draw, as if its
+ *      logit were -inf. Logprobs stay those of step 1, the model's own;
+ *   4. temperature < PF_GREEDY_TEMPERATURE: argmax, ties to the lower id;
  *      otherwise temperature, top-k, top-p (nucleus over the top-k-renormalised
  *      distribution), min-p (drop p < min_p * p_max), then one draw from the
  *      renormalised survivors with the row's RNG. Filters rank tokens by
@@ -61,6 +64,17 @@ typedef struct {
     const uint8_t *want_logprobs;
 } pf_sample_out;
 
+/* Allowed tokens per constrained row, as bitmasks: bit (t % 32) of word
+ * bits[r * words + t / 32] is set when token t is allowed by mask r; tokens
+ * at or past words * 32 are never allowed. Row i of the batch uses mask
+ * mask_of[i], or none when mask_of[i] < 0. A row whose mask allows no token
+ * gets token -1 (the caller decides what that means; it is a bug upstream). */
+typedef struct {
+    const uint32_t *bits;     /* [n_masks, words] */
+    int32_t words;
+    const int32_t *mask_of;   /* [n_seq] */
+} pf_token_mask;
+
 /* SplitMix64: advance *state, return the next 64-bit output. */
 uint64_t pf_rng_next(uint64_t *state);
 
@@ -77,11 +91,13 @@ void pf_apply_penalties(float *row, float repetition, float presence, float freq
 /* Sample one token per row of logits [n_seq, vocab] (row-major).
  * logits serve as scratch for the penalties and are restored bit-exactly
  * before returning, so the caller sees them unchanged; they must be writable.
+ * mask: NULL when no row is constrained.
  * rng_state [n_seq] is advanced in place. n_threads <= 0: OpenMP's default.
  * Returns 0, or -1 when scratch memory could not be allocated. Thread-safe,
  * touches no global state, needs no GIL. */
 int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
               const pf_sampling_params *params, const pf_token_history *history,
-              uint64_t *rng_state, const pf_sample_out *out, int n_threads);
+              const pf_token_mask *mask, uint64_t *rng_state, const pf_sample_out *out,
+              int n_threads);
 
 #endif /* PYFORGE_SAMPLER_KERNELS_H */

@@ -40,12 +40,12 @@ def model_path(tmp_path_factory):
 
 def fail_next_run(engine, error):
     """The engine's next forward pass raises `error` (as an out-of-memory would); later ones run."""
-    real = engine.runner.run
+    real = engine.runner.forward
 
-    def run(*args, **kwargs):
-        engine.runner.run = real
+    def forward(*args, **kwargs):
+        engine.runner.forward = real
         raise error
-    engine.runner.run = run
+    engine.runner.forward = forward
 
 
 def drain_stream(stream):

@@ -11,6 +11,7 @@ from pyforge.backends import get_backend
 from pyforge.engine.block_manager import BlockManager
 from pyforge.engine.config import EngineConfig
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
+from pyforge.engine.guided import GuidedDecoding
 from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
@@ -85,6 +86,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(n_threads=self.backend.n_threads)
+        self.guided = GuidedDecoding(self.tokenizer, n_threads=self.backend.n_threads)
         self.sequences = {}
         self._ids = itertools.count()
 
@@ -94,8 +96,10 @@ class Engine:
         prompt_ids = [int(t) for t in prompt_ids]
         self.check_prompt(prompt_ids)
         self.sampler.check_params(params)
+        matcher = self.guided.matcher(params.grammar) if params.grammar is not None else None
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(next(self._ids), prompt_ids, params, self.sampler.seed_state(seed), self.max_model_len)
+        seq.matcher = matcher
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -120,9 +124,16 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        masks = None
         try:
-            logits, sampling = self.runner.run(plan)
+            batch, sampling = self.runner.build_batch(plan)
+            seqs = [plan[i][0] for i in sampling]
+            masks = self.guided.start(seqs)         # grammar masks compute while the forward pass runs
+            logits = self.runner.forward(batch)
+            masks = masks and masks.wait()
         except Exception as e:      # nothing of this step was recorded: end its sequences only
+            if masks is not None and not isinstance(masks, tuple):
+                masks.wait()        # its matchers must be idle before anyone touches them again
             seq_ids = [seq.seq_id for seq, _ in plan]
             for seq_id in seq_ids:
                 self.abort(seq_id)
@@ -130,23 +141,34 @@ class Engine:
         for seq, n in plan:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        seqs = [plan[i][0] for i in sampling]
         try:
-            results = self.sampler.sample(logits, seqs)
-        except Exception as e:      # find the rows that fail alone: only they end
-            return self._sample_rows(logits, seqs, e)
-        return [self.append_token(seq, r) for seq, r in zip(seqs, results)]
+            results = self.sampler.sample(logits, seqs, masks)
+        except Exception:           # find the rows that fail alone: only they end
+            results = self._sample_rows(logits, seqs, masks)
+        return self._append_all(seqs, results)
 
-    def _sample_rows(self, logits, seqs, batch_error):
-        outputs, failed, cause = [], [], batch_error
+    def _sample_rows(self, logits, seqs, masks):
+        """Each row sampled alone: its SampleResult, or the exception it raised."""
+        results = []
         for i, seq in enumerate(seqs):
             try:
-                result = self.sampler.sample(logits[i:i + 1], [seq])[0]
+                results.append(self.sampler.sample(logits[i:i + 1], [seq], _row_mask(masks, i))[0])
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _append_all(self, seqs, results):
+        """The step's outputs; rows that failed (sampling, or a grammar refusing the
+        token) end alone, raised as one StepError carrying the others' outputs."""
+        outputs, failed, cause = [], [], None
+        for seq, result in zip(seqs, results):
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                outputs.append(self.append_token(seq, result))
             except Exception as e:
                 failed.append(seq.seq_id)
                 cause = e
-                continue
-            outputs.append(self.append_token(seq, result))
         for seq_id in failed:
             self.abort(seq_id)
         if failed:
@@ -154,6 +176,7 @@ class Engine:
         return outputs
 
     def append_token(self, seq, result):
+        self.guided.advance(seq, result.token_id)      # a refused token fails this row only
         seq.token_ids.append(result.token_id)
         status = seq.check_finished(result.token_id, self.tokenizer.eos_ids)
         out = StepOutput(seq.seq_id, result.token_id, result.logprob, result.top_logprobs)
@@ -188,3 +211,11 @@ class Engine:
             return logits
         finally:
             self.block_manager.release(seq)
+
+
+def _row_mask(masks, i):
+    """Row i's share of a step's masks, for sampling that row alone."""
+    if masks is None:
+        return None
+    bits, mask_of = masks
+    return bits, mask_of[i:i + 1]

@@ -106,4 +106,8 @@ class ModelRunner:
 
     def run(self, plan, all_logits=False):
         batch, sampling = self.build_batch(plan, all_logits)
-        return self.model.forward(batch, self.kv_cache), sampling
+        return self.forward(batch), sampling
+
+    def forward(self, batch):
+        """Logits of the batch's logits_rows."""
+        return self.model.forward(batch, self.kv_cache)

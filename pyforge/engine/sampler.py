@@ -57,10 +57,13 @@ class Sampler:
         except (OverflowError, TypeError, ValueError) as e:
             raise ValueError(f"sampling parameters out of range: {e}") from None
 
-    def sample(self, logits, seqs):
+    def sample(self, logits, seqs, masks=None):
         """One token per sequence. logits: f32[len(seqs), vocab], row i for
         seqs[i] (left unchanged). Each seq exposes `params` (SamplingParams),
-        `token_ids` (prompt then output), `num_prompt_tokens` and `rng_state`."""
+        `token_ids` (prompt then output), `num_prompt_tokens` and `rng_state`.
+        masks: None, or (bits uint32[n_masks, words], mask_of int32[len(seqs)]),
+        the allowed tokens of the constrained rows (engine/guided.py); a row
+        whose mask allows nothing gets token -1."""
         if len(seqs) != len(logits):
             raise ValueError(f"{len(logits)} rows of logits for {len(seqs)} sequences")
         if not seqs:
@@ -75,6 +78,7 @@ class Sampler:
         tokens, logprobs, top_ids, top_logprobs = native.sample(
             logits, *_param_arrays(params), *_history(seqs), rng_state,
             n_top_logprobs=n_top, n_threads=self.n_threads, want_logprobs=want,
+            mask_bits=masks[0] if masks else None, mask_of=masks[1] if masks else None,
         )
         for seq, state in zip(seqs, rng_state.tolist()):
             seq.rng_state = state

@@ -22,6 +22,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None      # top logprobs per token, 0..20; None: none
+    # an llguidance grammar (pyforge.structured builds one from a JSON schema, regex,
+    # choice list, GBNF or Lark) the output must match; None: unconstrained
+    grammar: str | None = None
 
     def __post_init__(self):
         # frozen, but callers pass lists; a tuple keeps the object hashable
@@ -53,6 +56,8 @@ class SamplingParams:
             _integer("stop_token_ids", token, low=0, high=INT32_MAX)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {brief(self.ignore_eos)}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ValueError(f"grammar must be a non-empty string, got {brief(self.grammar)}")
 
 
 def brief(value, limit=40):

@@ -57,6 +57,7 @@ class Sequence:
         self.block_keys = []            # prefix-cache keys of the full blocks, in order
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = SequenceStatus.WAITING
+        self.matcher = None             # llguidance's, when params.grammar constrains the output
 
     @property
     def num_tokens(self):
@@ -76,6 +77,8 @@ class Sequence:
         if not p.ignore_eos and token_id in eos_ids:
             return SequenceStatus.FINISHED_STOPPED
         if token_id in p.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if self.matcher is not None and self.matcher.is_stopped():   # the grammar is complete
             return SequenceStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens:
             return SequenceStatus.FINISHED_LENGTH

@@ -39,9 +39,10 @@ Byte layout: little-endian, packed, one record per message.
   header  u8 type | u8 flags (0) | u16 worker | u64 request_id      12 bytes
   SUBMIT  u32 n_prompt | u16 params_version (1) | u16 n_stop | PARAMS
           | i32 stop_token_ids[n_stop] | i32 prompt_ids[n_prompt]
-          | u32 n_ext | extensions[n_ext]    (empty today; room for what later
-                                              features add: a grammar handle,
-                                              logit bias, speculative settings)
+          | u32 n_ext | extensions: n_ext bytes of back-to-back entries
+  EXTENSION  u16 tag | u16 0 | u32 n | value: n bytes   (an optional request
+          feature; tag 1 GRAMMAR: SamplingParams.grammar as UTF-8. An engine
+          refuses a SUBMIT with a tag it does not know: never half-honoured)
   PARAMS  (version 1, 68 bytes) f64 temperature | f64 top_p | f64 min_p
           | f64 repetition_penalty | f64 presence_penalty | f64 frequency_penalty
           | i32 top_k | u32 max_tokens | u64 seed (mod 2^64) | u8 flags
@@ -84,6 +85,7 @@ _ONE_TOKEN = struct.Struct("<BBHQIHHi")     # HEADER + _TOKENS + one token id: t
 _FINISH = struct.Struct("<IIIB")
 _ERROR = struct.Struct("<HI")
 _U32 = struct.Struct("<I")
+_EXTENSION = struct.Struct("<HHI")
 
 _HAS_LOGPROBS = 1
 _HAS_TOP = 2
@@ -99,6 +101,11 @@ class FinishReason(IntEnum):
 
 
 _REASON_CODES = {r.name.lower(): r for r in FinishReason}
+
+
+class ExtensionTag(IntEnum):
+    """What a SUBMIT extension entry carries."""
+    GRAMMAR = 1
 
 
 class RecordType(IntEnum):
@@ -127,13 +134,14 @@ class Submit:
     worker: int
     prompt_ids: list[int]
     params: SamplingParams      # decoding checks it again (SamplingParams' own checks)
-    extensions: bytes = b""
+    extensions: bytes = b""     # extension entries this build does not know (sent as they are)
     TYPE: ClassVar[RecordType] = RecordType.SUBMIT
 
     def _body(self):
         stops = self.params.stop_token_ids
+        ext = _pack_extensions(self.params) + self.extensions
         return (_pack(_SUBMIT, len(self.prompt_ids), PARAMS_VERSION, len(stops)) + _pack_params(self.params)
-                + _int32s(stops) + _int32s(self.prompt_ids) + _pack(_U32, len(self.extensions)) + self.extensions)
+                + _int32s(stops) + _int32s(self.prompt_ids) + _pack(_U32, len(ext)) + ext)
 
     @classmethod
     def _parse(cls, r, worker, request_id):
@@ -144,7 +152,8 @@ class Submit:
         stops = r.int32s(n_stop)
         prompt = r.int32s(n_prompt)
         (n_ext,) = r.unpack(_U32)
-        return cls(request_id, worker, prompt, SamplingParams(**fields, stop_token_ids=stops), bytes(r.take(n_ext)))
+        known, unknown = _unpack_extensions(r.take(n_ext))
+        return cls(request_id, worker, prompt, SamplingParams(**fields, **known, stop_token_ids=stops), unknown)
 
 
 def _pack_params(p):
@@ -159,6 +168,29 @@ def _unpack_params(values):
     return {**dict(zip(_FLOAT_PARAMS, floats)), "top_k": top_k, "max_tokens": max_tokens,
             "seed": seed if flags & _SEED_SET else None, "ignore_eos": bool(flags & _IGNORE_EOS),
             "logprobs": logprobs if flags & _LOGPROBS_SET else None}
+
+
+def _pack_extensions(p):
+    if p.grammar is None:
+        return b""
+    grammar = p.grammar.encode()
+    return _pack(_EXTENSION, ExtensionTag.GRAMMAR, 0, len(grammar)) + grammar
+
+
+def _unpack_extensions(data):
+    """({SamplingParams field: value} of the known entries, the unknown entries' bytes)."""
+    r, known, unknown = _Reader(data), {}, []
+    while r.pos < len(data):
+        if len(data) - r.pos < _EXTENSION.size:
+            raise ValueError(f"malformed SUBMIT extensions: {len(data) - r.pos} stray bytes")
+        start = r.pos
+        tag, flags, n = r.unpack(_EXTENSION)
+        value = r.take(n)
+        if tag == ExtensionTag.GRAMMAR and not flags:
+            known["grammar"] = _Reader(value).text(n)
+        else:
+            unknown.append(bytes(data[start:r.pos]))
+    return known, b"".join(unknown)
 
 
 class _Bodiless:

@@ -2,8 +2,10 @@
 
 Requests take the /v1 sampling fields (`max_tokens`, `temperature`, `top_p`,
 `top_k`, `min_p`, `seed`, `stop`, `presence_penalty`, `frequency_penalty`,
-`repetition_penalty`, `ignore_eos`) and an optional `model`; unknown fields
-are ignored. One prompt, one choice.
+`repetition_penalty`, `ignore_eos`), an optional `model` and an optional
+output constraint (`json_schema`, `response_format`, `grammar`, `regex`,
+`choice`: see server/constraints.py); unknown fields are ignored. One prompt,
+one choice.
 
   POST /api/generate            {"prompt": str | [token ids], ...}
   POST /api/completions         (the same; kept under the name platforms call)
@@ -29,6 +31,7 @@ Errors have the /v1 (OpenAI) shape and statuses: {"error": {"message", "type", "
 """
 from pyforge.server import generation as g
 from pyforge.server import validation as v
+from pyforge.server.constraints import request_grammar
 from pyforge.server.errors import bad_request
 
 
@@ -51,7 +54,7 @@ class _Generate:
 
     def _request(self, body):
         v.check_model(body, self.ctx)
-        params = v.sampling_params(body, self.ctx.config)
+        params = v.sampling_params(body, self.ctx.config, grammar=request_grammar(body, self.ctx.constraints))
         return g.GenerationRequest([self._prompt(body)], params, 1, v.parse_stop(body.get("stop")))
 
     def _chunks(self, gen):

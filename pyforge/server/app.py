@@ -22,6 +22,7 @@ import falcon
 from pyforge.server import api_routes, errors, openai_routes
 from pyforge.server.errors import APIError
 from pyforge.server.generation import NoopObserver, ServingContext
+from pyforge.structured import Constraints
 
 OPEN_PATHS = ("/health",)       # path prefixes served without an API key
 _REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
@@ -37,7 +38,7 @@ def create_app(config, engine_client, tokenizer, observer=None):
     if not max_model_len:
         raise ValueError("the engine client does not report max_model_len and the config sets none")
     ctx = ServingContext(config, engine_client, tokenizer, observer or NoopObserver(),
-                         config.served_model_name, max_model_len, int(time.time()))
+                         config.served_model_name, max_model_len, int(time.time()), Constraints(tokenizer))
     app = falcon.App(middleware=[RequestIdMiddleware(), AuthMiddleware(config.api_key)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

@@ -39,6 +39,7 @@ class ServingContext:
     model_name: str
     max_model_len: int
     created: int                # when the app was built (the /v1/models `created`)
+    constraints: object         # pyforge.structured.Constraints: request constraints -> grammars
 
 
 @dataclass(frozen=True)

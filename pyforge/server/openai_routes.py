@@ -11,6 +11,7 @@ import uuid
 
 from pyforge.engine.sampling_params import brief
 from pyforge.server import generation as g
+from pyforge.server.constraints import request_grammar
 from pyforge.server import validation as v
 from pyforge.server.errors import APIError, bad_request
 
@@ -78,7 +79,7 @@ def _completion_request(body, ctx):
     echo = v.parse_bool(body, "echo")
     if echo and logprobs is not None:
         raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
-    params = v.sampling_params(body, ctx.config, ("max_tokens",), logprobs)
+    params = v.sampling_params(body, ctx.config, ("max_tokens",), logprobs, request_grammar(body, ctx.constraints))
     prompts = v.completion_prompts(body.get("prompt"), ctx)
     request = g.GenerationRequest(prompts, params, v.parse_n(body), v.parse_stop(body.get("stop")), echo)
     return (request, *_stream_flags(body))
@@ -87,7 +88,8 @@ def _completion_request(body, ctx):
 def _chat_request(body, ctx):
     v.check_model(body, ctx)
     logprobs = v.parse_chat_logprobs(body)
-    params = v.sampling_params(body, ctx.config, ("max_completion_tokens", "max_tokens"), logprobs)
+    params = v.sampling_params(body, ctx.config, ("max_completion_tokens", "max_tokens"), logprobs,
+                               request_grammar(body, ctx.constraints))
     prompt = v.chat_prompt(body.get("messages"), ctx)
     request = g.GenerationRequest([prompt], params, v.parse_n(body), v.parse_stop(body.get("stop")))
     return (request, *_stream_flags(body))

@@ -70,9 +70,12 @@ def check_model(body, ctx):
                        param="model", code="model_not_found")
 
 
-def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None):
-    """SamplingParams from OpenAI / vLLM request fields (null means unset)."""
+def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None, grammar=None):
+    """SamplingParams from OpenAI / vLLM request fields (null means unset); `grammar`
+    is the request's output constraint (server/constraints.py), already checked."""
     kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    if grammar is not None:
+        kwargs["grammar"] = grammar
     max_tokens = next((body[k] for k in max_tokens_keys if body.get(k) is not None), config.default_max_tokens)
     if config.max_tokens_limit is not None and _is_int(max_tokens) and max_tokens > config.max_tokens_limit:
         raise bad_request(f"max_tokens must be <= {config.max_tokens_limit}, got {brief(max_tokens)}", "max_tokens")

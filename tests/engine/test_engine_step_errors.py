@@ -54,10 +54,10 @@ def test_a_row_that_fails_to_sample_ends_only_its_sequence(model_path):
     a, b = [engine.add_request(p, GREEDY) for p in PROMPTS[:2]]
     real = engine.sampler.sample
 
-    def sample(logits, seqs):
+    def sample(logits, seqs, masks=None):
         if any(s is b for s in seqs):
             raise OverflowError("injected: this row's values do not pack")
-        return real(logits, seqs)
+        return real(logits, seqs, masks)
     engine.sampler.sample = sample
     with pytest.raises(StepError) as raised:
         engine.step()

@@ -35,7 +35,7 @@ def history_csr(rows):
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
            presence_penalty=0.0, frequency_penalty=0.0, history=None, seeds=0, n_top=0, n_threads=0,
-           want_logprobs=None):
+           want_logprobs=None, mask_bits=None, mask_of=None):
     """Call the kernel, broadcasting scalar params over rows. Returns
     (tokens, logprobs, top_ids, top_logprobs, rng_state after)."""
     n = logits.shape[0]
@@ -51,6 +51,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition
         *(history if history is not None else no_history(n)), state,
         n_top_logprobs=n_top, n_threads=n_threads,
         want_logprobs=None if want_logprobs is None else np.asarray(want_logprobs, np.uint8),
+        mask_bits=mask_bits, mask_of=None if mask_of is None else np.asarray(mask_of, np.int32),
     )
     return (*out, state)
 
@@ -435,3 +436,84 @@ def test_seed_state():
     assert Sampler.seed_state(5) == 5
     assert Sampler.seed_state(-1) == U64
     assert 0 <= Sampler.seed_state(None) <= U64
+
+
+# ---- allowed-token masks (structured output) -------------------------------------
+
+def pack_mask(allowed, words=None):
+    """Bool rows [n, vocab] -> uint32 bitmask rows (bit t % 32 of word t // 32), as
+    llguidance lays them out; `words` may cut the mask short of the vocabulary."""
+    allowed = np.atleast_2d(allowed)
+    words = words or (allowed.shape[1] + 31) // 32
+    padded = np.zeros((allowed.shape[0], words * 32), bool)
+    cut = min(words * 32, allowed.shape[1])
+    padded[:, :cut] = allowed[:, :cut]
+    weights = (1 << np.arange(32, dtype=np.uint64))
+    return (padded.reshape(len(padded), words, 32) * weights).sum(axis=2).astype(np.uint32)
+
+
+def test_masked_greedy_is_argmax_over_the_allowed_tokens():
+    rng = np.random.default_rng(21)
+    n, vocab = 12, 1000
+    logits = rng.standard_normal((n, vocab)).astype(np.float32)
+    allowed = rng.random((n, vocab)) < 0.05
+    allowed[:, 0] = False            # the unmasked argmax must not sneak through
+    tokens, *_ = sample(logits.copy(), temperature=0.0, mask_bits=pack_mask(allowed), mask_of=np.arange(n))
+    reference = np.where(allowed, logits, -np.inf).argmax(axis=1)
+    np.testing.assert_array_equal(tokens, reference)
+
+
+def test_masked_draws_follow_the_renormalised_allowed_distribution():
+    n, vocab = 20_000, 8
+    allowed = np.array([True, False, True, True, False, False, True, False])
+    logits = np.ascontiguousarray(np.broadcast_to(LOGITS8.astype(np.float32), (n, vocab)))
+    bits = pack_mask(allowed)
+    for case in (dict(temperature=1.0), dict(temperature=0.7, top_k=3), dict(top_p=0.8)):
+        tokens, *_ = sample(logits.copy(), seeds=np.arange(n) * 31 + 7, mask_bits=bits, mask_of=np.zeros(n), **case)
+        assert_distribution(tokens, expected_probs(np.where(allowed, LOGITS8, -np.inf), **case))
+
+
+def test_masks_leave_logprobs_raw_and_unmasked_rows_alone():
+    """Logprobs stay the model's own (OpenAI / vLLM report raw ones); a row with
+    mask -1 draws exactly what it draws with no mask at all."""
+    rng = np.random.default_rng(22)
+    n, vocab = 6, 500
+    logits = rng.standard_normal((n, vocab)).astype(np.float32)
+    allowed = rng.random((2, vocab)) < 0.1
+    mask_of = np.array([0, -1, 1, -1, 0, -1])
+    seeds = np.arange(n) + 99
+    masked = sample(logits.copy(), seeds=seeds, n_top=3, mask_bits=pack_mask(allowed), mask_of=mask_of)
+    plain = sample(logits.copy(), seeds=seeds, n_top=3)
+    free = mask_of < 0
+    np.testing.assert_array_equal(masked[0][free], plain[0][free])
+    for i in np.flatnonzero(~free):
+        assert allowed[mask_of[i], masked[0][i]]
+    reference = log_softmax64(logits)
+    np.testing.assert_allclose(masked[1], reference[np.arange(n), masked[0]], atol=1e-5)
+    np.testing.assert_array_equal(masked[2], plain[2])     # top logprobs: the raw distribution's
+
+
+def test_tokens_past_the_mask_and_empty_masks():
+    """A mask shorter than the vocabulary (the model pads its vocabulary past the
+    tokenizer's) never allows the tokens it does not cover; a mask that allows
+    nothing gives -1, the engine's signal to end that row."""
+    vocab = 100
+    logits = np.zeros((2, vocab), np.float32)
+    logits[:, 90:] = 10.0            # the best tokens lie past the mask
+    allowed = np.zeros((2, vocab), bool)
+    allowed[0, [3, 40]] = True
+    tokens, logprobs, *_ = sample(logits, temperature=0.0, mask_bits=pack_mask(allowed, words=2),
+                                  mask_of=[0, 1])
+    assert tokens.tolist() == [3, -1]
+    assert np.isnan(logprobs[1])
+
+
+def test_masks_are_checked():
+    logits = np.zeros((2, 64), np.float32)
+    bits = pack_mask(np.ones((1, 64), bool))
+    with pytest.raises(ValueError, match="together"):
+        sample(logits, mask_bits=bits)
+    with pytest.raises(ValueError, match="names no mask"):
+        sample(logits, mask_bits=bits, mask_of=[0, 1])
+    with pytest.raises(ValueError, match="mask_of"):
+        sample(logits, mask_bits=bits, mask_of=[0])

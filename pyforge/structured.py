@@ -1,0 +1,123 @@
+"""Structured output: what a request may generate, as one llguidance grammar.
+
+Both sides use this module. An HTTP worker turns a request's constraint (a JSON
+schema, "any JSON object", a regex, a list of choices, a GBNF or Lark grammar)
+into an llguidance grammar string with `grammar_for`, checks it against the
+vocabulary with `check`, and sends it to the engine in SamplingParams.grammar.
+The engine compiles it into one matcher per sequence (engine/guided.py) and
+masks each step's logits with it. A constraint llguidance cannot apply is a
+ConstraintError (a ValueError: HTTP 400), never an unconstrained answer.
+"""
+import json
+
+# Whitespace JSON may hold between tokens: one space, or a line break and up to 20
+# characters of indentation (llama.cpp's json-schema-to-grammar allows the same).
+# Pretty-printed output passes; a model cannot pad a value with whitespace forever.
+# A schema's own "x-guidance" options override it.
+JSON_WHITESPACE = r"(?: |\n[ \t]{0,20})?"
+
+
+class ConstraintError(ValueError):
+    """The constraint is malformed or uses what llguidance does not support."""
+
+
+def grammar_for(kind, value):
+    """The llguidance grammar for a constraint of `kind` ("json_schema": a schema
+    object; "json_object": ignored; "regex" / "gbnf" / "lark": text; "grammar":
+    GBNF or Lark text, told apart as llama-server does; "choice": strings)."""
+    import llguidance
+    try:
+        if kind in ("json_object", "json_schema"):
+            schema = {"type": "object"} if kind == "json_object" else value
+            if not isinstance(schema, (dict, bool)):
+                raise ConstraintError("a JSON schema must be an object")
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                json.dumps(schema), defaults={"whitespace_pattern": JSON_WHITESPACE})
+        if kind == "choice":
+            return _choice_grammar(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ConstraintError(f"a {kind} constraint must be a non-empty string")
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(value)
+        if kind == "grammar":
+            kind = "lark" if _looks_like_lark(value) else "gbnf"
+        return llguidance.grammar_from(kind, value)
+    except ConstraintError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConstraintError(str(e)) from None
+
+
+def _choice_grammar(choices):
+    import llguidance
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ConstraintError("choice must be a non-empty list of non-empty strings")
+    # each choice is one literal of an alternation: json.dumps quotes it the way Lark reads strings
+    return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def _looks_like_lark(text):
+    """GBNF rules read `name ::= ...`; Lark's `name: ...` (and %llguidance headers)."""
+    return "::=" not in text
+
+
+def check(grammar, llg_tok):
+    """ConstraintError with llguidance's message unless `grammar` compiles against
+    the vocabulary `llg_tok` (an LLTokenizer) without errors."""
+    import llguidance
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llg_tok)
+    if is_error:
+        raise ConstraintError(messages[0] if messages else "the grammar is invalid")
+
+
+class _Vocabulary:
+    """What llguidance.TokenizerWrapper reads of a tokenizer: every token's bytes
+    (GGUF and tokenizer.json vocabularies alike), the special ids, EOS and BOS."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = tokenizer.bos_id
+        self.tokens = [tokenizer.token_to_piece(i) for i in range(tokenizer.vocab_size)]
+        self.special_token_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)]
+
+    def __call__(self, text):
+        """Token ids whose bytes are exactly `text` (what llguidance forces when the
+        grammar leaves one way on)."""
+        ids = self._tok.encode(text, add_bos=False, special=False)
+        if self._bytes(ids) == text.encode():
+            return ids
+        # SentencePiece vocabularies prepend a space to the text; behind a newline they do not
+        shifted = self._tok.encode("\n" + text, add_bos=False, special=False)
+        for k in range(1, len(shifted)):
+            if self._bytes(shifted[:k]).endswith(b"\n"):
+                rest = shifted[k:]
+                return rest if self._bytes(rest) == text.encode() else ids
+        return ids
+
+    def _bytes(self, ids):
+        return b"".join(self._tok.token_to_piece(i) for i in ids)
+
+
+def llg_tokenizer(tokenizer):
+    """An llguidance LLTokenizer over our Tokenizer (tens of milliseconds for a 32k
+    vocabulary: build it once per process). Every EOS id ends a grammar."""
+    import llguidance
+    eos = sorted(tokenizer.eos_ids) or None
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tokenizer)), eos_token=eos)
+
+
+class Constraints:
+    """A worker's constraint compiler: request values -> checked grammars for one
+    vocabulary, whose LLTokenizer is built at the first constrained request."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._llg = None
+
+    def grammar(self, kind, value):
+        grammar = grammar_for(kind, value)
+        if self._llg is None:       # a race only builds it twice
+            self._llg = llg_tokenizer(self.tokenizer)
+        check(grammar, self._llg)
+        return grammar

@@ -77,7 +77,7 @@ class GuidedDecoding:
             return
         if token_id < 0:            # the sampler's answer to a mask that allowed nothing
             raise ValueError("the grammar allows no token of the model's vocabulary here")
-        if not seq.matcher.consume_token(token_id):
+        if not seq.matcher.consume_token(token_id) or seq.matcher.is_error():   # an errored one consumes anything
             raise ValueError(f"the grammar refused token {token_id}: {seq.matcher.get_error()}")
 
     def _tokenizer(self):

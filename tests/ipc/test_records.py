@@ -24,7 +24,8 @@ def random_record(rng):
         params = SamplingParams(temperature=rng.random() * 2, top_p=rng.random() or 1.0, top_k=rng.randrange(-1, 100),
                                 max_tokens=rng.randrange(1, 5000), seed=rng.choice([None, rng.randrange(1 << 64)]),
                                 stop_token_ids=[rng.randrange(50000) for _ in range(rng.randrange(3))],
-                                ignore_eos=rng.random() < 0.5, logprobs=rng.choice([None, 0, 5]))
+                                ignore_eos=rng.random() < 0.5, logprobs=rng.choice([None, 0, 5]),
+                                grammar=rng.choice([None, '{"grammars": [{"lark_grammar": "start: \\"✓\\""}]}']))
         return Submit(rid, rng.randrange(1 << 16), [rng.randint(*INT32) for _ in range(rng.randrange(300))], params)
     if kind == 1:
         return Abort(rid)
@@ -68,6 +69,19 @@ def test_sampling_params_travel_packed_and_exact():
     assert len(data) == HEADER.size + 8 + 68 + 2 * 4 + 2 * 4 + 4     # the layout the docstring draws
     # a seed of any size travels as its residue mod 2^64, which is all the RNG uses
     assert decode(encode(Submit(1, 0, [1], SamplingParams(seed=-5)))).params.seed == 2**64 - 5
+
+
+def test_a_grammar_travels_as_an_extension_entry_and_unknown_entries_stay_unknown():
+    grammar = '{"grammars": [{"json_schema": {"type": "object"}}]} ✓'
+    data = encode(Submit(5, 1, [1, 2], SamplingParams(grammar=grammar)))
+    entry = grammar.encode()
+    assert data.endswith(struct.pack("<IHHI", 8 + len(entry), 1, 0, len(entry)) + entry)   # n_ext | tag 1 | 0 | n
+    assert decode(data).params.grammar == grammar
+    unknown = struct.pack("<HHI", 77, 0, 3) + b"abc"      # a later build's feature: kept, for the engine to refuse
+    record = decode(encode(Submit(6, 1, [1], SamplingParams(grammar=grammar), extensions=unknown)))
+    assert record.params.grammar == grammar and record.extensions == unknown
+    with pytest.raises(ValueError, match="extensions"):
+        decode(encode(Submit(7, 1, [1], SamplingParams(), extensions=b"\x01")))
 
 
 def test_truncated_records_raise_value_error():

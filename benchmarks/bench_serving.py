@@ -114,11 +114,12 @@ def stop(proc):
 
 # -- one request ---------------------------------------------------------------
 
-def stream_completion(port, prompt, max_tokens, conn=None):
+def stream_completion(port, prompt, max_tokens, conn=None, extra=None):
     """(ttft seconds, [inter-chunk gaps], n output tokens, n chunks with text) of one streamed request,
-    on `conn` (kept open for the next request) or on a connection of its own."""
+    on `conn` (kept open for the next request) or on a connection of its own; `extra`: more body fields."""
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
+                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+                       **(extra or {})}).encode()
     own = conn is None
     if own:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -178,7 +179,7 @@ def server_cpu(pid):
 
 
 def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKENS, keep_alive=True,
-              server_pid=None):
+              server_pid=None, extra=None):
     results, lock = [], threading.Lock()
     todo = iter(prompts)
 
@@ -191,7 +192,7 @@ def run_level(port, prompts, concurrency, max_tokens, prompt_tokens=PROMPT_TOKEN
                     prompt = next(todo, None)
                 if prompt is None:
                     return
-                r = stream_completion(port, prompt, max_tokens, conn)
+                r = stream_completion(port, prompt, max_tokens, conn, extra)
                 with lock:
                     results.append(r)
         finally:

@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -441,11 +442,25 @@ typedef struct {
  * stays untouched: the caller sees its logits unchanged). */
 static void apply_mask(const float *src, int32_t vocab, const uint32_t *bits, int32_t words, float *dst)
 {
-    int32_t covered = words * 32 < vocab ? words * 32 : vocab;
-    for (int32_t t = 0; t < covered; t++)
-        dst[t] = (bits[t >> 5] >> (t & 31)) & 1u ? src[t] : -INFINITY;
-    for (int32_t t = covered; t < vocab; t++)
-        dst[t] = -INFINITY;
+    int32_t whole = vocab / 32 < words ? vocab / 32 : words;
+    /* Word at a time: a grammar's mask is mostly all-clear words (structure) or
+     * all-set ones (inside a string), and those two are plain fills and copies. */
+    for (int32_t w = 0; w < whole; w++) {
+        uint32_t m = bits[w];
+        const float *s = src + (size_t)w * 32;
+        float *d = dst + (size_t)w * 32;
+        if (m == 0u) {
+            for (int j = 0; j < 32; j++)
+                d[j] = -INFINITY;
+        } else if (m == ~0u) {
+            memcpy(d, s, 32 * sizeof(float));
+        } else {
+            for (int j = 0; j < 32; j++)
+                d[j] = (m >> j) & 1u ? s[j] : -INFINITY;
+        }
+    }
+    for (int32_t t = whole * 32; t < vocab; t++)
+        dst[t] = t < words * 32 && ((bits[t >> 5] >> (t & 31)) & 1u) ? src[t] : -INFINITY;
 }
 
 /* The row's mask, or NULL when it is unconstrained. */

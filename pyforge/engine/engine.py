@@ -5,6 +5,7 @@ benchmarks use it in-process.
 """
 import itertools
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from pyforge.backends import get_backend
@@ -21,6 +22,11 @@ from pyforge.loader import load_model_file
 from pyforge.models.registry import family
 from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
+
+
+# Below this a forward pass (the null model's, say) hides less than handing the masks
+# to their thread costs (a wake-up and the GIL, ~0.1-0.4 ms): compute them in line.
+OVERLAP_MIN_FORWARD_S = 0.002
 
 
 class StepError(RuntimeError):
@@ -86,7 +92,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(n_threads=self.backend.n_threads)
-        self.guided = GuidedDecoding(self.tokenizer, n_threads=self.backend.n_threads)
+        self.guided = GuidedDecoding(self.tokenizer)
+        self._forward_s = 0.0       # the last forward pass's seconds: is there time to hide masks behind?
         self.sequences = {}
         self._ids = itertools.count()
 
@@ -128,8 +135,11 @@ class Engine:
         try:
             batch, sampling = self.runner.build_batch(plan)
             seqs = [plan[i][0] for i in sampling]
-            masks = self.guided.start(seqs)         # grammar masks compute while the forward pass runs
+            # grammar masks compute while the forward pass runs, when it runs long enough to hide them
+            masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
+            started = time.perf_counter()
             logits = self.runner.forward(batch)
+            self._forward_s = time.perf_counter() - started
             masks = masks and masks.wait()
         except Exception as e:      # nothing of this step was recorded: end its sequences only
             if masks is not None and not isinstance(masks, tuple):

@@ -2,15 +2,17 @@
 their allowed-token masks computed while the forward pass runs, and the sampled
 token fed back to each matcher.
 
-    start(seqs)   the step's sampling rows -> a PendingMasks (None: no row is constrained);
-                  llguidance fills the masks on its own threads, without the GIL
+    start(seqs, overlap)  the step's sampling rows -> a PendingMasks (None: no row is
+                  constrained); llguidance fills the masks without the GIL, on the mask
+                  thread while the forward pass runs (or at once where it is too short)
     masks.wait()  -> (bits uint32[n_masks, words], mask_of int32[n_rows]) for Sampler.sample
     advance(seq, token)  after sampling; ValueError if the matcher refuses it
 
 Sequences without a grammar cost nothing: no matcher, no mask row, and a step with
 no constrained row starts no work at all.
 """
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,27 +20,47 @@ import numpy as np
 from pyforge.structured import ConstraintError, llg_tokenizer
 
 COMPILED_GRAMMARS = 64      # grammars kept compiled: a served schema is usually sent again and again
+TIMINGS_KEPT = 4096
 
 
 class PendingMasks:
-    """The masks of one step, being computed."""
+    """The masks of one step, computed on the mask thread or, when there is no forward
+    pass worth hiding them behind, right away; `wait` records (seconds computing,
+    seconds the engine waited for them) in `timings`, for benchmarks."""
 
-    def __init__(self, future, bits, mask_of):
-        self._future, self.bits, self.mask_of = future, bits, mask_of
+    def __init__(self, rows, bits, mask_of, timings, pool=None):
+        self.bits, self.mask_of, self._rows, self._timings = bits, mask_of, rows, timings
+        self._compute_s = None
+        self._future = pool.submit(self._fill) if pool is not None else None
+        if pool is None:
+            self._fill()
+
+    def _fill(self):
+        # one matcher after another: llguidance drops the GIL in each, and a few
+        # microseconds a row do not need its own thread pool beside the forward pass's
+        import llguidance.numpy as llg_np
+        start = time.perf_counter()
+        for matcher, k in self._rows:
+            llg_np.fill_next_token_bitmask(matcher, self.bits, k)
+        self._compute_s = time.perf_counter() - start
 
     def wait(self):
-        self._future.result()
-        return self.bits, self.mask_of
+        start = time.perf_counter()
+        if self._future is not None and self._future.cancel():    # the thread never got a core: do it here
+            self._fill()
+        elif self._future is not None:
+            self._future.result()
+        self._timings.append((self._compute_s, time.perf_counter() - start))
+        return self.bits.view(np.uint32), self.mask_of
 
 
 class GuidedDecoding:
-    def __init__(self, tokenizer, n_threads=None):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.n_threads = n_threads
         self._llg = None
-        self._executor = None       # llguidance's thread pool for masks
-        self._thread = None         # runs the batch call, so the engine thread can start the forward pass
+        self._thread = None         # the mask thread: masks compute while the engine runs the forward pass
         self._compiled = OrderedDict()   # grammar -> a fresh matcher to deep-copy
+        self.timings = deque(maxlen=TIMINGS_KEPT)   # (compute s, wait s) of recent steps' masks
 
     def matcher(self, grammar):
         """A new matcher at the start of `grammar`; ConstraintError if it does not compile."""
@@ -54,21 +76,22 @@ class GuidedDecoding:
         self._compiled.move_to_end(grammar)
         return template.deep_copy()
 
-    def start(self, seqs):
+    def start(self, seqs, overlap=True):
         """Begin computing the masks of the constrained sequences among `seqs` (the
-        step's sampling rows, in order); None when none is constrained."""
+        step's sampling rows, in order): on the mask thread when `overlap` (a forward
+        pass long enough to hide them follows), else at once. None when no row is
+        constrained."""
         rows = [(seq.matcher, i) for i, seq in enumerate(seqs) if seq.matcher is not None]
         if not rows:
             return None
-        import llguidance.numpy as llg_np
-        bits = llg_np.allocate_token_bitmask(len(rows), self._tokenizer().vocab_size)
+        words = (self._tokenizer().vocab_size + 31) // 32
+        bits = np.zeros((len(rows), words), dtype=np.int32)
         mask_of = np.full(len(seqs), -1, dtype=np.int32)
         targets = []
         for k, (matcher, i) in enumerate(rows):
             mask_of[i] = k
             targets.append((matcher, k))
-        future = self._pool().submit(llg_np.fill_next_token_bitmask_par, self._executor, targets, bits)
-        return PendingMasks(future, bits.view(np.uint32), mask_of)
+        return PendingMasks(targets, bits, mask_of, self.timings, self._pool() if overlap else None)
 
     @staticmethod
     def advance(seq, token_id):
@@ -87,7 +110,5 @@ class GuidedDecoding:
 
     def _pool(self):
         if self._thread is None:
-            import llguidance
-            self._executor = llguidance.LLExecutor(self.n_threads or None)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="pyforge-masks")
         return self._thread

@@ -13,7 +13,7 @@ import json
 # Whitespace JSON may hold between tokens: one space, or a line break and up to 20
 # characters of indentation (llama.cpp's json-schema-to-grammar allows the same).
 # Pretty-printed output passes; a model cannot pad a value with whitespace forever.
-# A schema's own "x-guidance" options override it.
+# A schema's own "x-guidance": {"whitespace_pattern": ...} overrides it.
 JSON_WHITESPACE = r"(?: |\n[ \t]{0,20})?"
 
 

@@ -9,6 +9,7 @@ reason, unless PYFORGE_REQUIRE_REFERENCES=1 (set in CI): then it fails, so a
 broken reference install can never pass as a green run.
 """
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -59,3 +60,9 @@ def drain_stream(stream):
         else:
             last = event
     return tokens, last
+
+
+def sse_payloads(text):
+    """The JSON payloads of an SSE response body (keep-alive comments skipped), which must end with [DONE]."""
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    return [json.loads(f[len("data: "):]) for f in text.split("\n\n") if f.startswith("data: {")]

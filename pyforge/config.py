@@ -29,6 +29,8 @@ else:                                   # pragma: no cover - Python 3.10
 ENV_PREFIX = "LLM_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "pretty")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "generic")   # server/tools/formats.py FORMATS
+REASONING_PARSERS = ("deepseek_r1", "qwen3")                          # both write <think>...</think>
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -55,6 +57,8 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     api_key: str | None = None          # require `Authorization: Bearer <key>`; None: open
     chat_template: str | None = None    # a file path or an inline Jinja template
+    tool_call_parser: str | None = None  # tool-call format (vLLM's flag); None: detected from the chat template
+    reasoning_parser: str | None = None  # <think> block format (vLLM's flag); None: no reasoning split
     log_level: str = "info"
     log_format: str = "pretty"
     drain_timeout: float = 30.0         # seconds in-flight requests get on SIGTERM
@@ -203,6 +207,8 @@ _PARSERS = {
     "block_size": _int(1), "queue_capacity": _int(1), "default_max_tokens": _int(1),
     "max_tokens_limit": _int(1, optional=True), "max_body_bytes": _int(1024),
     "api_key": _str(optional=True), "chat_template": _chat_template,
+    "tool_call_parser": _str(optional=True, choices=TOOL_CALL_PARSERS),
+    "reasoning_parser": _str(optional=True, choices=REASONING_PARSERS),
     "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
     "drain_timeout": _float(), "keepalive_interval": _float(low_open=True),
     "stall_timeout": _float(low_open=True), "request_read_timeout": _float(low_open=True),
@@ -279,6 +285,10 @@ _HELP = {
     "max_body_bytes": "largest request body (413 above)",
     "api_key": "require Authorization: Bearer KEY (health endpoints stay open)",
     "chat_template": "chat template file or inline Jinja (overrides the model's)",
+    "tool_call_parser": "how the model writes tool calls: " + "/".join(TOOL_CALL_PARSERS)
+                        + " (default: detected from the chat template)",
+    "reasoning_parser": "split a <think> block into reasoning_content: " + "/".join(REASONING_PARSERS)
+                        + " (default: none)",
     "log_level": "/".join(LOG_LEVELS),
     "log_format": "/".join(LOG_FORMATS),
     "drain_timeout": "seconds in-flight requests get to finish on SIGTERM",

@@ -55,6 +55,7 @@ class GenerationRequest:
     n: int = 1
     stop: tuple[str, ...] = ()
     echo: bool = False
+    keep_special: bool = False  # detokenize special tokens too (tool-call openers such as [TOOL_CALLS])
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,9 @@ class StopMatcher:
 class _Choice:
     """One sample of one prompt: detokenize, match stops, count, collect logprobs."""
 
-    def __init__(self, index, tokenizer, prompt, stop, skip_ids):
+    def __init__(self, index, tokenizer, prompt, stop, skip_ids, keep_special=False):
         self.index = index
-        self.detok = IncrementalDetokenizer(tokenizer, prefix_ids=prompt.ids)
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=not keep_special, prefix_ids=prompt.ids)
         self.matcher = StopMatcher(stop)
         self.skip_ids = skip_ids
         self.n_tokens = 0
@@ -189,7 +190,7 @@ class Generation:
         self.ctx, self.request, self.timer = ctx, request, timer
         tok, n = ctx.tokenizer, request.n
         skip = frozenset() if request.params.ignore_eos else tok.eos_ids
-        self.choices = [_Choice(i * n + j, tok, p, request.stop, skip)
+        self.choices = [_Choice(i * n + j, tok, p, request.stop, skip, request.keep_special)
                         for i, p in enumerate(request.prompts) for j in range(n)]
         self.streams = []
         self._group = None

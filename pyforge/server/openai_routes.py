@@ -13,6 +13,7 @@ from pyforge.engine.sampling_params import brief
 from pyforge.server import generation as g
 from pyforge.server.constraints import request_grammar
 from pyforge.server import validation as v
+from pyforge.server.chat import chat_request
 from pyforge.server.errors import APIError, bad_request
 
 
@@ -29,8 +30,8 @@ class _OpenAIGeneration:
         timer = g.RequestTimer(self.ctx.observer)
         with g.observed(timer):
             body = v.read_json(req, self.ctx.config.max_body_bytes)
-            request, stream, include_usage = self.parse(body, self.ctx)
-            fmt = _Format(self.ctx, self.id_prefix, self.object_type, include_usage)
+            request, stream, include_usage, reply = self.parse(body, self.ctx)
+            fmt = _Format(self.ctx, self.id_prefix, self.object_type, include_usage, reply)
             g.run(self.ctx, resp, timer, request, stream=stream,
                   to_json=lambda results, usage: getattr(fmt, self.reply)(request, results, usage),
                   to_chunks=getattr(fmt, self.chunks), client_gone=g.connection_watch(req))
@@ -82,17 +83,15 @@ def _completion_request(body, ctx):
     params = v.sampling_params(body, ctx.config, ("max_tokens",), logprobs, request_grammar(body, ctx.constraints))
     prompts = v.completion_prompts(body.get("prompt"), ctx)
     request = g.GenerationRequest(prompts, params, v.parse_n(body), v.parse_stop(body.get("stop")), echo)
-    return (request, *_stream_flags(body))
+    return (request, *_stream_flags(body), None)
 
 
 def _chat_request(body, ctx):
     v.check_model(body, ctx)
-    logprobs = v.parse_chat_logprobs(body)
-    params = v.sampling_params(body, ctx.config, ("max_completion_tokens", "max_tokens"), logprobs,
-                               request_grammar(body, ctx.constraints))
-    prompt = v.chat_prompt(body.get("messages"), ctx)
-    request = g.GenerationRequest([prompt], params, v.parse_n(body), v.parse_stop(body.get("stop")))
-    return (request, *_stream_flags(body))
+    prompt, params, reply, keep_special = chat_request(body, ctx, v.parse_chat_logprobs(body))
+    request = g.GenerationRequest([prompt], params, v.parse_n(body), v.parse_stop(body.get("stop")),
+                                  keep_special=keep_special)
+    return (request, *_stream_flags(body), reply)
 
 
 def _stream_flags(body):
@@ -109,8 +108,9 @@ def _stream_flags(body):
 class _Format:
     """Builds one request's response objects; every chunk shares id and created."""
 
-    def __init__(self, ctx, id_prefix, object_name, include_usage):
+    def __init__(self, ctx, id_prefix, object_name, include_usage, reply=None):
         self.tok = ctx.tokenizer
+        self.reply = reply          # chat: a ChatReply (reasoning, tool calls)
         self.keepalive = ctx.config.keepalive_interval
         self.include_usage = include_usage
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -180,23 +180,30 @@ class _Format:
 
     # chat
     def chat(self, request, results, usage):
-        choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                    "logprobs": {"content": self._chat_logprobs(logprobs)} if _wants(request) else None}
-                   for index, (text, logprobs, reason) in enumerate(results)]
+        choices = []
+        for index, (text, logprobs, reason) in enumerate(results):
+            message, reason = self.reply.message(text, reason)
+            choices.append({"index": index, "message": message, "finish_reason": reason,
+                            "logprobs": {"content": self._chat_logprobs(logprobs)} if _wants(request) else None})
         return self._body(choices, usage)
 
     def chat_chunks(self, gen):
         # the role first, at once: clients see the stream open before the first token
         yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None} for c in gen.choices])
+        streams = {c.index: self.reply.stream() for c in gen.choices}
         for u in self._updates(gen):
             if u is None:
                 yield None
                 continue
-            delta = {"content": u.text} if u.text else {}
+            stream, reason = streams[u.index], None
+            delta = stream.feed(u.text)
+            if u.finish_reason is not None:
+                last, reason = stream.finish(u.finish_reason)
+                delta = _merged(delta, last)
             logprobs = {"content": self._chat_logprobs(u.logprobs)} if u.logprobs else None
-            yield self._chunk([{"index": u.index, "delta": delta, "logprobs": logprobs,
-                                "finish_reason": u.finish_reason}])
+            if delta or logprobs or reason:
+                yield self._chunk([{"index": u.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
         if self.include_usage:
             yield self._chunk([], gen.usage())
 
@@ -215,6 +222,14 @@ class _Format:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _merged(first, second):
+    """One delta from two in a row (text keys concatenate, tool call pieces append)."""
+    out = dict(first)
+    for key, value in second.items():
+        out[key] = out.get(key, [] if key == "tool_calls" else "") + value
+    return out
 
 
 def _wants(request):

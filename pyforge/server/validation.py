@@ -150,11 +150,11 @@ def completion_prompts(value, ctx):
     raise bad_request("prompt must not mix strings, token ids and lists", "prompt")
 
 
-def chat_prompt(messages, ctx):
-    """The rendered chat template of `messages`, tokenized."""
+def chat_prompt(messages, ctx, **template_kwargs):
+    """The rendered chat template of `messages` (template_kwargs: `tools`, ...), tokenized."""
     tok = ctx.tokenizer
     try:
-        text = tok.apply_chat_template(_check_messages(messages), add_generation_prompt=True)
+        text = tok.apply_chat_template(check_messages(messages), add_generation_prompt=True, **template_kwargs)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
     # the template usually writes the BOS itself; do not add a second one
@@ -163,7 +163,7 @@ def chat_prompt(messages, ctx):
     return _checked(Prompt(ids, text), ctx, "messages")
 
 
-def _check_messages(messages):
+def check_messages(messages):
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
     return [_check_message(m, i) for i, m in enumerate(messages)]

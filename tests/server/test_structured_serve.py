@@ -62,3 +62,62 @@ def test_an_invalid_schema_is_a_400_from_the_server(server):
             model="tiny-gqa", messages=MESSAGES, max_tokens=10,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}})
     assert raised.value.body["param"] == "response_format"
+
+
+# -- tools through the openai client ------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+             "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def qwen_server(model_path, tmp_path_factory):
+    """The random model behind Qwen2.5's tool-calling chat template (hermes tool calls)."""
+    from conftest import SHARED
+    template = json.loads((SHARED / "models" / "Qwen2.5-0.5B-Instruct" / "tokenizer_config.json").read_text())
+    path = tmp_path_factory.mktemp("template") / "qwen2.5.jinja"
+    path.write_text(template["chat_template"])
+    s = Server(model_path, "--chat-template", str(path))
+    yield s
+    assert s.stop() == 0
+    s.assert_clean()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_tool_calls_round_trip_with_the_openai_client(qwen_server, tool_choice):
+    c = qwen_server.client
+    r = c.chat.completions.create(model="tiny-gqa", messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice,
+                                  parallel_tool_calls=False, max_tokens=200, temperature=1.0, seed=3)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    if isinstance(tool_choice, dict):
+        assert call.function.name == "get_weather"
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+    stream = c.chat.completions.create(model="tiny-gqa", messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice,
+                                       parallel_tool_calls=False, max_tokens=200, temperature=1.0, seed=3,
+                                       stream=True)
+    name, arguments, reason = None, "", None
+    for chunk in stream:
+        for ch in chunk.choices:
+            for piece in ch.delta.tool_calls or []:
+                name = piece.function.name or name
+                arguments += piece.function.arguments or ""
+            reason = ch.finish_reason or reason
+    assert (name, json.loads(arguments), reason) == (call.function.name, json.loads(call.function.arguments),
+                                                      "tool_calls")
+
+    second = c.chat.completions.create(
+        model="tiny-gqa", tools=TOOLS, max_tokens=8, temperature=0.0,
+        messages=[*MESSAGES, choice.message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}])
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")

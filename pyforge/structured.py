@@ -24,7 +24,8 @@ class ConstraintError(ValueError):
 def grammar_for(kind, value):
     """The llguidance grammar for a constraint of `kind` ("json_schema": a schema
     object; "json_object": ignored; "regex" / "gbnf" / "lark": text; "grammar":
-    GBNF or Lark text, told apart as llama-server does; "choice": strings)."""
+    GBNF or Lark text, told apart as llama-server does; "choice": strings;
+    "llguidance": a grammar already in llguidance's JSON form, passed through)."""
     import llguidance
     try:
         if kind in ("json_object", "json_schema"):

@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyforge.chat_template import CHATML_TEMPLATE
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:                                   # pragma: no cover - Python 3.10
@@ -29,6 +31,7 @@ else:                                   # pragma: no cover - Python 3.10
 ENV_PREFIX = "LLM_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "pretty")
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}     # --chat-template NAME, for models that ship none
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "generic")   # server/tools/formats.py FORMATS
 REASONING_PARSERS = ("deepseek_r1", "qwen3")                          # both write <think>...</think>
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -104,6 +107,8 @@ class ServerConfig:
         """The chat template's text (read from the file if it names one), or None."""
         if self.chat_template is None:
             return None
+        if self.chat_template in NAMED_TEMPLATES:
+            return NAMED_TEMPLATES[self.chat_template]
         path = Path(self.chat_template)
         return path.read_text(encoding="utf-8") if _is_file(path) else self.chat_template
 
@@ -193,7 +198,7 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 def _chat_template(name, value):
     value = _str(optional=True)(name, value)
-    if value is not None and not _is_file(Path(value)) and "{" not in value:
+    if value is not None and value not in NAMED_TEMPLATES and not _is_file(Path(value)) and "{" not in value:
         raise _FieldError(name, f"is neither a file nor a Jinja template: {value!r}")
     return value
 
@@ -284,7 +289,7 @@ _HELP = {
     "max_tokens_limit": "largest max_tokens a request may ask for",
     "max_body_bytes": "largest request body (413 above)",
     "api_key": "require Authorization: Bearer KEY (health endpoints stay open)",
-    "chat_template": "chat template file or inline Jinja (overrides the model's)",
+    "chat_template": "chat template file, inline Jinja or chatml (overrides the model's)",
     "tool_call_parser": "how the model writes tool calls: " + "/".join(TOOL_CALL_PARSERS)
                         + " (default: detected from the chat template)",
     "reasoning_parser": "split a <think> block into reasoning_content: " + "/".join(REASONING_PARSERS)

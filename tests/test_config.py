@@ -93,6 +93,19 @@ def test_optional_fields_can_be_unset_from_env():
     assert cfg.max_model_len is None and cfg.api_key is None
 
 
+def test_chat_template_by_name():
+    from pyforge.chat_template import CHATML_TEMPLATE
+    assert ServerConfig(model="m", chat_template="chatml").load_chat_template() == CHATML_TEMPLATE
+
+
+def test_parser_flags_name_what_exists():
+    from pyforge.config import TOOL_CALL_PARSERS
+    from pyforge.server.tools import FORMATS
+    assert set(TOOL_CALL_PARSERS) == set(FORMATS)
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        ServerConfig(model="m", reasoning_parser="nope")
+
+
 def test_chat_template_file_or_inline(tmp_path):
     path = tmp_path / "t.jinja"
     path.write_text("{{ messages }}")

@@ -82,6 +82,8 @@ class Generate(_Generate):
 
 class Chat(_Generate):
     def _prompt(self, body):
+        if body.get("tools") is not None:     # not part of /api: never answered as if honoured
+            raise bad_request("/api/chat takes no tools; use /v1/chat/completions for tool calling", "tools")
         return v.chat_prompt(body.get("messages"), self.ctx)
 
     def _reply(self, text, finish_reason, usage):

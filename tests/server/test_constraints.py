@@ -134,3 +134,8 @@ def test_bad_constraints_are_400_naming_the_field(app, fields, param, words):
         error = r.json["error"]
         assert error["param"] == param and words in error["message"], error
     assert not app[1].has_work
+
+
+def test_api_chat_refuses_tools_rather_than_ignore_them(app):
+    r = post(app, "/api/chat", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert r.status_code == 400 and r.json["error"]["param"] == "tools"

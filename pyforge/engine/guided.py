@@ -26,7 +26,8 @@ TIMINGS_KEPT = 4096
 class PendingMasks:
     """The masks of one step, computed on the mask thread or, when there is no forward
     pass worth hiding them behind, right away; `wait` records (seconds computing,
-    seconds the engine waited for them) in `timings`, for benchmarks."""
+    seconds the engine waited for them, whether the thread computed them) in
+    `timings`, for benchmarks."""
 
     def __init__(self, rows, bits, mask_of, timings, pool=None):
         self.bits, self.mask_of, self._rows, self._timings = bits, mask_of, rows, timings
@@ -52,7 +53,7 @@ class PendingMasks:
             self._fill()
         elif self._future is not None:
             self._future.result()
-        self._timings.append((self._compute_s, self._blocked_s + time.perf_counter() - start))
+        self._timings.append((self._compute_s, self._blocked_s + time.perf_counter() - start, self._future is not None))
         return self.bits.view(np.uint32), self.mask_of
 
 
@@ -62,7 +63,7 @@ class GuidedDecoding:
         self._llg = None
         self._thread = None         # the mask thread: masks compute while the engine runs the forward pass
         self._compiled = OrderedDict()   # grammar -> a fresh matcher to deep-copy
-        self.timings = deque(maxlen=TIMINGS_KEPT)   # (compute s, wait s) of recent steps' masks
+        self.timings = deque(maxlen=TIMINGS_KEPT)   # (compute s, wait s, threaded) of recent steps' masks
 
     def matcher(self, grammar):
         """A new matcher at the start of `grammar`; ConstraintError if it does not compile."""

@@ -463,6 +463,53 @@ static void apply_mask(const float *src, int32_t vocab, const uint32_t *bits, in
         dst[t] = t < words * 32 && ((bits[t >> 5] >> (t & 31)) & 1u) ? src[t] : -INFINITY;
 }
 
+/* Greedy over a masked row without building the masked copy: the lowest allowed
+ * id of the largest allowed logit; the lowest allowed id when no allowed logit
+ * compares (all -inf or NaN); -1 when nothing is allowed. All-clear words cost
+ * one test, all-set ones a 32-wide max. */
+static int32_t masked_argmax(const float *row, int32_t vocab, const uint32_t *bits, int32_t words)
+{
+    int32_t whole = vocab / 32 < words ? vocab / 32 : words, best = -1, first = -1;
+    float best_v = -INFINITY;
+    for (int32_t w = 0; w < whole; w++) {
+        uint32_t m = bits[w];
+        const float *x = row + (size_t)w * 32;
+        if (m == 0u)
+            continue;
+        if (first < 0)
+            first = w * 32 + __builtin_ctz(m);
+        if (m == ~0u) {
+            float wm = -INFINITY;
+            for (int j = 0; j < 32; j++)
+                wm = x[j] > wm ? x[j] : wm;
+            if (wm > best_v) {
+                best_v = wm;
+                best = w * 32 + first_index_of(x, 32, wm);
+            }
+            continue;
+        }
+        for (; m; m &= m - 1) {
+            int j = __builtin_ctz(m);
+            if (x[j] > best_v) {
+                best_v = x[j];
+                best = w * 32 + j;
+            }
+        }
+    }
+    int32_t covered = words * 32 < vocab ? words * 32 : vocab;
+    for (int32_t t = whole * 32; t < covered; t++) {
+        if (!((bits[t >> 5] >> (t & 31)) & 1u))
+            continue;
+        if (first < 0)
+            first = t;
+        if (row[t] > best_v) {
+            best_v = row[t];
+            best = t;
+        }
+    }
+    return best >= 0 ? best : first;
+}
+
 /* The row's mask, or NULL when it is unconstrained. */
 static const uint32_t *row_mask(const pf_token_mask *mask, int32_t i)
 {
@@ -494,13 +541,18 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
     double u = pf_rng_uniform(&rng_state[i]);   /* greedy rows step too: one step per call */
     const float *pick = row;
     const uint32_t *bits = row_mask(mask, i);
-    if (bits != NULL) {
-        apply_mask(row, vocab, bits, mask->words, s->masked);
-        pick = s->masked;
+    int32_t token;
+    if (bits != NULL && !(p->temperature[i] >= PF_GREEDY_TEMPERATURE)) {
+        token = masked_argmax(row, vocab, bits, mask->words);
+    } else {
+        if (bits != NULL) {
+            apply_mask(row, vocab, bits, mask->words, s->masked);
+            pick = s->masked;
+        }
+        if (n_hist > 0 || bits != NULL)          /* penalties or the mask moved logits: scan again */
+            max = max_value(pick, vocab);
+        token = (bits != NULL && max == -INFINITY) ? -1 : choose(pick, vocab, max, p, i, u, s->cand);
     }
-    if (n_hist > 0 || bits != NULL)              /* penalties or the mask moved logits: scan again */
-        max = max_value(pick, vocab);
-    int32_t token = (bits != NULL && max == -INFINITY) ? -1 : choose(pick, vocab, max, p, i, u, s->cand);
 
     for (int32_t j = 0; j < n_hist; j++)
         row[ids[j]] = s->saved[j];

@@ -87,14 +87,15 @@ class GuidedDecoding:
         rows = [(seq.matcher, i) for i, seq in enumerate(seqs) if seq.matcher is not None]
         if not rows:
             return None
-        words = (self._tokenizer().vocab_size + 31) // 32
-        bits = np.zeros((len(rows), words), dtype=np.int32)
         mask_of = np.full(len(seqs), -1, dtype=np.int32)
         targets = []
         for k, (matcher, i) in enumerate(rows):
             mask_of[i] = k
             targets.append((matcher, k))
-        return PendingMasks(targets, bits, mask_of, self.timings, self._pool() if overlap else None)
+        return PendingMasks(targets, self._bits(len(rows)), mask_of, self.timings, self._pool() if overlap else None)
+
+    def _bits(self, n_rows):
+        return np.zeros((n_rows, (self._tokenizer().vocab_size + 31) // 32), dtype=np.int32)
 
     @staticmethod
     def advance(seq, token_id):

@@ -11,12 +11,14 @@ ConstraintError (a ValueError: HTTP 400), never an unconstrained answer.
 import json
 import threading
 from collections import OrderedDict
+from functools import lru_cache
 
 # Whitespace JSON may hold between tokens: one space, or a line break and up to 20
 # characters of indentation (llama.cpp's json-schema-to-grammar allows the same).
 # Pretty-printed output passes; a model cannot pad a value with whitespace forever.
 # A schema's own "x-guidance": {"whitespace_pattern": ...} overrides it.
 JSON_WHITESPACE = r"(?: |\n[ \t]{0,20})?"
+ENCODINGS_KEPT = 4096     # forced texts whose tokens a vocabulary remembers
 
 
 class ConstraintError(ValueError):
@@ -83,18 +85,24 @@ class _Vocabulary:
         self.bos_token_id = tokenizer.bos_id
         self.tokens = [tokenizer.token_to_piece(i) for i in range(tokenizer.vocab_size)]
         self.special_token_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)]
+        # llguidance asks again and again for the same forced text (a schema's keys) while it
+        # computes masks, holding the GIL for each call: remember the answers
+        self._encode = lru_cache(maxsize=ENCODINGS_KEPT)(self._exact)
 
     def __call__(self, text):
-        """Token ids whose bytes are exactly `text` (what llguidance forces when the
-        grammar leaves one way on)."""
-        ids = self._tok.encode(text, add_bos=False, special=False)
+        return list(self._encode(text))
+
+    def _exact(self, text):
+        """Token ids (a tuple) whose bytes are exactly `text`: what llguidance forces
+        where the grammar leaves one way on."""
+        ids = tuple(self._tok.encode(text, add_bos=False, special=False))
         if self._bytes(ids) == text.encode():
             return ids
         # SentencePiece vocabularies prepend a space to the text; behind a newline they do not
         shifted = self._tok.encode("\n" + text, add_bos=False, special=False)
         for k in range(1, len(shifted)):
             if self._bytes(shifted[:k]).endswith(b"\n"):
-                rest = shifted[k:]
+                rest = tuple(shifted[k:])
                 return rest if self._bytes(rest) == text.encode() else ids
         return ids
 

@@ -9,6 +9,7 @@ reason, unless PYFORGE_REQUIRE_REFERENCES=1 (set in CI): then it fails, so a
 broken reference install can never pass as a green run.
 """
 import importlib
+from contextlib import contextmanager
 import json
 import os
 from pathlib import Path
@@ -66,3 +67,26 @@ def sse_payloads(text):
     """The JSON payloads of an SSE response body (keep-alive comments skipped), which must end with [DONE]."""
     assert text.endswith("data: [DONE]\n\n"), text[-300:]
     return [json.loads(f[len("data: "):]) for f in text.split("\n\n") if f.startswith("data: {")]
+
+
+@contextmanager
+def inprocess_app(model_path, max_model_len=512, kv_cache_tokens=8192, **config):
+    """(falcon TestClient, Engine): the app over an in-process engine on `model_path`, with
+    ServerConfig `config` (its chat template, if any, set on the tokenizer as the server does)."""
+    from falcon import testing
+
+    from pyforge.config import ServerConfig
+    from pyforge.engine.engine import Engine
+    from pyforge.server.app import create_app
+    from pyforge.server.inprocess import InProcessEngineClient
+
+    engine = Engine(model_path, n_threads=1, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens,
+                    max_num_seqs=16)
+    server_config = ServerConfig(model=model_path, **config)
+    if server_config.chat_template:
+        engine.tokenizer.chat_template = server_config.load_chat_template()
+    client = InProcessEngineClient(engine, queue_capacity=64)
+    try:
+        yield testing.TestClient(create_app(server_config, client, engine.tokenizer)), engine
+    finally:
+        client.close()

@@ -7,14 +7,9 @@ streamed."""
 import json
 
 import pytest
-from falcon import testing
 
-from conftest import SHARED, sse_payloads
-from pyforge.config import ServerConfig
-from pyforge.engine.engine import Engine
-from pyforge.server.app import create_app
+from conftest import SHARED, inprocess_app, sse_payloads
 from pyforge.server.chat import ChatReply
-from pyforge.server.inprocess import InProcessEngineClient
 from pyforge.server.reasoning import Thinking
 from pyforge.server.tools import FORMATS
 
@@ -33,22 +28,12 @@ QWEN_TEMPLATE = json.loads((SHARED / "models" / "Qwen2.5-0.5B-Instruct" / "token
                            .read_text())["chat_template"]
 
 
-def make_app(model_path, **config):
-    engine = Engine(model_path, n_threads=1, max_model_len=1024, kv_cache_tokens=8192, max_num_seqs=16)
-    client = InProcessEngineClient(engine, queue_capacity=64)
-    server_config = ServerConfig(model=model_path, **config)
-    if server_config.chat_template:
-        engine.tokenizer.chat_template = server_config.load_chat_template()
-    return testing.TestClient(create_app(server_config, client, engine.tokenizer)), engine, client
-
-
 @pytest.fixture(scope="module", params=["hermes", "generic"])
 def app(request, model_path):
     """hermes: Qwen2.5's tool template over the random model; generic: its own template (no tools)."""
     config = {"chat_template": QWEN_TEMPLATE} if request.param == "hermes" else {}
-    client, engine, inproc = make_app(model_path, **config)
-    yield client, engine, request.param
-    inproc.close()
+    with inprocess_app(model_path, max_model_len=1024, **config) as (client, engine):
+        yield client, engine, request.param
 
 
 def post(app, body):

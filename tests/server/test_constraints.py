@@ -5,12 +5,8 @@ import json
 import re
 
 import pytest
-from falcon import testing
 
-from pyforge.config import ServerConfig
-from pyforge.engine.engine import Engine
-from pyforge.server.app import create_app
-from pyforge.server.inprocess import InProcessEngineClient
+from conftest import inprocess_app
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -24,10 +20,8 @@ CHAT = [{"role": "user", "content": "The weather in Paris, as JSON?"}]
 
 @pytest.fixture(scope="module")
 def app(model_path):
-    engine = Engine(model_path, n_threads=1, max_model_len=512, kv_cache_tokens=8192, max_num_seqs=16)
-    client = InProcessEngineClient(engine, queue_capacity=64)
-    yield testing.TestClient(create_app(ServerConfig(model=model_path), client, engine.tokenizer)), engine
-    client.close()
+    with inprocess_app(model_path) as app:
+        yield app
 
 
 def post(app, path, body):

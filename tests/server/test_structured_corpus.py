@@ -8,15 +8,10 @@ import json
 import re
 
 import pytest
-from falcon import testing
 
-from conftest import sse_payloads
+from conftest import inprocess_app, sse_payloads
 from structured_corpus import CHOICES, FAST_SCHEMAS, GRAMMARS, INVALID, REGEXES, assert_valid, names
 
-from pyforge.config import ServerConfig
-from pyforge.engine.engine import Engine
-from pyforge.server.app import create_app
-from pyforge.server.inprocess import InProcessEngineClient
 
 pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -31,10 +26,8 @@ FIELDS = {"json_schema": "json_schema", "regex": "regex", "grammar_gbnf": "gramm
 @pytest.fixture(scope="module")
 def app(model_path):
     # three answers of max_model_len tokens fit the KV cache at once
-    engine = Engine(model_path, n_threads=1, max_model_len=1024, kv_cache_tokens=4096, max_num_seqs=16)
-    client = InProcessEngineClient(engine, queue_capacity=64)
-    yield testing.TestClient(create_app(ServerConfig(model=model_path), client, engine.tokenizer)), engine
-    client.close()
+    with inprocess_app(model_path, max_model_len=1024, kv_cache_tokens=4096) as app:
+        yield app
 
 
 def post(app, path, body):

@@ -25,7 +25,7 @@
  * ADMITTED, TOKENS*, then one FINISH or ERROR; a refused request gets its
  * ERROR alone. After an ABORT the FINISH (reason abort) still comes.
  * Submit only while engine status is READY; the engine writes its facts
- * (max_model_len, vocab_size) before READY.
+ * (max_model_len, vocab_size, the end-of-generation ids) before READY.
  */
 #ifndef PYFORGE_IPC_H
 #define PYFORGE_IPC_H
@@ -37,7 +37,8 @@
 
 /* -- the segment header ------------------------------------------------- */
 #define PF_SEG_MAGIC "PYFORGE"          /* 8 bytes with its NUL */
-#define PF_SEG_VERSION 2u
+#define PF_SEG_VERSION 3u
+#define PF_MAX_EOS_IDS 32u
 #define PF_PAGE 4096u
 #define PF_SLOT_BYTES 64u
 
@@ -54,6 +55,8 @@ enum {                                   /* byte offsets in the header */
     PF_SEG_OFF_HEARTBEAT = 48,           /* i64, atomic: bumped every engine loop */
     PF_SEG_OFF_MAX_MODEL_LEN = 56,       /* u32: the engine's context length */
     PF_SEG_OFF_VOCAB_SIZE = 60,          /* u32 */
+    PF_SEG_OFF_N_EOS = 64,               /* u32: end-of-generation ids that follow */
+    PF_SEG_OFF_EOS_IDS = 68,             /* u32[PF_MAX_EOS_IDS]: they end a request (finish reason stop) */
 };
 
 enum pf_engine_status { PF_ENGINE_STARTING = 0, PF_ENGINE_READY = 1, PF_ENGINE_DRAINING = 2, PF_ENGINE_STOPPED = 3 };

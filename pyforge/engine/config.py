@@ -30,3 +30,20 @@ class EngineConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+MAX_EOS_IDS = 32        # room for them in the segment header (native/pyforge_ipc.h)
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the engine decided and the HTTP workers obey, decided once: the engine
+    process publishes them in the segment header (pyforge/ipc/segment.py) before
+    READY, the in-process client reads them off the Engine."""
+    max_model_len: int                  # prompt + output tokens a sequence may hold
+    vocab_size: int                     # prompt ids must be below it
+    eos_ids: frozenset                  # ids that end generation (not shown as text)
+
+    def __post_init__(self):
+        if len(self.eos_ids) > MAX_EOS_IDS:
+            raise ValueError(f"{len(self.eos_ids)} end-of-generation ids; the segment has room for {MAX_EOS_IDS}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pyforge.backends import get_backend
 from pyforge.engine.block_manager import BlockManager
-from pyforge.engine.config import EngineConfig
+from pyforge.engine.config import EngineConfig, EngineFacts
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 from pyforge.engine.guided import GuidedDecoding
 from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
@@ -88,6 +88,7 @@ class Engine:
                 raise ValueError(f"cuda_graphs needs the cuda device, not {self.backend.name}")
             self.backend.use_cuda_graphs(self.max_model_len, ec.block_size)
             self.backend.graphs.capture_all(self.model.forward_device, self.kv_cache)
+        self.facts = EngineFacts(self.max_model_len, cfg.vocab_size, self.tokenizer.eos_ids)
         self.block_manager = BlockManager(n_blocks, ec.block_size)
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
@@ -112,7 +113,7 @@ class Engine:
         return seq
 
     def check_prompt(self, prompt_ids):
-        check_prompt_ids(prompt_ids, self.max_model_len, self.config.vocab_size)
+        check_prompt_ids(prompt_ids, self.facts.max_model_len, self.facts.vocab_size)
         if len(prompt_ids) + 1 > self.block_manager.n_blocks * self.block_manager.block_size:
             raise ValueError("the prompt does not fit in the KV cache")
 
@@ -188,7 +189,7 @@ class Engine:
     def append_token(self, seq, result):
         self.guided.advance(seq, result.token_id)      # a refused token fails this row only
         seq.token_ids.append(result.token_id)
-        status = seq.check_finished(result.token_id, self.tokenizer.eos_ids)
+        status = seq.check_finished(result.token_id, self.facts.eos_ids)
         out = StepOutput(seq.seq_id, result.token_id, result.logprob, result.top_logprobs)
         if status.is_finished:
             self.scheduler.finish(seq, status)

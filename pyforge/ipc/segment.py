@@ -11,6 +11,8 @@ One POSIX shared-memory object (/dev/shm/<name>), laid out as:
                        24  u64 response ring bytes   48 u64 engine heartbeat (atomic)
                                                      56 u32 max_model_len  (engine facts,
                                                      60 u32 vocab_size      written before READY)
+                                                     64 u32 n_eos
+                                                     68 u32 eos_ids[32]
   PAGE                worker slots, 64 bytes each: u32 pid (0: free) | u32 - | u64 claims
   page-aligned        request ring (ring_size(request_ring_bytes))
   page-aligned        response ring per slot (ring_size(response_ring_bytes)) each
@@ -39,19 +41,20 @@ from enum import IntEnum
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
+from pyforge.engine.config import MAX_EOS_IDS, EngineFacts
 from pyforge.ipc.records import request_id
 from pyforge.native.ipc import Ring, SharedWords, ring_size
 
 SHM_DIR = "/dev/shm"
 DEFAULT_PREFIX = "pyforge-"
 MAGIC = b"PYFORGE\0"
-VERSION = 2
+VERSION = 3
 PAGE = 4096
 SLOT_BYTES = 64
 
 _STATIC = struct.Struct("<8sIIQQII")    # magic .. stats layout
 _STATUS, _ENGINE_PID, _HEARTBEAT = 40, 44, 48
-_FACTS = {"max_model_len": 56, "vocab_size": 60}    # what the engine decided, for the workers to read
+_MAX_MODEL_LEN, _VOCAB_SIZE, _N_EOS, _EOS_IDS = 56, 60, 64, 68    # the engine's facts (EngineFacts)
 _SLOT_PID, _SLOT_CLAIMS = 0, 8
 
 
@@ -332,14 +335,20 @@ class Segment:
     def engine_pid(self, pid):
         self._words.store_u32(_ENGINE_PID, pid)
 
-    def publish_facts(self, **facts):
-        """The engine's effective limits (max_model_len, vocab_size): one owner decides them."""
-        for name, value in facts.items():
-            self._words.store_u32(_FACTS[name], value)
+    def publish_facts(self, facts):
+        """The engine's EngineFacts: one owner decides them, the workers read them."""
+        self._words.store_u32(_MAX_MODEL_LEN, facts.max_model_len)
+        self._words.store_u32(_VOCAB_SIZE, facts.vocab_size)
+        eos = sorted(facts.eos_ids)
+        for i, token in enumerate(eos):
+            self._words.store_u32(_EOS_IDS + 4 * i, token)
+        self._words.store_u32(_N_EOS, len(eos))
 
     @property
     def facts(self):
-        return {name: self._words.load_u32(offset) for name, offset in _FACTS.items()}
+        n_eos = min(self._words.load_u32(_N_EOS), MAX_EOS_IDS)
+        return EngineFacts(self._words.load_u32(_MAX_MODEL_LEN), self._words.load_u32(_VOCAB_SIZE),
+                           frozenset(self._words.load_u32(_EOS_IDS + 4 * i) for i in range(n_eos)))
 
     @property
     def heartbeat(self):

@@ -34,11 +34,8 @@ def create_app(config, engine_client, tokenizer, observer=None):
     template = config.load_chat_template()
     if template is not None:
         tokenizer.chat_template = template
-    max_model_len = getattr(engine_client, "max_model_len", None) or config.max_model_len
-    if not max_model_len:
-        raise ValueError("the engine client does not report max_model_len and the config sets none")
     ctx = ServingContext(config, engine_client, tokenizer, observer or NoopObserver(),
-                         config.served_model_name, max_model_len, int(time.time()), Constraints(tokenizer))
+                         config.served_model_name, engine_client.facts, int(time.time()), Constraints(tokenizer))
     app = falcon.App(middleware=[RequestIdMiddleware(), AuthMiddleware(config.api_key)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
+from pyforge.engine.config import EngineFacts
 from pyforge.engine.errors import ErrorKind
 from pyforge.engine.sampling_params import SamplingParams
 
@@ -89,7 +90,7 @@ class QueueFullError(Exception):
 
 
 class EngineClient(Protocol):
-    max_model_len: int          # context length the engine enforces (prompt + output)
+    facts: EngineFacts          # the engine's limits (pyforge/engine/config.py)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
         """Queue one generation. Raises QueueFullError, or ValueError (a bad prompt: 400)."""

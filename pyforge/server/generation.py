@@ -37,9 +37,13 @@ class ServingContext:
     tokenizer: object
     observer: object
     model_name: str
-    max_model_len: int
+    facts: object               # EngineFacts: the engine's limits
     created: int                # when the app was built (the /v1/models `created`)
     constraints: object         # pyforge.structured.Constraints: request constraints -> grammars
+
+    @property
+    def max_model_len(self):
+        return self.facts.max_model_len
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class _Choice:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=not keep_special, prefix_ids=prompt.ids)
         self.matcher = StopMatcher(stop)
         self.skip_ids = skip_ids
+        self.n_prompt = len(prompt.ids)
         self.n_tokens = 0
         self.cached_tokens = 0
         self.finish_reason = None
@@ -189,7 +194,7 @@ class Generation:
     def __init__(self, ctx, request, timer):
         self.ctx, self.request, self.timer = ctx, request, timer
         tok, n = ctx.tokenizer, request.n
-        skip = frozenset() if request.params.ignore_eos else tok.eos_ids
+        skip = frozenset() if request.params.ignore_eos else ctx.facts.eos_ids
         self.choices = [_Choice(i * n + j, tok, p, request.stop, skip, request.keep_special)
                         for i, p in enumerate(request.prompts) for j in range(n)]
         self.streams = []
@@ -259,8 +264,10 @@ class Generation:
             return None
         if isinstance(event, FinishEvent):
             if choice.finish_reason is not None:    # stopped by us: only the cache count is news
+                # (and the engine may have generated past the stop: the counts cannot agree)
                 choice.cached_tokens = event.cached_tokens
                 return None
+            self._check_counts(choice, event)
             return choice.on_finish(event)
         if choice.finish_reason is not None:
             return None                             # tokens generated after our stop string
@@ -269,6 +276,15 @@ class Generation:
         if update.finish_reason is not None:
             stream.abort()                          # a stop string: the engine may stop too
         return update
+
+    def _check_counts(self, choice, event):
+        """The engine's counts in FINISH against what arrived: a lost or duplicated
+        TOKENS record is a broken transport, not a shorter answer."""
+        if (event.prompt_tokens, event.completion_tokens) != (choice.n_prompt, choice.n_tokens):
+            self.close()
+            raise GenerationError(500, f"the engine reports {event.prompt_tokens} prompt and "
+                                       f"{event.completion_tokens} generated tokens; {choice.n_prompt} and "
+                                       f"{choice.n_tokens} arrived")
 
     def close(self):
         """Abort whatever still runs (client gone, error, or done: then a no-op)."""

@@ -57,7 +57,7 @@ class StreamReplies:
 class InProcessEngineClient:
     def __init__(self, engine, queue_capacity=256, timeout=DEFAULT_STALL_TIMEOUT):
         self.engine = engine
-        self.max_model_len = engine.max_model_len
+        self.facts = engine.facts
         self.queue_capacity = queue_capacity
         self.timeout = timeout
         self._cond = threading.Condition()

@@ -44,11 +44,10 @@ HEARTBEAT_TIMEOUT = 30.0  # seconds without an engine heartbeat before ready() i
 
 
 class IpcEngineClient:
-    def __init__(self, segment, max_model_len, vocab_size=None, queue_capacity=None,
-                 timeout=DEFAULT_STALL_TIMEOUT, heartbeat_timeout=HEARTBEAT_TIMEOUT):
+    def __init__(self, segment, queue_capacity=None, timeout=DEFAULT_STALL_TIMEOUT,
+                 heartbeat_timeout=HEARTBEAT_TIMEOUT):
         self.seg = segment
-        self.max_model_len = max_model_len
-        self.vocab_size = vocab_size
+        self.facts = segment.facts      # what the engine decided: the workers do not recompute it
         self.queue_capacity = queue_capacity
         self.timeout = timeout
         self.heartbeat_timeout = heartbeat_timeout
@@ -91,7 +90,7 @@ class IpcEngineClient:
         return stream
 
     def check_prompt(self, prompt_ids):
-        check_prompt_ids(prompt_ids, self.max_model_len, self.vocab_size)
+        check_prompt_ids(prompt_ids, self.facts.max_model_len, self.facts.vocab_size)
 
     def ready(self):
         return (not self._engine_lost and self.seg.engine_status == EngineStatus.READY
@@ -197,6 +196,7 @@ class IpcEngineClient:
         log.error("the engine process (pid %d) is gone; %d queued request(s) wait for its restart",
                   pid, len(self._queued))
         self._lost_pid, self._engine_pid = pid, None
+        self._alive_at = -ALIVE_TRUST    # a check that found it alive no longer counts
         with self._lock:
             held = [(self._streams.pop(i), sub) for i, sub in self._queued.items() if i in self._streams]
             self._queued = {}

@@ -63,9 +63,7 @@ def build_worker_app(config, segment_name):
 
     tokenizer = load_tokenizer(load_model_file(config.model))
     segment = Segment.attach(segment_name)
-    facts = segment.facts           # what the engine decided: the workers do not recompute it
-    client = IpcEngineClient(segment, facts["max_model_len"], vocab_size=facts["vocab_size"],
-                             queue_capacity=config.queue_capacity, timeout=config.stall_timeout,
+    client = IpcEngineClient(segment, queue_capacity=config.queue_capacity, timeout=config.stall_timeout,
                              heartbeat_timeout=config.engine_heartbeat_timeout)
     app = create_app(config, client, tokenizer, SegmentObserver(segment))
     app.add_route("/metrics", MetricsResource(segment, config.served_model_name))

@@ -259,7 +259,7 @@ def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30
             raise SystemExit(2) from None
         loop = EngineLoop(seg, engine, queue_capacity)
         loop.publish_stats()
-        seg.publish_facts(max_model_len=engine.max_model_len, vocab_size=engine.config.vocab_size)
+        seg.publish_facts(engine.facts)
         seg.engine_status = EngineStatus.READY
         log.info("ready: %s (max_model_len %d)", engine_kwargs.get("model_path"), engine.max_model_len)
         loop.run(lambda: bool(stop), drain_timeout, parent_pid=parent)

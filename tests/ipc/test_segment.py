@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from pyforge.engine.config import MAX_EOS_IDS, EngineFacts
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.records import Submit, decode, encode
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, _open_shm, _unlink, cleanup_stale, new_name
@@ -198,10 +199,17 @@ def test_cleanup_stale_removes_only_dead_creators(prefix, segment):
 
 
 def test_the_engine_publishes_its_facts(prefix):
+    facts = EngineFacts(4096, 32000, frozenset({2, 32000 - 1, 7}))
     with Segment.create(new_name(prefix), n_workers=1) as seg:
         try:
-            seg.publish_facts(max_model_len=4096, vocab_size=32000)
+            seg.publish_facts(facts)
             with Segment.attach(seg.name) as other:
-                assert other.facts == {"max_model_len": 4096, "vocab_size": 32000}
+                assert other.facts == facts
         finally:
             seg.unlink()
+
+
+def test_the_segment_has_room_for_the_eos_ids_it_accepts():
+    EngineFacts(4096, 32000, frozenset(range(MAX_EOS_IDS)))
+    with pytest.raises(ValueError, match="room for 32"):
+        EngineFacts(4096, 32000, frozenset(range(MAX_EOS_IDS + 1)))

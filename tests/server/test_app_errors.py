@@ -9,6 +9,7 @@ from falcon import testing
 
 from conftest import STORIES
 from pyforge.config import ServerConfig
+from pyforge.engine.config import EngineFacts
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.server.app import create_app
@@ -40,9 +41,8 @@ class ScriptedClient:
     """An engine client that plays `script` ([(delay_s, event), ...]) to every stream,
     or raises `error` from submit."""
 
-    max_model_len = 256
-
-    def __init__(self, script=(), error=None, is_ready=True, timeout=600.0):
+    def __init__(self, tokenizer, script=(), error=None, is_ready=True, timeout=600.0):
+        self.facts = EngineFacts(256, tokenizer.vocab_size, tokenizer.eos_ids)
         self.script, self.error, self.is_ready, self.timeout = script, error, is_ready, timeout
         self.aborted = []
 
@@ -70,7 +70,7 @@ class ScriptedClient:
 
 def scripted(tokenizer, config=None, **kwargs):
     config = config or ServerConfig(model=STORIES, keepalive_interval=0.05)
-    return testing.TestClient(create_app(config, ScriptedClient(**kwargs), tokenizer))
+    return testing.TestClient(create_app(config, ScriptedClient(tokenizer, **kwargs), tokenizer))
 
 
 def assert_error(r, status, param=None, code=None):
@@ -212,6 +212,19 @@ def test_engine_error_event(served):
     frames = r.text.split("\n\n")
     assert r.status_code == 200 and frames[-2] == "data: [DONE]"
     assert json.loads(frames[-3][len("data: "):])["error"]["message"] == "token id 9999 is outside"
+
+
+def test_a_lost_token_record_is_a_500_not_a_shorter_answer(served):
+    """FINISH carries the engine's counts: fewer tokens arrived than it generated."""
+    tok = served[1].tokenizer
+    n_prompt = len(tok.encode(PROMPT))
+    good = [(0, TokenEvent([403])), (0, TokenEvent([404])), (0, FinishEvent("length", n_prompt, 2))]
+    r = scripted(tok, script=good).simulate_post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200 and r.json["usage"]["completion_tokens"] == 2
+    lost = [(0, TokenEvent([403])), (0, FinishEvent("length", n_prompt, 2))]
+    error = assert_error(scripted(tok, script=lost).simulate_post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}), 500)
+    assert "2 generated tokens" in error["message"] and "1 arrived" in error["message"]
 
 
 def test_silent_engine_times_out_with_503(served):

@@ -85,6 +85,16 @@ def wait_idle(engine, timeout=5.0):
     assert not engine.has_work and blocks.num_free == blocks.n_blocks
 
 
+@pytest.fixture(autouse=True)
+def engines_idle_after(request):
+    """After every test, the served engines it used are idle: no request left
+    running, no KV block held (a leak fails the test that made it)."""
+    yield
+    for name in ("stories", "tiny"):
+        if name in request.fixturenames:
+            wait_idle(request.getfixturevalue(name)[1])
+
+
 # -- completions ----------------------------------------------------------------
 
 def test_greedy_completion_equals_engine_generate(stories, reference):
@@ -332,8 +342,3 @@ def test_observer_sees_the_request(stories):
     assert names[:3] == ["on_request_start", "on_first_token", "on_token"] and names[-1] == "on_request_end"
     assert set(names[2:-1]) == {"on_token"} and sum(c[1] for c in observer.calls[2:-1]) == 3
     assert observer.calls[-1][1] == 200 and observer.calls[-1][3:] == (5, 3)
-
-
-def test_kv_cache_is_idle_after_everything(stories, tiny):
-    wait_idle(stories[1])
-    wait_idle(tiny[1])

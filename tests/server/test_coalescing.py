@@ -9,6 +9,7 @@ from falcon import testing
 
 from conftest import STORIES
 from pyforge.config import ServerConfig
+from pyforge.engine.config import EngineFacts
 from pyforge.server.app import create_app
 from pyforge.server.engine_client import FinishEvent, RequestStream, StreamGroup, TokenEvent
 from pyforge.server.generation import Prompt, _Choice
@@ -133,9 +134,8 @@ class BurstClient:
     """Puts all of a request's events on its stream before the app reads any,
     in events of `sizes` tokens (the reader then finds them all pending)."""
 
-    max_model_len = 256
-
-    def __init__(self, ids, sizes, lp=False):
+    def __init__(self, tok, ids, sizes, lp=False):
+        self.facts = EngineFacts(256, tok.vocab_size, tok.eos_ids)
         self.ids, self.sizes, self.lp = ids, sizes, lp
 
     def submit(self, prompt_ids, params):
@@ -166,7 +166,7 @@ def sse_payloads(text):
 @pytest.mark.parametrize("sizes", [[1], [3], [1, 5, 2], [1000]])
 def test_streamed_text_usage_and_logprobs_do_not_depend_on_event_sizes(tok, sizes):
     ids = tok.encode(TEXT, add_bos=False)
-    app = app_for(tok, BurstClient(ids, sizes, lp=True))
+    app = app_for(tok, BurstClient(tok, ids, sizes, lp=True))
     body = {"prompt": PROMPT, "max_tokens": 200, "stream": True, "logprobs": 1,
             "stream_options": {"include_usage": True}}
     chunks = sse_payloads(app.simulate_post("/v1/completions", json=body).text)
@@ -190,7 +190,7 @@ def test_streamed_text_usage_and_logprobs_do_not_depend_on_event_sizes(tok, size
 @pytest.mark.parametrize("sizes", [[1], [4], [1000]])
 def test_chat_and_api_streams_do_not_depend_on_event_sizes(tok, sizes):
     ids = tok.encode(TEXT, add_bos=False)
-    app = app_for(tok, BurstClient(ids, sizes))
+    app = app_for(tok, BurstClient(tok, ids, sizes))
     # stories260K has no chat template: the /api completion stream and /v1 non-streamed reply
     r = app.simulate_post("/api/completions/stream", json={"prompt": PROMPT, "max_tokens": 200})
     events = sse_payloads(r.text)

@@ -142,6 +142,15 @@ static int print_records(const unsigned char *p, uint64_t len, uint64_t request_
     return GOING_ON;
 }
 
+/* "facts MAX_MODEL_LEN VOCAB_SIZE EOS_ID...": what the engine decided */
+static void print_facts(const unsigned char *base) {
+    uint32_t n_eos = u32_at(base + PF_SEG_OFF_N_EOS);
+    if (n_eos > PF_MAX_EOS_IDS) die("more end-of-generation ids than the header holds");
+    printf("facts %u %u", u32_at(base + PF_SEG_OFF_MAX_MODEL_LEN), u32_at(base + PF_SEG_OFF_VOCAB_SIZE));
+    for (uint32_t i = 0; i < n_eos; i++) printf(" %u", u32_at(base + PF_SEG_OFF_EOS_IDS + 4 * i));
+    printf("\n");
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) die("usage: c_client SEGMENT MAX_TOKENS PROMPT_ID...");
     unsigned char *base = map_segment(argv[1]);
@@ -150,6 +159,7 @@ int main(int argc, char **argv) {
     uint64_t response_bytes = u64_at(base + PF_SEG_OFF_RESPONSE_RING_BYTES);
     if (pf_shm_load_u32(base + PF_SEG_OFF_ENGINE_STATUS) != PF_ENGINE_READY) die("the engine is not ready");
     if (argc - 3 >= (int)pf_shm_load_u32(base + PF_SEG_OFF_MAX_MODEL_LEN)) die("the prompt is too long");
+    print_facts(base);
 
     uint32_t slot = claim_slot(base, n_workers);
     pf_ring requests, replies;

@@ -1,4 +1,5 @@
 """The engine process behind the shared-memory segment, with real processes."""
+import dataclasses
 import multiprocessing as mp
 import os
 import secrets
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, drain_stream, fail_next_run
+from pyforge.engine.config import EngineFacts
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.ipc.segment import SHM_DIR, EngineStatus, Segment, new_name
 from pyforge.server.engine_client import ADMITTED, ErrorEvent, FinishEvent, QueueFullError, TokenEvent
@@ -63,7 +65,7 @@ class Running:
 
     def client(self, **kw):
         """A client on its own mapping (a slot per Segment object, as per worker process)."""
-        c = IpcEngineClient(Segment.attach(self.seg.name), max_model_len=256, **kw)
+        c = IpcEngineClient(Segment.attach(self.seg.name), **kw)
         self.clients.append(c)
         return c
 
@@ -89,7 +91,7 @@ def running(model_path):
 
 
 def test_greedy_tokens_through_ipc_equal_in_process(running, reference):
-    client = running.client(vocab_size=32000)
+    client = running.client()
     assert client.ready()
     streams = [client.submit(p, GREEDY) for p in PROMPTS[:4]]
     for i, stream in enumerate(streams):
@@ -113,7 +115,7 @@ def test_logprobs_travel(running):
 
 def _client_process(name, indices, out):
     seg = Segment.attach(name)
-    client = IpcEngineClient(seg, max_model_len=256)
+    client = IpcEngineClient(seg)
     streams = {i: client.submit(PROMPTS[i], GREEDY) for i in indices}
     out.put({i: drain_stream(s)[0] for i, s in streams.items()})
     client.close()
@@ -154,8 +156,11 @@ def test_abort_frees_blocks(running):
 
 
 def test_bad_prompt_is_a_400_error_event(running):
-    client = running.client()          # no vocab_size: the engine itself must refuse
-    _, last = drain_stream(client.submit([1, 10 ** 6], GREEDY))
+    client = running.client()
+    with pytest.raises(ValueError, match="vocabulary"):
+        client.submit([1, 10 ** 6], GREEDY)     # the worker checks against the engine's facts
+    client.facts = dataclasses.replace(client.facts, vocab_size=2 ** 31)    # a worker that believes otherwise:
+    _, last = drain_stream(client.submit([1, 10 ** 6], GREEDY))              # the engine itself refuses
     assert isinstance(last, ErrorEvent) and last.status == 400 and "vocabulary" in last.message
     _, last = drain_stream(client.submit([1, 2], SamplingParams(max_tokens=2)))
     assert isinstance(last, FinishEvent)           # the engine carries on
@@ -175,10 +180,11 @@ def test_a_failed_step_fails_only_its_requests(model_path):
     engine = Engine(EngineConfig(**engine_kwargs(model_path, max_num_seqs=2)))
     expected = [out.token_id for out in engine.generate(PROMPTS[2], GREEDY)]
     seg = Segment.create(new_name(f"pyforge-test{secrets.token_hex(3)}-"), n_workers=1, **SMALL)
-    client = IpcEngineClient(Segment.attach(seg.name), max_model_len=256)
+    seg.publish_facts(engine.facts)     # as run_engine does
+    client = IpcEngineClient(Segment.attach(seg.name))
     try:
         loop = EngineLoop(seg, engine)
-        seg.engine_pid, seg.engine_status = os.getpid(), EngineStatus.READY    # as run_engine does
+        seg.engine_pid, seg.engine_status = os.getpid(), EngineStatus.READY
         streams = [client.submit(p, GREEDY) for p in PROMPTS[:3]]
         while len(loop.requests) < 3:
             loop.drain_ring()
@@ -300,7 +306,10 @@ def test_a_c_client_talks_to_the_engine_with_the_c_header(running, reference, tm
     out = subprocess.run([str(exe), running.seg.name, "12", *map(str, PROMPTS[0])],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.split("\n")
+    facts, *lines = out.stdout.split("\n")
+    max_model_len, vocab_size, *eos_ids = map(int, facts.split()[1:])
+    assert EngineFacts(max_model_len, vocab_size, frozenset(eos_ids)) == running.seg.facts
+    assert max_model_len == 256 and eos_ids
     assert lines[0] == "admitted"
     assert [int(line.split()[1]) for line in lines if line.startswith("token ")] == reference[0]
     assert f"finish length {len(PROMPTS[0])} 12" in lines

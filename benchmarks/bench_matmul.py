@@ -1,12 +1,12 @@
-"""One quantized matmul at several batch sizes: AMX tiles vs the AVX2 kernels.
+"""One quantized matmul at several batch sizes: every kernel family this CPU has (AVX2, AVX-512 VNNI, AMX).
 
     python benchmarks/bench_matmul.py [--threads 2] [--tokens 1 4 8 16 32 64 512] [--reps 15]
 
 Weights are random floats quantized by pyforge (TinyLlama-1.1B's FFN and head
 shapes), in enough copies (--weight-mib in all) that each call reads its weights
 from DRAM, as a model's layers do, not from the last call's cache; the same
-activations go through `quant.matmul` with amx=False (AVX2) and amx=True (AMX
-tiles where the CPU has them, from 9 tokens up), best of --reps. Reported: ms, GFLOP/s (2 x tokens x weights), and the weight
+activations go through `quant.matmul` once per family (AVX2; VNNI for K-quants;
+AMX tiles from 9 tokens up), best of --reps. Reported: ms, GFLOP/s (2 x tokens x weights), and the weight
 bytes / time (the decode roofline: a 1-token matmul cannot beat bandwidth).
 """
 import argparse
@@ -21,6 +21,7 @@ SHAPES = [  # (name, type, n_in, n_out)
     ("ffn_up 2048->5632", T.Q4_K, 2048, 5632),
     ("ffn_down 5632->2048", T.Q6_K, 5632, 2048),
     ("output 2048->32000", T.Q6_K, 2048, 32000),
+    ("ffn_up 2048->5632", T.Q8_0, 2048, 5632),
 ]
 
 
@@ -35,7 +36,17 @@ def best_time(fn, copies, reps):
     return best
 
 
-def bench_shape(name, t, n_in, n_out, tokens, threads, reps, weight_mib):
+def kernel_families():
+    """(name, matmul keywords) of every family this CPU runs, AVX2 first (the baseline)."""
+    families = [("AVX2", dict(amx=False, vnni=False))]
+    if quant.vnni_available():
+        families.append(("VNNI", dict(amx=False, vnni=True)))
+    if quant.amx_available():
+        families.append(("AMX", dict(amx=True, vnni=True)))
+    return families
+
+
+def bench_shape(name, t, n_in, n_out, tokens, threads, reps, weight_mib, families):
     rng = np.random.default_rng(0)
     w = quant.quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), int(t))
     copies = [w] + [w.copy() for _ in range(max(1, int(weight_mib * 2**20 // w.nbytes)) - 1)]
@@ -43,11 +54,9 @@ def bench_shape(name, t, n_in, n_out, tokens, threads, reps, weight_mib):
     for n_tok in tokens:
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
         out = np.empty((n_tok, n_out), dtype=np.float32)
-        times = {}
-        for kind, amx in (("avx2", False), ("amx", True)):
-            times[kind] = best_time(lambda wc: quant.matmul(x, wc, int(t), n_out, out, threads, amx=amx), copies, reps)
-        flops = 2.0 * n_tok * n_in * n_out
-        rows.append((name, t.name, n_tok, times["avx2"], times["amx"], flops, w.nbytes))
+        times = [best_time(lambda wc: quant.matmul(x, wc, int(t), n_out, out, threads, **kw), copies, reps)
+                 for _, kw in families]
+        rows.append((name, t.name, n_tok, times, 2.0 * n_tok * n_in * n_out, w.nbytes))
     return rows
 
 
@@ -58,14 +67,19 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--weight-mib", type=float, default=640, help="weight copies in all (a 1.1B Q4_K_M model: ~640)")
     args = ap.parse_args()
-    print(f"AMX available: {quant.amx_available()}; {args.threads} threads; best of {args.reps}")
-    print("| matmul | type | tokens | AVX2 ms | AMX ms | AVX2 GFLOP/s | AMX GFLOP/s | AMX / AVX2 | AMX weight GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    families = kernel_families()
+    names = [n for n, _ in families]
+    print(f"kernel families here: {', '.join(names)}; {args.threads} threads; best of {args.reps}")
+    print("| matmul | type | tokens | " + " | ".join(f"{n} ms" for n in names) + " | "
+          + " | ".join(f"{n} GFLOP/s" for n in names) + " | best / AVX2 | best weight GB/s |")
+    print("|---|---|---|" + "---|" * (2 * len(names) + 2))
     for shape in SHAPES:
-        for name, tname, n_tok, t_avx2, t_amx, flops, wbytes in bench_shape(*shape, args.tokens, args.threads,
-                                                                             args.reps, args.weight_mib):
-            print(f"| {name} | {tname} | {n_tok} | {t_avx2 * 1e3:.2f} | {t_amx * 1e3:.2f} | {flops / t_avx2 / 1e9:.0f} | "
-                  f"{flops / t_amx / 1e9:.0f} | {t_avx2 / t_amx:.2f} | {wbytes / t_amx / 1e9:.1f} |")
+        for name, tname, n_tok, times, flops, wbytes in bench_shape(*shape, args.tokens, args.threads, args.reps,
+                                                                    args.weight_mib, families):
+            best = min(times)
+            print(f"| {name} | {tname} | {n_tok} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
+                  + " | ".join(f"{flops / t / 1e9:.0f}" for t in times)
+                  + f" | {times[0] / best:.2f} | {wbytes / best / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
 """Single-stream prefill and decode: pyforge vs llama.cpp on the same GGUF file.
 
     python benchmarks/bench_native.py [--formats Q4_K_M Q8_0] [--threads 2] [--rounds 3]
+                                      [--llama-bench PATH | --peer llama-cpp-python]
 
-Both engines run in this process, alternated round by round (this machine's
-speed drifts), on the synthetic tinyllama-1.1b model; medians are reported
-with the ratio and the decode bandwidth bound (weight bytes / measured bandwidth).
+The peer is llama.cpp's own `llama-bench` (built natively from the llama.cpp
+tree in llama-cpp-python's source distribution, outside this repository: see
+RESULTS.md), one run per round: prefill as its pp test, decode as its tg test at
+depth --prompt (so both decode after the same context). `--peer
+llama-cpp-python` uses that wrapper in this process instead (about half of
+llama.cpp's decode speed). The engines alternate round by round (this
+machine's speed drifts), on the synthetic tinyllama-1.1b model; medians are
+reported with the ratio and the decode bandwidth bound (weight bytes /
+measured bandwidth).
 """
 import argparse
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -93,11 +103,40 @@ class LlamaCppRunner:
         return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
 
 
+class LlamaBenchRunner:
+    """llama.cpp's llama-bench: pp<prompt>, then tg<decode> at depth <prompt>."""
+    name = "llama-bench"
+
+    def __init__(self, exe, path, threads):
+        self.exe, self.path, self.threads = exe, path, threads
+
+    def _tokens_per_s(self, *flags):
+        out = subprocess.run([self.exe, "-m", self.path, "-t", str(self.threads), "-r", "1", "-o", "json", *flags],
+                             capture_output=True, text=True, check=True, timeout=1800)
+        [test] = json.loads(out.stdout)
+        return float(test["avg_ts"])
+
+    def run(self, prompt, n_decode):
+        n = str(len(prompt))
+        prefill = self._tokens_per_s("-p", n, "-n", "0", "-b", n, "-ub", n)
+        decode = self._tokens_per_s("-p", "0", "-n", str(n_decode), "-d", n)
+        return prefill, decode
+
+
+def make_peer(args, path, n_ctx):
+    if args.peer == "llama-cpp-python":
+        return LlamaCppRunner(path, args.threads, n_ctx)
+    exe = args.llama_bench or shutil.which("llama-bench")
+    if not exe:
+        raise SystemExit("llama-bench not found: pass --llama-bench PATH (or --peer llama-cpp-python)")
+    return LlamaBenchRunner(exe, path, args.threads)
+
+
 def bench_format(fmt, args, bandwidth):
     path = str(ensure_model(CONFIG, fmt))
     weight_bytes = os.path.getsize(path)
     n_ctx = args.prompt + args.decode + 16
-    runners = [PyforgeRunner(path, args.threads, n_ctx), LlamaCppRunner(path, args.threads, n_ctx)]
+    runners = [PyforgeRunner(path, args.threads, n_ctx), make_peer(args, path, n_ctx)]
     results = {r.name: ([], []) for r in runners}
     for r in runners:                       # warm-up: page in the weights
         r.run(prompt_tokens(32, seed=1000), 4)
@@ -107,20 +146,20 @@ def bench_format(fmt, args, bandwidth):
             pre, dec = r.run(prompt, args.decode)
             results[r.name][0].append(pre)
             results[r.name][1].append(dec)
-    med = {k: (statistics.median(p), statistics.median(d)) for k, (p, d) in results.items()}
+    med = [(statistics.median(p), statistics.median(d)) for p, d in results.values()]
     bound = bandwidth * 1e9 / weight_bytes
     return fmt, med, bound, weight_bytes
 
 
 def print_table(rows, args, bandwidth):
+    peer = args.peer
     print(f"\nsynthetic {CONFIG}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}, "
-          f"median of {args.rounds} rounds; read bandwidth {bandwidth:.1f} GB/s")
-    print("| format | file MiB | prefill pyforge | prefill llama.cpp | ratio | decode pyforge | decode llama.cpp "
+          f"median of {args.rounds} rounds; read bandwidth {bandwidth:.1f} GB/s; peer {peer}")
+    print(f"| format | file MiB | prefill pyforge | prefill {peer} | ratio | decode pyforge | decode {peer} "
           "| ratio | decode bound | pyforge % of bound |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for fmt, med, bound, size in rows:
-        pp, pd = med["pyforge"]
-        lp, ld = med["llama.cpp"]
+        (pp, pd), (lp, ld) = med
         print(f"| {fmt} | {size / 2**20:.0f} | {pp:.1f} | {lp:.1f} | {pp / lp:.2f} | {pd:.1f} | {ld:.1f} "
               f"| {pd / ld:.2f} | {bound:.1f} | {100 * pd / bound:.0f}% |")
 
@@ -132,6 +171,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--peer", choices=["llama-bench", "llama-cpp-python"], default="llama-bench")
+    ap.add_argument("--llama-bench", help="the llama-bench binary (default: llama-bench on PATH)")
     args = ap.parse_args()
     bandwidth = measure_bandwidth(args.threads)
     rows = [bench_format(fmt, args, bandwidth) for fmt in args.formats]

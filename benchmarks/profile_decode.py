@@ -1,6 +1,6 @@
 """Where a decode step's time goes: native kernels vs Python glue.
 
-    python benchmarks/profile_decode.py [--format Q4_K_M] [--threads 2] [--batch 1] [--steps 64]
+    python benchmarks/profile_decode.py [--format Q4_K_M] [--threads 2] [--batch 1] [--steps 64] [--context 64]
 
 Wraps every CPU-backend primitive and the sampler's native call with a timer
 (about 0.1 µs each), runs decode steps, and reports the share of the step spent
@@ -43,13 +43,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--context", type=int, default=64, help="prompt tokens before the timed decode steps")
     args = ap.parse_args()
+    n_ctx = args.context + args.steps + 16
     engine = Engine(str(ensure_model("tinyllama-1.1b", args.format)), n_threads=args.threads,
-                    max_model_len=1024, kv_cache_tokens=4096)
+                    max_model_len=n_ctx, kv_cache_tokens=max(4096, args.batch * n_ctx),
+                    max_num_batched_tokens=max(512, args.context))
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
     for _ in range(args.batch):
-        engine.add_request(rng.integers(100, 30000, 64).tolist(), params)
+        engine.add_request(rng.integers(100, 30000, args.context).tolist(), params)
     for _ in range(4):                      # prefill + warm-up decode steps
         engine.step()
     totals = {}
@@ -59,7 +62,8 @@ def main():
         engine.step()
     wall = time.perf_counter() - t0
     native = sum(totals.values())
-    print(f"tinyllama-1.1b {args.format}, batch {args.batch}, {args.threads} threads, {args.steps} decode steps")
+    print(f"tinyllama-1.1b {args.format}, batch {args.batch}, {args.threads} threads, {args.steps} decode steps "
+          f"after {args.context} context tokens")
     print(f"step: {1e3 * wall / args.steps:.2f} ms; native kernels {1e3 * native / args.steps:.2f} ms; "
           f"outside native code {100 * (wall - native) / wall:.1f}%")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):

@@ -15,6 +15,7 @@
 
 #include "k_scales.h"
 #include "matmul_amx.h"
+#include "matmul_vnni.h"
 #include "quants.h"
 
 #ifdef _OPENMP
@@ -42,22 +43,12 @@ PF_INLINE const void *act_row(const void *a, size_t a_stride, int j) {
     return (const char *)a + (size_t)j * a_stride;
 }
 
-/* Activation rows for Q4_0 / Q8_0 weights: the Q8_0 blocks, then a float
- * table d4[nb][4]. Kernels get rows in groups of up to 4 starting at rows 0,
- * 4, 8, ...; the first row of a group holds in d4[i][j] the scale of block i
- * of row j of its group, so the AVX2 kernel fetches four tokens' scales with
- * one load (no half -> float per block and token). The scalar kernels read
- * the blocks only. */
-PF_INLINE size_t q8_0_scales_offset(int64_t n) {
-    return ((size_t)(n / QK8_0) * sizeof(block_q8_0) + 15) & ~(size_t)15;
-}
-
 /* Bytes of one activation row of n values stored as vec_dot_type vt; rows of
  * quantized activations start on a cache line. */
 static size_t act_row_bytes(int vt, int64_t n) {
     size_t bytes = (size_t)pf_row_bytes(vt, n);
     if (vt == PF_F32) return bytes;
-    if (vt == PF_Q8_0) bytes = q8_0_scales_offset(n) + (size_t)(n / QK8_0) * 4 * sizeof(float);
+    if (vt == PF_Q8_0) bytes = pf_q8_0_scales_offset(n) + (size_t)(n / QK8_0) * 4 * sizeof(float);
     return (bytes + 63) & ~(size_t)63;
 }
 
@@ -67,7 +58,7 @@ static void act_from_float(int vt, const float *x, char *buf, size_t a_row, int6
     pf_get_type_traits(vt)->from_float(x, row, n);
     if (vt == PF_Q8_0) {
         const block_q8_0 *b = (const block_q8_0 *)row;
-        float *d4 = (float *)(buf + (size_t)(t & ~(int64_t)3) * a_row + q8_0_scales_offset(n));
+        float *d4 = (float *)(buf + (size_t)(t & ~(int64_t)3) * a_row + pf_q8_0_scales_offset(n));
         for (int64_t i = 0; i < n / QK8_0; i++) d4[4 * i + (t & 3)] = pf_half_to_float(b[i].d);
     }
 }
@@ -399,7 +390,7 @@ PF_INLINE void q32_block(const void *w, int64_t i, const block_q8_0 *const *y, c
 PF_INLINE void dot_q32(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out,
                        const int is_q4) {
     const block_q8_0 *y[4];
-    const float *d4 = (const float *)((const char *)a + q8_0_scales_offset(n));
+    const float *d4 = (const float *)((const char *)a + pf_q8_0_scales_offset(n));
     __m256 acc0[4], acc1[4];
     for (int t = 0; t < nr; t++) y[t] = act_row(a, as, t), acc0[t] = acc1[t] = _mm256_setzero_ps();
     const int64_t nb = n / 32;
@@ -628,8 +619,17 @@ static int64_t chunk_rows(const matmul_job *job, int nth) {
     return rows < tile ? rows : tile;
 }
 
+/* The vec_dot the kernel flags and this CPU allow for weights of `type`. */
+static pf_vec_dot_fn pick_vec_dot(const pf_type_traits *wt, int type, int kernels) {
+    if ((kernels & PF_KERNELS_VNNI) && pf_vnni_available()) {
+        const pf_vec_dot_fn vnni = pf_vnni_vec_dot(type);
+        if (vnni) return vnni;
+    }
+    return (kernels & PF_KERNELS_AVX2) && pf_simd_available() ? wt->vec_dot_simd : wt->vec_dot;
+}
+
 int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-              int n_threads, int simd) {
+              int n_threads, int kernels) {
     const pf_type_traits *wt = pf_get_type_traits(type);
     if (!wt || !wt->vec_dot || n_in <= 0 || n_tok < 0 || n_out < 0) return -1;
     const int vt = wt->vec_dot_type;
@@ -637,13 +637,14 @@ int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_
     if (n_tok == 0 || n_out == 0) return 0;
     const size_t a_row = act_row_bytes(vt, n_in);
 
-    if (simd >= PF_KERNELS_BEST && n_tok >= PF_AMX_MIN_TOKENS && pf_amx_supports(type, n_in) && pf_amx_available())
+    if ((kernels & PF_KERNELS_AMX) && n_tok >= PF_AMX_MIN_TOKENS && pf_amx_supports(type, n_in) &&
+        pf_amx_available())
         return pf_matmul_amx(x, w, type, n_tok, n_in, n_out, out, n_threads);
-    const int use_simd = simd && pf_simd_available();
+    const int use_simd = (kernels & PF_KERNELS_AVX2) && pf_simd_available();
     char *qx = NULL; /* activations quantized to vec_dot_type, unless that is F32 */
     if (vt != PF_F32 && !(qx = aligned_alloc(64, (size_t)n_tok * a_row))) return -2;
     const matmul_job job = {
-        .dot = use_simd ? wt->vec_dot_simd : wt->vec_dot,
+        .dot = pick_vec_dot(wt, type, kernels),
         .tile_dot = use_simd ? wt->vec_dot_tile : NULL, .tile_rows = wt->tile_rows,
         .w = w, .act = qx ? qx : (const char *)x, .out = out,
         .w_row = (size_t)pf_row_bytes(type, n_in), .a_row = a_row,

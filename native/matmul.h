@@ -11,21 +11,35 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "quants.h"
+
 /* 1 when the AVX2/FMA kernels were compiled in. */
 int pf_simd_available(void);
 
-/* Which kernels pf_matmul may use: the scalar references, the AVX2 ones, or
- * the best this CPU has (AMX tiles for batches where present, matmul_amx.h). */
-enum { PF_KERNELS_SCALAR = 0, PF_KERNELS_AVX2 = 1, PF_KERNELS_BEST = 2 };
+/* Which kernels pf_matmul may use, as flags; each family runs only where the
+ * CPU has it (runtime-detected), else the next one down. No flag: the scalar
+ * references. VNNI: AVX-512 VNNI dots for K-quants (matmul_vnni.h); AMX: tiles
+ * for batches (matmul_amx.h). */
+enum { PF_KERNELS_SCALAR = 0, PF_KERNELS_AVX2 = 1, PF_KERNELS_VNNI = 2, PF_KERNELS_AMX = 4, PF_KERNELS_BEST = 7 };
 
 /*   x    float32 [n_tok, n_in]
  *   w    n_out rows of n_in weights of ggml_type `type`, row after row
  *   out  float32 [n_tok, n_out]   (must not overlap x)
- * n_threads OpenMP threads; simd is one of PF_KERNELS_*.
+ * n_threads OpenMP threads; kernels is PF_KERNELS_* flags.
  * Returns 0; -1 for an unknown type or n_in not a whole number of blocks;
  * -2 when out of memory. The caller checks buffer sizes. */
 int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out,
-              float *out, int n_threads, int simd);
+              float *out, int n_threads, int kernels);
+
+/* Activation rows for Q4_0 / Q8_0 weights: the Q8_0 blocks, then a float
+ * table d4[nb][4] at this offset. Kernels get rows in groups of up to 4
+ * starting at rows 0, 4, 8, ...; the first row of a group holds in d4[i][j]
+ * the scale of block i of row j of its group, so the SIMD kernels fetch four
+ * tokens' scales with one load (no half -> float per block and token). The
+ * scalar kernels read the blocks only. */
+static inline size_t pf_q8_0_scales_offset(int64_t n) {
+    return ((size_t)(n / QK8_0) * sizeof(block_q8_0) + 15) & ~(size_t)15;
+}
 
 /* vec_dot kernels (pf_vec_dot_fn, see quants.h): scalar reference and AVX2. */
 #define PF_DECLARE_VEC_DOT(name)                                                                   \

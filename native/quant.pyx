@@ -86,6 +86,12 @@ def amx_available():
     return bool(pf_amx_available())
 
 
+def vnni_available():
+    """True when K-quant matmuls run on the AVX-512 VNNI kernels here (CPU + OS
+    support, and PYFORGE_DISABLE_VNNI unset)."""
+    return bool(pf_vnni_available())
+
+
 def dequantize(raw, ggml_type, n):
     """float32[n]: the n weights whose GGUF bytes are raw (exactly that many bytes)."""
     cdef const pf_type_traits *tr = _traits(ggml_type)
@@ -130,13 +136,14 @@ def quantize(x, ggml_type, n_threads=None):
     return dst
 
 
-def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True):
+def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=True):
     """out[t, r] = sum_k x[t, k] * W[r, k], W the n_out rows of stored weights w.
 
     x float32 [n_tok, n_in]; w any C-contiguous array of exactly n_out rows of
     n_in weights' bytes; out float32 [n_tok, n_out], not overlapping x.
-    simd=False runs the scalar reference kernels; amx=False keeps batches on
-    the AVX2 kernels even where AMX tiles exist.
+    simd=False runs the scalar reference kernels; amx=False keeps batches off
+    AMX tiles, vnni=False keeps K-quants off the AVX-512 VNNI kernels, where
+    this CPU has them (each family falls back to the next: AMX -> VNNI -> AVX2).
     """
     cdef const pf_type_traits *tr = _traits(ggml_type)
     cdef cnp.ndarray xa = _f32_2d(x, "x", False)
@@ -157,12 +164,14 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True):
     if nt < 1:
         raise ValueError(f"n_threads must be at least 1, got {n_threads}")
     cdef int t = ggml_type, rc
-    cdef int use_simd = PF_KERNELS_SCALAR if not simd else PF_KERNELS_BEST if amx else PF_KERNELS_AVX2
+    cdef int kernels = PF_KERNELS_SCALAR
+    if simd:
+        kernels = PF_KERNELS_AVX2 | (PF_KERNELS_AMX if amx else 0) | (PF_KERNELS_VNNI if vnni else 0)
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef const void *wp = cnp.PyArray_DATA(wa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
     with nogil:
-        rc = pf_matmul(xp, wp, t, n_tok, n_in, no, op, nt, use_simd)
+        rc = pf_matmul(xp, wp, t, n_tok, n_in, no, op, nt, kernels)
     if rc == -2:
         raise MemoryError("matmul: out of memory for the quantized activations")
     if rc:

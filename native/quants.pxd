@@ -65,14 +65,19 @@ cdef extern from "quants.h" nogil:
     pf_half pf_float_to_half_scalar(float f)
 
 
+cdef extern from "matmul_vnni.h" nogil:
+    int pf_vnni_available()
+
+
 cdef extern from "matmul.h" nogil:
     enum:
         PF_KERNELS_SCALAR
         PF_KERNELS_AVX2
-        PF_KERNELS_BEST
+        PF_KERNELS_VNNI
+        PF_KERNELS_AMX
     int pf_simd_available()
     int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out,
-                  float *out, int n_threads, int simd)
+                  float *out, int n_threads, int kernels)
 
 
 cdef extern from "matmul_amx.h" nogil:

@@ -27,18 +27,24 @@ K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
 HALF_FIELDS = {T.Q4_0: [0], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
 needs_simd = pytest.mark.skipif(not quant.simd_available(), reason="built without AVX2/FMA")
 needs_amx = pytest.mark.skipif(not quant.amx_available(), reason="no AMX-INT8 on this CPU (or PYFORGE_DISABLE_AMX)")
+needs_vnni = pytest.mark.skipif(not quant.vnni_available(),
+                                reason="no AVX-512 VNNI on this CPU (or PYFORGE_DISABLE_VNNI)")
 
 
 AMX_TYPES = {T.Q4_K, T.Q6_K}
+VNNI_TYPES = {T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K}
 
 
 def type_kernel_params(types):
     """(type, kernels) for every kernel family that covers the type: AMX
-    tiles (batched Q4_K / Q6_K), AVX2, and the scalar references."""
+    tiles (batched Q4_K / Q6_K), AVX-512 VNNI (integer types), AVX2, and the
+    scalar references."""
     params = []
     for t in types:
         if t in AMX_TYPES:
             params.append(pytest.param(t, "amx", id=f"{t.name}-amx", marks=needs_amx))
+        if t in VNNI_TYPES:
+            params.append(pytest.param(t, "vnni", id=f"{t.name}-vnni", marks=needs_vnni))
         params.append(pytest.param(t, "avx2", id=f"{t.name}-avx2", marks=needs_simd))
         params.append(pytest.param(t, "scalar", id=f"{t.name}-scalar"))
     return params
@@ -262,9 +268,10 @@ def case(t, n_in, n_out):
 
 def run_matmul(x, raw, t, n_out, n_threads, kernels="amx"):
     """kernels: 'amx' (the best this CPU has: AMX tiles for batches where
-    present, else AVX2), 'avx2' or 'scalar'."""
+    present, else VNNI, else AVX2), 'vnni' (no AMX), 'avx2' or 'scalar'."""
     out = np.full((x.shape[0], n_out), np.nan, dtype=np.float32)  # unwritten outputs fail
-    quant.matmul(x, raw, int(t), n_out, out, n_threads, simd=kernels != "scalar", amx=kernels == "amx")
+    quant.matmul(x, raw, int(t), n_out, out, n_threads, simd=kernels != "scalar", amx=kernels == "amx",
+                 vnni=kernels in ("amx", "vnni"))
     return out
 
 
@@ -294,7 +301,7 @@ def test_simd_matches_scalar(t):
     x = np.random.default_rng(9).standard_normal((11, n_in)).astype(np.float32)
     ref = run_matmul(x, raw, t, n_out, 1, "scalar")
     scale = np.abs(activation_model(t, x)) @ np.abs(w64).T
-    for kernels in ("avx2", "amx"):
+    for kernels in ("avx2", "vnni", "amx"):
         fast = run_matmul(x, raw, t, n_out, 2, kernels)
         assert np.all(np.abs(fast.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30), kernels
 
@@ -381,6 +388,17 @@ def test_bad_matmul_inputs():
     bad(out=ro)
     buf = np.zeros((2, 256), np.float32)
     bad(x=buf, out=buf.reshape(-1)[:10].reshape(2, 5))  # out overlaps x
+
+
+def test_vnni_can_be_switched_off():
+    """PYFORGE_DISABLE_VNNI=1 keeps every matmul on the AVX2 / scalar kernels."""
+    import os
+    import subprocess
+    import sys
+    code = "from pyforge.native import quant; print(quant.vnni_available())"
+    env = dict(os.environ, PYFORGE_DISABLE_VNNI="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_amx_can_be_switched_off():

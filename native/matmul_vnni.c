@@ -1,0 +1,323 @@
+/* AVX-512 VNNI dots, 1..4 activation rows per pass over a weight row: K-quant
+ * weights (Q4_K, Q5_K, Q6_K) against Q8_K activations on 64-byte vectors, and
+ * Q4_0 / Q8_0 against Q8_0 on 32-byte ones (AVX512-VL: vpdpbusd replaces
+ * maddubs + madd).
+ *
+ * vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
+ * and adds each group of 4 products into one of 16 int32 lanes. A 64-byte
+ * weight vector is laid out to meet 64 contiguous activation bytes, so the
+ * activation rows are read as they are (no per-token shuffles):
+ *   Q4_K / Q5_K  vector c = [low nibbles of qs[32c..] | high nibbles], i.e.
+ *                sub-blocks 2c and 2c+1 (weights 64c .. 64c+63);
+ *   Q6_K         per half h, [groups 0 | 1] and [groups 2 | 3] of quants.h.
+ * The 16 int32 sums of two such vectors fit int16 (|sum| < 2^15, checked per
+ * type below), so one packs + one vpmaddwd applies 16 sub-block scales at
+ * once; the scale vector is one vpermw of the block's scales.
+ */
+#include "matmul_vnni.h"
+
+#include "matmul.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "k_scales.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define PF_VNNI_BUILD 1
+#endif
+
+#ifndef PF_VNNI_BUILD
+
+int pf_vnni_available(void) { return 0; }
+pf_vec_dot_fn pf_vnni_vec_dot(int type) { (void)type; return NULL; }
+
+#else
+
+#include <cpuid.h>
+
+/* Compiled for the baseline target: this runs on every CPU. */
+static int vnni_probe(void) {
+    const char *off = getenv("PYFORGE_DISABLE_VNNI");
+    if (off && *off && strcmp(off, "0") != 0) return 0;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
+    const int f16c_fma = ((c >> 29) & 1) && ((c >> 12) & 1);
+    if (!f16c_fma || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    const int avx512 = ((b >> 5) & 1) && ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) &&
+                       ((b >> 31) & 1);          /* AVX2, F, DQ, BW, VL */
+    if (!avx512 || !((c >> 11) & 1)) return 0;  /* AVX512_VNNI */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6u) == 0xe6u;               /* the OS saves the AVX and AVX-512 state */
+}
+
+int pf_vnni_available(void) {
+    static int state = -1; /* racing first calls compute the same answer */
+    int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+    if (s < 0) {
+        s = vnni_probe();
+        __atomic_store_n(&state, s, __ATOMIC_RELEASE);
+    }
+    return s;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include <immintrin.h>
+
+#define PF_INLINE static inline __attribute__((always_inline))
+/* Pin v to a register (as in matmul.c): no re-association into a wide tree. */
+#define PF_KEEP(v) __asm__("" : "+v"(v))
+
+PF_INLINE float half_to_float(pf_half h) { return _cvtsh_ss(h); }
+
+/* 64-bit lanes 4..7 shifted by `hi`, lanes 0..3 by `lo`. */
+PF_INLINE __m512i halves(int lo, int hi) { return _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo); }
+
+/* The 32 bytes at p in both 256-bit halves. */
+PF_INLINE __m512i both_halves(const uint8_t *p) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* Two vectors of 16 int32 sums (each < 2^15 in magnitude) times int16 scales:
+ * packs puts, in 128-bit lane k, lanes 4k..4k+3 of d0 then of d1; `scales`
+ * holds each lane's sub-block scale in that order. */
+PF_INLINE __m512i scaled_pair(__m512i d0, __m512i d1, __m512i scales) {
+    return _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), scales);
+}
+
+/* -- Q4_K / Q5_K ------------------------------------------------------------ */
+
+/* Weights 64c .. 64c+63 of a Q4_K / Q5_K block as unsigned bytes (0..15, or
+ * 0..31 with qh). Q5_K: bit j of qh[l] is the fifth bit of weight 32j + l. */
+PF_INLINE __m512i k_weights(const uint8_t *qs, const uint8_t *qh, int c) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i q = _mm512_and_si512(_mm512_srlv_epi64(both_halves(qs + 32 * c), halves(0, 4)), m4);
+    if (qh) {
+        const __m512i bit = _mm512_and_si512(_mm512_srlv_epi64(both_halves(qh), halves(2 * c, 2 * c + 1)),
+                                             _mm512_set1_epi8(0x01));
+        q = _mm512_or_si512(q, _mm512_slli_epi16(bit, 4));
+    }
+    return q;
+}
+
+/* K_SCALE_INDEX[base / 4], in packs order (scaled_pair): lanes of d0 = sub-blocks (base, base + 1),
+ * d1 = (base + 2, base + 3), 8 int32 lanes each: 128-bit lanes 0-1 hold
+ * base / base+2, lanes 2-3 base+1 / base+3. */
+static const short K_SCALE_INDEX[2][32] = {
+    {0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3},
+    {4, 4, 4, 4, 6, 6, 6, 6, 4, 4, 4, 4, 6, 6, 6, 6, 5, 5, 5, 5, 7, 7, 7, 7, 5, 5, 5, 5, 7, 7, 7, 7},
+};
+
+/* One Q4_K / Q5_K block against nr activation rows: acc[t] += d * d_a * sum
+ * sc[j] (q . a)_j - dmin * d_a * sum m[j] (sum of a)_j. |(q . a) over 4| <=
+ * 4 * 31 * 127 < 2^15, so the packs are exact. */
+PF_INLINE void k_block(const uint8_t *qs, const uint8_t *qh, pf_half dh, pf_half dminh, const uint8_t *scales,
+                       const block_q8_K *const *y, int64_t i, const int nr, __m512 *acc) {
+    const __m128i sm = k_scales_mins(scales);
+    const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+    const __m512i s01 = _mm512_permutexvar_epi16(_mm512_loadu_si512(K_SCALE_INDEX[0]), sc16);
+    const __m512i s23 = _mm512_permutexvar_epi16(_mm512_loadu_si512(K_SCALE_INDEX[1]), sc16);
+    const __m128i dup = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, dup)); /* m[j] at bsums 2j, 2j+1 */
+    __m512i w[4];
+    for (int c = 0; c < 4; c++) w[c] = k_weights(qs, qh, c);
+    const float d = half_to_float(dh), dmin = half_to_float(dminh);
+    for (int t = 0; t < nr; t++) {
+        const int8_t *aq = y[t][i].qs;
+        __m512i p[4];
+        for (int c = 0; c < 4; c++)
+            p[c] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[c], _mm512_loadu_si512(aq + 64 * c));
+        const __m512i isum = _mm512_add_epi32(scaled_pair(p[0], p[1], s01), scaled_pair(p[2], p[3], s23));
+        const __m256i msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[t][i].bsums), mins16);
+        acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * y[t][i].d), _mm512_cvtepi32_ps(isum), acc[t]);
+        acc[t] = _mm512_fnmadd_ps(_mm512_set1_ps(dmin * y[t][i].d),
+                                  _mm512_cvtepi32_ps(_mm512_zextsi256_si512(msum)), acc[t]);
+        PF_KEEP(acc[t]);
+    }
+}
+
+PF_INLINE void dot_q4_K(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    const block_q4_K *x = w;
+    const block_q8_K *y[4];
+    __m512 acc[4];
+    for (int t = 0; t < nr; t++) y[t] = (const block_q8_K *)((const char *)a + t * as), acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) k_block(x[i].qs, NULL, x[i].d, x[i].dmin, x[i].scales, y, i, nr, acc);
+    for (int t = 0; t < nr; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+PF_INLINE void dot_q5_K(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    const block_q5_K *x = w;
+    const block_q8_K *y[4];
+    __m512 acc[4];
+    for (int t = 0; t < nr; t++) y[t] = (const block_q8_K *)((const char *)a + t * as), acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++)
+        k_block(x[i].qs, x[i].qh, x[i].d, x[i].dmin, x[i].scales, y, i, nr, acc);
+    for (int t = 0; t < nr; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+/* -- Q6_K ------------------------------------------------------------------- */
+
+/* Half h of a Q6_K block as unsigned bytes 0..63: q[0] = groups 0 | 1 (weights
+ * 128h .. 128h+63), q[1] = groups 2 | 3 (layout in quants.h). */
+PF_INLINE void q6_half(const block_q6_K *b, int h, __m512i q[2]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i ql = _mm512_loadu_si512(b->ql + 64 * h);
+    const __m512i qh = both_halves(b->qh + 32 * h);
+    q[0] = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(_mm512_sllv_epi64(qh, halves(4, 2)), m30));
+    q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                           _mm512_and_si512(_mm512_srlv_epi64(qh, halves(0, 2)), m30));
+}
+
+/* Q6_SCALE_INDEX[h], in packs order: d0 lanes 4k..4k+3 = sub-block 8h + k, d1's = 8h + 4 + k. */
+static const short Q6_SCALE_INDEX[2][32] = {
+    {0, 0, 0, 0, 4, 4, 4, 4, 1, 1, 1, 1, 5, 5, 5, 5, 2, 2, 2, 2, 6, 6, 6, 6, 3, 3, 3, 3, 7, 7, 7, 7},
+    {8, 8, 8, 8, 12, 12, 12, 12, 9, 9, 9, 9, 13, 13, 13, 13, 10, 10, 10, 10, 14, 14, 14, 14, 11, 11, 11, 11, 15, 15, 15, 15},
+};
+
+/* d * d_a * sum_s scales[s] * ((q - 32) . a)_s: unsigned q through vpdpbusd,
+ * the -32 back as -32 * sum_s scales[s] * bsums[s]. |(q . a) over 4| <= 4 *
+ * 63 * 127 < 2^15, so the packs are exact. */
+PF_INLINE void q6_block(const block_q6_K *b, const block_q8_K *const *y, int64_t i, const int nr, __m512 *acc) {
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
+    const __m512i s0 = _mm512_permutexvar_epi16(_mm512_loadu_si512(Q6_SCALE_INDEX[0]), _mm512_castsi256_si512(sc16));
+    const __m512i s1 = _mm512_permutexvar_epi16(_mm512_loadu_si512(Q6_SCALE_INDEX[1]), _mm512_castsi256_si512(sc16));
+    __m512i q[4];
+    q6_half(b, 0, q);
+    q6_half(b, 1, q + 2);
+    const float d = half_to_float(b->d);
+    for (int t = 0; t < nr; t++) {
+        const int8_t *aq = y[t][i].qs;
+        __m512i p[4];
+        for (int k = 0; k < 4; k++)
+            p[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], _mm512_loadu_si512(aq + 64 * k));
+        const __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[t][i].bsums), sc16);
+        __m512i isum = _mm512_add_epi32(scaled_pair(p[0], p[1], s0), scaled_pair(p[2], p[3], s1));
+        isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(_mm256_slli_epi32(corr, 5)));
+        acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * y[t][i].d), _mm512_cvtepi32_ps(isum), acc[t]);
+        PF_KEEP(acc[t]);
+    }
+}
+
+PF_INLINE void dot_q6_K(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    const block_q6_K *x = w;
+    const block_q8_K *y[4];
+    __m512 acc[4];
+    for (int t = 0; t < nr; t++) y[t] = (const block_q8_K *)((const char *)a + t * as), acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) q6_block(x + i, y, i, nr, acc);
+    for (int t = 0; t < nr; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+/* -- Q4_0 / Q8_0 weights, Q8_0 activations (with matmul.h's d4 table) ------- */
+
+/* Block i of a Q4_0 / Q8_0 row as signed bytes, and its scale. */
+PF_INLINE __m256i q32_weights(const void *w, int64_t i, const int is_q4, float *d) {
+    if (is_q4) {
+        const block_q4_0 *b = (const block_q4_0 *)w + i;
+        *d = half_to_float(b->d);
+        const __m128i t = _mm_loadu_si128((const __m128i *)b->qs);
+        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
+        return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+    }
+    const block_q8_0 *b = (const block_q8_0 *)w + i;
+    *d = half_to_float(b->d);
+    return _mm256_loadu_si256((const __m256i *)b->qs);
+}
+
+/* 8 int32 lanes summing to w . a: vpdpbusd takes |w| (unsigned) and a with
+ * w's sign moved over (exact: activations never hold -128). 256-bit on
+ * purpose: AVX-512 has no byte sign instruction, and two 34-byte blocks do
+ * not make one aligned 64-byte vector. */
+PF_INLINE __m256i dot32_i8(__m256i aw, __m256i ws, const int8_t *a) {
+    const __m256i av = _mm256_loadu_si256((const __m256i *)a);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(av, ws));
+}
+
+/* acc[t] += d_w * d_a[t] * (w . a_t) for block i; four rows share one
+ * conversion and one FMA (lanes [r0 r1 r2 r3 | r0 r1 r2 r3] after two hadds). */
+PF_INLINE void q32_block(const void *w, int64_t i, const block_q8_0 *const *y, const float *d4, const int nr,
+                         __m256 *acc, const int is_q4) {
+    float dw;
+    const __m256i ws = q32_weights(w, i, is_q4, &dw), aw = _mm256_abs_epi8(ws);
+    if (nr == 4) {
+        __m256i p[4];
+        for (int t = 0; t < 4; t++) p[t] = dot32_i8(aw, ws, y[t][i].qs);
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        const __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_broadcast_ps((const __m128 *)(d4 + 4 * i)));
+        acc[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(h), acc[0]);
+        return;
+    }
+    for (int t = 0; t < nr; t++) {
+        const __m256 d = _mm256_set1_ps(dw * d4[4 * i + t]);
+        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot32_i8(aw, ws, y[t][i].qs)), acc[t]);
+    }
+}
+
+PF_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Even and odd blocks into separate accumulators: consecutive FMAs into one
+ * sum do not wait on each other. */
+PF_INLINE void dot_q32(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out,
+                       const int is_q4) {
+    const block_q8_0 *y[4];
+    const float *d4 = (const float *)((const char *)a + pf_q8_0_scales_offset(n));
+    __m256 acc0[4], acc1[4];
+    for (int t = 0; t < nr; t++)
+        y[t] = (const block_q8_0 *)((const char *)a + t * as), acc0[t] = acc1[t] = _mm256_setzero_ps();
+    const int64_t nb = n / QK8_0;
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+        q32_block(w, i, y, d4, nr, acc0, is_q4);
+        q32_block(w, i + 1, y, d4, nr, acc1, is_q4);
+    }
+    if (i < nb) q32_block(w, i, y, d4, nr, acc0, is_q4);
+    if (nr == 4) {
+        const __m256 s = _mm256_add_ps(acc0[0], acc1[0]);
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    } else {
+        for (int t = 0; t < nr; t++) out[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t]));
+    }
+}
+
+PF_INLINE void dot_q4_0(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    dot_q32(n, w, a, as, nr, out, 1);
+}
+PF_INLINE void dot_q8_0(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    dot_q32(n, w, a, as, nr, out, 0);
+}
+
+/* Each kernel is instantiated for a constant nr (1..4), as in matmul.c. */
+#define NR_DISPATCH(name, kernel)                                                                  \
+    static void name(int64_t n, const void *w, const void *a, size_t as, int nr, float *out) {     \
+        switch (nr) {                                                                              \
+        case 1: kernel(n, w, a, as, 1, out); break;                                                \
+        case 2: kernel(n, w, a, as, 2, out); break;                                                \
+        case 3: kernel(n, w, a, as, 3, out); break;                                                \
+        default: kernel(n, w, a, as, 4, out); break;                                               \
+        }                                                                                          \
+    }
+NR_DISPATCH(vec_dot_q4_K_vnni, dot_q4_K)
+NR_DISPATCH(vec_dot_q5_K_vnni, dot_q5_K)
+NR_DISPATCH(vec_dot_q6_K_vnni, dot_q6_K)
+NR_DISPATCH(vec_dot_q4_0_vnni, dot_q4_0)
+NR_DISPATCH(vec_dot_q8_0_vnni, dot_q8_0)
+
+#pragma GCC pop_options
+
+pf_vec_dot_fn pf_vnni_vec_dot(int type) {
+    switch (type) {
+    case PF_Q4_K: return vec_dot_q4_K_vnni;
+    case PF_Q5_K: return vec_dot_q5_K_vnni;
+    case PF_Q6_K: return vec_dot_q6_K_vnni;
+    case PF_Q4_0: return vec_dot_q4_0_vnni;
+    case PF_Q8_0: return vec_dot_q8_0_vnni;
+    default: return NULL;
+    }
+}
+
+#endif /* PF_VNNI_BUILD */

@@ -1,0 +1,19 @@
+/* AVX-512 VNNI vec_dot kernels (matmul_vnni.c): the same dots as the AVX2
+ * kernels in matmul.c, on the same activation rows, with vpdpbusd doing in one
+ * instruction what maddubs + madd do in two, on 64-byte vectors. Compiled for
+ * every x86-64 build with per-function targets; used only where the CPU and
+ * OS have AVX-512 F/BW/VL + VNNI and PYFORGE_DISABLE_VNNI is unset.
+ */
+#ifndef PYFORGE_MATMUL_VNNI_H
+#define PYFORGE_MATMUL_VNNI_H
+
+#include "quants.h"
+
+/* 1 when the VNNI kernels may run here (probed once). */
+int pf_vnni_available(void);
+
+/* The VNNI vec_dot for weights of ggml type `type`, or NULL where there is none
+ * (or none built). */
+pf_vec_dot_fn pf_vnni_vec_dot(int type);
+
+#endif

@@ -31,10 +31,73 @@
 
 int pf_vnni_available(void) { return 0; }
 pf_vec_dot_fn pf_vnni_vec_dot(int type) { (void)type; return NULL; }
+int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
+int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
+    return -1;
+}
+int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
+    return -1;
+}
 
 #else
 
 #include <cpuid.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* -- Q4_K_X16: 16 Q4_K rows interleaved, one block of 256 columns ----------
+ * Weight 8g + j (j < 4) of row r is the low nibble of qs[g][4r + j], weight
+ * 8g + 4 + j its high nibble: a 64-byte load of qs[g] gives, after the nibble
+ * split, lane r = 4 consecutive weights of row r, two vectors per 8 columns.
+ * The scales come unpacked, row-minor, so a sub-block's 16 row scales are one
+ * 16-byte load, and the mins as int16 pairs for vpdpwssd. */
+typedef struct {
+    float d[16], dmin[16];
+    uint8_t sc[8][16];      /* sc[j][r]: sub-block j's scale in row r */
+    int16_t m[4][16][2];    /* m[p][r] = the mins of sub-blocks 2p, 2p+1 in row r */
+    uint8_t qs[32][64];
+} block_q4_K_x16;
+_Static_assert(sizeof(block_q4_K_x16) == 2560, "block_q4_K_x16 must be 2560 bytes");
+
+int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in) {
+    if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
+    return n_out / 16 * (n_in / QK_K) * (int64_t)sizeof(block_q4_K_x16);
+}
+
+/* Row group gr's block i from the 16 source rows (nb blocks each). */
+static void repack_block(const block_q4_K *rows, int64_t nb, int64_t gr, int64_t i, block_q4_K_x16 *out) {
+    for (int r = 0; r < 16; r++) {
+        const block_q4_K *b = rows + (16 * gr + r) * nb + i;
+        uint8_t sc[8], m[8], q[QK_K];
+        pf_unpack_k_scales(b->scales, sc, m);
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) {
+                q[64 * c + l] = b->qs[32 * c + l] & 0x0f;
+                q[64 * c + 32 + l] = b->qs[32 * c + l] >> 4;
+            }
+        out->d[r] = pf_half_to_float_scalar(b->d);
+        out->dmin[r] = pf_half_to_float_scalar(b->dmin);
+        for (int j = 0; j < 8; j++) out->sc[j][r] = sc[j];
+        for (int p = 0; p < 4; p++) out->m[p][r][0] = m[2 * p], out->m[p][r][1] = m[2 * p + 1];
+        for (int g = 0; g < 32; g++)
+            for (int j = 0; j < 4; j++) out->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
+    }
+}
+
+int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (pf_q4_K_x16_bytes(n_out, n_in) < 0) return -1;
+    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+    block_q4_K_x16 *out = dst;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t gr = 0; gr < n_groups; gr++)
+        for (int64_t i = 0; i < nb; i++) repack_block(w, nb, gr, i, out + gr * nb + i);
+    return 0;
+}
 
 /* Compiled for the baseline target: this runs on every CPU. */
 static int vnni_probe(void) {
@@ -306,6 +369,135 @@ NR_DISPATCH(vec_dot_q5_K_vnni, dot_q5_K)
 NR_DISPATCH(vec_dot_q6_K_vnni, dot_q6_K)
 NR_DISPATCH(vec_dot_q4_0_vnni, dot_q4_0)
 NR_DISPATCH(vec_dot_q8_0_vnni, dot_q8_0)
+
+/* -- the Q4_K_X16 GEMM ---------------------------------------------------- */
+
+#define X16_TOKENS 8 /* tokens per pass over a row group's unpacked weights */
+
+PF_INLINE __m512i bcast_word(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* out[t][0..16) for T tokens (rows 16 apart in out: ostride floats) against
+ * one row group's nb blocks. Per block: 64 vpdpbusd per token into one int32
+ * sum per sub-block (16 rows in the lanes), one vpmulld by the row scales per
+ * sub-block, 4 vpdpwssd for the mins, one float update. bs[t]: token t's
+ * sums per 32 activations, int16 [nb][8]. */
+PF_INLINE void x16_tile(const block_q4_K_x16 *wb, int64_t nb, const block_q8_K *const *y, const int16_t *const *bs,
+                        const int T, float *out, int64_t ostride) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512 facc[X16_TOKENS];
+    for (int t = 0; t < T; t++) facc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const block_q4_K_x16 *b = wb + i;
+        __m512i isum[X16_TOKENS];
+        for (int t = 0; t < T; t++) isum[t] = _mm512_setzero_si512();
+        /* A block is not read front to back (scales, weights, then mins),
+         * which the hardware prefetchers follow poorly (1 token: 17 instead of
+         * 34 GB/s from DRAM): fetch two blocks ahead, 5 lines a sub-block. */
+        const char *ahead = (const char *)(b + 2);
+        for (int j = 0; j < 8; j++) {
+            for (int l = 0; l < 5; l++) _mm_prefetch(ahead + 64 * (5 * j + l), _MM_HINT_T0);
+            /* few tokens: low and high nibbles in separate sums, so the
+             * vpdpbusd chain of a sub-block is 4 long, not 8 (its latency,
+             * not the loads, would bound a decode step) */
+            __m512i sub[X16_TOKENS], sub_hi[X16_TOKENS / 2];
+            for (int t = 0; t < T; t++) sub[t] = _mm512_setzero_si512();
+            for (int t = 0; t < T && T <= X16_TOKENS / 2; t++) sub_hi[t] = _mm512_setzero_si512();
+            for (int g = 4 * j; g < 4 * j + 4; g++) {
+                const __m512i wv = _mm512_loadu_si512(b->qs[g]);
+                const __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *a = y[t][i].qs + 8 * g;
+                    sub[t] = _mm512_dpbusd_epi32(sub[t], lo, bcast_word(a));
+                    if (T <= X16_TOKENS / 2) sub_hi[t] = _mm512_dpbusd_epi32(sub_hi[t], hi, bcast_word(a + 4));
+                    else sub[t] = _mm512_dpbusd_epi32(sub[t], hi, bcast_word(a + 4));
+                }
+            }
+            const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b->sc[j]));
+            for (int t = 0; t < T; t++) {
+                const __m512i v = T <= X16_TOKENS / 2 ? _mm512_add_epi32(sub[t], sub_hi[t]) : sub[t];
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(v, s));
+            }
+        }
+        const __m512 d = _mm512_loadu_ps(b->d), dmin = _mm512_loadu_ps(b->dmin);
+        for (int t = 0; t < T; t++) {
+            __m512i msum = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++)
+                msum = _mm512_dpwssd_epi32(msum, _mm512_loadu_si512(b->m[p]), bcast_word(bs[t] + 8 * i + 2 * p));
+            __m512 v = _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[t]));
+            v = _mm512_fnmadd_ps(dmin, _mm512_cvtepi32_ps(msum), v);
+            facc[t] = _mm512_fmadd_ps(_mm512_set1_ps(y[t][i].d), v, facc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(out + t * ostride, facc[t]);
+}
+
+/* Tokens t0 .. t0+n-1 (n <= X16_TOKENS), T a literal in each instance. */
+static void x16_tokens(const block_q4_K_x16 *wb, int64_t nb, const block_q8_K *const *y, const int16_t *const *bs,
+                       int n, float *out, int64_t ostride) {
+    switch (n) {
+    case 1: x16_tile(wb, nb, y, bs, 1, out, ostride); break;
+    case 2: x16_tile(wb, nb, y, bs, 2, out, ostride); break;
+    case 3: x16_tile(wb, nb, y, bs, 3, out, ostride); break;
+    case 4: x16_tile(wb, nb, y, bs, 4, out, ostride); break;
+    case 5: x16_tile(wb, nb, y, bs, 5, out, ostride); break;
+    case 6: x16_tile(wb, nb, y, bs, 6, out, ostride); break;
+    case 7: x16_tile(wb, nb, y, bs, 7, out, ostride); break;
+    default: x16_tile(wb, nb, y, bs, 8, out, ostride); break;
+    }
+}
+
+int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    if (n_tok == 0) return 0;
+    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+    block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
+    int16_t *sums = malloc((size_t)(n_tok * nb * 8) * sizeof(int16_t));
+    if (!act || !sums) {
+        free(act), free(sums);
+        return -2;
+    }
+    const block_q4_K_x16 *w = packed;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tok; t++) {
+            pf_q8_K_from_float(x + t * n_in, act + t * nb, n_in);
+            for (int64_t i = 0; i < nb; i++)
+                for (int j = 0; j < 8; j++) {
+                    const int16_t *b = act[t * nb + i].bsums;
+                    sums[(t * nb + i) * 8 + j] = (int16_t)(b[2 * j] + b[2 * j + 1]);
+                }
+        }
+        /* A row group's weights (nb * 2.5 KB) stay in L2 while every token
+         * tile passes over them. Threads take runs of row groups from a shared
+         * counter (about 8 runs a thread: long sequential streams for the
+         * prefetchers, and a slow core does not hold the others). */
+        int nth = 1;
+#ifdef _OPENMP
+        nth = omp_get_num_threads();
+#endif
+        const int64_t run = (n_groups + 8 * nth - 1) / (8 * nth);
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t r0 = 0; r0 < n_groups; r0 += run)
+        for (int64_t gr = r0; gr < r0 + run && gr < n_groups; gr++) {
+            for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOKENS) {
+                const int n = n_tok - t0 < X16_TOKENS ? (int)(n_tok - t0) : X16_TOKENS;
+                const block_q8_K *y[X16_TOKENS];
+                const int16_t *bs[X16_TOKENS];
+                for (int t = 0; t < n; t++) y[t] = act + (t0 + t) * nb, bs[t] = sums + (t0 + t) * nb * 8;
+                x16_tokens(w + gr * nb, nb, y, bs, n, out + t0 * n_out + 16 * gr, n_out);
+            }
+        }
+    }
+    free(act);
+    free(sums);
+    return 0;
+}
 
 #pragma GCC pop_options
 

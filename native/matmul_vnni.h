@@ -16,4 +16,19 @@ int pf_vnni_available(void);
  * (or none built). */
 pf_vec_dot_fn pf_vnni_vec_dot(int type);
 
+/* Q4_K weights repacked 16 rows at a time (Q4_K_X16, laid out in
+ * matmul_vnni.c) for a GEMM whose inner loop is almost only vpdpbusd: each
+ * 64-byte weight vector holds 4 weights of each of 16 rows, so one broadcast
+ * activation word feeds 16 rows' dots at once and no horizontal sums remain.
+ *
+ * Bytes of n_out x n_in Q4_K weights as Q4_K_X16; -1 unless n_out % 16 == 0
+ * and n_in % 256 == 0. */
+int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in);
+/* w: n_out Q4_K rows of n_in weights -> dst (pf_q4_K_x16_bytes bytes). 0, or -1 for a bad shape. */
+int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
+/* out[n_tok, n_out] = x[n_tok, n_in] @ W^T with W repacked; needs pf_vnni_available().
+ * 0, -1 for a bad shape or no VNNI, -2 when out of memory. */
+int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads);
+
 #endif

@@ -1,14 +1,29 @@
-"""CPU backend: the model primitives over the native C kernels (OpenMP, AVX2).
+"""CPU backend: the model primitives over the native C kernels (OpenMP, AVX2,
+AVX-512 VNNI, AMX; each runtime-detected).
 
-Weights stay in their stored format (memory-mapped); activations are float32.
-Every kernel call releases the GIL inside the native module.
+Weights stay in their stored format (memory-mapped), except Q4_K matrices on
+CPUs with AVX-512 VNNI and no AMX: those are repacked once at load, 16 rows
+interleaved (quant.repack_q4_K_x16), for a GEMM 2.5-2.9x faster on batches;
+that copy is anonymous memory, 1.11x the Q4_K bytes, and the mapped pages are
+left to the page cache. Activations are float32. Every kernel call releases
+the GIL inside the native module.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from pyforge.backends import default_threads
 from pyforge.dequant import to_float32
 from pyforge.ggml_types import GGMLType
 from pyforge.native import ops, quant
+
+
+@dataclass(frozen=True)
+class RepackedQ4K:
+    """A Q4_K matrix repacked for quant.matmul_q4_K_x16."""
+    data: np.ndarray
+    shape: tuple                # (n_out, n_in), as the TensorRef it came from
+    ggml_type = GGMLType.Q4_K
 
 
 class CpuBackend:
@@ -20,10 +35,17 @@ class CpuBackend:
         self.n_threads = int(n_threads or default_threads())
         if self.n_threads < 1:
             raise ValueError("n_threads must be at least 1")
+        # AMX machines keep the stored layout: their batched Q4_K path reads it.
+        self.repack_q4_K = quant.vnni_available() and not quant.amx_available()
 
     # -- weights ---------------------------------------------------------
     def prepare_weight(self, tensor):
-        """A matmul weight: the mapped bytes as stored (no copy)."""
+        """A matmul weight: the mapped bytes as stored (no copy), or a Q4_K
+        matrix repacked for the VNNI GEMM where that runs."""
+        if self.repack_q4_K and tensor.ggml_type == GGMLType.Q4_K and len(tensor.shape) == 2:
+            packed = quant.repack_q4_K_x16(tensor.data, *tensor.shape, self.n_threads)
+            if packed is not None:
+                return RepackedQ4K(packed, tuple(tensor.shape))
         return tensor
 
     def prepare_embedding(self, tensor):
@@ -78,7 +100,10 @@ class CpuBackend:
 
     def matmul(self, x, weight, out):
         """out[n, n_out] = x[n, n_in] @ W[n_out, n_in]^T."""
-        quant.matmul(x, weight.data, int(weight.ggml_type), weight.shape[0], out, self.n_threads)
+        if isinstance(weight, RepackedQ4K):
+            quant.matmul_q4_K_x16(x, weight.data, weight.shape[0], out, self.n_threads)
+        else:
+            quant.matmul(x, weight.data, int(weight.ggml_type), weight.shape[0], out, self.n_threads)
         return out
 
     def rmsnorm(self, x, weight, eps, out):

@@ -41,6 +41,16 @@ int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_
     (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
     return -1;
 }
+int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
+int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
+    return -1;
+}
+int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
+    return -1;
+}
 
 #else
 
@@ -450,18 +460,54 @@ static void x16_tokens(const block_q4_K_x16 *wb, int64_t nb, const block_q8_K *c
     }
 }
 
+/* Row groups x token tiles of an x16 GEMM, shared out inside the caller's
+ * parallel region (an orphaned omp for). A row group's weights stay in L2
+ * while every token tile passes over them. Threads take runs of row groups
+ * from a shared counter (about 8 runs a thread: long sequential streams for
+ * the prefetchers, and a slow core does not hold the others). */
+typedef void (*x16_tile_fn)(const void *job, int64_t group, int64_t t0, int n_tok);
+
+static void x16_row_groups(const void *job, x16_tile_fn tile, int64_t n_groups, int64_t n_tok) {
+    int nth = 1;
+#ifdef _OPENMP
+    nth = omp_get_num_threads();
+#endif
+    const int64_t run = (n_groups + 8 * nth - 1) / (8 * nth);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t r0 = 0; r0 < n_groups; r0 += run)
+        for (int64_t gr = r0; gr < r0 + run && gr < n_groups; gr++)
+            for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOKENS)
+                tile(job, gr, t0, n_tok - t0 < X16_TOKENS ? (int)(n_tok - t0) : X16_TOKENS);
+}
+
+typedef struct {
+    const block_q4_K_x16 *w;
+    const block_q8_K *act;      /* [n_tok][nb] */
+    const int16_t *sums;        /* [n_tok][nb][8]: activation sums per 32 */
+    float *out;
+    int64_t nb, n_out;
+} q4_K_job;
+
+static void q4_K_tile(const void *job_, int64_t gr, int64_t t0, int n) {
+    const q4_K_job *job = job_;
+    const block_q8_K *y[X16_TOKENS];
+    const int16_t *bs[X16_TOKENS];
+    for (int t = 0; t < n; t++) y[t] = job->act + (t0 + t) * job->nb, bs[t] = job->sums + (t0 + t) * job->nb * 8;
+    x16_tokens(job->w + gr * job->nb, job->nb, y, bs, n, job->out + t0 * job->n_out + 16 * gr, job->n_out);
+}
+
 int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads) {
     if (pf_q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     if (n_tok == 0) return 0;
-    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+    const int64_t nb = n_in / QK_K;
     block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
     int16_t *sums = malloc((size_t)(n_tok * nb * 8) * sizeof(int16_t));
     if (!act || !sums) {
         free(act), free(sums);
         return -2;
     }
-    const block_q4_K_x16 *w = packed;
+    const q4_K_job job = {packed, act, sums, out, nb, n_out};
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(static)
@@ -473,29 +519,121 @@ int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_
                     sums[(t * nb + i) * 8 + j] = (int16_t)(b[2 * j] + b[2 * j + 1]);
                 }
         }
-        /* A row group's weights (nb * 2.5 KB) stay in L2 while every token
-         * tile passes over them. Threads take runs of row groups from a shared
-         * counter (about 8 runs a thread: long sequential streams for the
-         * prefetchers, and a slow core does not hold the others). */
-        int nth = 1;
-#ifdef _OPENMP
-        nth = omp_get_num_threads();
-#endif
-        const int64_t run = (n_groups + 8 * nth - 1) / (8 * nth);
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t r0 = 0; r0 < n_groups; r0 += run)
-        for (int64_t gr = r0; gr < r0 + run && gr < n_groups; gr++) {
-            for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOKENS) {
-                const int n = n_tok - t0 < X16_TOKENS ? (int)(n_tok - t0) : X16_TOKENS;
-                const block_q8_K *y[X16_TOKENS];
-                const int16_t *bs[X16_TOKENS];
-                for (int t = 0; t < n; t++) y[t] = act + (t0 + t) * nb, bs[t] = sums + (t0 + t) * nb * 8;
-                x16_tokens(w + gr * nb, nb, y, bs, n, out + t0 * n_out + 16 * gr, n_out);
-            }
-        }
+        x16_row_groups(&job, q4_K_tile, n_out / 16, n_tok);
     }
     free(act);
     free(sums);
+    return 0;
+}
+
+/* -- Q8_0_X16 ----------------------------------------------------------------
+ * 16 Q8_0 rows, one block of 32 columns: the row scales as floats, and the
+ * weights + 128 as unsigned bytes, column 4g + j of row r at qs[g][4r + j]
+ * (vpdpbusd wants unsigned weights; the 128 * sum(a) it adds is the same for
+ * every row and comes off once per block and token). */
+typedef struct {
+    float d[16];
+    uint8_t qs[8][64];
+} block_q8_0_x16;
+_Static_assert(sizeof(block_q8_0_x16) == 576, "block_q8_0_x16 must be 576 bytes");
+
+int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) {
+    if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK8_0) return -1;
+    return n_out / 16 * (n_in / QK8_0) * (int64_t)sizeof(block_q8_0_x16);
+}
+
+int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (pf_q8_0_x16_bytes(n_out, n_in) < 0) return -1;
+    const int64_t nb = n_in / QK8_0, n_groups = n_out / 16;
+    const block_q8_0 *rows = w;
+    block_q8_0_x16 *out = dst;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t gr = 0; gr < n_groups; gr++)
+        for (int64_t i = 0; i < nb; i++) {
+            block_q8_0_x16 *o = out + gr * nb + i;
+            for (int r = 0; r < 16; r++) {
+                const block_q8_0 *b = rows + (16 * gr + r) * nb + i;
+                o->d[r] = pf_half_to_float_scalar(b->d);
+                for (int k = 0; k < QK8_0; k++) o->qs[k / 4][4 * r + k % 4] = (uint8_t)(b->qs[k] + 128);
+            }
+        }
+    return 0;
+}
+
+typedef struct {
+    const block_q8_0_x16 *w;
+    const block_q8_0 *act;      /* [n_tok][nb] */
+    const float *da;            /* [n_tok][nb]: the activation scales as floats */
+    const int32_t *sums;        /* [n_tok][nb]: 128 * the sum of each activation block */
+    float *out;
+    int64_t nb, n_out;
+} q8_0_job;
+
+/* out[t][0..16) += sum over blocks of d_w * d_a * (w . a), T tokens. */
+PF_INLINE void q8_0_x16_tile(const q8_0_job *job, int64_t gr, int64_t t0, const int T) {
+    const block_q8_0_x16 *wb = job->w + gr * job->nb;
+    __m512 facc[X16_TOKENS];
+    for (int t = 0; t < T; t++) facc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < job->nb; i++) {
+        const block_q8_0_x16 *b = wb + i;
+        __m512i wv[8];
+        for (int g = 0; g < 8; g++) wv[g] = _mm512_loadu_si512(b->qs[g]);
+        const __m512 d = _mm512_loadu_ps(b->d);
+        for (int t = 0; t < T; t++) {
+            const int64_t at = (t0 + t) * job->nb + i;
+            const int8_t *a = job->act[at].qs;
+            __m512i s0 = _mm512_set1_epi32(-job->sums[at]), s1 = _mm512_setzero_si512();   /* two chains */
+            for (int g = 0; g < 8; g += 2) {
+                s0 = _mm512_dpbusd_epi32(s0, wv[g], bcast_word(a + 4 * g));
+                s1 = _mm512_dpbusd_epi32(s1, wv[g + 1], bcast_word(a + 4 * g + 4));
+            }
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            facc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(job->da[at])), v, facc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
+}
+
+static void q8_0_tile(const void *job, int64_t gr, int64_t t0, int n) {
+    switch (n) {
+    case 1: q8_0_x16_tile(job, gr, t0, 1); break;
+    case 2: q8_0_x16_tile(job, gr, t0, 2); break;
+    case 3: q8_0_x16_tile(job, gr, t0, 3); break;
+    case 4: q8_0_x16_tile(job, gr, t0, 4); break;
+    case 5: q8_0_x16_tile(job, gr, t0, 5); break;
+    case 6: q8_0_x16_tile(job, gr, t0, 6); break;
+    case 7: q8_0_x16_tile(job, gr, t0, 7); break;
+    default: q8_0_x16_tile(job, gr, t0, 8); break;
+    }
+}
+
+int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q8_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    if (n_tok == 0) return 0;
+    const int64_t nb = n_in / QK8_0;
+    block_q8_0 *act = malloc((size_t)(n_tok * nb) * sizeof(block_q8_0));
+    float *da = malloc((size_t)(n_tok * nb) * sizeof(float));
+    int32_t *sums = malloc((size_t)(n_tok * nb) * sizeof(int32_t));
+    if (!act || !da || !sums) {
+        free(act), free(da), free(sums);
+        return -2;
+    }
+    const q8_0_job job = {packed, act, da, sums, out, nb, n_out};
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tok; t++) {
+            pf_q8_0_from_float(x + t * n_in, act + t * nb, n_in);
+            for (int64_t i = t * nb; i < (t + 1) * nb; i++) {
+                int32_t s = 0;
+                for (int k = 0; k < QK8_0; k++) s += act[i].qs[k];
+                da[i] = half_to_float(act[i].d), sums[i] = 128 * s;
+            }
+        }
+        x16_row_groups(&job, q8_0_tile, n_out / 16, n_tok);
+    }
+    free(act), free(da), free(sums);
     return 0;
 }
 

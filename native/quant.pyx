@@ -180,36 +180,54 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=Tru
 
 # -- repacked weights (AVX-512 VNNI) ----------------------------------------------
 
-def repack_q4_K_x16(w, n_out, n_in, n_threads=1):
-    """Q4_K weights (n_out rows of n_in) interleaved 16 rows at a time for
-    matmul_q4_K_x16 (uint8 array), or None where this CPU has no VNNI or the
-    shape does not allow it (n_out % 16)."""
+REPACKABLE = (GGMLType.Q4_K, GGMLType.Q8_0)
+
+
+cdef int64_t _x16_bytes(int t, int64_t n_out, int64_t n_in):
+    if t == GGMLType.Q4_K:
+        return pf_q4_K_x16_bytes(n_out, n_in)
+    if t == GGMLType.Q8_0:
+        return pf_q8_0_x16_bytes(n_out, n_in)
+    return -1
+
+
+def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
+    """Q4_K or Q8_0 weights (n_out rows of n_in) interleaved 16 rows at a time
+    for matmul_x16 (uint8 array), or None where this CPU has no AVX-512 VNNI,
+    the type has no such layout, or the shape does not allow it (n_out % 16)."""
+    cdef int t = ggml_type
     cdef int64_t no = n_out, ni = n_in
-    cdef int64_t nbytes = pf_q4_K_x16_bytes(no, ni)
+    cdef int64_t nbytes = _x16_bytes(t, no, ni)
     if not pf_vnni_available() or nbytes < 0:
         return None
     cdef cnp.ndarray src = _c_array(w, "w")
-    if cnp.PyArray_NBYTES(src) != _row_bytes(GGMLType.Q4_K, ni, _traits(GGMLType.Q4_K)) * no:
-        raise ValueError(f"w must hold {n_out} Q4_K rows of {n_in} weights")
+    if cnp.PyArray_NBYTES(src) != _row_bytes(t, ni, _traits(t)) * no:
+        raise ValueError(f"w must hold {n_out} {GGMLType(t).name} rows of {n_in} weights")
     cdef cnp.ndarray dst = np.empty(nbytes, dtype=np.uint8)
     cdef const void *sp = cnp.PyArray_DATA(src)
     cdef void *dp = cnp.PyArray_DATA(dst)
     cdef int nt = n_threads
+    cdef bint q4_K = t == GGMLType.Q4_K
     with nogil:
-        pf_repack_q4_K_x16(sp, dp, no, ni, nt)
+        if q4_K:
+            pf_repack_q4_K_x16(sp, dp, no, ni, nt)
+        else:
+            pf_repack_q8_0_x16(sp, dp, no, ni, nt)
     return dst
 
 
-def matmul_q4_K_x16(x, packed, n_out, out, n_threads):
-    """out[t, r] = sum_k x[t, k] * W[r, k], W repacked by repack_q4_K_x16."""
+def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
+    """out[t, r] = sum_k x[t, k] * W[r, k], W repacked by repack_x16."""
+    cdef int t = ggml_type
     cdef cnp.ndarray xa = _f32_2d(x, "x", False)
     cdef cnp.ndarray oa = _f32_2d(out, "out", True)
     cdef cnp.ndarray pa = _c_array(packed, "packed")
     cdef int64_t n_tok = xa.shape[0], n_in = xa.shape[1], no = n_out
     if oa.shape[0] != n_tok or oa.shape[1] != no:
         raise ValueError(f"out must have shape ({n_tok}, {n_out}), got {out.shape}")
-    if cnp.PyArray_NBYTES(pa) != pf_q4_K_x16_bytes(no, n_in):
-        raise ValueError(f"packed does not hold {n_out} x {n_in} repacked Q4_K weights")
+    cdef int64_t nbytes = _x16_bytes(t, no, n_in)
+    if nbytes < 0 or cnp.PyArray_NBYTES(pa) != nbytes:
+        raise ValueError(f"packed does not hold {n_out} x {n_in} repacked weights of type {ggml_type}")
     if _overlap(xa, oa):
         raise ValueError("out must not overlap x")
     cdef int nt = n_threads, rc
@@ -218,12 +236,16 @@ def matmul_q4_K_x16(x, packed, n_out, out, n_threads):
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef const void *wp = cnp.PyArray_DATA(pa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
+    cdef bint q4_K = t == GGMLType.Q4_K
     with nogil:
-        rc = pf_matmul_q4_K_x16(xp, wp, n_tok, n_in, no, op, nt)
+        if q4_K:
+            rc = pf_matmul_q4_K_x16(xp, wp, n_tok, n_in, no, op, nt)
+        else:
+            rc = pf_matmul_q8_0_x16(xp, wp, n_tok, n_in, no, op, nt)
     if rc == -2:
         raise MemoryError("matmul: out of memory for the quantized activations")
     if rc:
-        raise ValueError("matmul_q4_K_x16: no VNNI here, or a bad shape")
+        raise ValueError("matmul_x16: no AVX-512 VNNI here")
 
 
 # -- test hooks: the portable half converters the F16C build does not use ----

@@ -1,11 +1,11 @@
 """CPU backend: the model primitives over the native C kernels (OpenMP, AVX2,
 AVX-512 VNNI, AMX; each runtime-detected).
 
-Weights stay in their stored format (memory-mapped), except Q4_K matrices on
-CPUs with AVX-512 VNNI and no AMX: those are repacked once at load, 16 rows
-interleaved (quant.repack_q4_K_x16), for a GEMM 2.5-2.9x faster on batches;
-that copy is anonymous memory, 1.11x the Q4_K bytes, and the mapped pages are
-left to the page cache. Activations are float32. Every kernel call releases
+Weights stay in their stored format (memory-mapped), except Q4_K and Q8_0
+matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked once at
+load, 16 rows interleaved (quant.repack_x16), for GEMMs 2.5-3x faster on
+batches; that copy is anonymous memory (1.11x the Q4_K bytes, 1.06x the Q8_0
+bytes), and the mapped pages are left to the page cache. Activations are float32. Every kernel call releases
 the GIL inside the native module.
 """
 from dataclasses import dataclass
@@ -19,11 +19,11 @@ from pyforge.native import ops, quant
 
 
 @dataclass(frozen=True)
-class RepackedQ4K:
-    """A Q4_K matrix repacked for quant.matmul_q4_K_x16."""
-    data: np.ndarray
+class RepackedWeight:
+    """A matrix repacked 16 rows at a time for quant.matmul_x16."""
+    ggml_type: GGMLType         # its stored type (Q4_K or Q8_0)
     shape: tuple                # (n_out, n_in), as the TensorRef it came from
-    ggml_type = GGMLType.Q4_K
+    data: np.ndarray
 
 
 class CpuBackend:
@@ -36,16 +36,16 @@ class CpuBackend:
         if self.n_threads < 1:
             raise ValueError("n_threads must be at least 1")
         # AMX machines keep the stored layout: their batched Q4_K path reads it.
-        self.repack_q4_K = quant.vnni_available() and not quant.amx_available()
+        self.repack = quant.vnni_available() and not quant.amx_available()
 
     # -- weights ---------------------------------------------------------
     def prepare_weight(self, tensor):
-        """A matmul weight: the mapped bytes as stored (no copy), or a Q4_K
-        matrix repacked for the VNNI GEMM where that runs."""
-        if self.repack_q4_K and tensor.ggml_type == GGMLType.Q4_K and len(tensor.shape) == 2:
-            packed = quant.repack_q4_K_x16(tensor.data, *tensor.shape, self.n_threads)
+        """A matmul weight: the mapped bytes as stored (no copy), or the matrix
+        repacked for the VNNI GEMM where that runs."""
+        if self.repack and tensor.ggml_type in quant.REPACKABLE and len(tensor.shape) == 2:
+            packed = quant.repack_x16(tensor.data, int(tensor.ggml_type), *tensor.shape, self.n_threads)
             if packed is not None:
-                return RepackedQ4K(packed, tuple(tensor.shape))
+                return RepackedWeight(tensor.ggml_type, tuple(tensor.shape), packed)
         return tensor
 
     def prepare_embedding(self, tensor):
@@ -100,8 +100,8 @@ class CpuBackend:
 
     def matmul(self, x, weight, out):
         """out[n, n_out] = x[n, n_in] @ W[n_out, n_in]^T."""
-        if isinstance(weight, RepackedQ4K):
-            quant.matmul_q4_K_x16(x, weight.data, weight.shape[0], out, self.n_threads)
+        if isinstance(weight, RepackedWeight):
+            quant.matmul_x16(x, weight.data, int(weight.ggml_type), weight.shape[0], out, self.n_threads)
         else:
             quant.matmul(x, weight.data, int(weight.ggml_type), weight.shape[0], out, self.n_threads)
         return out

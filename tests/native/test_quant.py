@@ -390,56 +390,62 @@ def test_bad_matmul_inputs():
     bad(x=buf, out=buf.reshape(-1)[:10].reshape(2, 5))  # out overlaps x
 
 
-# -- Q4_K repacked 16 rows at a time (the VNNI GEMM) -----------------------------
+# -- Q4_K / Q8_0 repacked 16 rows at a time (the VNNI GEMMs) ---------------------
 
-X16_SHAPES = [(256, 16), (768, 48), (2048, 272)]    # (n_in, n_out): n_out a multiple of 16
+X16_SHAPES = {  # type -> (n_in, n_out) pairs, n_out a multiple of 16
+    T.Q4_K: [(256, 16), (768, 48), (2048, 272)],
+    T.Q8_0: [(32, 16), (96, 48), (2048, 272)],
+}
 
 
 @needs_vnni
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("n_tok", [1, 3, 8, 17, 64])
-def test_repacked_q4_K_matches_float64_and_the_scalar_kernel(n_tok, n_threads):
-    for n_in, n_out in X16_SHAPES:
-        raw, w64 = case(T.Q4_K, n_in, n_out)
-        packed = quant.repack_q4_K_x16(raw, n_out, n_in, n_threads)
+@pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
+def test_repacked_weights_match_float64_and_the_scalar_kernel(t, n_tok, n_threads):
+    for n_in, n_out in X16_SHAPES[t]:
+        raw, w64 = case(t, n_in, n_out)
+        packed = quant.repack_x16(raw, int(t), n_out, n_in, n_threads)
         rng = np.random.default_rng(n_tok * 7 + n_in)
         x = (rng.standard_normal((n_tok, n_in)) * rng.uniform(0.1, 4, (n_tok, 1))).astype(np.float32)
         out = np.full((n_tok, n_out), np.nan, dtype=np.float32)
-        quant.matmul_q4_K_x16(x, packed, n_out, out, n_threads)
+        quant.matmul_x16(x, packed, int(t), n_out, out, n_threads)
         err = np.abs(out.astype(np.float64) - x.astype(np.float64) @ w64.T)
-        assert np.all(err <= matmul_bound(T.Q4_K, x, w64)), f"{n_in}->{n_out}: max err {err.max():.3g}"
-        ref = run_matmul(x, raw, T.Q4_K, n_out, 1, "scalar")      # the same Q8_K activations
-        scale = np.abs(activation_model(T.Q4_K, x)) @ np.abs(w64).T
+        assert np.all(err <= matmul_bound(t, x, w64)), f"{n_in}->{n_out}: max err {err.max():.3g}"
+        ref = run_matmul(x, raw, t, n_out, 1, "scalar")      # the same quantized activations
+        scale = np.abs(activation_model(t, x)) @ np.abs(w64).T
         assert np.all(np.abs(out.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30)
 
 
 @needs_vnni
-def test_repacking_refuses_what_it_cannot_lay_out():
-    raw, _ = case(T.Q4_K, 256, 5)
-    assert quant.repack_q4_K_x16(raw, 5, 256) is None                # 5 rows: not a multiple of 16
-    raw, _ = case(T.Q4_K, 256, 16)
+@pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
+def test_repacking_refuses_what_it_cannot_lay_out(t):
+    n_in = X16_SHAPES[t][0][0]
+    raw, _ = case(t, n_in, 5)
+    assert quant.repack_x16(raw, int(t), 5, n_in) is None          # 5 rows: not a multiple of 16
+    raw, _ = case(t, n_in, 16)
     with pytest.raises(ValueError):
-        quant.repack_q4_K_x16(raw[:-1], 16, 256)                    # too few bytes
-    packed = quant.repack_q4_K_x16(raw, 16, 256)
-    out = np.zeros((2, 16), np.float32)
+        quant.repack_x16(raw[:-1], int(t), 16, n_in)              # too few bytes
+    packed = quant.repack_x16(raw, int(t), 16, n_in)
     with pytest.raises(ValueError):
-        quant.matmul_q4_K_x16(np.zeros((2, 512), np.float32), packed, 16, out, 1)    # another n_in
+        quant.matmul_x16(np.zeros((2, 2 * n_in), np.float32), packed, int(t), 16, np.zeros((2, 16), np.float32), 1)
     with pytest.raises(ValueError):
-        quant.matmul_q4_K_x16(np.zeros((2, 256), np.float32), packed, 16, np.zeros((2, 32), np.float32), 1)
+        quant.matmul_x16(np.zeros((2, n_in), np.float32), packed, int(t), 16, np.zeros((2, 32), np.float32), 1)
+    assert quant.repack_x16(*case(T.Q6_K, 256, 16)[:1], int(T.Q6_K), 16, 256) is None   # no layout for Q6_K
 
 
-def test_the_cpu_backend_repacks_q4_K_only_where_the_vnni_gemm_runs():
-    from pyforge.backends.cpu import CpuBackend, RepackedQ4K
+@pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
+def test_the_cpu_backend_repacks_only_where_the_vnni_gemm_runs(t):
+    from pyforge.backends.cpu import CpuBackend, RepackedWeight
     from pyforge.loader import TensorRef
     backend = CpuBackend(n_threads=1)
-    raw, w64 = case(T.Q4_K, 256, 16)
-    ref = TensorRef("w", T.Q4_K, (16, 256), raw)
-    prepared = backend.prepare_weight(ref)
-    repacks = quant.vnni_available() and not quant.amx_available()
-    assert isinstance(prepared, RepackedQ4K) == repacks
-    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    n_in = X16_SHAPES[t][-1][0]
+    raw, w64 = case(t, n_in, 16)
+    prepared = backend.prepare_weight(TensorRef("w", t, (16, n_in), raw))
+    assert isinstance(prepared, RepackedWeight) == (quant.vnni_available() and not quant.amx_available())
+    x = np.random.default_rng(0).standard_normal((3, n_in)).astype(np.float32)
     out = backend.matmul(x, prepared, np.empty((3, 16), np.float32))
-    assert np.all(np.abs(out - x.astype(np.float64) @ w64.T) <= matmul_bound(T.Q4_K, x, w64))
+    assert np.all(np.abs(out - x.astype(np.float64) @ w64.T) <= matmul_bound(t, x, w64))
 
 
 def test_vnni_can_be_switched_off():

@@ -41,6 +41,16 @@ int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_
     (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
     return -1;
 }
+int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
+int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
+    return -1;
+}
+int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
+    return -1;
+}
 int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
 int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
     (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
@@ -523,6 +533,153 @@ int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_
     }
     free(act);
     free(sums);
+    return 0;
+}
+
+/* -- Q6_K_X16 ----------------------------------------------------------------
+ * 16 Q6_K rows, one block of 256 columns. The 6-bit weights q (0..63) split as
+ * Q4_K_X16's nibbles (lo, qs[32][64]) plus two high bits: hb[h][4r + j] holds
+ * those of row r's columns 16h + j, 16h + 4 + j, 16h + 8 + j, 16h + 12 + j in
+ * bit pairs 0-1, 2-3, 4-5, 6-7 (k-group 2h's low and high half, then 2h+1's).
+ * The 16 sub-block scales as int16 pairs per row (sub-blocks 2p, 2p+1): one
+ * vpdpwssd applies two to the bsums for the -32 offset, and a shift pair
+ * gives each as int32 for the dots. */
+typedef struct {
+    float d[16];
+    int16_t sc[8][16][2];   /* sc[p][r] = the scales of sub-blocks 2p, 2p+1 in row r */
+    uint8_t qs[32][64];
+    uint8_t hb[16][64];
+} block_q6_K_x16;
+_Static_assert(sizeof(block_q6_K_x16) == 3648, "block_q6_K_x16 must be 3648 bytes");
+
+int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in) {
+    if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
+    return n_out / 16 * (n_in / QK_K) * (int64_t)sizeof(block_q6_K_x16);
+}
+
+static void repack_q6_K_block(const block_q6_K *rows, int64_t nb, int64_t gr, int64_t i, block_q6_K_x16 *out) {
+    memset(out->hb, 0, sizeof out->hb);
+    for (int r = 0; r < 16; r++) {
+        const block_q6_K *b = rows + (16 * gr + r) * nb + i;
+        int8_t v[QK_K];
+        pf_q6_K_values(b, v);
+        uint8_t q[QK_K];
+        for (int k = 0; k < QK_K; k++) q[k] = (uint8_t)(v[k] + 32);
+        out->d[r] = pf_half_to_float_scalar(b->d);
+        for (int p = 0; p < 8; p++) out->sc[p][r][0] = b->scales[2 * p], out->sc[p][r][1] = b->scales[2 * p + 1];
+        for (int g = 0; g < 32; g++)
+            for (int j = 0; j < 4; j++)
+                out->qs[g][4 * r + j] = (uint8_t)((q[8 * g + j] & 0x0f) | ((q[8 * g + 4 + j] & 0x0f) << 4));
+        for (int h = 0; h < 16; h++)
+            for (int j = 0; j < 4; j++)
+                for (int e = 0; e < 4; e++) out->hb[h][4 * r + j] |= (uint8_t)((q[16 * h + 4 * e + j] >> 4) << (2 * e));
+    }
+}
+
+int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (pf_q6_K_x16_bytes(n_out, n_in) < 0) return -1;
+    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+    block_q6_K_x16 *out = dst;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t gr = 0; gr < n_groups; gr++)
+        for (int64_t i = 0; i < nb; i++) repack_q6_K_block(w, nb, gr, i, out + gr * nb + i);
+    return 0;
+}
+
+typedef struct {
+    const block_q6_K_x16 *w;
+    const block_q8_K *act;      /* [n_tok][nb] */
+    float *out;
+    int64_t nb, n_out;
+} q6_K_job;
+
+/* k-group 2h + e of a block as two vectors of 4 columns per row lane (0..63). */
+PF_INLINE void q6_group(const block_q6_K_x16 *b, int h, int e, __m512i *lo, __m512i *hi) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    const __m512i wv = _mm512_loadu_si512(b->qs[2 * h + e]), hb = _mm512_loadu_si512(b->hb[h]);
+    const __m512i l4 = _mm512_and_si512(wv, m4), h4 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+    if (e == 0) {
+        *lo = _mm512_or_si512(l4, _mm512_and_si512(_mm512_slli_epi16(hb, 4), m30));
+        *hi = _mm512_or_si512(h4, _mm512_and_si512(_mm512_slli_epi16(hb, 2), m30));
+    } else {
+        *lo = _mm512_or_si512(l4, _mm512_and_si512(hb, m30));
+        *hi = _mm512_or_si512(h4, _mm512_and_si512(_mm512_srli_epi16(hb, 2), m30));
+    }
+}
+
+/* d * d_a * sum_s sc_s ((q - 32) . a)_s for T tokens: unsigned q through
+ * vpdpbusd per sub-block, times the row scales (vpmulld), and the -32 back as
+ * 32 * sum_s sc_s * bsums_s (vpdpwssd on the scale pairs). */
+PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const int T) {
+    const block_q6_K_x16 *wb = job->w + gr * job->nb;
+    const block_q8_K *y[X16_TOKENS];
+    __m512 facc[X16_TOKENS];
+    for (int t = 0; t < T; t++) y[t] = job->act + (t0 + t) * job->nb, facc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < job->nb; i++) {
+        const block_q6_K_x16 *b = wb + i;
+        const char *ahead = (const char *)(b + 2);  /* not read front to back: see x16_tile */
+        __m512i isum[X16_TOKENS];
+        for (int t = 0; t < T; t++) isum[t] = _mm512_setzero_si512();
+        for (int p = 0; p < 8; p++) {
+            for (int l = 0; l < 7; l++) _mm_prefetch(ahead + 64 * (7 * p + l), _MM_HINT_T0);
+            const __m512i pair = _mm512_loadu_si512(b->sc[p]);
+            const __m512i s_even = _mm512_srai_epi32(_mm512_slli_epi32(pair, 16), 16);
+            const __m512i s_odd = _mm512_srai_epi32(pair, 16);
+            for (int s = 2 * p; s < 2 * p + 2; s++) {   /* sub-block s: k-groups 2s, 2s+1 = hb row s */
+                __m512i lo0, hi0, lo1, hi1;
+                q6_group(b, s, 0, &lo0, &hi0);
+                q6_group(b, s, 1, &lo1, &hi1);
+                const __m512i sc = s & 1 ? s_odd : s_even;
+                for (int t = 0; t < T; t++) {
+                    const int8_t *a = y[t][i].qs + 16 * s;
+                    __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, bcast_word(a));
+                    __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi0, bcast_word(a + 4));
+                    d0 = _mm512_dpbusd_epi32(d0, lo1, bcast_word(a + 8));
+                    d1 = _mm512_dpbusd_epi32(d1, hi1, bcast_word(a + 12));
+                    isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(_mm512_add_epi32(d0, d1), sc));
+                }
+            }
+        }
+        const __m512 d = _mm512_loadu_ps(b->d);
+        for (int t = 0; t < T; t++) {
+            __m512i corr = _mm512_setzero_si512();
+            for (int p = 0; p < 8; p++)
+                corr = _mm512_dpwssd_epi32(corr, _mm512_loadu_si512(b->sc[p]), bcast_word(y[t][i].bsums + 2 * p));
+            const __m512i v = _mm512_sub_epi32(isum[t], _mm512_slli_epi32(corr, 5));
+            facc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(y[t][i].d)), _mm512_cvtepi32_ps(v), facc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
+}
+
+static void q6_K_tile(const void *job, int64_t gr, int64_t t0, int n) {
+    switch (n) {
+    case 1: q6_K_x16_tile(job, gr, t0, 1); break;
+    case 2: q6_K_x16_tile(job, gr, t0, 2); break;
+    case 3: q6_K_x16_tile(job, gr, t0, 3); break;
+    case 4: q6_K_x16_tile(job, gr, t0, 4); break;
+    case 5: q6_K_x16_tile(job, gr, t0, 5); break;
+    case 6: q6_K_x16_tile(job, gr, t0, 6); break;
+    case 7: q6_K_x16_tile(job, gr, t0, 7); break;
+    default: q6_K_x16_tile(job, gr, t0, 8); break;
+    }
+}
+
+int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q6_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    if (n_tok == 0) return 0;
+    const int64_t nb = n_in / QK_K;
+    block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
+    if (!act) return -2;
+    const q6_K_job job = {packed, act, out, nb, n_out};
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tok; t++) pf_q8_K_from_float(x + t * n_in, act + t * nb, n_in);
+        x16_row_groups(&job, q6_K_tile, n_out / 16, n_tok);
+    }
+    free(act);
     return 0;
 }
 

@@ -71,6 +71,10 @@ cdef extern from "matmul_vnni.h" nogil:
     int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
     int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
                            float *out, int n_threads)
+    int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in)
+    int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
+    int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                           float *out, int n_threads)
     int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in)
     int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
     int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,

@@ -1,11 +1,12 @@
 """CPU backend: the model primitives over the native C kernels (OpenMP, AVX2,
 AVX-512 VNNI, AMX; each runtime-detected).
 
-Weights stay in their stored format (memory-mapped), except Q4_K and Q8_0
-matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked once at
-load, 16 rows interleaved (quant.repack_x16), for GEMMs 2.5-3x faster on
-batches; that copy is anonymous memory (1.11x the Q4_K bytes, 1.06x the Q8_0
-bytes), and the mapped pages are left to the page cache. Activations are float32. Every kernel call releases
+Weights stay in their stored format (memory-mapped), except Q4_K, Q6_K and
+Q8_0 matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked once at
+load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x faster on
+batches; that copy is anonymous memory (1.11x the Q4_K bytes, 1.09x Q6_K,
+1.06x Q8_0), and the mapped pages are left to the page cache. Q6_K keeps its
+mapped original for single tokens too (the repacked 1-token dot is 0.83x). Activations are float32. Every kernel call releases
 the GIL inside the native module.
 """
 from dataclasses import dataclass
@@ -21,9 +22,14 @@ from pyforge.native import ops, quant
 @dataclass(frozen=True)
 class RepackedWeight:
     """A matrix repacked 16 rows at a time for quant.matmul_x16."""
-    ggml_type: GGMLType         # its stored type (Q4_K or Q8_0)
+    ggml_type: GGMLType         # its stored type (Q4_K, Q6_K or Q8_0)
     shape: tuple                # (n_out, n_in), as the TensorRef it came from
     data: np.ndarray
+    single_token: object = None  # the TensorRef to use for one token instead, if any
+
+
+# Types whose stored layout beats their repacked one on a single token (decode).
+SINGLE_TOKEN_ORIGINAL = (GGMLType.Q6_K,)
 
 
 class CpuBackend:
@@ -45,7 +51,8 @@ class CpuBackend:
         if self.repack and tensor.ggml_type in quant.REPACKABLE and len(tensor.shape) == 2:
             packed = quant.repack_x16(tensor.data, int(tensor.ggml_type), *tensor.shape, self.n_threads)
             if packed is not None:
-                return RepackedWeight(tensor.ggml_type, tuple(tensor.shape), packed)
+                original = tensor if tensor.ggml_type in SINGLE_TOKEN_ORIGINAL else None
+                return RepackedWeight(tensor.ggml_type, tuple(tensor.shape), packed, original)
         return tensor
 
     def prepare_embedding(self, tensor):
@@ -100,6 +107,8 @@ class CpuBackend:
 
     def matmul(self, x, weight, out):
         """out[n, n_out] = x[n, n_in] @ W[n_out, n_in]^T."""
+        if isinstance(weight, RepackedWeight) and weight.single_token is not None and len(x) == 1:
+            weight = weight.single_token
         if isinstance(weight, RepackedWeight):
             quant.matmul_x16(x, weight.data, int(weight.ggml_type), weight.shape[0], out, self.n_threads)
         else:

@@ -394,6 +394,7 @@ def test_bad_matmul_inputs():
 
 X16_SHAPES = {  # type -> (n_in, n_out) pairs, n_out a multiple of 16
     T.Q4_K: [(256, 16), (768, 48), (2048, 272)],
+    T.Q6_K: [(256, 16), (768, 48), (2048, 272)],
     T.Q8_0: [(32, 16), (96, 48), (2048, 272)],
 }
 
@@ -431,7 +432,7 @@ def test_repacking_refuses_what_it_cannot_lay_out(t):
         quant.matmul_x16(np.zeros((2, 2 * n_in), np.float32), packed, int(t), 16, np.zeros((2, 16), np.float32), 1)
     with pytest.raises(ValueError):
         quant.matmul_x16(np.zeros((2, n_in), np.float32), packed, int(t), 16, np.zeros((2, 32), np.float32), 1)
-    assert quant.repack_x16(*case(T.Q6_K, 256, 16)[:1], int(T.Q6_K), 16, 256) is None   # no layout for Q6_K
+    assert quant.repack_x16(*case(T.Q5_K, 256, 16)[:1], int(T.Q5_K), 16, 256) is None   # no layout for Q5_K
 
 
 @pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
@@ -443,9 +444,10 @@ def test_the_cpu_backend_repacks_only_where_the_vnni_gemm_runs(t):
     raw, w64 = case(t, n_in, 16)
     prepared = backend.prepare_weight(TensorRef("w", t, (16, n_in), raw))
     assert isinstance(prepared, RepackedWeight) == (quant.vnni_available() and not quant.amx_available())
-    x = np.random.default_rng(0).standard_normal((3, n_in)).astype(np.float32)
-    out = backend.matmul(x, prepared, np.empty((3, 16), np.float32))
-    assert np.all(np.abs(out - x.astype(np.float64) @ w64.T) <= matmul_bound(t, x, w64))
+    for n_tok in (1, 3):        # one token may take another path (SINGLE_TOKEN_ORIGINAL)
+        x = np.random.default_rng(n_tok).standard_normal((n_tok, n_in)).astype(np.float32)
+        out = backend.matmul(x, prepared, np.empty((n_tok, 16), np.float32))
+        assert np.all(np.abs(out - x.astype(np.float64) @ w64.T) <= matmul_bound(t, x, w64))
 
 
 def test_vnni_can_be_switched_off():

@@ -1,12 +1,17 @@
-"""Serving benchmark: pyforge vs llama-cpp-python's OpenAI server, same GGUF file.
+"""Serving benchmark: pyforge vs llama.cpp's servers, same GGUF file.
 
-    python benchmarks/bench_serving.py [--servers pyforge llama_cpp] [--concurrency 1 4 8 16 32]
+    python benchmarks/bench_serving.py [--servers pyforge llama_server llama_cpp] [--concurrency 1 4 8 16 32]
                                        [--requests 64] [--threads 2] [--model PATH] [--json OUT]
                                        [--plot benchmarks/serving.png] [--null-model]
+                                       [--llama-server PATH]
 
 Each server is started here on loopback (pyforge: `pyforge serve`, one worker;
-llama.cpp: `python -m llama_cpp.server`, which needs `pip install
-'llama-cpp-python[server]'`), warmed up, then driven by a bounded thread pool:
+llama_server: llama.cpp's own `llama-server`, built natively from the llama.cpp
+tree in llama-cpp-python's source distribution (RESULTS.md says how), one slot
+per stream of the highest level, same threads; llama_cpp: llama-cpp-python's
+`python -m llama_cpp.server`, which needs `pip install
+'llama-cpp-python[server]'` and serves one stream at a time), warmed up, then
+driven by a bounded thread pool:
 at concurrency c, c clients each send streamed /v1/completions requests back to
 back (64-token prompts, 64 generated tokens, greedy) until --requests are done,
 each client on one kept-alive HTTP/1.1 connection as the openai SDK's pool
@@ -44,6 +49,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -83,7 +89,16 @@ def start_llama_cpp(model, port, threads, max_seqs, seq_tokens, null_model=False
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-SERVERS = {"pyforge": start_pyforge, "llama_cpp": start_llama_cpp}
+def start_llama_server(model, port, threads, max_seqs, seq_tokens, null_model=False):
+    exe = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    if not exe:
+        raise SystemExit("llama-server not found: pass --llama-server PATH")
+    cmd = [exe, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
+           "-np", str(max_seqs), "-c", str(max_seqs * (seq_tokens + 16)), "-a", "bench"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+SERVERS = {"pyforge": start_pyforge, "llama_server": start_llama_server, "llama_cpp": start_llama_cpp}
 
 
 def wait_up(port, proc, timeout=300):
@@ -124,8 +139,18 @@ def stream_completion(port, prompt, max_tokens, conn=None, extra=None):
     if own:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+        if own:
+            raise
+        # The server closed the kept connection (llama-server does after every
+        # streamed response): reconnect and send again, as pooled clients do.
+        conn.close()
+        start = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
     stamps, usage = [], None
@@ -313,7 +338,8 @@ def plot(rows, probes, path, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--servers", nargs="+", default=["pyforge", "llama_cpp"], choices=list(SERVERS))
+    ap.add_argument("--servers", nargs="+", default=["pyforge", "llama_server"], choices=list(SERVERS))
+    ap.add_argument("--llama-server", default=None, help="the llama-server binary (default: on PATH)")
     ap.add_argument("--concurrency", nargs="+", type=int, default=None,
                     help="concurrent streams per level (default 1 4 8 16 32; with --null-model 1 16 64)")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 4 x concurrency, >= 8)")
@@ -332,6 +358,8 @@ def main(argv=None):
                     help="PNG of throughput and latency vs concurrency (default benchmarks/serving.png; "
                          "benchmarks/serving_null.png with --null-model; 'none': no plot)")
     args = ap.parse_args(argv)
+    if args.llama_server:
+        os.environ["LLAMA_SERVER"] = args.llama_server
     if args.null_model:
         args.servers = ["pyforge"]
     if args.concurrency is None:

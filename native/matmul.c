@@ -43,12 +43,22 @@ PF_INLINE const void *act_row(const void *a, size_t a_stride, int j) {
     return (const char *)a + (size_t)j * a_stride;
 }
 
+/* Activation rows for Q4_0 / Q8_0 weights: the Q8_0 blocks, then a float
+ * table d4[nb][4]. Kernels get rows in groups of up to 4 starting at rows 0,
+ * 4, 8, ...; the first row of a group holds in d4[i][j] the scale of block i
+ * of row j of its group, so the AVX2 kernel fetches four tokens' scales with
+ * one load (no half -> float per block and token). The scalar kernels read
+ * the blocks only. */
+PF_INLINE size_t q8_0_scales_offset(int64_t n) {
+    return ((size_t)(n / QK8_0) * sizeof(block_q8_0) + 15) & ~(size_t)15;
+}
+
 /* Bytes of one activation row of n values stored as vec_dot_type vt; rows of
  * quantized activations start on a cache line. */
 static size_t act_row_bytes(int vt, int64_t n) {
     size_t bytes = (size_t)pf_row_bytes(vt, n);
     if (vt == PF_F32) return bytes;
-    if (vt == PF_Q8_0) bytes = pf_q8_0_scales_offset(n) + (size_t)(n / QK8_0) * 4 * sizeof(float);
+    if (vt == PF_Q8_0) bytes = q8_0_scales_offset(n) + (size_t)(n / QK8_0) * 4 * sizeof(float);
     return (bytes + 63) & ~(size_t)63;
 }
 
@@ -58,7 +68,7 @@ static void act_from_float(int vt, const float *x, char *buf, size_t a_row, int6
     pf_get_type_traits(vt)->from_float(x, row, n);
     if (vt == PF_Q8_0) {
         const block_q8_0 *b = (const block_q8_0 *)row;
-        float *d4 = (float *)(buf + (size_t)(t & ~(int64_t)3) * a_row + pf_q8_0_scales_offset(n));
+        float *d4 = (float *)(buf + (size_t)(t & ~(int64_t)3) * a_row + q8_0_scales_offset(n));
         for (int64_t i = 0; i < n / QK8_0; i++) d4[4 * i + (t & 3)] = pf_half_to_float(b[i].d);
     }
 }
@@ -390,7 +400,7 @@ PF_INLINE void q32_block(const void *w, int64_t i, const block_q8_0 *const *y, c
 PF_INLINE void dot_q32(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out,
                        const int is_q4) {
     const block_q8_0 *y[4];
-    const float *d4 = (const float *)((const char *)a + pf_q8_0_scales_offset(n));
+    const float *d4 = (const float *)((const char *)a + q8_0_scales_offset(n));
     __m256 acc0[4], acc1[4];
     for (int t = 0; t < nr; t++) y[t] = act_row(a, as, t), acc0[t] = acc1[t] = _mm256_setzero_ps();
     const int64_t nb = n / 32;

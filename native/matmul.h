@@ -11,8 +11,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "quants.h"
-
 /* 1 when the AVX2/FMA kernels were compiled in. */
 int pf_simd_available(void);
 
@@ -30,16 +28,6 @@ enum { PF_KERNELS_SCALAR = 0, PF_KERNELS_AVX2 = 1, PF_KERNELS_VNNI = 2, PF_KERNE
  * -2 when out of memory. The caller checks buffer sizes. */
 int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_in, int64_t n_out,
               float *out, int n_threads, int kernels);
-
-/* Activation rows for Q4_0 / Q8_0 weights: the Q8_0 blocks, then a float
- * table d4[nb][4] at this offset. Kernels get rows in groups of up to 4
- * starting at rows 0, 4, 8, ...; the first row of a group holds in d4[i][j]
- * the scale of block i of row j of its group, so the SIMD kernels fetch four
- * tokens' scales with one load (no half -> float per block and token). The
- * scalar kernels read the blocks only. */
-static inline size_t pf_q8_0_scales_offset(int64_t n) {
-    return ((size_t)(n / QK8_0) * sizeof(block_q8_0) + 15) & ~(size_t)15;
-}
 
 /* vec_dot kernels (pf_vec_dot_fn, see quants.h): scalar reference and AVX2. */
 #define PF_DECLARE_VEC_DOT(name)                                                                   \

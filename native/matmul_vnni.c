@@ -1,7 +1,6 @@
-/* AVX-512 VNNI dots, 1..4 activation rows per pass over a weight row: K-quant
- * weights (Q4_K, Q5_K, Q6_K) against Q8_K activations on 64-byte vectors, and
- * Q4_0 / Q8_0 against Q8_0 on 32-byte ones (AVX512-VL: vpdpbusd replaces
- * maddubs + madd).
+/* AVX-512 VNNI kernels: dots for K-quant weights (Q4_K, Q5_K, Q6_K) against
+ * Q8_K activations, 1..4 activation rows per pass over a weight row, and the
+ * GEMMs over weights repacked 16 rows at a time (Q4_K, Q6_K, Q8_0; below).
  *
  * vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
  * and adds each group of 4 products into one of 16 int32 lanes. A 64-byte
@@ -15,8 +14,6 @@
  * once; the scale vector is one vpermw of the block's scales.
  */
 #include "matmul_vnni.h"
-
-#include "matmul.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -292,88 +289,6 @@ PF_INLINE void dot_q6_K(int64_t n, const void *w, const void *a, size_t as, cons
     for (int t = 0; t < nr; t++) out[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
-/* -- Q4_0 / Q8_0 weights, Q8_0 activations (with matmul.h's d4 table) ------- */
-
-/* Block i of a Q4_0 / Q8_0 row as signed bytes, and its scale. */
-PF_INLINE __m256i q32_weights(const void *w, int64_t i, const int is_q4, float *d) {
-    if (is_q4) {
-        const block_q4_0 *b = (const block_q4_0 *)w + i;
-        *d = half_to_float(b->d);
-        const __m128i t = _mm_loadu_si128((const __m128i *)b->qs);
-        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
-        return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-    }
-    const block_q8_0 *b = (const block_q8_0 *)w + i;
-    *d = half_to_float(b->d);
-    return _mm256_loadu_si256((const __m256i *)b->qs);
-}
-
-/* 8 int32 lanes summing to w . a: vpdpbusd takes |w| (unsigned) and a with
- * w's sign moved over (exact: activations never hold -128). 256-bit on
- * purpose: AVX-512 has no byte sign instruction, and two 34-byte blocks do
- * not make one aligned 64-byte vector. */
-PF_INLINE __m256i dot32_i8(__m256i aw, __m256i ws, const int8_t *a) {
-    const __m256i av = _mm256_loadu_si256((const __m256i *)a);
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(av, ws));
-}
-
-/* acc[t] += d_w * d_a[t] * (w . a_t) for block i; four rows share one
- * conversion and one FMA (lanes [r0 r1 r2 r3 | r0 r1 r2 r3] after two hadds). */
-PF_INLINE void q32_block(const void *w, int64_t i, const block_q8_0 *const *y, const float *d4, const int nr,
-                         __m256 *acc, const int is_q4) {
-    float dw;
-    const __m256i ws = q32_weights(w, i, is_q4, &dw), aw = _mm256_abs_epi8(ws);
-    if (nr == 4) {
-        __m256i p[4];
-        for (int t = 0; t < 4; t++) p[t] = dot32_i8(aw, ws, y[t][i].qs);
-        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-        const __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_broadcast_ps((const __m128 *)(d4 + 4 * i)));
-        acc[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(h), acc[0]);
-        return;
-    }
-    for (int t = 0; t < nr; t++) {
-        const __m256 d = _mm256_set1_ps(dw * d4[4 * i + t]);
-        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot32_i8(aw, ws, y[t][i].qs)), acc[t]);
-    }
-}
-
-PF_INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* Even and odd blocks into separate accumulators: consecutive FMAs into one
- * sum do not wait on each other. */
-PF_INLINE void dot_q32(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out,
-                       const int is_q4) {
-    const block_q8_0 *y[4];
-    const float *d4 = (const float *)((const char *)a + pf_q8_0_scales_offset(n));
-    __m256 acc0[4], acc1[4];
-    for (int t = 0; t < nr; t++)
-        y[t] = (const block_q8_0 *)((const char *)a + t * as), acc0[t] = acc1[t] = _mm256_setzero_ps();
-    const int64_t nb = n / QK8_0;
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        q32_block(w, i, y, d4, nr, acc0, is_q4);
-        q32_block(w, i + 1, y, d4, nr, acc1, is_q4);
-    }
-    if (i < nb) q32_block(w, i, y, d4, nr, acc0, is_q4);
-    if (nr == 4) {
-        const __m256 s = _mm256_add_ps(acc0[0], acc1[0]);
-        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
-    } else {
-        for (int t = 0; t < nr; t++) out[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t]));
-    }
-}
-
-PF_INLINE void dot_q4_0(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
-    dot_q32(n, w, a, as, nr, out, 1);
-}
-PF_INLINE void dot_q8_0(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
-    dot_q32(n, w, a, as, nr, out, 0);
-}
-
 /* Each kernel is instantiated for a constant nr (1..4), as in matmul.c. */
 #define NR_DISPATCH(name, kernel)                                                                  \
     static void name(int64_t n, const void *w, const void *a, size_t as, int nr, float *out) {     \
@@ -387,8 +302,6 @@ PF_INLINE void dot_q8_0(int64_t n, const void *w, const void *a, size_t as, cons
 NR_DISPATCH(vec_dot_q4_K_vnni, dot_q4_K)
 NR_DISPATCH(vec_dot_q5_K_vnni, dot_q5_K)
 NR_DISPATCH(vec_dot_q6_K_vnni, dot_q6_K)
-NR_DISPATCH(vec_dot_q4_0_vnni, dot_q4_0)
-NR_DISPATCH(vec_dot_q8_0_vnni, dot_q8_0)
 
 /* -- the Q4_K_X16 GEMM ---------------------------------------------------- */
 
@@ -400,16 +313,27 @@ PF_INLINE __m512i bcast_word(const void *p) {
     return _mm512_set1_epi32(v);
 }
 
-/* out[t][0..16) for T tokens (rows 16 apart in out: ostride floats) against
- * one row group's nb blocks. Per block: 64 vpdpbusd per token into one int32
+/* out[t0 + t][16 gr .. 16 gr + 16) for T tokens against row group gr. Per block: 64 vpdpbusd per token into one int32
  * sum per sub-block (16 rows in the lanes), one vpmulld by the row scales per
  * sub-block, 4 vpdpwssd for the mins, one float update. bs[t]: token t's
  * sums per 32 activations, int16 [nb][8]. */
-PF_INLINE void x16_tile(const block_q4_K_x16 *wb, int64_t nb, const block_q8_K *const *y, const int16_t *const *bs,
-                        const int T, float *out, int64_t ostride) {
+typedef struct {
+    const block_q4_K_x16 *w;
+    const block_q8_K *act;      /* [n_tok][nb] */
+    const int16_t *sums;        /* [n_tok][nb][8]: activation sums per 32 */
+    float *out;
+    int64_t nb, n_out;
+} q4_K_job;
+
+PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T) {
+    const int64_t nb = job->nb;
+    const block_q4_K_x16 *wb = job->w + gr * nb;
+    const block_q8_K *y[X16_TOKENS];
+    const int16_t *bs[X16_TOKENS];
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512 facc[X16_TOKENS];
-    for (int t = 0; t < T; t++) facc[t] = _mm512_setzero_ps();
+    for (int t = 0; t < T; t++)
+        y[t] = job->act + (t0 + t) * nb, bs[t] = job->sums + (t0 + t) * nb * 8, facc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const block_q4_K_x16 *b = wb + i;
         __m512i isum[X16_TOKENS];
@@ -452,23 +376,25 @@ PF_INLINE void x16_tile(const block_q4_K_x16 *wb, int64_t nb, const block_q8_K *
             facc[t] = _mm512_fmadd_ps(_mm512_set1_ps(y[t][i].d), v, facc[t]);
         }
     }
-    for (int t = 0; t < T; t++) _mm512_storeu_ps(out + t * ostride, facc[t]);
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
 }
 
-/* Tokens t0 .. t0+n-1 (n <= X16_TOKENS), T a literal in each instance. */
-static void x16_tokens(const block_q4_K_x16 *wb, int64_t nb, const block_q8_K *const *y, const int16_t *const *bs,
-                       int n, float *out, int64_t ostride) {
-    switch (n) {
-    case 1: x16_tile(wb, nb, y, bs, 1, out, ostride); break;
-    case 2: x16_tile(wb, nb, y, bs, 2, out, ostride); break;
-    case 3: x16_tile(wb, nb, y, bs, 3, out, ostride); break;
-    case 4: x16_tile(wb, nb, y, bs, 4, out, ostride); break;
-    case 5: x16_tile(wb, nb, y, bs, 5, out, ostride); break;
-    case 6: x16_tile(wb, nb, y, bs, 6, out, ostride); break;
-    case 7: x16_tile(wb, nb, y, bs, 7, out, ostride); break;
-    default: x16_tile(wb, nb, y, bs, 8, out, ostride); break;
+/* A tile of n <= X16_TOKENS tokens (x16_tile_fn), T a literal in each
+ * instance so the per-token sums live in registers. */
+#define TOKEN_DISPATCH(name, tile)                                                                 \
+    static void name(const void *job, int64_t gr, int64_t t0, int n) {                             \
+        switch (n) {                                                                               \
+        case 1: tile(job, gr, t0, 1); break;                                                       \
+        case 2: tile(job, gr, t0, 2); break;                                                       \
+        case 3: tile(job, gr, t0, 3); break;                                                       \
+        case 4: tile(job, gr, t0, 4); break;                                                       \
+        case 5: tile(job, gr, t0, 5); break;                                                       \
+        case 6: tile(job, gr, t0, 6); break;                                                       \
+        case 7: tile(job, gr, t0, 7); break;                                                       \
+        default: tile(job, gr, t0, 8); break;                                                      \
+        }                                                                                          \
     }
-}
+TOKEN_DISPATCH(q4_K_tile, q4_K_x16_tile)
 
 /* Row groups x token tiles of an x16 GEMM, shared out inside the caller's
  * parallel region (an orphaned omp for). A row group's weights stay in L2
@@ -488,22 +414,6 @@ static void x16_row_groups(const void *job, x16_tile_fn tile, int64_t n_groups, 
         for (int64_t gr = r0; gr < r0 + run && gr < n_groups; gr++)
             for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOKENS)
                 tile(job, gr, t0, n_tok - t0 < X16_TOKENS ? (int)(n_tok - t0) : X16_TOKENS);
-}
-
-typedef struct {
-    const block_q4_K_x16 *w;
-    const block_q8_K *act;      /* [n_tok][nb] */
-    const int16_t *sums;        /* [n_tok][nb][8]: activation sums per 32 */
-    float *out;
-    int64_t nb, n_out;
-} q4_K_job;
-
-static void q4_K_tile(const void *job_, int64_t gr, int64_t t0, int n) {
-    const q4_K_job *job = job_;
-    const block_q8_K *y[X16_TOKENS];
-    const int16_t *bs[X16_TOKENS];
-    for (int t = 0; t < n; t++) y[t] = job->act + (t0 + t) * job->nb, bs[t] = job->sums + (t0 + t) * job->nb * 8;
-    x16_tokens(job->w + gr * job->nb, job->nb, y, bs, n, job->out + t0 * job->n_out + 16 * gr, job->n_out);
 }
 
 int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
@@ -617,7 +527,7 @@ PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const 
     for (int t = 0; t < T; t++) y[t] = job->act + (t0 + t) * job->nb, facc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < job->nb; i++) {
         const block_q6_K_x16 *b = wb + i;
-        const char *ahead = (const char *)(b + 2);  /* not read front to back: see x16_tile */
+        const char *ahead = (const char *)(b + 2);  /* not read front to back: see q4_K_x16_tile */
         __m512i isum[X16_TOKENS];
         for (int t = 0; t < T; t++) isum[t] = _mm512_setzero_si512();
         for (int p = 0; p < 8; p++) {
@@ -652,18 +562,7 @@ PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const 
     for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
 }
 
-static void q6_K_tile(const void *job, int64_t gr, int64_t t0, int n) {
-    switch (n) {
-    case 1: q6_K_x16_tile(job, gr, t0, 1); break;
-    case 2: q6_K_x16_tile(job, gr, t0, 2); break;
-    case 3: q6_K_x16_tile(job, gr, t0, 3); break;
-    case 4: q6_K_x16_tile(job, gr, t0, 4); break;
-    case 5: q6_K_x16_tile(job, gr, t0, 5); break;
-    case 6: q6_K_x16_tile(job, gr, t0, 6); break;
-    case 7: q6_K_x16_tile(job, gr, t0, 7); break;
-    default: q6_K_x16_tile(job, gr, t0, 8); break;
-    }
-}
+TOKEN_DISPATCH(q6_K_tile, q6_K_x16_tile)
 
 int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads) {
@@ -751,18 +650,7 @@ PF_INLINE void q8_0_x16_tile(const q8_0_job *job, int64_t gr, int64_t t0, const 
     for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
 }
 
-static void q8_0_tile(const void *job, int64_t gr, int64_t t0, int n) {
-    switch (n) {
-    case 1: q8_0_x16_tile(job, gr, t0, 1); break;
-    case 2: q8_0_x16_tile(job, gr, t0, 2); break;
-    case 3: q8_0_x16_tile(job, gr, t0, 3); break;
-    case 4: q8_0_x16_tile(job, gr, t0, 4); break;
-    case 5: q8_0_x16_tile(job, gr, t0, 5); break;
-    case 6: q8_0_x16_tile(job, gr, t0, 6); break;
-    case 7: q8_0_x16_tile(job, gr, t0, 7); break;
-    default: q8_0_x16_tile(job, gr, t0, 8); break;
-    }
-}
+TOKEN_DISPATCH(q8_0_tile, q8_0_x16_tile)
 
 int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads) {
@@ -801,8 +689,6 @@ pf_vec_dot_fn pf_vnni_vec_dot(int type) {
     case PF_Q4_K: return vec_dot_q4_K_vnni;
     case PF_Q5_K: return vec_dot_q5_K_vnni;
     case PF_Q6_K: return vec_dot_q6_K_vnni;
-    case PF_Q4_0: return vec_dot_q4_0_vnni;
-    case PF_Q8_0: return vec_dot_q8_0_vnni;
     default: return NULL;
     }
 }

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import json
 import os
 from pathlib import Path
+import time
 
 import pytest
 
@@ -48,6 +49,27 @@ def fail_next_run(engine, error):
         engine.runner.forward = real
         raise error
     engine.runner.forward = forward
+
+
+def wait_engine_idle(engine, timeout=5.0):
+    """Aborts (a client gone, a stop string) are applied by the engine's own
+    thread: give it a moment, then insist on no work and every KV block free."""
+    blocks = engine.block_manager
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (engine.has_work or blocks.num_free != blocks.n_blocks):
+        time.sleep(0.01)
+    assert not engine.has_work and blocks.num_free == blocks.n_blocks
+
+
+@pytest.fixture(autouse=True)
+def engines_idle_after(request):
+    """After every test of a module that names its served-engine fixtures in
+    IDLE_AFTER_EACH_TEST (each yielding (app, engine, ...)), those engines are
+    idle: a leaked request or KV block fails the test that left it."""
+    yield
+    for name in getattr(request.module, "IDLE_AFTER_EACH_TEST", ()):
+        if name in request.fixturenames:
+            wait_engine_idle(request.getfixturevalue(name)[1])
 
 
 def drain_stream(stream):

@@ -32,12 +32,12 @@ needs_vnni = pytest.mark.skipif(not quant.vnni_available(),
 
 
 AMX_TYPES = {T.Q4_K, T.Q6_K}
-VNNI_TYPES = {T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K}
+VNNI_TYPES = K_QUANTS
 
 
 def type_kernel_params(types):
     """(type, kernels) for every kernel family that covers the type: AMX
-    tiles (batched Q4_K / Q6_K), AVX-512 VNNI (integer types), AVX2, and the
+    tiles (batched Q4_K / Q6_K), AVX-512 VNNI (K-quants), AVX2, and the
     scalar references."""
     params = []
     for t in types:

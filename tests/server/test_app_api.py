@@ -1,6 +1,5 @@
 """The in-house /api routes: same engine and validation as /v1, simpler shapes."""
 import json
-import time
 
 import pytest
 from falcon import testing
@@ -37,23 +36,7 @@ def tiny(tmp_path_factory):
     client.close()
 
 
-
-def wait_idle(engine, timeout=5.0):
-    """Stop-string aborts are applied by the engine thread: give it a moment."""
-    deadline = time.monotonic() + timeout
-    while engine.has_work and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.has_work and engine.block_manager.num_free == engine.block_manager.n_blocks
-
-
-@pytest.fixture(autouse=True)
-def engines_idle_after(request):
-    """After every test, the served engines it used are idle: no request left
-    running, no KV block held (a leak fails the test that made it)."""
-    yield
-    for name in ("stories", "tiny"):
-        if name in request.fixturenames:
-            wait_idle(request.getfixturevalue(name)[1])
+IDLE_AFTER_EACH_TEST = ("stories", "tiny")     # conftest.engines_idle_after
 
 
 def events(text):

@@ -4,12 +4,11 @@ stories260K writes coherent text (stop strings, greedy equality); the synthetic
 tiny-gqa model has a chat template (chat routes).
 """
 import json
-import time
 
 import pytest
 from falcon import testing
 
-from conftest import STORIES
+from conftest import STORIES, wait_engine_idle
 from pyforge.config import ServerConfig
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
@@ -76,23 +75,7 @@ def sse_events(text):
     return [json.loads(f[len("data: "):]) for f in frames[:-1]]
 
 
-def wait_idle(engine, timeout=5.0):
-    """Aborts are applied by the engine thread: give it a moment, then insist on an idle KV cache."""
-    blocks = engine.block_manager
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (engine.has_work or blocks.num_free != blocks.n_blocks):
-        time.sleep(0.01)
-    assert not engine.has_work and blocks.num_free == blocks.n_blocks
-
-
-@pytest.fixture(autouse=True)
-def engines_idle_after(request):
-    """After every test, the served engines it used are idle: no request left
-    running, no KV block held (a leak fails the test that made it)."""
-    yield
-    for name in ("stories", "tiny"):
-        if name in request.fixturenames:
-            wait_idle(request.getfixturevalue(name)[1])
+IDLE_AFTER_EACH_TEST = ("stories", "tiny")     # conftest.engines_idle_after
 
 
 # -- completions ----------------------------------------------------------------
@@ -329,7 +312,7 @@ def test_client_disconnect_aborts_the_stream(stories):
     body = app(environ, lambda status, headers: None)
     assert next(body).startswith(b"data: ") and next(body).startswith(b"data: ")
     body.close()            # what gunicorn does when the client's socket is gone
-    wait_idle(engine)
+    wait_engine_idle(engine)
     assert [c for c in observer.calls if c[0] == "on_request_end"][-1][1] == 499
 
 

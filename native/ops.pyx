@@ -27,7 +27,7 @@ cdef extern from "ops_kernels.h" nogil:
     void pf_softmax_rows(float *x, int64_t n, int64_t d)
     void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out)
     void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
-                     const int32_t *slot_mapping, int64_t n_tok, int64_t row)
+                     const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size)
     void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
                             const int32_t *block_tables, const int32_t *context_lens,
                             const int32_t *query_start, float *out, const PagedAttnDims *dims, int n_threads)
@@ -183,16 +183,17 @@ def argmax_rows(x):
 # -- paged KV cache ----------------------------------------------------------
 
 cdef void _check_caches(cnp.ndarray kc, cnp.ndarray vc, int64_t n_kv, int64_t hd) except *:
-    """Both caches [n_blocks, block_size, n_kv, hd] and alike."""
+    """Both caches [n_blocks, n_kv, block_size, hd] and alike."""
     _same_shape(kc, vc, "k_cache", "v_cache")
-    if kc.shape[2] != n_kv or kc.shape[3] != hd:
+    if kc.shape[1] != n_kv or kc.shape[3] != hd:
         raise ValueError(f"cache {(<object>kc).shape} does not hold {n_kv} kv heads of dim {hd}")
-    if kc.shape[1] < 1:
+    if kc.shape[2] < 1:
         raise ValueError("cache block_size must be at least 1")
 
 
 def kv_store(k, v, k_cache, v_cache, slot_mapping):
-    """Write token t of k, v [n_tok, n_kv, hd] to flat cache slot slot_mapping[t]."""
+    """Write token t of k, v [n_tok, n_kv, hd] to cache slot slot_mapping[t]
+    (block slot // block_size, position slot % block_size)."""
     cdef cnp.ndarray ka = _f32(k, "k", 3), va = _f32(v, "v", 3)
     cdef cnp.ndarray kc = _f32(k_cache, "k_cache", 4, True), vc = _f32(v_cache, "v_cache", 4, True)
     cdef cnp.ndarray sa = _i32(slot_mapping, "slot_mapping", 1)
@@ -200,18 +201,18 @@ def kv_store(k, v, k_cache, v_cache, slot_mapping):
     _check_caches(kc, vc, ka.shape[1], ka.shape[2])
     if sa.shape[0] != ka.shape[0]:
         raise ValueError(f"slot_mapping has {sa.shape[0]} entries, k has {ka.shape[0]} tokens")
-    cdef int64_t n_tok = ka.shape[0], n_slots = kc.shape[0] * kc.shape[1], t
+    cdef int64_t n_tok = ka.shape[0], n_slots = kc.shape[0] * kc.shape[2], t
     cdef int32_t *slots = _ip(sa)
     for t in range(n_tok):
         if slots[t] < 0 or slots[t] >= n_slots:
             raise ValueError(f"slot_mapping[{t}] = {slots[t]} outside the cache's {n_slots} slots")
-    cdef int64_t row = ka.shape[1] * ka.shape[2]
+    cdef int64_t n_kv = ka.shape[1], hd = ka.shape[2], block_size = kc.shape[2]
     cdef float *kp = _fp(ka)
     cdef float *vp = _fp(va)
     cdef float *kcp = _fp(kc)
     cdef float *vcp = _fp(vc)
     with nogil:
-        pf_kv_store(kp, vp, kcp, vcp, slots, n_tok, row)
+        pf_kv_store(kp, vp, kcp, vcp, slots, n_tok, n_kv, hd, block_size)
 
 
 cdef void _check_batch(const int32_t[:, ::1] tables, const int32_t[::1] lens, const int32_t[::1] qsl,
@@ -241,7 +242,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
                     n_threads=1):
     """Causal GQA attention of a varlen batch over the paged KV cache.
 
-    q, out [n_tok, n_heads, hd]; caches [n_blocks, block_size, n_kv, hd];
+    q, out [n_tok, n_heads, hd]; caches [n_blocks, n_kv, block_size, hd];
     block_tables int32[n_seq, max_blocks]; context_lens int32[n_seq];
     query_start_loc int32[n_seq + 1]. Row j of sequence s (n_q rows, context
     L) is at position L - n_q + j and attends to positions 0 ..= it.
@@ -251,15 +252,15 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     cdef cnp.ndarray bt = _i32(block_tables, "block_tables", 2), cl = _i32(context_lens, "context_lens", 1)
     cdef cnp.ndarray qs = _i32(query_start_loc, "query_start_loc", 1)
     _same_shape(qa, oa, "q", "out")
-    cdef int64_t n_heads = qa.shape[1], hd = qa.shape[2], n_kv = kc.shape[2]
+    cdef int64_t n_heads = qa.shape[1], hd = qa.shape[2], n_kv = kc.shape[1]
     _check_caches(kc, vc, n_kv, hd)
     if n_kv < 1 or n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} must be a multiple of the cache's n_kv={n_kv}")
-    _check_batch(bt, cl, qs, qa.shape[0], kc.shape[1], kc.shape[0])
+    _check_batch(bt, cl, qs, qa.shape[0], kc.shape[2], kc.shape[0])
     cdef int nt = _threads(n_threads)
     cdef PagedAttnDims dims
     dims.n_tok, dims.n_heads, dims.n_kv, dims.head_dim = qa.shape[0], n_heads, n_kv, hd
-    dims.block_size, dims.n_seq, dims.max_blocks, dims.scale = kc.shape[1], cl.shape[0], bt.shape[1], scale
+    dims.block_size, dims.n_seq, dims.max_blocks, dims.scale = kc.shape[2], cl.shape[0], bt.shape[1], scale
     cdef float *qp = _fp(qa)
     cdef float *kcp = _fp(kc)
     cdef float *vcp = _fp(vc)

@@ -266,12 +266,15 @@ void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out) {
 /* ------------------------------------------------------------------------ */
 
 void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
-                 const int32_t *slot_mapping, int64_t n_tok, int64_t row) {
-    const size_t bytes = (size_t)row * sizeof(float);
+                 const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size) {
+    const size_t bytes = (size_t)head_dim * sizeof(float);
     for (int64_t t = 0; t < n_tok; t++) {
-        int64_t slot = slot_mapping[t];
-        memcpy(k_cache + slot * row, k + t * row, bytes);
-        memcpy(v_cache + slot * row, v + t * row, bytes);
+        const int64_t slot = slot_mapping[t], block = slot / block_size, off = slot % block_size;
+        for (int64_t h = 0; h < n_kv; h++) {
+            const int64_t at = ((block * n_kv + h) * block_size + off) * head_dim, from = (t * n_kv + h) * head_dim;
+            memcpy(k_cache + at, k + from, bytes);
+            memcpy(v_cache + at, v + from, bytes);
+        }
     }
 }
 
@@ -337,19 +340,21 @@ static void accumulate_values(const float *p, const float *v, int64_t stride, in
     }
 }
 
-/* Where one sequence's keys or values for one kv head live in the cache. */
+/* Where one sequence's keys or values for one kv head live in the cache
+ * [n_blocks, n_kv, block_size, hd]. */
 typedef struct {
     const int32_t *table;  /* [max_blocks] block ids */
     int64_t block_size;
-    int64_t stride;        /* floats between consecutive positions in a block */
-    int64_t head_off;      /* floats from a position's row to this kv head */
+    int64_t stride;        /* floats between consecutive positions in a block (hd) */
+    int64_t block_floats;  /* floats per block, all kv heads */
+    int64_t head_off;      /* floats from a block's start to this kv head's rows */
 } CacheView;
 
 /* Offset of position p, and how many positions from p on stay in its block. */
 static inline int64_t cache_offset(const CacheView *cv, int64_t p, int64_t *run) {
     int64_t off = p % cv->block_size;
     *run = cv->block_size - off;
-    return ((int64_t)cv->table[p / cv->block_size] * cv->block_size + off) * cv->stride + cv->head_off;
+    return (int64_t)cv->table[p / cv->block_size] * cv->block_floats + cv->head_off + off * cv->stride;
 }
 
 /* s[cnt] = scale * q . k_p for positions p0 .. p0+cnt-1, block by block. */
@@ -370,6 +375,23 @@ static void value_span(const float *p, const float *v_cache, const CacheView *cv
         run = min64(run, cnt - j);
         accumulate_values(p + j, v_cache + base, cv->stride, run, hd, acc);
     }
+}
+
+/* Ask for the rows of positions p0 .. p0+cnt-1 (one kv head, hd floats each)
+ * ahead of use: rows sit n_kv * hd floats apart in scattered blocks, a
+ * pattern the hardware prefetchers miss, so without this the kernel waits on
+ * every row (measured: 30 GFLOP/s at 2048 positions, 1 thread). */
+static void prefetch_span(const float *cache, const CacheView *cv, int64_t p0, int64_t cnt, int64_t hd) {
+#ifdef PF_AVX2
+    for (int64_t j = 0, run; j < cnt; j += run) {
+        const char *row = (const char *)(cache + cache_offset(cv, p0 + j, &run));
+        run = min64(run, cnt - j);
+        for (int64_t r = 0; r < run; r++, row += cv->stride * (int64_t)sizeof(float))
+            for (int64_t b = 0; b < hd * (int64_t)sizeof(float); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    }
+#else
+    (void)cache, (void)cv, (void)p0, (void)cnt, (void)hd;
+#endif
 }
 
 /* Online softmax for one head and one chunk: s[cnt] scores become weights
@@ -402,8 +424,13 @@ static void attend_heads(const float *q /* [gs, hd] */, int64_t h0, int64_t gs, 
     memset(out, 0, (size_t)(gs * hd) * sizeof(float));
     for (int64_t p = 0, cnt; p < n_ctx; p += cnt) {
         cnt = min64(ATTN_CHUNK, n_ctx - p);
+        const int64_t next = min64(ATTN_CHUNK, n_ctx - p - cnt);
         for (int64_t g = 0; g < gs; g += per_kv) {
-            cv.head_off = ((h0 + g) / group) * hd;
+            cv.head_off = ((h0 + g) / group) * cv.block_size * hd;
+            if (next > 0) {     /* the next chunk's keys and values, while this one computes */
+                prefetch_span(k_cache, &cv, p + cnt, next, hd);
+                prefetch_span(v_cache, &cv, p + cnt, next, hd);
+            }
             for (int64_t h = g; h < g + per_kv; h++) score_span(q + h * hd, k_cache, &cv, p, cnt, hd, scale, s[h]);
             for (int64_t h = g; h < g + per_kv; h++) softmax_chunk(s[h], cnt, &m[h], &sum[h], out + h * hd, hd);
             for (int64_t h = g; h < g + per_kv; h++) value_span(s[h], v_cache, &cv, p, cnt, hd, out + h * hd);
@@ -452,7 +479,7 @@ void pf_paged_attention(const float *q, const float *k_cache, const float *v_cac
         int64_t s = seq_of_row(query_start, dm->n_seq, row);
         int64_t n_q = query_start[s + 1] - query_start[s];
         int64_t n_ctx = context_lens[s] - n_q + (row - query_start[s]) + 1;
-        CacheView cv = {block_tables + s * dm->max_blocks, dm->block_size, dm->n_kv * hd, 0};
+        CacheView cv = {block_tables + s * dm->max_blocks, dm->block_size, hd, dm->n_kv * dm->block_size * hd, 0};
         int64_t at = (row * H + h0) * hd;  /* q and out rows of heads h0 .. h0+gs-1 */
         attend_heads(q + at, h0, gs, group, k_cache, v_cache, cv, n_ctx, hd, dm->scale, out + at);
     }

@@ -34,10 +34,13 @@ void pf_softmax_rows(float *x, int64_t n, int64_t d);
 /* out[n] = index of the first maximum of each row of x[n, d] (d >= 1). */
 void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out);
 
-/* Token t of k, v [n_tok, row] goes to flat slot slot_mapping[t] of the caches
- * viewed as [n_blocks * block_size, row], row = n_kv * head_dim. */
+/* Token t of k, v [n_tok, n_kv, head_dim] goes to slot slot_mapping[t] = block
+ * * block_size + offset of the caches [n_blocks, n_kv, block_size, head_dim]:
+ * head-major blocks, so one kv head's positions in a block are contiguous
+ * (position-major rows n_kv * head_dim apart alias in L1 when attention walks
+ * a chunk of positions: 4 kv heads x 64 floats = 1 KB strides used 4 sets). */
 void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
-                 const int32_t *slot_mapping, int64_t n_tok, int64_t row);
+                 const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size);
 
 /* The sizes of one paged-attention call. */
 typedef struct {
@@ -53,7 +56,7 @@ typedef struct {
 
 /* Causal attention of a varlen batch over the paged cache.
  *   q, out        [n_tok, n_heads, head_dim]
- *   k/v_cache     [n_blocks, block_size, n_kv, head_dim]
+ *   k/v_cache     [n_blocks, n_kv, block_size, head_dim]
  *   block_tables  int32 [n_seq, max_blocks]
  *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
  *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..

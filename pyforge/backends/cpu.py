@@ -88,8 +88,8 @@ class CpuBackend:
         return x
 
     def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
-        # [n_blocks, block_size, n_kv_heads, head_dim] float32, K and V
-        shape = (n_blocks, block_size, n_kv_heads, head_dim)
+        # [n_blocks, n_kv_heads, block_size, head_dim] float32, K and V (ops.kv_store says why)
+        shape = (n_blocks, n_kv_heads, block_size, head_dim)
         return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
 
     # -- primitives ------------------------------------------------------

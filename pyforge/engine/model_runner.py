@@ -26,7 +26,8 @@ def size_kv_cache(engine_config, model_config, backend, model, max_model_len):
 
 
 class KVCache:
-    """One block pool per layer, K and V: [n_layers][n_blocks, block_size, n_kv, head_dim]."""
+    """One block pool per layer, K and V, laid out as the backend wants (CPU: [n_blocks, n_kv, block_size,
+    head_dim]; CUDA: [n_blocks, block_size, n_kv, head_dim])."""
 
     def __init__(self, backend, config, n_blocks, block_size):
         self.n_blocks, self.block_size = n_blocks, block_size

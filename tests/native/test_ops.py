@@ -193,8 +193,8 @@ def make_batch(rng, seqs, block_size, n_kv, hd, spare_blocks=3):
     for s, nb in enumerate(need):
         tables[s, :nb] = pool[start:start + nb]
         start += nb
-    k_cache = randn(rng, n_blocks, block_size, n_kv, hd)
-    v_cache = randn(rng, n_blocks, block_size, n_kv, hd)
+    k_cache = randn(rng, n_blocks, n_kv, block_size, hd)     # the CPU layout: head-major blocks
+    v_cache = randn(rng, n_blocks, n_kv, block_size, hd)
     context_lens = np.array([L for L, _ in seqs], dtype=np.int32)
     qsl = np.concatenate([[0], np.cumsum([nq for _, nq in seqs])]).astype(np.int32)
     return k_cache, v_cache, tables, context_lens, qsl
@@ -203,13 +203,13 @@ def make_batch(rng, seqs, block_size, n_kv, hd, spare_blocks=3):
 def gather_context(cache, table, L, block_size):
     """[L, n_kv, hd] float64: positions 0..L-1 of one sequence, in order."""
     p = np.arange(L)
-    return cache[table[p // block_size], p % block_size].astype(np.float64)
+    return cache[table[p // block_size], :, p % block_size].astype(np.float64)
 
 
 def attention_ref(q, k_cache, v_cache, tables, context_lens, qsl, scale):
     """float64 causal GQA attention per sequence, from the definition."""
     n_tok, n_heads, hd = q.shape
-    bs, n_kv = k_cache.shape[1], k_cache.shape[2]
+    n_kv, bs = k_cache.shape[1], k_cache.shape[2]
     out = np.zeros((n_tok, n_heads, hd))
     for s, L in enumerate(context_lens):
         rows = slice(qsl[s], qsl[s + 1])
@@ -294,8 +294,8 @@ def test_kv_store_then_attention(block_size):
     n_tok = len(slots)
     k, v = randn(rng, n_tok, n_kv, hd), randn(rng, n_tok, n_kv, hd)
     k_ref, v_ref = k_cache.copy(), v_cache.copy()
-    k_ref.reshape(-1, n_kv, hd)[slots] = k
-    v_ref.reshape(-1, n_kv, hd)[slots] = v
+    k_ref[slots // block_size, :, slots % block_size] = k     # [n_blocks, n_kv, block_size, hd]
+    v_ref[slots // block_size, :, slots % block_size] = v
     ops.kv_store(k, v, k_cache, v_cache, slots)
     np.testing.assert_array_equal(k_cache, k_ref)
     np.testing.assert_array_equal(v_cache, v_ref)
@@ -354,19 +354,19 @@ def test_bad_rope_inputs():
 
 
 def test_bad_kv_store_inputs():
-    k, cache = f32(2, 2, 8), f32(3, 4, 2, 8)  # 12 slots
+    k, cache = f32(2, 2, 8), f32(3, 2, 4, 8)  # 12 slots
     with pytest.raises(ValueError):
-        ops.kv_store(k, k, cache, f32(3, 4, 2, 8), i32(0, 12))  # slot out of range
+        ops.kv_store(k, k, cache, f32(3, 2, 4, 8), i32(0, 12))  # slot out of range
     with pytest.raises(ValueError):
-        ops.kv_store(k, k, cache, f32(3, 4, 2, 8), i32(-1, 0))
+        ops.kv_store(k, k, cache, f32(3, 2, 4, 8), i32(-1, 0))
     with pytest.raises(ValueError):
         ops.kv_store(k, k, f32(3, 4, 1, 8), f32(3, 4, 1, 8), i32(0, 1))  # n_kv mismatch
     with pytest.raises(ValueError):
-        ops.kv_store(k, k, cache, f32(3, 4, 2, 8), i32(0))  # slot_mapping length
+        ops.kv_store(k, k, cache, f32(3, 2, 4, 8), i32(0))  # slot_mapping length
 
 
 def test_bad_attention_inputs():
-    cache = f32(4, 16, 2, 8)
+    cache = f32(4, 2, 16, 8)     # [n_blocks, n_kv, block_size, hd]
     q, out = f32(3, 4, 8), f32(3, 4, 8)
     good = dict(block_tables=i32(0, 1).reshape(1, 2), context_lens=i32(20), query_start_loc=i32(0, 3))
 

@@ -1,6 +1,6 @@
 /* AVX-512 VNNI kernels: dots for K-quant weights (Q4_K, Q5_K, Q6_K) against
  * Q8_K activations, 1..4 activation rows per pass over a weight row, and the
- * GEMMs over weights repacked 16 rows at a time (Q4_K, Q6_K, Q8_0; below).
+ * GEMMs over weights repacked 16 rows at a time (Q4_K, Q6_K, Q8_0, Q4_0; below).
  *
  * vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
  * and adds each group of 4 products into one of 16 int32 lanes. A 64-byte
@@ -44,6 +44,16 @@ int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
     return -1;
 }
 int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
+    return -1;
+}
+int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
+int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
+    return -1;
+}
+int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads) {
     (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
     return -1;
@@ -582,21 +592,31 @@ int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_
     return 0;
 }
 
-/* -- Q8_0_X16 ----------------------------------------------------------------
- * 16 Q8_0 rows, one block of 32 columns: the row scales as floats, and the
- * weights + 128 as unsigned bytes, column 4g + j of row r at qs[g][4r + j]
- * (vpdpbusd wants unsigned weights; the 128 * sum(a) it adds is the same for
- * every row and comes off once per block and token). */
+/* -- Q8_0_X16 and Q4_0_X16 ---------------------------------------------------
+ * 16 rows, one block of 32 columns: the row scales as floats, and the weights
+ * as unsigned bytes (vpdpbusd wants them so): Q8_0's + 128, one byte each,
+ * column 4g + j of row r at qs[g][4r + j]; Q4_0's q (w = d * (q - 8)) as
+ * nibbles, columns 8g + j / 8g + 4 + j of row r in the low / high nibble of
+ * qs[g][4r + j]. The offset (128 or 8) times sum(a) is the same for every row
+ * and comes off once per block and token. */
 typedef struct {
     float d[16];
     uint8_t qs[8][64];
 } block_q8_0_x16;
 _Static_assert(sizeof(block_q8_0_x16) == 576, "block_q8_0_x16 must be 576 bytes");
 
-int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) {
+typedef struct {
+    float d[16];
+    uint8_t qs[4][64];
+} block_q4_0_x16;
+_Static_assert(sizeof(block_q4_0_x16) == 320, "block_q4_0_x16 must be 320 bytes");
+
+static int64_t q32_x16_bytes(int64_t n_out, int64_t n_in, size_t block_bytes) {
     if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK8_0) return -1;
-    return n_out / 16 * (n_in / QK8_0) * (int64_t)sizeof(block_q8_0_x16);
+    return n_out / 16 * (n_in / QK8_0) * (int64_t)block_bytes;
 }
+int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q8_0_x16)); }
+int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q4_0_x16)); }
 
 int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
     if (pf_q8_0_x16_bytes(n_out, n_in) < 0) return -1;
@@ -616,29 +636,67 @@ int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
     return 0;
 }
 
+int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (pf_q4_0_x16_bytes(n_out, n_in) < 0) return -1;
+    const int64_t nb = n_in / QK4_0, n_groups = n_out / 16;
+    const block_q4_0 *rows = w;
+    block_q4_0_x16 *out = dst;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t gr = 0; gr < n_groups; gr++)
+        for (int64_t i = 0; i < nb; i++) {
+            block_q4_0_x16 *o = out + gr * nb + i;
+            for (int r = 0; r < 16; r++) {
+                const block_q4_0 *b = rows + (16 * gr + r) * nb + i;
+                uint8_t q[QK4_0];   /* quants.h: qs[l] holds column l (low nibble) and l + 16 (high) */
+                for (int l = 0; l < QK4_0 / 2; l++) q[l] = b->qs[l] & 0x0f, q[l + 16] = b->qs[l] >> 4;
+                o->d[r] = pf_half_to_float_scalar(b->d);
+                for (int g = 0; g < 4; g++)
+                    for (int j = 0; j < 4; j++) o->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
+            }
+        }
+    return 0;
+}
+
 typedef struct {
-    const block_q8_0_x16 *w;
+    const void *w;              /* block_q8_0_x16 or block_q4_0_x16 */
     const block_q8_0 *act;      /* [n_tok][nb] */
     const float *da;            /* [n_tok][nb]: the activation scales as floats */
-    const int32_t *sums;        /* [n_tok][nb]: 128 * the sum of each activation block */
+    const int32_t *sums;        /* [n_tok][nb]: the sum of each activation block */
     float *out;
     int64_t nb, n_out;
-} q8_0_job;
+} q32_job;
 
-/* out[t][0..16) += sum over blocks of d_w * d_a * (w . a), T tokens. */
-PF_INLINE void q8_0_x16_tile(const q8_0_job *job, int64_t gr, int64_t t0, const int T) {
-    const block_q8_0_x16 *wb = job->w + gr * job->nb;
+/* Block i's 8 weight vectors, columns 4g .. 4g+3 in vector g. */
+PF_INLINE void q32_x16_weights(const void *w, int64_t i, const int is_q4, __m512i wv[8]) {
+    if (is_q4) {
+        const block_q4_0_x16 *b = (const block_q4_0_x16 *)w + i;
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        for (int g = 0; g < 4; g++) {
+            const __m512i v = _mm512_loadu_si512(b->qs[g]);
+            wv[2 * g] = _mm512_and_si512(v, m4), wv[2 * g + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
+    } else {
+        const block_q8_0_x16 *b = (const block_q8_0_x16 *)w + i;
+        for (int g = 0; g < 8; g++) wv[g] = _mm512_loadu_si512(b->qs[g]);
+    }
+}
+
+/* out[t0 + t][16 gr .. 16 gr + 16) = sum over blocks of d_w * d_a * (w . a), T tokens. */
+PF_INLINE void q32_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const int T, const int is_q4) {
+    const int64_t nb = job->nb;
+    const void *wb = is_q4 ? (const void *)((const block_q4_0_x16 *)job->w + gr * nb)
+                           : (const void *)((const block_q8_0_x16 *)job->w + gr * nb);
+    const int32_t offset = is_q4 ? 8 : 128;
     __m512 facc[X16_TOKENS];
     for (int t = 0; t < T; t++) facc[t] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < job->nb; i++) {
-        const block_q8_0_x16 *b = wb + i;
+    for (int64_t i = 0; i < nb; i++) {
         __m512i wv[8];
-        for (int g = 0; g < 8; g++) wv[g] = _mm512_loadu_si512(b->qs[g]);
-        const __m512 d = _mm512_loadu_ps(b->d);
+        q32_x16_weights(wb, i, is_q4, wv);
+        const __m512 d = _mm512_loadu_ps(is_q4 ? ((const block_q4_0_x16 *)wb)[i].d : ((const block_q8_0_x16 *)wb)[i].d);
         for (int t = 0; t < T; t++) {
-            const int64_t at = (t0 + t) * job->nb + i;
+            const int64_t at = (t0 + t) * nb + i;
             const int8_t *a = job->act[at].qs;
-            __m512i s0 = _mm512_set1_epi32(-job->sums[at]), s1 = _mm512_setzero_si512();   /* two chains */
+            __m512i s0 = _mm512_set1_epi32(-offset * job->sums[at]), s1 = _mm512_setzero_si512();   /* two chains */
             for (int g = 0; g < 8; g += 2) {
                 s0 = _mm512_dpbusd_epi32(s0, wv[g], bcast_word(a + 4 * g));
                 s1 = _mm512_dpbusd_epi32(s1, wv[g + 1], bcast_word(a + 4 * g + 4));
@@ -650,11 +708,17 @@ PF_INLINE void q8_0_x16_tile(const q8_0_job *job, int64_t gr, int64_t t0, const 
     for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
 }
 
+PF_INLINE void q8_0_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const int T) {
+    q32_x16_tile(job, gr, t0, T, 0);
+}
+PF_INLINE void q4_0_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const int T) {
+    q32_x16_tile(job, gr, t0, T, 1);
+}
 TOKEN_DISPATCH(q8_0_tile, q8_0_x16_tile)
+TOKEN_DISPATCH(q4_0_tile, q4_0_x16_tile)
 
-int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q8_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_q32_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                          int n_threads, x16_tile_fn tile) {
     if (n_tok == 0) return 0;
     const int64_t nb = n_in / QK8_0;
     block_q8_0 *act = malloc((size_t)(n_tok * nb) * sizeof(block_q8_0));
@@ -664,7 +728,7 @@ int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_
         free(act), free(da), free(sums);
         return -2;
     }
-    const q8_0_job job = {packed, act, da, sums, out, nb, n_out};
+    const q32_job job = {packed, act, da, sums, out, nb, n_out};
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(static)
@@ -673,13 +737,25 @@ int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_
             for (int64_t i = t * nb; i < (t + 1) * nb; i++) {
                 int32_t s = 0;
                 for (int k = 0; k < QK8_0; k++) s += act[i].qs[k];
-                da[i] = half_to_float(act[i].d), sums[i] = 128 * s;
+                da[i] = half_to_float(act[i].d), sums[i] = s;
             }
         }
-        x16_row_groups(&job, q8_0_tile, n_out / 16, n_tok);
+        x16_row_groups(&job, tile, n_out / 16, n_tok);
     }
     free(act), free(da), free(sums);
     return 0;
+}
+
+int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q8_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    return matmul_q32_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q8_0_tile);
+}
+
+int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q4_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    return matmul_q32_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q4_0_tile);
 }
 
 #pragma GCC pop_options

@@ -37,10 +37,15 @@ int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
 int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads);
 
-/* The same for Q8_0 (Q8_0_X16, 1.06x the Q8_0 bytes): n_out % 16 == 0, n_in % 32 == 0. */
+/* The same for Q8_0 and Q4_0 (Q8_0_X16, Q4_0_X16: 1.06x / 1.11x the stored
+ * bytes): n_out % 16 == 0, n_in % 32 == 0. */
 int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in);
 int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
 int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads);
+int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in);
+int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
+int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads);
 
 #endif

@@ -180,7 +180,7 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=Tru
 
 # -- repacked weights (AVX-512 VNNI) ----------------------------------------------
 
-REPACKABLE = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0)
+REPACKABLE = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0)
 
 
 cdef int64_t _x16_bytes(int t, int64_t n_out, int64_t n_in):
@@ -190,11 +190,13 @@ cdef int64_t _x16_bytes(int t, int64_t n_out, int64_t n_in):
         return pf_q6_K_x16_bytes(n_out, n_in)
     if t == GGMLType.Q8_0:
         return pf_q8_0_x16_bytes(n_out, n_in)
+    if t == GGMLType.Q4_0:
+        return pf_q4_0_x16_bytes(n_out, n_in)
     return -1
 
 
 def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
-    """Q4_K, Q6_K or Q8_0 weights (n_out rows of n_in) interleaved 16 rows at a time
+    """Q4_K, Q6_K, Q8_0 or Q4_0 weights (n_out rows of n_in) interleaved 16 rows at a time
     for matmul_x16 (uint8 array), or None where this CPU has no AVX-512 VNNI,
     the type has no such layout, or the shape does not allow it (n_out % 16)."""
     cdef int t = ggml_type
@@ -209,14 +211,15 @@ def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
     cdef const void *sp = cnp.PyArray_DATA(src)
     cdef void *dp = cnp.PyArray_DATA(dst)
     cdef int nt = n_threads
-    cdef int kind = 0 if t == GGMLType.Q4_K else 1 if t == GGMLType.Q6_K else 2
     with nogil:
-        if kind == 0:
+        if t == PF_Q4_K:
             pf_repack_q4_K_x16(sp, dp, no, ni, nt)
-        elif kind == 1:
+        elif t == PF_Q6_K:
             pf_repack_q6_K_x16(sp, dp, no, ni, nt)
-        else:
+        elif t == PF_Q8_0:
             pf_repack_q8_0_x16(sp, dp, no, ni, nt)
+        else:
+            pf_repack_q4_0_x16(sp, dp, no, ni, nt)
     return dst
 
 
@@ -240,14 +243,15 @@ def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef const void *wp = cnp.PyArray_DATA(pa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
-    cdef int kind = 0 if t == GGMLType.Q4_K else 1 if t == GGMLType.Q6_K else 2
     with nogil:
-        if kind == 0:
+        if t == PF_Q4_K:
             rc = pf_matmul_q4_K_x16(xp, wp, n_tok, n_in, no, op, nt)
-        elif kind == 1:
+        elif t == PF_Q6_K:
             rc = pf_matmul_q6_K_x16(xp, wp, n_tok, n_in, no, op, nt)
-        else:
+        elif t == PF_Q8_0:
             rc = pf_matmul_q8_0_x16(xp, wp, n_tok, n_in, no, op, nt)
+        else:
+            rc = pf_matmul_q4_0_x16(xp, wp, n_tok, n_in, no, op, nt)
     if rc == -2:
         raise MemoryError("matmul: out of memory for the quantized activations")
     if rc:

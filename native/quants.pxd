@@ -5,6 +5,11 @@ from libc.stdint cimport int8_t, int16_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "quants.h" nogil:
+    enum:
+        PF_Q4_0
+        PF_Q8_0
+        PF_Q4_K
+        PF_Q6_K
     ctypedef uint16_t pf_half
 
     ctypedef struct block_q4_0:
@@ -74,6 +79,10 @@ cdef extern from "matmul_vnni.h" nogil:
     int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in)
     int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
     int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                           float *out, int n_threads)
+    int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in)
+    int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
+    int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
                            float *out, int n_threads)
     int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in)
     int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)

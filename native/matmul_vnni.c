@@ -1,6 +1,6 @@
 /* AVX-512 VNNI kernels: dots for K-quant weights (Q4_K, Q5_K, Q6_K) against
  * Q8_K activations, 1..4 activation rows per pass over a weight row, and the
- * GEMMs over weights repacked 16 rows at a time (Q4_K, Q6_K, Q8_0, Q4_0; below).
+ * GEMMs over weights repacked 16 rows at a time (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0; below).
  *
  * vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
  * and adds each group of 4 products into one of 16 int32 lanes. A 64-byte
@@ -34,6 +34,16 @@ int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
     return -1;
 }
 int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
+    return -1;
+}
+int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
+int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
+    return -1;
+}
+int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads) {
     (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
     return -1;
@@ -91,38 +101,85 @@ typedef struct {
 } block_q4_K_x16;
 _Static_assert(sizeof(block_q4_K_x16) == 2560, "block_q4_K_x16 must be 2560 bytes");
 
-int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in) {
+/* Q5_K_X16: Q4_K_X16 plus the fifth bits: byte j of hb[s][4r ..] holds, for
+ * row r and k-group 4s + e (e = 0..3), the fifth bit of column 8(4s+e) + j at
+ * bit 2e and of column 8(4s+e) + 4 + j at bit 2e + 1. */
+typedef struct {
+    block_q4_K_x16 k;
+    uint8_t hb[8][64];
+} block_q5_K_x16;
+_Static_assert(sizeof(block_q5_K_x16) == 3072, "block_q5_K_x16 must be 3072 bytes");
+
+static int64_t k_x16_bytes(int64_t n_out, int64_t n_in, size_t block_bytes) {
     if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
-    return n_out / 16 * (n_in / QK_K) * (int64_t)sizeof(block_q4_K_x16);
+    return n_out / 16 * (n_in / QK_K) * (int64_t)block_bytes;
+}
+int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q4_K_x16)); }
+int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q5_K_x16)); }
+
+/* Row r of a Q4_K_X16 block from one Q4_K / Q5_K block's d, dmin, packed
+ * scales and weights q (0..15; Q5_K's fifth bits go to hb, if given). */
+static void repack_k_row(pf_half d, pf_half dmin, const uint8_t *scales, const uint8_t q[QK_K], int r,
+                         block_q4_K_x16 *out, uint8_t (*hb)[64]) {
+    uint8_t sc[8], m[8];
+    pf_unpack_k_scales(scales, sc, m);
+    out->d[r] = pf_half_to_float_scalar(d);
+    out->dmin[r] = pf_half_to_float_scalar(dmin);
+    for (int j = 0; j < 8; j++) out->sc[j][r] = sc[j];
+    for (int p = 0; p < 4; p++) out->m[p][r][0] = m[2 * p], out->m[p][r][1] = m[2 * p + 1];
+    for (int g = 0; g < 32; g++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t lo = q[8 * g + j], hi = q[8 * g + 4 + j];
+            out->qs[g][4 * r + j] = (uint8_t)((lo & 0x0f) | ((hi & 0x0f) << 4));
+            if (hb) hb[g / 4][4 * r + j] |= (uint8_t)(((lo >> 4) << (2 * (g % 4))) | ((hi >> 4) << (2 * (g % 4) + 1)));
+        }
 }
 
-/* Row group gr's block i from the 16 source rows (nb blocks each). */
-static void repack_block(const block_q4_K *rows, int64_t nb, int64_t gr, int64_t i, block_q4_K_x16 *out) {
-    for (int r = 0; r < 16; r++) {
-        const block_q4_K *b = rows + (16 * gr + r) * nb + i;
-        uint8_t sc[8], m[8], q[QK_K];
-        pf_unpack_k_scales(b->scales, sc, m);
-        for (int c = 0; c < 4; c++)
-            for (int l = 0; l < 32; l++) {
-                q[64 * c + l] = b->qs[32 * c + l] & 0x0f;
-                q[64 * c + 32 + l] = b->qs[32 * c + l] >> 4;
-            }
-        out->d[r] = pf_half_to_float_scalar(b->d);
-        out->dmin[r] = pf_half_to_float_scalar(b->dmin);
-        for (int j = 0; j < 8; j++) out->sc[j][r] = sc[j];
-        for (int p = 0; p < 4; p++) out->m[p][r][0] = m[2 * p], out->m[p][r][1] = m[2 * p + 1];
-        for (int g = 0; g < 32; g++)
-            for (int j = 0; j < 4; j++) out->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
-    }
+/* The 256 weights of a Q4_K / Q5_K block in column order (qs as in quants.h). */
+static void k_block_weights(const uint8_t *qs, const uint8_t *qh, uint8_t q[QK_K]) {
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * c + l] = qs[32 * c + l] & 0x0f;
+            q[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+        }
+    if (qh)
+        for (int e = 0; e < QK_K; e++) q[e] |= (uint8_t)(((qh[e % 32] >> (e / 32)) & 1) << 4);
 }
 
 int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
     if (pf_q4_K_x16_bytes(n_out, n_in) < 0) return -1;
     const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+    const block_q4_K *rows = w;
     block_q4_K_x16 *out = dst;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++) repack_block(w, nb, gr, i, out + gr * nb + i);
+        for (int64_t i = 0; i < nb; i++)
+            for (int r = 0; r < 16; r++) {
+                const block_q4_K *b = rows + (16 * gr + r) * nb + i;
+                uint8_t q[QK_K];
+                k_block_weights(b->qs, NULL, q);
+                repack_k_row(b->d, b->dmin, b->scales, q, r, out + gr * nb + i, NULL);
+            }
+    return 0;
+}
+
+int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (pf_q5_K_x16_bytes(n_out, n_in) < 0) return -1;
+    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+    const block_q5_K *rows = w;
+    block_q5_K_x16 *out = dst;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t gr = 0; gr < n_groups; gr++)
+        for (int64_t i = 0; i < nb; i++) {
+            block_q5_K_x16 *o = out + gr * nb + i;
+            memset(o->hb, 0, sizeof o->hb);
+            for (int r = 0; r < 16; r++) {
+                const block_q5_K *b = rows + (16 * gr + r) * nb + i;
+                uint8_t q[QK_K];
+                k_block_weights(b->qs, b->qh, q);
+                repack_k_row(b->d, b->dmin, b->scales, q, r, &o->k, o->hb);
+            }
+        }
     return 0;
 }
 
@@ -328,16 +385,25 @@ PF_INLINE __m512i bcast_word(const void *p) {
  * sub-block, 4 vpdpwssd for the mins, one float update. bs[t]: token t's
  * sums per 32 activations, int16 [nb][8]. */
 typedef struct {
-    const block_q4_K_x16 *w;
+    const void *w;              /* block_q4_K_x16 or block_q5_K_x16 */
     const block_q8_K *act;      /* [n_tok][nb] */
     const int16_t *sums;        /* [n_tok][nb][8]: activation sums per 32 */
     float *out;
     int64_t nb, n_out;
 } q4_K_job;
 
-PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T) {
+/* Bit b of every byte of v, moved to bit 4 (the fifth bit of a Q5_K weight). */
+PF_INLINE __m512i bit_to_16(__m512i v, const int b) {
+    const __m512i m = _mm512_set1_epi8(0x10);
+    if (b < 4) return _mm512_and_si512(_mm512_slli_epi16(v, 4 - b), m);
+    if (b > 4) return _mm512_and_si512(_mm512_srli_epi16(v, b - 4), m);
+    return _mm512_and_si512(v, m);
+}
+
+PF_INLINE void k_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T, const int is_q5) {
     const int64_t nb = job->nb;
-    const block_q4_K_x16 *wb = job->w + gr * nb;
+    const size_t block_bytes = is_q5 ? sizeof(block_q5_K_x16) : sizeof(block_q4_K_x16);
+    const char *wb = (const char *)job->w + (size_t)(gr * nb) * block_bytes;
     const block_q8_K *y[X16_TOKENS];
     const int16_t *bs[X16_TOKENS];
     const __m512i m4 = _mm512_set1_epi8(0x0f);
@@ -345,15 +411,18 @@ PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const 
     for (int t = 0; t < T; t++)
         y[t] = job->act + (t0 + t) * nb, bs[t] = job->sums + (t0 + t) * nb * 8, facc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const block_q4_K_x16 *b = wb + i;
+        const block_q4_K_x16 *b = (const block_q4_K_x16 *)(wb + (size_t)i * block_bytes);
+        const uint8_t (*hb)[64] = is_q5 ? ((const block_q5_K_x16 *)b)->hb : NULL;
         __m512i isum[X16_TOKENS];
         for (int t = 0; t < T; t++) isum[t] = _mm512_setzero_si512();
         /* A block is not read front to back (scales, weights, then mins),
          * which the hardware prefetchers follow poorly (1 token: 17 instead of
-         * 34 GB/s from DRAM): fetch two blocks ahead, 5 lines a sub-block. */
-        const char *ahead = (const char *)(b + 2);
+         * 34 GB/s from DRAM): fetch two blocks ahead, an eighth a sub-block. */
+        const char *ahead = (const char *)b + 2 * block_bytes;
+        const int lines = (int)(block_bytes / 64 / 8);
         for (int j = 0; j < 8; j++) {
-            for (int l = 0; l < 5; l++) _mm_prefetch(ahead + 64 * (5 * j + l), _MM_HINT_T0);
+            for (int l = 0; l < lines; l++) _mm_prefetch(ahead + 64 * (lines * j + l), _MM_HINT_T0);
+            const __m512i h5 = is_q5 ? _mm512_loadu_si512(hb[j]) : _mm512_setzero_si512();
             /* few tokens: low and high nibbles in separate sums, so the
              * vpdpbusd chain of a sub-block is 4 long, not 8 (its latency,
              * not the loads, would bound a decode step) */
@@ -362,7 +431,11 @@ PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const 
             for (int t = 0; t < T && T <= X16_TOKENS / 2; t++) sub_hi[t] = _mm512_setzero_si512();
             for (int g = 4 * j; g < 4 * j + 4; g++) {
                 const __m512i wv = _mm512_loadu_si512(b->qs[g]);
-                const __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+                __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+                if (is_q5) {
+                    lo = _mm512_or_si512(lo, bit_to_16(h5, 2 * (g - 4 * j)));
+                    hi = _mm512_or_si512(hi, bit_to_16(h5, 2 * (g - 4 * j) + 1));
+                }
                 for (int t = 0; t < T; t++) {
                     const int8_t *a = y[t][i].qs + 8 * g;
                     sub[t] = _mm512_dpbusd_epi32(sub[t], lo, bcast_word(a));
@@ -404,7 +477,14 @@ PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const 
         default: tile(job, gr, t0, 8); break;                                                      \
         }                                                                                          \
     }
+PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T) {
+    k_x16_tile(job, gr, t0, T, 0);
+}
+PF_INLINE void q5_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T) {
+    k_x16_tile(job, gr, t0, T, 1);
+}
 TOKEN_DISPATCH(q4_K_tile, q4_K_x16_tile)
+TOKEN_DISPATCH(q5_K_tile, q5_K_x16_tile)
 
 /* Row groups x token tiles of an x16 GEMM, shared out inside the caller's
  * parallel region (an orphaned omp for). A row group's weights stay in L2
@@ -426,9 +506,8 @@ static void x16_row_groups(const void *job, x16_tile_fn tile, int64_t n_groups, 
                 tile(job, gr, t0, n_tok - t0 < X16_TOKENS ? (int)(n_tok - t0) : X16_TOKENS);
 }
 
-int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_k_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                        int n_threads, x16_tile_fn tile) {
     if (n_tok == 0) return 0;
     const int64_t nb = n_in / QK_K;
     block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
@@ -449,11 +528,23 @@ int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_
                     sums[(t * nb + i) * 8 + j] = (int16_t)(b[2 * j] + b[2 * j + 1]);
                 }
         }
-        x16_row_groups(&job, q4_K_tile, n_out / 16, n_tok);
+        x16_row_groups(&job, tile, n_out / 16, n_tok);
     }
     free(act);
     free(sums);
     return 0;
+}
+
+int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    return matmul_k_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q4_K_tile);
+}
+
+int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads) {
+    if (pf_q5_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    return matmul_k_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q5_K_tile);
 }
 
 /* -- Q6_K_X16 ----------------------------------------------------------------

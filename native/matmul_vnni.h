@@ -31,6 +31,12 @@ int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
 int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
                        int n_threads);
 
+/* The same for Q5_K (Q5_K_X16, 1.09x the Q5_K bytes): n_out % 16 == 0, n_in % 256 == 0. */
+int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in);
+int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
+int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                       int n_threads);
+
 /* The same for Q6_K (Q6_K_X16, 1.09x the Q6_K bytes): n_out % 16 == 0, n_in % 256 == 0. */
 int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in);
 int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);

@@ -180,12 +180,14 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=Tru
 
 # -- repacked weights (AVX-512 VNNI) ----------------------------------------------
 
-REPACKABLE = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0)
+REPACKABLE = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0)
 
 
 cdef int64_t _x16_bytes(int t, int64_t n_out, int64_t n_in):
     if t == GGMLType.Q4_K:
         return pf_q4_K_x16_bytes(n_out, n_in)
+    if t == GGMLType.Q5_K:
+        return pf_q5_K_x16_bytes(n_out, n_in)
     if t == GGMLType.Q6_K:
         return pf_q6_K_x16_bytes(n_out, n_in)
     if t == GGMLType.Q8_0:
@@ -196,7 +198,7 @@ cdef int64_t _x16_bytes(int t, int64_t n_out, int64_t n_in):
 
 
 def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
-    """Q4_K, Q6_K, Q8_0 or Q4_0 weights (n_out rows of n_in) interleaved 16 rows at a time
+    """Q4_K, Q5_K, Q6_K, Q8_0 or Q4_0 weights (n_out rows of n_in) interleaved 16 rows at a time
     for matmul_x16 (uint8 array), or None where this CPU has no AVX-512 VNNI,
     the type has no such layout, or the shape does not allow it (n_out % 16)."""
     cdef int t = ggml_type
@@ -214,6 +216,8 @@ def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
     with nogil:
         if t == PF_Q4_K:
             pf_repack_q4_K_x16(sp, dp, no, ni, nt)
+        elif t == PF_Q5_K:
+            pf_repack_q5_K_x16(sp, dp, no, ni, nt)
         elif t == PF_Q6_K:
             pf_repack_q6_K_x16(sp, dp, no, ni, nt)
         elif t == PF_Q8_0:
@@ -246,6 +250,8 @@ def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
     with nogil:
         if t == PF_Q4_K:
             rc = pf_matmul_q4_K_x16(xp, wp, n_tok, n_in, no, op, nt)
+        elif t == PF_Q5_K:
+            rc = pf_matmul_q5_K_x16(xp, wp, n_tok, n_in, no, op, nt)
         elif t == PF_Q6_K:
             rc = pf_matmul_q6_K_x16(xp, wp, n_tok, n_in, no, op, nt)
         elif t == PF_Q8_0:

@@ -9,6 +9,7 @@ cdef extern from "quants.h" nogil:
         PF_Q4_0
         PF_Q8_0
         PF_Q4_K
+        PF_Q5_K
         PF_Q6_K
     ctypedef uint16_t pf_half
 
@@ -75,6 +76,10 @@ cdef extern from "matmul_vnni.h" nogil:
     int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in)
     int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
     int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                           float *out, int n_threads)
+    int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in)
+    int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
+    int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
                            float *out, int n_threads)
     int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in)
     int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)

@@ -1,11 +1,11 @@
 """CPU backend: the model primitives over the native C kernels (OpenMP, AVX2,
 AVX-512 VNNI, AMX; each runtime-detected).
 
-Weights stay in their stored format (memory-mapped), except Q4_K, Q6_K, Q8_0
-and Q4_0 matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked once
-at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x faster on
-batches; that copy is anonymous memory (1.11x the Q4_K bytes, 1.09x Q6_K,
-1.06x Q8_0, 1.11x Q4_0), and the mapped pages are left to the page cache. Q6_K keeps its
+Weights stay in their stored format (memory-mapped), except Q4_K, Q5_K, Q6_K,
+Q8_0 and Q4_0 matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked
+once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x faster on
+batches; that copy is anonymous memory (1.06-1.11x the stored bytes), and the
+mapped pages are left to the page cache. Q6_K keeps its
 mapped original for single tokens too (the repacked 1-token dot is 0.83x). Activations are float32. Every kernel call releases
 the GIL inside the native module.
 """

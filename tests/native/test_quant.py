@@ -394,6 +394,7 @@ def test_bad_matmul_inputs():
 
 X16_SHAPES = {  # type -> (n_in, n_out) pairs, n_out a multiple of 16
     T.Q4_K: [(256, 16), (768, 48), (2048, 272)],
+    T.Q5_K: [(256, 16), (768, 48), (2048, 272)],
     T.Q6_K: [(256, 16), (768, 48), (2048, 272)],
     T.Q8_0: [(32, 16), (96, 48), (2048, 272)],
     T.Q4_0: [(32, 16), (96, 48), (2048, 272)],
@@ -433,7 +434,7 @@ def test_repacking_refuses_what_it_cannot_lay_out(t):
         quant.matmul_x16(np.zeros((2, 2 * n_in), np.float32), packed, int(t), 16, np.zeros((2, 16), np.float32), 1)
     with pytest.raises(ValueError):
         quant.matmul_x16(np.zeros((2, n_in), np.float32), packed, int(t), 16, np.zeros((2, 32), np.float32), 1)
-    assert quant.repack_x16(*case(T.Q5_K, 256, 16)[:1], int(T.Q5_K), 16, 256) is None   # no layout for Q5_K
+    assert quant.repack_x16(*case(T.F16, 256, 16)[:1], int(T.F16), 16, 256) is None     # no layout for F16
 
 
 @pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)

@@ -5,9 +5,10 @@ Weights stay in their stored format (memory-mapped), except Q4_K, Q5_K, Q6_K,
 Q8_0 and Q4_0 matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked
 once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x faster on
 batches; that copy is anonymous memory (1.06-1.11x the stored bytes), and the
-mapped pages are left to the page cache. Q6_K keeps its
-mapped original for single tokens too (the repacked 1-token dot is 0.83x). Activations are float32. Every kernel call releases
-the GIL inside the native module.
+mapped pages are left to the page cache. Q5_K and Q6_K keep their mapped
+originals for single tokens too (their repacked 1-token dots, with more bits to
+unpack, are ~0.83x). Activations are float32. Every kernel call releases the
+GIL inside the native module.
 """
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ class RepackedWeight:
 
 
 # Types whose stored layout beats their repacked one on a single token (decode).
-SINGLE_TOKEN_ORIGINAL = (GGMLType.Q6_K,)
+SINGLE_TOKEN_ORIGINAL = (GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 class CpuBackend:

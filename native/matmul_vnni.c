@@ -28,54 +28,14 @@
 
 int pf_vnni_available(void) { return 0; }
 pf_vec_dot_fn pf_vnni_vec_dot(int type) { (void)type; return NULL; }
-int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
-int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
+int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) { (void)type, (void)n_out, (void)n_in; return -1; }
+int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    (void)type, (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
     return -1;
 }
-int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
-    return -1;
-}
-int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
-int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
-    return -1;
-}
-int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
-    return -1;
-}
-int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
-int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
-    return -1;
-}
-int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
-    return -1;
-}
-int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
-int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
-    return -1;
-}
-int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
-    return -1;
-}
-int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) { (void)n_out, (void)n_in; return -1; }
-int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
-    return -1;
-}
-int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
+int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                  float *out, int n_threads) {
+    (void)type, (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
     return -1;
 }
 
@@ -114,8 +74,8 @@ static int64_t k_x16_bytes(int64_t n_out, int64_t n_in, size_t block_bytes) {
     if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
     return n_out / 16 * (n_in / QK_K) * (int64_t)block_bytes;
 }
-int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q4_K_x16)); }
-int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q5_K_x16)); }
+static int64_t q4_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q4_K_x16)); }
+static int64_t q5_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q5_K_x16)); }
 
 /* Row r of a Q4_K_X16 block from one Q4_K / Q5_K block's d, dmin, packed
  * scales and weights q (0..15; Q5_K's fifth bits go to hb, if given). */
@@ -146,8 +106,8 @@ static void k_block_weights(const uint8_t *qs, const uint8_t *qh, uint8_t q[QK_K
         for (int e = 0; e < QK_K; e++) q[e] |= (uint8_t)(((qh[e % 32] >> (e / 32)) & 1) << 4);
 }
 
-int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (pf_q4_K_x16_bytes(n_out, n_in) < 0) return -1;
+static int repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (q4_K_x16_bytes(n_out, n_in) < 0) return -1;
     const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
     const block_q4_K *rows = w;
     block_q4_K_x16 *out = dst;
@@ -163,8 +123,8 @@ int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
     return 0;
 }
 
-int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (pf_q5_K_x16_bytes(n_out, n_in) < 0) return -1;
+static int repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (q5_K_x16_bytes(n_out, n_in) < 0) return -1;
     const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
     const block_q5_K *rows = w;
     block_q5_K_x16 *out = dst;
@@ -535,15 +495,15 @@ static int matmul_k_x16(const float *x, const void *packed, int64_t n_tok, int64
     return 0;
 }
 
-int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                          int n_threads) {
+    if (q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     return matmul_k_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q4_K_tile);
 }
 
-int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q5_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                          int n_threads) {
+    if (q5_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     return matmul_k_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q5_K_tile);
 }
 
@@ -563,7 +523,7 @@ typedef struct {
 } block_q6_K_x16;
 _Static_assert(sizeof(block_q6_K_x16) == 3648, "block_q6_K_x16 must be 3648 bytes");
 
-int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in) {
+static int64_t q6_K_x16_bytes(int64_t n_out, int64_t n_in) {
     if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
     return n_out / 16 * (n_in / QK_K) * (int64_t)sizeof(block_q6_K_x16);
 }
@@ -587,8 +547,8 @@ static void repack_q6_K_block(const block_q6_K *rows, int64_t nb, int64_t gr, in
     }
 }
 
-int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (pf_q6_K_x16_bytes(n_out, n_in) < 0) return -1;
+static int repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (q6_K_x16_bytes(n_out, n_in) < 0) return -1;
     const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
     block_q6_K_x16 *out = dst;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -665,9 +625,9 @@ PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const 
 
 TOKEN_DISPATCH(q6_K_tile, q6_K_x16_tile)
 
-int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q6_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                          int n_threads) {
+    if (q6_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     if (n_tok == 0) return 0;
     const int64_t nb = n_in / QK_K;
     block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
@@ -706,11 +666,11 @@ static int64_t q32_x16_bytes(int64_t n_out, int64_t n_in, size_t block_bytes) {
     if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK8_0) return -1;
     return n_out / 16 * (n_in / QK8_0) * (int64_t)block_bytes;
 }
-int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q8_0_x16)); }
-int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q4_0_x16)); }
+static int64_t q8_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q8_0_x16)); }
+static int64_t q4_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q4_0_x16)); }
 
-int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (pf_q8_0_x16_bytes(n_out, n_in) < 0) return -1;
+static int repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (q8_0_x16_bytes(n_out, n_in) < 0) return -1;
     const int64_t nb = n_in / QK8_0, n_groups = n_out / 16;
     const block_q8_0 *rows = w;
     block_q8_0_x16 *out = dst;
@@ -727,8 +687,8 @@ int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, in
     return 0;
 }
 
-int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (pf_q4_0_x16_bytes(n_out, n_in) < 0) return -1;
+static int repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    if (q4_0_x16_bytes(n_out, n_in) < 0) return -1;
     const int64_t nb = n_in / QK4_0, n_groups = n_out / 16;
     const block_q4_0 *rows = w;
     block_q4_0_x16 *out = dst;
@@ -837,19 +797,59 @@ static int matmul_q32_x16(const float *x, const void *packed, int64_t n_tok, int
     return 0;
 }
 
-int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q8_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                          int n_threads) {
+    if (q8_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     return matmul_q32_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q8_0_tile);
 }
 
-int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads) {
-    if (pf_q4_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+static int matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                          int n_threads) {
+    if (q4_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     return matmul_q32_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q4_0_tile);
 }
 
 #pragma GCC pop_options
+
+/* -- the x16 formats, by ggml type ----------------------------------------- */
+
+typedef struct {
+    int type;
+    int64_t (*bytes)(int64_t n_out, int64_t n_in);
+    int (*repack)(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
+    int (*matmul)(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
+                  int n_threads);
+} x16_format;
+
+static const x16_format X16_FORMATS[] = {
+    {PF_Q4_K, q4_K_x16_bytes, repack_q4_K_x16, matmul_q4_K_x16},
+    {PF_Q5_K, q5_K_x16_bytes, repack_q5_K_x16, matmul_q5_K_x16},
+    {PF_Q6_K, q6_K_x16_bytes, repack_q6_K_x16, matmul_q6_K_x16},
+    {PF_Q8_0, q8_0_x16_bytes, repack_q8_0_x16, matmul_q8_0_x16},
+    {PF_Q4_0, q4_0_x16_bytes, repack_q4_0_x16, matmul_q4_0_x16},
+};
+
+static const x16_format *x16_format_of(int type) {
+    for (size_t i = 0; i < sizeof X16_FORMATS / sizeof X16_FORMATS[0]; i++)
+        if (X16_FORMATS[i].type == type) return &X16_FORMATS[i];
+    return NULL;
+}
+
+int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) {
+    const x16_format *f = x16_format_of(type);
+    return f ? f->bytes(n_out, n_in) : -1;
+}
+
+int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
+    const x16_format *f = x16_format_of(type);
+    return f ? f->repack(w, dst, n_out, n_in, n_threads) : -1;
+}
+
+int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                  float *out, int n_threads) {
+    const x16_format *f = x16_format_of(type);
+    return f ? f->matmul(x, packed, n_tok, n_in, n_out, out, n_threads) : -1;
+}
 
 pf_vec_dot_fn pf_vnni_vec_dot(int type) {
     switch (type) {

@@ -16,42 +16,20 @@ int pf_vnni_available(void);
  * (or none built). */
 pf_vec_dot_fn pf_vnni_vec_dot(int type);
 
-/* Q4_K weights repacked 16 rows at a time (Q4_K_X16, laid out in
- * matmul_vnni.c) for a GEMM whose inner loop is almost only vpdpbusd: each
- * 64-byte weight vector holds 4 weights of each of 16 rows, so one broadcast
- * activation word feeds 16 rows' dots at once and no horizontal sums remain.
+/* Weights repacked 16 rows at a time (the x16 formats, laid out in
+ * matmul_vnni.c: Q4_K, Q5_K, Q6_K, Q8_0, Q4_0) for GEMMs whose inner loop is
+ * almost only vpdpbusd: each 64-byte weight vector holds 4 columns of each of
+ * 16 rows, so one broadcast activation word feeds 16 rows' dots at once and no
+ * horizontal sums remain. About 1.1x the stored bytes.
  *
- * Bytes of n_out x n_in Q4_K weights as Q4_K_X16; -1 unless n_out % 16 == 0
- * and n_in % 256 == 0. */
-int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in);
-/* w: n_out Q4_K rows of n_in weights -> dst (pf_q4_K_x16_bytes bytes). 0, or -1 for a bad shape. */
-int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
+ * Bytes of n_out x n_in weights of ggml type `type` repacked; -1 where the
+ * type has no x16 format, n_out % 16 or n_in is not whole blocks. */
+int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in);
+/* w: n_out stored rows of n_in weights -> dst (pf_x16_bytes bytes). 0, or -1 (as above). */
+int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
 /* out[n_tok, n_out] = x[n_tok, n_in] @ W^T with W repacked; needs pf_vnni_available().
- * 0, -1 for a bad shape or no VNNI, -2 when out of memory. */
-int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads);
-
-/* The same for Q5_K (Q5_K_X16, 1.09x the Q5_K bytes): n_out % 16 == 0, n_in % 256 == 0. */
-int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in);
-int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
-int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads);
-
-/* The same for Q6_K (Q6_K_X16, 1.09x the Q6_K bytes): n_out % 16 == 0, n_in % 256 == 0. */
-int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in);
-int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
-int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads);
-
-/* The same for Q8_0 and Q4_0 (Q8_0_X16, Q4_0_X16: 1.06x / 1.11x the stored
- * bytes): n_out % 16 == 0, n_in % 32 == 0. */
-int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in);
-int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
-int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads);
-int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in);
-int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
-int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                       int n_threads);
+ * 0, -1 for a bad type or shape or no VNNI, -2 when out of memory. */
+int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                  float *out, int n_threads);
 
 #endif

@@ -180,30 +180,17 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=Tru
 
 # -- repacked weights (AVX-512 VNNI) ----------------------------------------------
 
-REPACKABLE = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0)
-
-
-cdef int64_t _x16_bytes(int t, int64_t n_out, int64_t n_in):
-    if t == GGMLType.Q4_K:
-        return pf_q4_K_x16_bytes(n_out, n_in)
-    if t == GGMLType.Q5_K:
-        return pf_q5_K_x16_bytes(n_out, n_in)
-    if t == GGMLType.Q6_K:
-        return pf_q6_K_x16_bytes(n_out, n_in)
-    if t == GGMLType.Q8_0:
-        return pf_q8_0_x16_bytes(n_out, n_in)
-    if t == GGMLType.Q4_0:
-        return pf_q4_0_x16_bytes(n_out, n_in)
-    return -1
+# ggml types with an x16 format (where this build carries the VNNI kernels)
+REPACKABLE = tuple(t for t in GGMLType if pf_x16_bytes(t, 16, 256) > 0)
 
 
 def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
-    """Q4_K, Q5_K, Q6_K, Q8_0 or Q4_0 weights (n_out rows of n_in) interleaved 16 rows at a time
-    for matmul_x16 (uint8 array), or None where this CPU has no AVX-512 VNNI,
-    the type has no such layout, or the shape does not allow it (n_out % 16)."""
+    """Weights of a REPACKABLE type (n_out rows of n_in) interleaved 16 rows at
+    a time for matmul_x16 (uint8 array), or None where this CPU has no AVX-512
+    VNNI, the type has no such layout, or the shape does not allow it (n_out % 16)."""
     cdef int t = ggml_type
     cdef int64_t no = n_out, ni = n_in
-    cdef int64_t nbytes = _x16_bytes(t, no, ni)
+    cdef int64_t nbytes = pf_x16_bytes(t, no, ni)
     if not pf_vnni_available() or nbytes < 0:
         return None
     cdef cnp.ndarray src = _c_array(w, "w")
@@ -214,16 +201,7 @@ def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
     cdef void *dp = cnp.PyArray_DATA(dst)
     cdef int nt = n_threads
     with nogil:
-        if t == PF_Q4_K:
-            pf_repack_q4_K_x16(sp, dp, no, ni, nt)
-        elif t == PF_Q5_K:
-            pf_repack_q5_K_x16(sp, dp, no, ni, nt)
-        elif t == PF_Q6_K:
-            pf_repack_q6_K_x16(sp, dp, no, ni, nt)
-        elif t == PF_Q8_0:
-            pf_repack_q8_0_x16(sp, dp, no, ni, nt)
-        else:
-            pf_repack_q4_0_x16(sp, dp, no, ni, nt)
+        pf_repack_x16(t, sp, dp, no, ni, nt)
     return dst
 
 
@@ -236,7 +214,7 @@ def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
     cdef int64_t n_tok = xa.shape[0], n_in = xa.shape[1], no = n_out
     if oa.shape[0] != n_tok or oa.shape[1] != no:
         raise ValueError(f"out must have shape ({n_tok}, {n_out}), got {out.shape}")
-    cdef int64_t nbytes = _x16_bytes(t, no, n_in)
+    cdef int64_t nbytes = pf_x16_bytes(t, no, n_in)
     if nbytes < 0 or cnp.PyArray_NBYTES(pa) != nbytes:
         raise ValueError(f"packed does not hold {n_out} x {n_in} repacked weights of type {ggml_type}")
     if _overlap(xa, oa):
@@ -248,16 +226,7 @@ def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
     cdef const void *wp = cnp.PyArray_DATA(pa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
     with nogil:
-        if t == PF_Q4_K:
-            rc = pf_matmul_q4_K_x16(xp, wp, n_tok, n_in, no, op, nt)
-        elif t == PF_Q5_K:
-            rc = pf_matmul_q5_K_x16(xp, wp, n_tok, n_in, no, op, nt)
-        elif t == PF_Q6_K:
-            rc = pf_matmul_q6_K_x16(xp, wp, n_tok, n_in, no, op, nt)
-        elif t == PF_Q8_0:
-            rc = pf_matmul_q8_0_x16(xp, wp, n_tok, n_in, no, op, nt)
-        else:
-            rc = pf_matmul_q4_0_x16(xp, wp, n_tok, n_in, no, op, nt)
+        rc = pf_matmul_x16(t, xp, wp, n_tok, n_in, no, op, nt)
     if rc == -2:
         raise MemoryError("matmul: out of memory for the quantized activations")
     if rc:

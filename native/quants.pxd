@@ -5,12 +5,6 @@ from libc.stdint cimport int8_t, int16_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "quants.h" nogil:
-    enum:
-        PF_Q4_0
-        PF_Q8_0
-        PF_Q4_K
-        PF_Q5_K
-        PF_Q6_K
     ctypedef uint16_t pf_half
 
     ctypedef struct block_q4_0:
@@ -73,26 +67,10 @@ cdef extern from "quants.h" nogil:
 
 cdef extern from "matmul_vnni.h" nogil:
     int pf_vnni_available()
-    int64_t pf_q4_K_x16_bytes(int64_t n_out, int64_t n_in)
-    int pf_repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
-    int pf_matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                           float *out, int n_threads)
-    int64_t pf_q5_K_x16_bytes(int64_t n_out, int64_t n_in)
-    int pf_repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
-    int pf_matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                           float *out, int n_threads)
-    int64_t pf_q6_K_x16_bytes(int64_t n_out, int64_t n_in)
-    int pf_repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
-    int pf_matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                           float *out, int n_threads)
-    int64_t pf_q4_0_x16_bytes(int64_t n_out, int64_t n_in)
-    int pf_repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
-    int pf_matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                           float *out, int n_threads)
-    int64_t pf_q8_0_x16_bytes(int64_t n_out, int64_t n_in)
-    int pf_repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
-    int pf_matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                           float *out, int n_threads)
+    int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in)
+    int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
+    int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                      float *out, int n_threads)
 
 
 cdef extern from "matmul.h" nogil:

@@ -495,18 +495,6 @@ static int matmul_k_x16(const float *x, const void *packed, int64_t n_tok, int64
     return 0;
 }
 
-static int matmul_q4_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                          int n_threads) {
-    if (q4_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
-    return matmul_k_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q4_K_tile);
-}
-
-static int matmul_q5_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                          int n_threads) {
-    if (q5_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
-    return matmul_k_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q5_K_tile);
-}
-
 /* -- Q6_K_X16 ----------------------------------------------------------------
  * 16 Q6_K rows, one block of 256 columns. The 6-bit weights q (0..63) split as
  * Q4_K_X16's nibbles (lo, qs[32][64]) plus two high bits: hb[h][4r + j] holds
@@ -626,8 +614,7 @@ PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const 
 TOKEN_DISPATCH(q6_K_tile, q6_K_x16_tile)
 
 static int matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                          int n_threads) {
-    if (q6_K_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+                           int n_threads, x16_tile_fn tile) {
     if (n_tok == 0) return 0;
     const int64_t nb = n_in / QK_K;
     block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
@@ -637,7 +624,7 @@ static int matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, in
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tok; t++) pf_q8_K_from_float(x + t * n_in, act + t * nb, n_in);
-        x16_row_groups(&job, q6_K_tile, n_out / 16, n_tok);
+        x16_row_groups(&job, tile, n_out / 16, n_tok);
     }
     free(act);
     return 0;
@@ -797,36 +784,30 @@ static int matmul_q32_x16(const float *x, const void *packed, int64_t n_tok, int
     return 0;
 }
 
-static int matmul_q8_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                          int n_threads) {
-    if (q8_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
-    return matmul_q32_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q8_0_tile);
-}
 
-static int matmul_q4_0_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                          int n_threads) {
-    if (q4_0_x16_bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
-    return matmul_q32_x16(x, packed, n_tok, n_in, n_out, out, n_threads, q4_0_tile);
-}
 
 #pragma GCC pop_options
 
 /* -- the x16 formats, by ggml type ----------------------------------------- */
 
+/* A GEMM driver: quantizes the activations its tiles read, then runs them. */
+typedef int (*x16_driver_fn)(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
+                             float *out, int n_threads, x16_tile_fn tile);
+
 typedef struct {
     int type;
     int64_t (*bytes)(int64_t n_out, int64_t n_in);
     int (*repack)(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
-    int (*matmul)(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                  int n_threads);
+    x16_driver_fn driver;
+    x16_tile_fn tile;
 } x16_format;
 
 static const x16_format X16_FORMATS[] = {
-    {PF_Q4_K, q4_K_x16_bytes, repack_q4_K_x16, matmul_q4_K_x16},
-    {PF_Q5_K, q5_K_x16_bytes, repack_q5_K_x16, matmul_q5_K_x16},
-    {PF_Q6_K, q6_K_x16_bytes, repack_q6_K_x16, matmul_q6_K_x16},
-    {PF_Q8_0, q8_0_x16_bytes, repack_q8_0_x16, matmul_q8_0_x16},
-    {PF_Q4_0, q4_0_x16_bytes, repack_q4_0_x16, matmul_q4_0_x16},
+    {PF_Q4_K, q4_K_x16_bytes, repack_q4_K_x16, matmul_k_x16, q4_K_tile},
+    {PF_Q5_K, q5_K_x16_bytes, repack_q5_K_x16, matmul_k_x16, q5_K_tile},
+    {PF_Q6_K, q6_K_x16_bytes, repack_q6_K_x16, matmul_q6_K_x16, q6_K_tile},
+    {PF_Q8_0, q8_0_x16_bytes, repack_q8_0_x16, matmul_q32_x16, q8_0_tile},
+    {PF_Q4_0, q4_0_x16_bytes, repack_q4_0_x16, matmul_q32_x16, q4_0_tile},
 };
 
 static const x16_format *x16_format_of(int type) {
@@ -848,7 +829,8 @@ int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_i
 int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
                   float *out, int n_threads) {
     const x16_format *f = x16_format_of(type);
-    return f ? f->matmul(x, packed, n_tok, n_in, n_out, out, n_threads) : -1;
+    if (!f || f->bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    return f->driver(x, packed, n_tok, n_in, n_out, out, n_threads, f->tile);
 }
 
 pf_vec_dot_fn pf_vnni_vec_dot(int type) {

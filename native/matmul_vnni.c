@@ -70,13 +70,6 @@ typedef struct {
 } block_q5_K_x16;
 _Static_assert(sizeof(block_q5_K_x16) == 3072, "block_q5_K_x16 must be 3072 bytes");
 
-static int64_t k_x16_bytes(int64_t n_out, int64_t n_in, size_t block_bytes) {
-    if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
-    return n_out / 16 * (n_in / QK_K) * (int64_t)block_bytes;
-}
-static int64_t q4_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q4_K_x16)); }
-static int64_t q5_K_x16_bytes(int64_t n_out, int64_t n_in) { return k_x16_bytes(n_out, n_in, sizeof(block_q5_K_x16)); }
-
 /* Row r of a Q4_K_X16 block from one Q4_K / Q5_K block's d, dmin, packed
  * scales and weights q (0..15; Q5_K's fifth bits go to hb, if given). */
 static void repack_k_row(pf_half d, pf_half dmin, const uint8_t *scales, const uint8_t q[QK_K], int r,
@@ -106,41 +99,19 @@ static void k_block_weights(const uint8_t *qs, const uint8_t *qh, uint8_t q[QK_K
         for (int e = 0; e < QK_K; e++) q[e] |= (uint8_t)(((qh[e % 32] >> (e / 32)) & 1) << 4);
 }
 
-static int repack_q4_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (q4_K_x16_bytes(n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
-    const block_q4_K *rows = w;
-    block_q4_K_x16 *out = dst;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++)
-            for (int r = 0; r < 16; r++) {
-                const block_q4_K *b = rows + (16 * gr + r) * nb + i;
-                uint8_t q[QK_K];
-                k_block_weights(b->qs, NULL, q);
-                repack_k_row(b->d, b->dmin, b->scales, q, r, out + gr * nb + i, NULL);
-            }
-    return 0;
+static void q4_K_row(const void *src, int r, void *dst) {
+    const block_q4_K *b = src;
+    uint8_t q[QK_K];
+    k_block_weights(b->qs, NULL, q);
+    repack_k_row(b->d, b->dmin, b->scales, q, r, dst, NULL);
 }
 
-static int repack_q5_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (q5_K_x16_bytes(n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
-    const block_q5_K *rows = w;
-    block_q5_K_x16 *out = dst;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++) {
-            block_q5_K_x16 *o = out + gr * nb + i;
-            memset(o->hb, 0, sizeof o->hb);
-            for (int r = 0; r < 16; r++) {
-                const block_q5_K *b = rows + (16 * gr + r) * nb + i;
-                uint8_t q[QK_K];
-                k_block_weights(b->qs, b->qh, q);
-                repack_k_row(b->d, b->dmin, b->scales, q, r, &o->k, o->hb);
-            }
-        }
-    return 0;
+static void q5_K_row(const void *src, int r, void *dst) {
+    const block_q5_K *b = src;
+    block_q5_K_x16 *o = dst;
+    uint8_t q[QK_K];
+    k_block_weights(b->qs, b->qh, q);
+    repack_k_row(b->d, b->dmin, b->scales, q, r, &o->k, o->hb);
 }
 
 /* Compiled for the baseline target: this runs on every CPU. */
@@ -511,38 +482,21 @@ typedef struct {
 } block_q6_K_x16;
 _Static_assert(sizeof(block_q6_K_x16) == 3648, "block_q6_K_x16 must be 3648 bytes");
 
-static int64_t q6_K_x16_bytes(int64_t n_out, int64_t n_in) {
-    if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK_K) return -1;
-    return n_out / 16 * (n_in / QK_K) * (int64_t)sizeof(block_q6_K_x16);
-}
-
-static void repack_q6_K_block(const block_q6_K *rows, int64_t nb, int64_t gr, int64_t i, block_q6_K_x16 *out) {
-    memset(out->hb, 0, sizeof out->hb);
-    for (int r = 0; r < 16; r++) {
-        const block_q6_K *b = rows + (16 * gr + r) * nb + i;
-        int8_t v[QK_K];
-        pf_q6_K_values(b, v);
-        uint8_t q[QK_K];
-        for (int k = 0; k < QK_K; k++) q[k] = (uint8_t)(v[k] + 32);
-        out->d[r] = pf_half_to_float_scalar(b->d);
-        for (int p = 0; p < 8; p++) out->sc[p][r][0] = b->scales[2 * p], out->sc[p][r][1] = b->scales[2 * p + 1];
-        for (int g = 0; g < 32; g++)
-            for (int j = 0; j < 4; j++)
-                out->qs[g][4 * r + j] = (uint8_t)((q[8 * g + j] & 0x0f) | ((q[8 * g + 4 + j] & 0x0f) << 4));
-        for (int h = 0; h < 16; h++)
-            for (int j = 0; j < 4; j++)
-                for (int e = 0; e < 4; e++) out->hb[h][4 * r + j] |= (uint8_t)((q[16 * h + 4 * e + j] >> 4) << (2 * e));
-    }
-}
-
-static int repack_q6_K_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (q6_K_x16_bytes(n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / QK_K, n_groups = n_out / 16;
+static void q6_K_row(const void *src, int r, void *dst) {
+    const block_q6_K *b = src;
     block_q6_K_x16 *out = dst;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++) repack_q6_K_block(w, nb, gr, i, out + gr * nb + i);
-    return 0;
+    int8_t v[QK_K];
+    pf_q6_K_values(b, v);
+    uint8_t q[QK_K];
+    for (int k = 0; k < QK_K; k++) q[k] = (uint8_t)(v[k] + 32);
+    out->d[r] = pf_half_to_float_scalar(b->d);
+    for (int p = 0; p < 8; p++) out->sc[p][r][0] = b->scales[2 * p], out->sc[p][r][1] = b->scales[2 * p + 1];
+    for (int g = 0; g < 32; g++)
+        for (int j = 0; j < 4; j++)
+            out->qs[g][4 * r + j] = (uint8_t)((q[8 * g + j] & 0x0f) | ((q[8 * g + 4 + j] & 0x0f) << 4));
+    for (int h = 0; h < 16; h++)
+        for (int j = 0; j < 4; j++)
+            for (int e = 0; e < 4; e++) out->hb[h][4 * r + j] |= (uint8_t)((q[16 * h + 4 * e + j] >> 4) << (2 * e));
 }
 
 typedef struct {
@@ -649,50 +603,21 @@ typedef struct {
 } block_q4_0_x16;
 _Static_assert(sizeof(block_q4_0_x16) == 320, "block_q4_0_x16 must be 320 bytes");
 
-static int64_t q32_x16_bytes(int64_t n_out, int64_t n_in, size_t block_bytes) {
-    if (n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % QK8_0) return -1;
-    return n_out / 16 * (n_in / QK8_0) * (int64_t)block_bytes;
-}
-static int64_t q8_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q8_0_x16)); }
-static int64_t q4_0_x16_bytes(int64_t n_out, int64_t n_in) { return q32_x16_bytes(n_out, n_in, sizeof(block_q4_0_x16)); }
-
-static int repack_q8_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (q8_0_x16_bytes(n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / QK8_0, n_groups = n_out / 16;
-    const block_q8_0 *rows = w;
-    block_q8_0_x16 *out = dst;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++) {
-            block_q8_0_x16 *o = out + gr * nb + i;
-            for (int r = 0; r < 16; r++) {
-                const block_q8_0 *b = rows + (16 * gr + r) * nb + i;
-                o->d[r] = pf_half_to_float_scalar(b->d);
-                for (int k = 0; k < QK8_0; k++) o->qs[k / 4][4 * r + k % 4] = (uint8_t)(b->qs[k] + 128);
-            }
-        }
-    return 0;
+static void q8_0_row(const void *src, int r, void *dst) {
+    const block_q8_0 *b = src;
+    block_q8_0_x16 *o = dst;
+    o->d[r] = pf_half_to_float_scalar(b->d);
+    for (int k = 0; k < QK8_0; k++) o->qs[k / 4][4 * r + k % 4] = (uint8_t)(b->qs[k] + 128);
 }
 
-static int repack_q4_0_x16(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    if (q4_0_x16_bytes(n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / QK4_0, n_groups = n_out / 16;
-    const block_q4_0 *rows = w;
-    block_q4_0_x16 *out = dst;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++) {
-            block_q4_0_x16 *o = out + gr * nb + i;
-            for (int r = 0; r < 16; r++) {
-                const block_q4_0 *b = rows + (16 * gr + r) * nb + i;
-                uint8_t q[QK4_0];   /* quants.h: qs[l] holds column l (low nibble) and l + 16 (high) */
-                for (int l = 0; l < QK4_0 / 2; l++) q[l] = b->qs[l] & 0x0f, q[l + 16] = b->qs[l] >> 4;
-                o->d[r] = pf_half_to_float_scalar(b->d);
-                for (int g = 0; g < 4; g++)
-                    for (int j = 0; j < 4; j++) o->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
-            }
-        }
-    return 0;
+static void q4_0_row(const void *src, int r, void *dst) {
+    const block_q4_0 *b = src;
+    block_q4_0_x16 *o = dst;
+    uint8_t q[QK4_0];   /* quants.h: qs[l] holds column l (low nibble) and l + 16 (high) */
+    for (int l = 0; l < QK4_0 / 2; l++) q[l] = b->qs[l] & 0x0f, q[l + 16] = b->qs[l] >> 4;
+    o->d[r] = pf_half_to_float_scalar(b->d);
+    for (int g = 0; g < 4; g++)
+        for (int j = 0; j < 4; j++) o->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
 }
 
 typedef struct {
@@ -794,20 +719,24 @@ static int matmul_q32_x16(const float *x, const void *packed, int64_t n_tok, int
 typedef int (*x16_driver_fn)(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
                              float *out, int n_threads, x16_tile_fn tile);
 
+/* Row r of an x16 block from one stored block of that row (the block is zeroed first). */
+typedef void (*x16_row_fn)(const void *src, int r, void *dst);
+
 typedef struct {
     int type;
-    int64_t (*bytes)(int64_t n_out, int64_t n_in);
-    int (*repack)(const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads);
+    int64_t cols;               /* columns per block */
+    size_t block_bytes;         /* bytes of an x16 block (16 rows) */
+    x16_row_fn row;
     x16_driver_fn driver;
     x16_tile_fn tile;
 } x16_format;
 
 static const x16_format X16_FORMATS[] = {
-    {PF_Q4_K, q4_K_x16_bytes, repack_q4_K_x16, matmul_k_x16, q4_K_tile},
-    {PF_Q5_K, q5_K_x16_bytes, repack_q5_K_x16, matmul_k_x16, q5_K_tile},
-    {PF_Q6_K, q6_K_x16_bytes, repack_q6_K_x16, matmul_q6_K_x16, q6_K_tile},
-    {PF_Q8_0, q8_0_x16_bytes, repack_q8_0_x16, matmul_q32_x16, q8_0_tile},
-    {PF_Q4_0, q4_0_x16_bytes, repack_q4_0_x16, matmul_q32_x16, q4_0_tile},
+    {PF_Q4_K, QK_K, sizeof(block_q4_K_x16), q4_K_row, matmul_k_x16, q4_K_tile},
+    {PF_Q5_K, QK_K, sizeof(block_q5_K_x16), q5_K_row, matmul_k_x16, q5_K_tile},
+    {PF_Q6_K, QK_K, sizeof(block_q6_K_x16), q6_K_row, matmul_q6_K_x16, q6_K_tile},
+    {PF_Q8_0, QK8_0, sizeof(block_q8_0_x16), q8_0_row, matmul_q32_x16, q8_0_tile},
+    {PF_Q4_0, QK4_0, sizeof(block_q4_0_x16), q4_0_row, matmul_q32_x16, q4_0_tile},
 };
 
 static const x16_format *x16_format_of(int type) {
@@ -816,20 +745,32 @@ static const x16_format *x16_format_of(int type) {
     return NULL;
 }
 
-int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) {
-    const x16_format *f = x16_format_of(type);
-    return f ? f->bytes(n_out, n_in) : -1;
+static int64_t x16_bytes(const x16_format *f, int64_t n_out, int64_t n_in) {
+    if (!f || n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % f->cols) return -1;
+    return n_out / 16 * (n_in / f->cols) * (int64_t)f->block_bytes;
 }
+
+int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) { return x16_bytes(x16_format_of(type), n_out, n_in); }
 
 int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
     const x16_format *f = x16_format_of(type);
-    return f ? f->repack(w, dst, n_out, n_in, n_threads) : -1;
+    if (x16_bytes(f, n_out, n_in) < 0) return -1;
+    const int64_t nb = n_in / f->cols, n_groups = n_out / 16;
+    const size_t src_bytes = (size_t)pf_row_bytes(type, f->cols);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t gr = 0; gr < n_groups; gr++)
+        for (int64_t i = 0; i < nb; i++) {
+            char *o = (char *)dst + (size_t)(gr * nb + i) * f->block_bytes;
+            memset(o, 0, f->block_bytes);
+            for (int r = 0; r < 16; r++) f->row((const char *)w + (size_t)((16 * gr + r) * nb + i) * src_bytes, r, o);
+        }
+    return 0;
 }
 
 int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
                   float *out, int n_threads) {
     const x16_format *f = x16_format_of(type);
-    if (!f || f->bytes(n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
+    if (x16_bytes(f, n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
     return f->driver(x, packed, n_tok, n_in, n_out, out, n_threads, f->tile);
 }
 

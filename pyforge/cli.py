@@ -94,7 +94,10 @@ def run_inspect(args):
 
 
 def main(argv=None):
+    from pyforge import __version__
+
     parser = argparse.ArgumentParser(prog="pyforge", description="pyforge LLM inference")
+    parser.add_argument("--version", action="version", version=f"pyforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     add_generate_parser(sub)

@@ -3,9 +3,17 @@
 Precedence, highest first:
 
   1. command-line flags        --max-num-seqs 32
-  2. environment variables     LLM_MAX_NUM_SEQS=32   (LLM_ + the field name in capitals)
+  2. environment variables     LLM_MAX_NUM_SEQS=32   (LLM_ + the field name in capitals,
+                                                      or a name in ENV_ALIASES)
   3. a TOML file               max_num_seqs = 32     (--config FILE, or LLM_CONFIG=FILE; flat keys)
   4. the defaults below
+
+ENV_ALIASES holds the names operators already set for other servers
+(LLM_INFERENCE_PORT, CORS_ALLOWED_ORIGINS, ...); where both an alias and the
+LLM_<FIELD> name are set, the LLM_<FIELD> name wins. An LLM_* variable that
+names no setting is logged as a warning (`unknown_env`), never silently dropped.
+List settings (models, api_key, allowed_origins) take a comma-separated string
+from the environment, a repeated flag or a TOML array.
 
 Flag names follow vLLM / llama-server where the meaning is the same. Every
 value, whatever its source, goes through the same parser, so a bad one raises
@@ -14,6 +22,7 @@ ValueError naming the field and where it came from ("max_num_seqs: must be
 typo must not silently fall back to a default.
 """
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -22,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyforge.chat_template import CHATML_TEMPLATE
+from pyforge.engine.sampling_params import MAX_TEMPERATURE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,11 +45,15 @@ NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}     # --chat-template NAME, for mo
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "generic")   # server/tools/formats.py FORMATS
 REASONING_PARSERS = ("deepseek_r1", "qwen3")                          # both write <think>...</think>
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
+_log = logging.getLogger("pyforge.config")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str                          # GGUF file, HF folder or repo id
+    model: str | None = None            # GGUF file, HF folder, repo id or repo:file.gguf[@tokenizer-repo]
+    models: tuple = ()                  # several of those, one engine each; a request's `model` picks one
+    strict_model_name: bool = False     # one model served: 404 a request naming another (else it answers)
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # the `model` clients send; default: the model file's stem
@@ -57,13 +71,24 @@ class ServerConfig:
     queue_capacity: int = 256           # waiting requests before 503 + Retry-After
     default_max_tokens: int = 1024      # when a request sets no max_tokens
     max_tokens_limit: int | None = None  # largest max_tokens accepted; None: the context decides
+    default_temperature: float | None = None  # when a request sets none; None: 1.0 (OpenAI's)
+    default_top_p: float | None = None  # when a request sets none; None: 1.0
+    max_concurrent_requests: int | None = None  # generation requests in flight per server; 503 above
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
     max_body_bytes: int = 8 << 20
-    api_key: str | None = None          # require `Authorization: Bearer <key>`; None: open
+    api_key: tuple | None = None        # accepted keys (Authorization: Bearer / X-Api-Key); None: open
+    api_key_file: str | None = None     # a file of keys, one per line (# comments), added to api_key
+    allowed_origins: tuple = ()         # CORS: origins browsers may call from ("*": any); (): none
+    ssl_enabled: bool | None = None     # https; None: on when ssl_certfile and ssl_keyfile are given
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     chat_template: str | None = None    # a file path or an inline Jinja template
     tool_call_parser: str | None = None  # tool-call format (vLLM's flag); None: detected from the chat template
     reasoning_parser: str | None = None  # <think> block format (vLLM's flag); None: no reasoning split
     log_level: str = "info"
     log_format: str = "pretty"
+    service_name: str = "pyforge"       # the service in logs and traces
+    otlp_endpoint: str | None = None    # OpenTelemetry OTLP/HTTP collector (http://host:4318); None: no traces
     drain_timeout: float = 30.0         # seconds in-flight requests get on SIGTERM
     keepalive_interval: float = 15.0    # SSE comment after this many seconds without a token
     stall_timeout: float = 600.0        # give a request up after this long without any engine event
@@ -77,7 +102,7 @@ class ServerConfig:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name)))
         _check_relations(self)
-        if self.served_model_name is None:
+        if self.served_model_name is None and self.model is not None:
             object.__setattr__(self, "served_model_name", default_model_name(self.model))
 
     @classmethod
@@ -86,22 +111,50 @@ class ServerConfig:
         `env` (default os.environ) and the TOML file (toml_path, else --config,
         else LLM_CONFIG) over the defaults."""
         env = os.environ if env is None else env
+        for name in unknown_env(env):
+            _log.warning("ignoring the environment variable %s: it names no pyforge setting "
+                         "(see `pyforge serve --help`)", name)
         flags = {k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in _FIELDS}
         toml_path = toml_path or getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
         layers = [(_read_toml(toml_path), lambda name: str(toml_path)),
-                  (_from_env(env), lambda name: ENV_PREFIX + name.upper()),
+                  (_from_env(env), lambda name: _env_name(env, name)),
                   (flags, lambda name: "--" + name.replace("_", "-"))]
         values, origin = {}, {}
         for layer, source in layers:
             for name, value in layer.items():
                 values[name], origin[name] = value, source(name)
-        if "model" not in values:
-            raise ValueError("model: required (--model, LLM_MODEL or `model` in the TOML file)")
+        if not values.get("model") and not values.get("models"):
+            raise ValueError("model: required (--model, LLM_MODEL, --models, LLM_ALLOWED_MODELS "
+                             "or `model` in the TOML file)")
         try:
             return cls(**values)
         except _FieldError as e:
             where = f" (from {origin[e.field]})" if e.field in origin else ""
             raise ValueError(f"{e}{where}") from None
+
+    @property
+    def api_keys(self):
+        """Every accepted key (api_key and the lines of api_key_file); empty: no auth."""
+        keys = list(self.api_key or ())
+        if self.api_key_file:
+            with open(self.api_key_file, encoding="utf-8") as f:
+                keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        return tuple(keys)
+
+    @property
+    def tls(self):
+        return bool(self.ssl_enabled if self.ssl_enabled is not None else self.ssl_certfile and self.ssl_keyfile)
+
+    def per_model(self):
+        """One config per served model (model set, models empty): `model` alone, or
+        each of `models` named by its default name, with the engine threads shared out."""
+        specs = list(self.models) or [self.model]
+        if len(specs) == 1:
+            return [dataclasses.replace(self, model=specs[0], models=())]
+        threads = self.threads or _physical_cores()
+        share = max(1, threads // len(specs))
+        return [dataclasses.replace(self, model=spec, models=(), served_model_name=default_model_name(spec),
+                                    threads=share) for spec in specs]
 
     def load_chat_template(self):
         """The chat template's text (read from the file if it names one), or None."""
@@ -114,23 +167,49 @@ class ServerConfig:
 
 
 def default_model_name(model):
-    """'/models/llama-7b.Q4_K.gguf' -> 'llama-7b.Q4_K'; folders and repo ids stay as given."""
-    model = model.rstrip("/")
+    """'/models/llama-7b.Q4_K.gguf' -> 'llama-7b.Q4_K'; folders and repo ids stay as given;
+    'org/repo-GGUF:file.gguf@org/tok' -> 'org/repo-GGUF:file.gguf' (the tokenizer is not part of it)."""
+    model = model.rstrip("/").split("@", 1)[0] if ":" in model else model.rstrip("/")
+    if ":" in model:
+        return model
     return Path(model).name[:-len(".gguf")] if model.endswith(".gguf") else model
+
+
+def unknown_env(env):
+    """The LLM_* variables in env that name no setting, sorted."""
+    known = {ENV_PREFIX + name.upper() for name in _FIELDS} | set(ENV_ALIASES) | {ENV_PREFIX + "CONFIG"}
+    return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
 
 
 def add_arguments(parser):
     """Add the server flags to an argparse parser; every default is None (= not given)."""
     for f in dataclasses.fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.name in _LIST_FIELDS:          # repeatable, and each may hold commas
+            parser.add_argument(flag, dest=f.name, default=None, action="append", help=_help(f))
+            continue
         if f.type is bool or f.type == "bool":      # `--null-model` alone means true; `--null-model false` too
             parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
-                                help=_HELP.get(f.name))
+                                help=_help(f))
             continue
-        parser.add_argument(flag, dest=f.name, default=None, help=_HELP.get(f.name))
+        parser.add_argument(flag, dest=f.name, default=None, help=_help(f))
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"TOML file of settings (flags > {ENV_PREFIX}* env > file > defaults)")
     return parser
+
+
+def _help(field):
+    """The flag's help with its default and its environment names, for `--help`."""
+    names = [ENV_PREFIX + field.name.upper()] + [k for k, v in ENV_ALIASES.items() if v == field.name]
+    default = field.default
+    shown = ",".join(default) if isinstance(default, tuple) and default else default
+    shown = "none" if shown in (None, ()) else shown
+    return f"{_HELP.get(field.name, '')} [default: {shown}; env: {', '.join(names)}]".replace("%", "%%")
+
+
+def _physical_cores():
+    from pyforge.backends import default_threads
+    return default_threads()
 
 
 # -- parsing and validation ------------------------------------------------
@@ -155,8 +234,10 @@ def _int(low=None, optional=False):
     return parse
 
 
-def _float(low=0.0, low_open=False, high=None):
+def _float(low=0.0, low_open=False, high=None, optional=False):
     def parse(name, value):
+        if optional and _is_none(value):
+            return None
         try:
             value = float(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
         except ValueError:
@@ -196,6 +277,25 @@ def _bool(name, value):
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+def _list(name, value):
+    """A tuple of non-empty strings from "a,b", ["a", "b,c"] or a TOML array."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise _FieldError(name, f"must be a comma-separated string or a list of strings, got {value!r}")
+    return tuple(part.strip() for item in items for part in item.split(",") if part.strip())
+
+
+def _keys(name, value):
+    keys = _list(name, value)
+    return keys or None
+
+
+def _optional_bool(name, value):
+    return None if _is_none(value) else _bool(name, value)
+
+
 def _chat_template(name, value):
     value = _str(optional=True)(name, value)
     if value is not None and value not in NAMED_TEMPLATES and not _is_file(Path(value)) and "{" not in value:
@@ -204,14 +304,19 @@ def _chat_template(name, value):
 
 
 _PARSERS = {
-    "model": _str(), "host": _str(), "port": _int(0), "served_model_name": _str(optional=True),
+    "model": _str(optional=True), "models": _list, "strict_model_name": _bool, "host": _str(), "port": _int(0), "served_model_name": _str(optional=True),
     "workers": _int(1), "worker_threads": _int(1), "threads": _int(1, optional=True),
     "device": _str(pattern=_DEVICE), "gpu_memory_utilization": _float(low_open=True, high=1.0),
     "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
     "max_model_len": _int(2, optional=True), "kv_cache_tokens": _int(1, optional=True),
     "block_size": _int(1), "queue_capacity": _int(1), "default_max_tokens": _int(1),
     "max_tokens_limit": _int(1, optional=True), "max_body_bytes": _int(1024),
-    "api_key": _str(optional=True), "chat_template": _chat_template,
+    "default_temperature": _float(optional=True, high=MAX_TEMPERATURE),
+    "default_top_p": _float(low_open=True, high=1.0, optional=True),
+    "max_concurrent_requests": _int(1, optional=True), "enable_prefix_caching": _bool,
+    "api_key": _keys, "api_key_file": _str(optional=True), "allowed_origins": _list,
+    "ssl_enabled": _optional_bool, "ssl_certfile": _str(optional=True), "ssl_keyfile": _str(optional=True),
+    "service_name": _str(), "otlp_endpoint": _str(optional=True, pattern=_URL), "chat_template": _chat_template,
     "tool_call_parser": _str(optional=True, choices=TOOL_CALL_PARSERS),
     "reasoning_parser": _str(optional=True, choices=REASONING_PARSERS),
     "log_level": _str(choices=LOG_LEVELS), "log_format": _str(choices=LOG_FORMATS),
@@ -221,6 +326,17 @@ _PARSERS = {
     "engine_heartbeat_timeout": _float(low_open=True), "null_model": _bool, "cuda_graphs": _bool,
 }
 _FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
+_LIST_FIELDS = ("models", "api_key", "allowed_origins")
+
+# Environment names other servers' operators already use -> our field.
+ENV_ALIASES = {
+    "LLM_INFERENCE_HOSTNAME": "host", "LLM_INFERENCE_PORT": "port", "LLM_MODEL_PATH": "model",
+    "LLM_ALLOWED_MODELS": "models", "LLM_PAGED_ATTENTION_BLOCK_SIZE": "block_size",
+    "LLM_PAGED_ATTENTION_CONTEXT_SIZE": "kv_cache_tokens", "CORS_ALLOWED_ORIGINS": "allowed_origins",
+    "SERVER_SSL_ENABLED": "ssl_enabled", "TLS_SERVER_CERT_PATH": "ssl_certfile",
+    "TLS_SERVER_KEY_PATH": "ssl_keyfile", "LOG_FORMAT": "log_format", "SERVICE_NAME": "service_name",
+    "OTEL_SERVICE_NAME": "service_name", "OTEL_EXPORTER_OTLP_ENDPOINT": "otlp_endpoint",
+}
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
 
 
@@ -229,6 +345,17 @@ def _parse(name, value):
 
 
 def _check_relations(cfg):
+    if cfg.model and cfg.models:
+        raise _FieldError("models", "give either model or models, not both")
+    if len(set(map(default_model_name, cfg.models))) != len(cfg.models):
+        raise _FieldError("models", f"the same model twice: {', '.join(cfg.models)}")
+    if cfg.ssl_enabled and not (cfg.ssl_certfile and cfg.ssl_keyfile):
+        raise _FieldError("ssl_enabled", "https needs ssl_certfile and ssl_keyfile "
+                                         "(TLS_SERVER_CERT_PATH, TLS_SERVER_KEY_PATH)")
+    for name in ("ssl_certfile", "ssl_keyfile", "api_key_file"):
+        path = getattr(cfg, name)
+        if path is not None and not _is_file(Path(path)):
+            raise _FieldError(name, f"no such file: {path}")
     if cfg.max_tokens_limit is not None and cfg.default_max_tokens > cfg.max_tokens_limit:
         raise _FieldError("default_max_tokens",
                           f"{cfg.default_max_tokens} exceeds max_tokens_limit ({cfg.max_tokens_limit})")
@@ -248,7 +375,14 @@ def _is_file(path):
 
 
 def _from_env(env):
-    return {name: env[ENV_PREFIX + name.upper()] for name in _FIELDS if ENV_PREFIX + name.upper() in env}
+    values = {field: env[alias] for alias, field in ENV_ALIASES.items() if alias in env}
+    values.update({name: env[ENV_PREFIX + name.upper()] for name in _FIELDS if ENV_PREFIX + name.upper() in env})
+    return values
+
+
+def _env_name(env, field):
+    canonical = ENV_PREFIX + field.upper()
+    return canonical if canonical in env else next(k for k, v in ENV_ALIASES.items() if v == field and k in env)
 
 
 def _read_toml(path):
@@ -269,7 +403,23 @@ def _read_toml(path):
 
 
 _HELP = {
-    "model": "GGUF file, Hugging Face model folder or repo id",
+    "model": "GGUF file, Hugging Face model folder, repo id, or repo:file.gguf[@tokenizer-repo] "
+             "(repo ids resolve in the local Hugging Face cache; nothing is downloaded)",
+    "models": "serve several models, one engine process each (entries as for --model; repeat the flag "
+              "or separate with commas); a request's `model` picks one",
+    "strict_model_name": "with one model served, answer a request naming another model with 404 "
+                         "(default: the one model answers it)",
+    "default_temperature": "temperature when a request sets none (default: 1.0)",
+    "default_top_p": "top_p when a request sets none (default: 1.0)",
+    "max_concurrent_requests": "generation requests in flight in the whole server; more get 503 + Retry-After",
+    "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
+    "api_key_file": "file of accepted API keys, one per line",
+    "allowed_origins": "CORS: origins browsers may call the API from (* for any; repeat or comma-separate)",
+    "ssl_enabled": "serve https (default: when --ssl-certfile and --ssl-keyfile are given)",
+    "ssl_certfile": "TLS certificate chain (PEM)",
+    "ssl_keyfile": "TLS private key (PEM)",
+    "service_name": "service name in logs and traces",
+    "otlp_endpoint": "OpenTelemetry collector (OTLP over HTTP, e.g. http://localhost:4318): a span per request",
     "served_model_name": "model name clients use (default: the model file name without .gguf)",
     "workers": "HTTP worker processes",
     "worker_threads": "threads per HTTP worker (each holds one request or stream)",
@@ -288,7 +438,8 @@ _HELP = {
     "default_max_tokens": "max_tokens when a request sets none",
     "max_tokens_limit": "largest max_tokens a request may ask for",
     "max_body_bytes": "largest request body (413 above)",
-    "api_key": "require Authorization: Bearer KEY (health endpoints stay open)",
+    "api_key": "require an API key: Authorization: Bearer KEY or X-Api-Key: KEY (health endpoints and "
+               "CORS preflights stay open); repeat or comma-separate for several",
     "chat_template": "chat template file, inline Jinja or chatml (overrides the model's)",
     "tool_call_parser": "how the model writes tool calls: " + "/".join(TOOL_CALL_PARSERS)
                         + " (default: detected from the chat template)",

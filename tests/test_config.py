@@ -34,7 +34,7 @@ def test_precedence_flags_over_env_over_toml_over_defaults(tmp_path):
     cfg = ServerConfig.from_sources(args, env=env)
     assert cfg.max_num_seqs == 24           # flag
     assert cfg.port == 7100                 # env beats TOML
-    assert cfg.api_key == "sk-env"
+    assert cfg.api_key == ("sk-env",)
     assert cfg.block_size == 32 and cfg.model == "from-toml" and cfg.log_format == "json"   # TOML
     assert cfg.queue_capacity == 256        # default
 
@@ -49,7 +49,7 @@ def test_vllm_flag_names():
     args = parse(["--model", "m", "--max-model-len", "4096", "--max-num-batched-tokens", "1024", "--api-key", "k",
                   "--served-model-name", "mine", "--host", "0.0.0.0", "--port", "9000", "--chat-template", "{{ x }}"])
     cfg = ServerConfig.from_sources(args, env={})
-    assert (cfg.max_model_len, cfg.max_num_batched_tokens, cfg.api_key) == (4096, 1024, "k")
+    assert (cfg.max_model_len, cfg.max_num_batched_tokens, cfg.api_key) == (4096, 1024, ("k",))
     assert (cfg.served_model_name, cfg.host, cfg.port, cfg.chat_template) == ("mine", "0.0.0.0", 9000, "{{ x }}")
 
 
@@ -149,3 +149,101 @@ def test_engine_config_carries_device_and_utilization():
     engine = EngineConfig.from_server_config(server)
     assert (engine.model_path, engine.device, engine.gpu_memory_utilization) == ("m", "cpu", 0.7)
     assert EngineConfig(**engine.to_dict()) == engine      # what crosses to the engine process as JSON
+
+
+# -- the operators' settings (issue 11) ----------------------------------------------
+
+def test_operator_env_names_are_aliases():
+    env = {"LLM_INFERENCE_HOSTNAME": "0.0.0.0", "LLM_INFERENCE_PORT": "9100", "LLM_MODEL_PATH": "/m/a.gguf",
+           "LLM_DEFAULT_TEMPERATURE": "0.2", "LLM_DEFAULT_TOP_P": "0.9", "LLM_DEFAULT_MAX_TOKENS": "64",
+           "LLM_MAX_TOKENS_LIMIT": "128", "LLM_MAX_CONCURRENT_REQUESTS": "3", "LLM_PAGED_ATTENTION_BLOCK_SIZE": "32",
+           "LLM_PAGED_ATTENTION_CONTEXT_SIZE": "8192", "LLM_ENABLE_PREFIX_CACHING": "false",
+           "CORS_ALLOWED_ORIGINS": "https://a.example, https://b.example", "LOG_FORMAT": "json",
+           "SERVICE_NAME": "inference", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    cfg = ServerConfig.from_sources(None, env=env)
+    assert (cfg.host, cfg.port, cfg.model, cfg.served_model_name) == ("0.0.0.0", 9100, "/m/a.gguf", "a")
+    assert (cfg.default_temperature, cfg.default_top_p, cfg.default_max_tokens, cfg.max_tokens_limit) == \
+        (0.2, 0.9, 64, 128)
+    assert (cfg.max_concurrent_requests, cfg.block_size, cfg.kv_cache_tokens) == (3, 32, 8192)
+    assert cfg.enable_prefix_caching is False and cfg.log_format == "json"
+    assert cfg.allowed_origins == ("https://a.example", "https://b.example")
+    assert (cfg.service_name, cfg.otlp_endpoint) == ("inference", "http://127.0.0.1:4318")
+
+
+def test_our_names_win_over_aliases_and_flags_over_both():
+    env = {"LLM_INFERENCE_PORT": "9100", "LLM_PORT": "9200"}
+    assert ServerConfig.from_sources(parse(["--model", "m"]), env=env).port == 9200
+    assert ServerConfig.from_sources(parse(["--model", "m", "--port", "9300"]), env=env).port == 9300
+    with pytest.raises(ValueError, match=r"port: must be an integer, got 'x' \(from LLM_INFERENCE_PORT\)"):
+        ServerConfig.from_sources(parse(["--model", "m"]), env={"LLM_INFERENCE_PORT": "x"})
+
+
+def test_unknown_llm_variables_are_logged_by_name(caplog):
+    env = {"LLM_MAX_NUM_SEQ": "4", "LLM_ENABLE_ISQ": "true", "LLM_PORT": "9000", "OTHER": "x"}
+    with caplog.at_level("WARNING", logger="pyforge.config"):
+        ServerConfig.from_sources(parse(["--model", "m"]), env=env)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "LLM_MAX_NUM_SEQ" in warned and "LLM_ENABLE_ISQ" in warned
+    assert "LLM_PORT" not in warned and "OTHER" not in warned
+
+
+def test_list_settings_from_every_source(tmp_path):
+    args = parse(["--models", "a.gguf", "--models", "b.gguf,c.gguf", "--api-key", "k1", "--api-key", "k2"])
+    cfg = ServerConfig.from_sources(args, env={})
+    assert cfg.models == ("a.gguf", "b.gguf", "c.gguf") and cfg.api_key == ("k1", "k2") and cfg.model is None
+    cfg = ServerConfig.from_sources(None, env={"LLM_ALLOWED_MODELS": "org/x, y.gguf"})
+    assert cfg.models == ("org/x", "y.gguf")
+    toml = write_toml(tmp_path, 'models = ["a.gguf", "b.gguf"]\nallowed_origins = "*"\n')
+    cfg = ServerConfig.from_sources(None, env={}, toml_path=toml)
+    assert cfg.models == ("a.gguf", "b.gguf") and cfg.allowed_origins == ("*",)
+    with pytest.raises(ValueError, match="either model or models"):
+        ServerConfig(model="a.gguf", models=("b.gguf",))
+    with pytest.raises(ValueError, match="the same model twice"):
+        ServerConfig(models=("x/a.gguf", "y/a.gguf"))
+
+
+def test_per_model_configs_share_the_threads():
+    cfg = ServerConfig(models=("/m/a.gguf", "org/repo-GGUF:b.Q4_K.gguf@org/tok"), threads=4)
+    one, two = cfg.per_model()
+    assert (one.model, one.served_model_name, one.threads, one.models) == ("/m/a.gguf", "a", 2, ())
+    assert (two.served_model_name, two.threads) == ("org/repo-GGUF:b.Q4_K.gguf", 2)
+    alone, = ServerConfig(model="/m/a.gguf", served_model_name="mine").per_model()
+    assert (alone.served_model_name, alone.threads) == ("mine", None)
+
+
+def test_api_keys_from_flag_and_file(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nsk-one\n\n  sk-two  \n")
+    cfg = ServerConfig(model="m", api_key=("sk-flag",), api_key_file=str(keys))
+    assert cfg.api_keys == ("sk-flag", "sk-one", "sk-two")
+    with pytest.raises(ValueError, match="api_key_file: no such file"):
+        ServerConfig(model="m", api_key_file=str(tmp_path / "none"))
+
+
+def test_tls_needs_both_files(tmp_path):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    assert ServerConfig(model="m", ssl_certfile=str(cert), ssl_keyfile=str(key)).tls
+    assert not ServerConfig(model="m", ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_enabled=False).tls
+    with pytest.raises(ValueError, match=r"ssl_enabled: https needs ssl_certfile and ssl_keyfile.*\(from SERVER_SSL_ENABLED\)"):
+        ServerConfig.from_sources(parse(["--model", "m"]), env={"SERVER_SSL_ENABLED": "true"})
+
+
+def test_help_shows_every_setting_with_default_and_env(capsys):
+    from pyforge.cli import main
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(ServerConfig):
+        assert "--" + f.name.replace("_", "-") in text
+        assert "LLM_" + f.name.upper() in text
+    assert "[default: 8000; env: LLM_PORT, LLM_INFERENCE_PORT]" in text
+
+
+def test_version(capsys):
+    from pyforge import __version__
+    from pyforge.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pyforge {__version__}"

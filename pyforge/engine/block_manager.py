@@ -12,10 +12,11 @@ from pyforge.native.block_pool import BlockPool
 
 
 class BlockManager:
-    def __init__(self, n_blocks, block_size):
+    def __init__(self, n_blocks, block_size, prefix_caching=True):
         self.pool = BlockPool(n_blocks, block_size)   # rejects sizes < 1
         self.n_blocks = n_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching    # off: no block is ever registered, so none is found
         self.prefix_queries = 0                 # prompt tokens looked up
         self.prefix_hits = 0                    # of those, found cached
 
@@ -70,7 +71,7 @@ class BlockManager:
     def register_full_blocks(self, seq):
         """Make the sequence's newly computed full blocks findable by later prompts."""
         start, n_full = seq.num_registered_blocks, seq.num_computed_tokens // self.block_size
-        if n_full <= start:
+        if n_full <= start or not self.prefix_caching:
             return
         keys = self.extend_keys(seq.token_ids, seq.block_keys, n_full)
         self.pool.register(seq.block_table, seq.token_ids, keys, start, n_full)

@@ -18,6 +18,7 @@ class EngineConfig:
     null_model: bool = False            # no forward pass (serving-stack benchmarks)
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = False
+    enable_prefix_caching: bool = True
 
     @classmethod
     def from_server_config(cls, config):
@@ -26,7 +27,8 @@ class EngineConfig:
                    max_model_len=config.max_model_len, kv_cache_tokens=config.kv_cache_tokens,
                    block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                    max_num_batched_tokens=config.max_num_batched_tokens, null_model=config.null_model,
-                   gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs)
+                   gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
+                   enable_prefix_caching=config.enable_prefix_caching)
 
     def to_dict(self):
         return dataclasses.asdict(self)

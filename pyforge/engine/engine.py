@@ -89,7 +89,7 @@ class Engine:
             self.backend.use_cuda_graphs(self.max_model_len, ec.block_size)
             self.backend.graphs.capture_all(self.model.forward_device, self.kv_cache)
         self.facts = EngineFacts(self.max_model_len, cfg.vocab_size, self.tokenizer.eos_ids)
-        self.block_manager = BlockManager(n_blocks, ec.block_size)
+        self.block_manager = BlockManager(n_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(n_threads=self.backend.n_threads)

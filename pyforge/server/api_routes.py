@@ -40,25 +40,25 @@ class _Generate:
 
     stream = False
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, models):
+        self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.ctx.observer)
+        timer = g.RequestTimer(self.models.default.observer)
         with g.observed(timer):
-            body = v.read_json(req, self.ctx.config.max_body_bytes)
-            request = self._request(body)
-            g.run(self.ctx, resp, timer, request, stream=self.stream,
+            body = v.read_json(req, self.models.config.max_body_bytes)
+            ctx = g.picked(self.models, body, timer)
+            request = self._request(body, ctx)
+            g.run(ctx, resp, timer, request, stream=self.stream,
                   to_json=lambda results, usage: self._reply(results[0].text, results[0].finish_reason, usage),
                   to_chunks=self._chunks, client_gone=g.connection_watch(req))
 
-    def _request(self, body):
-        v.check_model(body, self.ctx)
-        params = v.sampling_params(body, self.ctx.config, grammar=request_grammar(body, self.ctx.constraints))
-        return g.GenerationRequest([self._prompt(body)], params, 1, v.parse_stop(body.get("stop")))
+    def _request(self, body, ctx):
+        params = v.sampling_params(body, ctx.config, grammar=request_grammar(body, ctx.constraints))
+        return g.GenerationRequest([self._prompt(body, ctx)], params, 1, v.parse_stop(body.get("stop")))
 
     def _chunks(self, gen):
-        for update in gen.updates(self.ctx.config.keepalive_interval):
+        for update in gen.updates(self.models.config.keepalive_interval):
             if update is None:
                 yield None
             elif update.finish_reason is not None:
@@ -70,8 +70,8 @@ class _Generate:
 
 
 class Generate(_Generate):
-    def _prompt(self, body):
-        prompts = v.completion_prompts(body.get("prompt"), self.ctx)
+    def _prompt(self, body, ctx):
+        prompts = v.completion_prompts(body.get("prompt"), ctx)
         if len(prompts) != 1:
             raise bad_request("/api takes one prompt: a string or a list of token ids", "prompt")
         return prompts[0]
@@ -81,10 +81,10 @@ class Generate(_Generate):
 
 
 class Chat(_Generate):
-    def _prompt(self, body):
+    def _prompt(self, body, ctx):
         if body.get("tools") is not None:     # not part of /api: never answered as if honoured
             raise bad_request("/api/chat takes no tools; use /v1/chat/completions for tool calling", "tools")
-        return v.chat_prompt(body.get("messages"), self.ctx)
+        return v.chat_prompt(body.get("messages"), ctx)
 
     def _reply(self, text, finish_reason, usage):
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "usage": usage}
@@ -99,17 +99,17 @@ class ChatStream(Chat):
 
 
 class Models:
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, models):
+        self.models = models
 
     def on_get(self, req, resp):
-        resp.media = {"llms": [{"name": self.ctx.model_name, "context_length": self.ctx.max_model_len}]}
+        resp.media = {"llms": [{"name": ctx.model_name, "context_length": ctx.max_model_len} for ctx in self.models]}
 
 
-def add_routes(app, ctx):
-    app.add_route("/api/generate", Generate(ctx))
-    app.add_route("/api/completions", Generate(ctx))
-    app.add_route("/api/completions/stream", GenerateStream(ctx))
-    app.add_route("/api/chat", Chat(ctx))
-    app.add_route("/api/chat/stream", ChatStream(ctx))
-    app.add_route("/api/llms", Models(ctx))
+def add_routes(app, models):
+    app.add_route("/api/generate", Generate(models))
+    app.add_route("/api/completions", Generate(models))
+    app.add_route("/api/completions/stream", GenerateStream(models))
+    app.add_route("/api/chat", Chat(models))
+    app.add_route("/api/chat/stream", ChatStream(models))
+    app.add_route("/api/llms", Models(models))

@@ -1,11 +1,12 @@
 """The Falcon WSGI app: routes, middleware, error handling.
 
-    create_app(config, engine_client, tokenizer, observer=None) -> falcon.App
+    create_app(config, engine_client, tokenizer, observer=None) -> falcon.App   (one model)
+    build_app(config, [serving_context(...), ...]) -> falcon.App               (several)
 
 Cross-cutting concerns are middleware: request ids (`X-Request-Id`, echoed or
-made up) and bearer-token auth when `config.api_key` is set (health endpoints
-stay open so orchestrators can probe). Errors of every kind leave as
-OpenAI-shaped JSON (errors.py).
+made up) and API-key auth when keys are configured (`Authorization: Bearer` or
+`X-Api-Key`; health endpoints stay open so orchestrators can probe). Errors of
+every kind leave as OpenAI-shaped JSON (errors.py).
 
 `observer` is the metrics hook: on_request_start(), on_first_token(seconds),
 on_token(n, seconds_since_last), on_request_end(status, seconds,
@@ -22,6 +23,7 @@ import falcon
 from pyforge.server import api_routes, errors, openai_routes
 from pyforge.server.errors import APIError
 from pyforge.server.generation import NoopObserver, ServingContext
+from pyforge.server.served import ServedModels
 from pyforge.structured import Constraints
 
 OPEN_PATHS = ("/health",)       # path prefixes served without an API key
@@ -29,20 +31,35 @@ _REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
 
 
 def create_app(config, engine_client, tokenizer, observer=None):
-    """The app for one served model. A configured chat template replaces the
-    tokenizer's own (the tokenizer object is changed in place)."""
+    """The app for one served model."""
+    return build_app(config, [serving_context(config, engine_client, tokenizer, observer)])
+
+
+def serving_context(config, engine_client, tokenizer, observer=None):
+    """What the routes need of one model (`config` is that model's). A configured chat
+    template replaces the tokenizer's own (the tokenizer object is changed in place)."""
     template = config.load_chat_template()
     if template is not None:
         tokenizer.chat_template = template
-    ctx = ServingContext(config, engine_client, tokenizer, observer or NoopObserver(),
-                         config.served_model_name, engine_client.facts, int(time.time()), Constraints(tokenizer))
-    app = falcon.App(middleware=[RequestIdMiddleware(), AuthMiddleware(config.api_key)])
+    return ServingContext(config, engine_client, tokenizer, observer or NoopObserver(),
+                          config.served_model_name, engine_client.facts, int(time.time()), Constraints(tokenizer))
+
+
+def build_app(config, contexts):
+    """The app serving every model of `contexts`; `config` holds the server-wide settings."""
+    models = ServedModels(contexts, strict=config.strict_model_name)
+    app = falcon.App(middleware=middleware(config))
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    openai_routes.add_routes(app, ctx)
-    api_routes.add_routes(app, ctx)
-    add_health_routes(app, engine_client)
+    openai_routes.add_routes(app, models)
+    api_routes.add_routes(app, models)
+    add_health_routes(app, models)
     return app
+
+
+def middleware(config):
+    """Run in this order on the way in, reversed on the way out."""
+    return [RequestIdMiddleware(), AuthMiddleware(config.api_keys)]
 
 
 class RequestIdMiddleware:
@@ -54,18 +71,30 @@ class RequestIdMiddleware:
 
 
 class AuthMiddleware:
-    def __init__(self, api_key, open_paths=OPEN_PATHS):
-        self.key = api_key.encode() if api_key else None
+    def __init__(self, api_keys, open_paths=OPEN_PATHS):
+        self.keys = [key.encode() for key in api_keys]
         self.open_paths = open_paths
 
     def process_request(self, req, resp):
-        if self.key is None or req.path.startswith(self.open_paths):
+        if not self.keys or req.path.startswith(self.open_paths):
             return
-        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
-        # compare_digest: the time taken must not reveal how much of the key matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+        if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
+            return                      # a CORS preflight: browsers never send credentials on one
+        if not self._accepted(self._presented(req)):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key> or X-Api-Key: <key>)",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @staticmethod
+    def _presented(req):
+        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+        return (req.get_header("X-Api-Key") or "").strip()
+
+    def _accepted(self, token):
+        token = token.encode()
+        # compare_digest against every key: the time taken must not reveal which or how much matched
+        return bool(token) & any([hmac.compare_digest(token, key) for key in self.keys])
 
 
 class Live:
@@ -74,18 +103,19 @@ class Live:
 
 
 class Ready:
-    def __init__(self, engine_client):
-        self.client = engine_client
+    """200 when every served model's engine is ready, else 503; each model's state either way."""
+
+    def __init__(self, models):
+        self.models = models
 
     def on_get(self, req, resp):
-        if self.client.ready():
-            resp.media = {"status": "ready"}
-        else:
-            resp.status = falcon.HTTP_503
-            resp.media = {"status": "not ready"}
+        states = {ctx.model_name: "ready" if ctx.client.ready() else "not ready" for ctx in self.models}
+        ready = all(state == "ready" for state in states.values())
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = {"status": "ready" if ready else "not ready", "models": states}
 
 
-def add_health_routes(app, engine_client):
+def add_health_routes(app, models):
     app.add_route("/health", Live())
     app.add_route("/health/live", Live())
-    app.add_route("/health/ready", Ready(engine_client))
+    app.add_route("/health/ready", Ready(models))

@@ -323,6 +323,14 @@ def collect(generation, client_gone=None):
 
 # -- serving ------------------------------------------------------------------
 
+def picked(models, body, timer):
+    """The ServingContext of the model `body` names (server/served.py); the request's
+    metrics go to that model from here on."""
+    ctx = models.pick(body.get("model"))
+    timer.observer = ctx.observer
+    return ctx
+
+
 @contextmanager
 def observed(timer):
     """Report a request that fails before its reply to the observer, with its status."""

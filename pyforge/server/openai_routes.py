@@ -23,16 +23,17 @@ class _OpenAIGeneration:
 
     parse = id_prefix = object_type = reply = chunks = None
 
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, models):
+        self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.ctx.observer)
+        timer = g.RequestTimer(self.models.default.observer)
         with g.observed(timer):
-            body = v.read_json(req, self.ctx.config.max_body_bytes)
-            request, stream, include_usage, reply = self.parse(body, self.ctx)
-            fmt = _Format(self.ctx, self.id_prefix, self.object_type, include_usage, reply)
-            g.run(self.ctx, resp, timer, request, stream=stream,
+            body = v.read_json(req, self.models.config.max_body_bytes)
+            ctx = g.picked(self.models, body, timer)
+            request, stream, include_usage, reply = self.parse(body, ctx)
+            fmt = _Format(ctx, self.id_prefix, self.object_type, include_usage, reply)
+            g.run(ctx, resp, timer, request, stream=stream,
                   to_json=lambda results, usage: getattr(fmt, self.reply)(request, results, usage),
                   to_chunks=getattr(fmt, self.chunks), client_gone=g.connection_watch(req))
 
@@ -48,34 +49,36 @@ class ChatCompletions(_OpenAIGeneration):
 
 
 class Models:
-    def __init__(self, ctx):
-        self.ctx = ctx
+    def __init__(self, models):
+        self.models = models
 
     def on_get(self, req, resp):
-        resp.media = {"object": "list", "data": [self._card()]}
+        resp.media = {"object": "list", "data": [_card(ctx) for ctx in self.models]}
 
     def on_get_one(self, req, resp, model):
-        if model != self.ctx.model_name:
+        ctx = self.models.by_name.get(model)
+        if ctx is None:
             raise APIError(404, f"the model {brief(model)} does not exist", param="model", code="model_not_found")
-        resp.media = self._card()
-
-    def _card(self):
-        return {"id": self.ctx.model_name, "object": "model", "created": self.ctx.created,
-                "owned_by": "pyforge", "max_model_len": self.ctx.max_model_len}
+        resp.media = _card(ctx)
 
 
-def add_routes(app, ctx):
-    app.add_route("/v1/completions", Completions(ctx))
-    app.add_route("/v1/chat/completions", ChatCompletions(ctx))
-    models = Models(ctx)
-    app.add_route("/v1/models", models)
-    app.add_route("/v1/models/{model}", models, suffix="one")
+def _card(ctx):
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created,
+            "owned_by": "pyforge", "max_model_len": ctx.max_model_len}
+
+
+def add_routes(app, models):
+    app.add_route("/v1/completions", Completions(models))
+    app.add_route("/v1/chat/completions", ChatCompletions(models))
+    listing = Models(models)
+    app.add_route("/v1/models", listing)
+    # {model:path}: ids such as TinyLlama/TinyLlama-1.1B-Chat-v1.0 hold slashes
+    app.add_route("/v1/models/{model:path}", listing, suffix="one")
 
 
 # -- requests -------------------------------------------------------------------
 
 def _completion_request(body, ctx):
-    v.check_model(body, ctx)
     logprobs = v.parse_completion_logprobs(body.get("logprobs"))
     echo = v.parse_bool(body, "echo")
     if echo and logprobs is not None:
@@ -87,7 +90,6 @@ def _completion_request(body, ctx):
 
 
 def _chat_request(body, ctx):
-    v.check_model(body, ctx)
     prompt, params, reply, keep_special = chat_request(body, ctx, v.parse_chat_logprobs(body))
     request = g.GenerationRequest([prompt], params, v.parse_n(body), v.parse_stop(body.get("stop")),
                                   keep_special=keep_special)

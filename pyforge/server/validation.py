@@ -62,18 +62,13 @@ def _check_unicode(body):
         raise bad_request("the body is nested too deeply") from None
 
 
-def check_model(body, ctx):
-    model = body.get("model")
-    # served names only: accepting the model's file path would tell a client which paths exist
-    if model is not None and model != ctx.model_name:
-        raise APIError(404, f"the model {brief(model)} does not exist; this server serves {ctx.model_name!r}",
-                       param="model", code="model_not_found")
-
-
 def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None, grammar=None):
     """SamplingParams from OpenAI / vLLM request fields (null means unset); `grammar`
     is the request's output constraint (server/constraints.py), already checked."""
     kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    for name, default in (("temperature", config.default_temperature), ("top_p", config.default_top_p)):
+        if default is not None:         # the server's default stands in for an omitted field
+            kwargs.setdefault(name, default)
     if grammar is not None:
         kwargs["grammar"] = grammar
     max_tokens = next((body[k] for k in max_tokens_keys if body.get(k) is not None), config.default_max_tokens)

@@ -89,8 +89,8 @@ def test_same_validation_as_v1(stories):
     client, _ = stories
     r = client.simulate_post("/api/generate", json={"prompt": PROMPT, "temperature": -1})
     assert r.status_code == 400 and r.json["error"]["param"] == "temperature"
-    r = client.simulate_post("/api/generate", json={"prompt": PROMPT, "model": "gpt-4"})
-    assert r.status_code == 404 and r.json["error"]["code"] == "model_not_found"
+    r = client.simulate_post("/api/generate", json={"prompt": PROMPT, "model": ["gpt-4"]})
+    assert r.status_code == 400 and r.json["error"]["param"] == "model"
     r = client.simulate_post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "chat template" in r.json["error"]["message"]   # stories has none
     r = client.simulate_post("/api/generate", json={"prompt": [PROMPT, PROMPT]})

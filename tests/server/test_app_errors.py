@@ -146,10 +146,17 @@ def test_api_key(served):
         assert app.simulate_get(path).status_code == 200
 
 
-def test_unknown_model_route_and_method(app):
-    r = app.simulate_post("/v1/completions", json={"model": "gpt-4", "prompt": PROMPT})
+def test_unknown_model_route_and_method(app, served):
+    _, engine, client = served
+    r = app.simulate_post("/v1/completions", json={"model": "gpt-4", "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200 and r.json["model"] == "stories260K"     # one model: it answers any name
+    assert_error(app.simulate_post("/v1/completions", json={"model": 7, "prompt": PROMPT}), 400, "model")
+    strict = testing.TestClient(create_app(ServerConfig(model=STORIES, strict_model_name=True), client,
+                                           engine.tokenizer))
+    r = strict.simulate_post("/v1/completions", json={"model": "gpt-4", "prompt": PROMPT})
     assert_error(r, 404, "model", "model_not_found")
-    assert_error(app.simulate_post("/v1/chat/completions", json={"model": "x", "messages": []}),
+    assert "'stories260K'" in r.json["error"]["message"]
+    assert_error(strict.simulate_post("/v1/chat/completions", json={"model": "x", "messages": []}),
                  404, "model", "model_not_found")
     assert_error(app.simulate_get("/v1/engines"), 404)
     assert_error(app.simulate_get("/v1/completions"), 405)

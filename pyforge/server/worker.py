@@ -17,16 +17,27 @@ left to read in a thread (a chunked body, a body after `Expect: 100-continue`)
 and every write to the client run under kernel socket timeouts of the same
 length (SO_RCVTIMEO / SO_SNDTIMEO), so a thread is never held longer than that
 by a client that stops reading or writing.
+
+TLS: gthread wraps a connection's socket in the thread, and a thread would do
+the handshake. Here the socket is wrapped on accept and the handshake runs in
+the loop, non-blocking, like the request read after it (through the TLS
+layer, so the buffer holds plain HTTP). In a thread a TLS socket keeps a
+Python timeout of the same length instead of blocking: the kernel timeouts do
+not bound it (see TimeoutSSLSocket).
 """
+import contextlib
 import errno
 import re
 import resource
 import selectors
 import socket
+import ssl
 import struct
 import time
 from functools import partial
 
+from gunicorn import http
+from gunicorn.sock import ssl_context
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 MAX_HEAD_BYTES = 64 << 10    # a head this long without its end goes to gunicorn's parser (which refuses it)
@@ -121,6 +132,9 @@ class GuardedThreadWorker(ThreadWorker):
         self.reading = {}       # TConn -> deadline, oldest first (one timeout for all)
         self.read_timeout = config.request_read_timeout
         self.body_limit = config.max_body_bytes
+        self.tls = ssl_context(self.cfg) if self.cfg.is_ssl else None     # one context, not one per connection
+        if self.tls is not None:
+            self.tls.sslsocket_class = TimeoutSSLSocket
         _raise_open_file_limit()
         super().init_process()
 
@@ -135,6 +149,15 @@ class GuardedThreadWorker(ThreadWorker):
         self.nr_conns += 1
         _set_io_timeouts(client_sock, self.read_timeout)
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())   # non-blocking
+        if self.tls is not None:
+            try:                        # the handshake happens in the first reads (_receive)
+                conn.sock = self.tls.wrap_socket(client_sock, server_side=True, do_handshake_on_connect=False,
+                                                 suppress_ragged_eofs=self.cfg.suppress_ragged_eofs)
+            except OSError:             # the client has gone already
+                self.nr_conns -= 1
+                client_sock.close()
+                return
+            conn.sock.io_timeout = self.read_timeout
         conn.pf_data = bytearray()
         self._read_request(conn)
 
@@ -151,9 +174,14 @@ class GuardedThreadWorker(ThreadWorker):
 
     def _on_request_bytes(self, conn, sock):
         try:
-            data = sock.recv(256 << 10)
-        except (BlockingIOError, InterruptedError):
-            return
+            data = _receive(sock)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return                      # TLS: the handshake or a record is not whole yet (a write the
+                                        # handshake could not finish waits for the client's next bytes)
+        except ssl.SSLError as e:       # a failed handshake
+            if e.reason == "HTTP_REQUEST":     # plain http to the https port: say so, in plain http
+                _send_raw(sock, refusal(400, "this port serves https; the request came as plain http"))
+            data = b""
         except OSError:
             data = b""
         if not data:                    # the client left before its request was whole
@@ -180,8 +208,10 @@ class GuardedThreadWorker(ThreadWorker):
         if data:
             conn.pf_data = None
             conn.sock.setblocking(True)
-            conn.init()                 # the parser, which then reads what we read first
-            conn.parser.unreader.unread(bytes(data))
+            if conn.parser is None:     # as conn.init(), which would wrap a TLS socket a second time
+                conn.initialized = True
+                conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+            conn.parser.unreader.unread(bytes(data))    # the parser reads what we read first
         return super().handle(conn)
 
     # -- timeouts ---------------------------------------------------------------
@@ -201,6 +231,43 @@ class GuardedThreadWorker(ThreadWorker):
             pass
         self.nr_conns -= 1
         conn.close()
+
+
+class TimeoutSSLSocket(ssl.SSLSocket):
+    """A TLS socket that is never plain blocking: gthread's setblocking(True) sets a
+    Python timeout of `io_timeout` seconds. A kernel timeout (_set_io_timeouts) does
+    not bound a blocking TLS socket: OpenSSL takes its EAGAIN for "want more data"
+    and Python's blocking read or write tries again, forever."""
+    io_timeout = None
+
+    def setblocking(self, flag):
+        self.settimeout(self.io_timeout if flag else 0.0)
+
+
+def _receive(sock, size=256 << 10):
+    """What a non-blocking socket has now (b"": the client closed). TLS hands out one
+    record (16 KiB at most) a read and may hold decrypted bytes, which the poller
+    cannot see: read on until it wants more from the network."""
+    data = sock.recv(size)
+    while data and isinstance(sock, ssl.SSLSocket) and (len(data) < size or sock.pending()):
+        try:
+            more = sock.recv(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            break
+        if not more:
+            break                       # the close shows again on the next call
+        data += more
+    return data
+
+
+def _send_raw(sock, data):
+    """Write `data` past a TLS socket's encryption (best effort, non-blocking), after
+    reading what the client sent: a close with unread bytes resets the connection,
+    and the client could lose the answer."""
+    with contextlib.suppress(OSError):
+        socket.socket.recv(sock, 64 << 10)
+    with contextlib.suppress(OSError):
+        socket.socket.send(sock, data)
 
 
 def _set_io_timeouts(sock, seconds):

@@ -7,6 +7,8 @@
   api_routes.py      the in-house /api family
   generation.py      request parsing, detokenization, stop strings, n, logprobs, usage
   sse.py, errors.py  event-stream framing; OpenAI-shaped errors
+  logs.py            one logging setup for every process; an access line per request
+  tracing.py         OpenTelemetry: a span per generation request (optional)
 
 Nothing is imported here, so the engine process can import engine_client
 without pulling in Falcon.

@@ -7,7 +7,8 @@
            logprobs, usage. A stop string aborts its stream at once.
   serve:   `run` answers with one JSON body or an SSE stream, and maps
            overload (503 + Retry-After) and engine errors to HTTP statuses.
-  observe: RequestTimer feeds the metrics observer (a no-op by default).
+  observe: RequestTimer feeds the metrics observer (a no-op by default), the
+           access log line and the trace span (logs.RequestLog).
 
 Choice `index` follows OpenAI: prompt i's j-th sample is choice i * n + j.
 """
@@ -26,6 +27,7 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.server import sse
 from pyforge.server.engine_client import AdmittedEvent, ErrorEvent, FinishEvent, QueueFullError, StreamGroup
 from pyforge.server.errors import APIError, bad_request, error_body, status_code
+from pyforge.server.logs import RequestLog
 from pyforge.tokenizer import IncrementalDetokenizer
 
 
@@ -325,9 +327,9 @@ def collect(generation, client_gone=None):
 
 def picked(models, body, timer):
     """The ServingContext of the model `body` names (server/served.py); the request's
-    metrics go to that model from here on."""
+    metrics, log line and span go to that model from here on."""
     ctx = models.pick(body.get("model"))
-    timer.observer = ctx.observer
+    timer.picked(ctx, body)
     return ctx
 
 
@@ -358,14 +360,18 @@ def run(ctx, resp, timer, request, *, stream, to_json, to_chunks, client_gone=No
     except GenerationError as e:     # the generation closed itself
         raise _api_error(e) from None
     except ClientGone:
-        timer.end(499, gen.usage())
+        _end(timer, 499, gen)
         resp.status = 499
         return
     finally:
         if not stream:
             gen.close()
     resp.media = to_json(results, gen.usage())
-    timer.end(200, gen.usage())
+    _end(timer, 200, gen)
+
+
+def _end(timer, status, gen):
+    timer.end(status, gen.usage(), [c.finish_reason for c in gen.choices if c.finish_reason])
 
 
 def _start(ctx, request, timer):
@@ -395,7 +401,7 @@ def _stream(resp, gen, timer, to_chunks):
 
     def on_close():
         gen.close()
-        timer.end(status[0], gen.usage())
+        _end(timer, status[0], gen)
 
     sse.respond(resp, events(), on_close)
 
@@ -436,26 +442,35 @@ class NoopObserver:
 
 
 class RequestTimer:
-    """Feeds one request's timings to the observer; `end` reports once."""
+    """Feeds one generation request's timings to the observer and to its RequestLog
+    (access line, span); `end` reports once, at the request's real end (a stream's
+    last event)."""
 
-    def __init__(self, observer):
+    def __init__(self, observer, req):
         self.observer = observer
+        self.log = RequestLog.claim(req)
         self.start = self.last = time.perf_counter()
         self.first = None
         self.ended = False
         observer.on_request_start()
+
+    def picked(self, ctx, body):
+        self.observer = ctx.observer
+        self.log.picked(ctx.model_name, body)
 
     def tokens(self, n):
         now = time.perf_counter()
         if self.first is None:
             self.first = now
             self.observer.on_first_token(now - self.start)
+            self.log.first_token(now - self.start)
         self.observer.on_token(n, now - self.last)
         self.last = now
 
-    def end(self, status, usage=None):
+    def end(self, status, usage=None, finish_reasons=()):
         if not self.ended:
             self.ended = True
-            usage = usage or {}
+            counts = usage or {}
             self.observer.on_request_end(status, time.perf_counter() - self.start,
-                                         usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                                         counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0))
+            self.log.end(status, usage, None if self.first is None else self.first - self.start, finish_reasons)

@@ -7,6 +7,8 @@ before the first worker, build each worker's app after its fork, and stop the
 engine and remove the shared-memory segment when gunicorn exits.
 """
 from pyforge.config import ServerConfig
-from pyforge.server.launcher import gunicorn_settings
+from pyforge.server.launcher import _configure_logging, gunicorn_settings
 
-globals().update(gunicorn_settings(ServerConfig.from_sources(None)))
+_config = ServerConfig.from_sources(None)
+_configure_logging(_config)         # now: gunicorn logs "Starting gunicorn" before on_starting runs
+globals().update(gunicorn_settings(_config))

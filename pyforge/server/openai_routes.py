@@ -27,7 +27,7 @@ class _OpenAIGeneration:
         self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.models.default.observer)
+        timer = g.RequestTimer(self.models.default.observer, req)
         with g.observed(timer):
             body = v.read_json(req, self.models.config.max_body_bytes)
             ctx = g.picked(self.models, body, timer)

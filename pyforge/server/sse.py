@@ -5,7 +5,10 @@ The body is a generator handed to Falcon as `resp.stream`; gunicorn writes
 `: keep-alive` comment, so a dead client's socket errors out within one
 interval. When the client goes away, gunicorn stops iterating and closes the
 generator: `on_close` runs in its `finally` and aborts the request there.
+The body runs in the context (contextvars) of the request that made it: its
+log lines carry the request id and model after the app has returned.
 """
+import contextvars
 import json
 
 KEEPALIVE = b": keep-alive\n\n"
@@ -33,14 +36,18 @@ class SSEBody:
         self._frames = self._iterate(events)
         self._on_close = on_close
         self._closed = False
+        self._context = contextvars.copy_context()
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return next(self._frames)
+        return self._context.run(next, self._frames)
 
     def close(self):
+        self._context.run(self._close)
+
+    def _close(self):
         try:
             self._frames.close()
         finally:

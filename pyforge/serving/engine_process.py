@@ -239,10 +239,11 @@ def _always():
     return True
 
 
-def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30.0, log_level="INFO"):
+def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30.0, log_level="info",
+               log_format="pretty", service_name="pyforge"):
     """The engine process's entry point (a multiprocessing target)."""
-    logging.basicConfig(level=getattr(logging, str(log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(process)d engine %(levelname)s %(message)s")
+    from pyforge.server.logs import configure     # the server's log format: one stream, one shape
+    configure(log_level, log_format, service_name)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the whole group: the launcher decides
@@ -270,12 +271,12 @@ def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30
 
 
 def main(argv=None):
-    """python -m pyforge.serving.engine_process SEGMENT ENGINE_KWARGS_JSON QUEUE_CAPACITY DRAIN_TIMEOUT [LOG_LEVEL]
-    (what the launcher runs)."""
+    """python -m pyforge.serving.engine_process SEGMENT ENGINE_KWARGS_JSON QUEUE_CAPACITY DRAIN_TIMEOUT
+    [LOG_LEVEL [LOG_FORMAT [SERVICE_NAME]]] (what the launcher runs)."""
     import json
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (4, 5):
+    if not 4 <= len(argv) <= 7:
         raise SystemExit(main.__doc__)
     run_engine(argv[0], json.loads(argv[1]), int(argv[2]), float(argv[3]), *argv[4:])
 

@@ -11,7 +11,8 @@ Precedence, highest first:
 ENV_ALIASES holds the names operators already set for other servers
 (LLM_INFERENCE_PORT, CORS_ALLOWED_ORIGINS, ...); where both an alias and the
 LLM_<FIELD> name are set, the LLM_<FIELD> name wins. An LLM_* variable that
-names no setting is logged as a warning (`unknown_env`), never silently dropped.
+names no setting is logged as a warning (`warn_unknown_env`, called once logging
+is set up), never silently dropped.
 List settings (models, api_key, allowed_origins) take a comma-separated string
 from the environment, a repeated flag or a TOML array.
 
@@ -111,9 +112,6 @@ class ServerConfig:
         `env` (default os.environ) and the TOML file (toml_path, else --config,
         else LLM_CONFIG) over the defaults."""
         env = os.environ if env is None else env
-        for name in unknown_env(env):
-            _log.warning("ignoring the environment variable %s: it names no pyforge setting "
-                         "(see `pyforge serve --help`)", name)
         flags = {k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in _FIELDS}
         toml_path = toml_path or getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
         layers = [(_read_toml(toml_path), lambda name: str(toml_path)),
@@ -173,6 +171,12 @@ def default_model_name(model):
     if ":" in model:
         return model
     return Path(model).name[:-len(".gguf")] if model.endswith(".gguf") else model
+
+
+def warn_unknown_env(env=None):
+    for name in unknown_env(os.environ if env is None else env):
+        _log.warning("ignoring the environment variable %s: it names no pyforge setting "
+                     "(see `pyforge serve --help`)", name)
 
 
 def unknown_env(env):
@@ -347,6 +351,9 @@ def _parse(name, value):
 def _check_relations(cfg):
     if cfg.model and cfg.models:
         raise _FieldError("models", "give either model or models, not both")
+    if len(cfg.models) > 1 and cfg.served_model_name is not None:
+        raise _FieldError("served_model_name", "names one model; with several models each is served under "
+                                               "its default name (see --models)")
     if len(set(map(default_model_name, cfg.models))) != len(cfg.models):
         raise _FieldError("models", f"the same model twice: {', '.join(cfg.models)}")
     if cfg.ssl_enabled and not (cfg.ssl_certfile and cfg.ssl_keyfile):
@@ -419,7 +426,7 @@ _HELP = {
     "ssl_certfile": "TLS certificate chain (PEM)",
     "ssl_keyfile": "TLS private key (PEM)",
     "service_name": "service name in logs and traces",
-    "otlp_endpoint": "OpenTelemetry collector (OTLP over HTTP, e.g. http://localhost:4318): a span per request",
+    "otlp_endpoint": "OpenTelemetry collector (OTLP over HTTP, e.g. http://localhost:4318): a span per generation request",
     "served_model_name": "model name clients use (default: the model file name without .gguf)",
     "workers": "HTTP worker processes",
     "worker_threads": "threads per HTTP worker (each holds one request or stream)",

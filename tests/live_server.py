@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -54,38 +55,43 @@ def _parent(pid):
         return None
 
 
-def get(url, timeout=5):
+def get(url, timeout=5, context=None):
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
 
 
 class Server:
-    def __init__(self, model_path, *flags, workers=2):
+    def __init__(self, model_path, *flags, workers=2, env=None, ready_timeout=30, ca=None):
+        """model_path None: the flags (or env) name the models. ca: the file of the CA that
+        signed the server's certificate (the flags set https); `tls` trusts it."""
         self.port = free_port()
-        cmd = [sys.executable, "-m", "pyforge.cli", "serve", "--model", model_path, "--port", str(self.port),
+        model = ["--model", model_path] if model_path is not None else []
+        cmd = [sys.executable, "-m", "pyforge.cli", "serve", *model, "--port", str(self.port),
                "--workers", str(workers), "--worker-threads", "40", "--threads", "1",
                "--max-model-len", "2048", "--kv-cache-tokens", "16384", "--max-num-seqs", "32",
                "--drain-timeout", "20", "--log-level", "warning", *flags]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=self._log)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
+        self.tls = ssl.create_default_context(cafile=ca) if ca else None
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + ready_timeout
         while True:
-            assert self.proc.poll() is None, "the server exited while starting"
+            assert self.proc.poll() is None, f"the server exited while starting:\n{self.log()[-3000:]}"
             assert time.monotonic() < deadline, "the server did not get ready"
             try:
-                if get(self.url + "/health/ready", 1)[0] == 200:
+                if get(self.url + "/health/ready", 1, self.tls)[0] == 200:
                     break
             except OSError:
                 pass
             time.sleep(0.1)
         self.pids = descendants(self.proc.pid)
         import openai
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0,
+                                    http_client=openai.DefaultHttpxClient(verify=self.tls) if ca else None)
 
     def pids_now(self):
         """Every live process of the server now (remembered for assert_clean)."""

@@ -179,9 +179,11 @@ def test_our_names_win_over_aliases_and_flags_over_both():
 
 
 def test_unknown_llm_variables_are_logged_by_name(caplog):
+    from pyforge.config import warn_unknown_env
     env = {"LLM_MAX_NUM_SEQ": "4", "LLM_ENABLE_ISQ": "true", "LLM_PORT": "9000", "OTHER": "x"}
+    ServerConfig.from_sources(parse(["--model", "m"]), env=env)     # they do not stop it
     with caplog.at_level("WARNING", logger="pyforge.config"):
-        ServerConfig.from_sources(parse(["--model", "m"]), env=env)
+        warn_unknown_env(env)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "LLM_MAX_NUM_SEQ" in warned and "LLM_ENABLE_ISQ" in warned
     assert "LLM_PORT" not in warned and "OTHER" not in warned
@@ -247,3 +249,13 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pyforge {__version__}"
+
+
+def test_readme_table_lists_every_setting_and_alias():
+    from conftest import REPO
+    from pyforge.config import ENV_ALIASES
+    readme = (REPO / "README.md").read_text()
+    for f in dataclasses.fields(ServerConfig):
+        assert f"| `--{f.name.replace('_', '-')}` | `LLM_{f.name.upper()}`" in readme, f.name
+    for alias in ENV_ALIASES:
+        assert f"`{alias}`" in readme

@@ -16,13 +16,20 @@ def size_kv_cache(engine_config, model_config, backend, model, max_model_len):
     cuda: free memory after the weights, less room for the activations of the
     largest step the scheduler may run), and never less than one whole context."""
     ec = engine_config
-    tokens = ec.kv_cache_tokens
-    if tokens is None:
-        per_token = KVCache.bytes_per_token(model_config, backend.kv_dtype_bytes)
+    budget = None
+    if ec.kv_cache_tokens is None:
         peak = model.activation_bytes(ec.max_num_batched_tokens, min(ec.max_num_seqs, ec.max_num_batched_tokens))
         budget = backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES, peak)
-        tokens = max(max_model_len, budget // per_token)
-    return -(-tokens // ec.block_size)
+    return kv_pool_blocks(ec, model_config, max_model_len, budget, backend.kv_dtype_bytes)
+
+
+def kv_pool_blocks(engine_config, model_config, max_model_len, budget_bytes, dtype_bytes):
+    """Blocks for kv_cache_tokens when given, else for what budget_bytes holds (at
+    least one whole context). The launcher's memory check asks it too."""
+    tokens = engine_config.kv_cache_tokens
+    if tokens is None:
+        tokens = max(max_model_len, budget_bytes // KVCache.bytes_per_token(model_config, dtype_bytes))
+    return -(-tokens // engine_config.block_size)
 
 
 class KVCache:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyforge.ggml_types import GGMLType
-from pyforge.loader.hf_cache import hub_cache_dir, looks_like_repo_id, snapshot_folder
+from pyforge.loader.hf_cache import resolve_spec
 from pyforge.loader.names import expected_shapes, optional_shapes
 
 
@@ -64,15 +64,24 @@ class ModelFile:
         return f"ModelFile({self.path!r}, {self.config.arch}, {len(self.tensors)} tensors)"
 
 
-def load_model_file(path):
-    """A GGUF file or a Hugging Face model folder -> ModelFile."""
-    path = os.fspath(path)
-    if looks_like_repo_id(path):
-        folder = snapshot_folder(path)
-        if folder is None:
-            raise ModelFileError(path, f"no such file or folder, and no cached snapshot of this Hugging Face repo "
-                                       f"in {hub_cache_dir()} (pyforge never downloads weights)")
-        path = folder
+def load_model_file(spec):
+    """A model spec (a GGUF file, a Hugging Face model folder, a cached repo id or
+    repo:file.gguf[@tokenizer-repo]: loader/hf_cache.py) -> ModelFile."""
+    spec = os.fspath(spec)
+    try:
+        path, tokenizer = resolve_spec(spec)
+    except FileNotFoundError as e:
+        raise ModelFileError(spec, str(e).split(": ", 1)[1]) from None
+    model_file = _load_path(path)
+    if tokenizer is not None:
+        if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+            model_file.close()
+            raise ModelFileError(spec, f"the tokenizer folder {tokenizer} has no tokenizer.json")
+        model_file.tokenizer_source = ("hf", tokenizer)
+    return model_file
+
+
+def _load_path(path):
     if os.path.isdir(path):
         from pyforge.loader.hf import load_hf_folder
         return load_hf_folder(path)

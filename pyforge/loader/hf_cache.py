@@ -2,12 +2,59 @@
 
 pyforge never downloads: a model named by repo id must already be in the cache
 that `huggingface_hub` fills (models--org--name/snapshots/<revision>/), found
-through HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub, as the hub does.
+through HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub, as the hub does;
+so it behaves as the hub does under HF_HUB_OFFLINE=1 whatever that is set to
+(`huggingface-cli download REPO` fills the cache).
+
+A model spec names one model:
+
+    /path/model.gguf | /path/hf-folder | org/name
+    org/name-GGUF:file.gguf              a GGUF file of a GGUF repo
+    org/name-GGUF:file.gguf@org/tok      ... with the tokenizer and chat template of another repo
+                                         (or of a local folder)
 """
 import os
 import re
+from typing import NamedTuple
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_REPO_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[^:@]+)$")
+
+
+class ModelSpec(NamedTuple):
+    path: str                   # the model file or folder, resolved in the cache
+    tokenizer: str | None       # a folder holding tokenizer.json, or None: the model's own
+
+
+def resolve_spec(spec):
+    """ModelSpec of a model spec (above); FileNotFoundError names what is not cached."""
+    main, tokenizer = spec, None
+    if "@" in spec:
+        main, tokenizer = spec.rsplit("@", 1)
+        tokenizer = _folder(tokenizer, "the tokenizer repo")
+    match = _REPO_FILE.match(main)
+    if match and not os.path.exists(main):
+        folder = _folder(match["repo"], "the model repo")
+        path = os.path.join(folder, match["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{spec}: the cached snapshot of {match['repo']} ({folder}) has no file "
+                                    f"{match['file']!r}")
+        return ModelSpec(path, tokenizer)
+    if looks_like_repo_id(main):
+        return ModelSpec(_folder(main, "the model repo"), tokenizer)
+    return ModelSpec(main, tokenizer)
+
+
+def _folder(name, what):
+    """A local folder, or the cached snapshot of a repo id."""
+    if os.path.isdir(name) or not looks_like_repo_id(name):
+        return name
+    folder = snapshot_folder(name)
+    if folder is None:
+        raise FileNotFoundError(f"{name}: no such file or folder, and {what} has no cached snapshot in "
+                                f"{hub_cache_dir()} (pyforge never downloads weights; "
+                                f"`huggingface-cli download {name}` fills the cache)")
+    return folder
 
 
 def hub_cache_dir():

@@ -4,7 +4,8 @@
     build_app(config, [serving_context(...), ...]) -> falcon.App               (several)
 
 Cross-cutting concerns are middleware: request ids (`X-Request-Id`, echoed or
-made up) and API-key auth when keys are configured (`Authorization: Bearer` or
+made up), an access log line per request (logs.py; a generation's span: tracing.py)
+and API-key auth when keys are configured (`Authorization: Bearer` or
 `X-Api-Key`; health endpoints stay open so orchestrators can probe). Errors of
 every kind leave as OpenAI-shaped JSON (errors.py).
 
@@ -20,10 +21,13 @@ import uuid
 
 import falcon
 
-from pyforge.server import api_routes, errors, openai_routes
+from pyforge.server import api_routes, errors, openai_routes, tracing
 from pyforge.server.errors import APIError
 from pyforge.server.generation import NoopObserver, ServingContext
+from pyforge.server.logs import AccessLog
+from pyforge.server.admission import AdmissionMiddleware
 from pyforge.server.served import ServedModels
+from pyforge.server.web import CorsMiddleware, GzipMiddleware
 from pyforge.structured import Constraints
 
 OPEN_PATHS = ("/health",)       # path prefixes served without an API key
@@ -45,10 +49,11 @@ def serving_context(config, engine_client, tokenizer, observer=None):
                           config.served_model_name, engine_client.facts, int(time.time()), Constraints(tokenizer))
 
 
-def build_app(config, contexts):
-    """The app serving every model of `contexts`; `config` holds the server-wide settings."""
+def build_app(config, contexts, limit=None):
+    """The app serving every model of `contexts`; `config` holds the server-wide settings;
+    `limit` a ConcurrencyLimit (server/admission.py: the WSGI side wraps the app too)."""
     models = ServedModels(contexts, strict=config.strict_model_name)
-    app = falcon.App(middleware=middleware(config))
+    app = falcon.App(middleware=middleware(config) + ([AdmissionMiddleware(limit)] if limit else []))
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     openai_routes.add_routes(app, models)
@@ -58,8 +63,11 @@ def build_app(config, contexts):
 
 
 def middleware(config):
-    """Run in this order on the way in, reversed on the way out."""
-    return [RequestIdMiddleware(), AuthMiddleware(config.api_keys)]
+    """Run in this order on the way in, reversed on the way out (gzip last: it sees the final body;
+    CORS before auth: it answers preflights, which carry no key)."""
+    cors = [CorsMiddleware(config.allowed_origins)] if config.allowed_origins else []
+    return [GzipMiddleware(), RequestIdMiddleware(), AccessLog(tracing.tracer(config)), *cors,
+            AuthMiddleware(config.api_keys)]
 
 
 class RequestIdMiddleware:

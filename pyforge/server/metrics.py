@@ -51,36 +51,42 @@ class SegmentObserver:
             self.seg.add("request_failure")
 
 
-def render(stats, model_name):
-    """Prometheus text exposition of a Segment.stats() dict."""
-    label = f'model_name="{_escape(model_name)}"'
+def render(stats_by_model):
+    """Prometheus text exposition of {model_name: Segment.stats() dict}: each metric
+    family once (HELP, TYPE), a sample per model labelled model_name."""
     lines = []
     for stat in ENGINE_STATS + WORKER_STATS:
-        if stat.name not in stats:
+        models = [(name, stats[stat.name]) for name, stats in stats_by_model.items() if stat.name in stats]
+        if not models:
             continue
         full = PREFIX + stat.exported_name
         lines += [f"# HELP {full} {stat.help}", f"# TYPE {full} {stat.kind}"]
-        value = stats[stat.name]
-        if stat.kind != "histogram":
-            lines.append(f"{full}{{{label}}} {_number(value)}")
-            continue
-        cumulative = 0
-        for bound, count in zip(list(value["buckets"]) + [math.inf], value["counts"]):
-            cumulative += count
-            lines.append(f'{full}_bucket{{{label},le="{_number(float(bound))}"}} {cumulative}')
-        lines.append(f"{full}_sum{{{label}}} {_number(value['sum'])}")
-        lines.append(f"{full}_count{{{label}}} {value['count']}")
+        for model_name, value in models:
+            lines += _samples(full, stat.kind, f'model_name="{_escape(model_name)}"', value)
     return "\n".join(lines) + "\n"
 
 
+def _samples(full, kind, label, value):
+    if kind != "histogram":
+        return [f"{full}{{{label}}} {_number(value)}"]
+    lines, cumulative = [], 0
+    for bound, count in zip(list(value["buckets"]) + [math.inf], value["counts"]):
+        cumulative += count
+        lines.append(f'{full}_bucket{{{label},le="{_number(float(bound))}"}} {cumulative}')
+    lines.append(f"{full}_sum{{{label}}} {_number(value['sum'])}")
+    lines.append(f"{full}_count{{{label}}} {value['count']}")
+    return lines
+
+
 class MetricsResource:
-    def __init__(self, segment, model_name):
-        self.seg = segment
-        self.model_name = model_name
+    """/metrics over every served model: [(segment, model_name), ...]."""
+
+    def __init__(self, segments):
+        self.segments = segments
 
     def on_get(self, req, resp):
         resp.content_type = CONTENT_TYPE
-        resp.text = render(self.seg.stats(), self.model_name)
+        resp.text = render({name: seg.stats() for seg, name in self.segments})
 
 
 def _number(v):

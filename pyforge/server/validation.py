@@ -8,6 +8,7 @@ rejected, never truncated. Ranges of the sampling fields are SamplingParams'
 own checks, so the engine and the app cannot disagree.
 """
 import json
+import zlib
 from numbers import Integral
 
 from pyforge.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, brief
@@ -22,11 +23,15 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
 
 
 def read_json(req, limit):
-    """The body as a JSON object: 415 unless sent as application/json, 413 above
-    `limit` bytes, 400 if not a JSON object of valid Unicode."""
+    """The body as a JSON object: 415 unless sent as application/json (plain or
+    gzip-encoded), 413 above `limit` bytes (sent or decompressed), 400 if not a
+    JSON object of valid Unicode."""
     if req.content_type is None or req.content_type.split(";", 1)[0].strip().lower() != "application/json":
         # a form POST from any web page must not reach the engine as JSON
         raise APIError(415, "the request body must be sent as Content-Type: application/json")
+    coding = (req.get_header("Content-Encoding") or "identity").strip().lower()
+    if coding not in ("identity", "gzip", "x-gzip"):
+        raise APIError(415, f"unsupported Content-Encoding {coding[:40]!r} (gzip and identity are)")
     if req.content_length is not None and req.content_length > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes")
     # a chunked body has no Content-Length: bounded_stream would read it as empty
@@ -39,6 +44,8 @@ def read_json(req, limit):
         raise bad_request(f"the request body could not be read: {type(e).__name__}") from None
     if len(raw) > limit:
         raise APIError(413, f"the request body is larger than {limit} bytes")
+    if coding != "identity":
+        raw = _gunzip(raw, limit)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -47,6 +54,25 @@ def read_json(req, limit):
         raise bad_request(f"the body must be a JSON object, got {type(body).__name__}")
     _check_unicode(body)
     return body
+
+
+def _gunzip(data, limit):
+    """A gzip body inflated to at most `limit` bytes: a small body that inflates to
+    gigabytes (a zip bomb) is a 413, never held in memory. Several gzip members
+    in a row are one body (RFC 1952 2.2)."""
+    out = b""
+    while data:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)    # gzip framing
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))
+        except zlib.error as e:
+            raise bad_request(f"the gzip request body is corrupt: {e}") from None
+        if len(out) > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes once decompressed")
+        if not inflater.eof:
+            raise bad_request("the gzip request body is truncated")
+        data = inflater.unused_data
+    return out
 
 
 def _check_unicode(body):

@@ -77,14 +77,16 @@ class EngineRunner:
         except BaseException:
             self.stop()
             raise
-        log.info("engine ready (pid %d, segment %s)", self.proc.pid, self.segment.name)
+        log.info("engine ready: %s (pid %d, segment %s)", self.config.served_model_name, self.proc.pid,
+                 self.segment.name)
         if self.config.null_model:
             log.warning("--null-model: the engine skips the forward pass; every reply is one repeated token")
 
     def _spawn(self, timeout):
         cmd = [sys.executable, "-c", ENGINE_BOOT, self.segment.name,
                json.dumps(EngineConfig.from_server_config(self.config).to_dict()), str(self.config.queue_capacity),
-               str(self.config.drain_timeout), self.config.log_level]
+               str(self.config.drain_timeout), self.config.log_level, self.config.log_format,
+               self.config.service_name]
         self.segment.engine_pid = 0
         self.segment.engine_status = EngineStatus.STARTING
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)

@@ -332,7 +332,7 @@ def test_a_model_file_path_is_not_a_model_name(server, model_path):
     assert get(server.url + "/v1/models/" + model_path.lstrip("/"))[0] == 404
     status, reply = post(server.url + "/v1/completions",
                          json.dumps({"model": "m" * 10000, "prompt": "x", "max_tokens": 2}).encode())
-    assert status == 200 and reply["model"] == get(server.url + "/v1/models")[1]["data"][0]["id"]
+    assert status == 200 and reply["model"] == json.loads(get(server.url + "/v1/models")[1])["data"][0]["id"]
 
 
 def test_a_busy_port_is_an_error_before_the_model_loads(model_path):

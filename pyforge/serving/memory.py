@@ -1,0 +1,88 @@
+"""The memory budget checked before any engine starts: several models whose
+weights and KV pools do not fit the machine's available memory are refused with
+a clear error, rather than left to swap (or be killed) under load.
+
+For each model on the CPU (the KV pool lives in host memory):
+
+    weights  = the model file's tensor bytes (mapped; read in as they are used)
+             + the repacked copies the CPU backend makes at load (quant.REPACKABLE
+               matrices on VNNI hosts without AMX: backends/cpu.py)
+    kv pool  = kv_pool_blocks(...) x block_size x bytes per token (float32 K and V)
+
+against MemAvailable of /proc/meminfo. Models on a GPU keep weights and KV pool in
+device memory, sized by gpu_memory_utilization there: they are not counted here.
+"""
+import importlib.util
+import logging
+from typing import NamedTuple
+
+from pyforge.engine.config import EngineConfig
+
+log = logging.getLogger("pyforge.launcher")
+GiB = 1 << 30
+
+
+class MemoryNeed(NamedTuple):
+    model: str
+    weights: int
+    kv_pool: int
+
+    @property
+    def total(self):
+        return self.weights + self.kv_pool
+
+
+def check_memory(model_configs, available=None):
+    """ValueError when the CPU models of model_configs (ServerConfig each) need more
+    than `available` bytes (default: MemAvailable now)."""
+    needs = [memory_need(c) for c in model_configs if _on_cpu(c.device)]
+    if not needs:
+        return
+    available = available_memory() if available is None else available
+    total = sum(n.total for n in needs)
+    for n in needs:
+        log.info("%s needs about %.2f GiB (weights %.2f GiB, KV pool %.2f GiB)",
+                 n.model, n.total / GiB, n.weights / GiB, n.kv_pool / GiB)
+    if total > available:
+        parts = "; ".join(f"{n.model}: weights {n.weights / GiB:.2f} GiB + KV pool {n.kv_pool / GiB:.2f} GiB"
+                          for n in needs)
+        raise ValueError(f"the models need about {total / GiB:.2f} GiB of memory and {available / GiB:.2f} GiB "
+                         f"is available ({parts}); serve fewer models, or give them smaller KV pools "
+                         "(--kv-cache-tokens) or shorter contexts (--max-model-len)")
+
+
+def memory_need(config):
+    """MemoryNeed of one model's ServerConfig on the CPU backend."""
+    from pyforge.backends.cpu import CpuBackend
+    from pyforge.engine.model_runner import DEFAULT_KV_CACHE_BYTES, KVCache, kv_pool_blocks
+    from pyforge.loader import load_model_file
+    from pyforge.native import quant
+
+    ec = EngineConfig.from_server_config(config)
+    repacks = quant.vnni_available() and not quant.amx_available()
+    with load_model_file(config.model) as model_file:
+        mc = model_file.config
+        weights = sum(t.data.nbytes for t in model_file.tensors.values())
+        if repacks:
+            weights += sum(t.data.nbytes for t in model_file.tensors.values()
+                           if t.ggml_type in quant.REPACKABLE and len(t.shape) == 2)
+    max_model_len = min(ec.max_model_len or mc.context_length, mc.context_length)
+    blocks = kv_pool_blocks(ec, mc, max_model_len, DEFAULT_KV_CACHE_BYTES, CpuBackend.kv_dtype_bytes)
+    kv = blocks * ec.block_size * KVCache.bytes_per_token(mc, CpuBackend.kv_dtype_bytes)
+    return MemoryNeed(config.served_model_name, weights, kv)
+
+
+def available_memory():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+def _on_cpu(device):
+    if device == "cpu":
+        return True
+    # auto without CuPy installed is the CPU; with it, the engine decides (the launcher
+    # must not initialise CUDA before it forks the HTTP workers)
+    return device == "auto" and importlib.util.find_spec("cupy") is None

@@ -1,19 +1,28 @@
 """Where a decode step's time goes: native kernels vs Python glue.
 
     python benchmarks/profile_decode.py [--format Q4_K_M] [--threads 2] [--batch 1] [--steps 64] [--context 64]
+    python benchmarks/profile_decode.py --attention-prefill 512 [--threads 2] [--reps 20]
 
 Wraps every CPU-backend primitive and the sampler's native call with a timer
 (about 0.1 µs each), runs decode steps, and reports the share of the step spent
 outside native code: Python scheduling, batch building, wrappers, allocation.
+
+--attention-prefill N times the paged-attention kernel alone on one N-token
+prompt of TinyLlama's shape (one layer), each path (PYFORGE_ATTN_TILES: per-row,
+tiles on AVX2, tiles on the widest kernels), on 1 and --threads threads, best
+of --reps calls, with GFLOP/s over the causal work (4 x heads x head_dim per
+query-key pair).
 """
 import argparse
 import functools
+import os
 import time
 
 import numpy as np
 
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
+from pyforge.native import ops
 from pyforge.native import sampler as native_sampler
 from pyforge.synthetic import ensure_model
 
@@ -37,6 +46,45 @@ def instrument(engine, totals):
     native_sampler.sample = timed(native_sampler.sample, totals, "sample")
 
 
+# TinyLlama-1.1B's attention: query heads, kv heads, head_dim; the cache's block size
+ATTN_SHAPE = (32, 4, 64, 16)
+ATTN_PATHS = (("per-row", "0"), ("tiles AVX2", "avx2"), ("tiles", ""))
+
+
+def bench_attention_prefill(n_tok, threads, reps):
+    n_heads, n_kv, hd, bs = ATTN_SHAPE
+    rng = np.random.default_rng(0)
+    n_blocks = -(-n_tok // bs)
+    k_cache = rng.standard_normal((n_blocks, n_kv, bs, hd), dtype=np.float32)
+    v_cache = rng.standard_normal((n_blocks, n_kv, bs, hd), dtype=np.float32)
+    tables = rng.permutation(n_blocks).astype(np.int32)[None, :]
+    q = rng.standard_normal((n_tok, n_heads, hd), dtype=np.float32)
+    out = np.empty_like(q)
+    lens, qsl = np.array([n_tok], np.int32), np.array([0, n_tok], np.int32)
+    flops = 4 * n_heads * hd * n_tok * (n_tok + 1) / 2
+    saved = os.environ.get("PYFORGE_ATTN_TILES")
+    print(f"paged attention, one {n_tok}-token prompt, {n_heads} heads / {n_kv} kv heads, head_dim {hd}, "
+          f"best of {reps}")
+    try:
+        for t in sorted({1, threads}):
+            base = None
+            for name, env in ATTN_PATHS:
+                os.environ["PYFORGE_ATTN_TILES"] = env
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, hd**-0.5, out, t)
+                    best = min(best, time.perf_counter() - t0)
+                base = base or best
+                print(f"  {t} thread{'s' if t > 1 else ' '}  {name:10s} {1e3 * best:7.2f} ms  "
+                      f"{flops / best / 1e9:6.1f} GFLOP/s  {base / best:5.2f}x")
+    finally:
+        if saved is None:
+            os.environ.pop("PYFORGE_ATTN_TILES", None)
+        else:
+            os.environ["PYFORGE_ATTN_TILES"] = saved
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="Q4_K_M")
@@ -44,7 +92,13 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--context", type=int, default=64, help="prompt tokens before the timed decode steps")
+    ap.add_argument("--attention-prefill", type=int, default=0, metavar="N",
+                    help="instead: time the attention kernel alone on an N-token prompt, per path")
+    ap.add_argument("--reps", type=int, default=20, help="calls per path with --attention-prefill (best is kept)")
     args = ap.parse_args()
+    if args.attention_prefill:
+        bench_attention_prefill(args.attention_prefill, args.threads, args.reps)
+        return
     n_ctx = args.context + args.steps + 16
     engine = Engine(str(ensure_model("tinyllama-1.1b", args.format)), n_threads=args.threads,
                     max_model_len=n_ctx, kv_cache_tokens=max(4096, args.batch * n_ctx),

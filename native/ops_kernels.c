@@ -417,6 +417,377 @@ static void attend_heads(const float *q /* [gs, hd] */, int64_t h0, int64_t gs, 
     for (int64_t h = 0; h < gs; h++) scale_inplace(out + h * hd, 1.0f / sum[h], hd);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Paged attention, prefill tiles                                            */
+/* ------------------------------------------------------------------------ */
+
+/* A prefill tile is consecutive query rows of one sequence x query heads that
+ * share one kv head: its (row, head) pairs are the lanes l = r * gh + h of mp
+ * floats (a multiple of 8, of 16 for the AVX-512 kernels; padded with zero
+ * queries). Chunk by chunk of positions it runs two small GEMMs with keys and
+ * values as broadcasts against whole vectors of lanes:
+ *
+ *   qt [hd][mp]   the queries, transposed and scaled
+ *   s  [cnt][mp]  s[j][l] = k_j . qt[.][l], then the softmax weights
+ *   ot [hd][mp]   ot[d][l] = sum_j s[j][l] v_j[d], the running output
+ *
+ * Each key and value row is read once per tile instead of once per query row
+ * and meets a whole vector of lanes per load, and the online softmax (max,
+ * rescale, sum) runs down the lanes: no horizontal sums.
+ *
+ * At most 32 lanes: 4 AVX2 vectors (their loads plus 2 x 4 accumulators fill
+ * the 16 registers) or 2 AVX-512 ones; TinyLlama's groups of 8 heads give
+ * tiles of 4 rows. (16 lanes x 6 keys a block ran at the same speed on AVX2.) */
+#define TILE_LANES 32
+
+/* Dims a score sums in one chain of FMAs before it is added to the score:
+ * one chain over all 128 dims had 1.7x the error of the per-row path (eight
+ * partial sums, then a tree); chains of 16 match it, for ~1% of the time. */
+#define SCORE_SPAN 16
+
+#if defined(PF_AVX2) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define PF_TILES_512 1
+#endif
+
+#ifdef PF_AVX2
+/* Pin v to a register: without it GCC folds each load of a query or weight
+ * vector into every FMA that uses it (twice the loads, ~15% slower). */
+#define PF_PIN(v) __asm__("" : "+x"(v))
+
+/* s[jr][mp] = the scores of keys k[0 .. jr): per dimension, mv vectors of
+ * queries meet jr broadcast key elements. */
+static inline __attribute__((always_inline)) void score_block(
+    int mv, int jr, const float *const *k, const float *qt, int64_t hd, float *s) {
+    for (int64_t d0 = 0; d0 < hd; d0 += SCORE_SPAN) {
+        __m256 a[8][4];
+        for (int j = 0; j < jr; j++)
+            for (int x = 0; x < mv; x++) a[j][x] = _mm256_setzero_ps();
+        for (int64_t d = d0; d < min64(d0 + SCORE_SPAN, hd); d++) {
+            __m256 y[4];
+            for (int x = 0; x < mv; x++) {
+                y[x] = _mm256_loadu_ps(qt + (d * mv + x) * 8);
+                PF_PIN(y[x]);
+            }
+            for (int j = 0; j < jr; j++) {
+                __m256 b = _mm256_broadcast_ss(k[j] + d);
+                for (int x = 0; x < mv; x++) a[j][x] = _mm256_fmadd_ps(b, y[x], a[j][x]);
+            }
+        }
+        for (int j = 0; j < jr; j++)
+            for (int x = 0; x < mv; x++) {
+                float *sj = s + (j * mv + x) * 8;
+                _mm256_storeu_ps(sj, d0 ? _mm256_add_ps(_mm256_loadu_ps(sj), a[j][x]) : a[j][x]);
+            }
+    }
+}
+
+/* ot[d0 .. d0+dr)[mp] = c[mp] * ot + sum_j v_j[d] * s[j][mp] over cnt
+ * values, the accumulators in registers for the whole chunk. */
+static inline __attribute__((always_inline)) void value_block(
+    int mv, int dr, const float *const *v, int64_t cnt, int64_t d0, const float *s, const float *c, float *ot) {
+    __m256 a[8][4];
+    for (int e = 0; e < dr; e++)
+        for (int x = 0; x < mv; x++)
+            a[e][x] = _mm256_mul_ps(_mm256_loadu_ps(c + x * 8), _mm256_loadu_ps(ot + ((d0 + e) * mv + x) * 8));
+    for (int64_t j = 0; j < cnt; j++) {
+        __m256 y[4];
+        for (int x = 0; x < mv; x++) {
+            y[x] = _mm256_loadu_ps(s + (j * mv + x) * 8);
+            PF_PIN(y[x]);
+        }
+        for (int e = 0; e < dr; e++) {
+            __m256 b = _mm256_broadcast_ss(v[j] + d0 + e);
+            for (int x = 0; x < mv; x++) a[e][x] = _mm256_fmadd_ps(b, y[x], a[e][x]);
+        }
+    }
+    for (int e = 0; e < dr; e++)
+        for (int x = 0; x < mv; x++) _mm256_storeu_ps(ot + ((d0 + e) * mv + x) * 8, a[e][x]);
+}
+
+/* One GEMM of a chunk, nb keys (or dims) per block: nb * mv = 8-9
+ * accumulators hide the FMA latency and leave registers for the mv vectors. */
+static inline __attribute__((always_inline)) void tile_gemm8(
+    int values, int mv, int nb, const float *const *k, const float *const *v, int64_t cnt,
+    const float *qt, int64_t hd, float *s, const float *c, float *ot) {
+    if (!values) {
+        for (int64_t j = 0; j < cnt; j += nb) score_block(mv, nb, k + j, qt, hd, s + j * mv * 8);
+        return;
+    }
+    int64_t d = 0;
+    for (; d + nb <= hd; d += nb) value_block(mv, nb, v, cnt, d, s, c, ot);
+    for (; d < hd; d++) value_block(mv, 1, v, cnt, d, s, c, ot);
+}
+#endif
+
+#ifdef PF_TILES_512
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f")
+/* The same two blocks on 16-lane vectors (mv of them): 32 registers hold
+ * 8 x mv accumulators beside the loaded vectors. */
+#define PF_PIN512(v) __asm__("" : "+v"(v))
+
+static inline __attribute__((always_inline)) void score_block16(
+    int mv, int jr, const float *const *k, const float *qt, int64_t hd, float *s) {
+    for (int64_t d0 = 0; d0 < hd; d0 += SCORE_SPAN) {
+        __m512 a[8][2];
+        for (int j = 0; j < jr; j++)
+            for (int x = 0; x < mv; x++) a[j][x] = _mm512_setzero_ps();
+        for (int64_t d = d0; d < min64(d0 + SCORE_SPAN, hd); d++) {
+            __m512 y[2];
+            for (int x = 0; x < mv; x++) {
+                y[x] = _mm512_loadu_ps(qt + (d * mv + x) * 16);
+                PF_PIN512(y[x]);
+            }
+            for (int j = 0; j < jr; j++) {
+                __m512 b = _mm512_set1_ps(k[j][d]);
+                for (int x = 0; x < mv; x++) a[j][x] = _mm512_fmadd_ps(b, y[x], a[j][x]);
+            }
+        }
+        for (int j = 0; j < jr; j++)
+            for (int x = 0; x < mv; x++) {
+                float *sj = s + (j * mv + x) * 16;
+                _mm512_storeu_ps(sj, d0 ? _mm512_add_ps(_mm512_loadu_ps(sj), a[j][x]) : a[j][x]);
+            }
+    }
+}
+
+static inline __attribute__((always_inline)) void value_block16(
+    int mv, int dr, const float *const *v, int64_t cnt, int64_t d0, const float *s, const float *c, float *ot) {
+    __m512 a[8][2];
+    for (int e = 0; e < dr; e++)
+        for (int x = 0; x < mv; x++)
+            a[e][x] = _mm512_mul_ps(_mm512_loadu_ps(c + x * 16), _mm512_loadu_ps(ot + ((d0 + e) * mv + x) * 16));
+    for (int64_t j = 0; j < cnt; j++) {
+        __m512 y[2];
+        for (int x = 0; x < mv; x++) {
+            y[x] = _mm512_loadu_ps(s + (j * mv + x) * 16);
+            PF_PIN512(y[x]);
+        }
+        for (int e = 0; e < dr; e++) {
+            __m512 b = _mm512_set1_ps(v[j][d0 + e]);
+            for (int x = 0; x < mv; x++) a[e][x] = _mm512_fmadd_ps(b, y[x], a[e][x]);
+        }
+    }
+    for (int e = 0; e < dr; e++)
+        for (int x = 0; x < mv; x++) _mm512_storeu_ps(ot + ((d0 + e) * mv + x) * 16, a[e][x]);
+}
+
+static inline __attribute__((always_inline)) void tile_gemm16_mv(
+    int values, int mv, const float *const *k, const float *const *v, int64_t cnt,
+    const float *qt, int64_t hd, float *s, const float *c, float *ot) {
+    if (!values) {
+        for (int64_t j = 0; j < cnt; j += 8) score_block16(mv, 8, k + j, qt, hd, s + j * mv * 16);
+        return;
+    }
+    int64_t d = 0;
+    for (; d + 8 <= hd; d += 8) value_block16(mv, 8, v, cnt, d, s, c, ot);
+    for (; d < hd; d++) value_block16(mv, 1, v, cnt, d, s, c, ot);
+}
+
+static void tile_gemm16(int values, int64_t mp, const float *const *k, const float *const *v, int64_t cnt,
+                        const float *qt, int64_t hd, float *s, const float *c, float *ot) {
+    if (mp == 16) tile_gemm16_mv(values, 1, k, v, cnt, qt, hd, s, c, ot);
+    else tile_gemm16_mv(values, 2, k, v, cnt, qt, hd, s, c, ot);
+}
+#pragma GCC pop_options
+
+/* AVX-512F usable here: CPU and OS (GCC's check reads XCR0). */
+static int avx512_usable(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+#endif
+
+/* values 0: s[cnt][mp] = scores of keys k[cnt] (k readable and s writable 7
+ * rows past cnt); values 1: ot[hd][mp] = c[mp] * ot + weights s[cnt][mp] x
+ * values v[cnt]. wide: the AVX-512 kernels (mp a multiple of 16). */
+static void tile_gemm(int values, int wide, int64_t mp, const float *const *k, const float *const *v,
+                      int64_t cnt, const float *qt, int64_t hd, float *s, const float *c, float *ot) {
+#ifdef PF_TILES_512
+    if (wide) {
+        tile_gemm16(values, mp, k, v, cnt, qt, hd, s, c, ot);
+        return;
+    }
+#endif
+    (void)wide;
+#ifdef PF_AVX2
+    switch (mp) {
+    case 8: tile_gemm8(values, 1, 8, k, v, cnt, qt, hd, s, c, ot); return;
+    case 16: tile_gemm8(values, 2, 4, k, v, cnt, qt, hd, s, c, ot); return;
+    case 24: tile_gemm8(values, 3, 3, k, v, cnt, qt, hd, s, c, ot); return;
+    default: tile_gemm8(values, 4, 2, k, v, cnt, qt, hd, s, c, ot); return;
+    }
+#else
+    if (!values) {
+        for (int64_t j = 0; j < cnt; j++)
+            for (int64_t l = 0; l < mp; l++) {
+                float acc = 0.0f;
+                for (int64_t d = 0; d < hd; d++) acc += k[j][d] * qt[d * mp + l];
+                s[j * mp + l] = acc;
+            }
+        return;
+    }
+    for (int64_t d = 0; d < hd; d++)
+        for (int64_t l = 0; l < mp; l++) {
+            float acc = c[l] * ot[d * mp + l];
+            for (int64_t j = 0; j < cnt; j++) acc += v[j][d] * s[j * mp + l];
+            ot[d * mp + l] = acc;
+        }
+#endif
+}
+
+/* Online softmax of one chunk, lane by lane: scores s[cnt][mp] of positions
+ * p0 .. p0+cnt-1 become weights relative to the running max m[mp]; when
+ * masked, a lane gives weight 0 to positions at or past its lim (its row's
+ * n_ctx). c[mp] gets the factor the running output must be rescaled by where
+ * the max grew (0 on the first chunk); sum[mp] is rescaled here. */
+static void softmax_lanes(float *s, int64_t cnt, int64_t mp, int64_t p0, const float *lim, int masked,
+                          float *m, float *sum, float *c) {
+    int64_t x = 0;
+#ifdef PF_AVX2
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    for (; x < mp; x += 8) {
+        __m256 cm = ninf;
+        if (masked) {
+            __m256 lv = _mm256_loadu_ps(lim + x);
+            for (int64_t j = 0; j < cnt; j++) {
+                __m256 past = _mm256_cmp_ps(_mm256_set1_ps((float)(p0 + j)), lv, _CMP_GE_OQ);
+                __m256 sv = _mm256_blendv_ps(_mm256_loadu_ps(s + j * mp + x), ninf, past);
+                _mm256_storeu_ps(s + j * mp + x, sv);
+                cm = _mm256_max_ps(cm, sv);
+            }
+        } else {
+            for (int64_t j = 0; j < cnt; j++) cm = _mm256_max_ps(cm, _mm256_loadu_ps(s + j * mp + x));
+        }
+        __m256 mo = _mm256_loadu_ps(m + x), mn = _mm256_max_ps(mo, cm);
+        __m256 cv = exp8(_mm256_sub_ps(mo, mn)), acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < cnt; j++) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j * mp + x), mn));
+            _mm256_storeu_ps(s + j * mp + x, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        _mm256_storeu_ps(c + x, cv);
+        _mm256_storeu_ps(sum + x, _mm256_fmadd_ps(cv, _mm256_loadu_ps(sum + x), acc));
+        _mm256_storeu_ps(m + x, mn);
+    }
+#endif
+    for (; x < mp; x++) {
+        float cm = -INFINITY;
+        for (int64_t j = 0; j < cnt; j++) {
+            if (masked && (float)(p0 + j) >= lim[x]) s[j * mp + x] = -INFINITY;
+            cm = s[j * mp + x] > cm ? s[j * mp + x] : cm;
+        }
+        float mn = cm > m[x] ? cm : m[x];
+        float acc = 0.0f;
+        for (int64_t j = 0; j < cnt; j++) acc += s[j * mp + x] = expf(s[j * mp + x] - mn);
+        c[x] = expf(m[x] - mn);
+        sum[x] = sum[x] * c[x] + acc;
+        m[x] = mn;
+    }
+}
+
+#ifdef PF_AVX2
+/* r[8] rows of an 8 x 8 block become its columns. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#endif
+
+/* qt[hd][mp] = scale * the lanes' query rows rows[mp] (NULL: a padding lane). */
+static void pack_queries(const float *const *rows, int64_t mp, int64_t hd, float scale, float *qt) {
+    int64_t d = 0;
+#ifdef PF_AVX2
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; d + 8 <= hd; d += 8)
+        for (int64_t l = 0; l < mp; l += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = rows[l + i] ? _mm256_mul_ps(sv, _mm256_loadu_ps(rows[l + i] + d)) : _mm256_setzero_ps();
+            transpose8(r);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(qt + (d + i) * mp + l, r[i]);
+        }
+#endif
+    for (; d < hd; d++)
+        for (int64_t l = 0; l < mp; l++) qt[d * mp + l] = rows[l] ? rows[l][d] * scale : 0.0f;
+}
+
+/* The lanes' output rows rows[mp] (NULL: padding) = ot[.][l] / sum[l]. */
+static void unpack_outputs(const float *ot, const float *sum, int64_t mp, int64_t hd, float *const *rows) {
+    int64_t d = 0;
+#ifdef PF_AVX2
+    for (; d + 8 <= hd; d += 8)
+        for (int64_t l = 0; l < mp; l += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(ot + (d + i) * mp + l);
+            transpose8(r);
+            for (int i = 0; i < 8; i++)
+                if (rows[l + i]) _mm256_storeu_ps(rows[l + i] + d, _mm256_mul_ps(_mm256_set1_ps(1.0f / sum[l + i]), r[i]));
+        }
+#endif
+    for (; d < hd; d++)
+        for (int64_t l = 0; l < mp; l++)
+            if (rows[l]) rows[l][d] = ot[d * mp + l] / sum[l];
+}
+
+/* Row pointers of positions p0 .. p0+cnt-1 of one kv head in a cache. */
+static void cache_rows(const float *cache, const CacheView *cv, int64_t p0, int64_t cnt, const float **rows) {
+    for (int64_t j = 0, run; j < cnt; j += run) {
+        const float *base = cache + cache_offset(cv, p0 + j, &run);
+        run = min64(run, cnt - j);
+        for (int64_t i = 0; i < run; i++) rows[j + i] = base + i * cv->stride;
+    }
+}
+
+/* n_rows query rows of one sequence, the first at n_ctx0 positions (each next
+ * row sees one more), x query heads h0 .. h0+gh-1, all on the kv head that cv
+ * points at. q and out are the first row's [H, hd]; ws holds 2 * hd *
+ * TILE_LANES floats (qt, ot); wide: AVX-512 kernels when the lanes allow. */
+static void attend_tile(const float *q, int64_t H, int64_t h0, int64_t gh, int64_t n_rows,
+                        const float *k_cache, const float *v_cache, const CacheView *cv,
+                        int64_t n_ctx0, int64_t hd, float scale, int wide, float *ws, float *out) {
+    const int64_t lanes = n_rows * gh, n_end = n_ctx0 + n_rows - 1;  /* the last row's n_ctx */
+    wide = wide && lanes > 8;
+    const int64_t mp = wide ? (lanes + 15) / 16 * 16 : (lanes + 7) / 8 * 8;
+    float *qt = ws, *ot = ws + hd * TILE_LANES;
+    float s[(ATTN_CHUNK + 8) * TILE_LANES];  /* key blocks may run 7 rows past a chunk */
+    float lim[TILE_LANES], m[TILE_LANES], sum[TILE_LANES], c[TILE_LANES];
+    const float *kr[ATTN_CHUNK + 8], *vr[ATTN_CHUNK], *qrows[TILE_LANES];
+    float *orows[TILE_LANES];
+    for (int64_t l = 0; l < mp; l++) {
+        int64_t at = ((l / gh) * H + h0 + l % gh) * hd;
+        qrows[l] = l < lanes ? q + at : NULL;
+        orows[l] = l < lanes ? out + at : NULL;
+        lim[l] = (float)(l < lanes ? n_ctx0 + l / gh : n_end);
+        m[l] = -INFINITY, sum[l] = 0.0f;
+    }
+    pack_queries(qrows, mp, hd, scale, qt);
+    memset(ot, 0, (size_t)(hd * mp) * sizeof(float));
+    for (int64_t p = 0, cnt; p < n_end; p += cnt) {
+        cnt = min64(ATTN_CHUNK, n_end - p);
+        cache_rows(k_cache, cv, p, cnt, kr);
+        cache_rows(v_cache, cv, p, cnt, vr);
+        for (int64_t j = cnt; j < cnt + 7; j++) kr[j] = kr[cnt - 1];  /* key blocks overrun */
+        tile_gemm(0, wide, mp, kr, vr, cnt, qt, hd, s, NULL, ot);
+        softmax_lanes(s, cnt, mp, p, lim, p + cnt > n_ctx0, m, sum, c);
+        tile_gemm(1, wide, mp, kr, vr, cnt, qt, hd, s, c, ot);
+    }
+    unpack_outputs(ot, sum, mp, hd, orows);
+}
+
 /* Query heads per work item: a divisor of the GQA group, or a run of whole
  * groups, as large as the stack buffers allow while leaving two items per
  * thread (so one decode row still keeps every core busy). Larger is better:
@@ -444,16 +815,136 @@ static int64_t seq_of_row(const int32_t *qs, int64_t n_seq, int64_t row) {
     return lo;
 }
 
+/* One work item: query rows row0 .. row0+n_rows-1 of sequence seq (n_rows
+ * > 0: a prefill tile of the heads of one kv head from h0 on; n_rows == 0:
+ * the single row row0, heads h0 .. through attend_heads). */
+typedef struct {
+    int32_t seq, row0, n_rows, h0;
+    int64_t cost;  /* positions x (row, head) pairs: the largest go first */
+} AttnItem;
+
+static int by_cost_desc(const void *a, const void *b) {
+    int64_t ca = ((const AttnItem *)a)->cost, cb = ((const AttnItem *)b)->cost;
+    return (ca < cb) - (ca > cb);
+}
+
+/* Query heads per tile: the largest divisor of the GQA group that fits. */
+static int64_t tile_heads(int64_t group) {
+    for (int64_t g = min64(group, TILE_LANES); g > 1; g--)
+        if (group % g == 0) return g;
+    return 1;
+}
+
+/* A sequence goes through tiles when it has several query rows that can fill
+ * a vector of lanes; decode rows keep the per-row path. */
+static int tiled_seq(int64_t n_q, int64_t gh) { return n_q >= 2 && n_q * gh >= 8; }
+
+/* The work items of a batch (NULL when no sequence is tiled, or out of
+ * memory: the per-row loop then does it all). Tiles take TILE_LANES / gh
+ * rows, halved while that leaves fewer than two items per thread; items are
+ * ordered largest first, so the causal tail of a prompt, the cheapest, fills
+ * in at the end of a dynamic schedule. */
+static AttnItem *plan_items(const int32_t *context_lens, const int32_t *qs, const PagedAttnDims *dm,
+                            int64_t gh, int64_t gs, int n_threads, int64_t *n_items) {
+    const int64_t H = dm->n_heads;
+    int64_t rows = TILE_LANES / gh, n_tiled = 0;
+    for (int64_t s = 0; s < dm->n_seq; s++) n_tiled += tiled_seq(qs[s + 1] - qs[s], gh);
+    if (!n_tiled) return NULL;
+    for (;; rows /= 2) {
+        *n_items = 0;
+        for (int64_t s = 0; s < dm->n_seq; s++) {
+            int64_t n_q = qs[s + 1] - qs[s];
+            *n_items += tiled_seq(n_q, gh) ? (n_q + rows - 1) / rows * (H / gh) : n_q * (H / gs);
+        }
+        if (rows == 1 || *n_items >= 2 * (int64_t)n_threads) break;
+    }
+    AttnItem *items = malloc((size_t)*n_items * sizeof(AttnItem)), *it = items;
+    if (!items) return NULL;
+    for (int64_t s = 0; s < dm->n_seq; s++) {
+        int64_t n_q = qs[s + 1] - qs[s], pos0 = context_lens[s] - n_q, tiled = tiled_seq(n_q, gh);
+        int64_t step = tiled ? rows : 1, heads = tiled ? gh : gs;
+        for (int64_t r = 0; r < n_q; r += step) {
+            int64_t n_rows = min64(step, n_q - r), cost = (pos0 + r + n_rows) * n_rows * heads;
+            for (int64_t h = 0; h < H; h += heads)
+                *it++ = (AttnItem){(int32_t)s, (int32_t)(qs[s] + r), tiled ? (int32_t)n_rows : 0, (int32_t)h, cost};
+        }
+    }
+    qsort(items, (size_t)*n_items, sizeof(AttnItem), by_cost_desc);
+    return items;
+}
+
+/* What every work item of one call shares. */
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int32_t *block_tables, *context_lens, *query_start;
+    float *out;
+    const PagedAttnDims *dm;
+    int64_t gh, gs;  /* query heads per tile, per row item */
+    int wide;        /* tiles may use the AVX-512 kernels */
+} AttnCall;
+
+/* Run one item. ws: 2 * hd * TILE_LANES floats, or NULL (a tile then goes
+ * row by row through attend_heads). */
+static void run_item(const AttnCall *c, const AttnItem *it, float *ws) {
+    const PagedAttnDims *dm = c->dm;
+    const int64_t H = dm->n_heads, hd = dm->head_dim, group = H / dm->n_kv, s = it->seq;
+    const int64_t n_q = c->query_start[s + 1] - c->query_start[s];
+    const int64_t n_ctx0 = c->context_lens[s] - n_q + (it->row0 - c->query_start[s]) + 1;
+    CacheView cv = {c->block_tables + s * dm->max_blocks, dm->block_size, hd, dm->n_kv * dm->block_size * hd,
+                    (it->h0 / group) * dm->block_size * hd};
+    if (it->n_rows && ws) {
+        const int64_t row = (int64_t)it->row0 * H * hd;  /* q and out of the tile's first row */
+        attend_tile(c->q + row, H, it->h0, c->gh, it->n_rows, c->k_cache, c->v_cache, &cv, n_ctx0, hd,
+                    dm->scale, c->wide, ws, c->out + row);
+        return;
+    }
+    const int64_t heads = it->n_rows ? c->gh : c->gs, n_rows = it->n_rows ? it->n_rows : 1;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const int64_t at = (((int64_t)it->row0 + r) * H + it->h0) * hd;
+        attend_heads(c->q + at, it->h0, heads, group, c->k_cache, c->v_cache, cv, n_ctx0 + r, hd, dm->scale,
+                     c->out + at);
+    }
+}
+
+/* PYFORGE_ATTN_TILES=0 keeps every row on the per-row path, =avx2 keeps the
+ * tiles off the AVX-512 kernels (to compare and to test each path); unset,
+ * tiles run on the widest kernels the CPU has. Returns whether to tile. */
+static int tile_mode(int *wide) {
+    const char *env = getenv("PYFORGE_ATTN_TILES");
+    *wide = 0;
+    if (env && strcmp(env, "0") == 0) return 0;
+#ifdef PF_TILES_512
+    *wide = !(env && strcmp(env, "avx2") == 0) && avx512_usable();
+#endif
+    return 1;
+}
+
+/* Work items are (query row, run of gs heads), handed out dynamically: rows
+ * differ in cost (causal prefill, mixed context lengths). Sequences with
+ * several query rows go through prefill tiles instead (plan_items). */
 void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
                         const int32_t *block_tables, const int32_t *context_lens,
                         const int32_t *query_start, float *out,
                         const PagedAttnDims *dm, int n_threads) {
     const int64_t H = dm->n_heads, hd = dm->head_dim, group = H / dm->n_kv;
-    const int64_t gs = heads_per_item(H, group, dm->n_tok, n_threads);
-    const int64_t runs = H / gs;  /* head runs per query row */
-    const int64_t n_items = dm->n_tok * runs;
-    /* Items are (query row, run of gs heads). Rows differ in cost (causal
-     * prefill, mixed context lengths): hand them out dynamically. */
+    AttnCall c = {q, k_cache, v_cache, block_tables, context_lens, query_start, out, dm,
+                  tile_heads(group), heads_per_item(H, group, dm->n_tok, n_threads), 0};
+    int64_t n_items = 0;
+    AttnItem *items = tile_mode(&c.wide) ? plan_items(context_lens, query_start, dm, c.gh, c.gs, n_threads, &n_items)
+                                         : NULL;
+    if (items) {
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && n_items > 1)
+        {
+            float *ws = aligned_alloc(64, ((size_t)(2 * hd * TILE_LANES) * sizeof(float) + 63) / 64 * 64);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < n_items; i++) run_item(&c, &items[i], ws);
+            free(ws);
+        }
+        free(items);
+        return;
+    }
+    const int64_t gs = c.gs, runs = H / gs;  /* head runs per query row */
+    n_items = dm->n_tok * runs;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_threads > 1 && n_items > 1)
     for (int64_t it = 0; it < n_items; it++) {
         int64_t row = it / runs, h0 = (it % runs) * gs;

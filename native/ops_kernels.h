@@ -61,7 +61,11 @@ typedef struct {
  *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
  *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..
  * Query row j of sequence s (n_q rows) sits at position L_s - n_q + j and sees
- * positions 0 ..= that one. */
+ * positions 0 ..= that one. Decode rows are work items of their own; a
+ * sequence with several query rows (prefill) goes in tiles of consecutive rows
+ * x the heads of one kv head, which read each cached row once per tile.
+ * PYFORGE_ATTN_TILES=0 puts every row on the per-row path, =avx2 keeps the
+ * tiles off the AVX-512 kernels (read at each call; to compare and to test). */
 void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
                         const int32_t *block_tables, const int32_t *context_lens,
                         const int32_t *query_start, float *out,

@@ -279,6 +279,86 @@ def test_paged_attention_matches_torch_sdpa():
     assert rel_err(out, ref.numpy()) < REL_TOL
 
 
+# Prefill tiles: a sequence with several query rows is attended as tiles of
+# consecutive rows x the heads of one kv head (native/ops_kernels.c); the
+# per-row path stays for decode rows. PYFORGE_ATTN_TILES picks the path:
+# unset = tiles on the widest kernels (AVX-512 where the CPU has it), "avx2" =
+# tiles on the AVX2 kernels, "0" = every row on the per-row path.
+TILE_PATHS = ["", "avx2", "0"]
+
+# fresh prompts whose lengths are not multiples of any tile (ragged last
+# tiles), chunked prefill after a cached context (query rows start mid-block
+# and mid-chunk), tiny prompts (2-3 rows), and decode rows mixed in
+TILED = [(37, 37), (150, 23), (2, 2), (300, 1), (77, 13), (3, 3), (129, 129), (64, 1)]
+
+
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("hd", [16, 64, 128])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (8, 4), (16, 2), (32, 4)])  # GQA groups 1, 2, 8, 8
+def test_paged_attention_prefill_tiles(n_heads, n_kv, hd, n_threads, path, monkeypatch):
+    monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+    rng = np.random.default_rng(hd * 1000 + n_heads * 10 + n_kv)
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, TILED, 16, n_kv, hd)
+    q = randn(rng, int(qsl[-1]), n_heads, hd)
+    scale = 1.0 / np.sqrt(hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, scale, out, n_threads)
+    assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, scale)) < REL_TOL
+
+
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("seqs,n_heads,n_kv", [
+    ([(4, 4)], 8, 1),                 # one short prompt, 2 threads: tiles shrink to 2 then 1 row
+    ([(70, 70)], 6, 2),               # GQA group 3: 3 heads x 10 rows, lanes padded to 32
+    ([(40, 40), (90, 25)], 64, 1),    # group 64: tiles of 32 heads x 1 row
+    ([(9, 9), (300, 5)], 2, 2),       # group 1: 9 and 5 rows, a vector of lanes or not
+])
+def test_paged_attention_tile_shapes(seqs, n_heads, n_kv, path, monkeypatch):
+    monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+    rng = np.random.default_rng(n_heads * 10 + n_kv)
+    hd = 36  # dims in blocks of 8 plus a tail of 4
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, seqs, 16, n_kv, hd)
+    q = randn(rng, int(qsl[-1]), n_heads, hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.2, out, 2)
+    assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, 0.2)) < REL_TOL
+
+
+@pytest.mark.parametrize("path", TILE_PATHS)
+def test_paged_attention_tiles_peaked_scores(path, monkeypatch):
+    """Logits up to ~100 over several 64-position chunks, keys growing along
+    the sequence: the running max of each lane grows chunk after chunk, so the
+    output is rescaled many times. (Larger logits would test float32 itself:
+    at 256 a logit is only good to 1.5e-5, which goes straight into its weight.)"""
+    monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+    rng = np.random.default_rng(14)
+    hd, n_heads, n_kv, L = 64, 8, 2, 400
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(L, 100)], 16, n_kv, hd)
+    n_used = -(-L // 16)
+    k_cache[tables[0, :n_used]] *= np.linspace(0.25, 2.0, n_used, dtype=np.float32)[:, None, None, None]
+    q = randn(rng, 100, n_heads, hd, scale=2.0)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 1.0, out, 2)
+    assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, 1.0)) < REL_TOL
+
+
+def test_paged_attention_tiles_are_a_different_path(monkeypatch):
+    """The tiled and per-row paths agree to rounding but sum in different
+    orders: identical bits would mean the tiles never ran."""
+    rng = np.random.default_rng(15)
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(200, 64)], 16, 4, 64)
+    q = randn(rng, 64, 32, 64)
+    outs = {}
+    for path in TILE_PATHS:
+        monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+        outs[path] = poisoned(q.shape)
+        ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125, outs[path], 2)
+    assert not np.array_equal(outs[""], outs["0"])
+    assert not np.array_equal(outs["avx2"], outs["0"])
+    np.testing.assert_allclose(outs[""], outs["0"], rtol=0, atol=1e-5 * np.abs(outs["0"]).max())
+
+
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_kv_store_then_attention(block_size):
     """kv_store writes exactly the mapped slots; attention then reads them back."""

@@ -38,11 +38,12 @@ _only = [m for m in os.environ.get("PYFORGE_ONLY", "").split(",") if m]
 _selected = {n: s for n, s in NATIVE_MODULES.items() if not _only or n in _only}
 
 # cuda/ ships inside the package as pyforge/cuda_sources, so an installed (non-editable)
-# pyforge finds its kernel sources; a checkout reads cuda/ itself.
+# pyforge finds its kernel sources; a checkout reads cuda/ itself. server/static/ (the
+# playground page's files) is package data.
 setup(
     packages=find_packages(include=["pyforge*"]) + ["pyforge.cuda_sources"],
     package_dir={"pyforge.cuda_sources": "cuda"},
-    package_data={"pyforge.cuda_sources": ["*.cu", "*.cuh"]},
+    package_data={"pyforge.cuda_sources": ["*.cu", "*.cuh"], "pyforge.server": ["static/*"]},
     ext_modules=cythonize(
         [extension(n, s) for n, s in _selected.items()],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},

@@ -22,7 +22,8 @@
  * starting at (claims & 0xFFFF) << 32, write SUBMIT / ABORT messages (one
  * record each) to the request ring, and read batches of records (one or more
  * back to back) from its slot's ring. A request's replies, in ring order:
- * ADMITTED, TOKENS*, then one FINISH or ERROR; a refused request gets its
+ * ADMITTED, (PROMPT_LOGPROBS* when it asked for them), TOKENS*, then one FINISH
+ * or ERROR; a refused request gets its
  * ERROR alone. After an ABORT the FINISH (reason abort) still comes.
  * Submit only while engine status is READY; the engine writes its facts
  * (max_model_len, vocab_size, the end-of-generation ids) before READY.
@@ -86,6 +87,7 @@ enum pf_record_type {
     PF_REC_FINISH = 4,
     PF_REC_ERROR = 5,
     PF_REC_ADMITTED = 6,    /* the header alone */
+    PF_REC_PROMPT_LOGPROBS = 7,  /* engine -> worker: the TOKENS layout, has = 3 */
 };
 
 enum pf_finish_reason { PF_FINISH_STOP = 1, PF_FINISH_LENGTH = 2, PF_FINISH_ABORT = 3 };
@@ -104,8 +106,14 @@ typedef struct {
 
 /* SUBMIT: pf_submit, then i32 stop_token_ids[n_stop], i32 prompt_ids[n_prompt],
  * u32 n_ext, n_ext bytes of extension entries back to back, each a
- * pf_extension then its n value bytes (an engine refuses a tag it does not know). */
-typedef enum { PF_EXT_GRAMMAR = 1 } pf_extension_tag;   /* GRAMMAR: an llguidance grammar, UTF-8 */
+ * pf_extension then its n value bytes (an engine refuses a tag it does not know).
+ * An entry is sent only when its feature is set. */
+typedef enum {
+    PF_EXT_GRAMMAR = 1,          /* an llguidance grammar, UTF-8 */
+    PF_EXT_LOGIT_BIAS = 2,       /* i32 token_ids[k] then f64 biases[k]: n = 12 k */
+    PF_EXT_MIN_TOKENS = 3,       /* u32: EOS and stop ids banned before this many tokens */
+    PF_EXT_PROMPT_LOGPROBS = 4,  /* u32: top alternatives per prompt token; PROMPT_LOGPROBS replies */
+} pf_extension_tag;
 typedef struct {
     uint16_t tag;           /* pf_extension_tag */
     uint16_t flags;         /* 0 */
@@ -138,7 +146,8 @@ typedef struct {
 } pf_submit;
 
 /* TOKENS: pf_tokens, i32 token_ids[n], then f32 logprobs[n] if has & 1,
- * then i32 top_ids[n * n_top] and f32 top_logprobs[n * n_top] if has & 2. */
+ * then i32 top_ids[n * n_top] and f32 top_logprobs[n * n_top] if has & 2.
+ * PROMPT_LOGPROBS: the same, has = 3; prompt tokens from the second on. */
 typedef struct {
     uint32_t n;
     uint16_t n_top;

@@ -27,6 +27,11 @@ cdef extern from "sampler_kernels.h" nogil:
         const int32_t *ids
         const int32_t *counts
 
+    ctypedef struct pf_logit_bias:
+        const int32_t *offsets
+        const int32_t *ids
+        const float *values
+
     ctypedef struct pf_token_mask:
         const uint32_t *bits
         int32_t words
@@ -46,8 +51,8 @@ cdef extern from "sampler_kernels.h" nogil:
                             const int32_t *ids, const int32_t *counts, int32_t n)
     int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
                   const pf_sampling_params *params, const pf_token_history *history,
-                  const pf_token_mask *mask, uint64_t *rng_state, const pf_sample_out *out,
-                  int n_threads)
+                  const pf_logit_bias *bias, const pf_token_mask *mask, uint64_t *rng_state,
+                  const pf_sample_out *out, int n_threads)
 
 
 cdef int32_t _NO_TOKENS[1]
@@ -58,20 +63,27 @@ def _check_len(name, Py_ssize_t got, Py_ssize_t want):
         raise ValueError(f"{name} has {got} entries; expected {want}")
 
 
-cdef pf_token_history _history(const int32_t[::1] offsets, const int32_t[::1] ids,
-                               const int32_t[::1] counts, Py_ssize_t n_seq, Py_ssize_t vocab) except *:
-    """Check the CSR history (the kernel indexes logits with it) and view it."""
-    _check_len("history_offsets", offsets.shape[0], n_seq + 1)
-    _check_len("history_counts", counts.shape[0], ids.shape[0])
+cdef _check_csr(str name, const int32_t[::1] offsets, const int32_t[::1] ids, str values,
+                Py_ssize_t n_values, Py_ssize_t n_seq, Py_ssize_t vocab):
+    """Check CSR rows over token ids (the kernel indexes logits with them), with
+    `values` (its name) holding one entry per id."""
+    _check_len(f"{name}_offsets", offsets.shape[0], n_seq + 1)
+    _check_len(values, n_values, ids.shape[0])
     cdef Py_ssize_t i
     if offsets[0] != 0 or offsets[n_seq] != ids.shape[0]:
-        raise ValueError("history_offsets must start at 0 and end at len(history_ids)")
+        raise ValueError(f"{name}_offsets must start at 0 and end at len({name}_ids)")
     for i in range(n_seq):
         if offsets[i + 1] < offsets[i]:
-            raise ValueError(f"history_offsets decrease at row {i}")
+            raise ValueError(f"{name}_offsets decrease at row {i}")
     for i in range(ids.shape[0]):
         if not 0 <= ids[i] < vocab:
-            raise ValueError(f"history_ids[{i}] = {ids[i]} is outside the vocabulary (0..{vocab - 1})")
+            raise ValueError(f"{name}_ids[{i}] = {ids[i]} is outside the vocabulary (0..{vocab - 1})")
+
+
+cdef pf_token_history _history(const int32_t[::1] offsets, const int32_t[::1] ids,
+                               const int32_t[::1] counts, Py_ssize_t n_seq, Py_ssize_t vocab) except *:
+    """Check the CSR history and view it."""
+    _check_csr("history", offsets, ids, "history_counts", counts.shape[0], n_seq, vocab)
     cdef pf_token_history h
     h.offsets = &offsets[0]
     # an empty history still gets valid pointers: the kernel adds offsets to them
@@ -87,7 +99,9 @@ def sample(float[:, ::1] logits,
            const int32_t[::1] history_offsets, const int32_t[::1] history_ids,
            const int32_t[::1] history_counts, uint64_t[::1] rng_state,
            int n_top_logprobs=0, int n_threads=0, const uint8_t[::1] want_logprobs=None,
-           const uint32_t[:, ::1] mask_bits=None, const int32_t[::1] mask_of=None):
+           const uint32_t[:, ::1] mask_bits=None, const int32_t[::1] mask_of=None,
+           const int32_t[::1] bias_offsets=None, const int32_t[::1] bias_ids=None,
+           const float[::1] bias_values=None):
     """Sample one token for each row of logits.
 
     logits              f32[n_seq, vocab], C-contiguous and writable: penalties
@@ -109,6 +123,10 @@ def sample(float[:, ::1] logits,
                         of word t / 32: token t allowed) and, per row, the index
                         of its mask or -1 for none (int32[n_seq]); both or
                         neither. A row whose mask allows nothing gets token -1.
+    bias_*              logit biases, CSR over rows like the history: offsets
+                        int32[n_seq + 1]; ids int32[nnz] (unique per row);
+                        values f32[nnz], added to the penalised logits (-inf
+                        bans a token); all three or none.
 
     Returns (tokens int32[n_seq], logprobs f32[n_seq] (raw, of the chosen
     token), top_ids int32[n_seq, K], top_logprobs f32[n_seq, K]), top lists
@@ -128,6 +146,17 @@ def sample(float[:, ::1] logits,
         _check_len("want_logprobs", want_logprobs.shape[0], n_seq)
     cdef pf_token_history history = _history(history_offsets, history_ids, history_counts,
                                              n_seq, vocab)
+    cdef pf_logit_bias bias
+    cdef pf_logit_bias *bias_ptr = NULL
+    if not (bias_offsets is None) == (bias_ids is None) == (bias_values is None):
+        raise ValueError("bias_offsets, bias_ids and bias_values go together")
+    if bias_offsets is not None:
+        _check_csr("bias", bias_offsets, bias_ids, "bias_values", bias_values.shape[0], n_seq, vocab)
+        if bias_ids.shape[0]:
+            bias.offsets = &bias_offsets[0]
+            bias.ids = &bias_ids[0]
+            bias.values = &bias_values[0]
+            bias_ptr = &bias
     cdef pf_token_mask mask
     cdef pf_token_mask *mask_ptr = NULL
     if (mask_bits is None) != (mask_of is None):
@@ -175,7 +204,7 @@ def sample(float[:, ::1] logits,
     cdef int rc
     with nogil:
         rc = pf_sample(&logits[0, 0], <int32_t>n_seq, <int32_t>vocab, &params, &history,
-                       mask_ptr, &rng_state[0], &out, n_threads)
+                       bias_ptr, mask_ptr, &rng_state[0], &out, n_threads)
     if rc != 0:
         raise MemoryError("sampler scratch allocation failed")
     return tokens, logprobs, top_ids, top_logprobs

@@ -434,7 +434,7 @@ static int32_t choose(const float *row, int32_t vocab, float max, const pf_sampl
 
 typedef struct {
     cand_t *cand;   /* [vocab] */
-    float *saved;   /* [longest history row] raw logits the penalties overwrite */
+    float *saved;   /* [longest history row + longest bias row] raw logits penalties and biases overwrite */
     float *masked;  /* [vocab] a constrained row's logits with disallowed ones -inf */
 } scratch_t;
 
@@ -519,8 +519,8 @@ static const uint32_t *row_mask(const pf_token_mask *mask, int32_t i)
 }
 
 static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_params *p,
-                       const pf_token_history *h, const pf_token_mask *mask, uint64_t *rng_state,
-                       const pf_sample_out *out, scratch_t *s)
+                       const pf_token_history *h, const pf_logit_bias *bias, const pf_token_mask *mask,
+                       uint64_t *rng_state, const pf_sample_out *out, scratch_t *s)
 {
     size_t top_at = (size_t)i * (size_t)out->n_top;
     int want = out->want_logprobs == NULL || out->want_logprobs[i];
@@ -533,10 +533,18 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
 
     const int32_t *ids = h->ids + h->offsets[i], *counts = h->counts + h->offsets[i];
     int32_t n_hist = h->offsets[i + 1] - h->offsets[i];
-    for (int32_t j = 0; j < n_hist; j++)   /* all saved before any is changed: duplicates restore too */
+    int32_t n_bias = bias != NULL ? bias->offsets[i + 1] - bias->offsets[i] : 0;
+    const int32_t *bias_ids = n_bias ? bias->ids + bias->offsets[i] : NULL;
+    const float *bias_values = n_bias ? bias->values + bias->offsets[i] : NULL;
+    /* all saved before any is changed: a token in both lists (or twice) restores too */
+    for (int32_t j = 0; j < n_hist; j++)
         s->saved[j] = row[ids[j]];
+    for (int32_t j = 0; j < n_bias; j++)
+        s->saved[n_hist + j] = row[bias_ids[j]];
     pf_apply_penalties(row, p->repetition_penalty[i], p->presence_penalty[i],
                        p->frequency_penalty[i], ids, counts, n_hist);
+    for (int32_t j = 0; j < n_bias; j++)
+        row[bias_ids[j]] += bias_values[j];
 
     double u = pf_rng_uniform(&rng_state[i]);   /* greedy rows step too: one step per call */
     const float *pick = row;
@@ -549,11 +557,13 @@ static void sample_row(float *row, int32_t vocab, int32_t i, const pf_sampling_p
             apply_mask(row, vocab, bits, mask->words, s->masked);
             pick = s->masked;
         }
-        if (n_hist > 0 || bits != NULL)          /* penalties or the mask moved logits: scan again */
+        if (n_hist > 0 || n_bias > 0 || bits != NULL)   /* penalties, biases or the mask moved logits */
             max = max_value(pick, vocab);
         token = (bits != NULL && max == -INFINITY) ? -1 : choose(pick, vocab, max, p, i, u, s->cand);
     }
 
+    for (int32_t j = 0; j < n_bias; j++)
+        row[bias_ids[j]] = s->saved[n_hist + j];
     for (int32_t j = 0; j < n_hist; j++)
         row[ids[j]] = s->saved[j];
     out->tokens[i] = token;
@@ -613,11 +623,12 @@ static int any_masked(const pf_token_mask *mask, int32_t n_seq)
 
 int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
               const pf_sampling_params *params, const pf_token_history *history,
-              const pf_token_mask *mask, uint64_t *rng_state, const pf_sample_out *out,
-              int n_threads)
+              const pf_logit_bias *bias, const pf_token_mask *mask, uint64_t *rng_state,
+              const pf_sample_out *out, int n_threads)
 {
     int team = team_size(n_seq, vocab, n_threads);
-    size_t n_saved = (size_t)longest_row(history->offsets, n_seq) + 1;
+    size_t n_saved = (size_t)longest_row(history->offsets, n_seq) + 1
+                     + (bias != NULL ? (size_t)longest_row(bias->offsets, n_seq) : 0);
     /* greedy rows never touch candidates: an all-greedy batch skips the
      * (vocab-sized, so mmap'd) block */
     size_t n_cand = any_draws(params->temperature, n_seq) ? (size_t)vocab : 0;
@@ -638,7 +649,7 @@ int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
         int tid = thread_id();
         scratch_t s = {cand ? cand + (size_t)tid * n_cand : NULL, saved + (size_t)tid * n_saved,
                        masked ? masked + (size_t)tid * n_masked : NULL};
-        sample_row(logits + (size_t)i * (size_t)vocab, vocab, i, params, history, mask, rng_state, out, &s);
+        sample_row(logits + (size_t)i * (size_t)vocab, vocab, i, params, history, bias, mask, rng_state, out, &s);
     }
     free(cand);
     free(saved);

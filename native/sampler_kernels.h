@@ -7,10 +7,12 @@
  *      logits, multiply negative ones, for tokens in prompt or output), then
  *      presence/frequency (OpenAI: subtract presence*[count>0] + frequency*count,
  *      counts over the output only);
- *   3. the row's allowed-token mask, if it has one (a grammar's: structured
+ *   3. the row's logit biases, if it has any (OpenAI logit_bias; -inf bans a
+ *      token), added to the penalised logits;
+ *   4. the row's allowed-token mask, if it has one (a grammar's: structured
  *      output): every token it does not allow is out of the draw, as if its
  *      logit were -inf. Logprobs stay those of step 1, the model's own;
- *   4. temperature < PF_GREEDY_TEMPERATURE: argmax, ties to the lower id;
+ *   5. temperature < PF_GREEDY_TEMPERATURE: argmax, ties to the lower id;
  *      otherwise temperature, top-k, top-p (nucleus over the top-k-renormalised
  *      distribution), min-p (drop p < min_p * p_max), then one draw from the
  *      renormalised survivors with the row's RNG. Filters rank tokens by
@@ -52,6 +54,16 @@ typedef struct {
     const int32_t *counts;    /* [nnz] */
 } pf_token_history;
 
+/* Additive logit biases as CSR: row i owns entries offsets[i] .. offsets[i+1]-1,
+ * each a token id in [0, vocab) (unique per row) and the value added to its
+ * logit after the penalties; -INFINITY bans the token. Rows without entries
+ * cost nothing. */
+typedef struct {
+    const int32_t *offsets;   /* [n_seq + 1] */
+    const int32_t *ids;       /* [nnz] */
+    const float *values;      /* [nnz] */
+} pf_logit_bias;
+
 typedef struct {
     int32_t *tokens;          /* [n_seq] */
     float *logprobs;          /* [n_seq] raw log-softmax of the chosen token */
@@ -91,13 +103,13 @@ void pf_apply_penalties(float *row, float repetition, float presence, float freq
 /* Sample one token per row of logits [n_seq, vocab] (row-major).
  * logits serve as scratch for the penalties and are restored bit-exactly
  * before returning, so the caller sees them unchanged; they must be writable.
- * mask: NULL when no row is constrained.
+ * bias: NULL when no row has a logit bias; mask: NULL when no row is constrained.
  * rng_state [n_seq] is advanced in place. n_threads <= 0: OpenMP's default.
  * Returns 0, or -1 when scratch memory could not be allocated. Thread-safe,
  * touches no global state, needs no GIL. */
 int pf_sample(float *logits, int32_t n_seq, int32_t vocab,
               const pf_sampling_params *params, const pf_token_history *history,
-              const pf_token_mask *mask, uint64_t *rng_state, const pf_sample_out *out,
-              int n_threads);
+              const pf_logit_bias *bias, const pf_token_mask *mask, uint64_t *rng_state,
+              const pf_sample_out *out, int n_threads);
 
 #endif /* PYFORGE_SAMPLER_KERNELS_H */

@@ -13,13 +13,14 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.nodes import CallBlock
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-# Offered for models without a template (e.g. `--chat-template chatml`); never applied silently.
+# For models without a template: `--chat-template chatml`, and the server's logged fallback.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+_CONTINUE = "<|pyforge:continue-here|> "   # marks where a continued final message's text ends
 
 
 class ChatTemplateError(ValueError):
@@ -80,10 +81,36 @@ def compile_template(source):
         raise ChatTemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from e
 
 
-def render(template, messages, *, add_generation_prompt, **context):
-    """Render a compiled template the way HF's `apply_chat_template` does."""
+def render(template, messages, *, add_generation_prompt, continue_final_message=False, **context):
+    """Render a compiled template the way HF's `apply_chat_template` does.
+
+    `continue_final_message`: the text ends inside the last message (its end-of-turn and
+    whatever follows it left out), so a model continues that message. As transformers
+    does it: the message is rendered with a marker after its text and the text cut at
+    the marker, so an empty message works too; where the template trims the message
+    (the marker's trailing space is gone), so does the message's trailing whitespace
+    (transformers strips the text's: with an empty message, the template's own too)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ChatTemplateError("messages must be a list of dicts")
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt exclude each other")
+        if not messages or not isinstance(messages[-1].get("content"), str):
+            raise ChatTemplateError("continue_final_message needs a final message with text content")
+        content = messages[-1]["content"]
+        messages = [*messages[:-1], {**messages[-1], "content": content + _CONTINUE}]
+    text = _render(template, messages, add_generation_prompt, context)
+    if not continue_final_message:
+        return text
+    end = text.rfind(_CONTINUE.strip())
+    if end < 0:
+        raise ChatTemplateError("the chat template does not render the final message: it cannot be continued")
+    kept, tail = text[:end].replace(_CONTINUE.strip(), ""), content[len(content.rstrip()):]
+    trimmed = not text.startswith(_CONTINUE, end)
+    return kept[:len(kept) - len(tail)] if trimmed and tail and kept.endswith(tail) else kept
+
+
+def _render(template, messages, add_generation_prompt, context):
     context.setdefault("tools", None)
     context.setdefault("documents", None)
     try:

@@ -9,7 +9,8 @@ Precedence, highest first:
   4. the defaults below
 
 ENV_ALIASES holds the names operators already set for other servers
-(LLM_INFERENCE_PORT, CORS_ALLOWED_ORIGINS, ...); where both an alias and the
+(LLM_INFERENCE_PORT, CORS_ALLOWED_ORIGINS, ...), FLAG_ALIASES second flag
+names (--sse-keepalive); where both an alias and the
 LLM_<FIELD> name are set, the LLM_<FIELD> name wins. An LLM_* variable that
 names no setting is logged as a warning (`warn_unknown_env`, called once logging
 is set up), never silently dropped.
@@ -31,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyforge.chat_template import CHATML_TEMPLATE
+from pyforge.builtin_templates import NAMED_TEMPLATES     # --chat-template NAME, for models that ship none
 from pyforge.engine.sampling_params import MAX_TEMPERATURE
 
 if sys.version_info >= (3, 11):
@@ -42,7 +43,6 @@ else:                                   # pragma: no cover - Python 3.10
 ENV_PREFIX = "LLM_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "pretty")
-NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}     # --chat-template NAME, for models that ship none
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "generic")   # server/tools/formats.py FORMATS
 REASONING_PARSERS = ("deepseek_r1", "qwen3")                          # both write <think>...</think>
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -188,15 +188,15 @@ def unknown_env(env):
 def add_arguments(parser):
     """Add the server flags to an argparse parser; every default is None (= not given)."""
     for f in dataclasses.fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ("--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, ()))
         if f.name in _LIST_FIELDS:          # repeatable, and each may hold commas
-            parser.add_argument(flag, dest=f.name, default=None, action="append", help=_help(f))
+            parser.add_argument(*flags, dest=f.name, default=None, action="append", help=_help(f))
             continue
         if f.type is bool or f.type == "bool":      # `--null-model` alone means true; `--null-model false` too
-            parser.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
+            parser.add_argument(*flags, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
                                 help=_help(f))
             continue
-        parser.add_argument(flag, dest=f.name, default=None, help=_help(f))
+        parser.add_argument(*flags, dest=f.name, default=None, help=_help(f))
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"TOML file of settings (flags > {ENV_PREFIX}* env > file > defaults)")
     return parser
@@ -340,7 +340,10 @@ ENV_ALIASES = {
     "SERVER_SSL_ENABLED": "ssl_enabled", "TLS_SERVER_CERT_PATH": "ssl_certfile",
     "TLS_SERVER_KEY_PATH": "ssl_keyfile", "LOG_FORMAT": "log_format", "SERVICE_NAME": "service_name",
     "OTEL_SERVICE_NAME": "service_name", "OTEL_EXPORTER_OTLP_ENDPOINT": "otlp_endpoint",
+    "LLM_SSE_KEEPALIVE": "keepalive_interval",
 }
+# Second flag names of a field (another server's name for it).
+FLAG_ALIASES = {"keepalive_interval": ("--sse-keepalive",)}
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
 
 
@@ -447,7 +450,8 @@ _HELP = {
     "max_body_bytes": "largest request body (413 above)",
     "api_key": "require an API key: Authorization: Bearer KEY or X-Api-Key: KEY (health endpoints and "
                "CORS preflights stay open); repeat or comma-separate for several",
-    "chat_template": "chat template file, inline Jinja or chatml (overrides the model's)",
+    "chat_template": "chat template file, inline Jinja or a built-in name: " + "/".join(NAMED_TEMPLATES)
+                     + " (overrides the model's; a model without one gets chatml)",
     "tool_call_parser": "how the model writes tool calls: " + "/".join(TOOL_CALL_PARSERS)
                         + " (default: detected from the chat template)",
     "reasoning_parser": "split a <think> block into reasoning_content: " + "/".join(REASONING_PARSERS)

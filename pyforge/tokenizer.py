@@ -69,15 +69,15 @@ class Tokenizer:
         return cls(**build_from_gguf(meta))
 
     # -- encode / decode ---------------------------------------------------
-    def encode(self, text, add_bos=None, *, special=True):
-        """Token ids of `text`; `add_bos=None` follows the model's default."""
+    def encode(self, text, add_bos=None, *, special=True, add_eos=None):
+        """Token ids of `text`; `add_bos=None` / `add_eos=None` follow the model's defaults."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         tk = self._tk if special else self._plain()
         ids = tk.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
-        if self.add_eos and self.eos_id is not None:
+        if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
 
@@ -129,12 +129,15 @@ class Tokenizer:
     def has_chat_template(self):
         return self._chat_template is not None
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+    def apply_chat_template(self, messages, add_generation_prompt=True, continue_final_message=False, **kwargs):
         """Render `messages` ([{'role', 'content'}, ...]) with the model's template.
 
-        Raises ChatTemplateError (a ValueError) when the model has no template: pyforge
-        does not guess a format. Set `tokenizer.chat_template = CHATML_TEMPLATE` (or any
-        template) to choose one. Extra kwargs (tools, enable_thinking, ...) reach the template.
+        Raises ChatTemplateError (a ValueError) when the model has no template: the
+        tokenizer does not guess a format (the server falls back to ChatML, and says so).
+        Set `tokenizer.chat_template = CHATML_TEMPLATE` (or any template) to choose one.
+        `continue_final_message`: end inside the last message, without its end-of-turn
+        (not with add_generation_prompt). Extra kwargs (tools, enable_thinking, ...) reach
+        the template.
         """
         if self._chat_template is None:
             raise ChatTemplateError("this model has no chat template; pass one explicitly "
@@ -142,7 +145,8 @@ class Tokenizer:
         if self._compiled is None:
             self._compiled = compile_template(self._chat_template)
         context = {**self._template_tokens, **kwargs}
-        return render(self._compiled, messages, add_generation_prompt=add_generation_prompt, **context)
+        return render(self._compiled, messages, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message, **context)
 
 
 def load_tokenizer(model_file):

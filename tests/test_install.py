@@ -22,6 +22,7 @@ import venv
 import pytest
 
 from live_server import REPO, free_port, get
+from pyforge.server.playground import FILES as PLAYGROUND_FILES
 
 README = (REPO / "README.md").read_text()
 
@@ -113,6 +114,9 @@ def test_the_readme_quick_start_works_from_a_non_editable_install(installed, tmp
         wait_ready(proc, port)
         reply = readme_curl(port)
         assert reply["choices"][0]["text"] and reply["usage"]["completion_tokens"] == 40
+        # the playground's files are package data: the wheel serves them too
+        assert {path: get(f"http://127.0.0.1:{port}{path}")[0] for path in PLAYGROUND_FILES} == \
+            dict.fromkeys(PLAYGROUND_FILES, 200)
     finally:
         stop(proc)
 

@@ -14,6 +14,7 @@ from pyforge.engine.config import EngineConfig, EngineFacts
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 from pyforge.engine.guided import GuidedDecoding
 from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
+from pyforge.engine import prompt_logprobs
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
@@ -92,10 +93,11 @@ class Engine:
         self.block_manager = BlockManager(n_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
-        self.sampler = Sampler(n_threads=self.backend.n_threads)
+        self.sampler = Sampler(n_threads=self.backend.n_threads, eos_ids=self.facts.eos_ids)
         self.guided = GuidedDecoding(self.tokenizer)
         self._forward_s = 0.0       # the last forward pass's seconds: is there time to hide masks behind?
         self.sequences = {}
+        self.prompt_logprobs_seqs = []    # sequences whose seq.prompt_logprobs grew in the last step
         self._ids = itertools.count()
 
     # -- requests ----------------------------------------------------------
@@ -104,6 +106,9 @@ class Engine:
         prompt_ids = [int(t) for t in prompt_ids]
         self.check_prompt(prompt_ids)
         self.sampler.check_params(params)
+        bad = next((t for t, _ in params.logit_bias if t >= self.facts.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias names token {bad}, outside the vocabulary (0..{self.facts.vocab_size - 1})")
         matcher = self.guided.matcher(params.grammar) if params.grammar is not None else None
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(next(self._ids), prompt_ids, params, self.sampler.seed_state(seed), self.max_model_len)
@@ -133,14 +138,18 @@ class Engine:
         if not plan:
             return []
         masks = None
+        self.prompt_logprobs_seqs = []
+        full = _full_logits(plan)
         try:
-            batch, sampling = self.runner.build_batch(plan)
+            batch, sampling = self.runner.build_batch(plan, full)
             seqs = [plan[i][0] for i in sampling]
             # grammar masks compute while the forward pass runs, when it runs long enough to hide them
             masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
             started = time.perf_counter()
             logits = self.runner.forward(batch)
             self._forward_s = time.perf_counter() - started
+            if full:
+                logits = self._record_prompt_logprobs(plan, full, logits)
             masks = masks and masks.wait()
         except Exception as e:      # nothing of this step was recorded: end its sequences only
             if masks is not None and not isinstance(masks, tuple):
@@ -157,6 +166,14 @@ class Engine:
         except Exception:           # find the rows that fail alone: only they end
             results = self._sample_rows(logits, seqs, masks)
         return self._append_all(seqs, results)
+
+    def _record_prompt_logprobs(self, plan, full, logits):
+        """Record the prompt logprobs of this step's full entries; the sampling rows' logits."""
+        sampling, prompt_rows = prompt_logprobs.split_logits(logits, plan, full)
+        for seq, rows in prompt_rows:
+            if prompt_logprobs.record(seq, rows):
+                self.prompt_logprobs_seqs.append(seq)
+        return sampling
 
     def _sample_rows(self, logits, seqs, masks):
         """Each row sampled alone: its SampleResult, or the exception it raised."""
@@ -222,6 +239,15 @@ class Engine:
             return logits
         finally:
             self.block_manager.release(seq)
+
+
+def _full_logits(plan):
+    """Per plan entry, whether it needs logits at every row (its prompt logprobs are due:
+    engine/prompt_logprobs.py); False when none does (the usual step)."""
+    if all(seq.prompt_logprobs is None for seq, _ in plan):
+        return False
+    full = [seq.needs_prompt_logits for seq, _ in plan]
+    return full if any(full) else False
 
 
 def _row_mask(masks, i):

@@ -59,6 +59,9 @@ class ModelRunner:
     def build_batch(self, plan, all_logits=False):
         """plan: [(sequence, n_new_tokens)] -> ForwardBatch, and which plan entries sample.
 
+        Logits come for each sampling entry's last row; with all_logits (True, or one
+        bool per plan entry: prompt logprobs) for every row of those entries, in row order.
+
         Per sequence only its integers are gathered (one pass each); the rest
         is array arithmetic, so a 64-sequence decode step costs tens of
         microseconds, not one numpy call per sequence."""
@@ -81,7 +84,12 @@ class ModelRunner:
             itertools.chain.from_iterable(seq.block_table for seq, _ in plan))
         context_lens = starts + counts
         caught_up = context_lens == totals      # caught up: this step yields a token
-        logits_rows = np.arange(n_tok, dtype=np.int32) if all_logits else qsl[1:][caught_up] - 1
+        if all_logits is True or all_logits is False:
+            logits_rows = np.arange(n_tok, dtype=np.int32) if all_logits else qsl[1:][caught_up] - 1
+        else:       # every row of the entries asked for, the last row of the others that sample
+            last = np.zeros(n_tok, dtype=bool)
+            last[qsl[1:][caught_up] - 1] = True
+            logits_rows = np.flatnonzero(np.asarray(all_logits, dtype=bool)[seq_of_row] | last)
         slots = block_tables[seq_of_row, positions // bs] * bs + positions % bs
         batch = ForwardBatch(
             token_ids=token_ids,

@@ -6,6 +6,8 @@ The loops differ only in their transport, which the table calls through a
 `Replies` object:
 
     admitted(entry)                    the engine queued it
+    prompt_logprobs(entry, entries)    PromptLogprobs of prompt tokens (engine/prompt_logprobs.py),
+                                       before the step's tokens; only to requests that asked
     tokens(entry, output)              one StepOutput of this step
     finished(entry, reason)            the last record: "stop" | "length" | "abort"
     failed(entry, kind, message)       the last record: an error (an ErrorKind)
@@ -29,6 +31,7 @@ class Entry:
     want_logprobs: bool = False
     seq: object = None          # the engine's Sequence once admitted
     started: bool = False       # it has had a token
+    prompt_sent: int = 0        # prompt logprobs already replied
 
 
 class RequestTable:
@@ -87,6 +90,7 @@ class RequestTable:
             log.exception("engine step failed")
             self.fail_all(ErrorKind.INTERNAL, INTERNAL_ERROR)
             return 0
+        self._reply_prompt_logprobs()
         for out in outputs:
             entry = self._by_seq.get(out.seq_id)
             if entry is None:
@@ -99,6 +103,13 @@ class RequestTable:
                 self._forget(entry)
                 self.replies.finished(entry, out.finish_reason)
         return len(outputs)
+
+    def _reply_prompt_logprobs(self):
+        for seq in self.engine.prompt_logprobs_seqs:
+            entry = self._by_seq.get(seq.seq_id)
+            if entry is not None and len(seq.prompt_logprobs) > entry.prompt_sent:
+                self.replies.prompt_logprobs(entry, seq.prompt_logprobs[entry.prompt_sent:])
+                entry.prompt_sent = len(seq.prompt_logprobs)
 
     def fail_all(self, kind, message):
         for entry in list(self.entries.values()):

@@ -36,11 +36,16 @@ class Sampler:
     Every result carries the chosen token's raw logprob unless `all_logprobs`
     is off: then only rows whose params ask for logprobs get it (NaN for the
     rest, whose log-softmax, most of a greedy row's cost, is skipped). The
-    serving engine turns it off: it sends logprobs only to who asked."""
+    serving engine turns it off: it sends logprobs only to who asked.
 
-    def __init__(self, n_threads=0, all_logprobs=True):
+    A row's logit biases are its params' `logit_bias` and, while it has fewer
+    than `min_tokens` output tokens, a ban (-inf) on `eos_ids` (unless it
+    ignores EOS) and its `stop_token_ids`."""
+
+    def __init__(self, n_threads=0, all_logprobs=True, eos_ids=()):
         self.n_threads = n_threads   # 0: OpenMP's default
         self.all_logprobs = all_logprobs
+        self.eos_ids = tuple(eos_ids)
 
     @staticmethod
     def seed_state(seed=None):
@@ -75,10 +80,12 @@ class Sampler:
         n_top = min(max(p.logprobs or 0 for p in params), logits.shape[1])
         rng_state = np.array([seq.rng_state for seq in seqs], dtype=np.uint64)
         want = None if self.all_logprobs else np.array([p.logprobs is not None for p in params], dtype=np.uint8)
+        bias = _biases(seqs, params, self.eos_ids, logits.shape[1])
         tokens, logprobs, top_ids, top_logprobs = native.sample(
             logits, *_param_arrays(params), *_history(seqs), rng_state,
             n_top_logprobs=n_top, n_threads=self.n_threads, want_logprobs=want,
             mask_bits=masks[0] if masks else None, mask_of=masks[1] if masks else None,
+            bias_offsets=bias[0], bias_ids=bias[1], bias_values=bias[2],
         )
         for seq, state in zip(seqs, rng_state.tolist()):
             seq.rng_state = state
@@ -106,6 +113,30 @@ def _history(seqs):
     ids = np.concatenate([ids for ids, _ in rows]).astype(np.int32)
     counts = np.concatenate([counts for _, counts in rows]).astype(np.int32)
     return offsets, ids, counts
+
+
+def _biases(seqs, params, eos_ids, vocab):
+    """The rows' logit biases as CSR (offsets, ids, values), or Nones when no row has any."""
+    if not any(p.logit_bias or p.min_tokens for p in params):   # the usual batch: nothing to build
+        return None, None, None
+    rows = [_row_bias(seq, eos_ids, vocab) for seq in seqs]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    n = int(offsets[-1])
+    ids = np.fromiter((t for row in rows for t in row), dtype=np.int32, count=n)
+    values = np.fromiter((b for row in rows for b in row.values()), dtype=np.float32, count=n)
+    return offsets, ids, values
+
+
+def _row_bias(seq, eos_ids, vocab):
+    """{token id: bias} of one row: logit_bias, and the min_tokens bans while they hold
+    (a stop id outside the vocabulary can never come: nothing to ban)."""
+    p = seq.params
+    bias = dict(p.logit_bias)
+    if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+        banned = p.stop_token_ids if p.ignore_eos else (*eos_ids, *p.stop_token_ids)
+        bias.update((t, -np.inf) for t in banned if t < vocab)
+    return bias
 
 
 def _penalised(p):

@@ -5,6 +5,7 @@ from numbers import Integral, Real
 
 MAX_TEMPERATURE = 100.0   # OpenAI stops at 2; vLLM takes more, and so do we
 MAX_TOP_LOGPROBS = 20     # OpenAI's limit on top_logprobs
+MAX_LOGIT_BIAS = 100.0    # OpenAI's range for a logit_bias value: [-100, 100]
 INT32_MAX = (1 << 31) - 1  # top_k, max_tokens and token ids travel as int32 (sampler, IPC records)
 
 
@@ -25,6 +26,13 @@ class SamplingParams:
     # an llguidance grammar (pyforge.structured builds one from a JSON schema, regex,
     # choice list, GBNF or Lark) the output must match; None: unconstrained
     grammar: str | None = None
+    # OpenAI: added to the token's logit before sampling, in [-100, 100] (-100 bans it in
+    # effect, 100 forces it); a {token id: bias} dict or (id, bias) pairs, kept as sorted pairs
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0              # vLLM: EOS and stop_token_ids are banned before this many tokens
+    # vLLM: the logprob of every prompt token after the first (the engine computes logits at
+    # every prompt position, without prefix reuse) and this many top alternatives; None: none
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         # frozen, but callers pass lists; a tuple keeps the object hashable
@@ -32,6 +40,7 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         except TypeError:
             raise ValueError(f"stop_token_ids must be a list of token ids, got {brief(self.stop_token_ids)}") from None
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
 
     def validate(self):
@@ -58,6 +67,28 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be true or false, got {brief(self.ignore_eos)}")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
             raise ValueError(f"grammar must be a non-empty string, got {brief(self.grammar)}")
+        for token, bias in self.logit_bias:
+            _integer("logit_bias", token, low=0, high=INT32_MAX)
+            _in_range("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        _integer("min_tokens", self.min_tokens, low=0, high=INT32_MAX)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+
+
+def _bias_pairs(value):
+    """logit_bias as (token id, bias) pairs sorted by id; ValueError on a repeated id."""
+    try:
+        pairs = tuple(sorted((value.items() if isinstance(value, dict) else value), key=lambda pair: pair[0]))
+        if any(len(pair) != 2 for pair in pairs):
+            raise TypeError
+    except TypeError:
+        raise ValueError(f"logit_bias must map token ids to numbers, got {brief(value)}") from None
+    for (a, _), (b, _) in zip(pairs, pairs[1:]):
+        if a == b:
+            raise ValueError(f"logit_bias names token {brief(a)} twice")
+    return tuple(tuple(pair) for pair in pairs)
 
 
 def brief(value, limit=40):

@@ -14,6 +14,9 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # the logits rows a step's activation memory is sized for (model_runner.size_kv_cache): a
+        # sequence whose prompt logprobs are due (logits at every row) is chunked to that many
+        self.max_logits_rows = min(max_num_seqs, max_num_batched_tokens)
         self.waiting = deque()
         self.running = []
         self.num_preemptions = 0    # since start (a counter for /metrics)
@@ -39,7 +42,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -53,21 +56,28 @@ class Scheduler:
     def _schedule_waiting(self, plan, budget):
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and not seq.needs_prompt_logits:   # cached blocks have no logits
                 seq.num_computed_tokens = self.blocks.reuse_prefix(seq)
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
                 if not self.running:
-                    # nothing will free blocks for it: drop the prefix claim and retry later
-                    self.blocks.release(seq)
-                    seq.num_computed_tokens = 0
+                    # nothing will free blocks for it: drop the prefix claims and retry later; every
+                    # waiting sequence's, as one queued behind it (preempted past it) may hold one
+                    for queued in self.waiting:
+                        self.blocks.release(queued)
+                        queued.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             plan.append((seq, n))
             budget -= n
+
+    def _chunk(self, seq, budget):
+        """Tokens of `seq` to compute this step."""
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        return min(n, self.max_logits_rows) if seq.needs_prompt_logits else n
 
     def preempt(self, seq):
         """Free the newest sequence's blocks; it is recomputed from scratch later."""

@@ -58,6 +58,8 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = SequenceStatus.WAITING
         self.matcher = None             # llguidance's, when params.grammar constrains the output
+        # prompt tokens 1.. as PromptLogprobs, when params.prompt_logprobs asks (engine/prompt_logprobs.py)
+        self.prompt_logprobs = [] if params.prompt_logprobs is not None else None
 
     @property
     def num_tokens(self):
@@ -66,6 +68,11 @@ class Sequence:
     @property
     def num_output_tokens(self):
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def needs_prompt_logits(self):
+        """Its prompt logprobs are not all recorded: its prefill needs logits at every row."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def finish_reason(self):

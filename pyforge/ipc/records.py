@@ -10,13 +10,15 @@ Rings (all in one shared-memory segment, see segment.py):
                      read by the worker process holding slot s alone (one
                      reader thread, which routes records to the waiting
                      request by request_id).  Records: ADMITTED, TOKENS,
-                     FINISH, ERROR.
+                     PROMPT_LOGPROBS, FINISH, ERROR.
 
 A request ring message is one record. A response ring message is a batch:
 one or more records back to back (each record's length follows from its own
 counts), so the engine writes one message per worker per step however many
 of that worker's requests advanced (encode_batch / decode_batch). A request's
-responses are ADMITTED (the engine queued it), zero or more TOKENS, then
+responses are ADMITTED (the engine queued it), zero or more TOKENS (a request
+that asks for prompt logprobs gets PROMPT_LOGPROBS records, in prompt order,
+before its first TOKENS, as its prefill chunks compute them), then
 exactly one FINISH or ERROR, in ring order; a refused request gets its ERROR
 alone; after an ABORT the engine still sends the FINISH (reason "abort") so
 the worker can forget the request.
@@ -41,8 +43,10 @@ Byte layout: little-endian, packed, one record per message.
           | i32 stop_token_ids[n_stop] | i32 prompt_ids[n_prompt]
           | u32 n_ext | extensions: n_ext bytes of back-to-back entries
   EXTENSION  u16 tag | u16 0 | u32 n | value: n bytes   (an optional request
-          feature; tag 1 GRAMMAR: SamplingParams.grammar as UTF-8. An engine
-          refuses a SUBMIT with a tag it does not know: never half-honoured)
+          feature, sent only when set; tag 1 GRAMMAR: SamplingParams.grammar as
+          UTF-8; 2 LOGIT_BIAS: i32 token_ids[k] | f64 biases[k] (n = 12k);
+          3 MIN_TOKENS: u32; 4 PROMPT_LOGPROBS: u32 (top alternatives). An
+          engine refuses a SUBMIT with a tag it does not know: never half-honoured)
   PARAMS  (version 1, 68 bytes) f64 temperature | f64 top_p | f64 min_p
           | f64 repetition_penalty | f64 presence_penalty | f64 frequency_penalty
           | i32 top_k | u32 max_tokens | u64 seed (mod 2^64) | u8 flags
@@ -52,6 +56,8 @@ Byte layout: little-endian, packed, one record per message.
   TOKENS  u32 n | u16 n_top | u16 has (1: logprobs, 2: top_logprobs)
           | i32 token_ids[n] | f32 logprobs[n]                      if has & 1
           | i32 top_ids[n * n_top] | f32 top_logprobs[n * n_top]     if has & 2
+  PROMPT_LOGPROBS  the TOKENS layout with has = 3: prompt tokens from the second
+          on, each with its logprob and top alternatives
   FINISH  u32 prompt_tokens | u32 completion_tokens | u32 cached_tokens
           | u8 finish_reason (FinishReason: 1 stop, 2 length, 3 abort)
   ERROR   u16 kind (ErrorKind: 1 bad request, 2 overloaded, 3 out of memory,
@@ -86,6 +92,7 @@ _FINISH = struct.Struct("<IIIB")
 _ERROR = struct.Struct("<HI")
 _U32 = struct.Struct("<I")
 _EXTENSION = struct.Struct("<HHI")
+_BIAS_ENTRY = 12        # LOGIT_BIAS: an i32 id and an f64 bias per entry
 
 _HAS_LOGPROBS = 1
 _HAS_TOP = 2
@@ -106,6 +113,9 @@ _REASON_CODES = {r.name.lower(): r for r in FinishReason}
 class ExtensionTag(IntEnum):
     """What a SUBMIT extension entry carries."""
     GRAMMAR = 1
+    LOGIT_BIAS = 2
+    MIN_TOKENS = 3
+    PROMPT_LOGPROBS = 4
 
 
 class RecordType(IntEnum):
@@ -115,6 +125,7 @@ class RecordType(IntEnum):
     FINISH = 4
     ERROR = 5
     ADMITTED = 6
+    PROMPT_LOGPROBS = 7
 
 
 def request_id(slot: int, n: int) -> int:
@@ -171,10 +182,17 @@ def _unpack_params(values):
 
 
 def _pack_extensions(p):
-    if p.grammar is None:
-        return b""
-    grammar = p.grammar.encode()
-    return _pack(_EXTENSION, ExtensionTag.GRAMMAR, 0, len(grammar)) + grammar
+    entries = []
+    if p.grammar is not None:
+        entries.append((ExtensionTag.GRAMMAR, p.grammar.encode()))
+    if p.logit_bias:
+        ids, biases = zip(*p.logit_bias)
+        entries.append((ExtensionTag.LOGIT_BIAS, _int32s(ids) + _array("d", biases, "logit biases must be numbers")))
+    if p.min_tokens:
+        entries.append((ExtensionTag.MIN_TOKENS, _pack(_U32, p.min_tokens)))
+    if p.prompt_logprobs is not None:
+        entries.append((ExtensionTag.PROMPT_LOGPROBS, _pack(_U32, p.prompt_logprobs)))
+    return b"".join(_pack(_EXTENSION, tag, 0, len(value)) + value for tag, value in entries)
 
 
 def _unpack_extensions(data):
@@ -185,12 +203,29 @@ def _unpack_extensions(data):
             raise ValueError(f"malformed SUBMIT extensions: {len(data) - r.pos} stray bytes")
         start = r.pos
         tag, flags, n = r.unpack(_EXTENSION)
-        value = r.take(n)
-        if tag == ExtensionTag.GRAMMAR and not flags:
-            known["grammar"] = _Reader(value).text(n)
-        else:
+        value = _Reader(r.take(n))
+        if flags or tag not in _EXTENSION_FIELDS:
             unknown.append(bytes(data[start:r.pos]))
+            continue
+        field, read = _EXTENSION_FIELDS[tag]
+        known[field] = read(value, n)
+        value.end(f"{ExtensionTag(tag).name} extension")
     return known, b"".join(unknown)
+
+
+def _read_bias(r, n):
+    if n % _BIAS_ENTRY:
+        raise ValueError(f"a LOGIT_BIAS extension of {n} bytes is not whole entries")
+    k = n // _BIAS_ENTRY
+    return tuple(zip(r.int32s(k), r.float64s(k)))
+
+
+_EXTENSION_FIELDS = {           # tag -> (SamplingParams field, reader(value, n))
+    ExtensionTag.GRAMMAR: ("grammar", lambda r, n: r.text(n)),
+    ExtensionTag.LOGIT_BIAS: ("logit_bias", _read_bias),
+    ExtensionTag.MIN_TOKENS: ("min_tokens", lambda r, n: r.unpack(_U32)[0]),
+    ExtensionTag.PROMPT_LOGPROBS: ("prompt_logprobs", lambda r, n: r.unpack(_U32)[0]),
+}
 
 
 class _Bodiless:
@@ -254,6 +289,20 @@ class Tokens:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobs(Tokens):
+    """Prompt tokens (from the second on) with their logprobs and top alternatives:
+    the TOKENS layout, both lists always present."""
+    TYPE: ClassVar[RecordType] = RecordType.PROMPT_LOGPROBS
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        record = Tokens._parse.__func__(cls, r, worker, request_id)
+        if record.logprobs is None or record.top_logprobs is None:
+            raise ValueError("a PROMPT_LOGPROBS record must carry logprobs and top logprobs")
+        return record
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     request_id: int
     finish_reason: str
@@ -301,8 +350,8 @@ class Error:
         return cls(request_id, kind, r.text(n))
 
 
-Record = Union[Submit, Abort, Admitted, Tokens, Finish, Error]
-_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Admitted, Tokens, Finish, Error)}
+Record = Union[Submit, Abort, Admitted, Tokens, PromptLogprobs, Finish, Error]
+_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Admitted, Tokens, PromptLogprobs, Finish, Error)}
 
 
 def encode(record: Record) -> bytes:
@@ -428,6 +477,9 @@ class _Reader:
 
     def float32s(self, n):
         return self._array("f", n)
+
+    def float64s(self, n):
+        return self._array("d", n)
 
     def _array(self, code, n):
         a = array(code)

@@ -2,7 +2,8 @@
 
 Requests take the /v1 sampling fields (`max_tokens`, `temperature`, `top_p`,
 `top_k`, `min_p`, `seed`, `stop`, `presence_penalty`, `frequency_penalty`,
-`repetition_penalty`, `ignore_eos`), an optional `model` and an optional
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `min_tokens`, `logit_bias`,
+`user`), an optional `model` and an optional
 output constraint (`json_schema`, `response_format`, `grammar`, `regex`,
 `choice`: see server/constraints.py); unknown fields are ignored. One prompt,
 one choice.
@@ -11,7 +12,8 @@ one choice.
   POST /api/completions         (the same; kept under the name platforms call)
       -> {"text": str, "finish_reason": "stop" | "length", "usage": USAGE}
 
-  POST /api/chat                {"messages": [{"role", "content"}, ...], ...}
+  POST /api/chat                {"messages": [{"role", "content"}, ...], ...}   (and the /v1 chat template
+                                switches: add_generation_prompt, continue_final_message, chat_template_kwargs)
       -> {"message": {"role": "assistant", "content": str}, "finish_reason", "usage": USAGE}
 
   POST /api/completions/stream  (body as /api/completions)
@@ -54,7 +56,8 @@ class _Generate:
                   to_chunks=self._chunks, client_gone=g.connection_watch(req))
 
     def _request(self, body, ctx):
-        params = v.sampling_params(body, ctx.config, grammar=request_grammar(body, ctx.constraints))
+        params = v.sampling_params(body, ctx.config, grammar=request_grammar(body, ctx.constraints),
+                                   vocab_size=ctx.facts.vocab_size)
         return g.GenerationRequest([self._prompt(body, ctx)], params, 1, v.parse_stop(body.get("stop")))
 
     def _chunks(self, gen):
@@ -84,7 +87,7 @@ class Chat(_Generate):
     def _prompt(self, body, ctx):
         if body.get("tools") is not None:     # not part of /api: never answered as if honoured
             raise bad_request("/api/chat takes no tools; use /v1/chat/completions for tool calling", "tools")
-        return v.chat_prompt(body.get("messages"), ctx)
+        return v.chat_prompt(body.get("messages"), ctx, **v.template_options(body))
 
     def _reply(self, text, finish_reason, usage):
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "usage": usage}

@@ -6,8 +6,10 @@
 Cross-cutting concerns are middleware: request ids (`X-Request-Id`, echoed or
 made up), an access log line per request (logs.py; a generation's span: tracing.py)
 and API-key auth when keys are configured (`Authorization: Bearer` or
-`X-Api-Key`; health endpoints stay open so orchestrators can probe). Errors of
-every kind leave as OpenAI-shaped JSON (errors.py).
+`X-Api-Key`; health endpoints stay open so orchestrators can probe, the API docs
+(/openapi.json, /docs: openapi.py) as vLLM serves them, and the playground page and
+its files at their exact paths). Errors of
+every kind leave as OpenAI-shaped JSON (errors.py; under /v1/messages, Anthropic-shaped).
 
 `observer` is the metrics hook: on_request_start(), on_first_token(seconds),
 on_token(n, seconds_since_last), on_request_end(status, seconds,
@@ -15,13 +17,19 @@ prompt_tokens, completion_tokens). A streamed request whose client left
 early ends with status 499.
 """
 import hmac
+import logging
 import re
 import time
 import uuid
 
 import falcon
 
-from pyforge.server import api_routes, errors, openai_routes, tracing
+from pyforge.chat_template import CHATML_TEMPLATE
+from pyforge.server import api_routes, errors, openai_routes, responses_api, tracing
+from pyforge.server import tokenize_routes
+from pyforge.server import openapi
+from pyforge.server import messages_api
+from pyforge.server import playground
 from pyforge.server.errors import APIError
 from pyforge.server.generation import NoopObserver, ServingContext
 from pyforge.server.logs import AccessLog
@@ -30,7 +38,9 @@ from pyforge.server.served import ServedModels
 from pyforge.server.web import CorsMiddleware, GzipMiddleware
 from pyforge.structured import Constraints
 
-OPEN_PATHS = ("/health",)       # path prefixes served without an API key
+log = logging.getLogger(__name__)
+OPEN_PATHS = ("/health", *openapi.DOC_PATHS)    # path prefixes served without an API key (docs: as vLLM)
+OPEN_EXACT_PATHS = playground.PAGE_PATHS       # exact paths served without one: "/" must not open every path
 _REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
 
 
@@ -41,10 +51,15 @@ def create_app(config, engine_client, tokenizer, observer=None):
 
 def serving_context(config, engine_client, tokenizer, observer=None):
     """What the routes need of one model (`config` is that model's). A configured chat
-    template replaces the tokenizer's own (the tokenizer object is changed in place)."""
+    template replaces the tokenizer's own, and a model with none gets ChatML, logged
+    (the tokenizer object is changed in place)."""
     template = config.load_chat_template()
     if template is not None:
         tokenizer.chat_template = template
+    elif not tokenizer.has_chat_template:
+        log.warning("%s has no chat template: chat requests get ChatML (--chat-template sets another)",
+                    config.served_model_name)
+        tokenizer.chat_template = CHATML_TEMPLATE
     return ServingContext(config, engine_client, tokenizer, observer or NoopObserver(),
                           config.served_model_name, engine_client.facts, int(time.time()), Constraints(tokenizer))
 
@@ -57,8 +72,13 @@ def build_app(config, contexts, limit=None):
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     openai_routes.add_routes(app, models)
+    responses_api.add_routes(app, models)
     api_routes.add_routes(app, models)
+    messages_api.add_routes(app, models)
+    tokenize_routes.add_routes(app, models)
+    playground.add_routes(app, models)
     add_health_routes(app, models)
+    openapi.add_routes(app, models)     # its spec lists every route, read at its first request
     return app
 
 
@@ -79,12 +99,13 @@ class RequestIdMiddleware:
 
 
 class AuthMiddleware:
-    def __init__(self, api_keys, open_paths=OPEN_PATHS):
+    def __init__(self, api_keys, open_paths=OPEN_PATHS, open_exact_paths=OPEN_EXACT_PATHS):
         self.keys = [key.encode() for key in api_keys]
         self.open_paths = open_paths
+        self.open_exact_paths = frozenset(open_exact_paths)
 
     def process_request(self, req, resp):
-        if not self.keys or req.path.startswith(self.open_paths):
+        if not self.keys or req.path in self.open_exact_paths or req.path.startswith(self.open_paths):
             return
         if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
             return                      # a CORS preflight: browsers never send credentials on one

@@ -6,7 +6,9 @@ lists them (the generic format); assistant `tool_calls` and `tool` messages rend
 in history. `tool_choice` required / named is enforced with a grammar, `auto`
 with a lazy one (free text until the family's opener). A request constraint
 (response_format, ...) and tool calling are one grammar each: not both. With a
---reasoning-parser, the grammar starts after the `<think>` block.
+--reasoning-parser, the grammar starts after the `<think>` block. The template's
+switches are vLLM's: `add_generation_prompt`, `continue_final_message` (the reply
+continues the last message) and `chat_template_kwargs` (validation.template_options).
 
 Reply: each choice's text is split into reasoning and content, and the content's
 tool calls parsed out (`message.tool_calls`, finish_reason "tool_calls"); a stream
@@ -109,19 +111,7 @@ def _finish(reason, called):
 def chat_request(body, ctx, logprobs):
     """(Prompt, SamplingParams, ChatReply, keep special tokens) of a chat body."""
     tok, config = ctx.tokenizer, ctx.config
-    offered = parse_tool_request(body)
-    if offered is not None and offered[1].mode == "none":
-        offered = None                  # the model is told of no tools and calls none
-    messages = [_history_message(m) for m in v.check_messages(body.get("messages"))]
-    fmt, template_kwargs = None, {}
-    if offered is not None:
-        tools, choice, parallel = offered
-        fmt = FORMATS[config.tool_call_parser or detect_format(tok.chat_template)]
-        if fmt.name == "generic" or not fmt.template_supports_tools(tok.chat_template):
-            fmt = FORMATS["generic"]
-            messages = _with_system(messages, fmt.system_prompt(tools))
-        else:
-            template_kwargs["tools"] = [_openai_tool(t) for t in tools]
+    messages, template_kwargs, offered, fmt = chat_messages(body, ctx)
     prompt = v.chat_prompt(messages, ctx, **template_kwargs)
     grammar = request_grammar(body, ctx.constraints)
     if offered is not None:
@@ -132,8 +122,30 @@ def chat_request(body, ctx, logprobs):
     thinking = Thinking(prompt.text) if config.reasoning_parser else None
     if thinking is not None and grammar is not None:
         grammar = _checked(ctx, thinking.wrap_grammar(grammar, _special_ids(tok)), "messages")
-    params = v.sampling_params(body, config, ("max_completion_tokens", "max_tokens"), logprobs, grammar)
+    params = v.sampling_params(body, config, ("max_completion_tokens", "max_tokens"), logprobs, grammar,
+                               vocab_size=ctx.facts.vocab_size)
     return prompt, params, ChatReply(thinking, fmt), fmt is not None
+
+
+def chat_messages(body, ctx):
+    """(messages, template keywords, offered tools or None, their ToolFormat or None): what the
+    chat template renders of a body — the tools in its `tools` variable or a system message,
+    and the body's template switches (validation.template_options)."""
+    tok = ctx.tokenizer
+    offered = parse_tool_request(body)
+    if offered is not None and offered[1].mode == "none":
+        offered = None                  # the model is told of no tools and calls none
+    messages = [_history_message(m) for m in v.check_messages(body.get("messages"))]
+    fmt, template_kwargs = None, v.template_options(body)
+    if offered is not None:
+        tools, choice, parallel = offered
+        fmt = FORMATS[ctx.config.tool_call_parser or detect_format(tok.chat_template)]
+        if fmt.name == "generic" or not fmt.template_supports_tools(tok.chat_template):
+            fmt = FORMATS["generic"]
+            messages = _with_system(messages, fmt.system_prompt(tools))
+        else:
+            template_kwargs["tools"] = [_openai_tool(t) for t in tools]
+    return messages, template_kwargs, offered, fmt
 
 
 def _tool_grammar(fmt, tools, choice, parallel, ctx):

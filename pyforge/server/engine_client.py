@@ -7,7 +7,8 @@ back a `RequestStream` per submitted prompt and feed it events from whatever
 thread receives them:
 
     AdmittedEvent  then  TokenEvent*  then exactly one  FinishEvent | ErrorEvent
-    (or ErrorEvent alone: the engine refused the request)
+    (or ErrorEvent alone: the engine refused the request); a request whose params
+    ask for prompt_logprobs gets PromptLogprobsEvents before its first TokenEvent
 
 The AdmittedEvent says the engine took the request into its queue: a stream
 waits for it before its status line, so a refusal is still a plain 503/400.
@@ -46,6 +47,14 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class PromptLogprobsEvent:
+    """Prompt tokens from the second on, in order, with their logprobs and top alternatives."""
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+@dataclass(frozen=True)
 class AdmittedEvent:
     """The engine took the request into its waiting queue (it may say so again after an
     engine restart resubmitted the request)."""
@@ -77,7 +86,7 @@ def error_event(kind, message):
     return ErrorEvent(HTTP_STATUS[kind], message)
 
 
-Event = AdmittedEvent | TokenEvent | FinishEvent | ErrorEvent
+Event = AdmittedEvent | PromptLogprobsEvent | TokenEvent | FinishEvent | ErrorEvent
 FINAL_EVENTS = (FinishEvent, ErrorEvent)
 
 

@@ -2,6 +2,11 @@
 
     {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 
+except under ANTHROPIC_PATHS (the Messages API, server/messages_api.py), where the
+same errors, with the same statuses, take Anthropic's shape:
+
+    {"type": "error", "error": {"type": str, "message": str}, "request_id": str}
+
 Resources raise `APIError` (an `HTTPError`); Falcon's own 404 / 405 pass
 through the same serializer; anything else is our bug: logged with its
 traceback, answered 500 with a generic message.
@@ -17,6 +22,11 @@ log = logging.getLogger(__name__)
 # invalid_request_error (401 included, with code invalid_api_key)
 ERROR_TYPES = {500: "server_error", 503: "server_error", 504: "server_error"}
 MAX_MESSAGE = 500   # characters: a message never carries a whole request value back
+ANTHROPIC_PATHS = ("/v1/messages",)     # these routes, and the paths under them
+# status -> Anthropic error type (any other 4xx: invalid_request_error, 5xx: api_error)
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                   504: "timeout_error"}
 
 
 class APIError(falcon.HTTPError):
@@ -35,6 +45,14 @@ def error_body(status, message, param=None, code=None):
                       "param": param, "code": code}}
 
 
+def anthropic_error_body(status, message, request_id=None):
+    default = "api_error" if status >= 500 else "invalid_request_error"
+    body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, default), "message": message}}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return body
+
+
 def status_code(error):
     return int(str(error.status).split()[0])
 
@@ -46,6 +64,9 @@ def serialize_error(req, resp, error):
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE - 3] + "..."
     resp.content_type = falcon.MEDIA_JSON
+    if req.path in ANTHROPIC_PATHS or req.path.startswith(tuple(p + "/" for p in ANTHROPIC_PATHS)):
+        resp.text = json.dumps(anthropic_error_body(status, message, req.context.get("request_id")))
+        return
     resp.text = json.dumps(error_body(status, message, getattr(error, "param", None), getattr(error, "code", None)))
 
 

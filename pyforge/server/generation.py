@@ -10,9 +10,11 @@
   observe: RequestTimer feeds the metrics observer (a no-op by default), the
            access log line and the trace span (logs.RequestLog).
 
-Choice `index` follows OpenAI: prompt i's j-th sample is choice i * n + j.
+Choice `index` follows OpenAI: prompt i's j-th sample is choice i * n + j (with
+best_of, candidate i * best_of + j, until `Generation.best` keeps each prompt's n).
 """
 import dataclasses
+import functools
 import itertools
 import select
 import socket
@@ -25,8 +27,10 @@ import falcon
 
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.server import sse
-from pyforge.server.engine_client import AdmittedEvent, ErrorEvent, FinishEvent, QueueFullError, StreamGroup
+from pyforge.server.engine_client import (AdmittedEvent, ErrorEvent, FinishEvent, PromptLogprobsEvent,
+                                          QueueFullError, StreamGroup)
 from pyforge.server.errors import APIError, bad_request, error_body, status_code
+from pyforge.server.fingerprint import system_fingerprint
 from pyforge.server.logs import RequestLog
 from pyforge.tokenizer import IncrementalDetokenizer
 
@@ -47,6 +51,11 @@ class ServingContext:
     def max_model_len(self):
         return self.facts.max_model_len
 
+    @functools.cached_property
+    def system_fingerprint(self):
+        """This build and model, as responses' `system_fingerprint` (server/fingerprint.py)."""
+        return system_fingerprint(self.config.model)
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -62,12 +71,18 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     echo: bool = False
     keep_special: bool = False  # detokenize special tokens too (tool-call openers such as [TOOL_CALLS])
+    best_of: int | None = None  # > n: sample this many per prompt, return the n of highest cumulative logprob
+
+    @property
+    def samples(self):
+        """Generations per prompt."""
+        return self.best_of or self.n
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None       # None: the first prompt token (prompt logprobs), which nothing predicts
     top: list[tuple[int, float]]
 
 
@@ -78,6 +93,8 @@ class Update:
     text: str = ""
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    # the prompt's tokens with their logprobs (params.prompt_logprobs), in the choice's first update
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class ChoiceResult(NamedTuple):
@@ -87,6 +104,7 @@ class ChoiceResult(NamedTuple):
 
 
 DISCONNECT_CHECK = 0.25    # seconds between looks at a waiting client's socket
+MAX_LOGGED_USER = 256      # characters of a request's `user` the access line keeps
 
 
 class ClientGone(Exception):
@@ -111,15 +129,17 @@ class StopMatcher:
     def __init__(self, stops):
         self.stops = tuple(stops)
         self.pending = ""
+        self.found = None       # the stop string found, once one is
 
     def push(self, text):
         """(released text, True if a stop string was found)."""
         self.pending += text
         if not self.stops:
             return self.flush(), False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            released, self.pending = self.pending[:min(hits)], ""
+            at, self.found = min(hits, key=lambda hit: hit[0])
+            released, self.pending = self.pending[:at], ""
             return released, True
         cut = len(self.pending) - self._partial_tail()
         released, self.pending = self.pending[:cut], self.pending[cut:]
@@ -141,7 +161,7 @@ class StopMatcher:
 class _Choice:
     """One sample of one prompt: detokenize, match stops, count, collect logprobs."""
 
-    def __init__(self, index, tokenizer, prompt, stop, skip_ids, keep_special=False):
+    def __init__(self, index, tokenizer, prompt, stop, skip_ids, keep_special=False, score_prompt=False):
         self.index = index
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=not keep_special, prefix_ids=prompt.ids)
         self.matcher = StopMatcher(stop)
@@ -150,6 +170,15 @@ class _Choice:
         self.n_tokens = 0
         self.cached_tokens = 0
         self.finish_reason = None
+        self.cumulative_logprob = 0.0   # of the tokens counted, when the engine sends logprobs
+        # score_prompt (params.prompt_logprobs): the prompt's TokenLogprobs until the first update
+        # takes them; the first token's logprob is None, nothing predicts it
+        self.prompt_logprobs = [TokenLogprob(prompt.ids[0], None, [])] if score_prompt else None
+
+    @property
+    def stop(self):
+        """The stop string that ended this choice, or None (its end, the length, an EOS)."""
+        return self.matcher.found
 
     def on_tokens(self, event):
         """The Update for an event of one or more tokens. Stop strings are
@@ -162,7 +191,19 @@ class _Choice:
         else:
             (text, _), n = self.matcher.push(self.detok.feed_many(t for t in ids if t not in self.skip_ids)), len(ids)
         self.n_tokens += n
-        return Update(self.index, text, _logprob_entries(event, n), self.finish_reason)
+        entries = _logprob_entries(event, n)
+        self.cumulative_logprob += sum(e.logprob for e in entries)
+        return Update(self.index, text, entries, self.finish_reason, self._take_prompt_logprobs())
+
+    def on_prompt_logprobs(self, event):
+        """Keep the prompt logprobs an event carries until the choice's first update."""
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs += [TokenLogprob(t, lp, list(top)) for t, lp, top in
+                                     zip(event.token_ids, event.logprobs, event.top_logprobs)]
+
+    def _take_prompt_logprobs(self):
+        entries, self.prompt_logprobs = self.prompt_logprobs, None
+        return entries
 
     def _until_stop(self, ids):
         """(released text, tokens consumed) up to and including a stop string's last token."""
@@ -179,7 +220,8 @@ class _Choice:
         self.cached_tokens = event.cached_tokens
         released, stopped = self.matcher.push(self.detok.flush())
         self.finish_reason = "stop" if stopped else event.finish_reason
-        return Update(self.index, released + self.matcher.flush(), finish_reason=self.finish_reason)
+        return Update(self.index, released + self.matcher.flush(), finish_reason=self.finish_reason,
+                      prompt_logprobs=self._take_prompt_logprobs())
 
 
 def _logprob_entries(event, n):
@@ -195,9 +237,11 @@ class Generation:
 
     def __init__(self, ctx, request, timer):
         self.ctx, self.request, self.timer = ctx, request, timer
-        tok, n = ctx.tokenizer, request.n
-        skip = frozenset() if request.params.ignore_eos else ctx.facts.eos_ids
-        self.choices = [_Choice(i * n + j, tok, p, request.stop, skip, request.keep_special)
+        tok, n = ctx.tokenizer, request.samples
+        # the tokens that end a choice are not text (vLLM leaves a stop token id's text out too)
+        skip = (frozenset() if request.params.ignore_eos else ctx.facts.eos_ids) | set(request.params.stop_token_ids)
+        score = request.params.prompt_logprobs is not None
+        self.choices = [_Choice(i * n + j, tok, p, request.stop, skip, request.keep_special, score)
                         for i, p in enumerate(request.prompts) for j in range(n)]
         self.streams = []
         self._group = None
@@ -208,7 +252,7 @@ class Generation:
         """Queue every choice; all or none (QueueFullError / ValueError propagate)."""
         try:
             for prompt in self.request.prompts:
-                for j in range(self.request.n):
+                for j in range(self.request.samples):
                     self.streams.append(self.ctx.client.submit(prompt.ids, self._params(j)))
         except BaseException:
             self.close()
@@ -219,6 +263,8 @@ class Generation:
         params = self.request.params
         if j and params.seed is not None:      # n samples from a seeded request differ, reproducibly
             params = dataclasses.replace(params, seed=params.seed + j)
+        if self.request.best_of and params.logprobs is None:    # best_of ranks by the tokens' logprobs
+            params = dataclasses.replace(params, logprobs=0)
         return params
 
     def _next_events(self, heartbeat):
@@ -264,6 +310,9 @@ class Generation:
             raise GenerationError(event.status, event.message)
         if isinstance(event, AdmittedEvent):
             return None
+        if isinstance(event, PromptLogprobsEvent):
+            choice.on_prompt_logprobs(event)
+            return None
         if isinstance(event, FinishEvent):
             if choice.finish_reason is not None:    # stopped by us: only the cache count is news
                 # (and the engine may have generated past the stop: the counts cannot agree)
@@ -293,8 +342,19 @@ class Generation:
         for stream in self.streams:
             stream.abort()
 
+    def best(self, results):
+        """best_of: of each prompt's candidates (results, in choice order) the n of highest
+        cumulative logprob, best first (ties: the earlier candidate)."""
+        k, n = self.request.samples, self.request.n
+        best = []
+        for start in range(0, len(self.choices), k):
+            ranked = sorted(range(start, start + k), key=lambda c: -self.choices[c].cumulative_logprob)
+            best += [results[c] for c in ranked[:n]]
+        return best
+
     def usage(self):
-        n = self.request.n
+        """Token counts; completion_tokens counts every candidate best_of generated."""
+        n = self.request.samples
         prompt_tokens = sum(len(p.ids) for p in self.request.prompts)
         completion_tokens = sum(c.n_tokens for c in self.choices)
         cached = sum(self.choices[i * n].cached_tokens for i in range(len(self.request.prompts)))
@@ -319,6 +379,7 @@ def collect(generation, client_gone=None):
         if update is None:
             continue
         texts[update.index].append(update.text)
+        logprobs[update.index].extend(update.prompt_logprobs or ())    # echo: the prompt's, first
         logprobs[update.index].extend(update.logprobs)
     return [ChoiceResult("".join(texts[c.index]), logprobs[c.index], c.finish_reason) for c in generation.choices]
 
@@ -327,9 +388,12 @@ def collect(generation, client_gone=None):
 
 def picked(models, body, timer):
     """The ServingContext of the model `body` names (server/served.py); the request's
-    metrics, log line and span go to that model from here on."""
+    metrics, log line and span go to that model from here on. OpenAI's `user` (an
+    end-user id) goes into the access line."""
     ctx = models.pick(body.get("model"))
     timer.picked(ctx, body)
+    if isinstance(body.get("user"), str):
+        timer.log.user = body["user"][:MAX_LOGGED_USER]
     return ctx
 
 
@@ -346,15 +410,19 @@ def observed(timer):
         raise
 
 
-def run(ctx, resp, timer, request, *, stream, to_json, to_chunks, client_gone=None):
+def run(ctx, resp, timer, request, *, stream, to_json, to_chunks, client_gone=None, named_events=False,
+        stream_error=error_body, with_generation=False):
     """Submit `request`; reply with to_json(results, usage) or an SSE stream of
-    to_chunks(generation) (dicts, None for keep-alives). A stream starts (status
-    200) only once the engine admitted it: a refusal is a plain error reply."""
+    to_chunks(generation) (dicts, None for keep-alives; `named_events`: sse.py's named
+    events). A stream starts (status 200) only once the engine admitted it: a refusal
+    is a plain error reply. `stream_error(status, message)`: the event that ends a stream
+    that failed; `with_generation`: to_json(results, usage, generation), for a reply that
+    needs more of it (the stop string that ended a choice: `generation.choices[i].stop`)."""
     gen = _start(ctx, request, timer)
     try:
         if stream:
             gen.admitted()
-            _stream(resp, gen, timer, to_chunks)
+            _stream(resp, gen, timer, to_chunks, named_events, stream_error)
             return
         results = collect(gen, client_gone)
     except GenerationError as e:     # the generation closed itself
@@ -366,7 +434,9 @@ def run(ctx, resp, timer, request, *, stream, to_json, to_chunks, client_gone=No
     finally:
         if not stream:
             gen.close()
-    resp.media = to_json(results, gen.usage())
+    if request.best_of:
+        results = gen.best(results)
+    resp.media = to_json(results, gen.usage(), *([gen] if with_generation else []))
     _end(timer, 200, gen)
 
 
@@ -375,6 +445,10 @@ def _end(timer, status, gen):
 
 
 def _start(ctx, request, timer):
+    wanted, capacity = len(request.prompts) * request.samples, getattr(ctx.client, "queue_capacity", None)
+    if capacity is not None and wanted > capacity:      # a 503 would say "retry", and no retry can fit
+        raise bad_request(f"this request asks for {wanted} generations (prompts x n or best_of); this server "
+                          f"queues at most {capacity} at once", "n" if request.samples > 1 else "prompt")
     try:
         return Generation(ctx, request, timer).submit()
     except QueueFullError as e:
@@ -388,7 +462,7 @@ def _api_error(e):
     return APIError(e.status, str(e), headers=headers)
 
 
-def _stream(resp, gen, timer, to_chunks):
+def _stream(resp, gen, timer, to_chunks, named=False, stream_error=error_body):
     status = [499]      # nginx's "client closed request" until the stream completes
 
     def events():
@@ -397,13 +471,13 @@ def _stream(resp, gen, timer, to_chunks):
             status[0] = 200
         except GenerationError as e:   # headers are gone: the error becomes the last event
             status[0] = e.status
-            yield error_body(e.status, str(e))
+            yield stream_error(e.status, str(e))
 
     def on_close():
         gen.close()
         _end(timer, status[0], gen)
 
-    sse.respond(resp, events(), on_close)
+    sse.respond(resp, events(), on_close, named)
 
 
 def connection_watch(req):

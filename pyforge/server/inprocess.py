@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pyforge.engine.errors import ErrorKind
 from pyforge.engine.requests import RequestTable
 from pyforge.server.engine_client import (
-    ADMITTED, DEFAULT_STALL_TIMEOUT, FinishEvent, QueueFullError, RequestStream, TokenEvent, error_event,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, FinishEvent, PromptLogprobsEvent, QueueFullError, RequestStream, TokenEvent,
+    error_event,
 )
 
 
@@ -36,6 +37,11 @@ class StreamReplies:
     @staticmethod
     def admitted(entry):
         entry.owner.put(ADMITTED)
+
+    @staticmethod
+    def prompt_logprobs(entry, entries):
+        entry.owner.put(PromptLogprobsEvent([e.token_id for e in entries], [e.logprob for e in entries],
+                                            [list(e.top) for e in entries]))
 
     @staticmethod
     def tokens(entry, out):

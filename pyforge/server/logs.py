@@ -12,8 +12,9 @@ exception when there is one; an access line adds its fields. `pretty`: one
 readable line, for terminals.
 
 Access lines (logger pyforge.access, info) carry method, path, status,
-duration_ms, request_id, model and, for generation requests, prompt_tokens,
-completion_tokens, cached_tokens and ttft_ms. A generation's RequestTimer
+duration_ms, request_id, model, user (the client's end-user id, where the request
+names one: the Messages API's metadata.user_id) and, for generation requests,
+prompt_tokens, completion_tokens, cached_tokens and ttft_ms. A generation's RequestTimer
 claims its RequestLog: the line is written at the generation's real end (an
 SSE stream ends long after process_response). Health probes and /metrics
 scrapes that succeed are logged at debug: orchestrators and Prometheus call
@@ -112,6 +113,7 @@ class RequestLog:
         self.start = time.perf_counter()
         self.tracer = tracer
         self.model = None
+        self.user = None            # the end-user id the request names (metadata.user_id), if any
         self.span = None
         self.claimed = False
 
@@ -138,7 +140,8 @@ class RequestLog:
     def end(self, status, usage=None, ttft=None, finish_reasons=()):
         fields = {"method": self.method, "path": self.path, "status": status,
                   "duration_ms": round((time.perf_counter() - self.start) * 1000, 1),
-                  "request_id": self.request_id, "model": self.model}
+                  "request_id": self.request_id, "model": self.model,
+                  "user": self.user if self.user is None or self.user.isprintable() else ascii(self.user)}
         if usage is not None:
             fields.update(prompt_tokens=usage.get("prompt_tokens", 0),
                           completion_tokens=usage.get("completion_tokens", 0),

@@ -1,11 +1,18 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models (each also
+without the /v1, as llama-server serves them).
 
 Response shapes follow the OpenAI API reference (and vLLM where OpenAI is
 silent): `text_completion` / `chat.completion` objects, `*.chunk` objects in
 streams, `usage` with `prompt_tokens_details.cached_tokens`, and with
 `stream_options.include_usage` one last chunk with `choices: []` and the usage
-(every earlier chunk then carries `"usage": null`).
+(every earlier chunk then carries `"usage": null`). Every response and chunk
+carries `system_fingerprint` (server/fingerprint.py).
+
+Completions: `echo` with `logprobs` lists the prompt's tokens first (the first with
+logprob null); `best_of` returns the n of best_of candidates of highest cumulative
+logprob; `suffix` builds a fill-in-the-middle prompt (server/fim.py).
 """
+import dataclasses
 import time
 import uuid
 
@@ -15,6 +22,7 @@ from pyforge.server.constraints import request_grammar
 from pyforge.server import validation as v
 from pyforge.server.chat import chat_request
 from pyforge.server.errors import APIError, bad_request
+from pyforge.tokenizer import IncrementalDetokenizer
 
 
 class _OpenAIGeneration:
@@ -68,12 +76,13 @@ def _card(ctx):
 
 
 def add_routes(app, models):
-    app.add_route("/v1/completions", Completions(models))
-    app.add_route("/v1/chat/completions", ChatCompletions(models))
-    listing = Models(models)
-    app.add_route("/v1/models", listing)
-    # {model:path}: ids such as TinyLlama/TinyLlama-1.1B-Chat-v1.0 hold slashes
-    app.add_route("/v1/models/{model:path}", listing, suffix="one")
+    completions, chat, listing = Completions(models), ChatCompletions(models), Models(models)
+    for prefix in ("/v1", ""):      # llama-server serves them without the /v1 too
+        app.add_route(f"{prefix}/completions", completions)
+        app.add_route(f"{prefix}/chat/completions", chat)
+        app.add_route(f"{prefix}/models", listing)
+        # {model:path}: ids such as TinyLlama/TinyLlama-1.1B-Chat-v1.0 hold slashes
+        app.add_route(f"{prefix}/models/{{model:path}}", listing, suffix="one")
 
 
 # -- requests -------------------------------------------------------------------
@@ -81,12 +90,18 @@ def add_routes(app, models):
 def _completion_request(body, ctx):
     logprobs = v.parse_completion_logprobs(body.get("logprobs"))
     echo = v.parse_bool(body, "echo")
-    if echo and logprobs is not None:
-        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
-    params = v.sampling_params(body, ctx.config, ("max_tokens",), logprobs, request_grammar(body, ctx.constraints))
-    prompts = v.completion_prompts(body.get("prompt"), ctx)
-    request = g.GenerationRequest(prompts, params, v.parse_n(body), v.parse_stop(body.get("stop")), echo)
-    return (request, *_stream_flags(body), None)
+    params = v.sampling_params(body, ctx.config, ("max_tokens",), logprobs, request_grammar(body, ctx.constraints),
+                               vocab_size=ctx.facts.vocab_size)
+    if echo and logprobs is not None:       # the prompt's tokens get logprobs too
+        params = dataclasses.replace(params, prompt_logprobs=logprobs)
+    suffix = body.get("suffix")
+    prompts = (v.completion_prompts(body.get("prompt"), ctx) if suffix is None or suffix == "" else
+               v.fim_prompts(body.get("prompt"), suffix, ctx))
+    n = v.parse_n(body)
+    stream, include_usage = _stream_flags(body)
+    request = g.GenerationRequest(prompts, params, n, v.parse_stop(body.get("stop")), echo,
+                                  best_of=v.parse_best_of(body, n, stream))
+    return request, stream, include_usage, None
 
 
 def _chat_request(body, ctx):
@@ -121,14 +136,15 @@ class _Format:
         self.chunk_object = object_name + ".chunk" if object_name.startswith("chat") else object_name
         self.created = int(time.time())
         self.model = ctx.model_name
+        self.fingerprint = ctx.system_fingerprint
 
     def _body(self, choices, usage):
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage}
+                "system_fingerprint": self.fingerprint, "choices": choices, "usage": usage}
 
     def _chunk(self, choices, usage=None):
         chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                 "choices": choices}
+                 "system_fingerprint": self.fingerprint, "choices": choices}
         if self.include_usage:
             chunk["usage"] = usage
         return chunk
@@ -136,7 +152,7 @@ class _Format:
     def _updates(self, gen):
         """Updates worth a chunk, and None for keep-alives."""
         for update in gen.updates(self.keepalive):
-            if update is None or update.text or update.logprobs or update.finish_reason:
+            if update is None or update.text or update.logprobs or update.finish_reason or update.prompt_logprobs:
                 yield update
 
     # completions
@@ -145,18 +161,43 @@ class _Format:
         for index, (text, logprobs, reason) in enumerate(results):
             prefix = self._echo(request, index)
             choices.append({"index": index, "text": prefix + text, "finish_reason": reason,
-                            "logprobs": self._completion_logprobs(logprobs, len(prefix)) if _wants(request) else None})
+                            "logprobs": self._choice_logprobs(request, index, logprobs, prefix) if _wants(request)
+                            else None})
         return self._body(choices, usage)
+
+    def _choice_logprobs(self, request, index, entries, prefix):
+        """A choice's logprobs object: with echo, the prompt's tokens (collect put them first)
+        at offsets from 0, then the generated ones from the end of the echoed prompt."""
+        if request.params.prompt_logprobs is None:
+            return self._completion_logprobs(entries, len(prefix))
+        k = len(request.prompts[index // request.n].ids)
+        prompt, generated = self._prompt_logprobs(entries[:k]), self._completion_logprobs(entries[k:], len(prefix))
+        return {key: prompt[key] + generated[key] for key in prompt}
+
+    def _prompt_logprobs(self, entries):
+        """The prompt's tokens as a logprobs object, each offset where its text starts in
+        the prompt's decoded text (the BOS has none: it takes no room)."""
+        detok, offsets, at = IncrementalDetokenizer(self.tok), [], 0
+        for e in entries:
+            offsets.append(at)
+            at += len(detok.feed(e.token_id))
+        return {**self._completion_logprobs(entries, 0), "text_offset": offsets}
 
     def completion_chunks(self, gen):
         offsets = {c.index: 0 for c in gen.choices}
-        if gen.request.echo:
+        prompt_logprobs = gen.request.params.prompt_logprobs is not None    # echo with logprobs
+        if gen.request.echo and not prompt_logprobs:
             yield self._chunk([{"index": c.index, "text": self._echo(gen.request, c.index), "logprobs": None,
                                 "finish_reason": None} for c in gen.choices])
         for u in self._updates(gen):
             if u is None:
                 yield None
                 continue
+            if u.prompt_logprobs is not None:   # echo with logprobs: the prompt, before its first tokens
+                echo = self._echo(gen.request, u.index)
+                yield self._chunk([{"index": u.index, "text": echo, "finish_reason": None,
+                                    "logprobs": self._prompt_logprobs(u.prompt_logprobs)}])
+                offsets[u.index] = len(echo)
             logprobs = self._completion_logprobs(u.logprobs, offsets[u.index]) if _wants(gen.request) else None
             offsets[u.index] += sum(len(self._piece(lp.token_id)) for lp in u.logprobs)
             yield self._chunk([{"index": u.index, "text": u.text, "logprobs": logprobs,
@@ -177,7 +218,9 @@ class _Format:
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._piece(t): lp for t, lp in e.top} for e in entries],
+                # the first prompt token (echo) has no logprob and no alternatives: null, as OpenAI's
+                "top_logprobs": [None if e.logprob is None else {self._piece(t): lp for t, lp in e.top}
+                                 for e in entries],
                 "text_offset": offsets}
 
     # chat

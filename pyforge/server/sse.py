@@ -1,4 +1,7 @@
 """Server-sent events over WSGI: `data: <json>\\n\\n` per event, `data: [DONE]` last.
+Named events (OpenAI's Responses and Anthropic's Messages streams): an `event: <type>`
+line before each data line, naming the event's `type` ("error" for an error body), and
+no [DONE] (the last event says the end).
 
 The body is a generator handed to Falcon as `resp.stream`; gunicorn writes
 (and so flushes) every chunk it yields as it comes. Silence is broken by a
@@ -15,16 +18,17 @@ KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
-def encode(obj):
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+def encode(obj, named=False):
+    data = b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"event: " + obj.get("type", "error").encode() + b"\n" + data if named else data
 
 
-def respond(resp, events, on_close):
-    """Stream `events` (dicts; None for a keep-alive) as SSE, then [DONE]."""
+def respond(resp, events, on_close, named=False):
+    """Stream `events` (dicts; None for a keep-alive) as SSE, then [DONE] (`named`: named events)."""
     resp.content_type = "text/event-stream; charset=utf-8"
     resp.set_header("Cache-Control", "no-cache")
     resp.set_header("X-Accel-Buffering", "no")     # no proxy buffering (nginx)
-    resp.stream = SSEBody(events, on_close)
+    resp.stream = SSEBody(events, on_close, named)
 
 
 class SSEBody:
@@ -32,7 +36,8 @@ class SSEBody:
     error, or when the server closes the body early (client gone) - even if
     iteration never started, which a plain generator's `finally` would miss."""
 
-    def __init__(self, events, on_close):
+    def __init__(self, events, on_close, named=False):
+        self._named = named
         self._frames = self._iterate(events)
         self._on_close = on_close
         self._closed = False
@@ -56,8 +61,9 @@ class SSEBody:
     def _iterate(self, events):
         try:
             for event in events:
-                yield KEEPALIVE if event is None else encode(event)
-            yield DONE
+                yield KEEPALIVE if event is None else encode(event, self._named)
+            if not self._named:
+                yield DONE
         finally:
             getattr(events, "close", lambda: None)()    # run the producer's own cleanup now
             self._finish()

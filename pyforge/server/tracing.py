@@ -19,7 +19,7 @@ still says it).
 """
 
 # (attribute, the body fields that set it): recorded as the client sent them
-REQUEST_FIELDS = (("gen_ai.request.max_tokens", ("max_completion_tokens", "max_tokens")),
+REQUEST_FIELDS = (("gen_ai.request.max_tokens", ("max_completion_tokens", "max_tokens", "max_output_tokens")),
                   ("gen_ai.request.temperature", ("temperature",)),
                   ("gen_ai.request.top_p", ("top_p",)),
                   ("gen_ai.request.top_k", ("top_k",)),

@@ -12,20 +12,22 @@ import zlib
 from numbers import Integral
 
 from pyforge.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, brief
+from pyforge.server import schemas
 from pyforge.server.errors import APIError, bad_request
+from pyforge.server.fim import fim_ids, fim_token_ids
 from pyforge.server.generation import Prompt
+from pyforge.server.schemas import MAX_N    # OpenAI's limit on n (the schemas own it)
 from pyforge.tokenizer import ChatTemplateError
-
-MAX_N = 128     # OpenAI's limit on n
 # request fields passed to SamplingParams under the same name (OpenAI / vLLM names)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "seed", "ignore_eos", "stop_token_ids")
+                   "repetition_penalty", "seed", "ignore_eos", "stop_token_ids", "min_tokens")
 
 
 def read_json(req, limit):
     """The body as a JSON object: 415 unless sent as application/json (plain or
     gzip-encoded), 413 above `limit` bytes (sent or decompressed), 400 if not a
-    JSON object of valid Unicode."""
+    JSON object of valid Unicode or if it breaks the route's request schema
+    (server/schemas.py: types and bounds, before the routes' own checks)."""
     if req.content_type is None or req.content_type.split(";", 1)[0].strip().lower() != "application/json":
         # a form POST from any web page must not reach the engine as JSON
         raise APIError(415, "the request body must be sent as Content-Type: application/json")
@@ -53,7 +55,7 @@ def read_json(req, limit):
     if not isinstance(body, dict):
         raise bad_request(f"the body must be a JSON object, got {type(body).__name__}")
     _check_unicode(body)
-    return body
+    return schemas.check(req.uri_template, body)
 
 
 def _gunzip(data, limit):
@@ -88,10 +90,12 @@ def _check_unicode(body):
         raise bad_request("the body is nested too deeply") from None
 
 
-def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None, grammar=None):
+def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None, grammar=None, vocab_size=None):
     """SamplingParams from OpenAI / vLLM request fields (null means unset); `grammar`
-    is the request's output constraint (server/constraints.py), already checked."""
+    is the request's output constraint (server/constraints.py), already checked;
+    `vocab_size` bounds logit_bias's token ids (else the engine refuses them)."""
     kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    kwargs["logit_bias"] = parse_logit_bias(body.get("logit_bias"), vocab_size)
     for name, default in (("temperature", config.default_temperature), ("top_p", config.default_top_p)):
         if default is not None:         # the server's default stands in for an omitted field
             kwargs.setdefault(name, default)
@@ -104,7 +108,40 @@ def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
-        raise bad_request(str(e), field if field in SAMPLING_FIELDS or field == "max_tokens" else None) from None
+        named = field in SAMPLING_FIELDS or field in ("max_tokens", "logit_bias")
+        raise bad_request(str(e), field if named else None) from None
+
+
+def parse_logit_bias(value, vocab_size=None):
+    """OpenAI's `logit_bias`, {token id as a string: bias}, as (id, bias) pairs (the
+    biases' range is SamplingParams' check)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request(f"logit_bias must be an object of token id: bias, got {brief(value)}", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad_request(f"logit_bias keys must be token ids, got {brief(key)}", "logit_bias")
+        token = int(key)
+        if vocab_size is not None and token >= vocab_size:
+            raise bad_request(f"logit_bias names token {brief(token)}, outside the vocabulary "
+                              f"(0..{vocab_size - 1})", "logit_bias")
+        pairs.append((token, bias))
+    return pairs
+
+
+def parse_best_of(body, n, stream):
+    """Completions `best_of` (>= n; not with stream, as OpenAI): candidates per prompt of
+    which the n of highest cumulative logprob are returned; None when there is no choosing."""
+    best_of = body.get("best_of")
+    if best_of is None or best_of == n:
+        return None
+    if not _is_int(best_of) or not n <= best_of <= MAX_N:
+        raise bad_request(f"best_of must be an integer in n..{MAX_N} (n = {n}), got {brief(best_of)}", "best_of")
+    if stream:
+        raise bad_request("best_of cannot be streamed: the best candidates are known only at the end", "best_of")
+    return best_of
 
 
 def parse_n(body):
@@ -171,17 +208,69 @@ def completion_prompts(value, ctx):
     raise bad_request("prompt must not mix strings, token ids and lists", "prompt")
 
 
+def fim_prompts(value, suffix, ctx):
+    """Completions `prompt` (text) with a `suffix`: fill-in-the-middle prompts (server/fim.py);
+    a 400 naming suffix where the model has no FIM tokens."""
+    if not isinstance(suffix, str):
+        raise bad_request(f"suffix must be a string, got {brief(suffix)}", "suffix")
+    fim = fim_token_ids(ctx.tokenizer)
+    if fim is None:
+        raise bad_request("suffix needs a fill-in-the-middle model; this model's vocabulary has no FIM tokens "
+                          "(such as <|fim_prefix|> <|fim_suffix|> <|fim_middle|> or <PRE> <SUF> <MID>)", "suffix")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad_request("with suffix, prompt must be a string or a list of strings", "prompt")
+    return [_checked(Prompt(fim_ids(ctx.tokenizer, fim, t, suffix), t), ctx, "prompt") for t in texts]
+
+
 def chat_prompt(messages, ctx, **template_kwargs):
-    """The rendered chat template of `messages` (template_kwargs: `tools`, ...), tokenized."""
-    tok = ctx.tokenizer
+    """The rendered chat template of `messages`, tokenized; template_kwargs: template_options(body),
+    `tools`, ... (default: a generation prompt after the messages)."""
+    text = chat_text(messages, ctx, **template_kwargs)
+    return _checked(Prompt(encode_chat(ctx.tokenizer, text), text), ctx, "messages")
+
+
+def chat_text(messages, ctx, add_generation_prompt=True, **template_kwargs):
+    """The rendered chat template of `messages` (a 400 naming `messages` where it fails)."""
     try:
-        text = tok.apply_chat_template(check_messages(messages), add_generation_prompt=True, **template_kwargs)
+        return ctx.tokenizer.apply_chat_template(check_messages(messages),
+                                                 add_generation_prompt=add_generation_prompt, **template_kwargs)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
-    # the template usually writes the BOS itself; do not add a second one
+
+
+def encode_chat(tok, text):
+    """Token ids of a rendered chat: the template usually writes the BOS itself; do not add a second one."""
     bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
-    ids = tok.encode(text, add_bos=False) if bos and text.startswith(bos) else tok.encode(text)
-    return _checked(Prompt(ids, text), ctx, "messages")
+    return tok.encode(text, add_bos=False) if bos and text.startswith(bos) else tok.encode(text)
+
+
+def template_options(body):
+    """The chat template's switches in a chat body (vLLM's names) as chat_prompt keywords:
+    `add_generation_prompt` (default true; false when continuing), `continue_final_message`
+    (the reply continues the last message) and `chat_template_kwargs` (more template variables)."""
+    continued = parse_bool(body, "continue_final_message")
+    add = body.get("add_generation_prompt")
+    if add is None:
+        add = not continued
+    elif not isinstance(add, bool):
+        raise bad_request(f"add_generation_prompt must be true or false, got {brief(add)}", "add_generation_prompt")
+    if add and continued:
+        raise bad_request("continue_final_message continues the last message: it needs add_generation_prompt "
+                          "false", "continue_final_message")
+    extra = body.get("chat_template_kwargs")
+    if extra is None:
+        extra = {}
+    elif not isinstance(extra, dict):
+        raise bad_request(f"chat_template_kwargs must be an object, got {brief(extra)}", "chat_template_kwargs")
+    taken = sorted(set(extra) & _TEMPLATE_RESERVED)
+    if taken:
+        raise bad_request(f"chat_template_kwargs must not set {', '.join(taken)} (request fields of their own)",
+                          "chat_template_kwargs")
+    return {**extra, "add_generation_prompt": add, "continue_final_message": continued}
+
+
+_TEMPLATE_RESERVED = frozenset(("messages", "tools", "add_generation_prompt", "continue_final_message"))
 
 
 def check_messages(messages):
@@ -194,11 +283,11 @@ def _check_message(message, i):
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise bad_request(f"messages[{i}] must be an object with a string role", "messages")
     content = message.get("content")
-    if isinstance(content, list):     # content parts: text only
+    if isinstance(content, list):     # content parts: text only, one per line (as vLLM joins them)
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                    for p in content):
             raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
-        content = "".join(p["text"] for p in content)
+        content = "\n".join(p["text"] for p in content)
     elif content is not None and not isinstance(content, str):
         raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
     return {**message, "content": content or ""}

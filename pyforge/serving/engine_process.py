@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 from pyforge.engine.errors import ErrorKind
 from pyforge.engine.requests import RequestTable
-from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, RecordType, Segment, Submit, Tokens, decode,
-                         encode, encode_token, peek_header, process_alive)
+from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, PromptLogprobs, RecordType, Segment, Submit,
+                         Tokens, decode, encode, encode_token, peek_header, process_alive)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class _Worker(NamedTuple):
 
 class RingReplies:
     """The table's replies as response-ring records: one message per worker slot per
-    flush() (admissions, tokens and finishes of a step together); a refusal goes at once."""
+    flush() (the admissions of a drain; the tokens and finishes of a step); a refusal goes at once."""
 
     def __init__(self, loop):
         self.loop = loop
@@ -62,6 +62,10 @@ class RingReplies:
 
     def admitted(self, entry):
         self._add(entry, encode(Admitted(entry.request_id)))
+
+    def prompt_logprobs(self, entry, entries):
+        self._add(entry, encode(PromptLogprobs(entry.request_id, [e.token_id for e in entries],
+                                               [e.logprob for e in entries], [list(e.top) for e in entries])))
 
     def tokens(self, entry, out):
         if entry.want_logprobs:
@@ -134,6 +138,9 @@ class EngineLoop:
         if not self.engine.has_work:
             self.seg.request_ring.wait_readable(IDLE_WAIT)
         self.drain_ring()
+        # admissions go now, not with the step's tokens: a stream opens (status line, keep-alives)
+        # while its prompt's prefill runs
+        self.replies.flush()
         if self.engine.has_work:
             self.step()
         self.replies.flush()

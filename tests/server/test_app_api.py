@@ -91,7 +91,8 @@ def test_same_validation_as_v1(stories):
     assert r.status_code == 400 and r.json["error"]["param"] == "temperature"
     r = client.simulate_post("/api/generate", json={"prompt": PROMPT, "model": ["gpt-4"]})
     assert r.status_code == 400 and r.json["error"]["param"] == "model"
-    r = client.simulate_post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 400 and "chat template" in r.json["error"]["message"]   # stories has none
+    r = client.simulate_post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                                "continue_final_message": True, "add_generation_prompt": True})
+    assert r.status_code == 400 and r.json["error"]["param"] == "continue_final_message"
     r = client.simulate_post("/api/generate", json={"prompt": [PROMPT, PROMPT]})
     assert r.status_code == 400 and r.json["error"]["param"] == "prompt"

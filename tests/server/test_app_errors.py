@@ -156,8 +156,10 @@ def test_unknown_model_route_and_method(app, served):
     r = strict.simulate_post("/v1/completions", json={"model": "gpt-4", "prompt": PROMPT})
     assert_error(r, 404, "model", "model_not_found")
     assert "'stories260K'" in r.json["error"]["message"]
-    assert_error(strict.simulate_post("/v1/chat/completions", json={"model": "x", "messages": []}),
-                 404, "model", "model_not_found")
+    # (a body that breaks the request schema is a 400 before the model is looked up, as with OpenAI)
+    assert_error(strict.simulate_post("/v1/chat/completions", json={"model": "x", "messages": []}), 400, "messages")
+    assert_error(strict.simulate_post("/v1/chat/completions", json={"model": "x", "messages": [
+        {"role": "user", "content": "hi"}]}), 404, "model", "model_not_found")
     assert_error(app.simulate_get("/v1/engines"), 404)
     assert_error(app.simulate_get("/v1/completions"), 405)
     assert_error(app.simulate_delete("/api/generate"), 405)

@@ -229,7 +229,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
 def test_chat_completion_and_stream_agree(tiny):
     client, engine = tiny
     tok = engine.tokenizer
-    flat = [MESSAGES[0], {"role": "user", "content": "Say hi"}]
+    flat = [MESSAGES[0], {"role": "user", "content": "Say \nhi"}]     # text parts: one per line, as vLLM
     prompt_tokens = len(tok.encode(tok.apply_chat_template(flat)))
     request = {"model": "tiny-gqa", "messages": MESSAGES, "max_completion_tokens": 10, "temperature": 0}
     body = client.simulate_post("/v1/chat/completions", json=request).json

@@ -121,11 +121,13 @@ def test_every_route_gets_a_line_probes_at_debug(served, lines):
     client = testing.TestClient(served)
     client.simulate_get("/v1/models")
     client.simulate_get("/health/ready")
-    client.simulate_post("/v1/completions", json={"prompt": "x", "max_tokens": -1})
+    client.simulate_post("/v1/completions", json={"prompt": "x", "max_tokens": -1})      # refused by the schema
+    client.simulate_post("/v1/completions", json={"prompt": "x " * 5000})      # too long for the model
     client.simulate_get("/nowhere")
-    models, health, bad, missing = _access(lines())
+    models, health, malformed, bad, missing = _access(lines())
     assert (models["path"], models["status"], models["level"]) == ("/v1/models", 200, "info")
     assert (health["path"], health["status"], health["level"]) == ("/health/ready", 200, "debug")
+    assert (malformed["status"], malformed["level"]) == (400, "info") and "model" not in malformed
     assert (bad["status"], bad["model"], bad["level"]) == (400, "tiny-gqa", "info")
     assert not TOKEN_FIELDS & set(models) and missing["status"] == 404
     assert all(ACCESS_FIELDS - {"model"} <= set(line) for line in (models, health, missing))

@@ -314,3 +314,42 @@ def test_a_c_client_talks_to_the_engine_with_the_c_header(running, reference, tm
     assert [int(line.split()[1]) for line in lines if line.startswith("token ")] == reference[0]
     assert f"finish length {len(PROMPTS[0])} 12" in lines
     assert all(running.seg.slot_pid(s) == 0 for s in range(4))      # it gave its slot back
+
+
+def test_admission_is_sent_before_the_prefill_step(model_path):
+    """A stream opens (status line, SSE keep-alives) while its prompt's prefill runs: the
+    ADMITTED record is on the worker's ring when the step's forward pass begins, not sent
+    with the step's first token."""
+    from pyforge.engine.config import EngineConfig
+    from pyforge.engine.engine import Engine
+    from pyforge.ipc.records import Admitted, Submit, decode_batch, encode
+    from pyforge.serving.engine_process import EngineLoop
+
+    engine = Engine(EngineConfig(**engine_kwargs(model_path)))
+    seg = Segment.create(new_name(f"pyforge-test{secrets.token_hex(3)}-"), n_workers=1, **SMALL)
+    worker = Segment.attach(seg.name)
+    try:
+        slot = worker.claim_slot()
+        loop = EngineLoop(seg, engine)
+
+        def received():
+            return [r for m in worker.response_ring(slot).get_all() for r in decode_batch(m)]
+        during_prefill = []
+        real = engine.runner.forward
+
+        def forward(*args, **kwargs):
+            engine.runner.forward = real
+            during_prefill.extend(received())
+            return real(*args, **kwargs)
+        engine.runner.forward = forward
+        seg.request_ring.put(encode(Submit(7, slot, PROMPTS[0], GREEDY)))
+        loop.run_once()
+        after = received()
+        loop.table.abort(7)
+        loop.replies.flush()
+    finally:
+        worker.close()
+        seg.close()
+        seg.unlink()
+    assert [(type(r), r.request_id) for r in during_prefill] == [(Admitted, 7)]
+    assert after and not any(isinstance(r, Admitted) for r in after) and after[0].request_id == 7

@@ -27,12 +27,16 @@ def names(entries):
 
 _DATE = re.compile(r"[0-9]{4}-(?P<month>0[1-9]|1[0-2])-(?P<day>0[1-9]|[12][0-9]|3[01])")
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_DATE_TIME = re.compile(r"(?P<date>[^Tt ]+)[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?"
+                        r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 
 
 def _validator(schema):
-    """A draft 2020-12 validator checking formats, with "date" as lenient as
-    llguidance's: February 29 in any year and year 0000, which Python's date
-    (and so jsonschema's own checker) refuses."""
+    """A draft 2020-12 validator checking formats, with "date" and "date-time" as
+    lenient as llguidance's: February 29 in any year and year 0000, which Python's
+    date (and so jsonschema's own checker) refuses, and a leap second (:60) at any
+    minute, which RFC 3339's grammar allows (time-second = 00-60) and the
+    rfc3339-validator refuses outside 23:59."""
     import jsonschema
     checker = jsonschema.FormatChecker(formats=())
     checker.checkers = dict(jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers)
@@ -43,6 +47,13 @@ def _validator(schema):
             return True
         m = _DATE.fullmatch(value)
         return bool(m) and int(m["day"]) <= _MONTH_DAYS[int(m["month"]) - 1]
+
+    @checker.checks("date-time")
+    def _date_time(value):
+        if not isinstance(value, str):
+            return True
+        m = _DATE_TIME.fullmatch(value)
+        return bool(m) and _date(m["date"])
 
     return jsonschema.Draft202012Validator(schema, format_checker=checker)
 

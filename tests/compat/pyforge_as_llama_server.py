@@ -12,7 +12,9 @@ source distribution and runs the selection). Each flag is mapped to ours where
 pyforge has the meaning; flags for llama-only features are dropped, and listed on
 stderr so a failing test's log says what was not applied. Models named by
 llama-server's --hf-repo/--hf-file are looked up in MODELS: the tests' downloads
-are the files in ../shared/models (nothing is downloaded here).
+are the files in ../shared/models (nothing is downloaded here). Their conftest first
+starts every preset without --offline (to download its model): an unknown model then
+starts as stories260K, so that warm-up passes; a test that really uses one fails.
 """
 import os
 import sys
@@ -23,7 +25,8 @@ MODELS = {   # llama-server's --hf-repo[/--hf-file] -> a local file
     "ggml-org/test-model-stories260K": SHARED / "models" / "stories260K" / "stories260K.gguf",
     "ggml-org/models/tinyllamas/stories260K.gguf": SHARED / "models" / "stories260K" / "stories260K.gguf",
 }
-# llama-server flag -> (our flag, takes a value)
+STAND_IN = MODELS["ggml-org/test-model-stories260K"]
+# llama-server flag -> our flag (each takes a value)
 VALUE_FLAGS = {
     "--port": "--port", "--threads": "--threads", "-t": "--threads", "--alias": "--served-model-name",
     "--ctx-size": "--max-model-len", "-c": "--max-model-len", "--parallel": "--max-num-seqs", "-np": "--max-num-seqs",
@@ -40,6 +43,7 @@ DROPPED_WITH_VALUE = {"--seed", "--batch-size", "-b", "--ubatch-size", "-ub", "-
 def translate(argv):
     """(pyforge serve flags, dropped llama-server flags)."""
     out, dropped, repo, hf_file, template = [], [], None, None, None
+    offline = "--offline" in argv
     it = iter(argv)
     for flag in it:
         if flag in VALUE_FLAGS:
@@ -57,15 +61,19 @@ def translate(argv):
             hf_file = next(it)
         elif flag == "--chat-template":
             template = next(it)
+        elif flag == "--offline":
+            continue
         elif flag in DROPPED_WITH_VALUE:
             dropped.append(f"{flag} {next(it)}")
         elif flag.startswith("-"):
             dropped.append(flag)            # switches: --jinja, --metrics (always on), --no-slots, ...
     if repo is not None:
         key = f"{repo}/{hf_file}" if hf_file else repo
-        if key not in MODELS:
+        if key not in MODELS and offline:
             sys.exit(f"pyforge_as_llama_server: no local file for --hf-repo {key} (add it to MODELS)")
-        out += ["--model", str(MODELS[key])]
+        out += ["--model", str(MODELS.get(key, STAND_IN))]
+    elif "--model" not in out and not offline:
+        out += ["--model", str(STAND_IN)]      # a router preset (models from a folder): warm-up only
     out += ["--chat-template", template or "chatml", "--workers", "1"]
     return out, dropped
 

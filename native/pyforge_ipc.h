@@ -22,11 +22,12 @@
  * starting at (claims & 0xFFFF) << 32, write SUBMIT / ABORT messages (one
  * record each) to the request ring, and read batches of records (one or more
  * back to back) from its slot's ring. A request's replies, in ring order:
- * ADMITTED, (PROMPT_LOGPROBS* when it asked for them), TOKENS*, then one FINISH
+ * ADMITTED, (PROMPT_LOGPROBS* when it asked for them), TOKENS* (an embedding
+ * request, SUBMIT with PF_EXT_POOLING: one EMBEDDING instead), then one FINISH
  * or ERROR; a refused request gets its
  * ERROR alone. After an ABORT the FINISH (reason abort) still comes.
  * Submit only while engine status is READY; the engine writes its facts
- * (max_model_len, vocab_size, the end-of-generation ids) before READY.
+ * (max_model_len, vocab_size, the end-of-generation ids, hidden_size) before READY.
  */
 #ifndef PYFORGE_IPC_H
 #define PYFORGE_IPC_H
@@ -58,6 +59,7 @@ enum {                                   /* byte offsets in the header */
     PF_SEG_OFF_VOCAB_SIZE = 60,          /* u32 */
     PF_SEG_OFF_N_EOS = 64,               /* u32: end-of-generation ids that follow */
     PF_SEG_OFF_EOS_IDS = 68,             /* u32[PF_MAX_EOS_IDS]: they end a request (finish reason stop) */
+    PF_SEG_OFF_HIDDEN_SIZE = 196,        /* u32: an EMBEDDING's length */
 };
 
 enum pf_engine_status { PF_ENGINE_STARTING = 0, PF_ENGINE_READY = 1, PF_ENGINE_DRAINING = 2, PF_ENGINE_STOPPED = 3 };
@@ -88,6 +90,7 @@ enum pf_record_type {
     PF_REC_ERROR = 5,
     PF_REC_ADMITTED = 6,    /* the header alone */
     PF_REC_PROMPT_LOGPROBS = 7,  /* engine -> worker: the TOKENS layout, has = 3 */
+    PF_REC_EMBEDDING = 8,   /* engine -> worker: u32 n, then f32 values[n] (n = hidden size) */
 };
 
 enum pf_finish_reason { PF_FINISH_STOP = 1, PF_FINISH_LENGTH = 2, PF_FINISH_ABORT = 3 };
@@ -113,7 +116,9 @@ typedef enum {
     PF_EXT_LOGIT_BIAS = 2,       /* i32 token_ids[k] then f64 biases[k]: n = 12 k */
     PF_EXT_MIN_TOKENS = 3,       /* u32: EOS and stop ids banned before this many tokens */
     PF_EXT_PROMPT_LOGPROBS = 4,  /* u32: top alternatives per prompt token; PROMPT_LOGPROBS replies */
+    PF_EXT_POOLING = 5,          /* u32 pf_pooling: an embedding request; one EMBEDDING reply, no TOKENS */
 } pf_extension_tag;
+enum pf_pooling { PF_POOLING_MEAN = 1, PF_POOLING_LAST = 2 };
 typedef struct {
     uint16_t tag;           /* pf_extension_tag */
     uint16_t flags;         /* 0 */

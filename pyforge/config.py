@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyforge.builtin_templates import NAMED_TEMPLATES     # --chat-template NAME, for models that ship none
-from pyforge.engine.sampling_params import MAX_TEMPERATURE
+from pyforge.engine.sampling_params import MAX_TEMPERATURE, POOLINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +76,7 @@ class ServerConfig:
     default_top_p: float | None = None  # when a request sets none; None: 1.0
     max_concurrent_requests: int | None = None  # generation requests in flight per server; 503 above
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    pooling: str = "last"               # /v1/embeddings: the final hidden state's last row, or the mean of all
     max_body_bytes: int = 8 << 20
     api_key: tuple | None = None        # accepted keys (Authorization: Bearer / X-Api-Key); None: open
     api_key_file: str | None = None     # a file of keys, one per line (# comments), added to api_key
@@ -318,6 +319,7 @@ _PARSERS = {
     "default_temperature": _float(optional=True, high=MAX_TEMPERATURE),
     "default_top_p": _float(low_open=True, high=1.0, optional=True),
     "max_concurrent_requests": _int(1, optional=True), "enable_prefix_caching": _bool,
+    "pooling": _str(choices=POOLINGS),
     "api_key": _keys, "api_key_file": _str(optional=True), "allowed_origins": _list,
     "ssl_enabled": _optional_bool, "ssl_certfile": _str(optional=True), "ssl_keyfile": _str(optional=True),
     "service_name": _str(), "otlp_endpoint": _str(optional=True, pattern=_URL), "chat_template": _chat_template,
@@ -423,6 +425,9 @@ _HELP = {
     "default_top_p": "top_p when a request sets none (default: 1.0)",
     "max_concurrent_requests": "generation requests in flight in the whole server; more get 503 + Retry-After",
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
+    "pooling": "/v1/embeddings: pool the final hidden state (after the final norm) by its last token (what "
+               "decoder embedding models such as e5-mistral and gte-Qwen are trained for) or the mean of "
+               "every token; L2-normalised either way",
     "api_key_file": "file of accepted API keys, one per line",
     "allowed_origins": "CORS: origins browsers may call the API from (* for any; repeat or comma-separate)",
     "ssl_enabled": "serve https (default: when --ssl-certfile and --ssl-keyfile are given)",

@@ -45,6 +45,7 @@ class EngineFacts:
     max_model_len: int                  # prompt + output tokens a sequence may hold
     vocab_size: int                     # prompt ids must be below it
     eos_ids: frozenset                  # ids that end generation (not shown as text)
+    hidden_size: int = 0                # an embedding's length (engine/pooling.py); 0: not told
 
     def __post_init__(self):
         if len(self.eos_ids) > MAX_EOS_IDS:

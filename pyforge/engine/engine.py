@@ -14,7 +14,7 @@ from pyforge.engine.config import EngineConfig, EngineFacts
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 from pyforge.engine.guided import GuidedDecoding
 from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
-from pyforge.engine import prompt_logprobs
+from pyforge.engine import pooling, prompt_logprobs
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
@@ -57,6 +57,7 @@ class StepOutput:
     logprob: float
     top_logprobs: list = field(default_factory=list)   # [(token_id, logprob)]
     finish_reason: str | None = None
+    embedding: object = None    # an embedding request's result (float32 [hidden_size]); token_id is -1
 
     @property
     def finished(self):
@@ -89,7 +90,7 @@ class Engine:
                 raise ValueError(f"cuda_graphs needs the cuda device, not {self.backend.name}")
             self.backend.use_cuda_graphs(self.max_model_len, ec.block_size)
             self.backend.graphs.capture_all(self.model.forward_device, self.kv_cache)
-        self.facts = EngineFacts(self.max_model_len, cfg.vocab_size, self.tokenizer.eos_ids)
+        self.facts = EngineFacts(self.max_model_len, cfg.vocab_size, self.tokenizer.eos_ids, cfg.hidden_size)
         self.block_manager = BlockManager(n_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
@@ -133,12 +134,57 @@ class Engine:
 
     # -- the step ----------------------------------------------------------
     def step(self):
-        """Run one forward pass over what the scheduler picked; return new tokens."""
+        """Run one forward pass over what the scheduler picked; return new tokens. Embedding
+        requests in the plan run a pass of their own (their final hidden state, no logits) and
+        return one output each, when their prompt is done; a failure of either pass ends only
+        its own sequences."""
         plan = self.scheduler.schedule()
-        if not plan:
-            return []
-        masks = None
         self.prompt_logprobs_seqs = []
+        pooled = [entry for entry in plan if entry[0].params.pooling is not None]
+        if not pooled:
+            return self._generate(plan) if plan else []
+        plan = [entry for entry in plan if entry[0].params.pooling is None]
+        embedded, failure = [], None
+        try:
+            embedded = self._embed(pooled)
+        except StepError as e:
+            failure = e
+        try:
+            outputs = self._generate(plan) if plan else []
+        except StepError as e:
+            e.seq_ids[:0] = failure.seq_ids if failure else []
+            e.outputs[:0] = embedded
+            raise
+        if failure:
+            failure.outputs = outputs
+            raise failure
+        return embedded + outputs
+
+    def _embed(self, plan):
+        """The embedding entries' forward pass (engine/pooling.py): their hidden rows pooled;
+        an output (finish_reason "stop") for each whose prompt is done, its blocks freed."""
+        try:
+            batch, _ = self.runner.build_batch(plan, pooling.hidden_rows(plan))
+            hidden = self.runner.hidden(batch)
+            results = [pooling.add_rows(seq, rows) for (seq, _), rows in zip(plan, pooling.split_rows(hidden, plan))]
+        except Exception as e:
+            seq_ids = [seq.seq_id for seq, _ in plan]
+            for seq_id in seq_ids:
+                self.abort(seq_id)
+            raise StepError(seq_ids, e) from e
+        outputs = []
+        for (seq, n), vector in zip(plan, results):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            if vector is not None:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+                self.sequences.pop(seq.seq_id, None)
+                outputs.append(StepOutput(seq.seq_id, -1, 0.0, finish_reason=seq.finish_reason, embedding=vector))
+        return outputs
+
+    def _generate(self, plan):
+        """The generating entries' forward pass and sampling: their StepOutputs."""
+        masks = None
         full = _full_logits(plan)
         try:
             batch, sampling = self.runner.build_batch(plan, full)
@@ -226,6 +272,18 @@ class Engine:
                         yield out
                         if out.finished:
                             return
+        finally:
+            self.abort(seq.seq_id)
+
+    def embed(self, prompt, pooling="last"):
+        """The normalised embedding (float32 [hidden_size]) of one prompt (text is tokenized)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        seq = self.add_request(ids, SamplingParams(max_tokens=1, pooling=pooling))
+        try:
+            while True:
+                for out in self.step():
+                    if out.seq_id == seq.seq_id:
+                        return out.embedding
         finally:
             self.abort(seq.seq_id)
 

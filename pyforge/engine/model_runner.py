@@ -127,3 +127,7 @@ class ModelRunner:
     def forward(self, batch):
         """Logits of the batch's logits_rows."""
         return self.model.forward(batch, self.kv_cache)
+
+    def hidden(self, batch):
+        """The final hidden state (after the final norm) of the batch's logits_rows: embeddings'."""
+        return self.model.hidden(batch, self.kv_cache)

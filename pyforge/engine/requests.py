@@ -9,6 +9,8 @@ The loops differ only in their transport, which the table calls through a
     prompt_logprobs(entry, entries)    PromptLogprobs of prompt tokens (engine/prompt_logprobs.py),
                                        before the step's tokens; only to requests that asked
     tokens(entry, output)              one StepOutput of this step
+    embedding(entry, vector)           an embedding request's result (engine/pooling.py), then
+                                       finished(entry, "stop"); it gets no tokens
     finished(entry, reason)            the last record: "stop" | "length" | "abort"
     failed(entry, kind, message)       the last record: an error (an ErrorKind)
 
@@ -98,7 +100,10 @@ class RequestTable:
             if not entry.started:
                 entry.started = True
                 self.started_prompt_tokens += entry.seq.num_prompt_tokens
-            self.replies.tokens(entry, out)
+            if out.embedding is not None:
+                self.replies.embedding(entry, out.embedding)
+            else:
+                self.replies.tokens(entry, out)
             if out.finished:
                 self._forget(entry)
                 self.replies.finished(entry, out.finish_reason)

@@ -6,6 +6,7 @@ from numbers import Integral, Real
 MAX_TEMPERATURE = 100.0   # OpenAI stops at 2; vLLM takes more, and so do we
 MAX_TOP_LOGPROBS = 20     # OpenAI's limit on top_logprobs
 MAX_LOGIT_BIAS = 100.0    # OpenAI's range for a logit_bias value: [-100, 100]
+POOLINGS = ("mean", "last")  # an embedding's pooling: the mean of the prompt's rows, or its last row
 INT32_MAX = (1 << 31) - 1  # top_k, max_tokens and token ids travel as int32 (sampler, IPC records)
 
 
@@ -33,6 +34,9 @@ class SamplingParams:
     # vLLM: the logprob of every prompt token after the first (the engine computes logits at
     # every prompt position, without prefix reuse) and this many top alternatives; None: none
     prompt_logprobs: int | None = None
+    # an embedding request (engine/pooling.py): no sampling; the final hidden state (after the
+    # final norm) pooled over the prompt by POOLINGS' rule and L2-normalised; None: generate
+    pooling: str | None = None
 
     def __post_init__(self):
         # frozen, but callers pass lists; a tuple keeps the object hashable
@@ -75,6 +79,13 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if self.prompt_logprobs is not None:
             _integer("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_TOP_LOGPROBS)
+        if self.pooling is not None:
+            if self.pooling not in POOLINGS:
+                raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {brief(self.pooling)}")
+            generating = [name for name in ("logprobs", "prompt_logprobs", "grammar")
+                          if getattr(self, name) is not None]
+            if generating:      # an embedding request samples nothing: none of these could be honoured
+                raise ValueError(f"an embedding request (pooling) takes no {generating[0]}")
 
 
 def _bias_pairs(value):

@@ -56,7 +56,7 @@ class Scheduler:
     def _schedule_waiting(self, plan, budget):
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and not seq.needs_prompt_logits:   # cached blocks have no logits
+            if not seq.block_table and seq.reuses_prefix:
                 seq.num_computed_tokens = self.blocks.reuse_prefix(seq)
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             n = self._chunk(seq, budget)

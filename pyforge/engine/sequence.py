@@ -60,6 +60,10 @@ class Sequence:
         self.matcher = None             # llguidance's, when params.grammar constrains the output
         # prompt tokens 1.. as PromptLogprobs, when params.prompt_logprobs asks (engine/prompt_logprobs.py)
         self.prompt_logprobs = [] if params.prompt_logprobs is not None else None
+        # an embedding request's pooled rows so far (engine/pooling.py): their sum (mean pooling)
+        # and how many prompt positions it holds (a preempted sequence does not add a row twice)
+        self.pooled_sum = None
+        self.pooled_rows = 0
 
     @property
     def num_tokens(self):
@@ -73,6 +77,13 @@ class Sequence:
     def needs_prompt_logits(self):
         """Its prompt logprobs are not all recorded: its prefill needs logits at every row."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    @property
+    def reuses_prefix(self):
+        """Whether cached prefix blocks may stand in for its prompt's computation: not when its
+        prefill yields per-row results (prompt logprobs still due, an embedding: cached blocks
+        have neither, and an embedding does not depend on what happens to be cached)."""
+        return not self.needs_prompt_logits and self.params.pooling is None
 
     @property
     def finish_reason(self):

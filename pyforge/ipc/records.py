@@ -10,7 +10,7 @@ Rings (all in one shared-memory segment, see segment.py):
                      read by the worker process holding slot s alone (one
                      reader thread, which routes records to the waiting
                      request by request_id).  Records: ADMITTED, TOKENS,
-                     PROMPT_LOGPROBS, FINISH, ERROR.
+                     PROMPT_LOGPROBS, EMBEDDING, FINISH, ERROR.
 
 A request ring message is one record. A response ring message is a batch:
 one or more records back to back (each record's length follows from its own
@@ -18,7 +18,8 @@ counts), so the engine writes one message per worker per step however many
 of that worker's requests advanced (encode_batch / decode_batch). A request's
 responses are ADMITTED (the engine queued it), zero or more TOKENS (a request
 that asks for prompt logprobs gets PROMPT_LOGPROBS records, in prompt order,
-before its first TOKENS, as its prefill chunks compute them), then
+before its first TOKENS, as its prefill chunks compute them; an embedding
+request, one whose SUBMIT carries POOLING, gets one EMBEDDING and no TOKENS), then
 exactly one FINISH or ERROR, in ring order; a refused request gets its ERROR
 alone; after an ABORT the engine still sends the FINISH (reason "abort") so
 the worker can forget the request.
@@ -45,7 +46,8 @@ Byte layout: little-endian, packed, one record per message.
   EXTENSION  u16 tag | u16 0 | u32 n | value: n bytes   (an optional request
           feature, sent only when set; tag 1 GRAMMAR: SamplingParams.grammar as
           UTF-8; 2 LOGIT_BIAS: i32 token_ids[k] | f64 biases[k] (n = 12k);
-          3 MIN_TOKENS: u32; 4 PROMPT_LOGPROBS: u32 (top alternatives). An
+          3 MIN_TOKENS: u32; 4 PROMPT_LOGPROBS: u32 (top alternatives); 5 POOLING:
+          u32 (Pooling: 1 mean, 2 last; an embedding request, engine/pooling.py). An
           engine refuses a SUBMIT with a tag it does not know: never half-honoured)
   PARAMS  (version 1, 68 bytes) f64 temperature | f64 top_p | f64 min_p
           | f64 repetition_penalty | f64 presence_penalty | f64 frequency_penalty
@@ -58,6 +60,9 @@ Byte layout: little-endian, packed, one record per message.
           | i32 top_ids[n * n_top] | f32 top_logprobs[n * n_top]     if has & 2
   PROMPT_LOGPROBS  the TOKENS layout with has = 3: prompt tokens from the second
           on, each with its logprob and top alternatives
+  EMBEDDING  u32 n | f32 values[n]   the L2-normalised pooled final hidden state
+          (n = the model's hidden size: 16 KiB at 4096; a message longer than a
+          ring's capacity travels in fragments, shm_ring.h, so no size is refused)
   FINISH  u32 prompt_tokens | u32 completion_tokens | u32 cached_tokens
           | u8 finish_reason (FinishReason: 1 stop, 2 length, 3 abort)
   ERROR   u16 kind (ErrorKind: 1 bad request, 2 overloaded, 3 out of memory,
@@ -116,6 +121,13 @@ class ExtensionTag(IntEnum):
     LOGIT_BIAS = 2
     MIN_TOKENS = 3
     PROMPT_LOGPROBS = 4
+    POOLING = 5
+
+
+class Pooling(IntEnum):
+    """A POOLING extension's value: SamplingParams.pooling."""
+    MEAN = 1
+    LAST = 2
 
 
 class RecordType(IntEnum):
@@ -126,6 +138,7 @@ class RecordType(IntEnum):
     ERROR = 5
     ADMITTED = 6
     PROMPT_LOGPROBS = 7
+    EMBEDDING = 8
 
 
 def request_id(slot: int, n: int) -> int:
@@ -192,6 +205,8 @@ def _pack_extensions(p):
         entries.append((ExtensionTag.MIN_TOKENS, _pack(_U32, p.min_tokens)))
     if p.prompt_logprobs is not None:
         entries.append((ExtensionTag.PROMPT_LOGPROBS, _pack(_U32, p.prompt_logprobs)))
+    if p.pooling is not None:
+        entries.append((ExtensionTag.POOLING, _pack(_U32, Pooling[p.pooling.upper()])))
     return b"".join(_pack(_EXTENSION, tag, 0, len(value)) + value for tag, value in entries)
 
 
@@ -225,7 +240,15 @@ _EXTENSION_FIELDS = {           # tag -> (SamplingParams field, reader(value, n)
     ExtensionTag.LOGIT_BIAS: ("logit_bias", _read_bias),
     ExtensionTag.MIN_TOKENS: ("min_tokens", lambda r, n: r.unpack(_U32)[0]),
     ExtensionTag.PROMPT_LOGPROBS: ("prompt_logprobs", lambda r, n: r.unpack(_U32)[0]),
+    ExtensionTag.POOLING: ("pooling", lambda r, n: _read_pooling(r.unpack(_U32)[0])),
 }
+
+
+def _read_pooling(code):
+    try:
+        return Pooling(code).name.lower()
+    except ValueError:
+        raise ValueError(f"unknown pooling {code}") from None
 
 
 class _Bodiless:
@@ -303,6 +326,21 @@ class PromptLogprobs(Tokens):
 
 
 @dataclass(frozen=True, slots=True)
+class Embedding:
+    request_id: int
+    values: list[float]         # float32 on the wire
+    TYPE: ClassVar[RecordType] = RecordType.EMBEDDING
+
+    def _body(self):
+        return _pack(_U32, len(self.values)) + _array("f", self.values, "embedding values must be numbers")
+
+    @classmethod
+    def _parse(cls, r, worker, request_id):
+        (n,) = r.unpack(_U32)
+        return cls(request_id, r.float32s(n))
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     request_id: int
     finish_reason: str
@@ -350,8 +388,8 @@ class Error:
         return cls(request_id, kind, r.text(n))
 
 
-Record = Union[Submit, Abort, Admitted, Tokens, PromptLogprobs, Finish, Error]
-_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Admitted, Tokens, PromptLogprobs, Finish, Error)}
+Record = Union[Submit, Abort, Admitted, Tokens, PromptLogprobs, Embedding, Finish, Error]
+_CLASSES = {cls.TYPE: cls for cls in (Submit, Abort, Admitted, Tokens, PromptLogprobs, Embedding, Finish, Error)}
 
 
 def encode(record: Record) -> bytes:

@@ -13,6 +13,7 @@ One POSIX shared-memory object (/dev/shm/<name>), laid out as:
                                                      60 u32 vocab_size      written before READY)
                                                      64 u32 n_eos
                                                      68 u32 eos_ids[32]
+                                                    196 u32 hidden_size
   PAGE                worker slots, 64 bytes each: u32 pid (0: free) | u32 - | u64 claims
   page-aligned        request ring (ring_size(request_ring_bytes))
   page-aligned        response ring per slot (ring_size(response_ring_bytes)) each
@@ -54,7 +55,7 @@ SLOT_BYTES = 64
 
 _STATIC = struct.Struct("<8sIIQQII")    # magic .. stats layout
 _STATUS, _ENGINE_PID, _HEARTBEAT = 40, 44, 48
-_MAX_MODEL_LEN, _VOCAB_SIZE, _N_EOS, _EOS_IDS = 56, 60, 64, 68    # the engine's facts (EngineFacts)
+_MAX_MODEL_LEN, _VOCAB_SIZE, _N_EOS, _EOS_IDS, _HIDDEN_SIZE = 56, 60, 64, 68, 196   # the engine's facts (EngineFacts)
 _SLOT_PID, _SLOT_CLAIMS = 0, 8
 
 
@@ -339,6 +340,7 @@ class Segment:
         """The engine's EngineFacts: one owner decides them, the workers read them."""
         self._words.store_u32(_MAX_MODEL_LEN, facts.max_model_len)
         self._words.store_u32(_VOCAB_SIZE, facts.vocab_size)
+        self._words.store_u32(_HIDDEN_SIZE, facts.hidden_size)
         eos = sorted(facts.eos_ids)
         for i, token in enumerate(eos):
             self._words.store_u32(_EOS_IDS + 4 * i, token)
@@ -348,7 +350,8 @@ class Segment:
     def facts(self):
         n_eos = min(self._words.load_u32(_N_EOS), MAX_EOS_IDS)
         return EngineFacts(self._words.load_u32(_MAX_MODEL_LEN), self._words.load_u32(_VOCAB_SIZE),
-                           frozenset(self._words.load_u32(_EOS_IDS + 4 * i) for i in range(n_eos)))
+                           frozenset(self._words.load_u32(_EOS_IDS + 4 * i) for i in range(n_eos)),
+                           self._words.load_u32(_HIDDEN_SIZE))
 
     @property
     def heartbeat(self):

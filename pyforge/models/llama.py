@@ -80,6 +80,19 @@ class LlamaModel:
 
     def forward_device(self, batch, kv_cache):
         """The forward pass over a batch already on the backend (prepare_batch's); logits stay there."""
+        b = self.backend
+        normed = self.final_hidden(batch, kv_cache)                                   # [rows, d]
+        return b.matmul(normed, self.output, b.empty((len(normed), self.config.vocab_size)))
+
+    def hidden(self, batch, kv_cache):
+        """The final hidden state [len(batch.logits_rows), hidden_size] (after the final norm,
+        before lm_head) of the requested rows, float32 numpy on the host: embeddings'. Run
+        directly, never by a CUDA graph replay (graphs return logits)."""
+        b = self.backend
+        return b.to_host(self.final_hidden(b.prepare_batch(batch), kv_cache))
+
+    def final_hidden(self, batch, kv_cache):
+        """The batch's logits_rows of the final hidden state after the final norm, on the backend."""
         cfg, b = self.config, self.backend
         n = batch.n_tokens
         x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
@@ -94,8 +107,7 @@ class LlamaModel:
             mlp_out = self.mlp(layer, h)
         b.add_inplace(x, mlp_out)
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
-        normed = b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))
-        return b.matmul(normed, self.output, b.empty((len(rows), cfg.vocab_size)))
+        return b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))      # [rows, d]
 
     def attention(self, layer, h, batch, k_cache, v_cache):
         cfg, b = self.config, self.backend

@@ -36,6 +36,10 @@ class NullModel:
             self._logits[:, self.token_id] = PEAK
         return self._logits[:n]
 
+    def hidden(self, batch, kv_cache):
+        """A final hidden state f32[len(batch.logits_rows), hidden_size] of ones (embeddings)."""
+        return np.ones((len(batch.logits_rows), self.config.hidden_size), dtype=np.float32)
+
 
 def pick_token(tokenizer, vocab_size):
     """A printable, non-EOS token to emit (so streamed chunks carry text)."""

@@ -26,7 +26,7 @@ import falcon
 
 from pyforge.chat_template import CHATML_TEMPLATE
 from pyforge.server import api_routes, errors, openai_routes, responses_api, tracing
-from pyforge.server import tokenize_routes
+from pyforge.server import embeddings, tokenize_routes
 from pyforge.server import openapi
 from pyforge.server import messages_api
 from pyforge.server import playground
@@ -75,6 +75,7 @@ def build_app(config, contexts, limit=None):
     responses_api.add_routes(app, models)
     api_routes.add_routes(app, models)
     messages_api.add_routes(app, models)
+    embeddings.add_routes(app, models)
     tokenize_routes.add_routes(app, models)
     playground.add_routes(app, models)
     add_health_routes(app, models)

@@ -8,7 +8,8 @@ thread receives them:
 
     AdmittedEvent  then  TokenEvent*  then exactly one  FinishEvent | ErrorEvent
     (or ErrorEvent alone: the engine refused the request); a request whose params
-    ask for prompt_logprobs gets PromptLogprobsEvents before its first TokenEvent
+    ask for prompt_logprobs gets PromptLogprobsEvents before its first TokenEvent;
+    an embedding request (params.pooling set) gets one EmbeddingEvent and no tokens
 
 The AdmittedEvent says the engine took the request into its queue: a stream
 waits for it before its status line, so a refusal is still a plain 503/400.
@@ -55,6 +56,12 @@ class PromptLogprobsEvent:
 
 
 @dataclass(frozen=True)
+class EmbeddingEvent:
+    """An embedding request's result: the L2-normalised pooled final hidden state."""
+    values: list[float]
+
+
+@dataclass(frozen=True)
 class AdmittedEvent:
     """The engine took the request into its waiting queue (it may say so again after an
     engine restart resubmitted the request)."""
@@ -86,7 +93,7 @@ def error_event(kind, message):
     return ErrorEvent(HTTP_STATUS[kind], message)
 
 
-Event = AdmittedEvent | PromptLogprobsEvent | TokenEvent | FinishEvent | ErrorEvent
+Event = AdmittedEvent | PromptLogprobsEvent | EmbeddingEvent | TokenEvent | FinishEvent | ErrorEvent
 FINAL_EVENTS = (FinishEvent, ErrorEvent)
 
 

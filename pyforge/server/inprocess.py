@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pyforge.engine.errors import ErrorKind
 from pyforge.engine.requests import RequestTable
 from pyforge.server.engine_client import (
-    ADMITTED, DEFAULT_STALL_TIMEOUT, FinishEvent, PromptLogprobsEvent, QueueFullError, RequestStream, TokenEvent,
-    error_event,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, EmbeddingEvent, FinishEvent, PromptLogprobsEvent, QueueFullError, RequestStream,
+    TokenEvent, error_event,
 )
 
 
@@ -42,6 +42,10 @@ class StreamReplies:
     def prompt_logprobs(entry, entries):
         entry.owner.put(PromptLogprobsEvent([e.token_id for e in entries], [e.logprob for e in entries],
                                             [list(e.top) for e in entries]))
+
+    @staticmethod
+    def embedding(entry, vector):
+        entry.owner.put(EmbeddingEvent(vector.tolist()))
 
     @staticmethod
     def tokens(entry, out):

@@ -27,11 +27,11 @@ import threading
 import time
 
 from pyforge.engine.sequence import check_prompt_ids
-from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, PromptLogprobs, Submit, Tokens, decode_batch,
-                         encode, process_alive)
+from pyforge.ipc import (Abort, Admitted, Embedding, EngineStatus, Error, Finish, PromptLogprobs, Submit, Tokens,
+                         decode_batch, encode, process_alive)
 from pyforge.server.engine_client import (
-    ADMITTED, DEFAULT_STALL_TIMEOUT, ErrorEvent, FinishEvent, PromptLogprobsEvent, QueueFullError, RequestStream,
-    TokenEvent, error_event,
+    ADMITTED, DEFAULT_STALL_TIMEOUT, EmbeddingEvent, ErrorEvent, FinishEvent, PromptLogprobsEvent, QueueFullError,
+    RequestStream, TokenEvent, error_event,
 )
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,8 @@ def _event(record):
         return ADMITTED
     if isinstance(record, PromptLogprobs):      # before Tokens: it shares (subclasses) that layout
         return PromptLogprobsEvent(record.token_ids, record.logprobs, record.top_logprobs)
+    if isinstance(record, Embedding):
+        return EmbeddingEvent(record.values)
     if isinstance(record, Tokens):
         return TokenEvent(record.token_ids, record.logprobs, record.top_logprobs)
     if isinstance(record, Finish):

@@ -93,7 +93,8 @@ def build_spec(app, models):
     config = models.config
     keyed = bool(config.api_keys)
     limits = {"max_tokens": config.max_tokens_limit,
-              "max_token_id": min(ctx.tokenizer.vocab_size for ctx in models) - 1}
+              "max_token_id": min(ctx.tokenizer.vocab_size for ctx in models) - 1,
+              "hidden_size": _one({ctx.facts.hidden_size for ctx in models})}
     bodies = _body_components(limits)
     path_examples = {"model": [ctx.model_name for ctx in models], "name": ["swagger-ui.css"]}
     paths = {}
@@ -124,6 +125,11 @@ def build_spec(app, models):
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}}
         spec["security"] = [{"bearer": []}, {"apiKey": []}]
     return spec
+
+
+def _one(values):
+    """The one value of a set, or None if it has several."""
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def _body_components(limits):
@@ -230,6 +236,8 @@ OPERATIONS = {   # (method, route) -> summary, tag, responses; a route without /
         "responses": _generation("A response, or with stream its typed events", "Response", "ResponseEvent",
                                  done=False)},
     ("POST", "/v1/messages"): {"summary": "Create a message (Anthropic Messages API)", "tag": "Anthropic-compatible"},
+    ("POST", "/v1/embeddings"): {"summary": "Create embeddings (OpenAI)",
+                                 "responses": {"200": _json("OK", "EmbeddingList")}},
     ("POST", "/tokenize"): {"summary": "Tokenize a prompt or chat messages (vLLM, llama-server)", "tag": "vLLM",
                             "responses": {"200": _json("OK", "TokenizeReply")}},
     ("POST", "/detokenize"): {"summary": "Token ids to text (vLLM, llama-server)", "tag": "vLLM",
@@ -343,6 +351,13 @@ RESPONSE_SCHEMAS = {
                       "tokens, token_strs} or llama-server's {tokens}",
                       "properties": {"count": _INT, "max_model_len": _INT, "tokens": {"type": "array"},
                                      "token_strs": {"type": ["array", "null"], "items": _STR}}},
+    "EmbeddingList": _object({
+        "object": {"const": "list"}, "model": _STR,
+        "data": {"type": "array", "items": _object({
+            "object": {"const": "embedding"}, "index": _INT,
+            "embedding": {"anyOf": [{"type": "array", "items": _NUM}, _STR],
+                          "description": "floats, or base64 of little-endian float32 (encoding_format)"}})},
+        "usage": _object({"prompt_tokens": _INT, "total_tokens": _INT})}),
     "DetokenizeReply": _object({"prompt": _STR, "content": _STR}, ["prompt"]),
     "Health": _object({"status": _STR}),
     "Readiness": _object({"status": {"enum": ["ready", "not ready"]},

@@ -354,11 +354,25 @@ DETOKENIZE = _body("A vLLM detokenize request.", {
                                                                                         "text."},
 }, ["tokens"])
 
+EMBEDDINGS = _body("An OpenAI embeddings request: one vector per input, the final hidden state pooled by the "
+                   "server's --pooling and L2-normalised.", {
+    "model": MODEL,
+    "input": {**PROMPT, "examples": ["The food was delicious"],
+              "description": "a non-empty string, a list of strings, a list of token ids or a list of such lists; "
+                             "each shorter than the context (never truncated)"},
+    "encoding_format": {"type": ["string", "null"], "enum": ["float", "base64", None], "examples": ["float"],
+                        "description": "float (a list of numbers; default) or base64 (little-endian float32 bytes)"},
+    "dimensions": _integer("The vector's length: only the model's hidden size (vectors are not cut short).", 1,
+                           INT32_MAX, [4096]),
+    "user": _string("An end-user id (written to the access log)."),
+}, ["input"])
+
 REQUEST_BODIES = {
     "/v1/completions": COMPLETION,
     "/v1/chat/completions": CHAT_COMPLETION,
     "/v1/responses": RESPONSES,
     "/v1/messages": ANTHROPIC_MESSAGES,
+    "/v1/embeddings": EMBEDDINGS,
     "/tokenize": TOKENIZE,
     "/detokenize": DETOKENIZE,
     "/api/generate": API_GENERATE,
@@ -556,9 +570,10 @@ def _dotted(path):
     return out
 
 
-def specialised(schema, max_tokens=None, max_token_id=None):
+def specialised(schema, max_tokens=None, max_token_id=None, hidden_size=None):
     """A copy of `schema` with this server's limits (for the published spec): max_tokens
-    at most `max_tokens`, token ids at most `max_token_id`."""
+    at most `max_tokens`, token ids at most `max_token_id`, embeddings' `dimensions`
+    exactly `hidden_size` (when every served model has that one)."""
     def walk(node):
         if isinstance(node, dict):
             if max_token_id is not None and node.get("description") == TOKEN_ID["description"]:
@@ -567,6 +582,8 @@ def specialised(schema, max_tokens=None, max_token_id=None):
                 if max_tokens is not None and key in ("max_tokens", "max_completion_tokens", "max_output_tokens") \
                         and isinstance(value, dict) and "maximum" in value:
                     value["maximum"] = min(value["maximum"], max_tokens)
+                if hidden_size and key == "dimensions" and isinstance(value, dict) and "maximum" in value:
+                    value.update(minimum=hidden_size, maximum=hidden_size, examples=[hidden_size])
                 walk(value)
         elif isinstance(node, list):
             for item in node:

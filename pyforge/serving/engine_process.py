@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 from pyforge.engine.errors import ErrorKind
 from pyforge.engine.requests import RequestTable
-from pyforge.ipc import (Abort, Admitted, EngineStatus, Error, Finish, PromptLogprobs, RecordType, Segment, Submit,
-                         Tokens, decode, encode, encode_token, peek_header, process_alive)
+from pyforge.ipc import (Abort, Admitted, Embedding, EngineStatus, Error, Finish, PromptLogprobs, RecordType, Segment,
+                         Submit, Tokens, decode, encode, encode_token, peek_header, process_alive)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class RingReplies:
     def prompt_logprobs(self, entry, entries):
         self._add(entry, encode(PromptLogprobs(entry.request_id, [e.token_id for e in entries],
                                                [e.logprob for e in entries], [list(e.top) for e in entries])))
+
+    def embedding(self, entry, vector):
+        self._add(entry, encode(Embedding(entry.request_id, vector.tolist())))
 
     def tokens(self, entry, out):
         if entry.want_logprobs:

@@ -1,13 +1,13 @@
 """The request fields that travel as SUBMIT extension entries (logit_bias, min_tokens,
-prompt_logprobs) and the PROMPT_LOGPROBS reply: byte layouts as records.py and
-native/pyforge_ipc.h draw them, round trips, malformed entries."""
+prompt_logprobs, pooling) and the PROMPT_LOGPROBS and EMBEDDING replies: byte layouts as
+records.py and native/pyforge_ipc.h draw them, round trips, malformed entries."""
 import struct
 
 import pytest
 
 from pyforge.engine.sampling_params import SamplingParams
-from pyforge.ipc.records import (HEADER, PromptLogprobs, RecordType, Submit, Tokens, decode, decode_batch, encode,
-                                 encode_batch)
+from pyforge.ipc.records import (HEADER, Embedding, PromptLogprobs, RecordType, Submit, Tokens, decode, decode_batch,
+                                 encode, encode_batch)
 
 
 def extensions(data):
@@ -65,3 +65,29 @@ def test_prompt_logprobs_reply_is_the_tokens_layout_under_its_own_type():
     assert decode(encode(no_top)) == no_top
     with pytest.raises(ValueError, match="PROMPT_LOGPROBS"):
         decode(bytes([RecordType.PROMPT_LOGPROBS]) + encode(Tokens(9, [5], [-0.5]))[1:])
+
+
+def test_pooling_is_an_entry_and_the_embedding_a_float32_vector():
+    """An embedding request: a POOLING entry (u32: 1 mean, 2 last) in its SUBMIT; its reply an
+    EMBEDDING record, u32 n then f32 values[n], of any length (a long one travels in fragments)."""
+    for pooling, code in (("mean", 1), ("last", 2)):
+        data = encode(Submit(1, 0, [1], SamplingParams(pooling=pooling)))
+        assert extensions(data) == struct.pack("<HHII", 5, 0, 4, code)
+        assert decode(data).params.pooling == pooling
+    values = [0.5, -0.25, 1 / 3]
+    data = encode(Embedding(9, values))
+    assert data[0] == RecordType.EMBEDDING == 8
+    assert data[HEADER.size:] == struct.pack("<I3f", 3, *values)
+    back = decode(data)
+    assert type(back) is Embedding and back.request_id == 9 and back.values == list(struct.unpack("<3f", data[-12:]))
+    big = Embedding(9, [float(i) for i in range(16384)])
+    assert decode_batch(encode_batch([big, Tokens(9, [7])])) == [big, Tokens(9, [7])]
+    with pytest.raises(ValueError, match="truncated"):
+        decode(data[:-1])
+
+
+def test_an_unknown_pooling_is_refused():
+    entry = struct.pack("<HHII", 5, 0, 4, 3)
+    data = encode(Submit(1, 0, [1], SamplingParams()))
+    with pytest.raises(ValueError, match="pooling"):
+        decode(data[:-4] + struct.pack("<I", len(entry)) + entry)

@@ -199,7 +199,7 @@ def test_cleanup_stale_removes_only_dead_creators(prefix, segment):
 
 
 def test_the_engine_publishes_its_facts(prefix):
-    facts = EngineFacts(4096, 32000, frozenset({2, 32000 - 1, 7}))
+    facts = EngineFacts(4096, 32000, frozenset({2, 32000 - 1, 7}), 2048)
     with Segment.create(new_name(prefix), n_workers=1) as seg:
         try:
             seg.publish_facts(facts)

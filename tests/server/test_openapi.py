@@ -31,8 +31,10 @@ BASES = {
     "/v1/messages": {"messages": CHAT, "max_tokens": 2},
     "/tokenize": {"prompt": "Hello"},
     "/detokenize": {"tokens": [1, 2]},
+    "/v1/embeddings": {"input": "Hello"},
 }
 TOOLS = schemas.TOOLS["tools"]["examples"][0]
+STORIES_HIDDEN_SIZE = 64
 
 
 def with_field(route, body, field, value):
@@ -40,6 +42,8 @@ def with_field(route, body, field, value):
     body = {**body, field: value}
     if field == "top_logprobs":
         body["logprobs"] = True
+    if field == "dimensions" and value is not None:
+        body["dimensions"] = STORIES_HIDDEN_SIZE     # the one value accepted: the spec publishes it
     if field == "tool_choice" and route == "/v1/chat/completions":
         body["tools"] = TOOLS
     if route == "/tokenize" and field in ("messages", "content") and value is not None:
@@ -90,6 +94,8 @@ def test_the_spec_is_valid_openapi_3_1(spec):
     request = spec["components"]["schemas"]["CompletionsRequest"]
     assert request["properties"]["max_tokens"]["maximum"] == 8
     assert request["properties"]["prompt"]["anyOf"][2]["items"]["maximum"] == 511
+    dimensions = spec["components"]["schemas"]["EmbeddingsRequest"]["properties"]["dimensions"]
+    assert dimensions["minimum"] == dimensions["maximum"] == dimensions["examples"][0] == STORIES_HIDDEN_SIZE
     assert spec["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
 
 

@@ -142,11 +142,12 @@ static int print_records(const unsigned char *p, uint64_t len, uint64_t request_
     return GOING_ON;
 }
 
-/* "facts MAX_MODEL_LEN VOCAB_SIZE EOS_ID...": what the engine decided */
+/* "facts MAX_MODEL_LEN VOCAB_SIZE HIDDEN_SIZE EOS_ID...": what the engine decided */
 static void print_facts(const unsigned char *base) {
     uint32_t n_eos = u32_at(base + PF_SEG_OFF_N_EOS);
     if (n_eos > PF_MAX_EOS_IDS) die("more end-of-generation ids than the header holds");
-    printf("facts %u %u", u32_at(base + PF_SEG_OFF_MAX_MODEL_LEN), u32_at(base + PF_SEG_OFF_VOCAB_SIZE));
+    printf("facts %u %u %u", u32_at(base + PF_SEG_OFF_MAX_MODEL_LEN), u32_at(base + PF_SEG_OFF_VOCAB_SIZE),
+           u32_at(base + PF_SEG_OFF_HIDDEN_SIZE));
     for (uint32_t i = 0; i < n_eos; i++) printf(" %u", u32_at(base + PF_SEG_OFF_EOS_IDS + 4 * i));
     printf("\n");
 }

@@ -307,9 +307,9 @@ def test_a_c_client_talks_to_the_engine_with_the_c_header(running, reference, tm
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     facts, *lines = out.stdout.split("\n")
-    max_model_len, vocab_size, *eos_ids = map(int, facts.split()[1:])
-    assert EngineFacts(max_model_len, vocab_size, frozenset(eos_ids)) == running.seg.facts
-    assert max_model_len == 256 and eos_ids
+    max_model_len, vocab_size, hidden_size, *eos_ids = map(int, facts.split()[1:])
+    assert EngineFacts(max_model_len, vocab_size, frozenset(eos_ids), hidden_size) == running.seg.facts
+    assert max_model_len == 256 and eos_ids and hidden_size > 0
     assert lines[0] == "admitted"
     assert [int(line.split()[1]) for line in lines if line.startswith("token ")] == reference[0]
     assert f"finish length {len(PROMPTS[0])} 12" in lines

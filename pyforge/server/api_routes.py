@@ -46,10 +46,7 @@ class _Generate:
         self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.models.default.observer, req)
-        with g.observed(timer):
-            body = v.read_json(req, self.models.config.max_body_bytes)
-            ctx = g.picked(self.models, body, timer)
+        with self.models.serving(req) as (body, ctx, timer):
             request = self._request(body, ctx)
             g.run(ctx, resp, timer, request, stream=self.stream,
                   to_json=lambda results, usage: self._reply(results[0].text, results[0].finish_reason, usage),

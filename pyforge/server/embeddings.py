@@ -23,8 +23,6 @@ from array import array
 from numbers import Integral
 
 from pyforge.engine.sampling_params import SamplingParams, brief
-from pyforge.server import generation as g
-from pyforge.server import validation as v
 from pyforge.server.engine_client import EmbeddingEvent, ErrorEvent, FinishEvent, QueueFullError, StreamGroup
 from pyforge.server.errors import APIError, bad_request
 
@@ -36,10 +34,7 @@ class Embeddings:
         self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.models.default.observer, req)
-        with g.observed(timer):
-            body = v.read_json(req, self.models.config.max_body_bytes)
-            ctx = g.picked(self.models, body, timer)
+        with self.models.serving(req) as (body, ctx, timer):
             encoding = _encoding(body)
             _check_dimensions(body, ctx)
             inputs = _inputs(body.get("input"), ctx)

@@ -52,12 +52,9 @@ class Messages:
         self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.models.default.observer, req)
-        with g.observed(timer):
-            if req.context.get("request_id"):
-                resp.set_header("request-id", req.context.request_id)     # where Anthropic clients look
-            body = v.read_json(req, self.models.config.max_body_bytes)
-            ctx = g.picked(self.models, body, timer)
+        if req.context.get("request_id"):
+            resp.set_header("request-id", req.context.request_id)     # where Anthropic clients look
+        with self.models.serving(req) as (body, ctx, timer):
             request, reply, stream, user = messages_request(body, ctx)
             if user is not None:
                 timer.log.user = user

@@ -35,10 +35,7 @@ class _OpenAIGeneration:
         self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.models.default.observer, req)
-        with g.observed(timer):
-            body = v.read_json(req, self.models.config.max_body_bytes)
-            ctx = g.picked(self.models, body, timer)
+        with self.models.serving(req) as (body, ctx, timer):
             request, stream, include_usage, reply = self.parse(body, ctx)
             fmt = _Format(ctx, self.id_prefix, self.object_type, include_usage, reply)
             g.run(ctx, resp, timer, request, stream=stream,

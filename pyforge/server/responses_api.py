@@ -66,10 +66,7 @@ class Responses:
         self.models = models
 
     def on_post(self, req, resp):
-        timer = g.RequestTimer(self.models.default.observer, req)
-        with g.observed(timer):
-            body = v.read_json(req, self.models.config.max_body_bytes)
-            ctx = g.picked(self.models, body, timer)
+        with self.models.serving(req) as (body, ctx, timer):
             request, stream, builder = parse(body, ctx)
             g.run(ctx, resp, timer, request, stream=stream, to_json=builder.whole, to_chunks=builder.events,
                   client_gone=g.connection_watch(req), named_events=True, stream_error=builder.error_event)

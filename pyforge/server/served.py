@@ -8,6 +8,8 @@ With one model served, a request naming another is answered by it (llama-server
 and Ollama do so: OpenAI clients often send a fixed name), unless `strict`;
 with several, an unknown name is a 404 that lists the served ones.
 """
+from contextlib import contextmanager
+
 from pyforge.engine.sampling_params import brief
 from pyforge.server.errors import APIError, bad_request
 
@@ -32,6 +34,17 @@ class ServedModels:
 
     def __len__(self):
         return len(self.by_name)
+
+    @contextmanager
+    def serving(self, req):
+        """(body, ServingContext, RequestTimer) of a POST to a model route: the body read
+        and checked, the model it names picked; a failure inside the block ends the
+        request's metrics, log line and span with its status."""
+        from pyforge.server import generation as g, validation as v
+        timer = g.RequestTimer(self.default.observer, req)
+        with g.observed(timer):
+            body = v.read_json(req, self.config.max_body_bytes)
+            yield body, g.picked(self, body, timer), timer
 
     def pick(self, name):
         if name is None:

@@ -20,10 +20,10 @@ name asked for, so any other value is a 400 naming it.
 import base64
 import sys
 from array import array
-from numbers import Integral
 
 from pyforge.engine.sampling_params import SamplingParams, brief
 from pyforge.server.engine_client import EmbeddingEvent, ErrorEvent, FinishEvent, QueueFullError, StreamGroup
+from pyforge.server import validation as v
 from pyforge.server.errors import APIError, bad_request
 
 ENCODINGS = ("float", "base64")
@@ -63,44 +63,8 @@ def _check_dimensions(body, ctx):
 
 
 def _inputs(value, ctx):
-    """`input` as token id lists: a string, a list of strings, a list of ids or a list of such lists."""
-    if isinstance(value, str):
-        return [_text(value, ctx, "input")]
-    if not isinstance(value, list) or not value:
-        raise bad_request("input must be a non-empty string, list of strings or list of token ids", "input")
-    if all(isinstance(p, str) for p in value):
-        return [_text(p, ctx, f"input[{i}]") for i, p in enumerate(value)]
-    if all(_is_int(t) for t in value):
-        return [_ids(value, ctx, "input")]
-    if all(isinstance(p, list) for p in value):
-        return [_ids(p, ctx, f"input[{i}]") for i, p in enumerate(value)]
-    raise bad_request("input must not mix strings, token ids and lists", "input")
-
-
-def _text(text, ctx, where):
-    if not text:
-        raise bad_request(f"{where} is empty", "input")
-    return _fits(ctx.tokenizer.encode(text), ctx, where)
-
-
-def _ids(ids, ctx, where):
-    vocab = ctx.facts.vocab_size
-    if not ids:
-        raise bad_request(f"{where} is empty", "input")
-    if not all(_is_int(t) and 0 <= t < vocab for t in ids):
-        raise bad_request(f"{where}: token ids must be integers in 0..{vocab - 1}", "input")
-    return _fits([int(t) for t in ids], ctx, where)
-
-
-def _fits(ids, ctx, where):
-    if len(ids) >= ctx.max_model_len:
-        raise bad_request(f"{where} has {len(ids)} tokens; this model's context holds {ctx.max_model_len}, "
-                          f"so an input may have {ctx.max_model_len - 1} (it is never truncated)", "input")
-    return ids
-
-
-def _is_int(value):
-    return isinstance(value, Integral) and not isinstance(value, bool)
+    """`input` as token id lists, parsed and checked as a completion's `prompt` is."""
+    return [prompt.ids for prompt in v.completion_prompts(value, ctx, "input")]
 
 
 def _embed(ctx, inputs):

@@ -312,15 +312,11 @@ def _thinking(value, config, max_tokens):
         raise bad_request("thinking: this server splits no reasoning out of this model's output "
                           "(start it with --reasoning-parser)", "thinking")
     budget = value.get("budget_tokens")
-    if kind == "enabled" and (not _is_int(budget) or budget < 1024 or
-                              (_is_int(max_tokens) and budget >= max_tokens)):
+    if kind == "enabled" and (not v.is_int(budget) or budget < 1024 or
+                              (v.is_int(max_tokens) and budget >= max_tokens)):
         raise bad_request("thinking.budget_tokens must be an integer >= 1024 and less than max_tokens",
                           "thinking.budget_tokens")
     return kind
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _stop_sequences(value):

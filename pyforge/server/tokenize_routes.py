@@ -17,7 +17,6 @@ model's BOS) unless `add_special_tokens` / `add_special` is false. Nothing is ch
 against the context length: /tokenize is how a client finds out. Detokenizing keeps
 special tokens' text (both servers do); an id outside the vocabulary is a 400.
 """
-from numbers import Integral
 
 from pyforge.engine.sampling_params import brief
 from pyforge.server import validation as v
@@ -100,7 +99,7 @@ def _flag(body, key, default):
 
 
 def _is_id(value, vocab_size):
-    return isinstance(value, Integral) and not isinstance(value, bool) and 0 <= value < vocab_size
+    return v.is_int(value) and 0 <= value < vocab_size
 
 
 def add_routes(app, models):

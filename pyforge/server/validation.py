@@ -102,7 +102,7 @@ def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None
     if grammar is not None:
         kwargs["grammar"] = grammar
     max_tokens = next((body[k] for k in max_tokens_keys if body.get(k) is not None), config.default_max_tokens)
-    if config.max_tokens_limit is not None and _is_int(max_tokens) and max_tokens > config.max_tokens_limit:
+    if config.max_tokens_limit is not None and is_int(max_tokens) and max_tokens > config.max_tokens_limit:
         raise bad_request(f"max_tokens must be <= {config.max_tokens_limit}, got {brief(max_tokens)}", "max_tokens")
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
@@ -137,7 +137,7 @@ def parse_best_of(body, n, stream):
     best_of = body.get("best_of")
     if best_of is None or best_of == n:
         return None
-    if not _is_int(best_of) or not n <= best_of <= MAX_N:
+    if not is_int(best_of) or not n <= best_of <= MAX_N:
         raise bad_request(f"best_of must be an integer in n..{MAX_N} (n = {n}), got {brief(best_of)}", "best_of")
     if stream:
         raise bad_request("best_of cannot be streamed: the best candidates are known only at the end", "best_of")
@@ -148,7 +148,7 @@ def parse_n(body):
     n = body.get("n")
     if n is None:
         return 1
-    if not _is_int(n) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise bad_request(f"n must be an integer in 1..{MAX_N}, got {brief(n)}", "n")
     return n
 
@@ -167,7 +167,7 @@ def parse_completion_logprobs(value):
     """Completions `logprobs`: how many top alternatives per token (0..20), or null."""
     if value is None:
         return None
-    if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
+    if not is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
         raise bad_request(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {brief(value)}", "logprobs")
     return value
 
@@ -180,7 +180,7 @@ def parse_chat_logprobs(body):
     if top is not None:
         if not want:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-        if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        if not is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
             raise bad_request(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {brief(top)}",
                               "top_logprobs")
     return (top or 0) if want else None
@@ -193,19 +193,20 @@ def parse_bool(body, key):
     return bool(value)
 
 
-def completion_prompts(value, ctx):
-    """`prompt`: a string, a list of strings, a list of token ids or a list of such lists."""
+def completion_prompts(value, ctx, param="prompt"):
+    """`prompt` (or an embeddings `input`): a string, a list of strings, a list of token
+    ids or a list of such lists -> [Prompt], each leaving room for one more token."""
     if isinstance(value, str):
-        return [_text_prompt(value, ctx)]
+        return [_text_prompt(value, ctx, param, param)]
     if not isinstance(value, list) or not value:
-        raise bad_request("prompt must be a non-empty string, list of strings or list of token ids", "prompt")
+        raise bad_request(f"{param} must be a non-empty string, list of strings or list of token ids", param)
     if all(isinstance(p, str) for p in value):
-        return [_text_prompt(p, ctx) for p in value]
-    if all(_is_int(t) for t in value):
-        return [_ids_prompt(value, ctx)]
+        return [_text_prompt(p, ctx, param, f"{param}[{i}]") for i, p in enumerate(value)]
+    if all(is_int(t) for t in value):
+        return [_ids_prompt(value, ctx, param, param)]
     if all(isinstance(p, list) for p in value):
-        return [_ids_prompt(p, ctx) for p in value]
-    raise bad_request("prompt must not mix strings, token ids and lists", "prompt")
+        return [_ids_prompt(p, ctx, param, f"{param}[{i}]") for i, p in enumerate(value)]
+    raise bad_request(f"{param} must not mix strings, token ids and lists", param)
 
 
 def fim_prompts(value, suffix, ctx):
@@ -293,30 +294,31 @@ def _check_message(message, i):
     return {**message, "content": content or ""}
 
 
-def _text_prompt(text, ctx):
+def _text_prompt(text, ctx, param, where):
     if not text:
-        raise bad_request("the prompt is empty", "prompt")
-    return _checked(Prompt(ctx.tokenizer.encode(text), text), ctx, "prompt")
+        raise bad_request(f"{where} is empty", param)
+    return _checked(Prompt(ctx.tokenizer.encode(text), text), ctx, param, where)
 
 
-def _ids_prompt(ids, ctx):
+def _ids_prompt(ids, ctx, param, where):
     vocab = ctx.tokenizer.vocab_size
     if not ids:
-        raise bad_request("the prompt is empty", "prompt")
-    if not all(_is_int(t) and 0 <= t < vocab for t in ids):
-        raise bad_request(f"prompt token ids must be integers in 0..{vocab - 1}", "prompt")
-    return _checked(Prompt([int(t) for t in ids]), ctx, "prompt")
+        raise bad_request(f"{where} is empty", param)
+    if not all(is_int(t) and 0 <= t < vocab for t in ids):
+        raise bad_request(f"{where}: token ids must be integers in 0..{vocab - 1}", param)
+    return _checked(Prompt([int(t) for t in ids]), ctx, param, where)
 
 
-def _checked(prompt, ctx, param):
+def _checked(prompt, ctx, param, where=None):
     """Never truncate: a prompt that leaves no room for one new token is an error."""
     n = len(prompt.ids)
     if n >= ctx.max_model_len:
         raise bad_request(
-            f"this model's maximum context length is {ctx.max_model_len} tokens; the prompt has {n} "
-            "(a prompt must leave room for at least one generated token)", param, "context_length_exceeded")
+            f"this model's maximum context length is {ctx.max_model_len} tokens; {where or 'the prompt'} has {n} "
+            "(a prompt must leave room for at least one generated token; it is never truncated)", param,
+            "context_length_exceeded")
     return prompt
 
 
-def _is_int(value):
+def is_int(value):
     return isinstance(value, Integral) and not isinstance(value, bool)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pyforge.builtin_templates import NAMED_TEMPLATES     # --chat-template NAME, for models that ship none
 from pyforge.engine.sampling_params import MAX_TEMPERATURE, POOLINGS
+from pyforge.loader.quantize import QUANTIZATIONS, check_backend, parse_quantization
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,6 +65,7 @@ class ServerConfig:
     device: str = "auto"                # auto: cuda when CuPy sees a GPU, else cpu
     gpu_memory_utilization: float = 0.9  # cuda: share of device memory for weights + KV cache (vLLM's flag)
     cuda_graphs: bool = False           # cuda: replay small decode steps as CUDA graphs
+    quantization: str = "none"          # quantize float matmul weights at load: none | q8_0 | q4_k | q4_0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None    # None: the model's context length
@@ -81,6 +83,9 @@ class ServerConfig:
     api_key: tuple | None = None        # accepted keys (Authorization: Bearer / X-Api-Key); None: open
     api_key_file: str | None = None     # a file of keys, one per line (# comments), added to api_key
     allowed_origins: tuple = ()         # CORS: origins browsers may call from ("*": any); (): none
+    allow_credentials: bool = False     # CORS: pages may send cookies / HTTP auth (vLLM's --allow-credentials)
+    allowed_methods: tuple = ()         # CORS preflight methods; (): GET, POST, OPTIONS
+    allowed_headers: tuple = ()         # CORS preflight headers ("*" allowed); (): the ones the page asks for
     ssl_enabled: bool | None = None     # https; None: on when ssl_certfile and ssl_keyfile are given
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -98,6 +103,7 @@ class ServerConfig:
     worker_connections: int = 4096      # open connections per worker (held, reading or idle)
     max_engine_restarts: int = 5        # engine crashes within ten minutes before the server gives up
     engine_heartbeat_timeout: float = 30.0  # seconds without an engine heartbeat before ready turns 503
+    playground: bool = True             # the web playground at GET / (llama-server: --no-webui)
     null_model: bool = False            # skip the forward pass (serving-stack ceiling benchmarks)
 
     def __post_init__(self):
@@ -175,14 +181,19 @@ def default_model_name(model):
 
 
 def warn_unknown_env(env=None):
-    for name in unknown_env(os.environ if env is None else env):
+    env = os.environ if env is None else env
+    for name in unknown_env(env):
         _log.warning("ignoring the environment variable %s: it names no pyforge setting "
                      "(see `pyforge serve --help`)", name)
+    if ISQ_TYPE in env and ISQ_ENABLE not in env:
+        _log.warning("ignoring %s: in-situ quantization is off unless %s=true (or set %sQUANTIZATION)",
+                     ISQ_TYPE, ISQ_ENABLE, ENV_PREFIX)
 
 
 def unknown_env(env):
     """The LLM_* variables in env that name no setting, sorted."""
     known = {ENV_PREFIX + name.upper() for name in _FIELDS} | set(ENV_ALIASES) | {ENV_PREFIX + "CONFIG"}
+    known |= {ISQ_ENABLE, ISQ_TYPE}
     return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
 
 
@@ -206,6 +217,7 @@ def add_arguments(parser):
 def _help(field):
     """The flag's help with its default and its environment names, for `--help`."""
     names = [ENV_PREFIX + field.name.upper()] + [k for k, v in ENV_ALIASES.items() if v == field.name]
+    names += [f"{ISQ_ENABLE}=true + {ISQ_TYPE}"] if field.name == "quantization" else []
     default = field.default
     shown = ",".join(default) if isinstance(default, tuple) and default else default
     shown = "none" if shown in (None, ()) else shown
@@ -301,6 +313,13 @@ def _optional_bool(name, value):
     return None if _is_none(value) else _bool(name, value)
 
 
+def _quantization(name, value):
+    try:
+        return parse_quantization(value)
+    except ValueError as e:
+        raise _FieldError(name, str(e)) from None
+
+
 def _chat_template(name, value):
     value = _str(optional=True)(name, value)
     if value is not None and value not in NAMED_TEMPLATES and not _is_file(Path(value)) and "{" not in value:
@@ -321,6 +340,7 @@ _PARSERS = {
     "max_concurrent_requests": _int(1, optional=True), "enable_prefix_caching": _bool,
     "pooling": _str(choices=POOLINGS),
     "api_key": _keys, "api_key_file": _str(optional=True), "allowed_origins": _list,
+    "allow_credentials": _bool, "allowed_methods": _list, "allowed_headers": _list, "playground": _bool,
     "ssl_enabled": _optional_bool, "ssl_certfile": _str(optional=True), "ssl_keyfile": _str(optional=True),
     "service_name": _str(), "otlp_endpoint": _str(optional=True, pattern=_URL), "chat_template": _chat_template,
     "tool_call_parser": _str(optional=True, choices=TOOL_CALL_PARSERS),
@@ -330,9 +350,10 @@ _PARSERS = {
     "stall_timeout": _float(low_open=True), "request_read_timeout": _float(low_open=True),
     "worker_connections": _int(1), "max_engine_restarts": _int(0),
     "engine_heartbeat_timeout": _float(low_open=True), "null_model": _bool, "cuda_graphs": _bool,
+    "quantization": _quantization,
 }
 _FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
-_LIST_FIELDS = ("models", "api_key", "allowed_origins")
+_LIST_FIELDS = ("models", "api_key", "allowed_origins", "allowed_methods", "allowed_headers")
 
 # Environment names other servers' operators already use -> our field.
 ENV_ALIASES = {
@@ -344,6 +365,9 @@ ENV_ALIASES = {
     "OTEL_SERVICE_NAME": "service_name", "OTEL_EXPORTER_OTLP_ENDPOINT": "otlp_endpoint",
     "LLM_SSE_KEEPALIVE": "keepalive_interval",
 }
+# In-situ quantization as other servers name it: LLM_ENABLE_ISQ=true turns it on with the type
+# LLM_ISQ_TYPE (default q8_0); LLM_ISQ_TYPE alone does nothing there, so nothing here either (warned).
+ISQ_ENABLE, ISQ_TYPE, ISQ_DEFAULT_TYPE = "LLM_ENABLE_ISQ", "LLM_ISQ_TYPE", "q8_0"
 # Second flag names of a field (another server's name for it).
 FLAG_ALIASES = {"keepalive_interval": ("--sse-keepalive",)}
 assert _FIELDS == set(_PARSERS), "every config field needs a parser"
@@ -371,6 +395,11 @@ def _check_relations(cfg):
     if cfg.max_tokens_limit is not None and cfg.default_max_tokens > cfg.max_tokens_limit:
         raise _FieldError("default_max_tokens",
                           f"{cfg.default_max_tokens} exceeds max_tokens_limit ({cfg.max_tokens_limit})")
+    if cfg.device.startswith("cuda"):
+        try:
+            check_backend(cfg.quantization, "cuda")
+        except ValueError as e:
+            raise _FieldError("quantization", str(e).split(": ", 1)[1]) from None
     if cfg.kv_cache_tokens is not None and cfg.kv_cache_tokens < cfg.block_size:
         raise _FieldError("kv_cache_tokens", f"must hold at least one block ({cfg.block_size} tokens)")
 
@@ -388,13 +417,28 @@ def _is_file(path):
 
 def _from_env(env):
     values = {field: env[alias] for alias, field in ENV_ALIASES.items() if alias in env}
+    values.update(_isq_from_env(env))
     values.update({name: env[ENV_PREFIX + name.upper()] for name in _FIELDS if ENV_PREFIX + name.upper() in env})
     return values
 
 
+def _isq_from_env(env):
+    """{"quantization": type} from LLM_ENABLE_ISQ (+ LLM_ISQ_TYPE), or {} when it is not set."""
+    if ISQ_ENABLE not in env:
+        return {}
+    enabled = env[ISQ_ENABLE].strip().lower()
+    if enabled not in _BOOLS:
+        raise ValueError(f"{ISQ_ENABLE}: must be true or false, got {env[ISQ_ENABLE]!r}")
+    return {"quantization": env.get(ISQ_TYPE, ISQ_DEFAULT_TYPE) if _BOOLS[enabled] else "none"}
+
+
 def _env_name(env, field):
     canonical = ENV_PREFIX + field.upper()
-    return canonical if canonical in env else next(k for k, v in ENV_ALIASES.items() if v == field and k in env)
+    if canonical in env:
+        return canonical
+    if field == "quantization" and ISQ_ENABLE in env:
+        return ISQ_TYPE if ISQ_TYPE in env and _BOOLS.get(env[ISQ_ENABLE].strip().lower()) else ISQ_ENABLE
+    return next(k for k, v in ENV_ALIASES.items() if v == field and k in env)
 
 
 def _read_toml(path):
@@ -430,6 +474,11 @@ _HELP = {
                "every token; L2-normalised either way",
     "api_key_file": "file of accepted API keys, one per line",
     "allowed_origins": "CORS: origins browsers may call the API from (* for any; repeat or comma-separate)",
+    "allow_credentials": "CORS: let pages send credentials (Access-Control-Allow-Credentials: true; with "
+                         "--allowed-origins * the page's origin is echoed, as browsers require)",
+    "allowed_methods": "CORS: methods a preflight allows (default: GET, POST, OPTIONS)",
+    "allowed_headers": "CORS: headers a preflight allows (* for any; default: the headers the page asks for)",
+    "playground": "serve the web playground at GET / (false: 404 there)",
     "ssl_enabled": "serve https (default: when --ssl-certfile and --ssl-keyfile are given)",
     "ssl_certfile": "TLS certificate chain (PEM)",
     "ssl_keyfile": "TLS private key (PEM)",
@@ -442,6 +491,9 @@ _HELP = {
     "device": "auto (cuda when CuPy sees a GPU, else cpu), cpu, cuda or cuda:N",
     "gpu_memory_utilization": "cuda: fraction of the GPU's memory for weights, activations and the KV cache; "
                               "sizes the KV cache when --kv-cache-tokens is not given (0 < x <= 1)",
+    "quantization": "quantize the F32/F16/BF16 matmul weights at load: " + "/".join(QUANTIZATIONS)
+                    + " (q4_k: llama.cpp's Q4_K_M mix, Q6_K head; embeddings, norms and weights the "
+                    "file already holds quantized stay as stored)",
     "cuda_graphs": "cuda: run decode steps of up to 8 sequences as captured CUDA graphs (fewer host launches)",
     "max_num_seqs": "most sequences decoded in one step",
     "max_num_batched_tokens": "most tokens (prefill + decode) in one step",

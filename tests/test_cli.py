@@ -39,3 +39,12 @@ def test_bad_model_file_is_one_clear_error(tmp_path, content):
 def test_chat_without_a_template_is_a_clear_error():
     r = pyforge("generate", "--model", str(STORIES), "--prompt", "hi", "--chat")
     assert r.returncode == 1 and "template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_quantizes_at_load():
+    r = pyforge("generate", "--model", str(STORIES), "--prompt", "Once upon a time", "--temperature", "0",
+                "--max-tokens", "24", "--threads", "1", "--quantization", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "there was a little girl named Lily" in r.stdout
+    r = pyforge("generate", "--model", str(STORIES), "--prompt", "hi", "--quantization", "q5")
+    assert r.returncode == 1 and "q5" in r.stderr and "Traceback" not in r.stderr

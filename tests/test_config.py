@@ -180,12 +180,12 @@ def test_our_names_win_over_aliases_and_flags_over_both():
 
 def test_unknown_llm_variables_are_logged_by_name(caplog):
     from pyforge.config import warn_unknown_env
-    env = {"LLM_MAX_NUM_SEQ": "4", "LLM_ENABLE_ISQ": "true", "LLM_PORT": "9000", "OTHER": "x"}
+    env = {"LLM_MAX_NUM_SEQ": "4", "LLM_ENABLE_TURBO": "true", "LLM_PORT": "9000", "OTHER": "x"}
     ServerConfig.from_sources(parse(["--model", "m"]), env=env)     # they do not stop it
     with caplog.at_level("WARNING", logger="pyforge.config"):
         warn_unknown_env(env)
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "LLM_MAX_NUM_SEQ" in warned and "LLM_ENABLE_ISQ" in warned
+    assert "LLM_MAX_NUM_SEQ" in warned and "LLM_ENABLE_TURBO" in warned
     assert "LLM_PORT" not in warned and "OTHER" not in warned
 
 
@@ -259,3 +259,46 @@ def test_readme_table_lists_every_setting_and_alias():
         assert f"| `--{f.name.replace('_', '-')}` | `LLM_{f.name.upper()}`" in readme, f.name
     for alias in ENV_ALIASES:
         assert f"`{alias}`" in readme
+
+
+# -- runtime quantization (loader/quantize.py) ----------------------------------
+
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], {}, "none"),
+    (["--quantization", "Q4_K_M"], {}, "q4_k"),
+    ([], {"LLM_QUANTIZATION": "q8_0"}, "q8_0"),
+    ([], {"LLM_ENABLE_ISQ": "true", "LLM_ISQ_TYPE": "Q4K"}, "q4_k"),
+    ([], {"LLM_ENABLE_ISQ": "1"}, "q8_0"),                                   # the ISQ default type
+    ([], {"LLM_ENABLE_ISQ": "false", "LLM_ISQ_TYPE": "q4_0"}, "none"),
+    ([], {"LLM_ISQ_TYPE": "q4_0"}, "none"),                                  # alone: off, warned
+    ([], {"LLM_ENABLE_ISQ": "true", "LLM_QUANTIZATION": "q4_0"}, "q4_0"),    # our name wins
+    (["--quantization", "none"], {"LLM_ENABLE_ISQ": "true"}, "none"),        # and the flag over both
+])
+def test_quantization_from_flag_env_and_isq_names(argv, env, expected):
+    from pyforge.engine.config import EngineConfig
+    cfg = ServerConfig.from_sources(parse(["--model", "m", *argv]), env=env)
+    assert cfg.quantization == expected
+    assert EngineConfig.from_server_config(cfg).quantization == expected
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--quantization", "q3_k"], {}, "quantization: must be one of none, q8_0, q4_k, q4_0, got 'q3_k' (from --quantization)"),
+    ([], {"LLM_ENABLE_ISQ": "true", "LLM_ISQ_TYPE": "hqq4"}, "got 'hqq4' (from LLM_ISQ_TYPE)"),
+    ([], {"LLM_ENABLE_ISQ": "maybe"}, "LLM_ENABLE_ISQ: must be true or false, got 'maybe'"),
+    (["--device", "cuda", "--quantization", "q4_0"], {}, "quantization: the cuda backend has no kernel for Q4_0"),
+])
+def test_bad_quantization_names_field_and_source(argv, env, message):
+    with pytest.raises(ValueError) as e:
+        ServerConfig.from_sources(parse(["--model", "m", *argv]), env=env)
+    assert message in str(e.value)
+
+
+def test_isq_names_are_known_and_a_lone_type_is_warned(caplog):
+    from pyforge.config import unknown_env, warn_unknown_env
+    env = {"LLM_ENABLE_ISQ": "true", "LLM_ISQ_TYPE": "q8_0"}
+    assert unknown_env(env) == []
+    with caplog.at_level("WARNING", logger="pyforge.config"):
+        warn_unknown_env(env)
+        assert caplog.text == ""
+        warn_unknown_env({"LLM_ISQ_TYPE": "q8_0"})
+    assert "ignoring LLM_ISQ_TYPE: in-situ quantization is off unless LLM_ENABLE_ISQ=true" in caplog.text

@@ -20,6 +20,7 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
 from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
+from pyforge.loader.quantize import quantized_weights
 from pyforge.models.registry import family
 from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
@@ -81,7 +82,8 @@ class Engine:
         if ec.null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:
-            self.model = model_class(self.model_file, self.backend)
+            with quantized_weights(self.model_file, ec.quantization, self.backend):    # --quantization
+                self.model = model_class(self.model_file, self.backend)
         self.max_model_len = min(ec.max_model_len or cfg.context_length, cfg.context_length)
         n_blocks = size_kv_cache(ec, cfg, self.backend, self.model, self.max_model_len)
         self.kv_cache = KVCache(self.backend, cfg, n_blocks, ec.block_size)

@@ -77,7 +77,8 @@ def build_app(config, contexts, limit=None):
     messages_api.add_routes(app, models)
     embeddings.add_routes(app, models)
     tokenize_routes.add_routes(app, models)
-    playground.add_routes(app, models)
+    if config.playground:
+        playground.add_routes(app, models)
     add_health_routes(app, models)
     openapi.add_routes(app, models)     # its spec lists every route, read at its first request
     return app
@@ -86,7 +87,8 @@ def build_app(config, contexts, limit=None):
 def middleware(config):
     """Run in this order on the way in, reversed on the way out (gzip last: it sees the final body;
     CORS before auth: it answers preflights, which carry no key)."""
-    cors = [CorsMiddleware(config.allowed_origins)] if config.allowed_origins else []
+    cors = [CorsMiddleware(config.allowed_origins, config.allow_credentials, config.allowed_methods,
+                           config.allowed_headers)] if config.allowed_origins else []
     return [GzipMiddleware(), RequestIdMiddleware(), AccessLog(tracing.tracer(config)), *cors,
             AuthMiddleware(config.api_keys)]
 

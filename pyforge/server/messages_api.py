@@ -16,6 +16,8 @@ both routes render, constrain and sample alike; only the shapes differ:
   reply     {id "msg_…", type "message", role, content [thinking | text | tool_use],
             model, stop_reason, stop_sequence, usage}, or Anthropic's named events
             (messages_output.py)
+  count     POST /v1/messages/count_tokens: {"input_tokens": n} of the same body
+            (max_tokens and the sampling fields not needed)
   errors    Anthropic's shape ({"type": "error", "error": {type, message}}, errors.py),
             auth and overload included; a stream that fails ends with an `error` event
 
@@ -64,24 +66,49 @@ class Messages:
                   with_generation=True)
 
 
+class CountTokens:
+    """POST /v1/messages/count_tokens: {"input_tokens": n}, the prompt a Messages body with
+    the same system, messages, tools, tool_choice, thinking and output_config would send."""
+
+    def __init__(self, models):
+        self.models = models
+
+    def on_post(self, req, resp):
+        body = v.read_json(req, self.models.config.max_body_bytes)
+        ctx = self.models.pick(body.get("model"))
+        chat, _ = chat_body(body, ctx)
+        prompt, *_ = chat_request(chat, ctx, None)
+        resp.media = {"input_tokens": len(prompt.ids)}
+
+
 def add_routes(app, models):
     app.add_route("/v1/messages", Messages(models))
+    app.add_route("/v1/messages/count_tokens", CountTokens(models))
 
 
 # -- requests -------------------------------------------------------------------
 
 def messages_request(body, ctx):
     """(GenerationRequest, ChatReply, stream, metadata.user_id) of a Messages body."""
-    for name in UNSUPPORTED:
-        if body.get(name) is not None:
-            raise bad_request(f"{name} is not supported by this server", name)
-    _check_service(body)
     if body.get("max_tokens") is None:
         raise bad_request("max_tokens: field required", "max_tokens")
     stop, stream = _stop_sequences(body.get("stop_sequences")), v.parse_bool(body, "stream")
     user = _user_id(body.get("metadata"))
+    chat, thinking = chat_body(body, ctx)
+    prompt, params, reply, keep_special = chat_request(chat, ctx, None)
+    if thinking == "disabled" and reply.thinking is not None and reply.thinking.expected:
+        raise bad_request("thinking: this model's chat template cannot turn its reasoning off", "thinking")
+    return g.GenerationRequest([prompt], params, 1, stop, keep_special=keep_special), reply, stream, user
+
+
+def chat_body(body, ctx):
+    """(the /v1/chat/completions body, the thinking type asked for) of a Messages body."""
+    for name in UNSUPPORTED:
+        if body.get(name) is not None:
+            raise bad_request(f"{name} is not supported by this server", name)
+    _check_service(body)
     messages = _system(body.get("system")) + _messages(body.get("messages"))
-    chat = {"messages": messages, "max_tokens": body["max_tokens"],
+    chat = {"messages": messages, **({"max_tokens": body["max_tokens"]} if "max_tokens" in body else {}),
             **{k: body[k] for k in ("temperature", "top_p", "top_k") if body.get(k) is not None},
             **_tools(body.get("tools"), body.get("tool_choice"))}
     if body["messages"][-1].get("role") == "assistant":
@@ -92,13 +119,10 @@ def messages_request(body, ctx):
             raise bad_request("output_config.format and tools cannot be combined (one grammar per request); "
                               'set tool_choice to {"type": "none"} to use the format', "output_config")
         chat["json_schema"] = schema
-    thinking = _thinking(body.get("thinking"), ctx.config, body["max_tokens"])
+    thinking = _thinking(body.get("thinking"), ctx.config, body.get("max_tokens"))
     if thinking is not None:
         chat["chat_template_kwargs"] = {"enable_thinking": thinking != "disabled"}
-    prompt, params, reply, keep_special = chat_request(chat, ctx, None)
-    if thinking == "disabled" and reply.thinking is not None and reply.thinking.expected:
-        raise bad_request("thinking: this model's chat template cannot turn its reasoning off", "thinking")
-    return g.GenerationRequest([prompt], params, 1, stop, keep_special=keep_special), reply, stream, user
+    return chat, thinking
 
 
 def _check_service(body):

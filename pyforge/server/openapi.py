@@ -236,6 +236,8 @@ OPERATIONS = {   # (method, route) -> summary, tag, responses; a route without /
         "responses": _generation("A response, or with stream its typed events", "Response", "ResponseEvent",
                                  done=False)},
     ("POST", "/v1/messages"): {"summary": "Create a message (Anthropic Messages API)", "tag": "Anthropic-compatible"},
+    ("POST", "/v1/messages/count_tokens"): {"summary": "Count a message's input tokens (Anthropic Messages API)",
+                                            "tag": "Anthropic-compatible"},
     ("POST", "/v1/embeddings"): {"summary": "Create embeddings (OpenAI)",
                                  "responses": {"200": _json("OK", "EmbeddingList")}},
     ("POST", "/tokenize"): {"summary": "Tokenize a prompt or chat messages (vLLM, llama-server)", "tag": "vLLM",

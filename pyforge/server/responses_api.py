@@ -73,7 +73,9 @@ class Responses:
 
 
 def add_routes(app, models):
-    app.add_route("/v1/responses", Responses(models))
+    responses = Responses(models)
+    for prefix in ("/v1", ""):      # llama-server serves it without the /v1 too
+        app.add_route(f"{prefix}/responses", responses)
 
 
 def parse(body, ctx):

@@ -333,6 +333,9 @@ ANTHROPIC_MESSAGES = _body("An Anthropic Messages API request.", {
     "service_tier": _string("auto or standard_only (one tier here).", ["auto"]),
     "speed": _string("standard only.", ["standard"]),
 }, ["messages", "max_tokens"])
+ANTHROPIC_COUNT_TOKENS = _body("An Anthropic token-count request: the prompt a Messages request would send.", {
+    name: ANTHROPIC_MESSAGES["properties"][name]
+    for name in ("model", "messages", "system", "tools", "tool_choice", "thinking", "output_config")}, ["messages"])
 TOKENIZE = _body("A vLLM tokenize request: a prompt, or chat messages rendered with the chat template.", {
     "model": MODEL,
     "prompt": _string("Text to tokenize.", ["Hello"]),
@@ -372,6 +375,7 @@ REQUEST_BODIES = {
     "/v1/chat/completions": CHAT_COMPLETION,
     "/v1/responses": RESPONSES,
     "/v1/messages": ANTHROPIC_MESSAGES,
+    "/v1/messages/count_tokens": ANTHROPIC_COUNT_TOKENS,
     "/v1/embeddings": EMBEDDINGS,
     "/tokenize": TOKENIZE,
     "/detokenize": DETOKENIZE,

@@ -1,12 +1,15 @@
 """Web-facing middleware: CORS for browser clients, gzip for large responses.
 
-CORS (`allowed_origins`; "*" for any). A preflight (OPTIONS with Origin and
+CORS, with vLLM's settings (`allowed_origins`, "*" for any; `allow_credentials`,
+`allowed_methods`, `allowed_headers`). A preflight (OPTIONS with Origin and
 Access-Control-Request-Method) is answered here, before auth and routing, so
-it works on every path and needs no key (browsers never send one on it): 204
+it works on every path and needs no key (browsers never send one on it): 200
 with the allowed methods and headers, or a 403 error for an origin not allowed.
 Every other response to an allowed origin, errors and SSE streams included,
 carries Access-Control-Allow-Origin; a response to any other origin carries
-no CORS header, and the browser keeps it from the page.
+no CORS header, and the browser keeps it from the page. With credentials
+allowed, the origin is echoed even under "*": browsers refuse a credentialed
+response that says "*".
 
 gzip: a whole body of at least GZIP_MIN_BYTES goes out compressed to a client
 whose Accept-Encoding takes gzip. Streams are never compressed: gzip would
@@ -19,7 +22,7 @@ import falcon
 
 from pyforge.server.errors import APIError
 
-ALLOW_METHODS = "GET, POST, OPTIONS"
+ALLOW_METHODS = ("GET", "POST", "OPTIONS")
 ALLOW_HEADERS = "Authorization, X-Api-Key, Content-Type, X-Request-Id"   # when a preflight names none
 EXPOSE_HEADERS = "X-Request-Id"
 PREFLIGHT_MAX_AGE = 600     # seconds a browser may reuse a preflight's answer
@@ -27,9 +30,12 @@ GZIP_MIN_BYTES = 1024       # below this, gzip's header and the CPU cost outweig
 
 
 class CorsMiddleware:
-    def __init__(self, origins):
+    def __init__(self, origins, credentials=False, methods=(), headers=()):
         self.any = "*" in origins
         self.origins = frozenset(origins)
+        self.credentials = credentials
+        self.methods = ", ".join(methods or ALLOW_METHODS)
+        self.headers = ", ".join(headers)      # "": whatever headers the preflight names
 
     def allows(self, origin):
         return self.any or origin in self.origins
@@ -40,21 +46,24 @@ class CorsMiddleware:
             return
         if not self.allows(origin):
             raise APIError(403, f"the origin {origin[:200]!r} is not allowed (see --allowed-origins)")
-        resp.status = falcon.HTTP_204
-        resp.set_header("Access-Control-Allow-Methods", ALLOW_METHODS)
-        # whatever headers the page wants to send: the API key and the rest are ours to check, not CORS's
-        resp.set_header("Access-Control-Allow-Headers", req.get_header("Access-Control-Request-Headers")
-                        or ALLOW_HEADERS)
+        resp.status = falcon.HTTP_200     # as Starlette (vLLM) and llama-server answer it
+        resp.set_header("Access-Control-Allow-Methods", self.methods)
+        # by default whatever headers the page wants to send: the API key and the rest are ours to check
+        resp.set_header("Access-Control-Allow-Headers", self.headers
+                        or req.get_header("Access-Control-Request-Headers") or ALLOW_HEADERS)
         resp.set_header("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE))
         resp.complete = True            # skip auth and routing: every path answers alike (falcon: 404 on some)
 
     def process_response(self, req, resp, resource, req_succeeded):
-        if not self.any:
+        echoes = not self.any or self.credentials
+        if echoes:
             resp.append_header("Vary", "Origin")    # the answer depends on the Origin: caches must key on it
         origin = req.get_header("Origin")
         if origin is None or not self.allows(origin):
             return
-        resp.set_header("Access-Control-Allow-Origin", "*" if self.any else origin)
+        resp.set_header("Access-Control-Allow-Origin", origin if echoes else "*")
+        if self.credentials:
+            resp.set_header("Access-Control-Allow-Credentials", "true")
         resp.set_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)
 
 

@@ -4,9 +4,11 @@ a clear error, rather than left to swap (or be killed) under load.
 
 For each model on the CPU (the KV pool lives in host memory):
 
-    weights  = the model file's tensor bytes (mapped; read in as they are used)
+    weights  = the model file's tensor bytes (mapped; read in as they are used), or
+               the bytes --quantization makes of them (loader/quantize.py)
              + the repacked copies the CPU backend makes at load (quant.REPACKABLE
-               matrices on VNNI hosts without AMX: backends/cpu.py)
+               matrices on VNNI hosts without AMX: backends/cpu.py), which replace
+               a copy quantized at load (but Q5_K / Q6_K, kept for single tokens)
     kv pool  = kv_pool_blocks(...) x block_size x bytes per token (float32 K and V)
 
 against MemAvailable of /proc/meminfo. Models on a GPU keep weights and KV pool in
@@ -56,20 +58,33 @@ def memory_need(config):
     from pyforge.backends.cpu import CpuBackend
     from pyforge.engine.model_runner import DEFAULT_KV_CACHE_BYTES, KVCache, kv_pool_blocks
     from pyforge.loader import load_model_file
+    from pyforge.loader.quantize import loaded_types
     from pyforge.native import quant
 
     ec = EngineConfig.from_server_config(config)
     repacks = quant.vnni_available() and not quant.amx_available()
     with load_model_file(config.model) as model_file:
         mc = model_file.config
-        weights = sum(t.data.nbytes for t in model_file.tensors.values())
-        if repacks:
-            weights += sum(t.data.nbytes for t in model_file.tensors.values()
-                           if t.ggml_type in quant.REPACKABLE and len(t.shape) == 2)
+        types = loaded_types(model_file, config.quantization)     # after --quantization
+        weights = sum(_resident_bytes(t, types[name], repacks) for name, t in model_file.tensors.items())
     max_model_len = min(ec.max_model_len or mc.context_length, mc.context_length)
     blocks = kv_pool_blocks(ec, mc, max_model_len, DEFAULT_KV_CACHE_BYTES, CpuBackend.kv_dtype_bytes)
     kv = blocks * ec.block_size * KVCache.bytes_per_token(mc, CpuBackend.kv_dtype_bytes)
     return MemoryNeed(config.served_model_name, weights, kv)
+
+
+def _resident_bytes(tensor, loaded_type, repacks):
+    """A weight's bytes once loaded: as mapped or as quantized at load, plus the repacked copy,
+    which replaces one quantized at load unless the backend keeps that for single tokens."""
+    from pyforge.backends.cpu import SINGLE_TOKEN_ORIGINAL
+    from pyforge.ggml_types import tensor_bytes
+    from pyforge.native import quant
+
+    size = tensor_bytes(loaded_type, tensor.shape)
+    if not (repacks and loaded_type in quant.REPACKABLE and len(tensor.shape) == 2):
+        return size
+    replaced = loaded_type != tensor.ggml_type and loaded_type not in SINGLE_TOKEN_ORIGINAL
+    return size * (1 if replaced else 2)
 
 
 def available_memory():

@@ -31,9 +31,13 @@ VALUE_FLAGS = {
     "--port": "--port", "--threads": "--threads", "-t": "--threads", "--alias": "--served-model-name",
     "--ctx-size": "--max-model-len", "-c": "--max-model-len", "--parallel": "--max-num-seqs", "-np": "--max-num-seqs",
     "--n-predict": "--default-max-tokens", "-n": "--default-max-tokens", "--api-key": "--api-key",
-    "--cors-origins": "--allowed-origins", "--temp": "--default-temperature",
+    "--cors-origins": "--allowed-origins", "--cors-methods": "--allowed-methods",
+    "--cors-headers": "--allowed-headers", "--temp": "--default-temperature",
     "--chat-template-file": "--chat-template", "--model": "--model", "-m": "--model",
 }
+# llama-server's CORS defaults (common.h): any origin, credentials, these methods and headers
+CORS_DEFAULTS = {"--allowed-origins": "*", "--allow-credentials": "true",
+                 "--allowed-methods": "GET, POST, DELETE, OPTIONS", "--allowed-headers": "*"}
 DROPPED_WITH_VALUE = {"--seed", "--batch-size", "-b", "--ubatch-size", "-ub", "--n-gpu-layers", "-ngl", "-ctk",
                       "-ctv", "-fa", "--slot-save-path", "--grp-attn-n", "--grp-attn-w", "--tags",
                       "--sleep-idle-seconds", "--cache-ram", "--reasoning-format", "--reasoning", "--pooling",
@@ -63,6 +67,10 @@ def translate(argv):
             template = next(it)
         elif flag == "--offline":
             continue
+        elif flag in ("--cors-credentials", "--no-cors-credentials"):
+            out += ["--allow-credentials", str(flag == "--cors-credentials").lower()]
+        elif flag == "--no-webui":
+            out += ["--playground", "false"]
         elif flag in DROPPED_WITH_VALUE:
             dropped.append(f"{flag} {next(it)}")
         elif flag.startswith("-"):
@@ -74,6 +82,9 @@ def translate(argv):
         out += ["--model", str(MODELS.get(key, STAND_IN))]
     elif "--model" not in out and not offline:
         out += ["--model", str(STAND_IN)]      # a router preset (models from a folder): warm-up only
+    for flag, value in CORS_DEFAULTS.items():
+        if flag not in out:
+            out += [flag, value]
     out += ["--chat-template", template or "chatml", "--workers", "1"]
     return out, dropped
 

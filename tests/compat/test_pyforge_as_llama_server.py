@@ -33,3 +33,14 @@ def test_unknown_models_start_only_for_the_warm_up():
 def test_unlimited_n_predict_keeps_our_default():
     flags, _ = shim.translate(["--n-predict", "-1", "--hf-repo", "ggml-org/test-model-stories260K"])
     assert "--default-max-tokens" not in flags
+
+
+def test_llama_server_cors_defaults_and_switches():
+    flags, _ = shim.translate(["--hf-repo", "ggml-org/test-model-stories260K", "--no-webui"])
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert (pairs["--allowed-origins"], pairs["--allow-credentials"]) == ("*", "true")
+    assert pairs["--allowed-methods"] == "GET, POST, DELETE, OPTIONS" and pairs["--allowed-headers"] == "*"
+    assert pairs["--playground"] == "false"
+    flags, _ = shim.translate(["--cors-origins", "a", "--no-cors-credentials"])
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert (pairs["--allowed-origins"], pairs["--allow-credentials"]) == ("a", "false")

@@ -418,6 +418,20 @@ def test_client_create_equals_chat_completions(server, claude):
     assert short.stop_reason == "max_tokens" and short.usage.output_tokens == 3
 
 
+def test_client_count_tokens_counts_what_create_sends(claude):
+    """/v1/messages/count_tokens: the input_tokens of a create with the same system, messages and tools."""
+    args = dict(model="stories260K", system="You tell stories.", messages=USER)
+    counted = claude.messages.count_tokens(**args)
+    created = claude.messages.create(max_tokens=1, **args)
+    usage = created.usage               # Anthropic's input_tokens leaves out the tokens read from the cache
+    assert counted.input_tokens == usage.input_tokens + usage.cache_read_input_tokens > 0
+    tools = [{"name": "get_weather", "description": "The weather", "input_schema": {"type": "object"}}]
+    with_tools = claude.messages.count_tokens(**args, tools=tools)
+    assert with_tools.input_tokens > counted.input_tokens       # the template tells the model of the tool
+    with pytest.raises(anthropic.BadRequestError, match="messages"):
+        claude.messages.count_tokens(model="stories260K", messages=[])
+
+
 def test_client_stream(claude):
     args = dict(model="stories260K", max_tokens=24, messages=USER, extra_body=GREEDY)
     whole = claude.messages.create(**args)

@@ -29,6 +29,7 @@ BASES = {
     "/api/chat": {"messages": CHAT, "max_tokens": 2},
     "/v1/responses": {"input": "Hello", "max_output_tokens": 2},
     "/v1/messages": {"messages": CHAT, "max_tokens": 2},
+    "/v1/messages/count_tokens": {"messages": CHAT},
     "/tokenize": {"prompt": "Hello"},
     "/detokenize": {"tokens": [1, 2]},
     "/v1/embeddings": {"input": "Hello"},

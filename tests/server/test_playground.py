@@ -67,6 +67,13 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(served):
     assert "default-src 'none'" in playground.CSP and "unsafe" not in playground.CSP and "://" not in playground.CSP
 
 
+def test_the_playground_can_be_turned_off(served):
+    app = app_with(served, playground=False)
+    for path in playground.FILES:
+        assert app.simulate_get(path).status_code == 404, path
+    assert app.simulate_get("/v1/models").status_code == 200
+
+
 class _Links(HTMLParser):
     def __init__(self):
         super().__init__()

@@ -140,6 +140,9 @@ def test_root_aliases_in_process(tiny):
     chat = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
     assert app.simulate_post("/chat/completions", json=chat).json["choices"] == \
         app.simulate_post("/v1/chat/completions", json=chat).json["choices"]
+    response = {"input": "Hello", "max_output_tokens": 3, "temperature": 0}
+    assert app.simulate_post("/responses", json=response).json["output"][0]["content"] == \
+        app.simulate_post("/v1/responses", json=response).json["output"][0]["content"]
 
 
 @pytest.fixture(scope="module")

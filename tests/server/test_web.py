@@ -68,7 +68,7 @@ def test_preflight_needs_no_key_on_any_path(served):
     app = app_with(served, allowed_origins=(ORIGIN, "http://localhost:3000"), api_key=KEY)
     for path in PATHS:
         r = preflight(app, path)
-        assert r.status_code == 204, (path, r.status_code, r.text)
+        assert r.status_code == 200, (path, r.status_code, r.text)
         assert r.headers["access-control-allow-origin"] == ORIGIN
         assert "Origin" in r.headers["vary"]
         assert "POST" in r.headers["access-control-allow-methods"]
@@ -77,7 +77,7 @@ def test_preflight_needs_no_key_on_any_path(served):
     # a preflight that names no headers is told the ones the API reads
     r = app.simulate_options("/v1/models", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
     allowed = r.headers["access-control-allow-headers"].lower()
-    assert r.status_code == 204 and all(h in allowed for h in ("authorization", "x-api-key", "content-type"))
+    assert r.status_code == 200 and all(h in allowed for h in ("authorization", "x-api-key", "content-type"))
 
 
 def test_preflight_from_another_origin_is_403(served):
@@ -110,9 +110,30 @@ def test_responses_to_an_allowed_origin_carry_cors_headers(served):
 def test_any_origin(served):
     app = app_with(served, allowed_origins=("*",))
     r = preflight(app, "/v1/completions", origin="https://anywhere.example")
-    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "*"
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in r.headers
     r = app.simulate_get("/v1/models", headers={"Origin": "https://anywhere.example"})
     assert r.headers["access-control-allow-origin"] == "*" and "vary" not in r.headers
+
+
+def test_any_origin_with_credentials_echoes_the_origin(served):
+    """vLLM's --allow-credentials: a browser refuses a credentialed response that says "*"."""
+    app = app_with(served, allowed_origins=("*",), allow_credentials=True)
+    for r in (preflight(app, "/v1/completions", origin="https://anywhere.example"),
+              app.simulate_get("/v1/models", headers={"Origin": "https://anywhere.example"})):
+        assert r.headers["access-control-allow-origin"] == "https://anywhere.example"
+        assert r.headers["access-control-allow-credentials"] == "true"
+        assert "Origin" in r.headers["vary"]
+
+
+def test_preflight_methods_and_headers_as_configured(served):
+    app = app_with(served, allowed_origins=(ORIGIN,), allowed_methods="GET, POST, DELETE, OPTIONS",
+                   allowed_headers="*")
+    r = preflight(app, "/v1/completions")
+    assert r.headers["access-control-allow-methods"] == "GET, POST, DELETE, OPTIONS"
+    assert r.headers["access-control-allow-headers"] == "*"
+    default = preflight(app_with(served, allowed_origins=(ORIGIN,)), "/v1/completions")
+    assert default.headers["access-control-allow-methods"] == "GET, POST, OPTIONS"
 
 
 def test_cors_is_off_by_default(served):
@@ -309,7 +330,7 @@ def test_cors_and_gzip_over_https(https_server):
     s = https_server
     with openai.DefaultHttpxClient(verify=s.tls) as http:
         r = http.options(s.url + "/metrics", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
-        assert r.status_code == 204 and r.headers["access-control-allow-origin"] == ORIGIN
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
         body = gzip.compress(json.dumps(BIG).encode())
         r = http.post(s.url + "/v1/completions", content=body,
                       headers={"Content-Type": "application/json", "Content-Encoding": "gzip", "X-Api-Key": KEY,

@@ -196,6 +196,8 @@ class EngineLoop:
 
     def step(self):
         self.seg.add("generation_tokens", self.table.step())
+        if self.engine.speculator is not None:
+            self.publish_speculation(self.engine.speculator)
         started = self.table.started_prompt_tokens
         if started != self._prompt_tokens:
             self.seg.add("prompt_tokens", started - self._prompt_tokens)
@@ -245,10 +247,10 @@ class EngineLoop:
         if preemptions != self._preemptions:
             self.seg.add("num_preemptions", preemptions - self._preemptions)
             self._preemptions = preemptions
-        if engine.speculator is not None:
-            self.publish_speculation(engine.speculator)
 
     def publish_speculation(self, spec):
+        """The speculator's counters and acceptance lengths since the last call (called by
+        step, before its tokens are flushed: a client that has its tokens sees them counted)."""
         counts = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
         if counts == self._spec:
             return

@@ -273,3 +273,25 @@ def test_the_config_takes_vllms_json_and_names_what_is_wrong():
                          ("{method: ngram}", "not valid JSON"), ("[1]", "JSON object")]:
         with pytest.raises(ValueError, match=message):
             SpeculativeConfig.parse(bad)
+
+
+# -- the CUDA backend ------------------------------------------------------------------------
+def test_cuda_backend_on_the_emulator_keeps_the_greedy_output():
+    """On the CUDA backend (tests/emulated_cupy.py: its kernels run by the CUDA emulator) a
+    verify step is a small eager prefill among decode steps replayed as CUDA graphs."""
+    import sys
+    from emulated_cupy import make_emulated_cupy
+    from pyforge.synthetic import ensure_model
+
+    path = str(ensure_model("small-k", "F16"))
+    params = SamplingParams(temperature=0.0, max_tokens=28, ignore_eos=True, logprobs=1)
+    requests = [([1, 22, 23, 24, 22, 23, 24, 22], params)]      # its greedy output loops from token 10 on
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "cupy", make_emulated_cupy())
+        options = dict(device="cuda", cuda_graphs=True, n_threads=1, max_model_len=256, kv_cache_tokens=1024)
+        plain = run(Engine(path, **options), requests)
+        engine = Engine(path, **options, speculative_config=SPEC)
+        spec = run(engine, requests)
+        replays = engine.backend.graphs.replays
+    assert_same_outputs(plain, spec, logprob_tol=2e-3)
+    assert engine.speculator.num_accepted_tokens > 0 and replays > 0

@@ -54,18 +54,18 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def workload(name, engine, n, seed):
-    """n (prompt ids, SamplingParams) requests of a workload."""
+def workload(name, engine, n, seed, decode):
+    """n (prompt ids, SamplingParams) requests of a workload, each decoding `decode` tokens."""
     rng = np.random.default_rng(seed)
     vocab = engine.facts.vocab_size
     if name == "stories":
-        params = SamplingParams(temperature=0.0, max_tokens=ARGS.decode, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
         return [(engine.tokenizer.encode(STORY_PROMPTS[i % len(STORY_PROMPTS)]), params) for i in range(n)]
     if name == "echo":
-        params = SamplingParams(temperature=0.0, max_tokens=ARGS.decode, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
         spans = [rng.integers(100, vocab - 100, 48).tolist() for _ in range(n)]
         return [([1] + span + span, params) for span in spans]
-    params = SamplingParams(temperature=1.0, max_tokens=ARGS.decode, ignore_eos=True, seed=int(seed))
+    params = SamplingParams(temperature=1.0, max_tokens=decode, ignore_eos=True, seed=int(seed))
     return [([1] + rng.choice(np.arange(100, vocab - 100), 96, replace=False).tolist(), params) for _ in range(n)]
 
 
@@ -87,17 +87,17 @@ def decode_run(engine, requests):
     return decoded / elapsed, decoded / max(steps, 1)
 
 
-def bench_row(name, path, concurrency, spec):
-    engines = {label: Engine(path, n_threads=ARGS.threads, max_num_seqs=max(16, concurrency),
+def bench_row(args, name, path, concurrency, spec):
+    engines = {label: Engine(path, n_threads=args.threads, max_num_seqs=max(16, concurrency),
                              max_model_len=1024, speculative_config=cfg)
                for label, cfg in (("plain", None), ("spec", spec))}
     speeds = {label: [] for label in engines}
     per_step = {label: [] for label in engines}
     for label, engine in engines.items():       # warm-up: page the weights in
-        decode_run(engine, workload(name, engine, 1, 999)[:1])
-    for r in range(ARGS.rounds):
+        decode_run(engine, workload(name, engine, 1, 999, 16))
+    for r in range(args.rounds):
         for label, engine in engines.items():
-            tps, tpstep = decode_run(engine, workload(name, engine, concurrency, r))
+            tps, tpstep = decode_run(engine, workload(name, engine, concurrency, r, args.decode))
             speeds[label].append(tps)
             per_step[label].append(tpstep)
     sp = engines["spec"].speculator
@@ -106,23 +106,25 @@ def bench_row(name, path, concurrency, spec):
           f"| {statistics.median(per_step['spec']):.2f} | {sp.acceptance_rate:.2f} |", flush=True)
 
 
-def crossover(path, spec):
+def crossover(args, path, spec):
     """Seconds per forward step: B x 1 token vs B x (1 + k) tokens."""
     k = spec["num_speculative_tokens"]
-    engine = Engine(path, n_threads=ARGS.threads, max_num_seqs=64, max_model_len=1024,
+    engine = Engine(path, n_threads=args.threads, max_num_seqs=64, max_model_len=1024,
                     max_num_batched_tokens=64 * (k + 1))
     print(f"\n| batch | step s (1 token each) | step s ({1 + k} tokens each) | ratio |\n|---|---|---|---|")
-    for batch in (1, 2, 4, 8, 16, 32):
+    for batch in args.crossover_batches:
         times = []
         for n_new in (1, 1 + k):
-            params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+            params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
             seqs = [engine.add_request([1] + list(range(100 + i, 164 + i)), params) for i in range(batch)]
-            engine.step()                   # prefill
+            while any(s.num_output_tokens == 0 for s in seqs):
+                engine.step()               # prefill (chunked), until every sequence decodes
             plan = [(s, n_new) for s in seqs]
             for s in seqs:                  # pretend the next n_new tokens are known
                 s.token_ids.extend([5] * (n_new - 1))
                 engine.block_manager.allocate(s, s.num_computed_tokens + n_new)
-            best = min(_timed(engine, plan) for _ in range(ARGS.rounds))
+            _timed(engine, plan)            # warm-up: first calls of a shape set up scratch
+            best = min(_timed(engine, plan) for _ in range(args.rounds))
             times.append(best)
             for s in seqs:
                 engine.abort(s.seq_id)
@@ -136,11 +138,10 @@ def _timed(engine, plan):
 
 
 def main():
-    global ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["echo", "stories", "nomatch"],
                     choices=["echo", "stories", "nomatch"])
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16], help="none: skip the decode table")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
@@ -149,18 +150,19 @@ def main():
     ap.add_argument("--stories", default=STORIES)
     ap.add_argument("--spec", default=json.dumps(SPEC), help="the speculative engine's --speculative-config")
     ap.add_argument("--crossover", action="store_true", help="also time verification steps against batch size")
-    ARGS = ap.parse_args()
-    spec = json.loads(ARGS.spec)
-    synthetic = str(ensure_model(ARGS.config, ARGS.format))
-    print(f"{cpu_name()}, {ARGS.threads} threads; synthetic {ARGS.config} {ARGS.format}; decode {ARGS.decode}; "
-          f"median of {ARGS.rounds} rounds; spec {json.dumps(spec)}")
+    ap.add_argument("--crossover-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    args = ap.parse_args()
+    spec = json.loads(args.spec)
+    synthetic = str(ensure_model(args.config, args.format))
+    print(f"{cpu_name()}, {args.threads} threads; synthetic {args.config} {args.format}; decode {args.decode}; "
+          f"median of {args.rounds} rounds; spec {json.dumps(spec)}")
     print("\n| workload | concurrency | plain tok/s | spec tok/s | speed-up | tokens/step (spec) | acceptance |")
     print("|---|---|---|---|---|---|---|")
-    for name in ARGS.workloads:
-        for c in ARGS.concurrency:
-            bench_row(name, ARGS.stories if name == "stories" else synthetic, c, spec)
-    if ARGS.crossover:
-        crossover(synthetic, spec)
+    for name in args.workloads if args.concurrency else ():
+        for c in args.concurrency:
+            bench_row(args, name, args.stories if name == "stories" else synthetic, c, spec)
+    if args.crossover:
+        crossover(args, synthetic, spec)
     return 0
 
 

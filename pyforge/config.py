@@ -439,7 +439,7 @@ _HELP = {
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
     "speculative_config": "n-gram (prompt lookup) speculative decoding, as vLLM's JSON: "
                           '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
-                          '"prompt_lookup_min": 2, "disable_by_batch_size": 8}\' (only "method" is required; '
+                          '"prompt_lookup_min": 2, "disable_by_batch_size": 2}\' (only "method" is required; '
                           "no drafts in a step with more decoding sequences than disable_by_batch_size)",
     "pooling": "/v1/embeddings: pool the final hidden state (after the final norm) by its last token (what "
                "decoder embedding models such as e5-mistral and gte-Qwen are trained for) or the mean of "

@@ -35,9 +35,10 @@ Batch rule: a step with more decoding sequences than `disable_by_batch_size` run
 no drafts: a big batch is compute-bound, so verifying k extra rows per sequence
 costs what it saves (benchmarks/bench_speculative.py measures the crossover).
 
-Not speculated: grammar-constrained requests (the grammar matcher cannot check a
-draft without advancing; a rollback API would be needed), embedding requests,
-and requests whose params opt out (`SamplingParams.speculate`).
+Not speculated: grammar-constrained requests (each verify row would need its own
+mask, computed by advancing the matcher over the drafts and rolling it back; not
+done yet, so they decode plainly), embedding requests, and requests whose params
+opt out (`SamplingParams.speculate`).
 """
 from pyforge.native.ngram_index import NgramIndex
 

@@ -121,6 +121,23 @@ def test_stories260k_greedy_is_identical_with_and_without_speculation():
     assert engine.speculator.num_accepted_tokens > 0
 
 
+def test_prefix_cache_holds_only_accepted_tokens():
+    """A prompt that extends a finished speculative generation reuses its blocks, which
+    rejected drafts once wrote to: its output is that of a fresh plain engine."""
+    engine = stories_engine(SPEC)
+    prompt = story_prompts(engine)[3]
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    (first, *_), = run(engine, [(prompt, params)])
+    assert engine.speculator.num_draft_tokens > engine.speculator.num_accepted_tokens > 0   # some were rejected
+    longer = prompt + first[:-1]
+    again = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=1)
+    hits = engine.block_manager.prefix_hits
+    cached = run(engine, [(longer, again)])
+    bs = engine.block_manager.block_size
+    assert engine.block_manager.prefix_hits - hits == (len(longer) - 1) // bs * bs     # every full block reused
+    assert_same_outputs(run(stories_engine(), [(longer, again)]), cached)
+
+
 def test_chunked_prefill_and_preemption_keep_the_output(model_path):
     """A KV cache too small for the batch preempts; a small token budget chunks the
     prompts and trims drafts: the tokens stay those of a roomy plain run."""

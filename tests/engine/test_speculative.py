@@ -44,7 +44,8 @@ def make_engine(path, spec=None, **kw):
 
 
 def run(engine, requests):
-    """Step until done: per request (tokens, logprobs, top logprobs, finish reason, tokens per step).
+    """Step until the engine is idle: per request (tokens, logprobs, top logprobs, finish reason,
+    tokens per step).
     Checks after every step that no running sequence holds a block past its tokens."""
     seqs = [engine.add_request(prompt, params) for prompt, params in requests]
     out = {s.seq_id: ([], [], [], None, []) for s in seqs}
@@ -52,6 +53,8 @@ def run(engine, requests):
     while engine.has_work:
         per_seq = {}
         for o in engine.step():
+            if o.seq_id not in out:     # a request the caller added itself
+                continue
             tokens, logprobs, tops, _, steps = out[o.seq_id]
             tokens.append(o.token_id)
             logprobs.append(o.logprob)
@@ -148,6 +151,58 @@ def test_chunked_prefill_and_preemption_keep_the_output(model_path):
     spec = run(engine, requests)
     assert [s[0] for s in spec] == [p[0] for p in plain]
     assert engine.scheduler.num_preemptions > 0 and engine.speculator.num_accepted_tokens > 0
+
+
+def test_prompt_logprobs_requests_share_steps_with_drafted_ones():
+    """Entries with every row's logits (prompt logprobs, drafts) side by side in one batch:
+    each gets its own rows back."""
+    plain, spec = stories_engine(), stories_engine(SPEC)
+    prompts = story_prompts(plain)
+    greedy = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    echo = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, prompt_logprobs=2, logprobs=2)
+    recorded = []
+    for engine in (plain, spec):
+        first = [engine.add_request(p, greedy) for p in prompts[:2]]
+        for _ in range(12):             # the first two are drafting by now
+            engine.step()
+        late = engine.add_request(prompts[1] + prompts[3], echo)
+        drafts = engine.speculator.num_drafts if engine.speculator else 0
+        engine.step()                   # the late prompt's prefill, beside the others' drafts
+        assert late.prompt_logprobs and (engine is plain or engine.speculator.num_drafts > drafts)
+        rest = run(engine, [(p, greedy) for p in prompts[2:]])
+        recorded.append((late.prompt_logprobs, rest, [s.token_ids for s in first]))
+    (plain_lp, plain_rest, plain_first), (spec_lp, spec_rest, spec_first) = recorded
+    assert spec.speculator.num_accepted_tokens > 0 and spec_first == plain_first
+    assert_same_outputs(plain_rest, spec_rest)
+    assert [e.token_id for e in spec_lp] == [e.token_id for e in plain_lp]
+    np.testing.assert_allclose([e.logprob for e in spec_lp], [e.logprob for e in plain_lp], rtol=1e-4, atol=1e-4)
+
+
+def test_the_scheduler_trims_drafts_to_the_budget_and_drops_them_before_preempting():
+    from pyforge.engine.block_manager import BlockManager
+    from pyforge.engine.scheduler import Scheduler
+
+    def decoding(seq_id, n_tokens, drafts):
+        seq = Sequence(seq_id, list(range(10, 10 + n_tokens)), SamplingParams(max_tokens=50), 0, 1000)
+        seq.num_computed_tokens = n_tokens - 1
+        seq.draft_tokens = list(drafts)
+        return seq
+
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=6)
+    a, b = decoding(0, 3, [7, 8, 9]), decoding(1, 3, [7, 8, 9])
+    for seq in (a, b):
+        blocks.allocate(seq, 3)
+        sched.running.append(seq)
+    plan = sched.schedule()
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 4), (1, 2)]         # 6 tokens of budget
+    assert a.draft_tokens == [7, 8, 9] and b.draft_tokens == [7]
+    c = decoding(2, 4, [1, 2, 3, 4])        # needs a second block for its drafts; none is free
+    blocks.allocate(c, 4)
+    blocks.allocate(a, 7)
+    sched.running = [c]
+    assert blocks.num_free == 0
+    assert sched.schedule() == [(c, 1)] and c.draft_tokens == [] and sched.num_preemptions == 0
 
 
 # -- limits and stops --------------------------------------------------------------------

@@ -8,8 +8,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from pyforge.backends import get_backend
 from pyforge.engine.block_manager import BlockManager
 from pyforge.engine.config import EngineConfig, EngineFacts
@@ -101,7 +99,7 @@ class Engine:
         self.guided = GuidedDecoding(self.tokenizer)
         self.speculator = None
         if ec.speculative_config is not None:
-            self.speculator = Speculator(ec.speculative_config, max_draft_rows(ec))
+            self.speculator = Speculator(ec.speculative_config, max_draft_rows(ec), self.guided)
         self._forward_s = 0.0       # the last forward pass's seconds: is there time to hide masks behind?
         self.sequences = {}
         self.prompt_logprobs_seqs = []    # sequences whose seq.prompt_logprobs grew in the last step
@@ -215,7 +213,7 @@ class Engine:
         for seq, n in plan:
             seq.num_computed_tokens += n - len(seq.draft_tokens)    # drafts count once accepted
             self.block_manager.register_full_blocks(seq)
-        rows, masks = _verify_rows(seqs, masks)
+        rows = _verify_rows(seqs)
         try:
             results = self.sampler.sample(logits, rows, masks)
         except Exception:           # find the rows that fail alone: only they end
@@ -345,17 +343,12 @@ def _full_logits(plan):
     return full if any(full) else False
 
 
-def _verify_rows(seqs, masks):
-    """The sampler's rows and their masks: a drafted sequence has one per draft more
-    (speculative.verify_rows); an undrafted batch is returned as it is."""
+def _verify_rows(seqs):
+    """The sampler's rows: a drafted sequence has one per draft more (speculative.verify_rows;
+    guided.start laid the masks out so); an undrafted batch is returned as it is."""
     if not any(seq.draft_tokens for seq in seqs):
-        return seqs, masks
-    counts = [1 + len(seq.draft_tokens) for seq in seqs]
-    rows = [row for seq in seqs for row in verify_rows(seq)]
-    if masks is not None:       # drafted sequences are never constrained: their extra rows get none
-        bits, mask_of = masks
-        masks = bits, np.repeat(mask_of, counts)
-    return rows, masks
+        return seqs
+    return [row for seq in seqs for row in verify_rows(seq)]
 
 
 def _row_mask(masks, i):

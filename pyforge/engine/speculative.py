@@ -35,10 +35,11 @@ Batch rule: a step with more decoding sequences than `disable_by_batch_size` run
 no drafts: a big batch is compute-bound, so verifying k extra rows per sequence
 costs what it saves (benchmarks/bench_speculative.py measures the crossover).
 
-Not speculated: grammar-constrained requests (each verify row would need its own
-mask, computed by advancing the matcher over the drafts and rolling it back; not
-done yet, so they decode plainly), embedding requests, and requests whose params
-opt out (`SamplingParams.speculate`).
+Structured output: a constrained sequence's drafts are cut to the prefix its grammar
+matcher accepts (validate_tokens) before verification, and row i is masked with the
+grammar's state after drafts[:i] (engine/guided.py), so it samples what plain guided
+decoding would. Not speculated: embedding requests and requests whose params opt
+out (`SamplingParams.speculate`).
 """
 from pyforge.native.ngram_index import NgramIndex
 
@@ -86,8 +87,9 @@ class DraftState:
 class Speculator:
     """Proposes drafts before a step and keeps the counters (vLLM's spec_decode metrics)."""
 
-    def __init__(self, config, max_drafts):
+    def __init__(self, config, max_drafts, guided):
         self.config = config
+        self.guided = guided            # GuidedDecoding: a constrained sequence drafts what its grammar allows
         self.max_drafts = max_drafts    # per step, all sequences together (activation memory holds them)
         self.num_drafts = 0             # verified drafts (sequences x steps with drafts)
         self.num_draft_tokens = 0       # drafted tokens verified
@@ -117,7 +119,7 @@ class Speculator:
             if k <= 0:
                 continue
             state.index.extend(seq.token_ids)
-            seq.draft_tokens = state.index.propose(k)
+            seq.draft_tokens = self.guided.valid_drafts(seq, state.index.propose(k))
             rows_left -= len(seq.draft_tokens)
 
     def verified(self, seq, proposed, accepted):
@@ -178,4 +180,4 @@ def _caught_up(seq):
 
 def _may_speculate(seq):
     p = seq.params
-    return p.speculate and seq.matcher is None and p.pooling is None
+    return p.speculate and p.pooling is None

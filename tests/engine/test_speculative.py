@@ -6,7 +6,9 @@ drafts were accepted, so none can pass by never speculating. Rejected drafts lea
 no KV block behind, max_tokens is never overshot, a stop token inside accepted
 drafts ends the sequence there, and the sampling rule emits tokens distributed as p
 (chi-square on a small vocabulary)."""
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -250,19 +252,33 @@ def test_aborts_mid_speculation_leave_no_blocks():
 
 
 # -- who speculates ------------------------------------------------------------------------
-def test_big_batches_opted_out_and_guided_requests_do_not_speculate():
-    from pyforge.structured import grammar_for
+def test_big_batches_and_opted_out_requests_do_not_speculate():
     params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
     engine = stories_engine({**SPEC, "disable_by_batch_size": 2})
     prompts = story_prompts(engine)
     run(engine, [(p, params) for p in prompts[:3]])
     assert engine.speculator.num_drafts == 0            # three decoding sequences > 2
-    opted_out = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, speculate=False)
-    guided = SamplingParams(temperature=0.0, max_tokens=60, grammar=grammar_for("regex", "( The cat)+"))
-    run(engine, [(prompts[3], opted_out), (prompts[3], guided)])
+    run(engine, [(prompts[3], dataclasses.replace(params, speculate=False))])
     assert engine.speculator.num_drafts == 0
     run(engine, [(prompts[3], params)])
     assert engine.speculator.num_drafts > 0
+
+
+@pytest.mark.parametrize("pattern", ["[A-Za-z .,]{1,400}", "[a-z .]{1,400}"])
+def test_guided_requests_draft_only_what_the_grammar_allows(pattern):
+    """Drafts are cut to what the grammar accepts and each verify row is masked with the
+    grammar's state after the drafts before it: the output is plain guided decoding's.
+    (The second pattern bans capitals, which the story's copies need: drafts get cut.)"""
+    from pyforge.structured import grammar_for
+    params = SamplingParams(temperature=0.0, max_tokens=60, grammar=grammar_for("regex", pattern), logprobs=1)
+    sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=60, grammar=grammar_for("regex", pattern))
+    plain_engine, engine = stories_engine(), stories_engine(SPEC)
+    requests = [(p, params) for p in story_prompts(engine)] + [(story_prompts(engine)[1], sampled)]
+    plain, spec = run(plain_engine, requests), run(engine, requests)
+    assert_same_outputs(plain, spec)
+    assert engine.speculator.num_accepted_tokens > 0
+    for tokens, *_ in spec:
+        assert re.fullmatch(pattern, engine.tokenizer.decode(tokens))
 
 
 def test_draft_length_adapts():

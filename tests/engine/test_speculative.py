@@ -117,6 +117,19 @@ def story_prompts(engine):
     return [engine.tokenizer.encode(text) for text in STORY_TEXTS]
 
 
+def test_many_seeds_sample_the_same_tokens_with_and_without_speculation():
+    """300 seeded samples at temperature 1 on a looping prompt, 16 tokens each: every
+    seed's continuation is the same, token for token (so their distribution is too)."""
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=seed, max_tokens=16, ignore_eos=True)
+              for seed in range(300)]
+    plain_engine, engine = stories_engine(), stories_engine({**SPEC, "disable_by_batch_size": 300})
+    prompt = engine.tokenizer.encode(LOOP_TEXT)
+    plain = run(plain_engine, [(prompt, p) for p in params])
+    spec = run(engine, [(prompt, p) for p in params])
+    assert [s[0] for s in spec] == [p[0] for p in plain]
+    assert engine.speculator.num_accepted_tokens > 300
+
+
 def test_stories260k_greedy_is_identical_with_and_without_speculation():
     params = SamplingParams(temperature=0.0, max_tokens=60, logprobs=1)
     plain = run(plain_engine := stories_engine(), [(p, params) for p in story_prompts(plain_engine)])

@@ -1,11 +1,13 @@
 """N-gram speculative decoding (engine/speculative.py) changes the speed, never the
-output: greedy and seeded sampled requests produce the same tokens, finish reasons
-and logprobs with and without it, on a random-weight model (whose greedy output
-loops, so drafts are accepted) and on stories260K; every test also asserts that
-drafts were accepted, so none can pass by never speculating. Rejected drafts leave
-no KV block behind, max_tokens is never overshot, a stop token inside accepted
-drafts ends the sequence there, and the sampling rule emits tokens distributed as p
-(chi-square on a small vocabulary)."""
+output: greedy and seeded sampled requests (penalties, biases, min_tokens, grammars,
+prompt logprobs beside them) produce the same tokens, finish reasons and logprobs
+with and without it, on a random-weight model (whose greedy output loops, so drafts
+are accepted), on stories260K and on the CUDA backend (emulated); every end-to-end
+test also asserts that drafts were accepted, so none can pass by never speculating.
+Rejected drafts leave no KV block behind (checked after every step) nor in the
+prefix cache, max_tokens is never overshot, a stop token inside accepted drafts ends
+the sequence there, and the sampling rule emits tokens distributed as p (chi-square
+on a small vocabulary)."""
 import dataclasses
 import math
 import re
@@ -73,6 +75,7 @@ def run(engine, requests):
 
 
 def assert_same_outputs(plain, spec, logprob_tol=1e-4):
+    assert len(plain) == len(spec)
     for (t0, lp0, top0, r0, _), (t1, lp1, top1, r1, _) in zip(plain, spec):
         assert t1 == t0 and r1 == r0
         np.testing.assert_allclose(lp1, lp0, rtol=logprob_tol, atol=logprob_tol)
@@ -368,7 +371,8 @@ def test_the_config_takes_vllms_json_and_names_what_is_wrong():
     for bad, message in [('{"method": "eagle"}', "method must be one of ngram"),
                          ('{"num_speculative_tokens": 3}', 'needs "method"'),
                          ('{"method": "ngram", "model": "x"}', "unknown key"),
-                         ('{"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 3}', "prompt_lookup_min <="),
+                         ('{"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 3}',
+                          "prompt_lookup_min <="),
                          ('{"method": "ngram", "num_speculative_tokens": 0}', "integer >= 1"),
                          ('{"method": "ngram", "num_speculative_tokens": 99}', "<= 32"),
                          ("{method: ngram}", "not valid JSON"), ("[1]", "JSON object")]:

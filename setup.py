@@ -19,6 +19,7 @@ NATIVE_MODULES = {
     "sampler": ["native/sampler_kernels.c"],
     "ipc": ["native/shm_ring.c"],
     "block_pool": [],
+    "ngram_index": [],
 }
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyforge.builtin_templates import NAMED_TEMPLATES     # --chat-template NAME, for models that ship none
+from pyforge.engine.config import SpeculativeConfig
 from pyforge.engine.sampling_params import MAX_TEMPERATURE, POOLINGS
 from pyforge.loader.quantize import QUANTIZATIONS, check_backend, parse_quantization
 
@@ -78,6 +79,7 @@ class ServerConfig:
     default_top_p: float | None = None  # when a request sets none; None: 1.0
     max_concurrent_requests: int | None = None  # generation requests in flight per server; 503 above
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+    speculative_config: str | None = None  # vLLM's JSON, method "ngram" (engine/speculative.py); None: off
     pooling: str = "last"               # /v1/embeddings: the final hidden state's last row, or the mean of all
     max_body_bytes: int = 8 << 20
     api_key: tuple | None = None        # accepted keys (Authorization: Bearer / X-Api-Key); None: open
@@ -320,6 +322,15 @@ def _quantization(name, value):
         raise _FieldError(name, str(e)) from None
 
 
+def _speculative_config(name, value):
+    """JSON text (flag, env) or a table (TOML) -> its canonical JSON text, or None (off)."""
+    try:
+        spec = SpeculativeConfig.parse(value)
+    except (TypeError, ValueError) as e:
+        raise _FieldError(name, str(e).removeprefix("speculative_config: ")) from None
+    return None if spec is None else spec.to_json()
+
+
 def _chat_template(name, value):
     value = _str(optional=True)(name, value)
     if value is not None and value not in NAMED_TEMPLATES and not _is_file(Path(value)) and "{" not in value:
@@ -338,6 +349,7 @@ _PARSERS = {
     "default_temperature": _float(optional=True, high=MAX_TEMPERATURE),
     "default_top_p": _float(low_open=True, high=1.0, optional=True),
     "max_concurrent_requests": _int(1, optional=True), "enable_prefix_caching": _bool,
+    "speculative_config": _speculative_config,
     "pooling": _str(choices=POOLINGS),
     "api_key": _keys, "api_key_file": _str(optional=True), "allowed_origins": _list,
     "allow_credentials": _bool, "allowed_methods": _list, "allowed_headers": _list, "playground": _bool,
@@ -469,6 +481,10 @@ _HELP = {
     "default_top_p": "top_p when a request sets none (default: 1.0)",
     "max_concurrent_requests": "generation requests in flight in the whole server; more get 503 + Retry-After",
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes seen before",
+    "speculative_config": "n-gram (prompt lookup) speculative decoding, as vLLM's JSON: "
+                          '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+                          '"prompt_lookup_min": 2, "disable_by_batch_size": 2}\' (only "method" is required; '
+                          "no drafts in a step with more decoding sequences than disable_by_batch_size)",
     "pooling": "/v1/embeddings: pool the final hidden state (after the final norm) by its last token (what "
                "decoder embedding models such as e5-mistral and gte-Qwen are trained for) or the mean of "
                "every token; L2-normalised either way",

@@ -302,3 +302,19 @@ def test_isq_names_are_known_and_a_lone_type_is_warned(caplog):
         assert caplog.text == ""
         warn_unknown_env({"LLM_ISQ_TYPE": "q8_0"})
     assert "ignoring LLM_ISQ_TYPE: in-situ quantization is off unless LLM_ENABLE_ISQ=true" in caplog.text
+
+def test_speculative_config_takes_vllms_json_from_every_source(tmp_path):
+    from pyforge.engine.config import EngineConfig, SpeculativeConfig
+
+    flag = ServerConfig.from_sources(parse(["--model", "m", "--speculative-config",
+                                            '{"method": "ngram", "num_speculative_tokens": 3}']), env={})
+    toml = ServerConfig.from_sources(None, env={}, toml_path=write_toml(
+        tmp_path, 'model = "m"\nspeculative_config = {method = "ngram", num_speculative_tokens = 3}\n'))
+    assert flag.speculative_config == toml.speculative_config
+    engine = EngineConfig.from_server_config(flag)
+    assert engine.speculative_config == SpeculativeConfig(num_speculative_tokens=3)
+    assert EngineConfig(**engine.to_dict()) == engine      # what crosses to the engine process as JSON
+    assert ServerConfig(model="m").speculative_config is None
+    with pytest.raises(ValueError, match=r"speculative_config: unknown key\(s\) draft_model .*LLM_SPECULATIVE_CONFIG"):
+        ServerConfig.from_sources(None, env={"LLM_MODEL": "m",
+                                             "LLM_SPECULATIVE_CONFIG": '{"method": "ngram", "draft_model": "x"}'})

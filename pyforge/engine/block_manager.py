@@ -77,6 +77,14 @@ class BlockManager:
         self.pool.register(seq.block_table, seq.token_ids, keys, start, n_full)
         seq.num_registered_blocks = n_full
 
+    def trim(self, seq):
+        """Free the blocks past seq's tokens: those only rejected drafts wrote to
+        (speculative decoding). They were never registered: only computed full blocks are."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def release(self, seq):
         """Drop seq's references; blocks nobody uses go to the LRU free list."""
         if seq.block_table:

@@ -13,11 +13,12 @@ from pyforge.engine.block_manager import BlockManager
 from pyforge.engine.config import EngineConfig, EngineFacts
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 from pyforge.engine.guided import GuidedDecoding
-from pyforge.engine.model_runner import KVCache, ModelRunner, size_kv_cache
+from pyforge.engine.model_runner import KVCache, ModelRunner, max_draft_rows, size_kv_cache
 from pyforge.engine import pooling, prompt_logprobs
 from pyforge.engine.sampler import Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
+from pyforge.engine.speculative import GAMMA, U64, Speculator, accepted_prefix, verify_rows
 from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
 from pyforge.loader.quantize import quantized_weights
@@ -98,6 +99,9 @@ class Engine:
         self.runner = ModelRunner(self.model, self.kv_cache)
         self.sampler = Sampler(n_threads=self.backend.n_threads, eos_ids=self.facts.eos_ids)
         self.guided = GuidedDecoding(self.tokenizer)
+        self.speculator = None
+        if ec.speculative_config is not None:
+            self.speculator = Speculator(ec.speculative_config, max_draft_rows(ec), self.guided)
         self._forward_s = 0.0       # the last forward pass's seconds: is there time to hide masks behind?
         self.sequences = {}
         self.prompt_logprobs_seqs = []    # sequences whose seq.prompt_logprobs grew in the last step
@@ -140,6 +144,8 @@ class Engine:
         requests in the plan run a pass of their own (their final hidden state, no logits) and
         return one output each, when their prompt is done; a failure of either pass ends only
         its own sequences."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         self.prompt_logprobs_seqs = []
         pooled = [entry for entry in plan if entry[0].params.pooling is not None]
@@ -207,12 +213,13 @@ class Engine:
                 self.abort(seq_id)
             raise StepError(seq_ids, e) from e
         for seq, n in plan:
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_tokens)    # drafts count once accepted
             self.block_manager.register_full_blocks(seq)
+        rows = _verify_rows(seqs)
         try:
-            results = self.sampler.sample(logits, seqs, masks)
+            results = self.sampler.sample(logits, rows, masks)
         except Exception:           # find the rows that fail alone: only they end
-            results = self._sample_rows(logits, seqs, masks)
+            results = self._sample_rows(logits, rows, masks)
         return self._append_all(seqs, results)
 
     def _record_prompt_logprobs(self, plan, full, logits):
@@ -234,21 +241,48 @@ class Engine:
         return results
 
     def _append_all(self, seqs, results):
-        """The step's outputs; rows that failed (sampling, or a grammar refusing the
-        token) end alone, raised as one StepError carrying the others' outputs."""
-        outputs, failed, cause = [], [], None
-        for seq, result in zip(seqs, results):
+        """The step's outputs; sequences whose rows failed (sampling, or a grammar refusing
+        the token) end alone, raised as one StepError carrying the others' outputs.
+        results: one per sampler row (a drafted sequence has 1 + len(drafts), in order)."""
+        outputs, failed, cause, at = [], [], None, 0
+        for seq in seqs:
+            rows = results[at:at + 1 + len(seq.draft_tokens)]
+            at += len(rows)
             try:
-                if isinstance(result, Exception):
-                    raise result
-                outputs.append(self.append_token(seq, result))
+                error = next((r for r in rows if isinstance(r, Exception)), None)
+                if error is not None:
+                    raise error
+                if seq.draft_tokens:
+                    outputs.extend(self._accept_drafts(seq, rows))
+                else:
+                    outputs.append(self.append_token(seq, rows[0]))
             except Exception as e:
+                seq.draft_tokens = []
                 failed.append(seq.seq_id)
                 cause = e
         for seq_id in failed:
             self.abort(seq_id)
         if failed:
             raise StepError(failed, cause, outputs)
+        return outputs
+
+    def _accept_drafts(self, seq, results):
+        """Emit the agreeing prefix of seq's drafts and the next row's token (speculative.py),
+        up to a finish; roll the K/V of the rest back. StepOutputs, in order."""
+        drafts, seq.draft_tokens = seq.draft_tokens, []
+        n_emit = accepted_prefix(drafts, [r.token_id for r in results])
+        # the sampler stepped the state once (row 0); a plain decode would have stepped it per token
+        seq.rng_state = (seq.rng_state + (n_emit - 1) * GAMMA) & U64
+        outputs = []
+        for result in results[:n_emit]:
+            outputs.append(self.append_token(seq, result))
+            if outputs[-1].finished:
+                break
+        self.speculator.verified(seq, len(drafts), n_emit - 1)
+        if not seq.status.is_finished:
+            seq.num_computed_tokens = seq.num_tokens - 1    # the accepted drafts' K/V stays
+            self.block_manager.register_full_blocks(seq)
+            self.block_manager.trim(seq)
         return outputs
 
     def append_token(self, seq, result):
@@ -303,11 +337,20 @@ class Engine:
 
 def _full_logits(plan):
     """Per plan entry, whether it needs logits at every row (its prompt logprobs are due:
-    engine/prompt_logprobs.py); False when none does (the usual step)."""
-    if all(seq.prompt_logprobs is None for seq, _ in plan):
+    engine/prompt_logprobs.py; it verifies drafts: engine/speculative.py); False when none
+    does (the usual step)."""
+    if all(seq.prompt_logprobs is None and not seq.draft_tokens for seq, _ in plan):
         return False
-    full = [seq.needs_prompt_logits for seq, _ in plan]
+    full = [seq.needs_prompt_logits or bool(seq.draft_tokens) for seq, _ in plan]
     return full if any(full) else False
+
+
+def _verify_rows(seqs):
+    """The sampler's rows: a drafted sequence has one per draft more (speculative.verify_rows;
+    guided.start laid the masks out so); an undrafted batch is returned as it is."""
+    if not any(seq.draft_tokens for seq in seqs):
+        return seqs
+    return [row for seq in seqs for row in verify_rows(seq)]
 
 
 def _row_mask(masks, i):

@@ -2,14 +2,18 @@
 their allowed-token masks computed while the forward pass runs, and the sampled
 token fed back to each matcher.
 
-    start(seqs, overlap)  the step's sampling rows -> a PendingMasks (None: no row is
+    start(seqs, overlap)  the step's sampling sequences -> a PendingMasks (None: no row is
                   constrained); llguidance fills the masks without the GIL, on the mask
                   thread while the forward pass runs (or at once where it is too short)
     masks.wait()  -> (bits uint32[n_masks, words], mask_of int32[n_rows]) for Sampler.sample
+    valid_drafts(seq, drafts)  the prefix of speculative drafts the grammar allows
     advance(seq, token)  after sampling; ValueError if the matcher refuses it
 
 Sequences without a grammar cost nothing: no matcher, no mask row, and a step with
-no constrained row starts no work at all.
+no constrained row starts no work at all. A sequence with drafts (engine/speculative.py)
+has a sampling row per draft more; row i's mask is the grammar's after drafts[:i]:
+the mask thread consumes the drafts one by one, masking after each, then rolls the
+matcher back, so it is where it was when the step's tokens are fed to it.
 """
 import time
 from collections import OrderedDict, deque
@@ -45,8 +49,13 @@ class PendingMasks:
         # itself in slicing and ctypes look-ups
         start = time.perf_counter()
         base, row_bytes = self.bits.ctypes.data, self.bits.strides[0]
-        for matcher, k in self._rows:
+        for matcher, k, drafts in self._rows:
             matcher.unsafe_compute_mask_ptr(base + k * row_bytes, row_bytes)
+            for j, token in enumerate(drafts, 1):
+                matcher.consume_token(token)        # valid: valid_drafts kept only what the grammar allows
+                matcher.unsafe_compute_mask_ptr(base + (k + j) * row_bytes, row_bytes)
+            if drafts:
+                matcher.rollback(len(drafts))
         self._compute_s = time.perf_counter() - start
 
     def wait(self):
@@ -83,18 +92,29 @@ class GuidedDecoding:
 
     def start(self, seqs, overlap=True):
         """Begin computing the masks of the constrained sequences among `seqs` (the
-        step's sampling rows, in order): on the mask thread when `overlap` (a forward
-        pass long enough to hide them follows), else at once. None when no row is
-        constrained."""
-        rows = [(seq.matcher, i) for i, seq in enumerate(seqs) if seq.matcher is not None]
-        if not rows:
+        step's sampling sequences, in order; one row each, and one per draft more): on
+        the mask thread when `overlap` (a forward pass long enough to hide them follows),
+        else at once. None when no row is constrained."""
+        if all(seq.matcher is None for seq in seqs):
             return None
-        mask_of = np.full(len(seqs), -1, dtype=np.int32)
-        targets = []
-        for k, (matcher, i) in enumerate(rows):
-            mask_of[i] = k
-            targets.append((matcher, k))
-        return PendingMasks(targets, self._bits(len(rows)), mask_of, self.timings, self._pool() if overlap else None)
+        mask_of, targets, n_masks = [], [], 0
+        for seq in seqs:
+            n_rows = 1 + len(seq.draft_tokens)
+            if seq.matcher is None:
+                mask_of.extend([-1] * n_rows)
+                continue
+            mask_of.extend(range(n_masks, n_masks + n_rows))
+            targets.append((seq.matcher, n_masks, list(seq.draft_tokens)))
+            n_masks += n_rows
+        return PendingMasks(targets, self._bits(n_masks), np.array(mask_of, dtype=np.int32), self.timings,
+                            self._pool() if overlap else None)
+
+    @staticmethod
+    def valid_drafts(seq, drafts):
+        """The leading drafts the sequence's grammar allows (all of them without one)."""
+        if seq.matcher is None or not drafts:
+            return drafts
+        return drafts[:seq.matcher.validate_tokens(drafts)]
 
     def _bits(self, n_rows):
         return np.zeros((n_rows, (self._tokenizer().vocab_size + 31) // 32), dtype=np.int32)

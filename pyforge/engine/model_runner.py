@@ -14,13 +14,23 @@ def size_kv_cache(engine_config, model_config, backend, model, max_model_len):
     """The KV pool's size in blocks: the one place it is decided. kv_cache_tokens
     when given; else what the backend's budget holds (cpu: DEFAULT_KV_CACHE_BYTES;
     cuda: free memory after the weights, less room for the activations of the
-    largest step the scheduler may run), and never less than one whole context."""
+    largest step the scheduler may run, drafts included), and never less than one whole context."""
     ec = engine_config
     budget = None
     if ec.kv_cache_tokens is None:
-        peak = model.activation_bytes(ec.max_num_batched_tokens, min(ec.max_num_seqs, ec.max_num_batched_tokens))
+        rows = min(ec.max_num_seqs, ec.max_num_batched_tokens) + max_draft_rows(ec)
+        peak = model.activation_bytes(ec.max_num_batched_tokens, min(rows, ec.max_num_batched_tokens))
         budget = backend.kv_cache_budget_bytes(DEFAULT_KV_CACHE_BYTES, peak)
     return kv_pool_blocks(ec, model_config, max_model_len, budget, backend.kv_dtype_bytes)
+
+
+def max_draft_rows(engine_config):
+    """The most draft rows one step verifies, all sequences together (speculative decoding;
+    each returns logits, so activation memory is sized for them): 0 when it is off."""
+    spec = engine_config.speculative_config
+    if spec is None:
+        return 0
+    return min(spec.disable_by_batch_size, engine_config.max_num_seqs) * spec.num_speculative_tokens
 
 
 def kv_pool_blocks(engine_config, model_config, max_model_len, budget_bytes, dtype_bytes):
@@ -30,6 +40,14 @@ def kv_pool_blocks(engine_config, model_config, max_model_len, budget_bytes, dty
     if tokens is None:
         tokens = max(max_model_len, budget_bytes // KVCache.bytes_per_token(model_config, dtype_bytes))
     return -(-tokens // engine_config.block_size)
+
+
+def _new_tokens(seq, n):
+    """The n tokens of seq this step computes: its uncomputed tokens, then its drafts."""
+    start = seq.num_computed_tokens
+    if not seq.draft_tokens:
+        return seq.token_ids[start:start + n]
+    return (seq.token_ids[start:] + seq.draft_tokens)[:n]
 
 
 class KVCache:
@@ -68,15 +86,15 @@ class ModelRunner:
         bs, n_seq = self.kv_cache.block_size, len(plan)
         if not all_logits and all(n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) for seq, n in plan):
             return self._decode_batch(plan, bs), list(range(n_seq))
-        # [n_seq, 4]: tokens cached, new tokens, all tokens, blocks held
-        ints = np.array([(seq.num_computed_tokens, n, len(seq.token_ids), len(seq.block_table)) for seq, n in plan],
-                        dtype=np.int32).reshape(n_seq, 4)
+        # [n_seq, 4]: tokens cached, new tokens, all tokens (with drafts), blocks held
+        ints = np.array([(seq.num_computed_tokens, n, len(seq.token_ids) + len(seq.draft_tokens), len(seq.block_table))
+                         for seq, n in plan], dtype=np.int32).reshape(n_seq, 4)
         starts, counts, totals, n_blocks = ints.T
         qsl = np.zeros(n_seq + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
         n_tok = int(qsl[-1])
-        token_ids = np.array(list(itertools.chain.from_iterable(
-            seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n] for seq, n in plan)), dtype=np.int32)
+        token_ids = np.array(list(itertools.chain.from_iterable(_new_tokens(seq, n) for seq, n in plan)),
+                             dtype=np.int32)
         seq_of_row = np.repeat(np.arange(n_seq), counts)
         positions = (np.arange(n_tok, dtype=np.int32) + (starts - qsl[:-1])[seq_of_row]).astype(np.int32)
         block_tables = np.zeros((n_seq, int(n_blocks.max())), dtype=np.int32)

@@ -27,13 +27,17 @@ class PromptLogprob(NamedTuple):
 
 
 def split_logits(logits, plan, full):
-    """The logits of the sampling entries (one row each, in plan order) out of a batch
-    where entries with `full` set have every row; and, per full entry, (its rows, the
+    """The logits of the sampling entries (one row each, in plan order; every row of a
+    drafted one: speculative decoding) out of a batch where entries with `full` set
+    have every row; and, per full entry whose prompt logprobs are due, (its rows, the
     position of its first row)."""
     sampling_rows, full_rows, row = [], [], 0
     for (seq, n), every in zip(plan, full):
         catches_up = seq.num_computed_tokens + n == len(seq.token_ids)
-        if every:
+        if seq.draft_tokens:
+            sampling_rows.extend(range(row, row + n))
+            row += n
+        elif every:
             full_rows.append((seq, row, n))
             row += n
             if catches_up:

@@ -37,6 +37,9 @@ class SamplingParams:
     # an embedding request (engine/pooling.py): no sampling; the final hidden state (after the
     # final norm) pooled over the prompt by POOLINGS' rule and L2-normalised; None: generate
     pooling: str | None = None
+    # n-gram speculative decoding (engine/speculative.py) may draft for this request when the
+    # engine has it on; False opts out (the output is the same either way: only the speed differs)
+    speculate: bool = True
 
     def __post_init__(self):
         # frozen, but callers pass lists; a tuple keeps the object hashable
@@ -69,6 +72,8 @@ class SamplingParams:
             _integer("stop_token_ids", token, low=0, high=INT32_MAX)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {brief(self.ignore_eos)}")
+        if not isinstance(self.speculate, bool):
+            raise ValueError(f"speculate must be true or false, got {brief(self.speculate)}")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
             raise ValueError(f"grammar must be a non-empty string, got {brief(self.grammar)}")
         for token, bias in self.logit_bias:

@@ -44,6 +44,10 @@ class Scheduler:
             seq = self.running[i]
             n = self._chunk(seq, budget)
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                if seq.draft_tokens:        # drafts are the first thing to give up
+                    seq.draft_tokens = []
+                    n = 1
+                    continue
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
@@ -75,8 +79,11 @@ class Scheduler:
             budget -= n
 
     def _chunk(self, seq, budget):
-        """Tokens of `seq` to compute this step."""
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        """Tokens of `seq` to compute this step: its drafts (engine/speculative.py) count
+        too, and those past the budget are dropped."""
+        n = min(seq.num_tokens + len(seq.draft_tokens) - seq.num_computed_tokens, budget)
+        if seq.draft_tokens:
+            del seq.draft_tokens[n - 1:]
         return min(n, self.max_logits_rows) if seq.needs_prompt_logits else n
 
     def preempt(self, seq):
@@ -84,6 +91,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.num_computed_tokens = 0
+        seq.draft_tokens = []
         seq.status = SequenceStatus.PREEMPTED
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

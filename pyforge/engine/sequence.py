@@ -64,6 +64,10 @@ class Sequence:
         # and how many prompt positions it holds (a preempted sequence does not add a row twice)
         self.pooled_sum = None
         self.pooled_rows = 0
+        # speculative decoding (engine/speculative.py): this step's drafted next tokens (run after
+        # the last token, never in token_ids until accepted) and the sequence's DraftState
+        self.draft_tokens = []
+        self.draft_state = None
 
     @property
     def num_tokens(self):

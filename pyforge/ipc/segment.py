@@ -100,6 +100,11 @@ ENGINE_STATS = (
     Stat("prompt_tokens", "counter", "Prefilled prompt tokens."),
     Stat("generation_tokens", "counter", "Generated tokens."),
     Stat("num_preemptions", "counter", "Preempted sequences."),
+    Stat("spec_decode_num_drafts", "counter", "Speculative drafts verified (sequences x steps with drafts)."),
+    Stat("spec_decode_num_draft_tokens", "counter", "Speculative draft tokens verified."),
+    Stat("spec_decode_num_accepted_tokens", "counter", "Speculative draft tokens accepted."),
+    Stat("spec_decode_acceptance_length", "histogram", "Draft tokens accepted per verified draft.",
+         buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)),
 )
 _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)

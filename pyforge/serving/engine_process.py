@@ -12,8 +12,8 @@ The loop (DESIGN.md, "Engine step"; ring traffic in pyforge/ipc/records.py):
   3. step(); each StepOutput becomes a TOKENS record (and a FINISH when the
      sequence ends) for the worker slot that submitted it; each slot gets its
      step's records as one batch message (one ring write, one wake-up).
-  4. Stats (waiting, running, KV usage, prefix-cache counters, token totals)
-     and the heartbeat.
+  4. Stats (waiting, running, KV usage, prefix-cache counters, token totals,
+     speculative-decoding counters) and the heartbeat.
 
 Requests of a worker slot whose process died (or that stops reading its ring)
 are aborted. SIGTERM: status DRAINING, new SUBMITs get 503, what is admitted
@@ -111,6 +111,8 @@ class EngineLoop:
         self._prefix = (0, 0)       # block manager counters already added to the stats
         self._preemptions = 0       # scheduler counter already added to the stats
         self._prompt_tokens = 0     # table counter already added to the stats
+        self._spec = (0, 0, 0)      # speculator counters already added to the stats
+        self._spec_lengths = []     # its acceptance-length counts already observed
         self._next_check = 0.0
 
     @property
@@ -194,6 +196,8 @@ class EngineLoop:
 
     def step(self):
         self.seg.add("generation_tokens", self.table.step())
+        if self.engine.speculator is not None:
+            self.publish_speculation(self.engine.speculator)
         started = self.table.started_prompt_tokens
         if started != self._prompt_tokens:
             self.seg.add("prompt_tokens", started - self._prompt_tokens)
@@ -243,6 +247,22 @@ class EngineLoop:
         if preemptions != self._preemptions:
             self.seg.add("num_preemptions", preemptions - self._preemptions)
             self._preemptions = preemptions
+
+    def publish_speculation(self, spec):
+        """The speculator's counters and acceptance lengths since the last call (called by
+        step, before its tokens are flushed: a client that has its tokens sees them counted)."""
+        counts = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+        if counts == self._spec:
+            return
+        for name, now, before in zip(("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                                      "spec_decode_num_accepted_tokens"), counts, self._spec):
+            self.seg.add(name, now - before)
+        self._spec = counts
+        seen = self._spec_lengths + [0] * (len(spec.accepted_per_draft) - len(self._spec_lengths))
+        for accepted, (now, before) in enumerate(zip(spec.accepted_per_draft, seen)):
+            if now != before:
+                self.seg.observe("spec_decode_acceptance_length", accepted, now - before)
+        self._spec_lengths = list(spec.accepted_per_draft)
 
 
 def _always():

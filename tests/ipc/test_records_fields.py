@@ -91,3 +91,10 @@ def test_an_unknown_pooling_is_refused():
     data = encode(Submit(1, 0, [1], SamplingParams()))
     with pytest.raises(ValueError, match="pooling"):
         decode(data[:-4] + struct.pack("<I", len(entry)) + entry)
+
+
+def test_a_speculation_opt_out_is_an_empty_entry():
+    data = encode(Submit(1, 0, [1], SamplingParams(speculate=False)))
+    assert extensions(data) == struct.pack("<HHI", 6, 0, 0)
+    assert decode(data).params.speculate is False
+    assert decode(encode(Submit(1, 0, [1], SamplingParams()))).params.speculate is True

@@ -353,3 +353,29 @@ def test_admission_is_sent_before_the_prefill_step(model_path):
         seg.unlink()
     assert [(type(r), r.request_id) for r in during_prefill] == [(Admitted, 7)]
     assert after and not any(isinstance(r, Admitted) for r in after) and after[0].request_id == 7
+
+
+def test_speculative_decoding_through_ipc_keeps_the_tokens_and_counts_drafts(model_path):
+    """Several tokens a step cross the rings as they would one by one; the opt-out travels;
+    the spec_decode counters and acceptance histogram reach the segment."""
+    from pyforge.engine.config import EngineConfig
+    from pyforge.engine.engine import Engine
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    loop_prompt = [1] + [450, 4996, 17354, 29889] * 5      # the random model's greedy output loops on it
+    plain = Engine(EngineConfig(**engine_kwargs(model_path)))
+    expected = [out.token_id for out in plain.generate(loop_prompt, params)]
+    r = Running(model_path, speculative_config={"method": "ngram", "disable_by_batch_size": 4})
+    try:
+        client = r.client()
+        opted_out = drain_stream(client.submit(loop_prompt, dataclasses.replace(params, speculate=False)))
+        assert opted_out[0] == expected and r.seg.stats()["spec_decode_num_drafts"] == 0
+        tokens, last = drain_stream(client.submit(loop_prompt, params))
+        assert tokens == expected and last.completion_tokens == 40
+        stats = r.seg.stats()
+        assert stats["spec_decode_num_accepted_tokens"] > 0
+        assert stats["spec_decode_num_draft_tokens"] >= stats["spec_decode_num_accepted_tokens"]
+        histogram = stats["spec_decode_acceptance_length"]
+        assert histogram["count"] == stats["spec_decode_num_drafts"]
+        assert histogram["sum"] == stats["spec_decode_num_accepted_tokens"]
+    finally:
+        r.close()

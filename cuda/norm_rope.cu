@@ -1,5 +1,5 @@
 /* Non-matmul model primitives: rmsnorm (alone, or after the residual add), rope,
- * silu * mul, residual add, bias.
+ * silu * mul, residual add, scale, bias.
  * Each has an _f32 and an _f16 entry point (activations float or half);
  * norm weights, biases and freq factors are always float32. Arithmetic is
  * float throughout, as native/ops_kernels.c (the reference) does.
@@ -65,18 +65,19 @@ extern "C" __global__ void add_rmsnorm_f16(__half *x, const __half *y, const flo
 /* ------------------------------------------------------------------------ */
 /* rope, in place                                                            */
 /* ------------------------------------------------------------------------ */
-/* rope_{f32,f16}(x, positions, n_heads, head_dim, n_rot, theta, neox, freq_factors)
+/* rope_{f32,f16}(x, positions, n_heads, head_dim, n_rot, theta, neox, freq_factors, mscale)
  *   x  [n_tok, n_heads, head_dim], rotated in place   positions  int32 [n_tok]
  *   freq_factors  float [n_rot / 2] or NULL
  *   grid (n_tok), block (128): the block's threads stride over the
  *   n_heads * n_rot / 2 pairs of token blockIdx.x.
  * Pair i (i < n_rot / 2) is (2i, 2i+1) normally, (i, i + n_rot/2) for neox,
- * rotated by pos * theta^(-2i / n_rot) / freq_factors[i]. As on the CPU the
+ * rotated by pos * theta^(-2i / n_rot) / freq_factors[i] and multiplied by
+ * mscale (longrope's attention factor; 1: plain rope). As on the CPU the
  * angle is formed in double (a float angle is ~4e-3 rad off at pos 1e5);
  * dimensions past n_rot are left alone. */
 template <typename T>
 __device__ void rope_token(T *x, const int *__restrict__ positions, int n_heads, int head_dim, int n_rot,
-                           float theta, int neox, const float *__restrict__ freq_factors) {
+                           float theta, int neox, const float *__restrict__ freq_factors, float mscale) {
     const int half = n_rot / 2;
     const double pos = (double)positions[blockIdx.x];
     T *xt = x + (pf_i64)blockIdx.x * n_heads * head_dim;
@@ -86,6 +87,8 @@ __device__ void rope_token(T *x, const int *__restrict__ positions, int n_heads,
         if (freq_factors) inv_freq /= (double)freq_factors[i];
         double s, c;
         sincos(pos * inv_freq, &s, &c);
+        c *= mscale;
+        s *= mscale;
         const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         T *xh = xt + h * head_dim;
         const float x0 = pf_load(xh + i0), x1 = pf_load(xh + i1);
@@ -95,12 +98,12 @@ __device__ void rope_token(T *x, const int *__restrict__ positions, int n_heads,
 }
 
 extern "C" __global__ void rope_f32(float *x, const int *positions, int n_heads, int head_dim, int n_rot,
-                                    float theta, int neox, const float *freq_factors) {
-    rope_token(x, positions, n_heads, head_dim, n_rot, theta, neox, freq_factors);
+                                    float theta, int neox, const float *freq_factors, float mscale) {
+    rope_token(x, positions, n_heads, head_dim, n_rot, theta, neox, freq_factors, mscale);
 }
 extern "C" __global__ void rope_f16(__half *x, const int *positions, int n_heads, int head_dim, int n_rot,
-                                    float theta, int neox, const float *freq_factors) {
-    rope_token(x, positions, n_heads, head_dim, n_rot, theta, neox, freq_factors);
+                                    float theta, int neox, const float *freq_factors, float mscale) {
+    rope_token(x, positions, n_heads, head_dim, n_rot, theta, neox, freq_factors, mscale);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -134,6 +137,15 @@ __device__ void add_span(T *x, const T *y, pf_i64 n) {
 }
 extern "C" __global__ void add_inplace_f32(float *x, const float *y, pf_i64 n) { add_span(x, y, n); }
 extern "C" __global__ void add_inplace_f16(__half *x, const __half *y, pf_i64 n) { add_span(x, y, n); }
+
+/* scale_{f32,f16}(x, factor, n): x[n] *= factor (Granite's multipliers). */
+template <typename T>
+__device__ void scale_span(T *x, float factor, pf_i64 n) {
+    for (pf_i64 i = (pf_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (pf_i64)gridDim.x * blockDim.x)
+        pf_store(x + i, pf_load(x + i) * factor);
+}
+extern "C" __global__ void scale_f32(float *x, float factor, pf_i64 n) { scale_span(x, factor, n); }
+extern "C" __global__ void scale_f16(__half *x, float factor, pf_i64 n) { scale_span(x, factor, n); }
 
 /* add_bias_{f32,f16}(x, bias, n, d): x[n, d] += bias[d] (float bias), Qwen2-style
  * q/k/v biases. n here is the element count of x. */

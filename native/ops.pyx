@@ -21,7 +21,7 @@ cdef extern from "ops_kernels.h" nogil:
 
     void pf_rmsnorm(const float *x, const float *w, float eps, float *out, int64_t n, int64_t d, int n_threads)
     int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads, int64_t head_dim,
-                int n_rot, double theta, int neox, const float *freq_factors, int n_threads)
+                int n_rot, double theta, int neox, const float *freq_factors, double mscale, int n_threads)
     void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads)
     void pf_add_inplace(float *x, const float *y, int64_t n)
     void pf_softmax_rows(float *x, int64_t n, int64_t d)
@@ -97,12 +97,13 @@ def rmsnorm(x, weight, float eps, out, n_threads=1):
     return out
 
 
-def rope(x, positions, int n_rot, double theta, bint neox, freq_factors=None, n_threads=1):
+def rope(x, positions, int n_rot, double theta, bint neox, freq_factors=None, n_threads=1, double mscale=1.0):
     """Rotate the first n_rot dims of each head of x[n_tok, n_heads, head_dim] in place.
 
     neox=False pairs dims (2i, 2i+1) (GGUF / llama.cpp normal), neox=True pairs
     (i, i + n_rot/2) (HF rotate-half). Pair i turns by
-    positions[t] * theta^(-2i/n_rot) / freq_factors[i].
+    positions[t] * theta^(-2i/n_rot) / freq_factors[i], and is multiplied by
+    mscale (longrope's attention factor, as llama.cpp's attn_factor).
     """
     cdef cnp.ndarray xa = _f32(x, "x", 3, True), pa = _i32(positions, "positions", 1)
     cdef cnp.ndarray fa = None
@@ -113,6 +114,8 @@ def rope(x, positions, int n_rot, double theta, bint neox, freq_factors=None, n_
         raise ValueError(f"n_rot must be even and in (0, head_dim={xa.shape[2]}], got {n_rot}")
     if not theta > 0:
         raise ValueError(f"theta must be positive, got {theta}")
+    if not 0 < mscale < float("inf"):
+        raise ValueError(f"mscale must be positive and finite, got {mscale}")
     if freq_factors is not None:
         fa = _f32(freq_factors, "freq_factors", 1)
         if fa.shape[0] != n_rot // 2:
@@ -123,7 +126,7 @@ def rope(x, positions, int n_rot, double theta, bint neox, freq_factors=None, n_
     cdef float *xp = _fp(xa)
     cdef int32_t *pp = _ip(pa)
     with nogil:
-        rc = pf_rope(xp, pp, n_tok, n_heads, hd, n_rot, theta, neox, ff, nt)
+        rc = pf_rope(xp, pp, n_tok, n_heads, hd, n_rot, theta, neox, ff, mscale, nt)
     if rc:
         raise MemoryError("rope: out of memory")
     return x

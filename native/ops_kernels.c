@@ -169,14 +169,14 @@ void pf_rmsnorm(const float *x, const float *w, float eps, float *out,
 /* rope                                                                      */
 /* ------------------------------------------------------------------------ */
 
-/* Rotate pair i of every head of one token by pos * inv_freq[i]. The angle is
- * formed in double: at position 1e5 a float angle would already be off by
- * ~4e-3 rad. */
+/* Rotate pair i of every head of one token by pos * inv_freq[i], scaled by
+ * mscale. The angle is formed in double: at position 1e5 a float angle would
+ * already be off by ~4e-3 rad. */
 static void rope_token(float *x /* [n_heads, hd] */, double pos, const double *inv_freq,
-                       int64_t half, int64_t n_heads, int64_t hd, int neox) {
+                       int64_t half, int64_t n_heads, int64_t hd, int neox, double mscale) {
     for (int64_t i = 0; i < half; i++) {
         double a = pos * inv_freq[i];
-        float c = (float)cos(a), s = (float)sin(a);
+        float c = (float)(cos(a) * mscale), s = (float)(sin(a) * mscale);
         int64_t i0 = neox ? i : 2 * i;          /* first of the pair */
         int64_t i1 = neox ? i + half : 2 * i + 1;
         for (int64_t h = 0; h < n_heads; h++) {
@@ -190,7 +190,7 @@ static void rope_token(float *x /* [n_heads, hd] */, double pos, const double *i
 
 int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads,
             int64_t head_dim, int n_rot, double theta, int neox,
-            const float *freq_factors, int n_threads) {
+            const float *freq_factors, double mscale, int n_threads) {
     const int64_t half = n_rot / 2;
     double *inv_freq = malloc((size_t)(half > 0 ? half : 1) * sizeof(double));  /* [half] */
     if (!inv_freq) return -1;
@@ -201,7 +201,7 @@ int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads,
     const int64_t work = n_tok * n_heads * n_rot;
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && work >= PAR_MIN_WORK)
     for (int64_t t = 0; t < n_tok; t++)
-        rope_token(x + t * n_heads * head_dim, (double)positions[t], inv_freq, half, n_heads, head_dim, neox);
+        rope_token(x + t * n_heads * head_dim, (double)positions[t], inv_freq, half, n_heads, head_dim, neox, mscale);
     free(inv_freq);
     return 0;
 }

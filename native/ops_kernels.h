@@ -17,10 +17,11 @@ void pf_rmsnorm(const float *x, const float *w, float eps, float *out,
 /* Rotary embedding in place on x[n_tok, n_heads, head_dim]: the first n_rot
  * dims of every head. Pair i turns by pos * theta^(-2i/n_rot) / freq_factors[i].
  * neox = 0: pairs (2i, 2i+1) (GGUF "normal"); neox = 1: pairs (i, i + n_rot/2).
- * freq_factors is float[n_rot/2] or NULL. Returns 0, or -1 if out of memory. */
+ * freq_factors is float[n_rot/2] or NULL; the rotated dims are multiplied by
+ * mscale (longrope's attention factor; 1: plain rope). Returns 0, or -1 if out of memory. */
 int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads,
             int64_t head_dim, int n_rot, double theta, int neox,
-            const float *freq_factors, int n_threads);
+            const float *freq_factors, double mscale, int n_threads);
 
 /* out[n] = silu(gate[n]) * up[n]  (out may alias gate or up) */
 void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads);

@@ -10,9 +10,11 @@ Hugging Face folder (safetensors, rotate-half rope) represent one model.
     python -m pyforge.synthetic tinyllama-1.1b --format Q4_K_M --out m.gguf
 
 Weights are N(0, 0.02^2) per tensor from an RNG seeded by (seed, tensor name);
-norms are 1 + N(0, 0.05^2), Qwen2 biases N(0, 0.1^2). Vocabulary: Llama 2's 32000
-tokens (GGUF metadata from ggml-vocab-llama-spm.gguf, tokenizer.json from
-TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only to write files.
+norms are 1 + N(0, 0.05^2), biases N(0, 0.1^2). A family's fused tensors (Phi-3's
+qkv, gate+up) are its parts' weights stacked, so fused and split files are one model.
+Vocabulary: Llama 2's 32000 tokens (GGUF metadata from ggml-vocab-llama-spm.gguf,
+tokenizer.json from TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only
+to write files.
 """
 import argparse
 import json
@@ -29,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
-from pyforge.loader.names import canonical_to_hf, expected_shapes
+from pyforge.loader.names import canonical_to_hf, expected_shapes, fused_shapes
 from pyforge.models.config import ModelConfig
 from pyforge.models.registry import family
+from pyforge.models.rope_scaling import longrope_attention_factor
 
 VERSION = 1       # bump when generated weights change, so caches regenerate
 
@@ -58,6 +61,51 @@ CONFIGS = {
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
 }
+# One tiny model per family option: GQA and MHA, tied and untied heads, the family's options on and off.
+_TINY = dict(vocab_size=32000, context_length=2048, hidden_size=64, n_layers=2, n_heads=4, head_dim=16, ffn_size=128)
+_QWEN3 = dict(_TINY, arch="qwen3", rms_eps=1e-6, rope_theta=1000000.0)
+_PHI3 = dict(_TINY, arch="phi3", rms_eps=1e-5, rope_theta=10000.0)
+_GRANITE = dict(_TINY, arch="granite", rms_eps=1e-5, rope_theta=10000.0)
+_OLMO2 = dict(_TINY, arch="olmo2", rms_eps=1e-6, rope_theta=500000.0)
+_SMOLLM3 = dict(_TINY, arch="smollm3", rms_eps=1e-6, rope_theta=5000000.0, n_layers=4)
+_GLM4 = dict(_TINY, arch="glm4", rms_eps=1e-5, rope_theta=10000.0, rope_neox=False, attn_bias=True)
+
+
+def _longrope_factors(n, top):
+    """n per-frequency longrope divisors: 1 for the fastest frequency rising to `top` for the slowest."""
+    ramp = np.linspace(0.0, 1.0, n)
+    return [round(float(v), 4) for v in 1.0 + (top - 1.0) * ramp ** 2]
+
+
+CONFIGS.update({
+    # head_dim 32 is not hidden / heads (16): Qwen3's q/k/o shapes differ from the residual's
+    "tiny-qwen3": _cfg(**{**_QWEN3, "head_dim": 32}, n_kv_heads=2),
+    "tiny-qwen3-mha": _cfg(**_QWEN3, n_kv_heads=4, tie_embeddings=True),
+    "tiny-phi3": _cfg(**_PHI3, n_kv_heads=4),
+    # longrope: context (256) past the pretraining length (64), so the long factors and
+    # transformers' attention factor sqrt(1 + ln 4 / ln 64) apply
+    "tiny-phi3-longrope": _cfg(**{**_PHI3, "context_length": 256}, n_kv_heads=2,
+                               rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 64,
+                                             "short_factor": _longrope_factors(8, 1.5),
+                                             "long_factor": _longrope_factors(8, 6.0)}),
+    # Phi-4-mini's shape of rope: 3/4 of each head rotated, longrope, a tied head
+    "tiny-phi4-mini": _cfg(**{**_PHI3, "context_length": 256, "hidden_size": 128, "head_dim": 32, "ffn_size": 256},
+                           n_kv_heads=2, n_rot=24, tie_embeddings=True,
+                           rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 64,
+                                         "short_factor": _longrope_factors(12, 1.5),
+                                         "long_factor": _longrope_factors(12, 6.0)}),
+    "tiny-granite": _cfg(**_GRANITE, n_kv_heads=2, tie_embeddings=True, embedding_scale=12.0,
+                         residual_scale=0.22, attention_scale=0.015625, logit_scale=8.0),
+    "tiny-granite-mha": _cfg(**_GRANITE, n_kv_heads=4, attention_scale=0.25, logit_scale=2.5),
+    "tiny-olmo2": _cfg(**_OLMO2, n_kv_heads=4),
+    "tiny-olmo2-gqa": _cfg(**_OLMO2, n_kv_heads=2, tie_embeddings=True),
+    # layer 3 skips rope (every 4th layer: llama.cpp's fixed step, transformers' default)
+    "tiny-smollm3": _cfg(**_SMOLLM3, n_kv_heads=2, tie_embeddings=True, nope_layers=(3,)),
+    "tiny-smollm3-nope": _cfg(**_SMOLLM3, n_kv_heads=4, nope_layers=(0, 2)),     # HF only (not llama.cpp's step)
+    # half of each head rotated, interleaved pairs (GLM-4's HF and GGUF layout alike)
+    "tiny-glm4": _cfg(**_GLM4, n_kv_heads=2, n_rot=8),
+    "tiny-glm4-mha": _cfg(**_GLM4, n_kv_heads=4, n_rot=8, tie_embeddings=True),
+})
 
 GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M", "Q4_K", "Q6_K")
 HF_DTYPES = ("float32", "float16", "bfloat16")
@@ -67,6 +115,9 @@ RNG_CHUNK = 1 << 22        # elements per RNG stream
 
 
 def get_config(name):
+    """The ModelConfig of a synthetic config name (a ModelConfig passes through: tests vary shapes)."""
+    if isinstance(name, ModelConfig):
+        return name.validate()
     if name not in CONFIGS:
         raise ValueError(f"unknown synthetic config {name!r} (known: {', '.join(CONFIGS)})")
     return CONFIGS[name]
@@ -80,6 +131,28 @@ def tensor_shapes(cfg):
     tail = [n for n in ("output_norm.weight", "output.weight") if n in shapes]
     middle = [n for n in shapes if n not in head and n not in tail]
     return [(n, shapes[n]) for n in head + middle + tail]
+
+
+def file_tensors(cfg):
+    """[(name, shape, parts)] as files store them: a family's fused tensors (registry.Family.fused)
+    replace their parts, parts = [(canonical name, shape)] in row order; None for the others."""
+    shapes = tensor_shapes(cfg)
+    fused_at_first_part = {parts[0][0]: (name, shape, parts) for name, shape, parts in fused_shapes(cfg, dict(shapes))}
+    in_fused = {part for _, _, parts in fused_at_first_part.values() for part, _ in parts}
+    out = []
+    for name, shape in shapes:
+        if name in fused_at_first_part:
+            out.append(fused_at_first_part[name])
+        elif name not in in_fused:
+            out.append((name, shape, None))
+    return out
+
+
+def file_tensor(name, shape, parts, seed, layout=lambda name, x: x):
+    """float32 values of one file tensor: its parts' weights (each laid out) stacked by rows."""
+    if parts is None:
+        return layout(name, make_tensor(name, shape, seed))
+    return np.concatenate([layout(part, make_tensor(part, part_shape, seed)) for part, part_shape in parts])
 
 
 def make_tensor(name, shape, seed):
@@ -122,8 +195,10 @@ def unpermute_qk(w, n_head):
 
 
 def gguf_layout(cfg, name, x):
-    """The canonical tensor as stored in a GGUF of this arch (Q/K permuted for llama)."""
-    if not family(cfg.arch).gguf_rope_neox and name.endswith(("attn_q.weight", "attn_k.weight")):
+    """The canonical tensor as stored in a GGUF of this arch (Q/K permuted where HF rotates halves
+    and llama.cpp pairs neighbours: llama and its kin)."""
+    fam = family(cfg.arch)
+    if fam.hf_rope_neox and not fam.gguf_rope_neox and name.endswith(("attn_q.weight", "attn_k.weight")):
         n_head = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
         return permute_qk(x, n_head)
     return x
@@ -199,11 +274,11 @@ def _check_quantizable(types):
 
 
 def gguf_plan(cfg, fmt):
-    """[(canonical name, numpy shape, stored type)] in file order, rope_freqs included."""
-    plan = [(name, shape, gguf_tensor_type(cfg, fmt, name, shape)) for name, shape in tensor_shapes(cfg)]
-    rope_freqs = _rope_freqs(cfg)
-    if rope_freqs is not None:
-        plan.insert(1, ("rope_freqs.weight", rope_freqs.shape, GGMLType.F32))
+    """[(GGUF name, numpy shape, stored type, fused parts or None)] in file order, rope frequency
+    tensors included."""
+    plan = [(name, shape, gguf_tensor_type(cfg, fmt, name, shape), parts) for name, shape, parts in file_tensors(cfg)]
+    for name, values in reversed(_rope_tensors(cfg).items()):
+        plan.insert(1, (name, values.shape, GGMLType.F32, None))
     return plan
 
 
@@ -215,12 +290,14 @@ def write_gguf(config_name, path, dtype="F32", seed=0):
     if dtype not in GGUF_FORMATS:
         raise ValueError(f"unknown GGUF format {dtype!r} (known: {', '.join(GGUF_FORMATS)})")
     cfg, path = get_config(config_name), Path(path)
+    _check_gguf_can_hold(config_name, cfg)
     plan = gguf_plan(cfg, dtype)
-    _check_quantizable(t for _, _, t in plan)
+    _check_quantizable(t for _, _, t, _ in plan)
+    rope_tensors = _rope_tensors(cfg)
     w = gguf.GGUFWriter(str(path), cfg.arch)
     try:
         _add_gguf_metadata(w, cfg, config_name, dtype, seed)
-        for name, shape, t in plan:
+        for name, shape, t, _ in plan:
             block, size = BLOCK_LAYOUT[t]
             stored_shape = shape if block == 1 else (*shape[:-1], shape[-1] // block * size)
             stored_dtype = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.uint16}.get(t, np.uint8)
@@ -229,11 +306,11 @@ def write_gguf(config_name, path, dtype="F32", seed=0):
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for name, shape, t in plan:
-            if name == "rope_freqs.weight":
-                w.write_tensor_data(_rope_freqs(cfg))
+        for name, shape, t, parts in plan:
+            if name in rope_tensors:
+                w.write_tensor_data(rope_tensors[name])
                 continue
-            x = gguf_layout(cfg, name, make_tensor(name, shape, seed))
+            x = file_tensor(name, shape, parts, seed, lambda part, v: gguf_layout(cfg, part, v))
             w.write_tensor_data(quantize(x, t) if x.ndim > 1 else x)
             del x
         w.close()
@@ -244,17 +321,35 @@ def write_gguf(config_name, path, dtype="F32", seed=0):
     return path
 
 
-def _rope_freqs(cfg):
-    if not cfg.rope_scaling or cfg.rope_scaling.get("rope_type") != "llama3":
-        return None
-    from pyforge.models.rope_scaling import llama3_freq_factors
-    return np.asarray(llama3_freq_factors(cfg.n_rot, cfg.rope_theta, cfg.rope_scaling), dtype=np.float32)
+def _rope_tensors(cfg):
+    """{GGUF name: float32 values} of the rope frequency tensors a scaled rope needs (llama.cpp's)."""
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind == "llama3":
+        from pyforge.models.rope_scaling import llama3_freq_factors
+        return {"rope_freqs.weight": np.asarray(llama3_freq_factors(cfg.n_rot, cfg.rope_theta, cfg.rope_scaling),
+                                                dtype=np.float32)}
+    if kind == "longrope":
+        return {f"rope_factors_{w}.weight": np.asarray(cfg.rope_scaling[f"{w}_factor"], dtype=np.float32)
+                for w in ("long", "short")}
+    return {}
+
+
+def _check_gguf_can_hold(config_name, cfg):
+    """ValueError unless the family options a GGUF reader derives from our metadata are the config's
+    (llama.cpp fixes SmolLM3's NoPE layers, for one)."""
+    fam = family(cfg.arch)
+    keys = fam.gguf_extras(cfg)
+    derived = fam.gguf_options(lambda key, kind, default=None: kind(keys.get(key, default)), cfg.n_layers)
+    differ = {k: v for k, v in derived.items() if getattr(cfg, k) != v}
+    if differ:
+        raise ValueError(f"{config_name}: a {cfg.arch} GGUF cannot hold this config (a reader would take {differ})")
 
 
 def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     import gguf
 
-    w.add_name(f"pyforge synthetic {config_name}")
+    w.add_name("pyforge synthetic model")     # llama.cpp tunes vocabularies by name ("phi3"): keep it neutral
+    w.add_string("pyforge.synthetic.config", config_name if isinstance(config_name, str) else "custom")
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.n_layers)
@@ -266,6 +361,12 @@ def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     w.add_rope_dimension_count(cfg.n_rot)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
+    for key, value in family(cfg.arch).gguf_extras(cfg).items():
+        w.add_float32(f"{cfg.arch}.{key}", value)
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        w.add_float32(f"{cfg.arch}.rope.scaling.attn_factor", longrope_attention_factor(cfg))
+        w.add_uint32(f"{cfg.arch}.rope.scaling.original_context_length",
+                     cfg.rope_scaling["original_max_position_embeddings"])
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(FILE_TYPE[fmt])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -310,8 +411,14 @@ def hf_config_dict(cfg, dtype="float32"):
         "hidden_act": "silu", "max_position_embeddings": cfg.context_length,
         "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
-        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": WEIGHT_STD, "torch_dtype": dtype,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,    # not some family's default, past our vocab
+        "initializer_range": WEIGHT_STD, "torch_dtype": dtype,
     }
+    if cfg.n_rot != cfg.head_dim:
+        out["partial_rotary_factor"] = cfg.n_rot / cfg.head_dim
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        # Phi-3 keeps it at the top level too, and transformers prefers that copy
+        out["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
     out.update(fam.hf_config_extras(cfg))
     return out
 
@@ -325,14 +432,17 @@ def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
     cfg, path = get_config(config_name), Path(path)
     path.mkdir(parents=True, exist_ok=True)
     itemsize = 4 if dtype == "float32" else 2
-    specs = tensor_shapes(cfg)
+    fam = family(cfg.arch)
+    specs = [(name, shape) for name, shape, _ in file_tensors(cfg)]
+    parts_of = {name: parts for name, _, parts in file_tensors(cfg)}
     sizes = [math.prod(s) * itemsize for _, s in specs]
     n = shards or max(1, -(-sum(sizes) // MAX_SHARD_BYTES))
     groups = _split(specs, sizes, n)
     weight_map = {}
     for i, group in enumerate(groups):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        arrays = {canonical_to_hf(name): _hf_array(make_tensor(name, shape, seed), dtype) for name, shape in group}
+        arrays = {canonical_to_hf(name, fam): _hf_array(file_tensor(name, shape, parts_of[name], seed), dtype)
+                  for name, shape in group}
         spec = {k: TensorSpec(dtype="bfloat16" if dtype == "bfloat16" else a.dtype.name, shape=a.shape,
                               data_ptr=a.ctypes.data, data_len=a.nbytes) for k, a in arrays.items()}
         serialize_file(spec, str(path / fname), metadata={"format": "pt"})
@@ -397,6 +507,8 @@ def ensure_model(config_name, fmt="Q4_K_M", cache_dir=None, seed=0):
     fmt: a GGUF format (F32, F16, BF16, Q8_0, Q4_K_M, Q4_K, Q6_K) or a HF dtype
     ("hf-float32", "hf-float16", "hf-bfloat16"; the bare dtype works too).
     """
+    if not isinstance(config_name, str):
+        raise TypeError("ensure_model caches named configs only (write_gguf / write_hf_folder take a ModelConfig)")
     get_config(config_name)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pyforge.ggml_types import GGMLType
 from pyforge.loader import load_model_file
 from pyforge.loader.gguf import read_gguf
 from pyforge.loader.names import canonical_to_hf
+from pyforge.models.registry import family
 from pyforge.synthetic import (CONFIGS, ensure_model, gguf_tensor_type, make_tensor, tensor_shapes,
                                unpermute_qk, write_gguf, write_hf_folder)
 
@@ -32,27 +33,33 @@ def test_configs():
 
 def gguf_as_hf(cfg, name, arr):
     """A GGUF tensor (read by gguf.GGUFReader) in HF layout."""
-    if cfg.arch != "qwen2" and name.endswith(("attn_q.weight", "attn_k.weight")):
+    fam = family(cfg.arch)
+    if fam.hf_rope_neox and not fam.gguf_rope_neox and name.endswith(("attn_q.weight", "attn_k.weight")):
         return unpermute_qk(arr, cfg.n_heads if "attn_q" in name else cfg.n_kv_heads)
     return arr
 
 
-@pytest.mark.parametrize("config,fmt,dtype", [("tiny-qwen2", "F16", "float16"), ("tiny-llama3", "F32", "float32")])
+ROPE_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+
+
+@pytest.mark.parametrize("config,fmt,dtype", [
+    ("tiny-qwen2", "F16", "float16"), ("tiny-llama3", "F32", "float32"), ("tiny-phi3-longrope", "F32", "float32"),
+    ("tiny-olmo2", "F16", "float16"), ("tiny-glm4", "F32", "float32"), ("tiny-qwen3", "F32", "float32")])
 def test_gguf_and_hf_folder_hold_the_same_weights(config, fmt, dtype, tmp_path):
     gguf = require_module("gguf")
     st = require_module("safetensors.numpy")
-    cfg = CONFIGS[config]
+    cfg, fam = CONFIGS[config], family(CONFIGS[config].arch)
     reader = gguf.GGUFReader(str(write_gguf(config, tmp_path / "m.gguf", fmt, seed=5)))
     folder = write_hf_folder(config, tmp_path / "hf", dtype=dtype, seed=5)
     hf = st.load_file(str(folder / "model.safetensors"))
-    names = {t.name for t in reader.tensors} - {"rope_freqs.weight"}
-    assert {canonical_to_hf(n) for n in names} == set(hf)
+    names = {t.name for t in reader.tensors} - ROPE_TENSORS
+    assert {canonical_to_hf(n, fam) for n in names} == set(hf)
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            assert config == "tiny-llama3" and t.data.shape == (cfg.n_rot // 2,)
+        if t.name in ROPE_TENSORS:
+            assert cfg.rope_scaling is not None and t.data.shape == (cfg.n_rot // 2,)
             continue
         arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
-        ref = hf[canonical_to_hf(t.name)]
+        ref = hf[canonical_to_hf(t.name, fam)]
         # GGUF keeps 1-D tensors (norms, biases) in F32, as llama.cpp does: compare at the HF precision
         assert np.array_equal(gguf_as_hf(cfg, t.name, arr).astype(ref.dtype), ref), t.name
     assert ("output.weight" in names) == (not cfg.tie_embeddings)
@@ -99,9 +106,12 @@ def test_transformers_loads_hf_folders(tmp_path):
         assert torch.is_tensor(model.lm_head.weight)
 
 
-@pytest.mark.parametrize("config", ["tiny-gqa", "tiny-qwen2", "tiny-llama3"])
+@pytest.mark.parametrize("config", ["tiny-gqa", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-phi3",
+                                    "tiny-granite", "tiny-olmo2", "tiny-smollm3", "tiny-glm4"])
 def test_llama_cpp_on_gguf_equals_transformers_on_folder(config, tmp_path):
-    """The Q/K permutation, biases and Llama 3 rope_freqs make the two files one model."""
+    """The Q/K permutation, biases, rope_freqs, fused tensors, post-norms and family metadata make
+    the two files one model. (Longrope is left out: llama.cpp picks its factors by context size,
+    transformers by sequence length; tests/models compare each with pyforge instead.)"""
     torch = require_module("torch")
     transformers = require_module("transformers")
     llama_cpp = require_module("llama_cpp")

@@ -125,14 +125,17 @@ class CpuBackend:
         ops.add_inplace(x, y)
         return self.rmsnorm(x, weight, eps, out)
 
-    def rope(self, x, positions, n_rot, theta, neox, freq_factors):
-        ops.rope(x, positions, n_rot, theta, neox, freq_factors, self.n_threads)
+    def rope(self, x, positions, n_rot, theta, neox, freq_factors, mscale=1.0):
+        ops.rope(x, positions, n_rot, theta, neox, freq_factors, self.n_threads, mscale)
 
     def add_bias(self, x, bias):
         x += bias
 
     def add_inplace(self, x, y):
         ops.add_inplace(x, y)
+
+    def scale(self, x, factor):
+        np.multiply(x, np.float32(factor), out=x)
 
     def silu_mul(self, gate, up, out):
         ops.silu_mul(gate, up, out, self.n_threads)

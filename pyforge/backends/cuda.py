@@ -250,16 +250,20 @@ class CudaBackend:
         self.kernels.launch("add_rmsnorm_f16", (n,), 256, x, y, weight, out, d, eps)
         return out
 
-    def rope(self, x, positions, n_rot, theta, neox, freq_factors):
+    def rope(self, x, positions, n_rot, theta, neox, freq_factors, mscale=1.0):
         n_tok, n_heads, head_dim = x.shape
         ff = None if freq_factors is None else self._constant(freq_factors)
-        self.kernels.launch("rope_f16", (n_tok,), 128, x, positions, n_heads, head_dim, n_rot, theta, int(neox), ff)
+        self.kernels.launch("rope_f16", (n_tok,), 128, x, positions, n_heads, head_dim, n_rot, theta, int(neox), ff,
+                            mscale)
 
     def add_bias(self, x, bias):
         self.kernels.launch("add_bias_f16", elementwise_grid(x.size, self.n_sm), 256, x, bias, x.size, bias.size)
 
     def add_inplace(self, x, y):
         self.kernels.launch("add_inplace_f16", elementwise_grid(x.size, self.n_sm), 256, x, y, x.size)
+
+    def scale(self, x, factor):
+        self.kernels.launch("scale_f16", elementwise_grid(x.size, self.n_sm), 256, x, factor, x.size)
 
     def silu_mul(self, gate, up, out):
         self.kernels.launch("silu_mul_f16", elementwise_grid(gate.size, self.n_sm), 256, gate, up, out, gate.size)

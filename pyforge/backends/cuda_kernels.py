@@ -37,9 +37,10 @@ KERNELS = {
     "norm_rope": {
         **{f"rmsnorm_{t}": f"{p}f{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"add_rmsnorm_{t}": f"{p}{p}f{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
-        **{f"rope_{t}": f"{p}iIIIFIf" for t, p in (("f32", "f"), ("f16", "h"))},
+        **{f"rope_{t}": f"{p}iIIIFIfF" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"silu_mul_{t}": f"{p}{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"add_inplace_{t}": f"{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},
+        **{f"scale_{t}": f"{p}FQ" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"add_bias_{t}": f"{p}fQI" for t, p in (("f32", "f"), ("f16", "h"))},
     },
     "attention": {

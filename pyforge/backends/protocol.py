@@ -33,9 +33,11 @@ class Backend(Protocol):
     def matmul(self, x, weight, out): """out = x @ weight.T."""
     def rmsnorm(self, x, weight, eps, out): """out = x / rms(x) * weight, per row."""
     def add_rmsnorm(self, x, y, weight, eps, out): """x += y, then out = rmsnorm(x)."""
-    def rope(self, x, positions, n_rot, theta, neox, freq_factors): """Rotary embedding, in place."""
+    def rope(self, x, positions, n_rot, theta, neox, freq_factors, mscale=1.0):
+        """Rotary embedding, in place; the rotated dims multiplied by mscale (longrope's attention factor)."""
     def add_bias(self, x, bias): """x += bias, per row."""
     def add_inplace(self, x, y): """x += y."""
+    def scale(self, x, factor): """x *= factor, in place (x contiguous)."""
     def silu_mul(self, gate, up, out): """out = silu(gate) * up."""
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping): """Write this step's K, V into their slots."""
     def attention(self, q, k_cache, v_cache, meta, scale, out): """Paged causal attention over the batch."""

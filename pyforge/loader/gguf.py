@@ -23,6 +23,7 @@ import numpy as np
 
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 from pyforge.loader import ModelFile, ModelFileError, TensorRef, check_tensors, validated
+from pyforge.loader.names import split_fused
 from pyforge.models.config import ModelConfig
 from pyforge.models.registry import family
 
@@ -338,6 +339,7 @@ def load_gguf(path):
     try:
         tensors = {t.name: gf.view(t) for t in gf.tensors}
         config = validated(path, config_from_gguf(path, gf.metadata, tensors))
+        split_fused(path, config, tensors)
         check_tensors(path, config, tensors)
         return ModelFile(path, config, tensors, gf.metadata, ("gguf", gf.metadata), closers=[gf.close])
     except BaseException:
@@ -379,10 +381,12 @@ def config_from_gguf(path, meta, tensors):
     head_dim = number("attention.key_length", int, hidden // n_heads)
     if number("attention.value_length", int, head_dim) != head_dim:
         fail("attention.value_length differs from attention.key_length (unsupported)")
+    n_layers = number("block_count", int)
+    context = number("context_length", int)
     return ModelConfig(
         arch=arch,
         hidden_size=hidden,
-        n_layers=number("block_count", int),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=number("attention.head_count_kv", int, n_heads),
         head_dim=head_dim,
@@ -392,14 +396,23 @@ def config_from_gguf(path, meta, tensors):
         rope_theta=number("rope.freq_base", float, 10000.0),
         n_rot=number("rope.dimension_count", int, head_dim),
         rope_neox=fam.gguf_rope_neox,
-        rope_scaling=_rope_scaling(meta, arch, number),
-        context_length=number("context_length", int),
+        rope_scaling=_rope_scaling(path, meta, arch, number, tensors, context),
+        context_length=context,
         tie_embeddings="output.weight" not in tensors,
-        attn_bias="blk.0.attn_q.bias" in tensors,
+        attn_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
+        **fam.gguf_options(number, n_layers),
     )
 
 
-def _rope_scaling(meta, arch, number):
+def _rope_scaling(path, meta, arch, number, tensors, context):
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        # longrope (Phi-3): the factors are tensors, the attention factor llama.cpp's attn_factor
+        for which in ("long", "short"):
+            if f"rope_factors_{which}.weight" not in tensors:
+                raise ModelFileError(path, f"missing tensor rope_factors_{which}.weight (longrope needs both)")
+        return {"rope_type": "longrope",
+                "original_max_position_embeddings": number("rope.scaling.original_context_length", int, context),
+                "attention_factor": number("rope.scaling.attn_factor", float, 1.0)}
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None

@@ -7,10 +7,10 @@ import json
 import os
 
 from pyforge.loader import ModelFile, ModelFileError, check_tensors, validated
-from pyforge.loader.names import IGNORE, canonical_to_hf, hf_to_canonical
+from pyforge.loader.names import IGNORE, canonical_to_hf, hf_to_canonical, split_fused
 from pyforge.loader.safetensors import read_safetensors
-from pyforge.models.config import ModelConfig
-from pyforge.models.registry import FAMILIES, family_of_hf_config
+from pyforge.models.config import LONGROPE_LISTS, ModelConfig
+from pyforge.models.registry import FAMILIES, family, family_of_hf_config
 
 MAX_JSON = 64 * 1000 * 1000
 INDEX = "model.safetensors.index.json"
@@ -31,7 +31,8 @@ def read_json(path, what):
 
 
 def config_from_hf(cfg, path="config.json"):
-    """A (validated) ModelConfig from a parsed HF config.json dict."""
+    """A (validated) ModelConfig from a parsed HF config.json dict (transformers 4's keys or 5's:
+    rope_theta + rope_scaling or rope_parameters, torch_dtype or dtype)."""
     def fail(problem):
         raise ModelFileError(path, problem)
 
@@ -44,8 +45,8 @@ def config_from_hf(cfg, path="config.json"):
              f"{cfg.get('model_type')!r} (supported: {supported})")
     defaults = fam.hf_defaults
 
-    def get(key, kind, default=None):
-        v = cfg.get(key)
+    def get(key, kind, default=None, value=None):
+        v = cfg.get(key) if value is None else value
         if v is None:
             v = defaults.get(key, default)
         if v is None:
@@ -61,22 +62,32 @@ def config_from_hf(cfg, path="config.json"):
         fail("mlp_bias is not supported")
     if not fam.qkv_bias and cfg.get("attention_bias"):
         fail(f"attention_bias (with an o_proj bias) is not supported for {fam.arch}")
+    for key in ("torch_dtype", "dtype"):       # the weights' own dtype is what we read
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            fail(f"config.json {key} must be a string, got {cfg[key]!r}")
     hidden = get("hidden_size", int)
     n_heads = get("num_attention_heads", int)
     if n_heads <= 0:
         fail(f"num_attention_heads must be positive, got {n_heads}")
+    n_layers = get("num_hidden_layers", int)
     head_dim = get("head_dim", int, hidden // n_heads)
-    rotary = get("partial_rotary_factor", float, 1.0)
-    theta, scaling = _rope(cfg, fail, defaults)
+    theta, scaling, rotary = _rope(cfg, fail, defaults)
+    rotary = get("partial_rotary_factor", float, 1.0, rotary)
     context = get("max_position_embeddings", int)
-    window = cfg.get("sliding_window")
-    if fam.context_is_sliding_window and isinstance(window, int) and not isinstance(window, bool) and \
-            0 < window < context:
-        context = window      # we attend to the whole context: exact only up to the window
+    if _slides(cfg, fam, n_layers, fail):
+        window = cfg.get("sliding_window")
+        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
+            context = window      # we attend to the whole context: exact only up to the window
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        _complete_longrope(cfg, scaling, get, fail, context)
+    try:
+        options = fam.hf_options(cfg)
+    except ValueError as e:
+        fail(f"config.json: {e}")
     config = ModelConfig(
         arch=fam.arch,
         hidden_size=hidden,
-        n_layers=get("num_hidden_layers", int),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads", int, n_heads),
         head_dim=head_dim,
@@ -85,17 +96,49 @@ def config_from_hf(cfg, path="config.json"):
         rms_eps=get("rms_norm_eps", float),
         rope_theta=theta,
         n_rot=int(head_dim * rotary) // 2 * 2,
-        rope_neox=True,
+        rope_neox=fam.hf_rope_neox,
         rope_scaling=scaling,
         context_length=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attn_bias=fam.qkv_bias,
+        attn_bias=fam.qkv_bias and cfg.get("attention_bias") is not False,
+        **options,
     )
     return validated(path, config)
 
 
+def _complete_longrope(cfg, scaling, get, fail, context):
+    """Longrope needs both factor lists, and its pretraining length: Phi-3 keeps that at the top
+    level of config.json, and transformers prefers it there."""
+    missing = [key for key in LONGROPE_LISTS if key not in scaling]
+    if missing:
+        fail(f"config.json longrope rope_scaling needs {missing[0]}")
+    original = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    scaling["original_max_position_embeddings"] = get("original_max_position_embeddings", int, context, original)
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _slides(cfg, fam, n_layers, fail):
+    """Whether some layer attends through a sliding window: the family always does, config.json
+    turns it on (use_sliding_window), or transformers 5's layer_types names a sliding layer."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers or any(t not in ATTENTION_LAYER_TYPES for t in types):
+            fail(f"config.json layer_types must list one of {', '.join(ATTENTION_LAYER_TYPES)} per layer "
+                 f"({n_layers}), got {str(types)[:80]}")
+        return "sliding_attention" in types
+    return fam.context_is_sliding_window or cfg.get("use_sliding_window") is True
+
+
+# rope parameters that are not scaling options
+_ROPE_NOT_SCALING = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+_ROPE_TYPE_ALIASES = {"su": "longrope"}     # Phi-3's first configs
+
+
 def _rope(cfg, fail, defaults):
-    """(theta, rope_scaling) from either `rope_theta` + `rope_scaling` or `rope_parameters`."""
+    """(theta, rope_scaling, partial_rotary_factor or None) from `rope_theta` + `rope_scaling`
+    (transformers 4) or `rope_parameters` (transformers 5)."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
         theta, scaling = params["rope_theta"], params
@@ -106,17 +149,18 @@ def _rope(cfg, fail, defaults):
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
         fail(f"config.json rope_theta must be a number, got {theta!r}")
     if scaling is None:
-        return float(theta), None
+        return float(theta), None, None
     if not isinstance(scaling, dict):
         fail(f"config.json rope_scaling must be an object, got {scaling!r}")
+    rotary = scaling.get("partial_rotary_factor")
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind in (None, "default"):
-        return float(theta), None
-    out = {"rope_type": str(kind)}
+        return float(theta), None, rotary
+    out = {"rope_type": _ROPE_TYPE_ALIASES.get(str(kind), str(kind))}
     for key, value in scaling.items():
-        if key not in ("rope_type", "type", "rope_theta") and value is not None:
+        if key not in _ROPE_NOT_SCALING and value is not None:
             out[key] = value
-    return float(theta), out
+    return float(theta), out, rotary
 
 
 def load_hf_folder(folder):
@@ -126,6 +170,7 @@ def load_hf_folder(folder):
         raise ModelFileError(folder, "not a model folder: no config.json (expected a GGUF file or a HF folder)")
     config = config_from_hf(read_json(config_path, "config.json"), config_path)
     files, index = _shard_files(folder)
+    fam = family(config.arch)
     opened, tensors = [], {}
     try:
         for fname in files:
@@ -134,7 +179,7 @@ def load_hf_folder(folder):
             for name in sf.entries:
                 if index is not None and index.get(name, fname) != fname:
                     raise ModelFileError(sf.path, f"tensor {name} is listed in {INDEX} under {index[name]}")
-                canon = hf_to_canonical(name)
+                canon = hf_to_canonical(name, fam)
                 if canon is None:
                     raise ModelFileError(sf.path, f"unexpected tensor {name} (not part of a {config.arch} model)")
                 if canon == IGNORE:
@@ -149,7 +194,8 @@ def load_hf_folder(folder):
                 raise ModelFileError(os.path.join(folder, INDEX), f"lists tensor {missing[0]} that no shard holds")
         if config.tie_embeddings:
             tensors.pop("output.weight", None)     # some tied checkpoints save the head too
-        check_tensors(folder, config, tensors, file_name=_hf_name)
+        split_fused(folder, config, tensors)
+        check_tensors(folder, config, tensors, file_name=lambda canonical: _hf_name(canonical, fam))
     except BaseException:
         tensors = None
         for sf in opened:
@@ -184,8 +230,8 @@ def _shard_files(folder):
     return files, None
 
 
-def _hf_name(canonical):
+def _hf_name(canonical, fam):
     try:
-        return canonical_to_hf(canonical)
+        return canonical_to_hf(canonical, fam)
     except KeyError:
         return None

@@ -11,14 +11,26 @@ Every loader hands the model tensors under these names, in numpy order
     blk.{i}.attn_q.weight        (n_heads * head_dim, hidden)
     blk.{i}.attn_k.weight        (n_kv_heads * head_dim, hidden)
     blk.{i}.attn_v.weight        (n_kv_heads * head_dim, hidden)
-    blk.{i}.attn_q.bias / attn_k.bias / attn_v.bias     Qwen2 only
+    blk.{i}.attn_q.bias / attn_k.bias / attn_v.bias     Qwen2, GLM-4
+    blk.{i}.attn_q_norm.weight   (head_dim,) per head (Qwen3) | (n_heads * head_dim,) whole (OLMo 2)
+    blk.{i}.attn_k_norm.weight   (head_dim,) | (n_kv_heads * head_dim,)
     blk.{i}.attn_output.weight   (hidden, n_heads * head_dim)
-    blk.{i}.ffn_norm.weight      (hidden,)
+    blk.{i}.post_attention_norm.weight (hidden,)      post-norm families (OLMo 2, GLM-4)
+    blk.{i}.ffn_norm.weight      (hidden,)            absent in OLMo 2
     blk.{i}.ffn_gate.weight      (ffn, hidden)
     blk.{i}.ffn_up.weight        (ffn, hidden)
     blk.{i}.ffn_down.weight      (hidden, ffn)
+    blk.{i}.post_ffw_norm.weight (hidden,)            post-norm families
+
+A family's fused tensors (registry.Family.fused: Phi-3's attn_qkv, the gate+up
+ffn_up of Phi-3 and GLM-4) are split by rows into these names at load
+(split_fused), zero-copy: rows of every stored type are whole blocks.
 """
 import re
+
+from pyforge.models.registry import FUSED_GATE_UP, FUSED_QKV, FUSED_QKV_BIAS, family
+
+ALL_FUSED = (FUSED_QKV, FUSED_QKV_BIAS, FUSED_GATE_UP)
 
 HF_GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -53,8 +65,25 @@ _CANON_TO_HF_LAYER = {v: k for k, v in HF_LAYER.items()}
 IGNORE = ""   # hf_to_canonical's answer for tensors that carry nothing we use
 
 
-def hf_to_canonical(name):
-    """Canonical name for a HF tensor name, IGNORE for ignorable ones, None if unknown."""
+# Q/K norms (Qwen3, OLMo 2): the same HF names in every family that has them
+HF_LAYER_COMMON = {
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+
+
+def _layer_map(fam):
+    """HF layer tensor name -> ours for a family (Llama's names, the family's own on top)."""
+    if fam is None:
+        return HF_LAYER
+    overridden = set(fam.hf_layer_names.values())
+    base = {k: v for k, v in {**HF_LAYER, **HF_LAYER_COMMON}.items() if v not in overridden}
+    return {**base, **fam.hf_layer_names}
+
+
+def hf_to_canonical(name, fam=None):
+    """Canonical name for a HF tensor name of a family (default: Llama's names), IGNORE for
+    ignorable ones, None if unknown. Fused tensors get the name they are split from."""
     if name in HF_GLOBAL:
         return HF_GLOBAL[name]
     m = _HF_LAYER_RE.fullmatch(name)
@@ -63,43 +92,48 @@ def hf_to_canonical(name):
     layer, rest = m.groups()
     if rest in HF_IGNORED_LAYER:
         return IGNORE
-    if rest in HF_LAYER:
-        return f"blk.{layer}.{HF_LAYER[rest]}"
+    layer_map = _layer_map(fam)
+    if rest in layer_map:
+        return f"blk.{layer}.{layer_map[rest]}"
     return None
 
 
-def canonical_to_hf(name):
+def canonical_to_hf(name, fam=None):
     """The HF name for a canonical name (the inverse of hf_to_canonical)."""
     if name in _CANON_TO_HF_GLOBAL:
         return _CANON_TO_HF_GLOBAL[name]
     m = _BLK_RE.fullmatch(name)
-    if m and m.group(2) in _CANON_TO_HF_LAYER:
-        return f"model.layers.{m.group(1)}.{_CANON_TO_HF_LAYER[m.group(2)]}"
+    inverse = _CANON_TO_HF_LAYER if fam is None else {v: k for k, v in _layer_map(fam).items()}
+    if m and m.group(2) in inverse:
+        return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}"
     raise KeyError(f"no Hugging Face name for tensor {name!r}")
 
 
 def expected_shapes(config):
     """{canonical name: numpy shape} of every tensor the config requires."""
-    c = config
+    c, fam = config, family(config.arch)
     shapes = {
         "token_embd.weight": (c.vocab_size, c.hidden_size),
         "output_norm.weight": (c.hidden_size,),
     }
     if not c.tie_embeddings:
         shapes["output.weight"] = (c.vocab_size, c.hidden_size)
+    qk_norms = {"head": (c.head_dim, c.head_dim), "full": (c.q_dim, c.kv_dim)}.get(fam.qk_norm)
     for i in range(c.n_layers):
         p = f"blk.{i}."
+        shapes.update({p + f"{norm}.weight": (c.hidden_size,) for norm in fam.norms})
         shapes.update({
-            p + "attn_norm.weight": (c.hidden_size,),
             p + "attn_q.weight": (c.q_dim, c.hidden_size),
             p + "attn_k.weight": (c.kv_dim, c.hidden_size),
             p + "attn_v.weight": (c.kv_dim, c.hidden_size),
             p + "attn_output.weight": (c.hidden_size, c.q_dim),
-            p + "ffn_norm.weight": (c.hidden_size,),
             p + "ffn_gate.weight": (c.ffn_size, c.hidden_size),
             p + "ffn_up.weight": (c.ffn_size, c.hidden_size),
             p + "ffn_down.weight": (c.hidden_size, c.ffn_size),
         })
+        if qk_norms:
+            shapes[p + "attn_q_norm.weight"] = (qk_norms[0],)
+            shapes[p + "attn_k_norm.weight"] = (qk_norms[1],)
         if c.attn_bias:
             shapes.update({
                 p + "attn_q.bias": (c.q_dim,),
@@ -111,4 +145,44 @@ def expected_shapes(config):
 
 def optional_shapes(config):
     """Tensors a model may carry but need not."""
-    return {"rope_freqs.weight": (config.n_rot // 2,)}
+    half = (config.n_rot // 2,)
+    return {"rope_freqs.weight": half, "rope_factors_long.weight": half, "rope_factors_short.weight": half}
+
+
+def fused_shapes(config, shapes, fused_forms=None):
+    """[(fused name, its shape, [(part name, part shape)])] per layer: of the family's fused
+    tensors (what its files hold), or of the fused forms given whose parts the model has."""
+    out = []
+    for i in range(config.n_layers):
+        for fused, parts in family(config.arch).fused if fused_forms is None else fused_forms:
+            if any(f"blk.{i}.{part}" not in shapes for part in parts):
+                continue
+            named = [(f"blk.{i}.{part}", shapes[f"blk.{i}.{part}"]) for part in parts]
+            rows = sum(shape[0] for _, shape in named)
+            out.append((f"blk.{i}.{fused}", (rows, *named[0][1][1:]), named))
+    return out
+
+
+def split_fused(path, config, tensors):
+    """Replace each fused tensor (whole rows of its parts, in order) by its parts: zero-copy row
+    slices, any stored type. Any family's file may fuse q/k/v (llama.cpp loads either form);
+    a tensor already of its part's shape (an unfused ffn_up) is kept."""
+    from pyforge.loader import ModelFileError, TensorRef      # the loader package imports this module
+
+    shapes = expected_shapes(config)
+    for fused, shape, parts in fused_shapes(config, shapes, ALL_FUSED):
+        ref = tensors.get(fused)
+        if ref is None or (fused in dict(parts) and tuple(ref.shape) == dict(parts)[fused]):
+            continue
+        if tuple(ref.shape) != shape:
+            raise ModelFileError(path, f"fused tensor {fused} has shape {tuple(ref.shape)}, expected {shape} "
+                                       f"(rows of {', '.join(name for name, _ in parts)})")
+        del tensors[fused]
+        row = 0
+        for name, part_shape in parts:
+            if name in tensors:
+                raise ModelFileError(path, f"tensor {name} is in the file both fused ({fused}) and on its own")
+            rows = part_shape[0]
+            tensors[name] = TensorRef(name, ref.ggml_type, part_shape, ref.data[row:row + rows])
+            row += rows
+    return tensors

@@ -1,5 +1,6 @@
 """Model architectures over backend primitives.
 
 `config.ModelConfig` describes a model's shape (built by `pyforge.loader`);
-`llama.LlamaModel` runs the Llama family (Llama 2/3, TinyLlama, Mistral, Qwen2).
+`llama.LlamaModel` runs every family of `registry.FAMILIES` (Llama 2/3, TinyLlama,
+Mistral, Qwen2/3, Phi-3, Granite, OLMo 2, SmolLM3, GLM-4).
 """

@@ -1,4 +1,4 @@
-"""ModelConfig: the shape of a Llama-family model, whatever file it came from.
+"""ModelConfig: the shape of a decoder-only model, whatever file it came from.
 
 Built by the loaders (GGUF metadata or a Hugging Face config.json) and by the
 synthetic model generator; validated once, frozen afterwards.
@@ -17,11 +17,12 @@ MAX_HEAD_DIM = 1024
 MAX_FFN = 1 << 20
 MAX_VOCAB = 1 << 20
 MAX_CONTEXT = 1 << 24
+LONGROPE_LISTS = ("short_factor", "long_factor")     # per-frequency divisors of longrope (Phi-3)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2"
+    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2" | ...
     hidden_size: int
     n_layers: int
     n_heads: int
@@ -37,6 +38,11 @@ class ModelConfig:
     context_length: int = 2048
     tie_embeddings: bool = False       # no output.weight: logits use token_embd
     attn_bias: bool = False            # q/k/v biases (Qwen2)
+    attention_scale: float | None = None   # softmax scale of q.k; None: 1/sqrt(head_dim) (Granite sets it)
+    embedding_scale: float = 1.0       # the embeddings are multiplied by it (Granite)
+    residual_scale: float = 1.0        # each block's output is multiplied by it before the residual add (Granite)
+    logit_scale: float = 1.0           # the logits are divided by it (Granite's logits_scaling)
+    nope_layers: tuple = ()            # layers that skip rope (SmolLM3's NoPE layers)
 
     @property
     def q_dim(self):
@@ -68,6 +74,16 @@ class ModelConfig:
             raise ValueError(f"rms_eps must be a float in (0, 1), got {self.rms_eps!r}")
         if not (isinstance(self.rope_theta, float) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"rope_theta must be a positive float, got {self.rope_theta!r}")
+        for name in ("embedding_scale", "residual_scale", "logit_scale", "attention_scale"):
+            value = getattr(self, name)
+            if value is None and name == "attention_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.nope_layers, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.nope_layers):
+            raise ValueError(f"nope_layers must be a tuple of layer indices below {self.n_layers}, "
+                             f"got {self.nope_layers!r}")
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
         return self
@@ -79,6 +95,9 @@ class ModelConfig:
         for key, value in s.items():
             if key == "rope_type":
                 continue
+            if key in LONGROPE_LISTS:
+                self._validate_factor_list(key, value)
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
         if s["rope_type"] == "llama3":
@@ -87,3 +106,11 @@ class ModelConfig:
                     raise ValueError(f"llama3 rope_scaling needs {key!r}")
             if s["high_freq_factor"] <= s["low_freq_factor"]:
                 raise ValueError("llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+        if s["rope_type"] == "longrope" and "original_max_position_embeddings" not in s:
+            raise ValueError("longrope rope_scaling needs 'original_max_position_embeddings'")
+
+    def _validate_factor_list(self, key, value):
+        if not isinstance(value, (list, tuple)) or len(value) != self.n_rot // 2 or not all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in value):
+            raise ValueError(f"rope_scaling[{key!r}] must be a list of {self.n_rot // 2} positive numbers "
+                             f"(n_rot / 2), got {str(value)[:80]}")

@@ -1,29 +1,38 @@
-"""The Llama family (Llama 2/3, TinyLlama, Mistral, Qwen2) over backend primitives.
+"""The Llama-shaped decoder (Llama 2/3, TinyLlama, Mistral, Qwen2/3, Phi-3, Granite,
+OLMo 2, SmolLM3, GLM-4) over backend primitives.
 
-One definition: config switches biases (Qwen2), tied heads, rope style and rope
-scaling. The forward pass runs a flattened varlen batch against the paged KV
-cache, so one sequence or many take the same path.
+One definition; the model's tensors and config say what differs: q/k/v biases,
+q/k RMSNorms (per head or over the whole projection), which layer norms there are
+(pre-norms, post-norms on each block's output, or both), tied heads, rope style,
+partial rotary dims, rope scaling, layers without rope, and Granite's multipliers.
+The forward pass runs a flattened varlen batch against the paged KV cache, so one
+sequence or many take the same path.
 """
 import math
 from dataclasses import dataclass
 
-from pyforge.models.rope_scaling import freq_factors_for
+from pyforge.models.rope_scaling import freq_factors_for, longrope_attention_factor
 
 
 @dataclass
 class LayerWeights:
-    attn_norm: object
     wq: object
     wk: object
     wv: object
     wo: object
-    bq: object
-    bk: object
-    bv: object
-    ffn_norm: object
     w_gate: object
     w_up: object
     w_down: object
+    attn_norm: object = None         # pre-norms (None: the block reads the residual stream itself)
+    ffn_norm: object = None
+    attn_post_norm: object = None    # post-norms of the blocks' outputs
+    ffn_post_norm: object = None
+    bq: object = None
+    bk: object = None
+    bv: object = None
+    q_norm: object = None            # [head_dim] per head, or [n_heads * head_dim] over the projection
+    k_norm: object = None
+    use_rope: bool = True
 
 
 class LlamaModel:
@@ -38,33 +47,39 @@ class LlamaModel:
         self.output = backend.prepare_weight(head)
         self.layers = [self.load_layer(t, i) for i in range(cfg.n_layers)]
         self.freq_factors = freq_factors_for(cfg, t)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
+        self.rope_mscale = longrope_attention_factor(cfg)   # multiplies the rotated dims of q and of k
 
     def load_layer(self, t, i):
         b, p = self.backend, f"blk.{i}."
 
-        def bias(name):
+        def vector(name):
             return b.prepare_vector(t[p + name]) if p + name in t else None
 
         return LayerWeights(
-            attn_norm=b.prepare_vector(t[p + "attn_norm.weight"]),
             wq=b.prepare_weight(t[p + "attn_q.weight"]),
             wk=b.prepare_weight(t[p + "attn_k.weight"]),
             wv=b.prepare_weight(t[p + "attn_v.weight"]),
             wo=b.prepare_weight(t[p + "attn_output.weight"]),
-            bq=bias("attn_q.bias"),
-            bk=bias("attn_k.bias"),
-            bv=bias("attn_v.bias"),
-            ffn_norm=b.prepare_vector(t[p + "ffn_norm.weight"]),
             w_gate=b.prepare_weight(t[p + "ffn_gate.weight"]),
             w_up=b.prepare_weight(t[p + "ffn_up.weight"]),
             w_down=b.prepare_weight(t[p + "ffn_down.weight"]),
+            attn_norm=vector("attn_norm.weight"),
+            ffn_norm=vector("ffn_norm.weight"),
+            attn_post_norm=vector("post_attention_norm.weight"),
+            ffn_post_norm=vector("post_ffw_norm.weight"),
+            bq=vector("attn_q.bias"),
+            bk=vector("attn_k.bias"),
+            bv=vector("attn_v.bias"),
+            q_norm=vector("attn_q_norm.weight"),
+            k_norm=vector("attn_k_norm.weight"),
+            use_rope=i not in self.config.nope_layers,
         )
 
     def activation_bytes(self, n_tokens, n_rows):
         """The most activation memory one forward pass of n_tokens tokens with n_rows logits rows
         holds at once (the backend's activation dtype): what forward_device keeps alive, counted
-        from its code. Throughout: the residual stream x, the norm scratch h and the last MLP
+        from its code. Throughout: the residual stream x, the norm scratch h and the last block
         output; then the larger of attention's buffers (q, k, v, its output, wo's) and the MLP's
         (gate, up, w_down's); then the logits rows, their norm, the logits and a float32 copy of
         them for the host (counted on top, though they come after the layers)."""
@@ -82,7 +97,10 @@ class LlamaModel:
         """The forward pass over a batch already on the backend (prepare_batch's); logits stay there."""
         b = self.backend
         normed = self.final_hidden(batch, kv_cache)                                   # [rows, d]
-        return b.matmul(normed, self.output, b.empty((len(normed), self.config.vocab_size)))
+        logits = b.matmul(normed, self.output, b.empty((len(normed), self.config.vocab_size)))
+        if self.config.logit_scale != 1.0:
+            b.scale(logits, 1.0 / self.config.logit_scale)
+        return logits
 
     def hidden(self, batch, kv_cache):
         """The final hidden state [len(batch.logits_rows), hidden_size] (after the final norm,
@@ -96,30 +114,60 @@ class LlamaModel:
         cfg, b = self.config, self.backend
         n = batch.n_tokens
         x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
+        if cfg.embedding_scale != 1.0:
+            b.scale(x, cfg.embedding_scale)
         h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
-        mlp_out = None      # each residual add goes with the norm after it (one launch on cuda)
+        branch = None       # the last block's output, added to x with the norm after it (one launch on cuda)
         for i, layer in enumerate(self.layers):
-            if mlp_out is None:
-                b.rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
-            else:
-                b.add_rmsnorm(x, mlp_out, layer.attn_norm, cfg.rms_eps, h)
-            b.add_rmsnorm(x, self.attention(layer, h, batch, *kv_cache.layer(i)), layer.ffn_norm, cfg.rms_eps, h)
-            mlp_out = self.mlp(layer, h)
-        b.add_inplace(x, mlp_out)
+            attn_in = self.block_input(x, branch, layer.attn_norm, h)
+            branch = self.block_output(self.attention(layer, attn_in, batch, *kv_cache.layer(i)), layer.attn_post_norm)
+            mlp_in = self.block_input(x, branch, layer.ffn_norm, h)
+            branch = self.block_output(self.mlp(layer, mlp_in), layer.ffn_post_norm)
+        b.add_inplace(x, branch)
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
         return b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))      # [rows, d]
+
+    def block_input(self, x, branch, pre_norm, out):
+        """Adds the previous block's output to the residual stream x; returns the next block's
+        input: x normed into out, or x itself where the family has no pre-norm."""
+        b, eps = self.backend, self.config.rms_eps
+        if pre_norm is None:
+            if branch is not None:
+                b.add_inplace(x, branch)
+            return x
+        if branch is None:
+            return b.rmsnorm(x, pre_norm, eps, out)
+        return b.add_rmsnorm(x, branch, pre_norm, eps, out)
+
+    def block_output(self, y, post_norm):
+        """A block's output as the residual stream takes it: post-normed, scaled (in place)."""
+        if post_norm is not None:
+            self.backend.rmsnorm(y, post_norm, self.config.rms_eps, y)
+        if self.config.residual_scale != 1.0:
+            self.backend.scale(y, self.config.residual_scale)
+        return y
 
     def attention(self, layer, h, batch, k_cache, v_cache):
         cfg, b = self.config, self.backend
         n, hd = batch.n_tokens, cfg.head_dim
-        q = self.project(h, layer.wq, layer.bq).reshape(n, cfg.n_heads, hd)     # [n, H, hd]
-        k = self.project(h, layer.wk, layer.bk).reshape(n, cfg.n_kv_heads, hd)  # [n, KV, hd]
+        q = self.project(h, layer.wq, layer.bq)                                 # [n, H * hd]
+        k = self.project(h, layer.wk, layer.bk)                                 # [n, KV * hd]
         v = self.project(h, layer.wv, layer.bv).reshape(n, cfg.n_kv_heads, hd)  # [n, KV, hd]
-        b.rope(q, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors)
-        b.rope(k, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors)
+        if layer.q_norm is not None:
+            self.qk_norm(q, layer.q_norm)
+            self.qk_norm(k, layer.k_norm)
+        q, k = q.reshape(n, cfg.n_heads, hd), k.reshape(n, cfg.n_kv_heads, hd)  # [n, H, hd], [n, KV, hd]
+        if layer.use_rope:
+            b.rope(q, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors, self.rope_mscale)
+            b.rope(k, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors, self.rope_mscale)
         b.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
         attn = b.attention(q, k_cache, v_cache, batch, self.scale, b.empty(q.shape))  # [n, H, hd]
         return b.matmul(attn.reshape(n, -1), layer.wo, b.empty((n, cfg.hidden_size)))
+
+    def qk_norm(self, x, weight):
+        """RMSNorm of q or k [n, heads * hd] in place: per head or over the whole row, as long as the weight."""
+        rows = x.reshape(-1, weight.shape[0])
+        self.backend.rmsnorm(rows, weight, self.config.rms_eps, rows)
 
     def project(self, h, weight, bias):
         out = self.backend.matmul(h, weight, self.backend.empty((h.shape[0], weight.shape[0])))
@@ -133,3 +181,4 @@ class LlamaModel:
         up = b.matmul(h, layer.w_up, b.empty((n, self.config.ffn_size)))      # [n, ffn]
         act = b.silu_mul(gate, up, gate)
         return b.matmul(act, layer.w_down, b.empty((n, self.config.hidden_size)))
+

@@ -1,9 +1,10 @@
 """Model families as data: one entry per family holds its names (our `arch`, which
 is also GGUF's general.architecture; Hugging Face `architectures` and
-`model_type`), the config defaults transformers assumes, the rope style and bias
-layout of its files, and its model class. Adding a Llama-shaped family is one
-entry here; a new block shape is one model file plus its entry. Nothing outside
-this file and a family's model file asks which family a model is.
+`model_type`), the config defaults transformers assumes, the rope style, norm
+layout, tensor names and fused-tensor splits of its files, the config keys only
+it has, and its model class. Adding a Llama-shaped family is one entry here; a
+new block shape is one model file plus its entry. Nothing outside this file and
+a family's model file asks which family a model is.
 
 The tensor names are llama.cpp's GGUF names for every family here
 (pyforge/loader/names.py maps the Hugging Face ones to them).
@@ -15,9 +16,25 @@ from typing import Callable
 # transformers' defaults, where a config.json leaves a field out
 _ROPE_EPS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 
+# Which norms a decoder layer has (llama.cpp names): before each block (pre), on each
+# block's output before the residual add (post), or both (sandwich).
+PRE_NORM = ("attn_norm", "ffn_norm")
+POST_NORM = ("post_attention_norm", "post_ffw_norm")
+SANDWICH_NORM = PRE_NORM + POST_NORM
+
+# Fused tensors split into ours at load (rows in this order; GGUF phi3/glm4 store the
+# fused MLP under ffn_up, with the gate rows first).
+FUSED_QKV = ("attn_qkv.weight", ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
+FUSED_QKV_BIAS = ("attn_qkv.bias", ("attn_q.bias", "attn_k.bias", "attn_v.bias"))
+FUSED_GATE_UP = ("ffn_up.weight", ("ffn_gate.weight", "ffn_up.weight"))
+
 
 def _no_biases(config):
     return {"attention_bias": False, "mlp_bias": False}
+
+
+def _none(*_):
+    return {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,14 +44,74 @@ class Family:
     hf_model_type: str                      # config.json "model_type"
     hf_defaults: dict = field(default_factory=dict)
     gguf_rope_neox: bool = False            # GGUF Q/K rows as stored: False: permuted for interleaved rope
+    hf_rope_neox: bool = True               # HF Q/K rows: True: rotate-half pairs; False: interleaved (GLM-4)
     qkv_bias: bool = False                  # q/k/v projections have biases (o_proj never does)
+    qk_norm: str | None = None              # RMSNorm of q, k before rope: "head" (per head) | "full" (whole row)
+    norms: tuple = PRE_NORM                 # the layer norms (PRE_NORM, POST_NORM or SANDWICH_NORM)
+    fused: tuple = ()                       # (fused name, (part names)) its files hold: split by rows at load
+    hf_layer_names: dict = field(default_factory=dict)   # HF layer tensor name -> ours, where it differs from Llama's
     context_is_sliding_window: bool = False  # config.json sliding_window caps the context (we attend to all)
     hf_config_extras: Callable = _no_biases  # what a written config.json adds for this family
+    hf_options: Callable = _none             # config.json dict -> extra ModelConfig fields of this family
+    gguf_options: Callable = _none           # (metadata reader, n_layers) -> extra ModelConfig fields
+    gguf_extras: Callable = _none            # ModelConfig -> {GGUF key suffix: value} a written file adds
     model_class_path: str = "pyforge.models.llama:LlamaModel"
 
     def model_class(self):
         module, name = self.model_class_path.split(":")
         return getattr(importlib.import_module(module), name)
+
+
+# -- family-specific config keys ----------------------------------------------
+def _granite_hf(cfg):
+    return {"embedding_scale": cfg.get("embedding_multiplier", 1.0),
+            "residual_scale": cfg.get("residual_multiplier", 1.0),
+            "attention_scale": cfg.get("attention_multiplier", 1.0),
+            "logit_scale": cfg.get("logits_scaling", 1.0)}
+
+
+def _granite_gguf(number, n_layers):
+    return {"embedding_scale": number("embedding_scale", float, 1.0),
+            "residual_scale": number("residual_scale", float, 1.0),
+            "attention_scale": number("attention.scale", float, 1.0),
+            "logit_scale": number("logit_scale", float, 1.0)}
+
+
+def _granite_config_json(c):
+    return {**_no_biases(c), "embedding_multiplier": c.embedding_scale, "residual_multiplier": c.residual_scale,
+            "attention_multiplier": c.attention_scale, "logits_scaling": c.logit_scale}
+
+
+def _granite_gguf_keys(c):
+    return {"embedding_scale": c.embedding_scale, "residual_scale": c.residual_scale,
+            "attention.scale": c.attention_scale, "logit_scale": c.logit_scale}
+
+
+SMOLLM3_NOPE_INTERVAL = 4     # every 4th layer skips rope (llama.cpp's fixed step; transformers' default)
+
+
+def _interval_nope_layers(n_layers, interval=SMOLLM3_NOPE_INTERVAL):
+    return tuple(i for i in range(n_layers) if (i + 1) % interval == 0)
+
+
+def _smollm3_hf(cfg):
+    """transformers' no_rope_layers[i] is 1 where layer i *uses* rope (0: NoPE)."""
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", SMOLLM3_NOPE_INTERVAL)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"no_rope_layer_interval must be a positive integer, got {interval!r}")
+        return {"nope_layers": _interval_nope_layers(cfg.get("num_hidden_layers", 0), interval)}
+    n_layers = cfg.get("num_hidden_layers")
+    if not isinstance(flags, list) or len(flags) != n_layers or not all(f in (0, 1) for f in flags):
+        raise ValueError(f"no_rope_layers must be a list of 0/1 flags, one per layer ({n_layers}), "
+                         f"got {str(flags)[:80]}")
+    return {"nope_layers": tuple(i for i, use_rope in enumerate(flags) if not use_rope)}
+
+
+def _smollm3_config_json(c):
+    return {**_no_biases(c), "no_rope_layers": [int(i not in c.nope_layers) for i in range(c.n_layers)],
+            "use_sliding_window": False}
 
 
 FAMILIES = {f.arch: f for f in (
@@ -45,6 +122,36 @@ FAMILIES = {f.arch: f for f in (
            gguf_rope_neox=True, qkv_bias=True,
            hf_config_extras=lambda c: {"use_sliding_window": False, "sliding_window": None,
                                        "max_window_layers": c.n_layers}),
+    Family("qwen3", ("Qwen3ForCausalLM",), "qwen3",
+           {"max_position_embeddings": 32768, "head_dim": 128, **_ROPE_EPS},
+           gguf_rope_neox=True, qk_norm="head",
+           hf_config_extras=lambda c: {**_no_biases(c), "use_sliding_window": False, "sliding_window": None,
+                                       "max_window_layers": c.n_layers}),
+    Family("phi3", ("Phi3ForCausalLM",), "phi3", {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                                                  "rope_theta": 10000.0},
+           gguf_rope_neox=True, fused=(FUSED_QKV, FUSED_GATE_UP),
+           hf_layer_names={"self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"},
+           hf_config_extras=lambda c: {"sliding_window": None}),
+    Family("granite", ("GraniteForCausalLM",), "granite", {"max_position_embeddings": 2048, **_ROPE_EPS},
+           hf_config_extras=_granite_config_json, hf_options=_granite_hf, gguf_options=_granite_gguf,
+           gguf_extras=_granite_gguf_keys),
+    Family("olmo2", ("Olmo2ForCausalLM",), "olmo2", {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                                                     "rope_theta": 10000.0},
+           gguf_rope_neox=True, qk_norm="full", norms=POST_NORM,
+           hf_layer_names={"post_attention_layernorm.weight": "post_attention_norm.weight",
+                           "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}),
+    Family("smollm3", ("SmolLM3ForCausalLM",), "smollm3", {"max_position_embeddings": 32768, **_ROPE_EPS},
+           hf_config_extras=_smollm3_config_json, hf_options=_smollm3_hf,
+           gguf_options=lambda number, n_layers: {"nope_layers": _interval_nope_layers(n_layers)}),
+    Family("glm4", ("Glm4ForCausalLM",), "glm4",
+           {"max_position_embeddings": 131072, "head_dim": 128, "partial_rotary_factor": 0.5,
+            "rms_norm_eps": 1.5625e-07, "rope_theta": 10000.0},
+           hf_rope_neox=False, qkv_bias=True, norms=SANDWICH_NORM, fused=(FUSED_GATE_UP,),
+           hf_layer_names={"post_self_attn_layernorm.weight": "post_attention_norm.weight",
+                           "post_attention_layernorm.weight": "ffn_norm.weight",
+                           "post_mlp_layernorm.weight": "post_ffw_norm.weight",
+                           "mlp.gate_up_proj.weight": "ffn_up.weight"},
+           hf_config_extras=lambda c: {"attention_bias": True, "partial_rotary_factor": c.n_rot / c.head_dim}),
 )}
 SUPPORTED = ", ".join(FAMILIES)
 

@@ -4,7 +4,8 @@ Every test runs twice: `emulated` puts tests/emulated_cupy.py (numpy arrays,
 and cuda/*.cu run on the CPU by build_tools/cuda_emulator) under the backend,
 so the backend and its kernels are checked on any machine; `device` uses real CuPy on a GPU and is skipped, with
 the reason, where there is none. Models: the synthetic `small-k` shape (head
-dim 64, GQA 4/2, every row a multiple of 256, 32000-token vocabulary).
+dim 64, GQA 4/2, every row a multiple of 256, 32000-token vocabulary), and tiny
+models of the other families (head dim 32) for what they add on the backend.
 
 Bounds on logits, as relative L2 error ||ours - ref|| / ||ref|| per batch:
   vs the CPU backend (float32 activations; its quantized matmuls quantize
@@ -22,6 +23,7 @@ where the CPU's top-two logits are closer than twice the largest CUDA-vs-CPU
 logit difference measured at that very position (fp16 can flip those; on a
 random-weight model with a 32000-token vocabulary that happens now and then).
 """
+import dataclasses
 import sys
 import types
 
@@ -37,7 +39,7 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence
 from pyforge.ggml_types import GGMLType
 from pyforge.loader import TensorRef
-from pyforge.synthetic import ensure_model, quantize, write_hf_folder
+from pyforge.synthetic import CONFIGS, ensure_model, quantize, write_hf_folder
 
 IMPLS = ["emulated", "device"]
 FORMATS = {"F32": 5e-3, "F16": 5e-3, "BF16": 5e-3, "Q8_0": 4e-2, "Q4_K_M": 4e-2, "Q6_K": 4e-2}
@@ -160,6 +162,43 @@ def test_logits_match_transformers(impl, tmp_path):
         assert err < TRANSFORMERS_BOUND
 
 
+def cuda_shaped(name):
+    """A tiny family config with head_dim 32 (the CUDA attention kernels' multiple)."""
+    cfg = CONFIGS[name]
+    return dataclasses.replace(cfg, hidden_size=128, head_dim=32, n_rot=32 * cfg.n_rot // cfg.head_dim)
+
+
+# What the families add on the backend: q/k RMSNorm in place over per-head rows (Qwen3) and
+# whole rows (OLMo 2), post-norms in place and blocks without pre-norm (OLMo 2, GLM-4), the
+# scale primitive (Granite), partial interleaved rope with biases (GLM-4), NoPE layers (SmolLM3),
+# rope's mscale on partially rotated heads (longrope; prompts past its pretraining length of 64,
+# where transformers too takes the long factors).
+CUDA_FAMILIES = ["tiny-qwen3", "tiny-olmo2", "tiny-granite", "tiny-glm4", "tiny-smollm3", "tiny-phi4-mini"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CUDA_FAMILIES)
+def test_families_match_transformers(impl, name, tmp_path):
+    torch = require_module("torch")
+    transformers = require_module("transformers")
+    folder = write_hf_folder(cuda_shaped(name), tmp_path / "hf", dtype="float32", seed=8)
+    cuda = with_cupy(impl, lambda: Engine(str(folder), device="cuda", **ENGINE_ARGS))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    for ids in prompts(cuda.config.vocab_size, seed=9, lengths=(70, 100) if cuda.config.rope_scaling else (1, 40)):
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0].double().numpy()
+        err = rel_err(cuda.prompt_logits(ids), expected)
+        print(f"{impl} {name} vs transformers, prompt of {len(ids)}: rel err {err:.2e}")
+        assert err < TRANSFORMERS_BOUND
+    # one varlen batch after cached prefixes: a prefill from scratch, a chunk, a decode row
+    cpu = Engine(str(folder), device="cpu", **ENGINE_ARGS)
+    lists = prompts(cpu.config.vocab_size, seed=10, lengths=(23, 80, 70))
+    steps = [[(1, 65), (2, 69)], [(0, 23), (1, 15), (2, 1)]]
+    err = rel_err(run_plans(cuda, lists, steps), run_plans(cpu, lists, steps))
+    print(f"{impl} {name} mixed batch vs cpu: rel err {err:.2e}")
+    assert err < FORMATS["F32"]
+
+
 # -- generation ----------------------------------------------------------------
 def assert_greedy_agrees(ours, expected, prompt, cuda, cpu):
     if ours == expected:
@@ -265,6 +304,23 @@ def test_graph_generation_matches_cpu(engines, impl):
             assert_greedy_agrees(a, b, ids, cuda, cpu)
     assert cuda.backend.graphs.replays - replays == 2 * 7   # per batch: 1 prefill step, 7 decode steps
     assert cuda.block_manager.num_free == cuda.block_manager.n_blocks   # nothing leaked
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["tiny-granite", "tiny-olmo2"])
+def test_family_graph_generation_matches_cpu(impl, name, tmp_path):
+    """Granite's scales (embeddings, residuals, logits) and OLMo 2's post-norms inside captured
+    decode graphs: 3 sequences, 8 tokens each."""
+    folder = write_hf_folder(cuda_shaped(name), tmp_path / "hf", dtype="float32", seed=11)
+    cuda = with_cupy(impl, lambda: Engine(str(folder), device="cuda", cuda_graphs=True, **ENGINE_ARGS))
+    cpu = Engine(str(folder), device="cpu", **ENGINE_ARGS)
+    replays = cuda.backend.graphs.replays
+    lists = prompts(cpu.config.vocab_size, seed=12, lengths=(9, 31, 4))
+    ours, expected = generate_batch(cuda, lists, 8), generate_batch(cpu, lists, 8)
+    for a, b, ids in zip(ours, expected, lists):
+        assert len(a) == 8
+        assert_greedy_agrees(a, b, ids, cuda, cpu)
+    assert cuda.backend.graphs.replays - replays == 7
 
 
 def test_graphs_take_only_small_decode_batches():

@@ -175,15 +175,15 @@ def test_add_rmsnorm(t, n, d):
     check(out, ref, rtol, 1e-5 * np.abs(ref).max())
 
 
-def rope_ref(x, pos, n_rot, theta, neox, ff):
-    """x [n_tok, n_heads, hd] float64, rotated as native/ops_kernels.c does."""
+def rope_ref(x, pos, n_rot, theta, neox, ff, mscale=1.0):
+    """x [n_tok, n_heads, hd] float64, rotated (and the rotated dims scaled) as native/ops_kernels.c does."""
     x = x.copy()
     half = n_rot // 2
     inv = theta ** (-2.0 * np.arange(half) / n_rot)
     if ff is not None:
         inv = inv / ff
     a = pos[:, None].astype(np.float64) * inv  # [n_tok, half]
-    c, s = np.cos(a)[:, None, :], np.sin(a)[:, None, :]
+    c, s = mscale * np.cos(a)[:, None, :], mscale * np.sin(a)[:, None, :]
     i0 = np.arange(half) if neox else 2 * np.arange(half)
     i1 = i0 + half if neox else i0 + 1
     x0, x1 = x[:, :, i0].copy(), x[:, :, i1].copy()
@@ -201,10 +201,13 @@ def test_rope(t, neox, with_ff, n_tok, n_heads, hd, n_rot):
     x = rng.standard_normal((n_tok, n_heads, hd)).astype(dtype)
     pos = rng.integers(0, 100_000, n_tok).astype(np.int32)
     ff = rng.uniform(1.0, 8.0, n_rot // 2).astype(np.float32) if with_ff else None
-    ref = rope_ref(x.astype(np.float64), pos, n_rot, 10000.0, neox, None if ff is None else ff.astype(np.float64))
+    mscale = 1.19 if with_ff else 1.0     # longrope's attention factor comes with its factors
+    ref = rope_ref(x.astype(np.float64), pos, n_rot, 10000.0, neox, None if ff is None else ff.astype(np.float64),
+                   mscale)
     xd = cupy.asarray(x)
     launch("norm_rope", f"rope_{t}", (n_tok,), 128, xd, cupy.asarray(pos), np.int32(n_heads), np.int32(hd),
-           np.int32(n_rot), np.float32(10000.0), np.int32(neox), NULL if ff is None else cupy.asarray(ff))
+           np.int32(n_rot), np.float32(10000.0), np.int32(neox), NULL if ff is None else cupy.asarray(ff),
+           np.float32(mscale))
     check(xd, ref, rtol, 4 * rtol * np.abs(ref).max())  # in place: no poisoning, every value is compared
 
 
@@ -224,6 +227,10 @@ def test_elementwise(t, n):
     x = cupy.asarray(g)
     launch("norm_rope", f"add_inplace_{t}", elementwise_grid(n), 256, x, cupy.asarray(u), np.int64(n))
     check(x, g64 + u64, rtol, 1e-7)
+
+    x = cupy.asarray(g)
+    launch("norm_rope", f"scale_{t}", elementwise_grid(n), 256, x, np.float32(0.37), np.int64(n))
+    check(x, g64 * np.float64(np.float32(0.37)), rtol, 1e-7)
 
     d = 1 if n == 1 else 1000
     bias = rng.standard_normal(d).astype(np.float32)

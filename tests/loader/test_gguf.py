@@ -147,6 +147,38 @@ def test_micro_builder_is_valid(tmp_path):
         assert mf.tensors["blk.0.ffn_down.weight"].data[1, 0] == 16.0
 
 
+def test_fused_qkv_splits_into_row_views(tmp_path):
+    """llama.cpp loads a fused attn_qkv for any family: so do we, as zero-copy row views."""
+    path = tmp_path / "fused.gguf"
+    path.write_bytes(micro(MICRO_TENSORS[:4] + [("blk.0.attn_qkv.weight", (24, 8))] + MICRO_TENSORS[7:]))
+    with load_model_file(path) as mf:
+        fused = np.arange(24 * 8, dtype=np.float32).reshape(24, 8)
+        for i, part in enumerate(("attn_q", "attn_k", "attn_v")):
+            t = mf.tensors[f"blk.0.{part}.weight"]
+            assert t.shape == (8, 8) and np.array_equal(t.data, fused[8 * i:8 * (i + 1)])
+            assert not t.data.flags.owndata
+        assert "blk.0.attn_qkv.weight" not in mf.tensors
+
+
+def test_phi3_quantized_fused_tensors_split_by_rows(tmp_path):
+    """Phi-3's attn_qkv and gate+up ffn_up in Q8_0: each part is its rows' blocks, byte for byte."""
+    gguf = require_module("gguf")
+    from pyforge.synthetic import CONFIGS, write_gguf
+    cfg = CONFIGS["tiny-phi3"]
+    path = write_gguf("tiny-phi3", tmp_path / "phi3.gguf", "Q8_0", seed=2)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    with load_model_file(path) as mf:
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            qkv, gate_up = stored[p + "attn_qkv.weight"], stored[p + "ffn_up.weight"]
+            q, kv = cfg.q_dim, cfg.kv_dim
+            for name, rows in (("attn_q", qkv[:q]), ("attn_k", qkv[q:q + kv]), ("attn_v", qkv[q + kv:]),
+                               ("ffn_gate", gate_up[:cfg.ffn_size]), ("ffn_up", gate_up[cfg.ffn_size:])):
+                t = mf.tensors[p + name + ".weight"]
+                assert t.ggml_type == GGMLType.Q8_0 and np.array_equal(t.data, rows), name
+            assert p + "attn_qkv.weight" not in mf.tensors
+
+
 def header_only(kvs, n_kv=None):
     return build(kvs, [], n_kv=n_kv)
 
@@ -204,6 +236,12 @@ HOSTILE = {
     "unsupported-arch": (micro(kvs=[kv_str("general.architecture", "gpt2")] + MICRO_KV[1:]), ["architecture"]),
     "absurd-config": (micro(kvs=MICRO_KV[:2] + [kv_u32("llama.block_count", 1 << 30)] + MICRO_KV[3:]),
                       ["n_layers"]),
+    "fused-qkv-wrong-rows": (micro(MICRO_TENSORS[:4] + [("blk.0.attn_qkv.weight", (20, 8))] + MICRO_TENSORS[7:]),
+                             ["fused tensor blk.0.attn_qkv.weight", "(20, 8)", "expected (24, 8)"]),
+    "fused-and-separate": (micro(MICRO_TENSORS + [("blk.0.attn_qkv.weight", (24, 8))]),
+                           ["blk.0.attn_q.weight", "both fused"]),
+    "one-longrope-factor": (micro(MICRO_TENSORS + [("rope_factors_long.weight", (2,))]),
+                            ["missing tensor rope_factors_short.weight"]),
 }
 
 

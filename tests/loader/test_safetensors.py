@@ -129,18 +129,61 @@ def test_config_matches_transformers(path):
             assert scaling[key] == value, key
 
 
-def test_synthetic_configs_match_transformers(tmp_path):
+FAMILY_CONFIGS = ["tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-qwen3-mha", "tiny-phi3", "tiny-phi3-longrope",
+                  "tiny-phi4-mini",
+                  "tiny-granite", "tiny-olmo2", "tiny-smollm3", "tiny-smollm3-nope", "tiny-glm4"]
+
+
+def rotary_dims(ref):
+    factor = (getattr(ref, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    return int(ref.head_dim * (factor or getattr(ref, "partial_rotary_factor", None) or 1.0))
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_synthetic_configs_match_transformers(name, tmp_path):
+    """transformers reads the config.json we write as we do (family keys included)."""
     transformers = require_module("transformers")
     from pyforge.synthetic import CONFIGS, hf_config_dict
 
-    for name in ("tiny-qwen2", "tiny-llama3"):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(hf_config_dict(CONFIGS[name])))
-        ref = transformers.AutoConfig.from_pretrained(str(d))
-        ours = config_from_hf(json.loads((d / "config.json").read_text()))
-        assert ours.head_dim == ref.head_dim and ours.rope_theta == hf_field(ref, "rope_theta")
-        assert ours.tie_embeddings == ref.tie_word_embeddings
+    cfg = CONFIGS[name]
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
+    ref = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    ours = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert ours == cfg
+    assert ours.head_dim == ref.head_dim and ours.rope_theta == hf_field(ref, "rope_theta")
+    assert ours.tie_embeddings == ref.tie_word_embeddings and ours.n_rot == rotary_dims(ref)
+    assert ours.nope_layers == tuple(i for i, rope in enumerate(getattr(ref, "no_rope_layers", [])) if not rope)
+    for ours_name, hf_name in (("embedding_scale", "embedding_multiplier"), ("residual_scale", "residual_multiplier"),
+                               ("attention_scale", "attention_multiplier"), ("logit_scale", "logits_scaling")):
+        if hasattr(ref, hf_name):
+            assert getattr(ours, ours_name) == getattr(ref, hf_name), hf_name
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_configs_saved_by_transformers_read_the_same(name, tmp_path):
+    """The installed transformers writes its own keys (5.x: rope_parameters, dtype, layer_types;
+    4.x: rope_theta, rope_scaling, torch_dtype): the same model either way."""
+    transformers = require_module("transformers")
+    from pyforge.synthetic import CONFIGS, hf_config_dict
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(CONFIGS[name])))
+    transformers.AutoConfig.from_pretrained(str(tmp_path)).save_pretrained(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert "rope_parameters" in saved and "dtype" in saved
+    assert config_from_hf(saved) == CONFIGS[name]
+
+
+def test_layer_types_with_a_sliding_layer_cap_the_context():
+    from pyforge.synthetic import CONFIGS, hf_config_dict
+
+    written = {**hf_config_dict(CONFIGS["tiny-qwen3"]), "sliding_window": 512}
+    assert config_from_hf({**written, "layer_types": ["full_attention"] * 2}).context_length == 2048
+    assert config_from_hf({**written, "layer_types": ["full_attention", "sliding_attention"]}).context_length == 512
+    with pytest.raises(ModelFileError, match="layer_types"):
+        config_from_hf({**written, "layer_types": ["full_attention", "chunked_attention"]})
+    with pytest.raises(ModelFileError, match="layer_types"):
+        config_from_hf({**written, "layer_types": ["full_attention"]})
 
 
 # -- hostile safetensors files --------------------------------------------------
@@ -288,3 +331,38 @@ def test_hostile_folder(case, tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(ModelFileError, match="no config.json"):
         load_model_file(tmp_path)
+
+
+def test_phi3_fused_tensors_split_at_load(tmp_path):
+    """qkv_proj and gate_up_proj become our q/k/v and gate/up weights: row views of the file."""
+    st = require_module("safetensors.numpy")
+    from pyforge.synthetic import CONFIGS, write_hf_folder
+
+    cfg = CONFIGS["tiny-phi3"]
+    folder = write_hf_folder("tiny-phi3", tmp_path / "phi3", seed=3)
+    hf = st.load_file(str(folder / "model.safetensors"))
+    with load_model_file(folder) as mf:
+        qkv, gate_up = hf["model.layers.1.self_attn.qkv_proj.weight"], hf["model.layers.1.mlp.gate_up_proj.weight"]
+        q, kv = cfg.q_dim, cfg.kv_dim
+        for name, rows in (("attn_q", qkv[:q]), ("attn_k", qkv[q:q + kv]), ("attn_v", qkv[q + kv:]),
+                           ("ffn_gate", gate_up[:cfg.ffn_size]), ("ffn_up", gate_up[cfg.ffn_size:])):
+            assert np.array_equal(mf.tensors[f"blk.1.{name}.weight"].data, rows), name
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
+    expect_error(folder, ["fused tensor blk.0.attn_qkv.weight", "(192, 64)", "expected (128, 64)"])
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"torch_dtype": 16}, ["torch_dtype must be a string"]),
+    ({"dtype": ["float32"]}, ["dtype must be a string"]),
+    ({"no_rope_layers": [1, 2, 1, 1]}, ["no_rope_layers", "0/1 flags"]),
+    ({"no_rope_layers": None, "no_rope_layer_interval": 0}, ["no_rope_layer_interval"]),
+    ({"no_rope_layers": [1, 1, 1]}, ["no_rope_layers", "one per layer (4)"]),
+])
+def test_bad_family_keys(change, words):
+    from pyforge.synthetic import CONFIGS, hf_config_dict
+
+    with pytest.raises(ModelFileError) as err:
+        config_from_hf({**hf_config_dict(CONFIGS["tiny-smollm3"]), **change})
+    for w in words:
+        assert w in str(err.value)

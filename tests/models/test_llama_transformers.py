@@ -1,5 +1,9 @@
 """Logits against Hugging Face transformers (torch, CPU, float32) on synthetic
-safetensors models: GQA, MHA, Qwen2 biases + tied head, Llama 3 rope scaling."""
+safetensors models: GQA, MHA, Qwen2 biases + tied head, Llama 3 rope scaling, and
+two configs of each other family models/llama.py runs (Qwen3's per-head q/k norms
+and head_dim apart from hidden / heads, Phi-3's fused tensors, Granite's
+multipliers, OLMo 2's post-norms and whole-projection q/k norms, SmolLM3's NoPE
+layers, GLM-4's partial interleaved rope, biases and sandwich norms)."""
 import numpy as np
 import pytest
 
@@ -9,7 +13,10 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence
 from pyforge.synthetic import write_hf_folder
 
-CONFIGS = ["tiny-gqa", "tiny-mha", "tiny-qwen2", "tiny-llama3"]
+CONFIGS = ["tiny-gqa", "tiny-mha", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-qwen3-mha", "tiny-phi3",
+           "tiny-granite", "tiny-granite-mha", "tiny-olmo2", "tiny-olmo2-gqa", "tiny-smollm3", "tiny-smollm3-nope",
+           "tiny-glm4", "tiny-glm4-mha"]
+GREEDY_TOKENS = 32
 REL_TOL = 1e-4
 
 
@@ -82,10 +89,10 @@ def test_flattened_batch_with_cached_prefix_matches(pair):
 def test_greedy_generation_matches(pair):
     engine, reference = pair
     ids = prompts(engine.config.vocab_size, seed=3)[2]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
     ours = [out.token_id for out in engine.generate(ids, params)]
     expected, context = [], list(ids)
-    for _ in range(8):
+    for _ in range(GREEDY_TOKENS):
         nxt = int(np.argmax(reference(context)[-1]))
         expected.append(nxt)
         context.append(nxt)

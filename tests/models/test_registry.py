@@ -9,7 +9,7 @@ import pytest
 
 from pyforge.loader.hf import config_from_hf
 from pyforge.models.llama import LlamaModel
-from pyforge.models.registry import FAMILIES, family, family_of_hf_config
+from pyforge.models.registry import FAMILIES, SUPPORTED, family, family_of_hf_config
 from pyforge.synthetic import CONFIGS, hf_config_dict
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pyforge"
@@ -30,7 +30,8 @@ def test_lookups():
     assert family_of_hf_config({"architectures": ["MistralForCausalLM"]}).arch == "mistral"
     assert family_of_hf_config({"architectures": ["SomethingElse"], "model_type": "llama"}).arch == "llama"
     assert family_of_hf_config({"model_type": "gpt2"}) is None
-    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2' \(supported: llama, mistral, qwen2\)"):
+    assert SUPPORTED.startswith("llama, mistral, qwen2, qwen3")
+    with pytest.raises(ValueError, match=re.escape(f"unsupported architecture 'gpt2' (supported: {SUPPORTED})")):
         family("gpt2")
 
 

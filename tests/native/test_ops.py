@@ -54,15 +54,15 @@ def test_rmsnorm_in_place():
 
 # -- rope ------------------------------------------------------------------------
 
-def rope_ref(x, positions, n_rot, theta, neox, freq_factors=None):
-    """float64 rope from the definition: pair i turns by pos * theta^(-2i/n_rot) / ff[i]."""
+def rope_ref(x, positions, n_rot, theta, neox, freq_factors=None, mscale=1.0):
+    """float64 rope from the definition: pair i turns by pos * theta^(-2i/n_rot) / ff[i], times mscale."""
     out = x.astype(np.float64).copy()
     half = n_rot // 2
     inv = theta ** (-2.0 * np.arange(half) / n_rot)
     if freq_factors is not None:
         inv = inv / freq_factors.astype(np.float64)
     ang = positions.astype(np.float64)[:, None] * inv[None, :]  # [n_tok, half]
-    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    c, s = mscale * np.cos(ang)[:, None, :], mscale * np.sin(ang)[:, None, :]
     i0 = np.arange(half) if neox else 2 * np.arange(half)
     i1 = i0 + half if neox else i0 + 1
     x0, x1 = out[..., i0].copy(), out[..., i1].copy()
@@ -117,6 +117,20 @@ def test_rope_freq_factors_and_large_positions(neox):
     ref = rope_ref(x, positions, 64, 500000.0, neox, ff)
     ops.rope(x, positions, 64, 500000.0, neox, ff, 2)
     assert rel_err(x, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_mscale_scales_only_the_rotated_dims(neox):
+    """Longrope's attention factor (llama.cpp's attn_factor) on a partially rotated head."""
+    rng = np.random.default_rng(7)
+    x = randn(rng, 11, 3, 64)
+    positions = rng.integers(0, 5000, 11).astype(np.int32)
+    ff = rng.uniform(1.0, 8.0, 24).astype(np.float32)
+    ref = rope_ref(x, positions, 48, 10000.0, neox, ff, mscale=1.19)
+    ops.rope(x, positions, 48, 10000.0, neox, ff, 2, 1.19)
+    assert rel_err(x, ref) < REL_TOL
+    with pytest.raises(ValueError, match="mscale"):
+        ops.rope(x, positions, 48, 10000.0, neox, ff, 2, 0.0)
 
 
 # -- elementwise -----------------------------------------------------------------

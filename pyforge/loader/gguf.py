@@ -379,10 +379,14 @@ def config_from_gguf(path, meta, tensors):
     head_dim = number("attention.key_length", int, hidden // n_heads)
     if number("attention.value_length", int, head_dim) != head_dim:
         fail("attention.value_length differs from attention.key_length (unsupported)")
-    return ModelConfig(
+    n_layers = number("block_count", int)
+    options = fam.gguf_options(number, n_layers)
+    if fam.window_all_layers and number("attention.sliding_window", int, 0) > 0:
+        options.update(sliding_window=number("attention.sliding_window", int), sliding_layers=tuple(range(n_layers)))
+    fields = dict(
         arch=arch,
         hidden_size=hidden,
-        n_layers=number("block_count", int),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=number("attention.head_count_kv", int, n_heads),
         head_dim=head_dim,
@@ -397,6 +401,7 @@ def config_from_gguf(path, meta, tensors):
         tie_embeddings="output.weight" not in tensors,
         attn_bias="blk.0.attn_q.bias" in tensors,
     )
+    return ModelConfig(**{**fields, **options})
 
 
 def _rope_scaling(meta, arch, number):

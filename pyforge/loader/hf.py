@@ -6,11 +6,15 @@ files are), so every HF model gets rope_neox=True.
 import json
 import os
 
-from pyforge.loader import ModelFile, ModelFileError, check_tensors, validated
+import numpy as np
+
+from pyforge.dequant import to_float32
+from pyforge.ggml_types import GGMLType
+from pyforge.loader import ModelFile, ModelFileError, TensorRef, check_tensors, validated
 from pyforge.loader.names import IGNORE, canonical_to_hf, hf_to_canonical
 from pyforge.loader.safetensors import read_safetensors
 from pyforge.models.config import ModelConfig
-from pyforge.models.registry import FAMILIES, family_of_hf_config
+from pyforge.models.registry import FAMILIES, family, family_of_hf_config
 
 MAX_JSON = 64 * 1000 * 1000
 INDEX = "model.safetensors.index.json"
@@ -55,7 +59,7 @@ def config_from_hf(cfg, path="config.json"):
             fail(f"config.json {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
         return kind(v)
 
-    if cfg.get("hidden_act", "silu") != "silu":
+    if fam.ffn_act == "silu" and cfg.get("hidden_act", "silu") != "silu":
         fail(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
     if cfg.get("mlp_bias"):
         fail("mlp_bias is not supported")
@@ -68,15 +72,17 @@ def config_from_hf(cfg, path="config.json"):
     head_dim = get("head_dim", int, hidden // n_heads)
     rotary = get("partial_rotary_factor", float, 1.0)
     theta, scaling = _rope(cfg, fail, defaults)
-    context = get("max_position_embeddings", int)
-    window = cfg.get("sliding_window")
-    if fam.context_is_sliding_window and isinstance(window, int) and not isinstance(window, bool) and \
-            0 < window < context:
-        context = window      # we attend to the whole context: exact only up to the window
-    config = ModelConfig(
+    n_layers = get("num_hidden_layers", int)
+    try:
+        options = fam.hf_options(cfg)
+    except ValueError as e:
+        fail(str(e))
+    if fam.window_all_layers:
+        options.update(_window_all_layers(cfg, defaults, n_layers, fail))
+    fields = dict(
         arch=fam.arch,
         hidden_size=hidden,
-        n_layers=get("num_hidden_layers", int),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads", int, n_heads),
         head_dim=head_dim,
@@ -87,11 +93,21 @@ def config_from_hf(cfg, path="config.json"):
         n_rot=int(head_dim * rotary) // 2 * 2,
         rope_neox=True,
         rope_scaling=scaling,
-        context_length=context,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        context_length=get("max_position_embeddings", int),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
         attn_bias=fam.qkv_bias,
     )
-    return validated(path, config)
+    return validated(path, ModelConfig(**{**fields, **options}))
+
+
+def _window_all_layers(cfg, defaults, n_layers, fail):
+    """sliding_window on every layer (Mistral); an explicit null, or none, means no window."""
+    window = cfg["sliding_window"] if "sliding_window" in cfg else defaults.get("sliding_window")
+    if window is None:
+        return {}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        fail(f"config.json sliding_window must be a non-negative integer or null, got {window!r}")
+    return {"sliding_window": window, "sliding_layers": tuple(range(n_layers)) if window else ()}
 
 
 def _rope(cfg, fail, defaults):
@@ -125,6 +141,7 @@ def load_hf_folder(folder):
     if not os.path.isfile(config_path):
         raise ModelFileError(folder, "not a model folder: no config.json (expected a GGUF file or a HF folder)")
     config = config_from_hf(read_json(config_path, "config.json"), config_path)
+    fam = family(config.arch)
     files, index = _shard_files(folder)
     opened, tensors = [], {}
     try:
@@ -134,7 +151,7 @@ def load_hf_folder(folder):
             for name in sf.entries:
                 if index is not None and index.get(name, fname) != fname:
                     raise ModelFileError(sf.path, f"tensor {name} is listed in {INDEX} under {index[name]}")
-                canon = hf_to_canonical(name)
+                canon = hf_to_canonical(name, fam)
                 if canon is None:
                     raise ModelFileError(sf.path, f"unexpected tensor {name} (not part of a {config.arch} model)")
                 if canon == IGNORE:
@@ -149,7 +166,9 @@ def load_hf_folder(folder):
                 raise ModelFileError(os.path.join(folder, INDEX), f"lists tensor {missing[0]} that no shard holds")
         if config.tie_embeddings:
             tensors.pop("output.weight", None)     # some tied checkpoints save the head too
-        check_tensors(folder, config, tensors, file_name=_hf_name)
+        check_tensors(folder, config, tensors, file_name=lambda canonical: _hf_name(canonical, fam))
+        if fam.hf_norm_offset:
+            _offset_norms(tensors, fam.hf_norm_offset)
     except BaseException:
         tensors = None
         for sf in opened:
@@ -184,8 +203,16 @@ def _shard_files(folder):
     return files, None
 
 
-def _hf_name(canonical):
+def _offset_norms(tensors, offset):
+    """A family whose RMSNorm multiplies by (offset + w) stores w in HF files: hand the model
+    offset + w (float32), as llama.cpp's GGUF files store it."""
+    for name, ref in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = TensorRef(name, GGMLType.F32, ref.shape, to_float32(ref) + np.float32(offset))
+
+
+def _hf_name(canonical, fam=None):
     try:
-        return canonical_to_hf(canonical)
+        return canonical_to_hf(canonical, fam)
     except KeyError:
         return None

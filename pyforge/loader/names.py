@@ -12,13 +12,22 @@ Every loader hands the model tensors under these names, in numpy order
     blk.{i}.attn_k.weight        (n_kv_heads * head_dim, hidden)
     blk.{i}.attn_v.weight        (n_kv_heads * head_dim, hidden)
     blk.{i}.attn_q.bias / attn_k.bias / attn_v.bias     Qwen2 only
+    blk.{i}.attn_q_norm.weight   (head_dim,)          per-head q/k norms (Gemma 3)
+    blk.{i}.attn_k_norm.weight   (head_dim,)
     blk.{i}.attn_output.weight   (hidden, n_heads * head_dim)
+    blk.{i}.post_attention_norm.weight (hidden,)      sandwich norms (Gemma 2/3)
     blk.{i}.ffn_norm.weight      (hidden,)
     blk.{i}.ffn_gate.weight      (ffn, hidden)
     blk.{i}.ffn_up.weight        (ffn, hidden)
     blk.{i}.ffn_down.weight      (hidden, ffn)
+    blk.{i}.post_ffw_norm.weight (hidden,)            sandwich norms (Gemma 2/3)
+
+A family's HF names that differ from Llama's are in its registry entry
+(hf_layer_names: Gemma 2's post_attention_layernorm is a post-norm, not ffn_norm).
 """
 import re
+
+from pyforge.models.registry import family
 
 HF_GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -53,8 +62,17 @@ _CANON_TO_HF_LAYER = {v: k for k, v in HF_LAYER.items()}
 IGNORE = ""   # hf_to_canonical's answer for tensors that carry nothing we use
 
 
-def hf_to_canonical(name):
-    """Canonical name for a HF tensor name, IGNORE for ignorable ones, None if unknown."""
+def _layer_map(fam):
+    """HF layer tensor name -> ours for a family (Llama's names, the family's own on top)."""
+    if fam is None or not fam.hf_layer_names:
+        return HF_LAYER
+    overridden = set(fam.hf_layer_names.values())
+    return {**{k: v for k, v in HF_LAYER.items() if v not in overridden}, **fam.hf_layer_names}
+
+
+def hf_to_canonical(name, fam=None):
+    """Canonical name for a HF tensor name of a family (default: Llama's names), IGNORE for
+    ignorable ones, None if unknown."""
     if name in HF_GLOBAL:
         return HF_GLOBAL[name]
     m = _HF_LAYER_RE.fullmatch(name)
@@ -63,24 +81,26 @@ def hf_to_canonical(name):
     layer, rest = m.groups()
     if rest in HF_IGNORED_LAYER:
         return IGNORE
-    if rest in HF_LAYER:
-        return f"blk.{layer}.{HF_LAYER[rest]}"
+    layer_map = _layer_map(fam)
+    if rest in layer_map:
+        return f"blk.{layer}.{layer_map[rest]}"
     return None
 
 
-def canonical_to_hf(name):
+def canonical_to_hf(name, fam=None):
     """The HF name for a canonical name (the inverse of hf_to_canonical)."""
     if name in _CANON_TO_HF_GLOBAL:
         return _CANON_TO_HF_GLOBAL[name]
     m = _BLK_RE.fullmatch(name)
-    if m and m.group(2) in _CANON_TO_HF_LAYER:
-        return f"model.layers.{m.group(1)}.{_CANON_TO_HF_LAYER[m.group(2)]}"
+    inverse = _CANON_TO_HF_LAYER if fam is None else {v: k for k, v in _layer_map(fam).items()}
+    if m and m.group(2) in inverse:
+        return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}"
     raise KeyError(f"no Hugging Face name for tensor {name!r}")
 
 
 def expected_shapes(config):
     """{canonical name: numpy shape} of every tensor the config requires."""
-    c = config
+    c, fam = config, family(config.arch)
     shapes = {
         "token_embd.weight": (c.vocab_size, c.hidden_size),
         "output_norm.weight": (c.hidden_size,),
@@ -89,17 +109,18 @@ def expected_shapes(config):
         shapes["output.weight"] = (c.vocab_size, c.hidden_size)
     for i in range(c.n_layers):
         p = f"blk.{i}."
+        shapes.update({p + f"{norm}.weight": (c.hidden_size,) for norm in fam.norms})
         shapes.update({
-            p + "attn_norm.weight": (c.hidden_size,),
             p + "attn_q.weight": (c.q_dim, c.hidden_size),
             p + "attn_k.weight": (c.kv_dim, c.hidden_size),
             p + "attn_v.weight": (c.kv_dim, c.hidden_size),
             p + "attn_output.weight": (c.hidden_size, c.q_dim),
-            p + "ffn_norm.weight": (c.hidden_size,),
             p + "ffn_gate.weight": (c.ffn_size, c.hidden_size),
             p + "ffn_up.weight": (c.ffn_size, c.hidden_size),
             p + "ffn_down.weight": (c.hidden_size, c.ffn_size),
         })
+        if fam.qk_norm == "head":
+            shapes[p + "attn_q_norm.weight"] = shapes[p + "attn_k_norm.weight"] = (c.head_dim,)
         if c.attn_bias:
             shapes.update({
                 p + "attn_q.bias": (c.q_dim,),

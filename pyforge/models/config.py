@@ -1,4 +1,4 @@
-"""ModelConfig: the shape of a Llama-family model, whatever file it came from.
+"""ModelConfig: the shape of a decoder-only model, whatever file it came from.
 
 Built by the loaders (GGUF metadata or a Hugging Face config.json) and by the
 synthetic model generator; validated once, frozen afterwards.
@@ -21,7 +21,7 @@ MAX_CONTEXT = 1 << 24
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2"
+    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2" | "gemma" | ...
     hidden_size: int
     n_layers: int
     n_heads: int
@@ -37,6 +37,13 @@ class ModelConfig:
     context_length: int = 2048
     tie_embeddings: bool = False       # no output.weight: logits use token_embd
     attn_bias: bool = False            # q/k/v biases (Qwen2)
+    attention_scale: float | None = None   # softmax scale of q.k; None: 1/sqrt(head_dim) (Gemma 2/3 set it)
+    embedding_scale: float = 1.0       # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
+    sliding_window: int = 0            # > 0: a query of a sliding layer sees only its last sliding_window positions
+    sliding_layers: tuple = ()         # the layers with the window (Mistral: all; Gemma 2/3: every 2nd / 5 of 6)
+    attn_softcap: float = 0.0          # > 0: attention scores soft-capped, cap * tanh(s / cap) (Gemma 2)
+    final_softcap: float = 0.0         # > 0: logits soft-capped likewise (Gemma 2)
+    rope_theta_local: float | None = None  # the sliding layers' rope base, unscaled (Gemma 3); None: rope_theta
 
     @property
     def q_dim(self):
@@ -45,6 +52,10 @@ class ModelConfig:
     @property
     def kv_dim(self):
         return self.n_kv_heads * self.head_dim
+
+    def layer_window(self, i):
+        """The sliding window of layer i (0: it attends to the whole context)."""
+        return self.sliding_window if i in self.sliding_layers else 0
 
     def validate(self):
         """Raise ValueError naming the first field that is out of range; return self."""
@@ -68,9 +79,34 @@ class ModelConfig:
             raise ValueError(f"rms_eps must be a float in (0, 1), got {self.rms_eps!r}")
         if not (isinstance(self.rope_theta, float) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"rope_theta must be a positive float, got {self.rope_theta!r}")
+        self._validate_gemma_options()
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
         return self
+
+    def _validate_gemma_options(self):
+        """attention / embedding scales, sliding window and soft caps."""
+        def positive(name, value, allow_zero=False):
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not (number and (value > 0 or allow_zero and value == 0)):
+                raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+        if self.attention_scale is not None:
+            positive("attention_scale", self.attention_scale)
+        positive("embedding_scale", self.embedding_scale)
+        positive("attn_softcap", self.attn_softcap, allow_zero=True)
+        positive("final_softcap", self.final_softcap, allow_zero=True)
+        if self.rope_theta_local is not None:
+            positive("rope_theta_local", self.rope_theta_local)
+        w = self.sliding_window
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_CONTEXT:
+            raise ValueError(f"sliding_window must be an integer in 0..{MAX_CONTEXT} (0: none), got {w!r}")
+        layers = self.sliding_layers
+        if not isinstance(layers, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in layers):
+            raise ValueError(f"sliding_layers must be a tuple of layer indices below {self.n_layers}, got {layers!r}")
+        if layers and not w:
+            raise ValueError("sliding_layers are given but sliding_window is 0")
 
     def _validate_rope_scaling(self):
         s = self.rope_scaling
@@ -81,6 +117,8 @@ class ModelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+        if s["rope_type"] == "linear" and "factor" not in s:
+            raise ValueError("linear rope_scaling needs 'factor'")
         if s["rope_type"] == "llama3":
             for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in s:

@@ -1,7 +1,7 @@
 """The Llama family (Llama 2/3, TinyLlama, Mistral, Qwen2) over backend primitives.
 
-One definition: config switches biases (Qwen2), tied heads, rope style and rope
-scaling. The forward pass runs a flattened varlen batch against the paged KV
+One definition: config switches biases (Qwen2), tied heads, rope style, rope
+scaling and sliding-window layers (Mistral). The forward pass runs a flattened varlen batch against the paged KV
 cache, so one sequence or many take the same path.
 """
 import math
@@ -103,13 +103,14 @@ class LlamaModel:
                 b.rmsnorm(x, layer.attn_norm, cfg.rms_eps, h)
             else:
                 b.add_rmsnorm(x, mlp_out, layer.attn_norm, cfg.rms_eps, h)
-            b.add_rmsnorm(x, self.attention(layer, h, batch, *kv_cache.layer(i)), layer.ffn_norm, cfg.rms_eps, h)
+            b.add_rmsnorm(x, self.attention(layer, h, batch, *kv_cache.layer(i), layer_index=i), layer.ffn_norm,
+                          cfg.rms_eps, h)
             mlp_out = self.mlp(layer, h)
         b.add_inplace(x, mlp_out)
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
         return b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))      # [rows, d]
 
-    def attention(self, layer, h, batch, k_cache, v_cache):
+    def attention(self, layer, h, batch, k_cache, v_cache, layer_index=0):
         cfg, b = self.config, self.backend
         n, hd = batch.n_tokens, cfg.head_dim
         q = self.project(h, layer.wq, layer.bq).reshape(n, cfg.n_heads, hd)     # [n, H, hd]
@@ -118,7 +119,8 @@ class LlamaModel:
         b.rope(q, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors)
         b.rope(k, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors)
         b.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
-        attn = b.attention(q, k_cache, v_cache, batch, self.scale, b.empty(q.shape))  # [n, H, hd]
+        attn = b.attention(q, k_cache, v_cache, batch, self.scale, b.empty(q.shape),
+                           cfg.layer_window(layer_index))                                # [n, H, hd]
         return b.matmul(attn.reshape(n, -1), layer.wo, b.empty((n, cfg.hidden_size)))
 
     def project(self, h, weight, bias):

@@ -36,6 +36,8 @@ def freq_factors_for(config, tensors):
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind == "llama3":
         return llama3_freq_factors(config.n_rot, config.rope_theta, scaling)
+    if kind == "linear":        # positions divided by factor: every frequency slowed alike
+        return np.full(config.n_rot // 2, float(scaling["factor"]), dtype=np.float32)
     if kind in (None, "default"):
         return None
     raise ValueError(f"unsupported rope scaling type {kind!r}")

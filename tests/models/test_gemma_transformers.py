@@ -1,0 +1,144 @@
+"""Gemma 1, 2, 3 and Mistral's sliding window: logits against Hugging Face transformers (torch,
+CPU, float32) on synthetic safetensors models, prompts longer than the window (24 or 7
+positions), a flattened batch whose cached prefix lies partly outside the window, greedy
+generation, and the CUDA backend on the emulator for Gemma 2."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from emulated_cupy import make_emulated_cupy
+
+from conftest import require_module
+from pyforge.engine.engine import Engine
+from pyforge.engine.sampling_params import SamplingParams
+from pyforge.engine.sequence import Sequence
+from pyforge.loader.hf import config_from_hf
+from pyforge.synthetic import get_config, write_hf_folder
+
+# tiny-gemma: MQA, head_dim 32 != hidden / heads; tiny-gemma2: GQA, windows on even layers, soft
+# caps that bend; tiny-gemma3: q/k norms, 5 of 6 layers windowed, local rope base, linear scaling;
+# the -b configs: MHA, a query_pre_attn_scalar that is not head_dim, window 7, transformers'
+# default caps (Gemma 2) / an explicit layer_types with the global layer first (Gemma 3)
+CONFIGS = ["tiny-gemma", "tiny-gemma-b", "tiny-gemma2", "tiny-gemma2-b", "tiny-gemma3", "tiny-gemma3-b",
+           "tiny-mistral"]
+REL_TOL = 1e-4
+ENGINE_ARGS = dict(n_threads=2, max_model_len=512, kv_cache_tokens=2048, block_size=16)
+
+
+def rel_err(ours, ref):
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def load_reference(folder, **overrides):
+    torch = require_module("torch")
+    transformers = require_module("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **overrides).eval()
+
+    def logits(ids):
+        with torch.no_grad():
+            return ref(torch.tensor([ids])).logits[0].double().numpy()
+    return ref, logits
+
+
+@pytest.fixture(scope="module", params=CONFIGS)
+def pair(request, tmp_path_factory):
+    folder = write_hf_folder(request.param, tmp_path_factory.mktemp(request.param), dtype="float32", seed=7)
+    ref, reference = load_reference(folder)
+    return Engine(str(folder), **ENGINE_ARGS), reference, folder, ref, request.param
+
+
+def prompts(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in (1, 7, 40, 100)]
+
+
+def test_prompt_logits_match(pair):
+    engine, reference, *_ = pair
+    for ids in prompts(engine.config.vocab_size):
+        assert rel_err(engine.prompt_logits(ids), reference(ids)) < REL_TOL
+
+
+def test_the_window_shapes_long_prompts(pair):
+    """A transformers model without the window is far from ours past the window: the prompts
+    above test the window, not a context that happens to fit it."""
+    engine, _, folder, *_ = pair
+    if not engine.config.sliding_window:
+        pytest.skip("no sliding window in this config")
+    _, unwindowed = load_reference(folder, sliding_window=4096)
+    ids = prompts(engine.config.vocab_size)[3]
+    assert rel_err(engine.prompt_logits(ids), unwindowed(ids)) > 100 * REL_TOL
+
+
+def test_transformers_config_reads_back(pair):
+    """The config.json transformers writes (transformers 5: rope_parameters per layer type,
+    layer_types) gives the config we generated from."""
+    *_, ref, name = pair
+    written = json.loads(ref.config.to_json_string())
+    assert config_from_hf(written) == get_config(name)
+
+
+def new_sequence(engine, ids, seq_id):
+    return Sequence(seq_id, ids, SamplingParams(max_tokens=1), 0, engine.max_model_len)
+
+
+def test_flattened_batch_with_cached_prefix_matches(pair):
+    """Three sequences in one varlen batch: a prefill from scratch, a chunk after a cached prefix
+    of 33 tokens (its first blocks outside every window), a decode row; blocks scattered."""
+    engine, reference, *_ = pair
+    rng = np.random.default_rng(1)
+    vocab = engine.config.vocab_size
+    a, b, c = (rng.integers(3, vocab, n).tolist() for n in (23, 50, 18))
+    seqs = [new_sequence(engine, ids, i) for i, ids in enumerate((a, b, c))]
+    bm, runner = engine.block_manager, engine.runner
+    filler = new_sequence(engine, list(range(3, 3 + 64)), 99)
+    bm.allocate(filler, 64)
+    try:
+        for seq, n in ((seqs[1], 33), (seqs[2], 17)):
+            bm.allocate(seq, n)
+        runner.run([(seqs[1], 33), (seqs[2], 17)])
+        seqs[1].num_computed_tokens, seqs[2].num_computed_tokens = 33, 17
+        plan = [(seqs[0], 23), (seqs[1], 17), (seqs[2], 1)]
+        for seq, n in plan:
+            bm.allocate(seq, seq.num_computed_tokens + n)
+        logits, _ = runner.run(plan, all_logits=True)
+        expected = np.concatenate([reference(a), reference(b)[33:], reference(c)[17:]])
+        assert rel_err(logits, expected) < REL_TOL
+    finally:
+        for seq in (*seqs, filler):
+            bm.release(seq)
+    assert bm.num_free == bm.n_blocks
+
+
+def test_greedy_generation_matches(pair):
+    """32 tokens past a 40-token prompt: decode steps run past the window."""
+    engine, reference, *_ = pair
+    ids = prompts(engine.config.vocab_size, seed=3)[2]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    ours = [out.token_id for out in engine.generate(ids, params)]
+    expected, context = [], list(ids)
+    for _ in range(32):
+        nxt = int(np.argmax(reference(context)[-1]))
+        expected.append(nxt)
+        context.append(nxt)
+    assert ours == expected
+
+
+def test_cuda_backend_on_the_emulator(tmp_path):
+    """Gemma 2 (GeGLU, sandwich norms, windows, both soft caps) through the CUDA kernels run by the
+    emulator, fp16 activations: the bound of tests/backends/test_cuda_backend.py."""
+    folder = write_hf_folder("tiny-gemma2", tmp_path / "hf", dtype="float32", seed=5)
+    _, reference = load_reference(folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "cupy", make_emulated_cupy())
+        cuda = Engine(str(folder), device="cuda", **ENGINE_ARGS)
+        for ids in prompts(cuda.config.vocab_size, seed=4)[::3]:     # 1 token (decode kernels), 100 (prefill)
+            assert rel_err(cuda.prompt_logits(ids), reference(ids)) < 5e-3
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        ids = prompts(cuda.config.vocab_size, seed=4)[2]
+        cuda_tokens = [out.token_id for out in cuda.generate(ids, params)]   # decode past the window
+    context = list(ids)
+    for tok in cuda_tokens:
+        row = reference(context)[-1]
+        assert row[tok] >= row.max() - 1e-2 * row.std(), "a CUDA greedy token that is no near-tie of the top one"
+        context.append(tok)

@@ -1,5 +1,5 @@
 /* Non-matmul model primitives: rmsnorm (alone, or after the residual add), rope,
- * silu * mul, gelu_tanh * mul, soft-capping, residual add, bias.
+ * silu * mul, gelu_tanh * mul, soft-capping, scaling, residual add, bias.
  * Each has an _f32 and an _f16 entry point (activations float or half);
  * norm weights, biases and freq factors are always float32. Arithmetic is
  * float throughout, as native/ops_kernels.c (the reference) does.
@@ -152,6 +152,19 @@ __device__ void softcap_span(T *x, pf_i64 n, float cap) {
 }
 extern "C" __global__ void softcap_f32(float *x, pf_i64 n, float cap) { softcap_span(x, n, cap); }
 extern "C" __global__ void softcap_f16(__half *x, pf_i64 n, float cap) { softcap_span(x, n, cap); }
+
+/* scale_{f32,f16}(x, n, factor): x[n] *= factor, the factor rounded to T first (Gemma's
+ * embedding scale: transformers multiplies by sqrt(hidden) as a tensor of the activation dtype). */
+template <typename T>
+__device__ void scale_span(T *x, pf_i64 n, float factor) {
+    T rounded;
+    pf_store(&rounded, factor);
+    const float f = pf_load(&rounded);
+    for (pf_i64 i = (pf_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (pf_i64)gridDim.x * blockDim.x)
+        pf_store(x + i, pf_load(x + i) * f);
+}
+extern "C" __global__ void scale_f32(float *x, pf_i64 n, float factor) { scale_span(x, n, factor); }
+extern "C" __global__ void scale_f16(__half *x, pf_i64 n, float factor) { scale_span(x, n, factor); }
 
 /* add_inplace_{f32,f16}(x, y, n): x[n] += y[n] (the residual add). */
 template <typename T>

@@ -274,7 +274,8 @@ class CudaBackend:
         return x
 
     def scale(self, x, factor):
-        x *= self.cupy.float16(factor)     # as transformers scales fp16 activations: by an fp16 factor
+        """x *= factor rounded to fp16, as transformers scales fp16 activations (a kernel: graphs capture it)."""
+        self.kernels.launch("scale_f16", elementwise_grid(x.size, self.n_sm), 256, x, x.size, factor)
         return x
 
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping):

@@ -41,6 +41,7 @@ KERNELS = {
         **{f"silu_mul_{t}": f"{p}{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"gelu_tanh_mul_{t}": f"{p}{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"softcap_{t}": f"{p}QF" for t, p in (("f32", "f"), ("f16", "h"))},
+        **{f"scale_{t}": f"{p}QF" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"add_inplace_{t}": f"{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"add_bias_{t}": f"{p}fQI" for t, p in (("f32", "f"), ("f16", "h"))},
     },

@@ -255,6 +255,10 @@ def test_gelu_tanh_mul_and_softcap(t, n):
     launch("norm_rope", f"softcap_{t}", elementwise_grid(n), 256, x, np.int64(n), np.float32(30.0))
     check(x, 30.0 * np.tanh(g64 * 8 / 30.0), rtol, 1e-6 * 30.0)
 
+    x = cupy.asarray(g)          # by sqrt(3072), rounded to the activation dtype first (Gemma)
+    launch("norm_rope", f"scale_{t}", elementwise_grid(n), 256, x, np.int64(n), np.float32(np.sqrt(3072)))
+    check(x, g64 * float(dtype(np.sqrt(3072))), rtol, 1e-7)
+
 
 # -- paged attention ------------------------------------------------------------
 def build_batch(seqs, n_heads, n_kv, hd, block_size, rng):

@@ -126,7 +126,8 @@ def test_greedy_generation_matches(pair):
 
 def test_cuda_backend_on_the_emulator(tmp_path):
     """Gemma 2 (GeGLU, sandwich norms, windows, both soft caps) through the CUDA kernels run by the
-    emulator, fp16 activations: the bound of tests/backends/test_cuda_backend.py."""
+    emulator, fp16 activations: the bound of tests/backends/test_cuda_backend.py; decode steps
+    replayed as CUDA graphs give the same tokens."""
     folder = write_hf_folder("tiny-gemma2", tmp_path / "hf", dtype="float32", seed=5)
     _, reference = load_reference(folder)
     with pytest.MonkeyPatch.context() as mp:
@@ -137,6 +138,8 @@ def test_cuda_backend_on_the_emulator(tmp_path):
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         ids = prompts(cuda.config.vocab_size, seed=4)[2]
         cuda_tokens = [out.token_id for out in cuda.generate(ids, params)]   # decode past the window
+        graphs = Engine(str(folder), device="cuda", cuda_graphs=True, **ENGINE_ARGS)
+        assert [out.token_id for out in graphs.generate(ids, params)] == cuda_tokens
     context = list(ids)
     for tok in cuda_tokens:
         row = reference(context)[-1]

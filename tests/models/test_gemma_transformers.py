@@ -124,6 +124,25 @@ def test_greedy_generation_matches(pair):
     assert ours == expected
 
 
+def test_prefix_cache_hit_past_the_window(pair):
+    """A request whose first 96 positions come from the prefix cache (an earlier request's blocks,
+    most of them outside every window by now) generates transformers' greedy tokens."""
+    engine, reference, *_ = pair
+    rng = np.random.default_rng(9)
+    first = rng.integers(3, engine.config.vocab_size, 100).tolist()
+    second = first + rng.integers(3, engine.config.vocab_size, 20).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    list(engine.generate(first, SamplingParams(max_tokens=1)))
+    hits = engine.block_manager.prefix_hits
+    ours = [out.token_id for out in engine.generate(second, params)]
+    assert engine.block_manager.prefix_hits - hits == 96      # tokens: six whole blocks of 16
+    expected, context = [], list(second)
+    for _ in range(6):
+        expected.append(int(np.argmax(reference(context)[-1])))
+        context.append(expected[-1])
+    assert ours == expected
+
+
 def test_cuda_backend_on_the_emulator(tmp_path):
     """Gemma 2 (GeGLU, sandwich norms, windows, both soft caps) through the CUDA kernels run by the
     emulator, fp16 activations: the bound of tests/backends/test_cuda_backend.py; decode steps

@@ -711,8 +711,9 @@ static void tile_gemm(int values, int wide, int64_t mp, const float *const *k, c
  * p0 .. p0+cnt-1 become weights relative to the running max m[mp]; when
  * masked, a lane gives weight 0 to positions at or past its lim (its row's
  * n_ctx) and before its lo (its window's start). A lane that has seen no
- * position yet (max still -inf) keeps all-zero weights. c[mp] gets the factor the running output must be rescaled by where
- * the max grew (0 on the first chunk); sum[mp] is rescaled here. */
+ * position yet (max still -inf) keeps all-zero weights. c[mp] gets the
+ * factor the running output must be rescaled by where the max grew (0 on
+ * the first chunk); sum[mp] is rescaled here. */
 static void softmax_lanes(float *s, int64_t cnt, int64_t mp, int64_t p0, const float *lo, const float *lim,
                           int masked, float *m, float *sum, float *c) {
     int64_t x = 0;

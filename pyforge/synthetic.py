@@ -67,8 +67,8 @@ CONFIGS = {
                         head_dim=32, ffn_size=128, attention_scale=32 ** -0.5, sliding_window=24, sliding_layers=(0, 2),
                         attn_softcap=0.05, final_softcap=0.5),
     "tiny-gemma3": _cfg(**{**_GEMMA, "arch": "gemma3", "rope_theta": 1000000.0}, hidden_size=64, n_layers=6,
-                        n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128, attention_scale=16 ** -0.5, sliding_window=24,
-                        sliding_layers=(0, 1, 2, 3, 4), rope_theta_local=10000.0,
+                        n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128, attention_scale=16 ** -0.5,
+                        sliding_window=24, sliding_layers=(0, 1, 2, 3, 4), rope_theta_local=10000.0,
                         rope_scaling={"rope_type": "linear", "factor": 8.0}),
     # second configs: MHA; Gemma 2 with transformers' default caps, a query_pre_attn_scalar that is
     # not head_dim and window 7; Gemma 3 MQA, head_dim 32, its global layer first, no rope scaling

@@ -89,7 +89,8 @@ class ModelConfig:
         def positive(name, value, allow_zero=False):
             number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
             if not (number and (value > 0 or allow_zero and value == 0)):
-                raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+                kind = "non-negative" if allow_zero else "positive"
+                raise ValueError(f"{name} must be a {kind} number, got {value!r}")
 
         if self.attention_scale is not None:
             positive("attention_scale", self.attention_scale)

@@ -79,9 +79,9 @@ class GemmaModel(LlamaModel):
     def attention(self, layer, h, batch, k_cache, v_cache, layer_index=0):
         cfg, b = self.config, self.backend
         n, hd = batch.n_tokens, cfg.head_dim
-        q = self.project(h, layer.wq, None).reshape(n, cfg.n_heads, hd)     # [n, H, hd]
-        k = self.project(h, layer.wk, None).reshape(n, cfg.n_kv_heads, hd)  # [n, KV, hd]
-        v = self.project(h, layer.wv, None).reshape(n, cfg.n_kv_heads, hd)  # [n, KV, hd]
+        q = self.project(h, layer.wq, layer.bq).reshape(n, cfg.n_heads, hd)      # [n, H, hd]
+        k = self.project(h, layer.wk, layer.bk).reshape(n, cfg.n_kv_heads, hd)   # [n, KV, hd]
+        v = self.project(h, layer.wv, layer.bv).reshape(n, cfg.n_kv_heads, hd)   # [n, KV, hd]
         if layer.q_norm is not None:
             self.post_norm(q.reshape(n * cfg.n_heads, hd), layer.q_norm)
             self.post_norm(k.reshape(n * cfg.n_kv_heads, hd), layer.k_norm)

@@ -143,11 +143,12 @@ def test_prefix_cache_hit_past_the_window(pair):
     assert ours == expected
 
 
-def test_cuda_backend_on_the_emulator(tmp_path):
-    """Gemma 2 (GeGLU, sandwich norms, windows, both soft caps) through the CUDA kernels run by the
-    emulator, fp16 activations: the bound of tests/backends/test_cuda_backend.py; decode steps
-    replayed as CUDA graphs give the same tokens."""
-    folder = write_hf_folder("tiny-gemma2", tmp_path / "hf", dtype="float32", seed=5)
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3-b"])      # head_dim 32: the CUDA kernels'
+def test_cuda_backend_on_the_emulator(name, tmp_path):
+    """Gemma 2 (GeGLU, sandwich norms, windows, both soft caps) and Gemma 3 (q/k norms, two ropes)
+    through the CUDA kernels run by the emulator, fp16 activations: the bound of
+    tests/backends/test_cuda_backend.py; decode steps replayed as CUDA graphs give the same tokens."""
+    folder = write_hf_folder(name, tmp_path / "hf", dtype="float32", seed=5)
     _, reference = load_reference(folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "cupy", make_emulated_cupy())

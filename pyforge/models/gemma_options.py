@@ -92,7 +92,8 @@ def _gemma3_rope(cfg, defaults):
     transformers 5's `rope_parameters` holds one dict per layer type instead."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
-        full, local = params["full_attention"], params.get("sliding_attention") or {}
+        full, local = params["full_attention"], params.get("sliding_attention")
+        local = local if isinstance(local, dict) else {}
         out = {"rope_theta_local": _number(local, "rope_theta", defaults["rope_local_base_freq"])}
         if "rope_theta" in full:
             out["rope_theta"] = _number(full, "rope_theta", None)

@@ -1,8 +1,8 @@
 """The Llama family (Llama 2/3, TinyLlama, Mistral, Qwen2) over backend primitives.
 
 One definition: config switches biases (Qwen2), tied heads, rope style, rope
-scaling and sliding-window layers (Mistral). The forward pass runs a flattened varlen batch against the paged KV
-cache, so one sequence or many take the same path.
+scaling and sliding-window layers (Mistral). The forward pass runs a flattened
+varlen batch against the paged KV cache, so one sequence or many take the same path.
 """
 import math
 from dataclasses import dataclass

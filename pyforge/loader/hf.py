@@ -43,9 +43,12 @@ def config_from_hf(cfg, path="config.json"):
         fail("config.json must hold a JSON object")
     fam = family_of_hf_config(cfg)
     if fam is None:
-        supported = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
+        supported = ", ".join(a for f in FAMILIES.values() for a in (*f.hf_architectures, *f.hf_wrappers))
         fail(f"unsupported model: architectures {cfg.get('architectures')!r}, model_type "
              f"{cfg.get('model_type')!r} (supported: {supported})")
+    wrapper = _wrapper(fam, cfg)
+    if wrapper is not None:
+        cfg = _text_config(cfg, wrapper[0], fam, fail)
     defaults = fam.hf_defaults
 
     def get(key, kind, default=None):
@@ -100,6 +103,36 @@ def config_from_hf(cfg, path="config.json"):
     return validated(path, ModelConfig(**{**fields, **options}))
 
 
+def _wrapper(fam, cfg):
+    """The family's hf_wrappers entry when config.json describes a model holding the family's text
+    model (Gemma 3's image-text one), else None."""
+    archs = cfg.get("architectures")
+    return fam.hf_wrappers.get(archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+
+
+def _text_config(cfg, key, fam, fail):
+    """The text model's config of a wrapping model's config.json (its tie_word_embeddings on top)."""
+    text = cfg.get(key)
+    if not isinstance(text, dict):
+        fail(f"config.json of {cfg['architectures'][0]} has no {key} object")
+    out = {**text, "architectures": [fam.hf_architectures[0]]}
+    if "tie_word_embeddings" in cfg:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return out
+
+
+def _text_tensor(name, wrapper):
+    """A wrapping model's tensor name as its text model alone would have it, or None for the
+    wrapper's other tensors (a vision tower): they are not loaded."""
+    if wrapper is None:
+        return name
+    _, prefixes, skipped = wrapper
+    if name.startswith(skipped):
+        return None
+    prefix = next((p for p in sorted(prefixes, key=len, reverse=True) if name.startswith(p)), None)
+    return name if prefix is None else prefixes[prefix] + name[len(prefix):]
+
+
 def _window_all_layers(cfg, defaults, n_layers, fail):
     """sliding_window on every layer (Mistral); an explicit null, or none, means no window."""
     window = cfg["sliding_window"] if "sliding_window" in cfg else defaults.get("sliding_window")
@@ -140,8 +173,10 @@ def load_hf_folder(folder):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise ModelFileError(folder, "not a model folder: no config.json (expected a GGUF file or a HF folder)")
-    config = config_from_hf(read_json(config_path, "config.json"), config_path)
+    raw = read_json(config_path, "config.json")
+    config = config_from_hf(raw, config_path)
     fam = family(config.arch)
+    wrapper = _wrapper(fam, raw)
     files, index = _shard_files(folder)
     opened, tensors = [], {}
     try:
@@ -151,7 +186,10 @@ def load_hf_folder(folder):
             for name in sf.entries:
                 if index is not None and index.get(name, fname) != fname:
                     raise ModelFileError(sf.path, f"tensor {name} is listed in {INDEX} under {index[name]}")
-                canon = hf_to_canonical(name, fam)
+                text_name = _text_tensor(name, wrapper)
+                if text_name is None:
+                    continue
+                canon = hf_to_canonical(text_name, fam)
                 if canon is None:
                     raise ModelFileError(sf.path, f"unexpected tensor {name} (not part of a {config.arch} model)")
                 if canon == IGNORE:

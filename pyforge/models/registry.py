@@ -51,6 +51,8 @@ class Family:
     hf_layer_names: dict = field(default_factory=dict)   # HF layer tensor name -> ours, where it differs from Llama's
     hf_norm_offset: float = 0.0             # HF RMSNorm weights w scale by offset + w (Gemma: 1); ours hold offset + w
     window_all_layers: bool = False         # config.json / GGUF sliding_window applies to every layer (Mistral)
+    hf_wrappers: dict = field(default_factory=dict)   # HF architecture holding this family's text model ->
+    #                     (its config key, {its tensors' prefix: the prefix ours need}, prefixes of the rest, skipped)
     hf_config_extras: Callable = _no_biases  # what a written config.json adds for this family
     hf_options: Callable = _none             # config.json dict -> extra ModelConfig fields (ValueError if bad)
     gguf_options: Callable = _none           # (metadata reader, n_layers) -> extra ModelConfig fields
@@ -89,6 +91,9 @@ FAMILIES = {f.arch: f for f in (
     Family("gemma3", ("Gemma3ForCausalLM",), "gemma3_text",
            {"max_position_embeddings": 131072, **_GEMMA_DEFAULTS, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
            norms=SANDWICH_NORM, qk_norm="head", hf_layer_names=_GEMMA2_NAMES, **_GEMMA,
+           hf_wrappers={"Gemma3ForConditionalGeneration": (     # the image-text Gemma 3 (4B and up): its text
+               "text_config", {"language_model.": "", "model.language_model.": "model."},     # model alone
+               ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."))},
            **gemma_options.family_options(3)),
 )}
 SUPPORTED = ", ".join(FAMILIES)
@@ -106,7 +111,8 @@ def family_of_hf_config(config):
     """The Family a config.json dict names (its `architectures`, else its `model_type`), or None."""
     archs = config.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        found = next((f for f in FAMILIES.values() if archs[0] in f.hf_architectures), None)
+        found = next((f for f in FAMILIES.values() if archs[0] in f.hf_architectures or archs[0] in f.hf_wrappers),
+                     None)
         if found is not None:
             return found
     return next((f for f in FAMILIES.values() if f.hf_model_type == config.get("model_type")), None)

@@ -58,6 +58,11 @@ def test_bad_gemma_keys_are_named(changes, message):
         config_from_hf(gemma_json(**changes))
 
 
+def test_image_text_gemma3_needs_its_text_config():
+    with pytest.raises(ModelFileError, match="config.json of Gemma3ForConditionalGeneration has no text_config object"):
+        config_from_hf({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": None})
+
+
 def test_bad_mistral_window_is_named():
     with pytest.raises(ModelFileError, match="sliding_window must be a non-negative integer or null"):
         config_from_hf({**hf_config_dict(get_config("tiny-mistral")), "sliding_window": "4096"})

@@ -3,6 +3,7 @@ CPU, float32) on synthetic safetensors models, prompts longer than the window (2
 positions), a flattened batch whose cached prefix lies partly outside the window, greedy
 generation, and the CUDA backend on the emulator for Gemma 2."""
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -14,7 +15,7 @@ from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence
 from pyforge.loader.hf import config_from_hf
-from pyforge.synthetic import get_config, write_hf_folder
+from pyforge.synthetic import TOKENIZER_FILES, get_config, shared_dir, write_hf_folder
 
 # tiny-gemma: MQA, head_dim 32 != hidden / heads; tiny-gemma2: GQA, windows on even layers, soft
 # caps that bend; tiny-gemma3: q/k norms, 5 of 6 layers windowed, local rope base, linear scaling;
@@ -76,6 +77,38 @@ def test_transformers_config_reads_back(pair):
     *_, ref, name = pair
     written = json.loads(ref.config.to_json_string())
     assert config_from_hf(written) == get_config(name)
+
+
+def test_image_text_gemma3_runs_its_text_model(tmp_path):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration (a vision tower beside the text
+    model, the text config nested): written by transformers itself, we load the text model alone
+    and match its text-only logits."""
+    torch = require_module("torch")
+    transformers = require_module("transformers")
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=7, layer_types=["sliding_attention", "full_attention",
+                                                                            "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    model = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4))
+    with torch.no_grad():       # transformers initialises the norms to 0 (a scale of 1): make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and "language_model" in name:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(tmp_path / "mm")
+    for fname in TOKENIZER_FILES:       # a 32000-token vocabulary for the engine
+        if (shared_dir() / "models" / "TinyLlama-1.1B-Chat-v1.0" / fname).exists():
+            shutil.copyfile(shared_dir() / "models" / "TinyLlama-1.1B-Chat-v1.0" / fname, tmp_path / "mm" / fname)
+    ref, reference = load_reference(tmp_path / "mm")
+    engine = Engine(str(tmp_path / "mm"), **ENGINE_ARGS)
+    assert (engine.config.arch, engine.config.sliding_layers, engine.config.rope_theta_local) == ("gemma3", (0, 2), 1e4)
+    for ids in prompts(engine.config.vocab_size)[2:]:
+        assert rel_err(engine.prompt_logits(ids), reference(ids)) < REL_TOL
 
 
 def new_sequence(engine, ids, seq_id):

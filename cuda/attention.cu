@@ -6,8 +6,11 @@
  *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
  *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..
  * Query row j of sequence s (n_q rows) sits at position L_s - n_q + j and
- * sees positions 0 ..= that one (causal). Query head h reads kv head
- * h / (n_heads / n_kv) (GQA). head_dim: a multiple of 32, at most 256.
+ * sees positions 0 ..= that one (causal), or with window > 0 only the last
+ * `window` of them, (p - window, p] (sliding-window attention). softcap > 0
+ * turns each scaled score s into softcap * tanh(s / softcap) (Gemma 2); 0:
+ * off. Query head h reads kv head h / (n_heads / n_kv) (GQA). head_dim: a
+ * multiple of 32, at most 256.
  *
  * The core is one warp running an online softmax over a run of positions:
  * lane t holds dimensions t, t + 32, ... of q, of the running output and of
@@ -32,6 +35,11 @@ __device__ __forceinline__ void attn_init(AttnState &st) {
     for (int i = 0; i < ATT_MAX_DPL; i++) st.acc[i] = 0.0f;
 }
 
+/* The first position a query row with n_ctx positions sees (0 without a window). */
+__device__ __forceinline__ int attn_window_start(int n_ctx, int window) {
+    return window > 0 && n_ctx > window ? n_ctx - window : 0;
+}
+
 /* Positions p_begin, p_begin + p_step, ... < p_end of one sequence into st.
  * q: this lane's dims of the query, already multiplied by the scale.
  * row_stride = n_kv * head_dim (halves between positions), head_off = kv
@@ -39,7 +47,7 @@ __device__ __forceinline__ void attn_init(AttnState &st) {
 __device__ __forceinline__ void attn_run(AttnState &st, const float *q, const __half *__restrict__ k_cache,
                                          const __half *__restrict__ v_cache, const int *__restrict__ table,
                                          int block_size, pf_i64 row_stride, int head_off, int dpl, int p_begin,
-                                         int p_end, int p_step) {
+                                         int p_end, int p_step, float softcap) {
     const int lane = threadIdx.x & 31;
     for (int p = p_begin; p < p_end; p += p_step) {
         const pf_i64 base =
@@ -49,6 +57,7 @@ __device__ __forceinline__ void attn_run(AttnState &st, const float *q, const __
         for (int i = 0; i < ATT_MAX_DPL; i++)
             if (i < dpl) s += q[i] * __half2float(k_cache[base + 32 * i]);
         s = pf_warp_sum(s);
+        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
         if (s > st.m) { /* warp-uniform: every lane has the same s */
             const float c = expf(st.m - s); /* 0 on the first position */
             st.l *= c;
@@ -76,7 +85,8 @@ __device__ __forceinline__ void attn_load_q(float *q, const __half *__restrict__
 /* Prefill (any varlen batch)                                                */
 /* ------------------------------------------------------------------------ */
 /* paged_attention_prefill(q, k_cache, v_cache, block_tables, context_lens, query_start, out,
- *                         n_tok, n_seq, n_heads, n_kv, head_dim, block_size, max_blocks, scale)
+ *                         n_tok, n_seq, n_heads, n_kv, head_dim, block_size, max_blocks, scale,
+ *                         window, softcap)
  *   grid (ceil(n_tok / (blockDim.x / 32)), n_heads), block (128: 4 warps).
  *   Warp w of block (bx, h) computes query row bx * 4 + w, head h, over its
  *   whole causal context; consecutive rows of one sequence share a block, so
@@ -86,7 +96,8 @@ extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q,
                                                    const int *__restrict__ context_lens,
                                                    const int *__restrict__ query_start, __half *__restrict__ out,
                                                    int n_tok, int n_seq, int n_heads, int n_kv, int head_dim,
-                                                   int block_size, int max_blocks, float scale) {
+                                                   int block_size, int max_blocks, float scale, int window,
+                                                   float softcap) {
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int h = blockIdx.y, lane = threadIdx.x & 31;
     if (row >= n_tok) return;
@@ -104,7 +115,8 @@ extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q,
     AttnState st;
     attn_init(st);
     attn_run(st, qv, k_cache, v_cache, block_tables + (pf_i64)s * max_blocks, block_size,
-             (pf_i64)n_kv * head_dim, (h / (n_heads / n_kv)) * head_dim, dpl, 0, n_ctx, 1);
+             (pf_i64)n_kv * head_dim, (h / (n_heads / n_kv)) * head_dim, dpl, attn_window_start(n_ctx, window),
+             n_ctx, 1, softcap);
     __half *o = out + ((pf_i64)row * n_heads + h) * head_dim + lane;
     const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
 #pragma unroll
@@ -117,7 +129,7 @@ extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q,
 /* ------------------------------------------------------------------------ */
 /* paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, query_start,
  *                        part_acc, part_ml, n_heads, n_kv, head_dim, block_size, max_blocks,
- *                        partition, scale)
+ *                        partition, scale, window, softcap)
  *   grid (n_heads, n_seq, n_parts), block (128 = ATT_DECODE_WARPS warps, exactly);
  *   n_parts >= ceil(max_s L_s / partition).
  *   part_acc  float [n_seq, n_heads, n_parts, head_dim]  unnormalized output
@@ -126,13 +138,16 @@ extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q,
  * sequence s for its row query_start[s + 1] - 1 (position L_s - 1): warp w
  * takes every 4th of them, then the warps merge through shared memory.
  * Partitions past L_s, and sequences without query rows, write nothing;
- * paged_attention_decode_reduce skips them by the same rule. */
+ * paged_attention_decode_reduce skips them by the same rule. A partition
+ * wholly before the window writes max -inf and sum 0, which the reduction
+ * weighs by e^-inf = 0 (the partition holding L_s - 1 always has a position). */
 extern "C" __global__ void paged_attention_decode(const __half *__restrict__ q, const __half *__restrict__ k_cache,
                                                   const __half *__restrict__ v_cache, const int *__restrict__ block_tables,
                                                   const int *__restrict__ context_lens,
                                                   const int *__restrict__ query_start, float *__restrict__ part_acc,
                                                   float *__restrict__ part_ml, int n_heads, int n_kv, int head_dim,
-                                                  int block_size, int max_blocks, int partition, float scale) {
+                                                  int block_size, int max_blocks, int partition, float scale,
+                                                  int window, float softcap) {
     __shared__ float sh_ml[ATT_DECODE_WARPS][2];
     __shared__ float sh_acc[ATT_DECODE_WARPS][32 * ATT_MAX_DPL]; /* per warp [head_dim]: merged below */
     const int h = blockIdx.x, s = blockIdx.y, z = blockIdx.z;
@@ -140,20 +155,21 @@ extern "C" __global__ void paged_attention_decode(const __half *__restrict__ q, 
     const int n_ctx = context_lens[s];
     const int p0 = z * partition, p1 = min(p0 + partition, n_ctx);
     if (query_start[s + 1] == query_start[s] || p0 >= n_ctx) return; /* uniform over the block */
+    const int p_begin = max(p0, attn_window_start(n_ctx, window));
     const int dpl = head_dim / 32;
     float qv[ATT_MAX_DPL];
     attn_load_q(qv, q, query_start[s + 1] - 1, h, n_heads, head_dim, scale);
     AttnState st;
     attn_init(st);
     attn_run(st, qv, k_cache, v_cache, block_tables + (pf_i64)s * max_blocks, block_size,
-             (pf_i64)n_kv * head_dim, (h / (n_heads / n_kv)) * head_dim, dpl, p0 + warp, p1, n_warps);
+             (pf_i64)n_kv * head_dim, (h / (n_heads / n_kv)) * head_dim, dpl, p_begin + warp, p1, n_warps, softcap);
     if (lane == 0) sh_ml[warp][0] = st.m, sh_ml[warp][1] = st.l;
 #pragma unroll
     for (int i = 0; i < ATT_MAX_DPL; i++)
         if (i < dpl) sh_acc[warp][lane + 32 * i] = st.acc[i];
     __syncthreads();
     float m = PF_NEG_INF;
-    for (int w = 0; w < n_warps; w++) m = fmaxf(m, sh_ml[w][0]); /* finite: p0 < p1 */
+    for (int w = 0; w < n_warps; w++) m = fmaxf(m, sh_ml[w][0]); /* -inf only before the window */
     const pf_i64 at = ((pf_i64)s * n_heads + h) * gridDim.z + z;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.0f;

@@ -1,5 +1,5 @@
 /* Non-matmul model primitives: rmsnorm (alone, or after the residual add), rope,
- * silu * mul, residual add, scale, bias.
+ * silu * mul, gelu_tanh * mul, soft-capping, scaling, residual add, bias.
  * Each has an _f32 and an _f16 entry point (activations float or half);
  * norm weights, biases and freq factors are always float32. Arithmetic is
  * float throughout, as native/ops_kernels.c (the reference) does.
@@ -129,6 +129,33 @@ extern "C" __global__ void silu_mul_f16(const __half *gate, const __half *up, __
     silu_mul_span(gate, up, out, n);
 }
 
+/* gelu_tanh_mul_{f32,f16}(gate, up, out, n): out = gelu_tanh(gate) * up (GeGLU)
+ *   = gate * up / (1 + e^(-2 sqrt(2/pi) (gate + 0.044715 gate^3))), the tanh
+ *   form as a logistic, as on the CPU; gate, up, out [n] (out may alias either). */
+template <typename T>
+__device__ void gelu_tanh_mul_span(const T *gate, const T *up, T *out, pf_i64 n) {
+    for (pf_i64 i = (pf_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (pf_i64)gridDim.x * blockDim.x) {
+        const float g = pf_load(gate + i), inner = g + 0.044715f * g * g * g;
+        pf_store(out + i, g * pf_load(up + i) / (1.0f + expf(-1.5957691216057308f * inner)));
+    }
+}
+extern "C" __global__ void gelu_tanh_mul_f32(const float *gate, const float *up, float *out, pf_i64 n) {
+    gelu_tanh_mul_span(gate, up, out, n);
+}
+extern "C" __global__ void gelu_tanh_mul_f16(const __half *gate, const __half *up, __half *out, pf_i64 n) {
+    gelu_tanh_mul_span(gate, up, out, n);
+}
+
+/* softcap_{f32,f16}(x, n, cap): x[n] = cap * tanh(x / cap), in place (logit
+ * soft-capping, Gemma 2's final logits); cap > 0. */
+template <typename T>
+__device__ void softcap_span(T *x, pf_i64 n, float cap) {
+    for (pf_i64 i = (pf_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (pf_i64)gridDim.x * blockDim.x)
+        pf_store(x + i, cap * tanhf(pf_load(x + i) / cap));
+}
+extern "C" __global__ void softcap_f32(float *x, pf_i64 n, float cap) { softcap_span(x, n, cap); }
+extern "C" __global__ void softcap_f16(__half *x, pf_i64 n, float cap) { softcap_span(x, n, cap); }
+
 /* add_inplace_{f32,f16}(x, y, n): x[n] += y[n] (the residual add). */
 template <typename T>
 __device__ void add_span(T *x, const T *y, pf_i64 n) {
@@ -138,7 +165,8 @@ __device__ void add_span(T *x, const T *y, pf_i64 n) {
 extern "C" __global__ void add_inplace_f32(float *x, const float *y, pf_i64 n) { add_span(x, y, n); }
 extern "C" __global__ void add_inplace_f16(__half *x, const __half *y, pf_i64 n) { add_span(x, y, n); }
 
-/* scale_{f32,f16}(x, factor, n): x[n] *= factor (Granite's multipliers). */
+/* scale_{f32,f16}(x, factor, n): x[n] *= factor (Granite's multipliers, Gemma's embedding
+ * scale; Gemma rounds its factor to the activation dtype first, models/gemma.py). */
 template <typename T>
 __device__ void scale_span(T *x, float factor, pf_i64 n) {
     for (pf_i64 i = (pf_i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (pf_i64)gridDim.x * blockDim.x)

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Model primitives for the CPU backend: rmsnorm, rope, silu*up, residual add,
-paged KV store and attention, row softmax / argmax.
+"""Model primitives for the CPU backend: rmsnorm, rope, silu*up, gelu_tanh*up,
+soft-capping, residual add, paged KV store and attention, row softmax / argmax.
 
 Arguments are checked here (dtype, shape, C-contiguity, writability, index
 ranges) and rejected with ValueError; the C kernels trust what they get and
@@ -17,12 +17,15 @@ cnp.import_array()
 cdef extern from "ops_kernels.h" nogil:
     ctypedef struct PagedAttnDims:
         int64_t n_tok, n_heads, n_kv, head_dim, block_size, n_seq, max_blocks
-        float scale
+        float scale, softcap
+        int64_t window
 
     void pf_rmsnorm(const float *x, const float *w, float eps, float *out, int64_t n, int64_t d, int n_threads)
     int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads, int64_t head_dim,
                 int n_rot, double theta, int neox, const float *freq_factors, double mscale, int n_threads)
     void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads)
+    void pf_gelu_tanh_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads)
+    void pf_softcap(float *x, int64_t n, float cap)
     void pf_add_inplace(float *x, const float *y, int64_t n)
     void pf_softmax_rows(float *x, int64_t n, int64_t d)
     void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out)
@@ -147,6 +150,33 @@ def silu_mul(gate, up, out, n_threads=1):
     return out
 
 
+def gelu_tanh_mul(gate, up, out, n_threads=1):
+    """out[n, f] = gelu_tanh(gate) * up (GeGLU: GELU's tanh approximation). out may be gate or up."""
+    cdef cnp.ndarray ga = _f32(gate, "gate", 2), ua = _f32(up, "up", 2), oa = _f32(out, "out", 2, True)
+    _same_shape(ga, ua, "gate", "up")
+    _same_shape(ga, oa, "gate", "out")
+    cdef int nt = _threads(n_threads)
+    cdef int64_t n = ga.size
+    cdef float *gp = _fp(ga)
+    cdef float *up_ = _fp(ua)
+    cdef float *op = _fp(oa)
+    with nogil:
+        pf_gelu_tanh_mul(gp, up_, op, n, nt)
+    return out
+
+
+def softcap(x, float cap):
+    """x = cap * tanh(x / cap), in place, for a contiguous float32 array (any rank); cap > 0."""
+    cdef cnp.ndarray xa = _f32(x, "x", -1, True)
+    if not cap > 0 or cap == float("inf"):
+        raise ValueError(f"softcap cap must be a positive finite number, got {cap}")
+    cdef int64_t n = xa.size
+    cdef float *xp = _fp(xa)
+    with nogil:
+        pf_softcap(xp, n, cap)
+    return x
+
+
 def add_inplace(x, y):
     """x += y for contiguous float32 arrays of one shape (any rank)."""
     cdef cnp.ndarray xa = _f32(x, "x", -1, True), ya = _f32(y, "y", -1)
@@ -242,13 +272,15 @@ cdef void _check_batch(const int32_t[:, ::1] tables, const int32_t[::1] lens, co
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, float scale, out,
-                    n_threads=1):
+                    n_threads=1, window=0, float softcap=0.0):
     """Causal GQA attention of a varlen batch over the paged KV cache.
 
     q, out [n_tok, n_heads, hd]; caches [n_blocks, n_kv, block_size, hd];
     block_tables int32[n_seq, max_blocks]; context_lens int32[n_seq];
     query_start_loc int32[n_seq + 1]. Row j of sequence s (n_q rows, context
-    L) is at position L - n_q + j and attends to positions 0 ..= it.
+    L) is at position p = L - n_q + j and attends to positions 0 ..= p, or
+    with window > 0 to (p - window, p] (sliding-window attention). softcap > 0
+    turns each scaled score s into softcap * tanh(s / softcap) (Gemma 2).
     """
     cdef cnp.ndarray qa = _f32(q, "q", 3), oa = _f32(out, "out", 3, True)
     cdef cnp.ndarray kc = _f32(k_cache, "k_cache", 4), vc = _f32(v_cache, "v_cache", 4)
@@ -260,10 +292,15 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     if n_kv < 1 or n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} must be a multiple of the cache's n_kv={n_kv}")
     _check_batch(bt, cl, qs, qa.shape[0], kc.shape[2], kc.shape[0])
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an integer >= 0 (0: no window), got {window!r}")
+    if not (softcap >= 0 and softcap != float("inf")):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
     cdef int nt = _threads(n_threads)
     cdef PagedAttnDims dims
     dims.n_tok, dims.n_heads, dims.n_kv, dims.head_dim = qa.shape[0], n_heads, n_kv, hd
     dims.block_size, dims.n_seq, dims.max_blocks, dims.scale = kc.shape[2], cl.shape[0], bt.shape[1], scale
+    dims.softcap, dims.window = softcap, window
     cdef float *qp = _fp(qa)
     cdef float *kcp = _fp(kc)
     cdef float *vcp = _fp(vc)

@@ -73,6 +73,24 @@ static inline __m256 exp8(__m256 x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
+
+/* tanh per lane. |y| < 1/4: its odd Taylor polynomial to y^9 (the next term is
+ * < 1e-8 relative there); above: 1 - 2 / (e^(2|y|) + 1), which loses no more
+ * than ~3e-7 relative once tanh(|y|) > 0.24 (below, the subtraction would
+ * cancel). Saturates to +-1; NaN stays NaN. */
+static inline __m256 tanh8(__m256 y) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    __m256 a = _mm256_andnot_ps(sign, y), y2 = _mm256_mul_ps(y, y);
+    __m256 p = _mm256_set1_ps(62.0f / 2835.0f);
+    p = _mm256_fmadd_ps(p, y2, _mm256_set1_ps(-17.0f / 315.0f));
+    p = _mm256_fmadd_ps(p, y2, _mm256_set1_ps(2.0f / 15.0f));
+    p = _mm256_fmadd_ps(p, y2, _mm256_set1_ps(-1.0f / 3.0f));
+    __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, y2), y, y);
+    __m256 e = exp8(_mm256_add_ps(a, a));
+    __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+    big = _mm256_or_ps(big, _mm256_and_ps(sign, y));   /* tanh is odd */
+    return _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
+}
 #endif
 
 /* x[n] *= c */
@@ -235,6 +253,49 @@ void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int 
     }
 }
 
+/* gelu_tanh(g) * u = g * u / (1 + e^(-2 sqrt(2/pi) (g + 0.044715 g^3))): the
+ * tanh form as a logistic, which saturates cleanly at both ends. */
+#define GELU_C 0.7978845608028654f   /* sqrt(2 / pi) */
+#define GELU_A 0.044715f
+
+static void gelu_tanh_mul_span(const float *g, const float *u, float *out, int64_t n) {
+    int64_t i = 0;
+#ifdef PF_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f), m2c = _mm256_set1_ps(-2.0f * GELU_C), a = _mm256_set1_ps(GELU_A);
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(a, gv), _mm256_mul_ps(gv, gv), gv);
+        __m256 den = _mm256_add_ps(one, exp8(_mm256_mul_ps(m2c, inner)));
+        _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(u + i)), den));
+    }
+#endif
+    for (; i < n; i++) {
+        float inner = g[i] + GELU_A * g[i] * g[i] * g[i];
+        out[i] = g[i] * u[i] / (1.0f + expf(-2.0f * GELU_C * inner));
+    }
+}
+
+void pf_gelu_tanh_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads) {
+    const int64_t span = 4096;   /* whole vectors per thread, as pf_silu_mul */
+    const int64_t n_spans = (n + span - 1) / span;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && n >= PAR_MIN_WORK)
+    for (int64_t s = 0; s < n_spans; s++) {
+        int64_t i = s * span;
+        gelu_tanh_mul_span(gate + i, up + i, out + i, min64(span, n - i));
+    }
+}
+
+void pf_softcap(float *x, int64_t n, float cap) {
+    int64_t i = 0;
+    const float inv = 1.0f / cap;
+#ifdef PF_AVX2
+    const __m256 cv = _mm256_set1_ps(cap), iv = _mm256_set1_ps(inv);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(cv, tanh8(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv))));
+#endif
+    for (; i < n; i++) x[i] = cap * tanhf(x[i] * inv);
+}
+
 void pf_add_inplace(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];  /* -O3 vectorizes this */
 }
@@ -391,25 +452,35 @@ static void softmax_chunk(float *s, int64_t cnt, float *m, float *sum, float *ou
     *sum += exp_shifted(s, cnt, *m);
 }
 
-/* Query heads h0 .. h0+gs-1 of one row against positions 0 .. n_ctx-1 of
- * its sequence. Chunk by chunk and kv head by kv head, every query head of
- * the group scores the same keys, then weighs the same values, while those
+/* The first position a query row with n_ctx positions sees (0 without a window). */
+static inline int64_t window_start(int64_t n_ctx, int64_t window) {
+    return window > 0 && n_ctx > window ? n_ctx - window : 0;
+}
+
+/* Query heads h0 .. h0+gs-1 of one row against positions p_begin .. n_ctx-1
+ * of its sequence (scores soft-capped when softcap > 0). Chunk by chunk and
+ * kv head by kv head, every query head of the group scores the same keys,
+ * then weighs the same values, while those
  * rows sit in L1 (read once per query head from L2 instead, they bound the
  * kernel by L2 bandwidth). Covering several kv heads walks whole cache rows
  * [n_kv, hd] in order, which the hardware prefetcher streams well. */
 static void attend_heads(const float *q /* [gs, hd] */, int64_t h0, int64_t gs, int64_t group,
                          const float *k_cache, const float *v_cache, CacheView cv,
-                         int64_t n_ctx, int64_t hd, float scale, float *out /* [gs, hd] */) {
+                         int64_t p_begin, int64_t n_ctx, int64_t hd, float scale, float softcap,
+                         float *out /* [gs, hd] */) {
     float s[MAX_HEAD_RUN][ATTN_CHUNK];  /* per head: scores, then weights, of one chunk */
     float m[MAX_HEAD_RUN], sum[MAX_HEAD_RUN];
     const int64_t per_kv = min64(gs, group);  /* query heads per kv head in this item */
     for (int64_t h = 0; h < gs; h++) m[h] = -INFINITY, sum[h] = 0.0f;
     memset(out, 0, (size_t)(gs * hd) * sizeof(float));
-    for (int64_t p = 0, cnt; p < n_ctx; p += cnt) {
+    for (int64_t p = p_begin, cnt; p < n_ctx; p += cnt) {
         cnt = min64(ATTN_CHUNK, n_ctx - p);
         for (int64_t g = 0; g < gs; g += per_kv) {
             cv.head_off = ((h0 + g) / group) * cv.block_size * hd;
-            for (int64_t h = g; h < g + per_kv; h++) score_span(q + h * hd, k_cache, &cv, p, cnt, hd, scale, s[h]);
+            for (int64_t h = g; h < g + per_kv; h++) {
+                score_span(q + h * hd, k_cache, &cv, p, cnt, hd, scale, s[h]);
+                if (softcap > 0.0f) pf_softcap(s[h], cnt, softcap);
+            }
             for (int64_t h = g; h < g + per_kv; h++) softmax_chunk(s[h], cnt, &m[h], &sum[h], out + h * hd, hd);
             for (int64_t h = g; h < g + per_kv; h++) value_span(s[h], v_cache, &cv, p, cnt, hd, out + h * hd);
         }
@@ -639,20 +710,23 @@ static void tile_gemm(int values, int wide, int64_t mp, const float *const *k, c
 /* Online softmax of one chunk, lane by lane: scores s[cnt][mp] of positions
  * p0 .. p0+cnt-1 become weights relative to the running max m[mp]; when
  * masked, a lane gives weight 0 to positions at or past its lim (its row's
- * n_ctx). c[mp] gets the factor the running output must be rescaled by where
- * the max grew (0 on the first chunk); sum[mp] is rescaled here. */
-static void softmax_lanes(float *s, int64_t cnt, int64_t mp, int64_t p0, const float *lim, int masked,
-                          float *m, float *sum, float *c) {
+ * n_ctx) and before its lo (its window's start). A lane that has seen no
+ * position yet (max still -inf) keeps all-zero weights. c[mp] gets the
+ * factor the running output must be rescaled by where the max grew (0 on
+ * the first chunk); sum[mp] is rescaled here. */
+static void softmax_lanes(float *s, int64_t cnt, int64_t mp, int64_t p0, const float *lo, const float *lim,
+                          int masked, float *m, float *sum, float *c) {
     int64_t x = 0;
 #ifdef PF_AVX2
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
     for (; x < mp; x += 8) {
         __m256 cm = ninf;
         if (masked) {
-            __m256 lv = _mm256_loadu_ps(lim + x);
+            __m256 lv = _mm256_loadu_ps(lim + x), bv = _mm256_loadu_ps(lo + x);
             for (int64_t j = 0; j < cnt; j++) {
-                __m256 past = _mm256_cmp_ps(_mm256_set1_ps((float)(p0 + j)), lv, _CMP_GE_OQ);
-                __m256 sv = _mm256_blendv_ps(_mm256_loadu_ps(s + j * mp + x), ninf, past);
+                __m256 pj = _mm256_set1_ps((float)(p0 + j));
+                __m256 out = _mm256_or_ps(_mm256_cmp_ps(pj, lv, _CMP_GE_OQ), _mm256_cmp_ps(pj, bv, _CMP_LT_OQ));
+                __m256 sv = _mm256_blendv_ps(_mm256_loadu_ps(s + j * mp + x), ninf, out);
                 _mm256_storeu_ps(s + j * mp + x, sv);
                 cm = _mm256_max_ps(cm, sv);
             }
@@ -660,9 +734,10 @@ static void softmax_lanes(float *s, int64_t cnt, int64_t mp, int64_t p0, const f
             for (int64_t j = 0; j < cnt; j++) cm = _mm256_max_ps(cm, _mm256_loadu_ps(s + j * mp + x));
         }
         __m256 mo = _mm256_loadu_ps(m + x), mn = _mm256_max_ps(mo, cm);
-        __m256 cv = exp8(_mm256_sub_ps(mo, mn)), acc = _mm256_setzero_ps();
+        __m256 ms = _mm256_andnot_ps(_mm256_cmp_ps(mn, ninf, _CMP_EQ_OQ), mn);  /* -inf -> 0: e^-inf, not NaN */
+        __m256 cv = exp8(_mm256_sub_ps(mo, ms)), acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < cnt; j++) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j * mp + x), mn));
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j * mp + x), ms));
             _mm256_storeu_ps(s + j * mp + x, e);
             acc = _mm256_add_ps(acc, e);
         }
@@ -674,13 +749,13 @@ static void softmax_lanes(float *s, int64_t cnt, int64_t mp, int64_t p0, const f
     for (; x < mp; x++) {
         float cm = -INFINITY;
         for (int64_t j = 0; j < cnt; j++) {
-            if (masked && (float)(p0 + j) >= lim[x]) s[j * mp + x] = -INFINITY;
+            if (masked && ((float)(p0 + j) >= lim[x] || (float)(p0 + j) < lo[x])) s[j * mp + x] = -INFINITY;
             cm = s[j * mp + x] > cm ? s[j * mp + x] : cm;
         }
-        float mn = cm > m[x] ? cm : m[x];
+        float mn = cm > m[x] ? cm : m[x], ms = mn == -INFINITY ? 0.0f : mn;
         float acc = 0.0f;
-        for (int64_t j = 0; j < cnt; j++) acc += s[j * mp + x] = expf(s[j * mp + x] - mn);
-        c[x] = expf(m[x] - mn);
+        for (int64_t j = 0; j < cnt; j++) acc += s[j * mp + x] = expf(s[j * mp + x] - ms);
+        c[x] = expf(m[x] - ms);
         sum[x] = sum[x] * c[x] + acc;
         m[x] = mn;
     }
@@ -758,13 +833,15 @@ static void cache_rows(const float *cache, const CacheView *cv, int64_t p0, int6
  * TILE_LANES floats (qt, ot); wide: AVX-512 kernels when the lanes allow. */
 static void attend_tile(const float *q, int64_t H, int64_t h0, int64_t gh, int64_t n_rows,
                         const float *k_cache, const float *v_cache, const CacheView *cv,
-                        int64_t n_ctx0, int64_t hd, float scale, int wide, float *ws, float *out) {
+                        int64_t n_ctx0, int64_t hd, float scale, float softcap, int64_t window, int wide,
+                        float *ws, float *out) {
     const int64_t lanes = n_rows * gh, n_end = n_ctx0 + n_rows - 1;  /* the last row's n_ctx */
+    const int64_t lo_end = window_start(n_end, window);              /* the last row's first position */
     wide = wide && lanes > 8;
     const int64_t mp = wide ? (lanes + 15) / 16 * 16 : (lanes + 7) / 8 * 8;
     float *qt = ws, *ot = ws + hd * TILE_LANES;
     float s[(ATTN_CHUNK + 8) * TILE_LANES];  /* key blocks may run 7 rows past a chunk */
-    float lim[TILE_LANES], m[TILE_LANES], sum[TILE_LANES], c[TILE_LANES];
+    float lo[TILE_LANES], lim[TILE_LANES], m[TILE_LANES], sum[TILE_LANES], c[TILE_LANES];
     const float *kr[ATTN_CHUNK + 8], *vr[ATTN_CHUNK], *qrows[TILE_LANES];
     float *orows[TILE_LANES];
     for (int64_t l = 0; l < mp; l++) {
@@ -772,17 +849,19 @@ static void attend_tile(const float *q, int64_t H, int64_t h0, int64_t gh, int64
         qrows[l] = l < lanes ? q + at : NULL;
         orows[l] = l < lanes ? out + at : NULL;
         lim[l] = (float)(l < lanes ? n_ctx0 + l / gh : n_end);
+        lo[l] = (float)window_start((int64_t)lim[l], window);
         m[l] = -INFINITY, sum[l] = 0.0f;
     }
     pack_queries(qrows, mp, hd, scale, qt);
     memset(ot, 0, (size_t)(hd * mp) * sizeof(float));
-    for (int64_t p = 0, cnt; p < n_end; p += cnt) {
+    for (int64_t p = window_start(n_ctx0, window), cnt; p < n_end; p += cnt) {
         cnt = min64(ATTN_CHUNK, n_end - p);
         cache_rows(k_cache, cv, p, cnt, kr);
         cache_rows(v_cache, cv, p, cnt, vr);
         for (int64_t j = cnt; j < cnt + 7; j++) kr[j] = kr[cnt - 1];  /* key blocks overrun */
         tile_gemm(0, wide, mp, kr, vr, cnt, qt, hd, s, NULL, ot);
-        softmax_lanes(s, cnt, mp, p, lim, p + cnt > n_ctx0, m, sum, c);
+        if (softcap > 0.0f) pf_softcap(s, cnt * mp, softcap);
+        softmax_lanes(s, cnt, mp, p, lo, lim, p + cnt > n_ctx0 || p < lo_end, m, sum, c);
         tile_gemm(1, wide, mp, kr, vr, cnt, qt, hd, s, c, ot);
     }
     unpack_outputs(ot, sum, mp, hd, orows);
@@ -864,7 +943,9 @@ static AttnItem *plan_items(const int32_t *context_lens, const int32_t *qs, cons
         int64_t n_q = qs[s + 1] - qs[s], pos0 = context_lens[s] - n_q, tiled = tiled_seq(n_q, gh);
         int64_t step = tiled ? rows : 1, heads = tiled ? gh : gs;
         for (int64_t r = 0; r < n_q; r += step) {
-            int64_t n_rows = min64(step, n_q - r), cost = (pos0 + r + n_rows) * n_rows * heads;
+            int64_t n_rows = min64(step, n_q - r), seen = pos0 + r + n_rows;  /* positions the last row sees */
+            if (dm->window > 0 && seen > dm->window + n_rows) seen = dm->window + n_rows;
+            int64_t cost = seen * n_rows * heads;
             for (int64_t h = 0; h < H; h += heads)
                 *it++ = (AttnItem){(int32_t)s, (int32_t)(qs[s] + r), tiled ? (int32_t)n_rows : 0, (int32_t)h, cost};
         }
@@ -895,14 +976,14 @@ static void run_item(const AttnCall *c, const AttnItem *it, float *ws) {
     if (it->n_rows && ws) {
         const int64_t row = (int64_t)it->row0 * H * hd;  /* q and out of the tile's first row */
         attend_tile(c->q + row, H, it->h0, c->gh, it->n_rows, c->k_cache, c->v_cache, &cv, n_ctx0, hd,
-                    dm->scale, c->wide, ws, c->out + row);
+                    dm->scale, dm->softcap, dm->window, c->wide, ws, c->out + row);
         return;
     }
     const int64_t heads = it->n_rows ? c->gh : c->gs, n_rows = it->n_rows ? it->n_rows : 1;
     for (int64_t r = 0; r < n_rows; r++) {
         const int64_t at = (((int64_t)it->row0 + r) * H + it->h0) * hd;
-        attend_heads(c->q + at, it->h0, heads, group, c->k_cache, c->v_cache, cv, n_ctx0 + r, hd, dm->scale,
-                     c->out + at);
+        attend_heads(c->q + at, it->h0, heads, group, c->k_cache, c->v_cache, cv,
+                     window_start(n_ctx0 + r, dm->window), n_ctx0 + r, hd, dm->scale, dm->softcap, c->out + at);
     }
 }
 
@@ -953,6 +1034,7 @@ void pf_paged_attention(const float *q, const float *k_cache, const float *v_cac
         int64_t n_ctx = context_lens[s] - n_q + (row - query_start[s]) + 1;
         CacheView cv = {block_tables + s * dm->max_blocks, dm->block_size, hd, dm->n_kv * dm->block_size * hd, 0};
         int64_t at = (row * H + h0) * hd;  /* q and out rows of heads h0 .. h0+gs-1 */
-        attend_heads(q + at, h0, gs, group, k_cache, v_cache, cv, n_ctx, hd, dm->scale, out + at);
+        attend_heads(q + at, h0, gs, group, k_cache, v_cache, cv, window_start(n_ctx, dm->window), n_ctx, hd,
+                     dm->scale, dm->softcap, out + at);
     }
 }

@@ -26,6 +26,13 @@ int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads,
 /* out[n] = silu(gate[n]) * up[n]  (out may alias gate or up) */
 void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads);
 
+/* out[n] = gelu_tanh(gate[n]) * up[n] (GeGLU; out may alias gate or up), with
+ * gelu_tanh(g) = g/2 (1 + tanh(u)) = g / (1 + e^(-2u)), u = sqrt(2/pi) (g + 0.044715 g^3) */
+void pf_gelu_tanh_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads);
+
+/* x[n] = cap * tanh(x[n] / cap), in place (logit soft-capping; cap > 0) */
+void pf_softcap(float *x, int64_t n, float cap);
+
 /* x[n] += y[n] */
 void pf_add_inplace(float *x, const float *y, int64_t n);
 
@@ -53,6 +60,8 @@ typedef struct {
     int64_t n_seq;
     int64_t max_blocks;  /* columns of block_tables */
     float scale;         /* applied to q.k before softmax */
+    float softcap;       /* > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: off */
+    int64_t window;      /* > 0: a query at position p sees only positions (p - window, p]; 0: all */
 } PagedAttnDims;
 
 /* Causal attention of a varlen batch over the paged cache.
@@ -62,7 +71,8 @@ typedef struct {
  *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
  *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..
  * Query row j of sequence s (n_q rows) sits at position L_s - n_q + j and sees
- * positions 0 ..= that one. Decode rows are work items of their own; a
+ * positions 0 ..= that one (the last `window` of them when window > 0), its
+ * scores soft-capped when softcap > 0. Decode rows are work items of their own; a
  * sequence with several query rows (prefill) goes in tiles of consecutive rows
  * x the heads of one kv head, which read each cached row once per tile.
  * PYFORGE_ATTN_TILES=0 puts every row on the per-row path, =avx2 keeps the

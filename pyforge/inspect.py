@@ -3,6 +3,7 @@ from collections import Counter
 
 from pyforge.tokenizer import load_tokenizer
 from pyforge.loader import load_model_file
+from pyforge.models.config import ModelConfig
 
 
 def describe(path, list_tensors=False):
@@ -21,6 +22,7 @@ def describe(path, list_tensors=False):
             f"context:       {cfg.context_length}, rope theta {cfg.rope_theta:g}"
             f" ({'neox' if cfg.rope_neox else 'interleaved'}, {cfg.n_rot} dims)"
             + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
+            f"options:       {_options(cfg)}",
             "tensor types:  " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
             f"vocab:         {cfg.vocab_size}",
         ]
@@ -30,6 +32,30 @@ def describe(path, list_tensors=False):
         return "\n".join(lines)
     finally:
         mf.close()
+
+
+# The config fields a family sets beyond a plain Llama's shape, and how to show them.
+_OPTIONS = {
+    "tie_embeddings": lambda v: "tied head",
+    "attn_bias": lambda v: "q/k/v biases",
+    "attention_scale": lambda v: f"attention scale {v:.6g}",
+    "embedding_scale": lambda v: f"embeddings x {v:.6g}",
+    "residual_scale": lambda v: f"block outputs x {v:.6g}",
+    "logit_scale": lambda v: f"logits / {v:.6g}",
+    "nope_layers": lambda v: f"no rope on layers {', '.join(map(str, v))}",
+    "attn_softcap": lambda v: f"attention soft cap {v:g}",
+    "final_softcap": lambda v: f"logit soft cap {v:g}",
+    "rope_theta_local": lambda v: f"sliding layers' rope theta {v:g}",
+}
+
+
+def _options(cfg):
+    """The family's options this model sets, or 'none'."""
+    shown = [show(getattr(cfg, name)) for name, show in _OPTIONS.items()
+             if getattr(cfg, name) != ModelConfig.__dataclass_fields__[name].default]
+    if cfg.sliding_window:
+        shown.append(f"sliding window {cfg.sliding_window} on {len(cfg.sliding_layers)} of {cfg.n_layers} layers")
+    return ", ".join(shown) or "none"
 
 
 def _tokenizer_lines(mf):

@@ -10,8 +10,9 @@ Hugging Face folder (safetensors, rotate-half rope) represent one model.
     python -m pyforge.synthetic tinyllama-1.1b --format Q4_K_M --out m.gguf
 
 Weights are N(0, 0.02^2) per tensor from an RNG seeded by (seed, tensor name);
-norms are 1 + N(0, 0.05^2), biases N(0, 0.1^2). A family's fused tensors (Phi-3's
-qkv, gate+up) are its parts' weights stacked, so fused and split files are one model.
+norms are 1 + N(0, 0.05^2) (Gemma's HF files store them less 1, as its norms
+multiply by 1 + w), biases N(0, 0.1^2). A family's fused tensors (Phi-3's qkv,
+gate+up) are its parts' weights stacked, so fused and split files are one model.
 Vocabulary: Llama 2's 32000 tokens (GGUF metadata from ggml-vocab-llama-spm.gguf,
 tokenizer.json from TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only
 to write files.
@@ -46,6 +47,8 @@ def _cfg(**kw):
 
 
 _LLAMA = dict(arch="llama", vocab_size=32000, rms_eps=1e-5, rope_theta=10000.0, context_length=2048)
+_GEMMA = dict(arch="gemma", vocab_size=32000, rms_eps=1e-6, rope_theta=10000.0, context_length=2048,
+              tie_embeddings=True, embedding_scale=8.0)   # sqrt(hidden_size 64)
 CONFIGS = {
     "tinyllama-1.1b": _cfg(**_LLAMA, hidden_size=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
                            ffn_size=5632),
@@ -56,6 +59,29 @@ CONFIGS = {
     "tiny-qwen2": _cfg(arch="qwen2", vocab_size=32000, rms_eps=1e-6, rope_theta=1000000.0, context_length=2048,
                        hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128,
                        tie_embeddings=True, attn_bias=True),
+    "tiny-mistral": _cfg(arch="mistral", vocab_size=32000, rms_eps=1e-5, rope_theta=10000.0, context_length=2048,
+                         hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128,
+                         sliding_window=24, sliding_layers=(0, 1)),
+    # Gemma: MQA with head_dim != hidden / heads; Gemma 2 with windows on even layers, both soft caps
+    # small enough to bend random-weight scores and logits, head_dim 32 (the CUDA kernels'); Gemma 3
+    # with 5 of 6 layers windowed, q/k norms, a local rope base and linear scaling on the global layer
+    "tiny-gemma": _cfg(**_GEMMA, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=32, ffn_size=128),
+    "tiny-gemma2": _cfg(**{**_GEMMA, "arch": "gemma2"}, hidden_size=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                        head_dim=32, ffn_size=128, attention_scale=32 ** -0.5, sliding_window=24, sliding_layers=(0, 2),
+                        attn_softcap=0.05, final_softcap=0.5),
+    "tiny-gemma3": _cfg(**{**_GEMMA, "arch": "gemma3", "rope_theta": 1000000.0}, hidden_size=64, n_layers=6,
+                        n_heads=4, n_kv_heads=2, head_dim=16, ffn_size=128, attention_scale=16 ** -0.5,
+                        sliding_window=24, sliding_layers=(0, 1, 2, 3, 4), rope_theta_local=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    # second configs: MHA; Gemma 2 with transformers' default caps, a query_pre_attn_scalar that is
+    # not head_dim and window 7; Gemma 3 MQA, head_dim 32, its global layer first, no rope scaling
+    "tiny-gemma-b": _cfg(**_GEMMA, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, ffn_size=96),
+    "tiny-gemma2-b": _cfg(**{**_GEMMA, "arch": "gemma2"}, hidden_size=64, n_layers=4, n_heads=4, n_kv_heads=4,
+                          head_dim=16, ffn_size=128, attention_scale=24 ** -0.5, sliding_window=7,
+                          sliding_layers=(0, 2), attn_softcap=50.0, final_softcap=30.0),
+    "tiny-gemma3-b": _cfg(**{**_GEMMA, "arch": "gemma3", "rope_theta": 1000000.0}, hidden_size=64, n_layers=3,
+                          n_heads=4, n_kv_heads=1, head_dim=32, ffn_size=128, attention_scale=32 ** -0.5,
+                          sliding_window=7, sliding_layers=(1, 2), rope_theta_local=10000.0),
     "tiny-llama3": _cfg(**{**_LLAMA, "rope_theta": 500000.0}, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         head_dim=16, ffn_size=128,
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -338,11 +364,20 @@ def _check_gguf_can_hold(config_name, cfg):
     """ValueError unless the family options a GGUF reader derives from our metadata are the config's
     (llama.cpp fixes SmolLM3's NoPE layers, for one)."""
     fam = family(cfg.arch)
-    keys = fam.gguf_extras(cfg)
+    keys = {**_gguf_numbers(cfg), **fam.gguf_extras(cfg)}
     derived = fam.gguf_options(lambda key, kind, default=None: kind(keys.get(key, default)), cfg.n_layers)
     differ = {k: v for k, v in derived.items() if getattr(cfg, k) != v}
     if differ:
         raise ValueError(f"{config_name}: a {cfg.arch} GGUF cannot hold this config (a reader would take {differ})")
+
+
+def _gguf_numbers(cfg):
+    """{key suffix: value} of the numbers _add_gguf_metadata writes for every family."""
+    return {"context_length": cfg.context_length, "embedding_length": cfg.hidden_size, "block_count": cfg.n_layers,
+            "feed_forward_length": cfg.ffn_size, "attention.head_count": cfg.n_heads,
+            "attention.head_count_kv": cfg.n_kv_heads, "attention.key_length": cfg.head_dim,
+            "attention.value_length": cfg.head_dim, "rope.dimension_count": cfg.n_rot,
+            "rope.freq_base": cfg.rope_theta, "attention.layer_norm_rms_epsilon": cfg.rms_eps}
 
 
 def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
@@ -362,7 +397,7 @@ def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     for key, value in family(cfg.arch).gguf_extras(cfg).items():
-        w.add_float32(f"{cfg.arch}.{key}", value)
+        _add_typed(w, f"{cfg.arch}.{key}", value)
     if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
         w.add_float32(f"{cfg.arch}.rope.scaling.attn_factor", longrope_attention_factor(cfg))
         w.add_uint32(f"{cfg.arch}.rope.scaling.original_context_length",
@@ -377,6 +412,16 @@ def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     template = _chat_template()
     if template:
         w.add_chat_template(template)
+
+
+def _add_typed(w, key, value):
+    """A metadata key with the GGUF type llama.cpp reads it as: string, uint32 or float32."""
+    if isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        w.add_uint32(key, value)
+    else:
+        w.add_float32(key, float(value))
 
 
 def _vocab_metadata():
@@ -430,9 +475,9 @@ def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
     if dtype not in HF_DTYPES:
         raise ValueError(f"unknown HF dtype {dtype!r} (known: {', '.join(HF_DTYPES)})")
     cfg, path = get_config(config_name), Path(path)
+    fam = family(cfg.arch)
     path.mkdir(parents=True, exist_ok=True)
     itemsize = 4 if dtype == "float32" else 2
-    fam = family(cfg.arch)
     specs = [(name, shape) for name, shape, _ in file_tensors(cfg)]
     parts_of = {name: parts for name, _, parts in file_tensors(cfg)}
     sizes = [math.prod(s) * itemsize for _, s in specs]
@@ -441,7 +486,8 @@ def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
     weight_map = {}
     for i, group in enumerate(groups):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        arrays = {canonical_to_hf(name, fam): _hf_array(file_tensor(name, shape, parts_of[name], seed), dtype)
+        arrays = {canonical_to_hf(name, fam):
+                  _hf_array(_hf_values(fam, name, file_tensor(name, shape, parts_of[name], seed)), dtype)
                   for name, shape in group}
         spec = {k: TensorSpec(dtype="bfloat16" if dtype == "bfloat16" else a.dtype.name, shape=a.shape,
                               data_ptr=a.ctypes.data, data_len=a.nbytes) for k, a in arrays.items()}
@@ -457,6 +503,13 @@ def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
         if src.exists():
             shutil.copyfile(src, path / fname)
     return path
+
+
+def _hf_values(fam, name, x):
+    """A canonical tensor as the family's HF files store it (norms less the family's offset)."""
+    if fam.hf_norm_offset and name.endswith("norm.weight"):
+        x -= np.float32(fam.hf_norm_offset)
+    return x
 
 
 def _hf_array(x, dtype):

@@ -27,6 +27,18 @@ def test_inspect_describes_the_model():
         assert expected in r.stdout
 
 
+def test_inspect_shows_the_family_options(tmp_path):
+    from pyforge.synthetic import write_gguf
+
+    path = write_gguf("tiny-gemma2", tmp_path / "g2.gguf", "F32")
+    r = pyforge("inspect", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "architecture:  gemma2" in r.stdout
+    assert ("options:       tied head, attention scale 0.176777, embeddings x 8, attention soft cap 0.05, "
+            "logit soft cap 0.5, sliding window 24 on 2 of 4 layers") in r.stdout
+    assert "options:       none" in pyforge("inspect", str(STORIES)).stdout
+
+
 @pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00", b"not a model at all"])
 def test_bad_model_file_is_one_clear_error(tmp_path, content):
     bad = tmp_path / "bad.gguf"

@@ -39,6 +39,28 @@ def gguf_as_hf(cfg, name, arr):
     return arr
 
 
+def test_gemma_files_hold_one_model(tmp_path):
+    """Gemma's HF file stores each norm less 1 (its RMSNorm scales by 1 + w), its GGUF file the
+    multiplier itself, as llama.cpp's converter writes it; both load to the same tensors, and the
+    GGUF carries the Gemma 2 keys llama.cpp reads."""
+    gguf = require_module("gguf")
+    st = require_module("safetensors.numpy")
+    folder = write_hf_folder("tiny-gemma2", tmp_path / "hf", seed=5)
+    path = write_gguf("tiny-gemma2", tmp_path / "m.gguf", "F32", seed=5)
+    hf = st.load_file(str(folder / "model.safetensors"))
+    norm = make_tensor("blk.1.post_attention_norm.weight", (64,), 5)
+    assert np.array_equal(hf["model.layers.1.post_attention_layernorm.weight"] + np.float32(1), norm)
+    with load_model_file(folder) as from_hf, load_model_file(path) as from_gguf:
+        assert from_hf.config == CONFIGS["tiny-gemma2"]
+        for key, value in vars(from_hf.config).items():         # GGUF floats are float32
+            assert getattr(from_gguf.config, key) == (np.float32(value) if isinstance(value, float) else value), key
+        for name, ref in from_gguf.tensors.items():
+            assert np.array_equal(np.asarray(from_hf.tensors[name].data), np.asarray(ref.data)), name
+    fields = gguf.GGUFReader(str(path)).fields
+    assert float(fields["gemma2.attn_logit_softcapping"].parts[-1][0]) == np.float32(0.05)
+    assert int(fields["gemma2.attention.sliding_window"].parts[-1][0]) == 24
+
+
 ROPE_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 

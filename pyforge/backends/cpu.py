@@ -136,16 +136,24 @@ class CpuBackend:
 
     def scale(self, x, factor):
         np.multiply(x, np.float32(factor), out=x)
+        return x
 
     def silu_mul(self, gate, up, out):
         ops.silu_mul(gate, up, out, self.n_threads)
         return out
 
+    def gelu_tanh_mul(self, gate, up, out):
+        ops.gelu_tanh_mul(gate, up, out, self.n_threads)
+        return out
+
+    def softcap(self, x, cap):
+        ops.softcap(x, cap)
+        return x
+
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
         ops.kv_store(k, v, k_cache, v_cache, slot_mapping)
 
-    def attention(self, q, k_cache, v_cache, meta, scale, out):
-        ops.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale, out, self.n_threads
-        )
+    def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
+        ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale,
+                            out, self.n_threads, window, softcap)
         return out

@@ -263,28 +263,38 @@ class CudaBackend:
         self.kernels.launch("add_inplace_f16", elementwise_grid(x.size, self.n_sm), 256, x, y, x.size)
 
     def scale(self, x, factor):
+        """x *= factor (a kernel: decode graphs capture it)."""
         self.kernels.launch("scale_f16", elementwise_grid(x.size, self.n_sm), 256, x, factor, x.size)
+        return x
 
     def silu_mul(self, gate, up, out):
         self.kernels.launch("silu_mul_f16", elementwise_grid(gate.size, self.n_sm), 256, gate, up, out, gate.size)
         return out
 
+    def gelu_tanh_mul(self, gate, up, out):
+        self.kernels.launch("gelu_tanh_mul_f16", elementwise_grid(gate.size, self.n_sm), 256, gate, up, out, gate.size)
+        return out
+
+    def softcap(self, x, cap):
+        self.kernels.launch("softcap_f16", elementwise_grid(x.size, self.n_sm), 256, x, x.size, cap)
+        return x
+
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
         n_tok, n_kv, head_dim = k.shape
         self.kernels.launch("kv_store_f16", (n_tok,), 128, k, v, k_cache, v_cache, slot_mapping, n_kv * head_dim)
 
-    def attention(self, q, k_cache, v_cache, meta, scale, out):
+    def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
         if meta.max_query_len == 1:
-            return self._decode_attention(q, k_cache, v_cache, meta, scale, out)
+            return self._decode_attention(q, k_cache, v_cache, meta, scale, out, window, softcap)
         n_tok, n_heads, head_dim = q.shape
         _, block_size, n_kv, _ = k_cache.shape
         self.kernels.launch("paged_attention_prefill", (cdiv(n_tok, 4), n_heads), 128,
                             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, out,
                             n_tok, meta.n_seqs, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
-                            scale)
+                            scale, window, softcap)
         return out
 
-    def _decode_attention(self, q, k_cache, v_cache, meta, scale, out):
+    def _decode_attention(self, q, k_cache, v_cache, meta, scale, out, window, softcap):
         """One query row per sequence: the context split into partitions (split-K), then merged."""
         _, n_heads, head_dim = q.shape
         _, block_size, n_kv, _ = k_cache.shape
@@ -295,7 +305,7 @@ class CudaBackend:
         self.kernels.launch("paged_attention_decode", (n_heads, meta.n_seqs, n_parts), 128,
                             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
                             part_acc, part_ml, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
-                            partition, scale)
+                            partition, scale, window, softcap)
         self.kernels.launch("paged_attention_decode_reduce", (n_heads, meta.n_seqs), 128,
                             part_acc, part_ml, meta.context_lens, meta.query_start_loc, out,
                             n_heads, head_dim, n_parts, partition)

@@ -39,5 +39,9 @@ class Backend(Protocol):
     def add_inplace(self, x, y): """x += y."""
     def scale(self, x, factor): """x *= factor, in place (x contiguous)."""
     def silu_mul(self, gate, up, out): """out = silu(gate) * up."""
+    def gelu_tanh_mul(self, gate, up, out): """out = gelu_tanh(gate) * up (GeGLU)."""
+    def softcap(self, x, cap): """x = cap * tanh(x / cap), in place (logit soft-capping)."""
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping): """Write this step's K, V into their slots."""
-    def attention(self, q, k_cache, v_cache, meta, scale, out): """Paged causal attention over the batch."""
+    def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
+        """Paged causal attention over the batch; window > 0: each query sees its last `window`
+        positions only; softcap > 0: scores soft-capped (cap * tanh(s / cap))."""

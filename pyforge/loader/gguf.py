@@ -383,7 +383,10 @@ def config_from_gguf(path, meta, tensors):
         fail("attention.value_length differs from attention.key_length (unsupported)")
     n_layers = number("block_count", int)
     context = number("context_length", int)
-    return ModelConfig(
+    options = fam.gguf_options(number, n_layers)
+    if fam.window_all_layers and number("attention.sliding_window", int, 0) > 0:
+        options.update(sliding_window=number("attention.sliding_window", int), sliding_layers=tuple(range(n_layers)))
+    fields = dict(
         arch=arch,
         hidden_size=hidden,
         n_layers=n_layers,
@@ -400,8 +403,8 @@ def config_from_gguf(path, meta, tensors):
         context_length=context,
         tie_embeddings="output.weight" not in tensors,
         attn_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
-        **fam.gguf_options(number, n_layers),
     )
+    return ModelConfig(**{**fields, **options})
 
 
 def _rope_scaling(path, meta, arch, number, tensors, context):

@@ -6,7 +6,11 @@ files are), so every HF model gets rope_neox=True.
 import json
 import os
 
-from pyforge.loader import ModelFile, ModelFileError, check_tensors, validated
+import numpy as np
+
+from pyforge.dequant import to_float32
+from pyforge.ggml_types import GGMLType
+from pyforge.loader import ModelFile, ModelFileError, TensorRef, check_tensors, validated
 from pyforge.loader.names import IGNORE, canonical_to_hf, hf_to_canonical, split_fused
 from pyforge.loader.safetensors import read_safetensors
 from pyforge.models.config import LONGROPE_LISTS, ModelConfig
@@ -40,9 +44,12 @@ def config_from_hf(cfg, path="config.json"):
         fail("config.json must hold a JSON object")
     fam = family_of_hf_config(cfg)
     if fam is None:
-        supported = ", ".join(a for f in FAMILIES.values() for a in f.hf_architectures)
+        supported = ", ".join(a for f in FAMILIES.values() for a in (*f.hf_architectures, *f.hf_wrappers))
         fail(f"unsupported model: architectures {cfg.get('architectures')!r}, model_type "
              f"{cfg.get('model_type')!r} (supported: {supported})")
+    wrapper = _wrapper(fam, cfg)
+    if wrapper is not None:
+        cfg = _text_config(cfg, wrapper[0], fam, fail)
     defaults = fam.hf_defaults
 
     def get(key, kind, default=None, value=None):
@@ -56,7 +63,7 @@ def config_from_hf(cfg, path="config.json"):
             fail(f"config.json {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
         return kind(v)
 
-    if cfg.get("hidden_act", "silu") != "silu":
+    if fam.ffn_act == "silu" and cfg.get("hidden_act", "silu") != "silu":
         fail(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
     if cfg.get("mlp_bias"):
         fail("mlp_bias is not supported")
@@ -73,18 +80,20 @@ def config_from_hf(cfg, path="config.json"):
     head_dim = get("head_dim", int, hidden // n_heads)
     theta, scaling, rotary = _rope(cfg, fail, defaults)
     rotary = get("partial_rotary_factor", float, 1.0, rotary)
-    context = get("max_position_embeddings", int)
-    if _slides(cfg, fam, n_layers, fail):
-        window = cfg.get("sliding_window")
-        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
-            context = window      # we attend to the whole context: exact only up to the window
-    if scaling is not None and scaling["rope_type"] == "longrope":
-        _complete_longrope(cfg, scaling, get, fail, context)
     try:
         options = fam.hf_options(cfg)
     except ValueError as e:
         fail(f"config.json: {e}")
-    config = ModelConfig(
+    if fam.window_all_layers:
+        options.update(_window_all_layers(cfg, defaults, n_layers, fail))
+    context = get("max_position_embeddings", int)
+    if "sliding_window" not in options and _slides(cfg, n_layers, fail):
+        window = cfg.get("sliding_window")
+        if isinstance(window, int) and not isinstance(window, bool) and 0 < window < context:
+            context = window      # no window of its own for this family: exact only up to the window
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        _complete_longrope(cfg, scaling, get, fail, context)
+    fields = dict(
         arch=fam.arch,
         hidden_size=hidden,
         n_layers=n_layers,
@@ -99,11 +108,50 @@ def config_from_hf(cfg, path="config.json"):
         rope_neox=fam.hf_rope_neox,
         rope_scaling=scaling,
         context_length=context,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
         attn_bias=fam.qkv_bias and cfg.get("attention_bias") is not False,
-        **options,
     )
-    return validated(path, config)
+    return validated(path, ModelConfig(**{**fields, **options}))
+
+
+def _wrapper(fam, cfg):
+    """The family's hf_wrappers entry when config.json describes a model holding the family's text
+    model (Gemma 3's image-text one), else None."""
+    archs = cfg.get("architectures")
+    return fam.hf_wrappers.get(archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+
+
+def _text_config(cfg, key, fam, fail):
+    """The text model's config of a wrapping model's config.json (its tie_word_embeddings on top)."""
+    text = cfg.get(key)
+    if not isinstance(text, dict):
+        fail(f"config.json of {cfg['architectures'][0]} has no {key} object")
+    out = {**text, "architectures": [fam.hf_architectures[0]]}
+    if "tie_word_embeddings" in cfg:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return out
+
+
+def _text_tensor(name, wrapper):
+    """A wrapping model's tensor name as its text model alone would have it, or None for the
+    wrapper's other tensors (a vision tower): they are not loaded."""
+    if wrapper is None:
+        return name
+    _, prefixes, skipped = wrapper
+    if name.startswith(skipped):
+        return None
+    prefix = next((p for p in sorted(prefixes, key=len, reverse=True) if name.startswith(p)), None)
+    return name if prefix is None else prefixes[prefix] + name[len(prefix):]
+
+
+def _window_all_layers(cfg, defaults, n_layers, fail):
+    """sliding_window on every layer (Mistral); an explicit null, or none, means no window."""
+    window = cfg["sliding_window"] if "sliding_window" in cfg else defaults.get("sliding_window")
+    if window is None:
+        return {}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        fail(f"config.json sliding_window must be a non-negative integer or null, got {window!r}")
+    return {"sliding_window": window, "sliding_layers": tuple(range(n_layers)) if window else ()}
 
 
 def _complete_longrope(cfg, scaling, get, fail, context):
@@ -119,16 +167,16 @@ def _complete_longrope(cfg, scaling, get, fail, context):
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def _slides(cfg, fam, n_layers, fail):
-    """Whether some layer attends through a sliding window: the family always does, config.json
-    turns it on (use_sliding_window), or transformers 5's layer_types names a sliding layer."""
+def _slides(cfg, n_layers, fail):
+    """Whether config.json asks for a sliding window its family does not model per layer (Qwen2/3):
+    use_sliding_window, or transformers 5's layer_types naming a sliding layer."""
     types = cfg.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layers or any(t not in ATTENTION_LAYER_TYPES for t in types):
             fail(f"config.json layer_types must list one of {', '.join(ATTENTION_LAYER_TYPES)} per layer "
                  f"({n_layers}), got {str(types)[:80]}")
         return "sliding_attention" in types
-    return fam.context_is_sliding_window or cfg.get("use_sliding_window") is True
+    return cfg.get("use_sliding_window") is True
 
 
 # rope parameters that are not scaling options
@@ -168,9 +216,11 @@ def load_hf_folder(folder):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise ModelFileError(folder, "not a model folder: no config.json (expected a GGUF file or a HF folder)")
-    config = config_from_hf(read_json(config_path, "config.json"), config_path)
-    files, index = _shard_files(folder)
+    raw = read_json(config_path, "config.json")
+    config = config_from_hf(raw, config_path)
     fam = family(config.arch)
+    wrapper = _wrapper(fam, raw)
+    files, index = _shard_files(folder)
     opened, tensors = [], {}
     try:
         for fname in files:
@@ -179,7 +229,10 @@ def load_hf_folder(folder):
             for name in sf.entries:
                 if index is not None and index.get(name, fname) != fname:
                     raise ModelFileError(sf.path, f"tensor {name} is listed in {INDEX} under {index[name]}")
-                canon = hf_to_canonical(name, fam)
+                text_name = _text_tensor(name, wrapper)
+                if text_name is None:
+                    continue
+                canon = hf_to_canonical(text_name, fam)
                 if canon is None:
                     raise ModelFileError(sf.path, f"unexpected tensor {name} (not part of a {config.arch} model)")
                 if canon == IGNORE:
@@ -196,6 +249,8 @@ def load_hf_folder(folder):
             tensors.pop("output.weight", None)     # some tied checkpoints save the head too
         split_fused(folder, config, tensors)
         check_tensors(folder, config, tensors, file_name=lambda canonical: _hf_name(canonical, fam))
+        if fam.hf_norm_offset:
+            _offset_norms(tensors, fam.hf_norm_offset)
     except BaseException:
         tensors = None
         for sf in opened:
@@ -228,6 +283,14 @@ def _shard_files(folder):
     if not files:
         raise ModelFileError(folder, "no *.safetensors weights in the folder (PyTorch .bin files are not supported)")
     return files, None
+
+
+def _offset_norms(tensors, offset):
+    """A family whose RMSNorm multiplies by (offset + w) stores w in HF files: hand the model
+    offset + w (float32), as llama.cpp's GGUF files store it."""
+    for name, ref in tensors.items():
+        if name.endswith("norm.weight"):
+            tensors[name] = TensorRef(name, GGMLType.F32, ref.shape, to_float32(ref) + np.float32(offset))
 
 
 def _hf_name(canonical, fam):

@@ -12,10 +12,10 @@ Every loader hands the model tensors under these names, in numpy order
     blk.{i}.attn_k.weight        (n_kv_heads * head_dim, hidden)
     blk.{i}.attn_v.weight        (n_kv_heads * head_dim, hidden)
     blk.{i}.attn_q.bias / attn_k.bias / attn_v.bias     Qwen2, GLM-4
-    blk.{i}.attn_q_norm.weight   (head_dim,) per head (Qwen3) | (n_heads * head_dim,) whole (OLMo 2)
+    blk.{i}.attn_q_norm.weight   (head_dim,) per head (Qwen3, Gemma 3) | (n_heads * head_dim,) whole (OLMo 2)
     blk.{i}.attn_k_norm.weight   (head_dim,) | (n_kv_heads * head_dim,)
     blk.{i}.attn_output.weight   (hidden, n_heads * head_dim)
-    blk.{i}.post_attention_norm.weight (hidden,)      post-norm families (OLMo 2, GLM-4)
+    blk.{i}.post_attention_norm.weight (hidden,)      post-norm families (OLMo 2, GLM-4, Gemma 2/3)
     blk.{i}.ffn_norm.weight      (hidden,)            absent in OLMo 2
     blk.{i}.ffn_gate.weight      (ffn, hidden)
     blk.{i}.ffn_up.weight        (ffn, hidden)
@@ -24,7 +24,9 @@ Every loader hands the model tensors under these names, in numpy order
 
 A family's fused tensors (registry.Family.fused: Phi-3's attn_qkv, the gate+up
 ffn_up of Phi-3 and GLM-4) are split by rows into these names at load
-(split_fused), zero-copy: rows of every stored type are whole blocks.
+(split_fused), zero-copy: rows of every stored type are whole blocks. A family's
+other HF names that differ from Llama's are in its registry entry (hf_layer_names:
+Gemma 2's post_attention_layernorm is a post-norm, not ffn_norm).
 """
 import re
 

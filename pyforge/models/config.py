@@ -22,7 +22,7 @@ LONGROPE_LISTS = ("short_factor", "long_factor")     # per-frequency divisors of
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2" | ...
+    arch: str              # a family of models/registry.py: "llama" | "mistral" | "qwen2" | "gemma" | ...
     hidden_size: int
     n_layers: int
     n_heads: int
@@ -38,11 +38,16 @@ class ModelConfig:
     context_length: int = 2048
     tie_embeddings: bool = False       # no output.weight: logits use token_embd
     attn_bias: bool = False            # q/k/v biases (Qwen2)
-    attention_scale: float | None = None   # softmax scale of q.k; None: 1/sqrt(head_dim) (Granite sets it)
-    embedding_scale: float = 1.0       # the embeddings are multiplied by it (Granite)
+    attention_scale: float | None = None   # softmax scale of q.k; None: 1/sqrt(head_dim) (Granite, Gemma 2/3)
+    embedding_scale: float = 1.0       # the embeddings are multiplied by it (Granite; Gemma: sqrt(hidden_size))
     residual_scale: float = 1.0        # each block's output is multiplied by it before the residual add (Granite)
     logit_scale: float = 1.0           # the logits are divided by it (Granite's logits_scaling)
     nope_layers: tuple = ()            # layers that skip rope (SmolLM3's NoPE layers)
+    sliding_window: int = 0            # > 0: a query of a sliding layer sees only its last sliding_window positions
+    sliding_layers: tuple = ()         # the layers with the window (Mistral: all; Gemma 2/3: every 2nd / 5 of 6)
+    attn_softcap: float = 0.0          # > 0: attention scores soft-capped, cap * tanh(s / cap) (Gemma 2)
+    final_softcap: float = 0.0         # > 0: logits soft-capped likewise (Gemma 2)
+    rope_theta_local: float | None = None  # the sliding layers' rope base, unscaled (Gemma 3); None: rope_theta
 
     @property
     def q_dim(self):
@@ -51,6 +56,10 @@ class ModelConfig:
     @property
     def kv_dim(self):
         return self.n_kv_heads * self.head_dim
+
+    def layer_window(self, i):
+        """The sliding window of layer i (0: it attends to the whole context)."""
+        return self.sliding_window if i in self.sliding_layers else 0
 
     def validate(self):
         """Raise ValueError naming the first field that is out of range; return self."""
@@ -74,19 +83,45 @@ class ModelConfig:
             raise ValueError(f"rms_eps must be a float in (0, 1), got {self.rms_eps!r}")
         if not (isinstance(self.rope_theta, float) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ValueError(f"rope_theta must be a positive float, got {self.rope_theta!r}")
-        for name in ("embedding_scale", "residual_scale", "logit_scale", "attention_scale"):
-            value = getattr(self, name)
-            if value is None and name == "attention_scale":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.nope_layers, tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.nope_layers):
-            raise ValueError(f"nope_layers must be a tuple of layer indices below {self.n_layers}, "
-                             f"got {self.nope_layers!r}")
+        self._validate_scales()
+        self._validate_layer_options()
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
         return self
+
+    def _validate_scales(self):
+        """The multipliers (Granite, Gemma), the soft caps and the local rope base."""
+        def check(name, allow_zero=False, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not (number and (value > 0 or allow_zero and value == 0)):
+                kind = "non-negative" if allow_zero else "positive"
+                raise ValueError(f"{name} must be a {kind} number, got {value!r}")
+
+        for name in ("embedding_scale", "residual_scale", "logit_scale"):
+            check(name)
+        for name in ("attention_scale", "rope_theta_local"):
+            check(name, allow_none=True)
+        for name in ("attn_softcap", "final_softcap"):
+            check(name, allow_zero=True)
+
+    def _validate_layer_options(self):
+        """NoPE layers and the sliding window with its layers."""
+        def check_layers(name):
+            layers = getattr(self, name)
+            if not isinstance(layers, tuple) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in layers):
+                raise ValueError(f"{name} must be a tuple of layer indices below {self.n_layers}, got {layers!r}")
+
+        check_layers("nope_layers")
+        check_layers("sliding_layers")
+        w = self.sliding_window
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_CONTEXT:
+            raise ValueError(f"sliding_window must be an integer in 0..{MAX_CONTEXT} (0: none), got {w!r}")
+        if self.sliding_layers and not w:
+            raise ValueError("sliding_layers are given but sliding_window is 0")
 
     def _validate_rope_scaling(self):
         s = self.rope_scaling
@@ -100,6 +135,8 @@ class ModelConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"rope_scaling[{key!r}] must be a positive number, got {value!r}")
+        if s["rope_type"] == "linear" and "factor" not in s:
+            raise ValueError("linear rope_scaling needs 'factor'")
         if s["rope_type"] == "llama3":
             for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in s:

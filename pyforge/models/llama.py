@@ -1,12 +1,14 @@
 """The Llama-shaped decoder (Llama 2/3, TinyLlama, Mistral, Qwen2/3, Phi-3, Granite,
-OLMo 2, SmolLM3, GLM-4) over backend primitives.
+OLMo 2, SmolLM3, GLM-4; Gemma through models/gemma.py) over backend primitives.
 
 One definition; the model's tensors and config say what differs: q/k/v biases,
 q/k RMSNorms (per head or over the whole projection), which layer norms there are
 (pre-norms, post-norms on each block's output, or both), tied heads, rope style,
-partial rotary dims, rope scaling, layers without rope, and Granite's multipliers.
-The forward pass runs a flattened varlen batch against the paged KV cache, so one
-sequence or many take the same path.
+partial rotary dims, rope scaling, layers without rope, Granite's multipliers,
+sliding-window layers (Mistral, Gemma 2/3) with their own rope base (Gemma 3), and
+soft-capped attention scores and logits (Gemma 2). The forward pass runs a
+flattened varlen batch against the paged KV cache, so one sequence or many take
+the same path.
 """
 import math
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ class LayerWeights:
     q_norm: object = None            # [head_dim] per head, or [n_heads * head_dim] over the projection
     k_norm: object = None
     use_rope: bool = True
+    window: int = 0                  # > 0: a sliding-window layer (each query sees its last `window` positions)
 
 
 class LlamaModel:
@@ -49,6 +52,7 @@ class LlamaModel:
         self.freq_factors = freq_factors_for(cfg, t)
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
         self.rope_mscale = longrope_attention_factor(cfg)   # multiplies the rotated dims of q and of k
+        self.embedding_scale = cfg.embedding_scale
 
     def load_layer(self, t, i):
         b, p = self.backend, f"blk.{i}."
@@ -74,6 +78,7 @@ class LlamaModel:
             q_norm=vector("attn_q_norm.weight"),
             k_norm=vector("attn_k_norm.weight"),
             use_rope=i not in self.config.nope_layers,
+            window=self.config.layer_window(i),
         )
 
     def activation_bytes(self, n_tokens, n_rows):
@@ -100,6 +105,8 @@ class LlamaModel:
         logits = b.matmul(normed, self.output, b.empty((len(normed), self.config.vocab_size)))
         if self.config.logit_scale != 1.0:
             b.scale(logits, 1.0 / self.config.logit_scale)
+        if self.config.final_softcap:
+            b.softcap(logits, self.config.final_softcap)
         return logits
 
     def hidden(self, batch, kv_cache):
@@ -114,8 +121,8 @@ class LlamaModel:
         cfg, b = self.config, self.backend
         n = batch.n_tokens
         x = b.embed(batch.token_ids, self.token_embd, b.empty((n, cfg.hidden_size)))  # [n, d]
-        if cfg.embedding_scale != 1.0:
-            b.scale(x, cfg.embedding_scale)
+        if self.embedding_scale != 1.0:
+            b.scale(x, self.embedding_scale)
         h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
         branch = None       # the last block's output, added to x with the norm after it (one launch on cuda)
         for i, layer in enumerate(self.layers):
@@ -158,11 +165,19 @@ class LlamaModel:
             self.qk_norm(k, layer.k_norm)
         q, k = q.reshape(n, cfg.n_heads, hd), k.reshape(n, cfg.n_kv_heads, hd)  # [n, H, hd], [n, KV, hd]
         if layer.use_rope:
-            b.rope(q, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors, self.rope_mscale)
-            b.rope(k, batch.positions, cfg.n_rot, cfg.rope_theta, cfg.rope_neox, self.freq_factors, self.rope_mscale)
+            theta, freq_factors = self.rope_of(layer)
+            b.rope(q, batch.positions, cfg.n_rot, theta, cfg.rope_neox, freq_factors, self.rope_mscale)
+            b.rope(k, batch.positions, cfg.n_rot, theta, cfg.rope_neox, freq_factors, self.rope_mscale)
         b.kv_store(k, v, k_cache, v_cache, batch.slot_mapping)
-        attn = b.attention(q, k_cache, v_cache, batch, self.scale, b.empty(q.shape))  # [n, H, hd]
+        attn = b.attention(q, k_cache, v_cache, batch, self.scale, b.empty(q.shape),
+                           layer.window, cfg.attn_softcap)                               # [n, H, hd]
         return b.matmul(attn.reshape(n, -1), layer.wo, b.empty((n, cfg.hidden_size)))
+
+    def rope_of(self, layer):
+        """(theta, freq factors) of a layer's rope: Gemma 3's sliding layers have a base of their own, unscaled."""
+        if layer.window and self.config.rope_theta_local is not None:
+            return self.config.rope_theta_local, None
+        return self.config.rope_theta, self.freq_factors
 
     def qk_norm(self, x, weight):
         """RMSNorm of q or k [n, heads * hd] in place: per head or over the whole row, as long as the weight."""

@@ -13,11 +13,14 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pyforge.models import gemma_options
+
 # transformers' defaults, where a config.json leaves a field out
 _ROPE_EPS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+_GEMMA_DEFAULTS = {"head_dim": 256, "tie_word_embeddings": True}
 
 # Which norms a decoder layer has (llama.cpp names): before each block (pre), on each
-# block's output before the residual add (post), or both (sandwich).
+# block's output before the residual add (post: OLMo 2), or both (sandwich: GLM-4, Gemma 2/3).
 PRE_NORM = ("attn_norm", "ffn_norm")
 POST_NORM = ("post_attention_norm", "post_ffw_norm")
 SANDWICH_NORM = PRE_NORM + POST_NORM
@@ -37,6 +40,10 @@ def _none(*_):
     return {}
 
 
+def _mistral_config_json(c):
+    return {**_no_biases(c), "sliding_window": c.sliding_window or None}
+
+
 @dataclass(frozen=True, eq=False)
 class Family:
     arch: str                               # ModelConfig.arch and GGUF general.architecture
@@ -49,10 +56,14 @@ class Family:
     qk_norm: str | None = None              # RMSNorm of q, k before rope: "head" (per head) | "full" (whole row)
     norms: tuple = PRE_NORM                 # the layer norms (PRE_NORM, POST_NORM or SANDWICH_NORM)
     fused: tuple = ()                       # (fused name, (part names)) its files hold: split by rows at load
+    ffn_act: str = "silu"                   # the MLP: "silu" (SwiGLU, config.json hidden_act) | "gelu_tanh" (GeGLU)
     hf_layer_names: dict = field(default_factory=dict)   # HF layer tensor name -> ours, where it differs from Llama's
-    context_is_sliding_window: bool = False  # config.json sliding_window caps the context (we attend to all)
+    hf_norm_offset: float = 0.0             # HF RMSNorm weights w scale by offset + w (Gemma: 1); ours hold offset + w
+    window_all_layers: bool = False         # config.json / GGUF sliding_window applies to every layer (Mistral)
+    hf_wrappers: dict = field(default_factory=dict)   # HF architecture holding this family's text model ->
+    #                     (its config key, {its tensors' prefix: the prefix ours need}, prefixes of the rest, skipped)
     hf_config_extras: Callable = _no_biases  # what a written config.json adds for this family
-    hf_options: Callable = _none             # config.json dict -> extra ModelConfig fields of this family
+    hf_options: Callable = _none             # config.json dict -> extra ModelConfig fields (ValueError if bad)
     gguf_options: Callable = _none           # (metadata reader, n_layers) -> extra ModelConfig fields
     gguf_extras: Callable = _none            # ModelConfig -> {GGUF key suffix: value} a written file adds
     model_class_path: str = "pyforge.models.llama:LlamaModel"
@@ -114,10 +125,19 @@ def _smollm3_config_json(c):
             "use_sliding_window": False}
 
 
+# Gemma 1/2/3: GeGLU, (1 + w) norms, embeddings times sqrt(hidden), a tied head; 2 and 3 add
+# sandwich norms, sliding-window layers and (2) soft caps, 3 q/k norms (models/gemma.py).
+_GEMMA = dict(gguf_rope_neox=True, ffn_act="gelu_tanh", hf_norm_offset=1.0,
+              model_class_path="pyforge.models.gemma:GemmaModel")
+_GEMMA2_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight",
+                 "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                 "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+
 FAMILIES = {f.arch: f for f in (
     Family("llama", ("LlamaForCausalLM",), "llama", {"max_position_embeddings": 2048, **_ROPE_EPS}),
-    Family("mistral", ("MistralForCausalLM",), "mistral", {"max_position_embeddings": 4096 * 32, **_ROPE_EPS},
-           context_is_sliding_window=True),
+    Family("mistral", ("MistralForCausalLM",), "mistral",
+           {"max_position_embeddings": 4096 * 32, "sliding_window": 4096, **_ROPE_EPS},
+           window_all_layers=True, hf_config_extras=_mistral_config_json),
     Family("qwen2", ("Qwen2ForCausalLM",), "qwen2", {"max_position_embeddings": 32768, **_ROPE_EPS},
            gguf_rope_neox=True, qkv_bias=True,
            hf_config_extras=lambda c: {"use_sliding_window": False, "sliding_window": None,
@@ -152,6 +172,18 @@ FAMILIES = {f.arch: f for f in (
                            "post_mlp_layernorm.weight": "post_ffw_norm.weight",
                            "mlp.gate_up_proj.weight": "ffn_up.weight"},
            hf_config_extras=lambda c: {"attention_bias": True, "partial_rotary_factor": c.n_rot / c.head_dim}),
+    Family("gemma", ("GemmaForCausalLM",), "gemma", {"max_position_embeddings": 8192, **_GEMMA_DEFAULTS, **_ROPE_EPS},
+           **_GEMMA, **gemma_options.family_options(1)),
+    Family("gemma2", ("Gemma2ForCausalLM",), "gemma2",
+           {"max_position_embeddings": 8192, **_GEMMA_DEFAULTS, **_ROPE_EPS},
+           norms=SANDWICH_NORM, hf_layer_names=_GEMMA2_NAMES, **_GEMMA, **gemma_options.family_options(2)),
+    Family("gemma3", ("Gemma3ForCausalLM",), "gemma3_text",
+           {"max_position_embeddings": 131072, **_GEMMA_DEFAULTS, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
+           norms=SANDWICH_NORM, qk_norm="head", hf_layer_names=_GEMMA2_NAMES, **_GEMMA,
+           hf_wrappers={"Gemma3ForConditionalGeneration": (     # the image-text Gemma 3 (4B and up): its text
+               "text_config", {"language_model.": "", "model.language_model.": "model."},     # model alone
+               ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."))},
+           **gemma_options.family_options(3)),
 )}
 SUPPORTED = ", ".join(FAMILIES)
 
@@ -168,7 +200,8 @@ def family_of_hf_config(config):
     """The Family a config.json dict names (its `architectures`, else its `model_type`), or None."""
     archs = config.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        found = next((f for f in FAMILIES.values() if archs[0] in f.hf_architectures), None)
+        found = next((f for f in FAMILIES.values() if archs[0] in f.hf_architectures or archs[0] in f.hf_wrappers),
+                     None)
         if found is not None:
             return found
     return next((f for f in FAMILIES.values() if f.hf_model_type == config.get("model_type")), None)

@@ -61,6 +61,8 @@ def freq_factors_for(config, tensors):
         if f"rope_factors_{which}.weight" in tensors:       # GGUF
             return np.ascontiguousarray(tensors[f"rope_factors_{which}.weight"].data, dtype=np.float32)
         return np.asarray(scaling[f"{which}_factor"], dtype=np.float32)
+    if kind == "linear":        # positions divided by factor: every frequency slowed alike
+        return np.full(config.n_rot // 2, float(scaling["factor"]), dtype=np.float32)
     if kind in (None, "default"):
         return None
     raise ValueError(f"unsupported rope scaling type {kind!r}")

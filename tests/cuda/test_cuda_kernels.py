@@ -239,6 +239,30 @@ def test_elementwise(t, n):
     check(x, g64 + np.resize(bias.astype(np.float64), n), rtol, 1e-7)
 
 
+def gelu_tanh_ref(g):
+    """GELU's tanh approximation as its definition writes it (float64)."""
+    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+
+
+@pytest.mark.parametrize("t", DTYPES)
+@pytest.mark.parametrize("n", [1, 1000, 300_001])
+def test_gelu_tanh_mul_and_softcap(t, n):
+    dtype, rtol = DTYPES[t]
+    rng = np.random.default_rng(n + 5)
+    g = (rng.standard_normal(n) * 6).astype(dtype)
+    u = rng.standard_normal(n).astype(dtype)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    out = nan_like(n, dtype)
+    launch("norm_rope", f"gelu_tanh_mul_{t}", elementwise_grid(n), 256, cupy.asarray(g), cupy.asarray(u), out,
+           np.int64(n))
+    ref = gelu_tanh_ref(g64) * u64
+    check(out, ref, rtol, 1e-6 * np.abs(ref).max())
+
+    x = cupy.asarray(g * 8)      # |x| up to ~200: the cap of 30 bends most of them
+    launch("norm_rope", f"softcap_{t}", elementwise_grid(n), 256, x, np.int64(n), np.float32(30.0))
+    check(x, 30.0 * np.tanh(g64 * 8 / 30.0), rtol, 1e-6 * 30.0)
+
+
 # -- paged attention ------------------------------------------------------------
 def build_batch(seqs, n_heads, n_kv, hd, block_size, rng):
     """seqs: (n_q, context_len) per sequence. Returns host arrays of a batch whose
@@ -261,8 +285,9 @@ def build_batch(seqs, n_heads, n_kv, hd, block_size, rng):
     return q, k_cache, v_cache, tables, ctx, qs
 
 
-def attention_ref(q, k_cache, v_cache, tables, ctx, qs, scale):
-    """float64 [n_tok, n_heads, hd], the semantics of pf_paged_attention."""
+def attention_ref(q, k_cache, v_cache, tables, ctx, qs, scale, window=0, softcap=0.0):
+    """float64 [n_tok, n_heads, hd], the semantics of pf_paged_attention: a row at position p
+    sees (p - window, p] when window > 0; scores soft-capped to softcap * tanh(s / softcap)."""
     n_tok, n_heads, hd = q.shape
     bs, n_kv = k_cache.shape[1], k_cache.shape[2]
     out = np.zeros((n_tok, n_heads, hd))
@@ -273,11 +298,14 @@ def attention_ref(q, k_cache, v_cache, tables, ctx, qs, scale):
         vals = v_cache[tables[s, pos // bs], pos % bs].astype(np.float64)
         for j in range(n_q):
             row, n_ctx = qs[s] + j, L - n_q + j + 1
+            first = max(0, n_ctx - window) if window else 0
             for h in range(n_heads):
                 kv = h // (n_heads // n_kv)
-                sc = scale * keys[:n_ctx, kv] @ q[row, h].astype(np.float64)
+                sc = scale * keys[first:n_ctx, kv] @ q[row, h].astype(np.float64)
+                if softcap:
+                    sc = softcap * np.tanh(sc / softcap)
                 p = np.exp(sc - sc.max())
-                out[row, h] = p @ vals[:n_ctx, kv] / p.sum()
+                out[row, h] = p @ vals[first:n_ctx, kv] / p.sum()
     return out
 
 
@@ -289,30 +317,39 @@ def attention_args(batch):
     return q, k_cache, v_cache, tables, ctx, qs
 
 
+# (window, softcap): full causal; Mistral-style window; Gemma 2 (window and a soft cap, scores
+# scaled up so that the cap bends them)
+WINDOWS = [(0, 0.0), (7, 0.0), (16, 2.0)]
+
+
 @pytest.mark.parametrize("n_heads,n_kv,hd,block_size", HEADS)
-def test_attention_prefill(n_heads, n_kv, hd, block_size):
+@pytest.mark.parametrize("window,softcap", WINDOWS)
+def test_attention_prefill(n_heads, n_kv, hd, block_size, window, softcap):
     rng = np.random.default_rng(n_heads * hd + block_size)
     seqs = [(5, 5), (3, 20), (1, 33), (0, 7), (17, 40), (1, 1)]  # mixed prefill, chunked prefill, decode
     batch = build_batch(seqs, n_heads, n_kv, hd, block_size, rng)
-    scale = 1.0 / np.sqrt(hd)
-    ref = attention_ref(*batch, scale)
+    scale = (4.0 if softcap else 1.0) / np.sqrt(hd)
+    ref = attention_ref(*batch, scale, window, softcap)
     q, k_cache, v_cache, tables, ctx, qs = attention_args(batch)
     n_tok = q.shape[0]
     out = nan_like(q.shape, np.float16)
     launch("attention", "paged_attention_prefill", (cdiv(n_tok, 4), n_heads), 128,
            q, k_cache, v_cache, tables, ctx, qs, out, np.int32(n_tok), np.int32(len(seqs)), np.int32(n_heads),
-           np.int32(n_kv), np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.float32(scale))
+           np.int32(n_kv), np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.float32(scale),
+           np.int32(window), np.float32(softcap))
     check(out, ref, F16_RTOL, 2e-4)
 
 
 @pytest.mark.parametrize("n_heads,n_kv,hd,block_size", HEADS)
 @pytest.mark.parametrize("partition", [64, 256])
-def test_attention_decode(n_heads, n_kv, hd, block_size, partition):
+@pytest.mark.parametrize("window,softcap", WINDOWS + [(100, 0.0)])
+def test_attention_decode(n_heads, n_kv, hd, block_size, partition, window, softcap):
+    """Windows shorter than a partition, and one (100) that starts inside one."""
     rng = np.random.default_rng(n_heads * hd + block_size + partition)
     seqs = [(1, 1), (1, 17), (0, 9), (1, 300), (1, 1000), (1, 2049)]
     batch = build_batch(seqs, n_heads, n_kv, hd, block_size, rng)
-    scale = 1.0 / np.sqrt(hd)
-    ref = attention_ref(*batch, scale)
+    scale = (4.0 if softcap else 1.0) / np.sqrt(hd)
+    ref = attention_ref(*batch, scale, window, softcap)
     q, k_cache, v_cache, tables, ctx, qs = attention_args(batch)
     n_seq, n_parts = len(seqs), cdiv(int(batch[4].max()), partition)
     part_acc = nan_like((n_seq, n_heads, n_parts, hd), np.float32)
@@ -320,7 +357,8 @@ def test_attention_decode(n_heads, n_kv, hd, block_size, partition):
     out = nan_like(q.shape, np.float16)
     launch("attention", "paged_attention_decode", (n_heads, n_seq, n_parts), 128,
            q, k_cache, v_cache, tables, ctx, qs, part_acc, part_ml, np.int32(n_heads), np.int32(n_kv),
-           np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.int32(partition), np.float32(scale))
+           np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.int32(partition), np.float32(scale),
+           np.int32(window), np.float32(softcap))
     launch("attention", "paged_attention_decode_reduce", (n_heads, n_seq), 128,
            part_acc, part_ml, ctx, qs, out, np.int32(n_heads), np.int32(hd), np.int32(n_parts), np.int32(partition))
     check(out, ref, F16_RTOL, 2e-4)

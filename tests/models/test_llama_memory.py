@@ -1,4 +1,4 @@
-"""LlamaModel.activation_bytes (what the CUDA backend keeps free of the KV cache for a
+"""LlamaModel.activation_bytes, GemmaModel's too (what the CUDA backend keeps free of the KV cache for a
 step) against the memory a forward pass really holds, measured with tracemalloc on the
 CPU backend: the model code allocates the same buffers on both backends (float32 here),
 and tracemalloc sees every numpy allocation. The estimate must bound the peak without
@@ -16,7 +16,7 @@ from pyforge.synthetic import write_gguf
 BATCHES = [(300,), (100, 200), (5, 7, 9, 11)]
 LAYERS_DOMINATE = {(300,), (100, 200)}    # the peak is inside the layers, not at the logits
 
-@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mha", "tiny-qwen2"])
+@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mha", "tiny-qwen2", "tiny-gemma2", "tiny-gemma3"])
 def engine(request, tmp_path_factory):
     path = write_gguf(request.param, tmp_path_factory.mktemp("mem") / "model.gguf", "F32", seed=1)
     return Engine(str(path), n_threads=2, max_model_len=512, kv_cache_tokens=2048, max_num_batched_tokens=512)

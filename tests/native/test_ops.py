@@ -157,6 +157,36 @@ def test_silu_mul_into_gate():
     assert rel_err(gate, ref) < REL_TOL
 
 
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n,f", [(1, 5), (3, 173), (20, 5632)])
+def test_gelu_tanh_mul_matches_torch(n, f, n_threads):
+    """GeGLU against torch's gelu(approximate="tanh") (float64), the activation Gemma uses."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(f + 1)
+    gate, up = randn(rng, n, f, scale=4.0), randn(rng, n, f)
+    gate.flat[:4] = [-100.0, 100.0, -12.0, 1e-3]  # saturation and the linear region
+    out = poisoned((n, f))
+    ops.gelu_tanh_mul(gate, up, out, n_threads)
+    ref = torch.nn.functional.gelu(torch.from_numpy(gate.astype(np.float64)), approximate="tanh").numpy() * up
+    # the far negative tail (gelu < 1e-7 of the largest output) is e^(-2u) with a float32 u: there
+    # the rounding of u is amplified ~|2u| times, and torch's own 1 + tanh(u) cancels
+    atol = 1e-7 * np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=atol)
+    ops.gelu_tanh_mul(gate, up, gate)     # in place
+    np.testing.assert_allclose(gate, ref, rtol=2e-6, atol=atol)
+
+
+@pytest.mark.parametrize("cap", [0.5, 30.0, 50.0])
+def test_softcap(cap):
+    """cap * tanh(x / cap) over small (|x/cap| < 1/4, the polynomial) and large arguments."""
+    rng = np.random.default_rng(int(cap * 10))
+    x = np.concatenate([randn(rng, 1001, scale=cap * 0.1), randn(rng, 999, scale=cap * 3),
+                        np.array([0.0, -0.0, 1e-30, cap * 0.25, -cap * 0.25, 1e30, -1e30], np.float32)])
+    ref = cap * np.tanh(x.astype(np.float64) / cap)
+    ops.softcap(x, cap)
+    np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-30)
+
+
 @pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 33)])
 def test_add_inplace(shape):
     rng = np.random.default_rng(3)
@@ -220,8 +250,9 @@ def gather_context(cache, table, L, block_size):
     return cache[table[p // block_size], :, p % block_size].astype(np.float64)
 
 
-def attention_ref(q, k_cache, v_cache, tables, context_lens, qsl, scale):
-    """float64 causal GQA attention per sequence, from the definition."""
+def attention_ref(q, k_cache, v_cache, tables, context_lens, qsl, scale, window=0, softcap=0.0):
+    """float64 causal GQA attention per sequence, from the definition; window > 0: a query at
+    position p sees keys (p - window, p]; softcap > 0: scores become softcap * tanh(s / softcap)."""
     n_tok, n_heads, hd = q.shape
     n_kv, bs = k_cache.shape[1], k_cache.shape[2]
     out = np.zeros((n_tok, n_heads, hd))
@@ -233,8 +264,12 @@ def attention_ref(q, k_cache, v_cache, tables, context_lens, qsl, scale):
         K = np.repeat(gather_context(k_cache, tables[s], L, bs), n_heads // n_kv, axis=1)  # [L, H, hd]
         V = np.repeat(gather_context(v_cache, tables[s], L, bs), n_heads // n_kv, axis=1)  # [L, H, hd]
         scores = np.einsum("qhd,khd->hqk", q[rows].astype(np.float64), K) * scale   # [H, n_q, L]
+        if softcap:
+            scores = softcap * np.tanh(scores / softcap)
         qpos = L - n_q + np.arange(n_q)
         scores[:, np.arange(L)[None, :] > qpos[:, None]] = -np.inf
+        if window:
+            scores[:, np.arange(L)[None, :] <= qpos[:, None] - window] = -np.inf
         w = np.exp(scores - scores.max(axis=-1, keepdims=True))
         w /= w.sum(axis=-1, keepdims=True)
         out[rows] = np.einsum("hqk,khd->qhd", w, V)
@@ -355,6 +390,43 @@ def test_paged_attention_tiles_peaked_scores(path, monkeypatch):
     out = poisoned(q.shape)
     ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 1.0, out, 2)
     assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, 1.0)) < REL_TOL
+
+
+# Sliding windows: shorter than a block, than a tile's rows, than a 64-position chunk, and
+# longer than some contexts; a soft cap (Gemma 2) that bends scores of up to ~10.
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("window,softcap", [(1, 0.0), (5, 0.0), (40, 0.0), (100, 0.0), (0, 3.0), (37, 3.0)])
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(8, 2, 64), (4, 4, 36)])
+def test_paged_attention_window_and_softcap(n_heads, n_kv, hd, window, softcap, path, monkeypatch):
+    monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+    rng = np.random.default_rng(window * 7 + n_heads)
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, TILED + [(200, 45)], 16, n_kv, hd)
+    q = randn(rng, int(qsl[-1]), n_heads, hd, scale=2.0 if softcap else 1.0)
+    scale = 1.0 / np.sqrt(hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, scale, out, 2, window, softcap)
+    assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, scale, window, softcap)) < REL_TOL
+
+
+def test_paged_attention_window_matches_torch_sdpa():
+    """A prefill chunk after a cached prefix under a sliding window, against torch SDPA with
+    transformers' sliding-window mask (a key is seen when q_pos - window < k_pos <= q_pos)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(16)
+    L, n_q, n_heads, n_kv, hd, bs, window = 150, 60, 8, 2, 64, 16, 23
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(L, n_q)], bs, n_kv, hd)
+    q = randn(rng, n_q, n_heads, hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125, out, 2, window)
+    K = torch.from_numpy(gather_context(k_cache, tables[0], L, bs)).repeat_interleave(n_heads // n_kv, dim=1)
+    V = torch.from_numpy(gather_context(v_cache, tables[0], L, bs)).repeat_interleave(n_heads // n_kv, dim=1)
+    Q = torch.from_numpy(q.astype(np.float64))
+    q_pos, k_pos = (L - n_q + torch.arange(n_q))[:, None], torch.arange(L)[None, :]
+    mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        Q.transpose(0, 1), K.transpose(0, 1), V.transpose(0, 1), attn_mask=mask, scale=0.125
+    ).transpose(0, 1)
+    assert rel_err(out, ref.numpy()) < REL_TOL
 
 
 def test_paged_attention_tiles_are_a_different_path(monkeypatch):
@@ -489,3 +561,12 @@ def test_bad_attention_inputs():
     two = dict(block_tables=i32(0, 1, 2, 3).reshape(2, 2), context_lens=i32(20, 20))
     with pytest.raises(ValueError):
         call(**two, query_start_loc=i32(0, 4, 3))  # decreasing
+    args = (q, cache, cache, good["block_tables"], good["context_lens"], good["query_start_loc"], 0.3, out, 1)
+    for window, softcap in ((-1, 0.0), (2.5, 0.0), (True, 0.0), (0, -1.0), (0, float("inf")), (0, float("nan"))):
+        with pytest.raises(ValueError, match="window|softcap"):
+            ops.paged_attention(*args, window, softcap)
+    with pytest.raises(ValueError):
+        ops.gelu_tanh_mul(f32(2, 8), f32(2, 9), f32(2, 8))
+    for cap in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="cap"):
+            ops.softcap(f32(4), cap)

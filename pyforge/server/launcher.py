@@ -48,6 +48,12 @@ from pyforge.serving.supervisor import EngineRunner, EngineStartError, describe_
 log = logging.getLogger("pyforge.launcher")
 
 
+def check_ports(config):
+    """OSError now if any of the configured addresses cannot be listened on."""
+    for host in config.hosts:
+        check_port(host, config.port)
+
+
 def check_port(host, port):
     """OSError now if host:port cannot be listened on, before a model takes minutes to load."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -118,7 +124,7 @@ def on_starting(server):
     from pyforge.config import ServerConfig
     app.pyforge_config = ServerConfig.from_sources(None)
     _configure_logging(app.pyforge_config, warn=False)     # gunicorn_conf warned when it was read
-    check_port(app.pyforge_config.host, app.pyforge_config.port)
+    check_ports(app.pyforge_config)
     check_tls(app.pyforge_config)
     tracing.require(app.pyforge_config)
     check_memory(app.pyforge_config.per_model())
@@ -159,7 +165,7 @@ def on_exit(server):
 
 def gunicorn_settings(config):
     return {
-        "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
+        "bind": [f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}" for host in config.hosts],
         "workers": config.workers,
         "threads": config.worker_threads,
         "worker_class": "pyforge.server.worker.GuardedThreadWorker",
@@ -240,7 +246,7 @@ def serve(config):
     child it has) and restarts one when it crashes."""
     _configure_logging(config)
     try:
-        check_port(config.host, config.port)
+        check_ports(config)
         check_tls(config)
         tracing.require(config)
         check_memory(config.per_model())

@@ -58,7 +58,7 @@ def translate(argv):
                 continue                    # -1: unlimited, our default
             out += [VALUE_FLAGS[flag], value]
         elif flag == "--host":
-            out += ["--host", next(it).split(",")[0].strip()]      # one address: gunicorn binds one here
+            out += ["--host", next(it)]
         elif flag == "--hf-repo":
             repo = next(it)
         elif flag == "--hf-file":

@@ -16,7 +16,7 @@ def test_a_preset_maps_onto_our_flags():
          "--ctx-size", "512", "--parallel", "2", "--n-predict", "64", "--api-key", "k", "--cors-origins", "a, b",
          "--jinja"])
     pairs = dict(zip(flags[::2], flags[1::2]))
-    assert pairs["--port"] == "8080" and pairs["--host"] == "127.0.0.1" and pairs["--default-temperature"] == "0.8"
+    assert pairs["--port"] == "8080" and pairs["--host"] == "127.0.0.1,::1" and pairs["--default-temperature"] == "0.8"
     assert (pairs["--served-model-name"], pairs["--max-model-len"], pairs["--max-num-seqs"]) == ("tinyllama-2", "512", "2")
     assert (pairs["--default-max-tokens"], pairs["--api-key"], pairs["--allowed-origins"]) == ("64", "k", "a,b")
     assert pairs["--model"] == str(shim.STAND_IN) and pairs["--chat-template"] == "chatml"

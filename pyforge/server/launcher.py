@@ -82,6 +82,7 @@ def build_worker_app(config, runners, limit=None):
     """Everything a worker process serves: (WSGI app, [engine client per model]);
     `limit`: the server's ConcurrencyLimit, made before the fork, or None."""
     from pyforge.server.admission import admitted_app
+    from pyforge.server.web import canonical_header_names
     from pyforge.server.app import build_app, serving_context
     from pyforge.server.ipc_client import IpcEngineClient
     from pyforge.server.metrics import MetricsResource, SegmentObserver
@@ -101,10 +102,10 @@ def build_worker_app(config, runners, limit=None):
         contexts.append(serving_context(model_config, client, tokenizer, SegmentObserver(segment)))
     app = build_app(config, contexts, limit)
     app.add_route("/metrics", MetricsResource([(c.seg, ctx.model_name) for c, ctx in zip(clients, contexts)]))
-    if limit is None:
-        return app, clients
-    limit.attach()
-    return admitted_app(app, limit), clients
+    if limit is not None:
+        limit.attach()
+        app = admitted_app(app, limit)
+    return canonical_header_names(app), clients
 
 
 def placeholder_app(environ, start_response):

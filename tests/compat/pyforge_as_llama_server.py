@@ -69,7 +69,7 @@ def translate(argv):
             continue
         elif flag in ("--cors-credentials", "--no-cors-credentials"):
             out += ["--allow-credentials", str(flag == "--cors-credentials").lower()]
-        elif flag == "--no-webui":
+        elif flag in ("--no-webui", "--no-ui"):
             out += ["--playground", "false"]
         elif flag in DROPPED_WITH_VALUE:
             dropped.append(f"{flag} {next(it)}")

@@ -36,7 +36,7 @@ def test_unlimited_n_predict_keeps_our_default():
 
 
 def test_llama_server_cors_defaults_and_switches():
-    flags, _ = shim.translate(["--hf-repo", "ggml-org/test-model-stories260K", "--no-webui"])
+    flags, _ = shim.translate(["--hf-repo", "ggml-org/test-model-stories260K", "--no-ui"])
     pairs = dict(zip(flags[::2], flags[1::2]))
     assert (pairs["--allowed-origins"], pairs["--allow-credentials"]) == ("*", "true")
     assert pairs["--allowed-methods"] == "GET, POST, DELETE, OPTIONS" and pairs["--allowed-headers"] == "*"

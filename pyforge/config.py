@@ -57,7 +57,7 @@ class ServerConfig:
     model: str | None = None            # GGUF file, HF folder, repo id or repo:file.gguf[@tokenizer-repo]
     models: tuple = ()                  # several of those, one engine each; a request's `model` picks one
     strict_model_name: bool = False     # one model served: 404 a request naming another (else it answers)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"             # address to listen on; several: comma-separated (127.0.0.1,::1)
     port: int = 8000
     served_model_name: str | None = None  # the `model` clients send; default: the model file's stem
     workers: int = 2                    # gunicorn worker processes
@@ -147,6 +147,11 @@ class ServerConfig:
             with open(self.api_key_file, encoding="utf-8") as f:
                 keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         return tuple(keys)
+
+    @property
+    def hosts(self):
+        """The addresses to listen on: `host` split at commas."""
+        return tuple(self.host.split(","))
 
     @property
     def tls(self):
@@ -285,6 +290,15 @@ def _str(optional=False, choices=None, pattern=None):
     return parse
 
 
+def _hosts(name, value):
+    """One address or several, comma-separated; kept as "a,b" with the blanks taken out."""
+    value = _str()(name, value)
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise _FieldError(name, f"has an empty address: {value!r}")
+    return ",".join(parts)
+
+
 def _bool(name, value):
     if isinstance(value, str) and value.strip().lower() in _BOOLS:
         value = _BOOLS[value.strip().lower()]
@@ -339,7 +353,7 @@ def _chat_template(name, value):
 
 
 _PARSERS = {
-    "model": _str(optional=True), "models": _list, "strict_model_name": _bool, "host": _str(), "port": _int(0), "served_model_name": _str(optional=True),
+    "model": _str(optional=True), "models": _list, "strict_model_name": _bool, "host": _hosts, "port": _int(0), "served_model_name": _str(optional=True),
     "workers": _int(1), "worker_threads": _int(1), "threads": _int(1, optional=True),
     "device": _str(pattern=_DEVICE), "gpu_memory_utilization": _float(low_open=True, high=1.0),
     "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
@@ -500,6 +514,7 @@ _HELP = {
     "ssl_keyfile": "TLS private key (PEM)",
     "service_name": "service name in logs and traces",
     "otlp_endpoint": "OpenTelemetry collector (OTLP over HTTP, e.g. http://localhost:4318): a span per generation request",
+    "host": "address to listen on; several comma-separated (127.0.0.1,::1)",
     "served_model_name": "model name clients use (default: the model file name without .gguf)",
     "workers": "HTTP worker processes",
     "worker_threads": "threads per HTTP worker (each holds one request or stream)",

@@ -48,6 +48,12 @@ from pyforge.serving.supervisor import EngineRunner, EngineStartError, describe_
 log = logging.getLogger("pyforge.launcher")
 
 
+def check_ports(config):
+    """OSError now if any of the configured addresses cannot be listened on."""
+    for host in config.hosts:
+        check_port(host, config.port)
+
+
 def check_port(host, port):
     """OSError now if host:port cannot be listened on, before a model takes minutes to load."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -76,6 +82,7 @@ def build_worker_app(config, runners, limit=None):
     """Everything a worker process serves: (WSGI app, [engine client per model]);
     `limit`: the server's ConcurrencyLimit, made before the fork, or None."""
     from pyforge.server.admission import admitted_app
+    from pyforge.server.web import canonical_header_names
     from pyforge.server.app import build_app, serving_context
     from pyforge.server.ipc_client import IpcEngineClient
     from pyforge.server.metrics import MetricsResource, SegmentObserver
@@ -95,10 +102,10 @@ def build_worker_app(config, runners, limit=None):
         contexts.append(serving_context(model_config, client, tokenizer, SegmentObserver(segment)))
     app = build_app(config, contexts, limit)
     app.add_route("/metrics", MetricsResource([(c.seg, ctx.model_name) for c, ctx in zip(clients, contexts)]))
-    if limit is None:
-        return app, clients
-    limit.attach()
-    return admitted_app(app, limit), clients
+    if limit is not None:
+        limit.attach()
+        app = admitted_app(app, limit)
+    return canonical_header_names(app), clients
 
 
 def placeholder_app(environ, start_response):
@@ -118,7 +125,7 @@ def on_starting(server):
     from pyforge.config import ServerConfig
     app.pyforge_config = ServerConfig.from_sources(None)
     _configure_logging(app.pyforge_config, warn=False)     # gunicorn_conf warned when it was read
-    check_port(app.pyforge_config.host, app.pyforge_config.port)
+    check_ports(app.pyforge_config)
     check_tls(app.pyforge_config)
     tracing.require(app.pyforge_config)
     check_memory(app.pyforge_config.per_model())
@@ -159,7 +166,7 @@ def on_exit(server):
 
 def gunicorn_settings(config):
     return {
-        "bind": [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"],
+        "bind": [f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}" for host in config.hosts],
         "workers": config.workers,
         "threads": config.worker_threads,
         "worker_class": "pyforge.server.worker.GuardedThreadWorker",
@@ -240,7 +247,7 @@ def serve(config):
     child it has) and restarts one when it crashes."""
     _configure_logging(config)
     try:
-        check_port(config.host, config.port)
+        check_ports(config)
         check_tls(config)
         tracing.require(config)
         check_memory(config.per_model())

@@ -16,6 +16,7 @@ whose Accept-Encoding takes gzip. Streams are never compressed: gzip would
 hold each SSE event back until its buffer filled. (Compressed request bodies
 are read in validation.read_json.)
 """
+import functools
 import gzip
 
 import falcon
@@ -65,6 +66,23 @@ class CorsMiddleware:
         if self.credentials:
             resp.set_header("Access-Control-Allow-Credentials", "true")
         resp.set_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)
+
+
+def canonical_header_names(app):
+    """The WSGI app with response header names in their usual capitalisation
+    (Content-Type, Access-Control-Allow-Origin, X-Request-Id): falcon sends them in
+    lower case, which HTTP allows, but clients that look headers up in a plain,
+    case-sensitive dict (llama.cpp's own server tests do) miss them."""
+    def wrapped(environ, start_response):
+        def start(status, headers, exc_info=None):
+            return start_response(status, [(_canonical(name), value) for name, value in headers], exc_info)
+        return app(environ, start)
+    return wrapped
+
+
+@functools.lru_cache(maxsize=256)
+def _canonical(name):
+    return "-".join(part[:1].upper() + part[1:] for part in name.split("-"))
 
 
 class GzipMiddleware:

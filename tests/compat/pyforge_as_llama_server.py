@@ -58,7 +58,7 @@ def translate(argv):
                 continue                    # -1: unlimited, our default
             out += [VALUE_FLAGS[flag], value]
         elif flag == "--host":
-            out += ["--host", next(it).split(",")[0].strip()]      # one address: gunicorn binds one here
+            out += ["--host", next(it)]
         elif flag == "--hf-repo":
             repo = next(it)
         elif flag == "--hf-file":
@@ -69,7 +69,7 @@ def translate(argv):
             continue
         elif flag in ("--cors-credentials", "--no-cors-credentials"):
             out += ["--allow-credentials", str(flag == "--cors-credentials").lower()]
-        elif flag == "--no-webui":
+        elif flag in ("--no-webui", "--no-ui"):
             out += ["--playground", "false"]
         elif flag in DROPPED_WITH_VALUE:
             dropped.append(f"{flag} {next(it)}")

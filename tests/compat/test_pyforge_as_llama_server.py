@@ -16,7 +16,7 @@ def test_a_preset_maps_onto_our_flags():
          "--ctx-size", "512", "--parallel", "2", "--n-predict", "64", "--api-key", "k", "--cors-origins", "a, b",
          "--jinja"])
     pairs = dict(zip(flags[::2], flags[1::2]))
-    assert pairs["--port"] == "8080" and pairs["--host"] == "127.0.0.1" and pairs["--default-temperature"] == "0.8"
+    assert pairs["--port"] == "8080" and pairs["--host"] == "127.0.0.1,::1" and pairs["--default-temperature"] == "0.8"
     assert (pairs["--served-model-name"], pairs["--max-model-len"], pairs["--max-num-seqs"]) == ("tinyllama-2", "512", "2")
     assert (pairs["--default-max-tokens"], pairs["--api-key"], pairs["--allowed-origins"]) == ("64", "k", "a,b")
     assert pairs["--model"] == str(shim.STAND_IN) and pairs["--chat-template"] == "chatml"
@@ -36,7 +36,7 @@ def test_unlimited_n_predict_keeps_our_default():
 
 
 def test_llama_server_cors_defaults_and_switches():
-    flags, _ = shim.translate(["--hf-repo", "ggml-org/test-model-stories260K", "--no-webui"])
+    flags, _ = shim.translate(["--hf-repo", "ggml-org/test-model-stories260K", "--no-ui"])
     pairs = dict(zip(flags[::2], flags[1::2]))
     assert (pairs["--allowed-origins"], pairs["--allow-credentials"]) == ("*", "true")
     assert pairs["--allowed-methods"] == "GET, POST, DELETE, OPTIONS" and pairs["--allowed-headers"] == "*"

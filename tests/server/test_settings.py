@@ -86,3 +86,35 @@ def _wait_ready(proc, url, timeout=60):
             pass
         time.sleep(0.1)
     raise AssertionError("the server did not get ready")
+
+
+def _ipv6_loopback():
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_server_listens_on_every_address_of_host(model_path):
+    """--host 127.0.0.1,::1 (llama-server's comma-separated form): both answer."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyforge.cli", "serve", "--model", model_path,
+                             "--host", "127.0.0.1, ::1", "--port", str(port), "--workers", "1", "--threads", "1"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}")
+        for url in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+            assert get(url + "/health")[0] == 200, url
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def test_host_takes_several_addresses():
+    assert ServerConfig(model="m", host="127.0.0.1, ::1").hosts == ("127.0.0.1", "::1")
+    with pytest.raises(ValueError, match="host: has an empty address"):
+        ServerConfig(model="m", host="127.0.0.1,,::1")

@@ -22,7 +22,7 @@ from pyforge.config import ServerConfig
 from pyforge.engine.engine import Engine
 from pyforge.server.app import create_app
 from pyforge.server.inprocess import InProcessEngineClient
-from pyforge.server.web import accepts_gzip
+from pyforge.server.web import accepts_gzip, canonical_header_names
 
 ORIGIN = "https://app.example"
 KEY, KEY2, FILE_KEY = "sk-web-1", "sk-web-2", "sk-from-file"
@@ -142,6 +142,16 @@ def test_cors_is_off_by_default(served):
     assert r.status_code != 401 and not any(h.startswith("access-control-") for h in r.headers)
     r = app.simulate_get("/health", headers={"Origin": ORIGIN})
     assert not any(h.startswith("access-control-") for h in r.headers)
+
+
+def test_header_names_go_out_in_their_usual_capitalisation():
+    def app(environ, start_response):
+        start_response("200 OK", [("content-type", "text/plain"), ("access-control-allow-origin", "*"),
+                                  ("x-request-id", "r1"), ("ETag", "e")])
+        return [b""]
+    seen = {}
+    canonical_header_names(app)({}, lambda status, headers, exc_info=None: seen.update(headers))
+    assert list(seen) == ["Content-Type", "Access-Control-Allow-Origin", "X-Request-Id", "ETag"]
 
 
 # -- gzip -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ advance_computed: count the step's tokens as computed; say who filled a block.
 schedule_running: the scheduler's loop over its running sequences, for the plain
 ones; drafts, prompt logprobs and preemption stay with the Python loop.
 pack_sampling / store_rng_states: the sampler's per-row inputs and RNG states.
+plan_kinds: which special cases (embeddings, prompt logprobs, drafts, grammars) a
+plan holds, so the usual step skips their per-sequence scans.
 
 The Sequence objects stay the owners of the state (Python reads them
 everywhere); these loops read their attributes with C-level calls instead of
@@ -314,3 +316,26 @@ def store_rng_states(list rows, const uint64_t[::1] rng_state):
         raise ValueError(f"{rng_state.shape[0]} RNG states for {len(rows)} rows")
     for i in range(len(rows)):
         rows[i].rng_state = rng_state[i]
+
+
+# plan_kinds bits: which per-sequence cases a step's plan holds
+KIND_POOLING = 1            # an embedding request (params.pooling)
+KIND_PROMPT_LOGPROBS = 2    # prompt logprobs asked (seq.prompt_logprobs is not None)
+KIND_DRAFTS = 4             # speculative drafts to verify
+KIND_GRAMMAR = 8            # a grammar matcher constrains it
+
+
+def plan_kinds(list plan):
+    """The KIND_* bits of the cases present among plan's sequences, in one pass: the
+    usual decode step has none and skips every per-case scan."""
+    cdef int kinds = 0
+    for seq, _ in plan:
+        if seq.params.pooling is not None:
+            kinds |= KIND_POOLING
+        if seq.prompt_logprobs is not None:
+            kinds |= KIND_PROMPT_LOGPROBS
+        if seq.draft_tokens:
+            kinds |= KIND_DRAFTS
+        if seq.matcher is not None:
+            kinds |= KIND_GRAMMAR
+    return kinds

@@ -151,9 +151,10 @@ class Engine:
             self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         self.prompt_logprobs_seqs = []
+        kinds = step_core.plan_kinds(plan)
+        if not kinds & step_core.KIND_POOLING:
+            return self._generate(plan, kinds) if plan else []
         pooled = [entry for entry in plan if entry[0].params.pooling is not None]
-        if not pooled:
-            return self._generate(plan) if plan else []
         plan = [entry for entry in plan if entry[0].params.pooling is None]
         embedded, failure = [], None
         try:
@@ -193,15 +194,18 @@ class Engine:
                 outputs.append(StepOutput(seq.seq_id, -1, 0.0, finish_reason=seq.finish_reason, embedding=vector))
         return outputs
 
-    def _generate(self, plan):
-        """The generating entries' forward pass and sampling: their StepOutputs."""
+    def _generate(self, plan, kinds=None):
+        """The generating entries' forward pass and sampling: their StepOutputs.
+        kinds: step_core.plan_kinds(plan), when the caller has it."""
+        kinds = step_core.plan_kinds(plan) if kinds is None else kinds
         masks = None
-        full = _full_logits(plan)
+        full = _full_logits(plan) if kinds & (step_core.KIND_PROMPT_LOGPROBS | step_core.KIND_DRAFTS) else False
         try:
             batch, sampling = self.runner.build_batch(plan, full)
             seqs = [plan[i][0] for i in sampling]
-            # grammar masks compute while the forward pass runs, when it runs long enough to hide them
-            masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
+            if kinds & step_core.KIND_GRAMMAR:
+                # grammar masks compute while the forward pass runs, when it runs long enough to hide them
+                masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
             started = time.perf_counter()
             logits = self.runner.forward(batch)
             self._forward_s = time.perf_counter() - started
@@ -218,7 +222,7 @@ class Engine:
         bm = self.block_manager
         for seq in step_core.advance_computed(plan, bm.block_size if bm.prefix_caching else 0):
             bm.register_full_blocks(seq)
-        rows = _verify_rows(seqs)
+        rows = _verify_rows(seqs) if kinds & step_core.KIND_DRAFTS else seqs
         try:
             results = self.sampler.sample(logits, rows, masks)
         except Exception:           # find the rows that fail alone: only they end

@@ -10,7 +10,8 @@ import pytest
 from pyforge.engine.model_runner import ModelRunner
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence, SequenceStatus
-from pyforge.native.step_core import DecodeBatch, advance_computed, append_tokens
+from pyforge.native.step_core import (KIND_DRAFTS, KIND_GRAMMAR, KIND_POOLING, KIND_PROMPT_LOGPROBS, DecodeBatch,
+                                     advance_computed, append_tokens, pack_sampling, plan_kinds, store_rng_states)
 
 BLOCK = 4
 FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens")
@@ -166,3 +167,46 @@ def test_advance_computed_counts_tokens_and_names_who_filled_a_block():
     b.num_computed_tokens, b.draft_tokens = 7, []
     assert advance_computed([(b, 1)], BLOCK) == [b]
     assert advance_computed([(b, 1)], 0) == []       # prefix caching off
+
+
+def test_plan_kinds_names_the_cases_a_plan_holds():
+    plain = Sequence(0, [1, 2], SamplingParams(), 0, 100)
+    embedding = Sequence(1, [1, 2], SamplingParams(pooling="mean"), 0, 100)
+    logprobs = Sequence(2, [1, 2], SamplingParams(prompt_logprobs=1), 0, 100)
+    drafted = Sequence(3, [1, 2], SamplingParams(), 0, 100)
+    drafted.draft_tokens = [5]
+    guided = Sequence(4, [1, 2], SamplingParams(), 0, 100)
+    guided.matcher = object()
+    assert plan_kinds([]) == plan_kinds([(plain, 1)]) == 0
+    assert plan_kinds([(plain, 1), (embedding, 2)]) == KIND_POOLING
+    assert plan_kinds([(logprobs, 2), (drafted, 2)]) == KIND_PROMPT_LOGPROBS | KIND_DRAFTS
+    assert plan_kinds([(guided, 1), (plain, 1)]) == KIND_GRAMMAR
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pack_sampling_packs_what_the_python_columns_hold(seed):
+    from pyforge.engine.sampler import _param_arrays
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(50):
+        params = SamplingParams(temperature=float(rng.uniform(0, 2)), top_k=int(rng.integers(-1, 50)),
+                                top_p=float(rng.uniform(0.01, 1)), min_p=float(rng.uniform(0, 1)),
+                                repetition_penalty=float(rng.choice([1.0, rng.uniform(0.5, 2)])),
+                                presence_penalty=float(rng.choice([0.0, rng.uniform(-2, 2)])),
+                                frequency_penalty=float(rng.choice([0.0, rng.uniform(-2, 2)])),
+                                logprobs=None if rng.random() < 0.5 else int(rng.integers(0, 21)),
+                                logit_bias={3: 1.0} if rng.random() < 0.1 else {},
+                                min_tokens=int(rng.integers(0, 2)) if rng.random() < 0.1 else 0)
+        rows.append(Sequence(i, [1], params, int(rng.integers(0, 2**63)) * 2 + 1, 100))
+    sub = rows[:int(rng.integers(1, 50))]
+    columns, rng_state, wants, n_top, penalised, biased = pack_sampling(sub)
+    params = [row.params for row in sub]
+    for got, want in zip(columns, _param_arrays(params)):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert rng_state.tolist() == [row.rng_state for row in sub]
+    assert wants.tolist() == [int(p.logprobs is not None) for p in params]
+    assert n_top == max(p.logprobs or 0 for p in params)
+    assert penalised == any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params)
+    assert biased == any(p.logit_bias or p.min_tokens for p in params)
+    store_rng_states(sub, np.arange(len(sub), dtype=np.uint64))
+    assert [row.rng_state for row in sub] == list(range(len(sub)))

@@ -29,7 +29,9 @@ plan holds, so the usual step skips their per-sequence scans.
 
 The Sequence objects stay the owners of the state (Python reads them
 everywhere); these loops read their attributes with C-level calls instead of
-bytecode, which is where the Python step spent its time.
+bytecode, which is where the Python step spent its time. Touching Python objects,
+they hold the GIL: releasing it needs the state in C arrays first (issue 15's
+remaining part).
 """
 import numpy as np
 

@@ -20,6 +20,7 @@ NATIVE_MODULES = {
     "ipc": ["native/shm_ring.c"],
     "block_pool": [],
     "ngram_index": [],
+    "step_core": [],
 }
 
 

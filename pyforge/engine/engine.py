@@ -8,6 +8,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pyforge.backends import get_backend
 from pyforge.engine.block_manager import BlockManager
 from pyforge.engine.config import EngineConfig, EngineFacts
@@ -15,12 +17,13 @@ from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
 from pyforge.engine.guided import GuidedDecoding
 from pyforge.engine.model_runner import KVCache, ModelRunner, max_draft_rows, size_kv_cache
 from pyforge.engine import pooling, prompt_logprobs
-from pyforge.engine.sampler import Sampler
+from pyforge.engine.sampler import SampledBatch, Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
 from pyforge.engine.speculative import GAMMA, U64, Speculator, accepted_prefix, verify_rows
 from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
+from pyforge.native import step_core
 from pyforge.loader.quantize import quantized_weights
 from pyforge.models.registry import family
 from pyforge.models.null import NullModel, pick_token
@@ -52,7 +55,7 @@ class StepError(RuntimeError):
         return ErrorKind.INTERNAL, INTERNAL_ERROR
 
 
-@dataclass
+@dataclass(slots=True)      # one per token: slots make it cheaper to build
 class StepOutput:
     seq_id: int
     token_id: int
@@ -148,9 +151,10 @@ class Engine:
             self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         self.prompt_logprobs_seqs = []
+        kinds = step_core.plan_kinds(plan)
+        if not kinds & step_core.KIND_POOLING:
+            return self._generate(plan, kinds) if plan else []
         pooled = [entry for entry in plan if entry[0].params.pooling is not None]
-        if not pooled:
-            return self._generate(plan) if plan else []
         plan = [entry for entry in plan if entry[0].params.pooling is None]
         embedded, failure = [], None
         try:
@@ -190,15 +194,18 @@ class Engine:
                 outputs.append(StepOutput(seq.seq_id, -1, 0.0, finish_reason=seq.finish_reason, embedding=vector))
         return outputs
 
-    def _generate(self, plan):
-        """The generating entries' forward pass and sampling: their StepOutputs."""
+    def _generate(self, plan, kinds=None):
+        """The generating entries' forward pass and sampling: their StepOutputs.
+        kinds: step_core.plan_kinds(plan), when the caller has it."""
+        kinds = step_core.plan_kinds(plan) if kinds is None else kinds
         masks = None
-        full = _full_logits(plan)
+        full = _full_logits(plan) if kinds & (step_core.KIND_PROMPT_LOGPROBS | step_core.KIND_DRAFTS) else False
         try:
             batch, sampling = self.runner.build_batch(plan, full)
             seqs = [plan[i][0] for i in sampling]
-            # grammar masks compute while the forward pass runs, when it runs long enough to hide them
-            masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
+            if kinds & step_core.KIND_GRAMMAR:
+                # grammar masks compute while the forward pass runs, when it runs long enough to hide them
+                masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
             started = time.perf_counter()
             logits = self.runner.forward(batch)
             self._forward_s = time.perf_counter() - started
@@ -212,15 +219,31 @@ class Engine:
             for seq_id in seq_ids:
                 self.abort(seq_id)
             raise StepError(seq_ids, e) from e
-        for seq, n in plan:
-            seq.num_computed_tokens += n - len(seq.draft_tokens)    # drafts count once accepted
-            self.block_manager.register_full_blocks(seq)
-        rows = _verify_rows(seqs)
+        bm = self.block_manager
+        for seq in step_core.advance_computed(plan, bm.block_size if bm.prefix_caching else 0):
+            bm.register_full_blocks(seq)
+        rows = _verify_rows(seqs) if kinds & step_core.KIND_DRAFTS else seqs
         try:
             results = self.sampler.sample(logits, rows, masks)
         except Exception:           # find the rows that fail alone: only they end
             results = self._sample_rows(logits, rows, masks)
+        if masks is None and rows is seqs and isinstance(results, SampledBatch):
+            return self._append_plain(seqs, results)
         return self._append_all(seqs, results)
+
+    def _append_plain(self, seqs, results):
+        """append_token for a step without drafts or grammars, its loop native
+        (step_core.append_tokens): StepOutputs, in order."""
+        statuses = step_core.append_tokens(seqs, results.tokens, self.facts.eos_ids)
+        tops = results.top if results.top is not None else ([] for _ in seqs)
+        outputs = [StepOutput(seq.seq_id, token, logprob, row)
+                   for seq, token, logprob, row in zip(seqs, results.tokens.tolist(), results.logprobs.tolist(), tops)]
+        for i in np.flatnonzero(statuses != SequenceStatus.RUNNING).tolist():
+            seq = seqs[i]
+            self.scheduler.finish(seq, SequenceStatus(int(statuses[i])))
+            self.sequences.pop(seq.seq_id, None)
+            outputs[i].finish_reason = seq.finish_reason
+        return outputs
 
     def _record_prompt_logprobs(self, plan, full, logits):
         """Record the prompt logprobs of this step's full entries; the sampling rows' logits."""

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 
 from pyforge.models.batch import ForwardBatch
+from pyforge.native.step_core import DecodeBatch
 
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30    # the CPU backend's pool when no size is given
@@ -73,6 +74,7 @@ class ModelRunner:
     def __init__(self, model, kv_cache):
         self.model = model
         self.kv_cache = kv_cache
+        self.decode_batch = DecodeBatch(kv_cache.block_size)    # the steady state's persistent batch
 
     def build_batch(self, plan, all_logits=False):
         """plan: [(sequence, n_new_tokens)] -> ForwardBatch, and which plan entries sample.
@@ -80,12 +82,16 @@ class ModelRunner:
         Logits come for each sampling entry's last row; with all_logits (True, or one
         bool per plan entry: prompt logprobs) for every row of those entries, in row order.
 
-        Per sequence only its integers are gathered (one pass each); the rest
-        is array arithmetic, so a 64-sequence decode step costs tens of
-        microseconds, not one numpy call per sequence."""
+        A pure decode step (every entry adds its newest token) is the persistent batch's
+        (native/step_core.pyx): its rows are updated by diff and are not in plan order, so
+        the plan indices come back in row order. Otherwise per sequence only its integers
+        are gathered (one pass each) and the rest is array arithmetic."""
+        if not all_logits:
+            built = self.decode_batch.build(plan)
+            if built is not None:
+                return ForwardBatch(*built[0]), built[1]
+        self.decode_batch.reset()
         bs, n_seq = self.kv_cache.block_size, len(plan)
-        if not all_logits and all(n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) for seq, n in plan):
-            return self._decode_batch(plan, bs), list(range(n_seq))
         # [n_seq, 4]: tokens cached, new tokens, all tokens (with drafts), blocks held
         ints = np.array([(seq.num_computed_tokens, n, len(seq.token_ids) + len(seq.draft_tokens), len(seq.block_table))
                          for seq, n in plan], dtype=np.int32).reshape(n_seq, 4)
@@ -119,24 +125,6 @@ class ModelRunner:
             logits_rows=logits_rows.astype(np.int32),
         )
         return batch, np.flatnonzero(caught_up).tolist()
-
-    @staticmethod
-    def _decode_batch(plan, bs):
-        """build_batch's batch when every sequence adds its one newest token
-        (the steady state): plain lists, a handful of numpy calls."""
-        n_seq = len(plan)
-        positions = [seq.num_computed_tokens for seq, _ in plan]
-        tables = [seq.block_table for seq, _ in plan]
-        width = max(map(len, tables))
-        return ForwardBatch(
-            token_ids=np.array([seq.token_ids[-1] for seq, _ in plan], dtype=np.int32),
-            positions=np.array(positions, dtype=np.int32),
-            slot_mapping=np.array([t[p // bs] * bs + p % bs for t, p in zip(tables, positions)], dtype=np.int32),
-            block_tables=np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32).reshape(n_seq, width),
-            context_lens=np.array([p + 1 for p in positions], dtype=np.int32),
-            query_start_loc=np.arange(n_seq + 1, dtype=np.int32),
-            logits_rows=np.arange(n_seq, dtype=np.int32),
-        )
 
     def run(self, plan, all_logits=False):
         batch, sampling = self.build_batch(plan, all_logits)

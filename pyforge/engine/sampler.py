@@ -2,11 +2,13 @@
 arrays and sample the whole batch in one native call (pyforge.native.sampler,
 whose contract is written down in native/sampler_kernels.h)."""
 import secrets
+from collections import abc
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pyforge.native import sampler as native
+from pyforge.native import step_core
 
 _U64 = (1 << 64) - 1
 
@@ -63,49 +65,69 @@ class Sampler:
             raise ValueError(f"sampling parameters out of range: {e}") from None
 
     def sample(self, logits, seqs, masks=None):
-        """One token per sequence. logits: f32[len(seqs), vocab], row i for
-        seqs[i] (left unchanged). Each seq exposes `params` (SamplingParams),
-        `token_ids` (prompt then output), `num_prompt_tokens` and `rng_state`.
-        masks: None, or (bits uint32[n_masks, words], mask_of int32[len(seqs)]),
-        the allowed tokens of the constrained rows (engine/guided.py); a row
-        whose mask allows nothing gets token -1."""
+        """One token per sequence: a SampledBatch (a sequence of SampleResult). logits:
+        f32[len(seqs), vocab], row i for seqs[i] (left unchanged). Each seq exposes
+        `params` (SamplingParams), `token_ids` (prompt then output), `num_prompt_tokens`
+        and `rng_state`. masks: None, or (bits uint32[n_masks, words], mask_of
+        int32[len(seqs)]), the allowed tokens of the constrained rows (engine/guided.py);
+        a row whose mask allows nothing gets token -1."""
         if len(seqs) != len(logits):
             raise ValueError(f"{len(logits)} rows of logits for {len(seqs)} sequences")
         if not seqs:
-            return []
+            return SampledBatch(np.zeros(0, np.int32), np.zeros(0, np.float32), None)
         logits = np.ascontiguousarray(logits, dtype=np.float32)
         if not logits.flags.writeable:   # the kernel borrows rows as scratch
             logits = logits.copy()
-        params = [seq.params for seq in seqs]
-        n_top = min(max(p.logprobs or 0 for p in params), logits.shape[1])
-        rng_state = np.array([seq.rng_state for seq in seqs], dtype=np.uint64)
-        want = None if self.all_logprobs else np.array([p.logprobs is not None for p in params], dtype=np.uint8)
-        bias = _biases(seqs, params, self.eos_ids, logits.shape[1])
+        # one native pass over the rows' params and RNG states (native/step_core.pyx)
+        columns, rng_state, wants, n_top, penalised, biased = step_core.pack_sampling(seqs)
+        n_top = min(n_top, logits.shape[1])
+        want = None if self.all_logprobs else wants
+        bias = _biases(seqs, self.eos_ids, logits.shape[1]) if biased else (None, None, None)
         tokens, logprobs, top_ids, top_logprobs = native.sample(
-            logits, *_param_arrays(params), *_history(seqs), rng_state,
+            logits, *columns, *_history(seqs, penalised), rng_state,
             n_top_logprobs=n_top, n_threads=self.n_threads, want_logprobs=want,
             mask_bits=masks[0] if masks else None, mask_of=masks[1] if masks else None,
             bias_offsets=bias[0], bias_ids=bias[1], bias_values=bias[2],
         )
-        for seq, state in zip(seqs, rng_state.tolist()):
-            seq.rng_state = state
+        step_core.store_rng_states(seqs, rng_state)
         if not n_top:
-            return [SampleResult(token, logprob, []) for token, logprob in zip(tokens.tolist(), logprobs.tolist())]
-        return [
-            SampleResult(token, logprob, list(zip(ids[:p.logprobs or 0], lps[:p.logprobs or 0])))
-            for p, token, logprob, ids, lps in zip(
-                params, tokens.tolist(), logprobs.tolist(), top_ids.tolist(), top_logprobs.tolist()
-            )
-        ]
+            return SampledBatch(tokens, logprobs, None)
+        return SampledBatch(tokens, logprobs, [
+            list(zip(ids[:seq.params.logprobs or 0], lps[:seq.params.logprobs or 0]))
+            for seq, ids, lps in zip(seqs, top_ids.tolist(), top_logprobs.tolist())
+        ])
+
+
+class SampledBatch(abc.Sequence):
+    """A step's samples: a read-only sequence of SampleResult, made on demand from the
+    native call's arrays, which the engine's plain step reads directly.
+    tokens int32[n], logprobs float32[n] (NaN where skipped), top None (nobody asked)
+    or a [(token_id, logprob)] list per row."""
+    __slots__ = ("tokens", "logprobs", "top")
+
+    def __init__(self, tokens, logprobs, top):
+        self.tokens, self.logprobs, self.top = tokens, logprobs, top
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return SampleResult(int(self.tokens[i]), float(self.logprobs[i]), self.top[i] if self.top is not None else [])
+
+    def __iter__(self):
+        tops = self.top if self.top is not None else ([] for _ in range(len(self)))
+        return map(SampleResult, self.tokens.tolist(), self.logprobs.tolist(), tops)
 
 
 def _param_arrays(params):
     return [np.array([getattr(p, name) for p in params], dtype=dtype) for name, dtype in _PARAM_COLUMNS]
 
 
-def _history(seqs):
+def _history(seqs, penalised):
     """The penalties' token history as CSR: offsets, ids, output counts."""
-    if not any(_penalised(seq.params) for seq in seqs):     # the usual batch: nothing to build
+    if not penalised:       # the usual batch: nothing to build
         return np.zeros(len(seqs) + 1, dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
     rows = [_penalised_tokens(seq) for seq in seqs]
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
@@ -115,10 +137,8 @@ def _history(seqs):
     return offsets, ids, counts
 
 
-def _biases(seqs, params, eos_ids, vocab):
-    """The rows' logit biases as CSR (offsets, ids, values), or Nones when no row has any."""
-    if not any(p.logit_bias or p.min_tokens for p in params):   # the usual batch: nothing to build
-        return None, None, None
+def _biases(seqs, eos_ids, vocab):
+    """The rows' logit biases as CSR (offsets, ids, values) (some row has logit_bias or min_tokens)."""
     rows = [_row_bias(seq, eos_ids, vocab) for seq in seqs]
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(row) for row in rows], out=offsets[1:])
@@ -137,10 +157,6 @@ def _row_bias(seq, eos_ids, vocab):
         banned = p.stop_token_ids if p.ignore_eos else (*eos_ids, *p.stop_token_ids)
         bias.update((t, -np.inf) for t in banned if t < vocab)
     return bias
-
-
-def _penalised(p):
-    return p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
 
 
 def _penalised_tokens(seq):

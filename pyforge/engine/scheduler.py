@@ -7,6 +7,7 @@ Pure bookkeeping over integers; the engine turns the plan into a ForwardBatch.
 from collections import deque
 
 from pyforge.engine.sequence import SequenceStatus
+from pyforge.native import step_core
 
 
 class Scheduler:
@@ -39,11 +40,15 @@ class Scheduler:
         return plan
 
     def _schedule_running(self, plan, budget):
-        i = 0
+        # the plain sequences run natively up to the first that needs this loop's
+        # cases (drafts, prompt logprobs, preemption): same rule, same order
+        i, budget, blocked = step_core.schedule_running(self.running, plan, budget, self.blocks)
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, budget)
-            while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+            # blocked: the native loop's allocation for this very (seq, n) just failed
+            while blocked or not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                blocked = False
                 if seq.draft_tokens:        # drafts are the first thing to give up
                     seq.draft_tokens = []
                     n = 1

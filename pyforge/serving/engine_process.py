@@ -56,9 +56,12 @@ class RingReplies:
         self.batches = {}           # worker slot -> ([encoded records], [entries])
 
     def _add(self, entry, record):
-        records, entries = self.batches.setdefault(entry.owner.slot, ([], []))
-        records.append(record)
-        entries.append(entry)
+        slot = entry.owner.slot
+        batch = self.batches.get(slot)     # once per token: no setdefault's throwaway lists
+        if batch is None:
+            batch = self.batches[slot] = ([], [])
+        batch[0].append(record)
+        batch[1].append(entry)
 
     def admitted(self, entry):
         self._add(entry, encode(Admitted(entry.request_id)))

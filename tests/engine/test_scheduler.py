@@ -70,6 +70,8 @@ class ScriptedBlocks:
     """A block manager whose allocate() fails for `fail_for` once: the scheduler must
     preempt; every other call succeeds (as if the victim's blocks were plenty)."""
 
+    block_size = 4
+
     def __init__(self, fail_for):
         self.fail_for = fail_for
 

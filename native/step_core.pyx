@@ -1,0 +1,343 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The engine step's per-sequence loops, compiled (issue 15).
+
+DecodeBatch: the steady-state flattened batch (every sequence adds its newest
+token), kept between steps and updated by diff, as vLLM's persistent batch:
+
+    row_seq[cap]            int64  seq id in each row (-1: free)
+    row_len[cap]            int32  block-table entries the row holds
+    tables[cap, width]      int32  block tables (entries past row_len: 0)
+    tokens, positions, slots, context_lens [cap]  int32  this step's per-row inputs
+
+A sequence keeps its row while it decodes: each step writes its token,
+position, slot and context length, and copies only the block-table entries it
+gained. A sequence that leaves (finished, preempted, not scheduled) frees its
+row and the last row moves into the hole; a newcomer takes the next free row.
+Rows are therefore not in plan order: `build` returns, per row, the plan index
+(the engine samples rows in that order; results do not depend on it, which is
+batch invariance). A step that is not pure decode (prefill, drafts, prompt
+logits) goes through ModelRunner's general path and calls `reset`.
+
+append_tokens: the per-token bookkeeping of a plain step (no drafts, no
+grammar): append each sampled token and check EOS / stop ids / max_tokens.
+advance_computed: count the step's tokens as computed; say who filled a block.
+schedule_running: the scheduler's loop over its running sequences, for the plain
+ones; drafts, prompt logprobs and preemption stay with the Python loop.
+pack_sampling / store_rng_states: the sampler's per-row inputs and RNG states.
+plan_kinds: which special cases (embeddings, prompt logprobs, drafts, grammars) a
+plan holds, so the usual step skips their per-sequence scans.
+
+The Sequence objects stay the owners of the state (Python reads them
+everywhere); these loops read their attributes with C-level calls instead of
+bytecode, which is where the Python step spent its time. Touching Python objects,
+they hold the GIL: releasing it needs the state in C arrays first (issue 15's
+remaining part).
+"""
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+
+cnp.import_array()
+
+# SequenceStatus values (pyforge/engine/sequence.py), mirrored for the C loop
+cdef int RUNNING = 1
+cdef int FINISHED_STOPPED = 3
+cdef int FINISHED_LENGTH = 4
+
+
+cdef class DecodeBatch:
+    cdef readonly int block_size
+    cdef readonly Py_ssize_t n_rows, width
+    cdef dict row_of                        # seq id -> row
+    cdef object _row_seq, _row_len, _plan_index, _tables
+    cdef object _tokens, _positions, _slots, _context_lens, _arange
+    cdef int64_t[::1] row_seq
+    cdef int32_t[::1] row_len, plan_index, tokens, positions, slots, context_lens
+    cdef int32_t[:, ::1] tables
+
+    def __init__(self, int block_size, Py_ssize_t capacity=16):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.width = 1
+        self._allocate(max(capacity, 1))
+        self.reset()
+
+    def reset(self):
+        """Forget every row (the next build rewrites them all)."""
+        self.row_of = {}
+        self.n_rows = 0
+
+    cdef _allocate(self, Py_ssize_t capacity):
+        """Grow the per-row arrays to `capacity` rows, keeping the rows held."""
+        cdef Py_ssize_t old = self.n_rows if self.row_of is not None else 0
+        self._row_seq = _grown(self._row_seq, old, np.int64, capacity)
+        self._row_seq[old:] = -1
+        self._row_len = _grown(self._row_len, old, np.int32, capacity)
+        self._plan_index = _grown(self._plan_index, old, np.int32, capacity)
+        self._tokens = _grown(self._tokens, old, np.int32, capacity)
+        self._positions = _grown(self._positions, old, np.int32, capacity)
+        self._slots = _grown(self._slots, old, np.int32, capacity)
+        self._context_lens = _grown(self._context_lens, old, np.int32, capacity)
+        self._tables = _grown(self._tables, old, np.int32, (capacity, self.width))
+        self._arange = np.arange(capacity + 1, dtype=np.int32)
+        self.row_seq, self.row_len, self.plan_index = self._row_seq, self._row_len, self._plan_index
+        self.tokens, self.positions, self.slots = self._tokens, self._positions, self._slots
+        self.context_lens, self.tables = self._context_lens, self._tables
+
+    cdef _set_width(self, Py_ssize_t width):
+        """Block tables exactly `width` wide (the longest row's), as the general path builds them."""
+        new = np.zeros((self._tables.shape[0], width), dtype=np.int32)
+        keep = min(width, self.width)
+        new[:self.n_rows, :keep] = self._tables[:self.n_rows, :keep]
+        self._tables, self.tables, self.width = new, new, width
+
+    cdef void _move_row(self, Py_ssize_t src, Py_ssize_t dst):
+        cdef Py_ssize_t j
+        self.row_seq[dst] = self.row_seq[src]
+        self.row_len[dst] = self.row_len[src]
+        for j in range(self.width):
+            self.tables[dst, j] = self.tables[src, j]
+        self.row_of[self.row_seq[dst]] = dst
+
+    cdef void _drop_rows(self, int64_t[::1] seen, int64_t stamp):
+        """Free the rows whose sequence is not in this plan: the last row fills each hole."""
+        cdef Py_ssize_t r = 0
+        while r < self.n_rows:
+            if seen[r] == stamp:
+                r += 1
+                continue
+            del self.row_of[self.row_seq[r]]
+            self.n_rows -= 1
+            if r != self.n_rows:
+                self._move_row(self.n_rows, r)
+                seen[r] = seen[self.n_rows]
+                self.plan_index[r] = self.plan_index[self.n_rows]
+
+    cdef int _sync_table(self, Py_ssize_t r, list table) except -1:
+        """Copy the block-table entries row r lacks; the whole row when the table is not
+        an extension of what the row holds (released and reallocated, trimmed)."""
+        cdef Py_ssize_t j, n = len(table), have = self.row_len[r]
+        if n < have or (have and self.tables[r, have - 1] != <int32_t>table[have - 1]):
+            have = 0
+        if n > self.width:
+            self._set_width(n)
+        for j in range(have, n):
+            self.tables[r, j] = <int32_t>table[j]
+        if not have:        # a rewritten row: what a former occupant left past n goes
+            for j in range(n, self.width):
+                self.tables[r, j] = 0
+        self.row_len[r] = <int32_t>n
+        return 0
+
+    def build(self, list plan):
+        """plan: [(sequence, n_new_tokens)] -> (ForwardBatch fields as a tuple of arrays, plan index
+        per row), or None when the step is not pure decode (some n != 1, or a sequence not caught
+        up): the caller builds it the general way and resets this batch. Arrays are views of the
+        persistent buffers: valid until the next build."""
+        cdef Py_ssize_t k, r, n_plan = len(plan), bs = self.block_size, width = 1
+        cdef int64_t seq_id
+        cdef int32_t pos, block
+        cdef list table
+        for k in range(n_plan):
+            seq, n = plan[k]
+            if n != 1 or seq.num_computed_tokens + 1 != len(seq.token_ids):
+                return None
+        if n_plan > self._row_seq.shape[0]:
+            self._allocate(2 * n_plan)
+        seen_arr = np.zeros(self._row_seq.shape[0], dtype=np.int64)
+        cdef int64_t[::1] seen = seen_arr
+        new = []
+        for k in range(n_plan):
+            seq = plan[k][0]
+            row = self.row_of.get(seq.seq_id)
+            if row is None:
+                new.append(k)
+                continue
+            r = row
+            seen[r] = 1
+            self.plan_index[r] = <int32_t>k
+        self._drop_rows(seen, 1)
+        for k in new:
+            r = self.n_rows
+            self.n_rows += 1
+            seq = plan[k][0]
+            self.row_seq[r] = seq.seq_id
+            self.row_len[r] = 0
+            self.row_of[seq.seq_id] = r
+            self.plan_index[r] = <int32_t>k
+        for r in range(self.n_rows):
+            seq = plan[self.plan_index[r]][0]
+            table = seq.block_table
+            self._sync_table(r, table)
+            if len(table) > width:
+                width = len(table)
+            pos = seq.num_computed_tokens
+            if pos // bs >= len(table):
+                self.reset()
+                raise ValueError(f"sequence {seq.seq_id} has no KV block for position {pos}")
+            block = self.tables[r, pos // bs]
+            token_ids = seq.token_ids
+            self.tokens[r] = <int32_t>token_ids[len(token_ids) - 1]
+            self.positions[r] = pos
+            self.slots[r] = block * <int32_t>bs + pos % <int32_t>bs
+            self.context_lens[r] = pos + 1
+        if width != self.width:
+            self._set_width(width)
+        n = self.n_rows
+        arrays = (self._tokens[:n], self._positions[:n], self._slots[:n], self._tables[:n],
+                  self._context_lens[:n], self._arange[:n + 1], self._arange[:n])
+        return arrays, self._plan_index[:n].tolist()
+
+
+def _grown(prev, Py_ssize_t keep, dtype, shape):
+    """A zeroed array of `shape` holding prev's first `keep` rows."""
+    new = np.zeros(shape, dtype=dtype)
+    if prev is not None and keep:
+        new[:keep] = prev[:keep]
+    return new
+
+
+def append_tokens(list seqs, const int32_t[::1] tokens, eos_ids):
+    """Append tokens[i] to seqs[i].token_ids and return each one's status after it (a
+    SequenceStatus value: RUNNING, FINISHED_STOPPED or FINISHED_LENGTH), as
+    Sequence.check_finished decides. For sequences without a grammar matcher."""
+    cdef Py_ssize_t i, n = len(seqs)
+    cdef int32_t token
+    if tokens.shape[0] != n:
+        raise ValueError(f"{tokens.shape[0]} tokens for {n} sequences")
+    statuses = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] out = statuses
+    for i in range(n):
+        seq = seqs[i]
+        token = tokens[i]
+        token_ids = seq.token_ids
+        token_ids.append(token)
+        p = seq.params
+        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+            out[i] = FINISHED_STOPPED
+        elif len(token_ids) - <Py_ssize_t>seq.num_prompt_tokens >= <Py_ssize_t>seq.max_tokens:
+            out[i] = FINISHED_LENGTH
+        else:
+            out[i] = RUNNING
+    return statuses
+
+
+def advance_computed(list plan, Py_ssize_t block_size):
+    """After a forward pass: count each entry's new tokens as computed (drafts only once
+    accepted). The sequences that completed a block not yet offered to the prefix cache,
+    in plan order; none when block_size is 0 (prefix caching off)."""
+    cdef Py_ssize_t k, computed
+    full = []
+    for k in range(len(plan)):
+        seq, n = plan[k]
+        drafts = seq.draft_tokens
+        computed = seq.num_computed_tokens + n - (len(drafts) if drafts else 0)
+        seq.num_computed_tokens = computed
+        if block_size and computed // block_size > seq.num_registered_blocks:
+            full.append(seq)
+    return full
+
+
+def schedule_running(list running, list plan, Py_ssize_t budget, blocks):
+    """The scheduler's running loop (engine/scheduler.py, _schedule_running) over its
+    plain entries: each running sequence in order gets min(uncomputed tokens, budget)
+    tokens, appended to `plan`, and blocks.allocate is asked for the blocks it lacks,
+    while the budget lasts. It stops at the first sequence it does not take on: one
+    with drafts or prompt logprobs (their chunking is the Python loop's), or one whose
+    allocation failed (preemption is the Python loop's). Returns (sequences done,
+    budget left, whether the allocation of the next one failed): the Python loop goes
+    on from there, under the same rule."""
+    cdef Py_ssize_t i = 0, n, total, n_running = len(running), block_size = blocks.block_size
+    while i < n_running and budget > 0:
+        seq = running[i]
+        if seq.draft_tokens or seq.prompt_logprobs is not None:
+            break
+        n = len(seq.token_ids) - <Py_ssize_t>seq.num_computed_tokens
+        if n > budget:
+            n = budget
+        total = seq.num_computed_tokens + n
+        if (total + block_size - 1) // block_size > len(seq.block_table) and not blocks.allocate(seq, total):
+            return i, budget, True
+        plan.append((seq, n))
+        budget -= n
+        i += 1
+    return i, budget, False
+
+
+def pack_sampling(list rows):
+    """The sampler's per-row inputs in one pass over its rows (anything with `params` and
+    `rng_state`: Sequences, speculative DraftRows): (columns, rng_state, wants_logprobs,
+    n_top, penalised, biased). columns: temperature f32, top_k i32, top_p, min_p,
+    repetition_penalty, presence_penalty, frequency_penalty f32 (engine/sampler.py's
+    _PARAM_COLUMNS order); wants_logprobs uint8 (logprobs is not None); n_top the most
+    top logprobs a row asks; penalised / biased whether any row has penalties / logit
+    biases or min_tokens. SamplingParams checked the values at admission."""
+    cdef Py_ssize_t i, n = len(rows)
+    cdef int n_top = 0, k
+    cdef double repetition_penalty, presence_penalty, frequency_penalty
+    cdef bint penalised = False, biased = False
+    temperature, top_k, top_p, min_p = (np.empty(n, np.float32), np.empty(n, np.int32),
+                                        np.empty(n, np.float32), np.empty(n, np.float32))
+    repetition, presence, frequency = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+    rng_state, wants = np.empty(n, np.uint64), np.empty(n, np.uint8)
+    cdef float[::1] t = temperature, tp = top_p, mp = min_p, rp = repetition, pp = presence, fp = frequency
+    cdef int32_t[::1] tk = top_k
+    cdef uint64_t[::1] rng = rng_state
+    cdef uint8_t[::1] want = wants
+    for i in range(n):
+        row = rows[i]
+        p = row.params
+        t[i] = p.temperature
+        tk[i] = p.top_k
+        tp[i] = p.top_p
+        mp[i] = p.min_p
+        repetition_penalty, presence_penalty, frequency_penalty = (p.repetition_penalty, p.presence_penalty,
+                                                                   p.frequency_penalty)
+        rp[i], pp[i], fp[i] = repetition_penalty, presence_penalty, frequency_penalty
+        rng[i] = row.rng_state
+        logprobs = p.logprobs
+        want[i] = logprobs is not None
+        if logprobs is not None:
+            k = logprobs
+            if k > n_top:
+                n_top = k
+        if repetition_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0:
+            penalised = True
+        if p.logit_bias or p.min_tokens:
+            biased = True
+    columns = (temperature, top_k, top_p, min_p, repetition, presence, frequency)
+    return columns, rng_state, wants, n_top, penalised, biased
+
+
+def store_rng_states(list rows, const uint64_t[::1] rng_state):
+    """rows[i].rng_state = rng_state[i] (the sampler advanced them)."""
+    cdef Py_ssize_t i
+    if rng_state.shape[0] != len(rows):
+        raise ValueError(f"{rng_state.shape[0]} RNG states for {len(rows)} rows")
+    for i in range(len(rows)):
+        rows[i].rng_state = rng_state[i]
+
+
+# plan_kinds bits: which per-sequence cases a step's plan holds
+KIND_POOLING = 1            # an embedding request (params.pooling)
+KIND_PROMPT_LOGPROBS = 2    # prompt logprobs asked (seq.prompt_logprobs is not None)
+KIND_DRAFTS = 4             # speculative drafts to verify
+KIND_GRAMMAR = 8            # a grammar matcher constrains it
+
+
+def plan_kinds(list plan):
+    """The KIND_* bits of the cases present among plan's sequences, in one pass: the
+    usual decode step has none and skips every per-case scan."""
+    cdef int kinds = 0
+    for seq, _ in plan:
+        if seq.params.pooling is not None:
+            kinds |= KIND_POOLING
+        if seq.prompt_logprobs is not None:
+            kinds |= KIND_PROMPT_LOGPROBS
+        if seq.draft_tokens:
+            kinds |= KIND_DRAFTS
+        if seq.matcher is not None:
+            kinds |= KIND_GRAMMAR
+    return kinds

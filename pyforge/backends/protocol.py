@@ -41,3 +41,13 @@ class Backend(Protocol):
     def silu_mul(self, gate, up, out): """out = silu(gate) * up."""
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping): """Write this step's K, V into their slots."""
     def attention(self, q, k_cache, v_cache, meta, scale, out): """Paged causal attention over the batch."""
+
+    # -- mixture of experts (models/moe.py)
+    def prepare_experts(self, router, gate, up, down):
+        """One MoE layer: its router [n_experts, d] and lists of per-expert matmul weights."""
+    def moe_route(self, x, experts, k, normalize):
+        """(ids int32 [n, k], weights float32 [n, k]) of each row's top-k experts (routing.py), host
+        numpy; router logits in float32 on both backends, so the picks are transformers'."""
+    def moe_ffn(self, x, ids, weights, experts, out):
+        """out[t] = sum_j weights[t, j] * FFN of expert ids[t, j] (silu-gated) of x[t]; tokens grouped by
+        expert, so each expert's weights are read once."""

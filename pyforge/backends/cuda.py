@@ -302,6 +302,9 @@ class CudaBackend:
 
     def moe_route(self, x, experts, k, normalize):
         """Router logits in float32 (cuBLAS), routed on the host: moe_ffn groups tokens there anyway."""
+        if self.capturing:
+            raise ValueError("a mixture-of-experts model cannot run in CUDA graphs (its tokens are grouped by "
+                             "expert on the host); run it without cuda_graphs")
         logits = self.cupy.dot(x.astype(self.cupy.float32), experts.router.T)
         return route_top_k(self.cupy.asnumpy(logits), k, normalize)
 

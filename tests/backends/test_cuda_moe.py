@@ -57,3 +57,9 @@ def test_mixtral_matches_transformers_and_cpu(impl, tmp_path):
     lists = prompts(cpu.config.vocab_size, seed=10, lengths=(23, 80, 70))
     steps = [[(1, 65), (2, 69)], [(0, 23), (1, 15), (2, 1)]]
     assert rel_err(run_plans(cuda, lists, steps), run_plans(cpu, lists, steps)) < FORMATS["F32"]
+
+
+def test_cuda_graphs_refuse_a_moe_model(tmp_path):
+    folder = write_hf_folder(cuda_shaped("tiny-mixtral"), tmp_path / "hf", dtype="float32", seed=8)
+    with pytest.raises(ValueError, match="cannot run in CUDA graphs"):
+        with_cupy("emulated", lambda: Engine(str(folder), device="cuda", cuda_graphs=True, **ENGINE_ARGS))

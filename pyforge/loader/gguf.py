@@ -25,7 +25,7 @@ from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 from pyforge.loader import ModelFile, ModelFileError, TensorRef, check_tensors, validated
 from pyforge.loader.names import split_experts, split_fused
 from pyforge.models.config import ModelConfig
-from pyforge.models.registry import family, family_of_gguf
+from pyforge.models.registry import SUPPORTED, family_of_gguf
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -358,10 +358,7 @@ def config_from_gguf(path, meta, tensors):
         fail("metadata general.architecture is missing or not a string")
     fam = family_of_gguf(arch, meta)        # a llama file with experts is Mixtral's
     if fam is None:
-        try:
-            family(arch)
-        except ValueError as e:
-            fail(str(e))
+        fail(f"unsupported architecture {arch!r} (supported: {SUPPORTED})")
     if "token_embd.weight" not in tensors:
         fail("missing tensor token_embd.weight" + ("" if tensors else " (the file holds no tensors: vocabulary only?)"))
 

@@ -53,7 +53,10 @@ def routed(rng, n_tok, k):
 
 
 @pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
-@pytest.mark.parametrize("types", [[(t, t, t)] for t in TOLERANCE] + [[(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)]],
+MIXED = [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)]     # expert by expert, matrix by matrix
+
+
+@pytest.mark.parametrize("types", [[(t, t, t)] for t in TOLERANCE] + [MIXED],
                          ids=lambda v: "-".join(t.name for t in v[-1]) + ("-mixed" if len(v) > 1 else ""))
 @pytest.mark.parametrize("n_tok,k", [(1, 2), (37, 3)])
 def test_moe_ffn_matches_reference(types, n_tok, k, simd):

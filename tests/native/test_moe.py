@@ -52,10 +52,10 @@ def routed(rng, n_tok, k):
     return ids, weights
 
 
-@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
 MIXED = [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)]     # expert by expert, matrix by matrix
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
 @pytest.mark.parametrize("types", [[(t, t, t)] for t in TOLERANCE] + [MIXED],
                          ids=lambda v: "-".join(t.name for t in v[-1]) + ("-mixed" if len(v) > 1 else ""))
 @pytest.mark.parametrize("n_tok,k", [(1, 2), (37, 3)])

@@ -63,3 +63,23 @@ def test_cuda_graphs_refuse_a_moe_model(tmp_path):
     folder = write_hf_folder(cuda_shaped("tiny-mixtral"), tmp_path / "hf", dtype="float32", seed=8)
     with pytest.raises(ValueError, match="cannot run in CUDA graphs"):
         with_cupy("emulated", lambda: Engine(str(folder), device="cuda", cuda_graphs=True, **ENGINE_ARGS))
+
+
+def test_each_picked_expert_is_multiplied_once_per_call():
+    """Tokens grouped by expert: one gate, up and down matmul per expert any token picked, none
+    for the others, whatever the batch."""
+    backend = cuda_backend("emulated")
+    rng = np.random.default_rng(3)
+    shapes = {"ffn_gate": (64, 32), "ffn_up": (64, 32), "ffn_down": (32, 64)}
+    refs = {stem: [tensor_ref(f"blk.0.{stem}.{e}.weight", rng.standard_normal(shape).astype(np.float32),
+                              GGMLType.F16) for e in range(N_EXPERTS)] for stem, shape in shapes.items()}
+    router = tensor_ref("blk.0.ffn_gate_inp.weight", rng.standard_normal((N_EXPERTS, 32)).astype(np.float32),
+                        GGMLType.F32)
+    experts = backend.prepare_experts(router, refs["ffn_gate"], refs["ffn_up"], refs["ffn_down"])
+    ids = np.array([[0, 2]] * 9 + [[2, 1]] * 4, dtype=np.int32)          # expert 3 never picked
+    used, matmul = [], backend.matmul
+    backend.matmul = lambda x, w, out: used.append(id(w)) or matmul(x, w, out)
+    x = backend.cupy.asarray(rng.standard_normal((len(ids), 32)).astype(np.float16))
+    backend.moe_ffn(x, ids, np.full(ids.shape, 0.5, np.float32), experts, backend.empty((len(ids), 32)))
+    expected = sorted(id(w) for e in (0, 1, 2) for w in (experts.gate[e], experts.up[e], experts.down[e]))
+    assert sorted(used) == expected

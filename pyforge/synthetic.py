@@ -11,7 +11,8 @@ Hugging Face folder (safetensors, rotate-half rope) represent one model.
 
 Weights are N(0, 0.02^2) per tensor from an RNG seeded by (seed, tensor name);
 norms are 1 + N(0, 0.05^2), biases N(0, 0.1^2). A family's fused tensors (Phi-3's
-qkv, gate+up) are its parts' weights stacked, so fused and split files are one model.
+qkv, gate+up) are its parts' weights stacked, so fused and split files are one model;
+likewise a MoE model's experts, merged in a GGUF as llama.cpp writes them (ffn_*_exps).
 Vocabulary: Llama 2's 32000 tokens (GGUF metadata from ggml-vocab-llama-spm.gguf,
 tokenizer.json from TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only
 to write files.
@@ -395,7 +396,6 @@ def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     import gguf
 
     arch = family(cfg.arch).gguf_architecture
-
     w.add_name("pyforge synthetic model")     # llama.cpp tunes vocabularies by name ("phi3"): keep it neutral
     w.add_string("pyforge.synthetic.config", config_name if isinstance(config_name, str) else "custom")
     w.add_context_length(cfg.context_length)

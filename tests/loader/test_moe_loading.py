@@ -91,3 +91,8 @@ def test_an_expert_count_the_weights_do_not_have_is_named(tmp_path):
     expected = r"blk.0.ffn_gate_inp.weight \(model.layers.0.block_sparse_moe.gate.weight\) has shape \(4, 64\)"
     with pytest.raises(ModelFileError, match=expected + r", expected \(5, 64\)"):
         load_model_file(folder)
+
+
+def test_a_gguf_cannot_hold_qwen3_moe_dense_layers(tmp_path):
+    with pytest.raises(ValueError, match="a qwen3moe GGUF cannot hold this config"):
+        write_gguf("tiny-qwen3-moe-dense", tmp_path / "m.gguf")

@@ -128,7 +128,6 @@ def _smollm3_config_json(c):
 
 # -- mixture of experts ---------------------------------------------------------
 MOE_MODEL = "pyforge.models.moe:MoeModel"
-EXPERT_STEMS = ("ffn_gate", "ffn_up", "ffn_down")
 
 
 def _hf_int(cfg, key, default=None):
@@ -175,12 +174,12 @@ def _qwen3_moe_config_json(c):
             "decoder_sparse_step": step, "mlp_only_layers": only}
 
 
-def _moe_gguf(expert_ffn_key, norm_topk_prob=True):
-    """GGUF options of a MoE family: llama.cpp renormalises the top-k weights of both (and has no
-    dense layers in them)."""
+def _moe_gguf(expert_ffn_key):
+    """GGUF options of a MoE family: llama.cpp renormalises the top-k weights of both and has no
+    dense layers in them."""
     def options(number, n_layers):
         return {"n_experts": number("expert_count", int), "n_experts_used": number("expert_used_count", int),
-                "expert_ffn_size": number(expert_ffn_key, int), "norm_topk_prob": norm_topk_prob, "dense_layers": ()}
+                "expert_ffn_size": number(expert_ffn_key, int), "norm_topk_prob": True, "dense_layers": ()}
     return options
 
 

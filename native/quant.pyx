@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint16_t
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 
 from quants cimport *
 
@@ -257,3 +258,74 @@ def _float_to_half_scalar(f):
     for i in range(src.size):
         dp[i] = pf_float_to_half_scalar(sp[i])
     return dst
+
+
+# -- routed experts (mixture of experts) ------------------------------------------
+
+def moe_ffn(x, ids, weights, experts, n_ff, out, n_threads, simd=True):
+    """out[t] = sum_j weights[t, j] * FFN_e(x[t]) over e = ids[t, j]: each token through the
+    experts its router picked, tokens grouped by expert so each expert's weights are read once.
+
+    x float32 [n_tok, d]; ids int32 [n_tok, k] (distinct per token, < len(experts)); weights
+    float32 [n_tok, k]; experts: one ((gate, type), (up, type), (down, type)) per expert, each a
+    C-contiguous array of stored rows (gate, up: n_ff rows of d weights; down: d rows of n_ff);
+    out float32 [n_tok, d], not overlapping x. simd=False runs the scalar reference kernels.
+    """
+    cdef cnp.ndarray xa = _f32_2d(x, "x", False)
+    cdef cnp.ndarray oa = _f32_2d(out, "out", True)
+    cdef cnp.ndarray ia = _c_array(ids, "ids")
+    cdef cnp.ndarray wa = _f32_2d(weights, "weights", False)
+    cdef int64_t n_tok = xa.shape[0], d = xa.shape[1], nf = n_ff
+    if cnp.PyArray_TYPE(ia) != cnp.NPY_INT32 or cnp.PyArray_NDIM(ia) != 2 or ia.shape[0] != n_tok:
+        raise ValueError(f"ids must be int32 [{n_tok}, k], got {ids.dtype} {ids.shape}")
+    cdef int k = ia.shape[1]
+    if k < 1 or wa.shape[0] != n_tok or wa.shape[1] != k:
+        raise ValueError(f"weights must have the shape of ids ({n_tok}, {k}), got {weights.shape}")
+    if oa.shape[0] != n_tok or oa.shape[1] != d:
+        raise ValueError(f"out must have shape ({n_tok}, {d}), got {out.shape}")
+    if _overlap(xa, oa):
+        raise ValueError("out must not overlap x")
+    if nf < 1 or d < 1:
+        raise ValueError(f"n_ff and the rows of x must be positive, got {n_ff} and {d}")
+    cdef int nt = n_threads
+    if nt < 1:
+        raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+    cdef int n_experts = len(experts)
+    if n_experts < k:
+        raise ValueError(f"{n_experts} experts cannot serve {k} picks per token")
+    if n_tok and (int(ids.min()) < 0 or int(ids.max()) >= n_experts):
+        raise ValueError(f"ids must be in 0..{n_experts - 1}")
+    kept = []                                   # the arrays the C code reads, alive until it returns
+    cdef pf_expert *table = <pf_expert *>PyMem_Malloc(sizeof(pf_expert) * n_experts)
+    if table == NULL:
+        raise MemoryError()
+    cdef int rc
+    cdef int kernels = (PF_KERNELS_AVX2 | PF_KERNELS_AMX | PF_KERNELS_VNNI) if simd else PF_KERNELS_SCALAR
+    try:
+        for e, matrices in enumerate(experts):
+            shapes = ((nf, d), (nf, d), (d, nf))
+            types = []
+            if len(matrices) != 3:
+                raise ValueError(f"expert {e} must be (gate, up, down), got {len(matrices)} matrices")
+            for (array, ggml_type), (rows, cols), what in zip(matrices, shapes, ("gate", "up", "down")):
+                arr = _c_array(array, f"expert {e} {what}")
+                tr = _traits(ggml_type)
+                if arr.nbytes != rows * _row_bytes(ggml_type, cols, tr):
+                    raise ValueError(f"expert {e} {what} must hold {rows} rows of {cols} "
+                                     f"{tr.name.decode()} weights, got {arr.nbytes} bytes")
+                kept.append(arr)
+                types.append(int(ggml_type))
+            table[e].gate = cnp.PyArray_DATA(<cnp.ndarray>kept[3 * e])
+            table[e].up = cnp.PyArray_DATA(<cnp.ndarray>kept[3 * e + 1])
+            table[e].down = cnp.PyArray_DATA(<cnp.ndarray>kept[3 * e + 2])
+            table[e].gate_type, table[e].up_type, table[e].down_type = types
+        with nogil:
+            rc = pf_moe_ffn(<const float *>cnp.PyArray_DATA(xa), n_tok, d, nf,
+                            <const int32_t *>cnp.PyArray_DATA(ia), <const float *>cnp.PyArray_DATA(wa), k,
+                            table, n_experts, <float *>cnp.PyArray_DATA(oa), nt, kernels)
+    finally:
+        PyMem_Free(table)
+    if rc == -2:
+        raise MemoryError("moe_ffn: out of memory")
+    if rc:
+        raise ValueError("moe_ffn: bad arguments")

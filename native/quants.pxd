@@ -1,7 +1,7 @@
 # Declarations of native/quants.h and native/matmul.h for quant.pyx. The block
 # structs are the GGUF byte layouts; quant.pyx checks their sizes against
 # pyforge.ggml_types.BLOCK_LAYOUT at import.
-from libc.stdint cimport int8_t, int16_t, int64_t, uint8_t, uint16_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "quants.h" nogil:
@@ -86,3 +86,15 @@ cdef extern from "matmul.h" nogil:
 
 cdef extern from "matmul_amx.h" nogil:
     int pf_amx_available()
+
+
+cdef extern from "moe_kernels.h" nogil:
+    ctypedef struct pf_expert:
+        const void *gate
+        const void *up
+        const void *down
+        int gate_type
+        int up_type
+        int down_type
+    int pf_moe_ffn(const float *x, int64_t n_tok, int64_t d, int64_t n_ff, const int32_t *ids, const float *weights,
+                   int k, const pf_expert *experts, int n_experts, float *out, int n_threads, int kernels)

@@ -26,6 +26,8 @@ def describe(path, list_tensors=False):
             "tensor types:  " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
             f"vocab:         {cfg.vocab_size}",
         ]
+        if cfg.n_experts:
+            lines.insert(4, _experts_line(cfg))
         lines += _tokenizer_lines(mf)
         if list_tensors:
             lines += [f"  {name:40s} {t.ggml_type.name:6s} {t.shape}" for name, t in mf.tensors.items()]
@@ -56,6 +58,13 @@ def _options(cfg):
     if cfg.sliding_window:
         shown.append(f"sliding window {cfg.sliding_window} on {len(cfg.sliding_layers)} of {cfg.n_layers} layers")
     return ", ".join(shown) or "none"
+
+
+def _experts_line(cfg):
+    weights = "renormalised" if cfg.norm_topk_prob else "not renormalised"
+    dense = f", dense ffn in layers {list(cfg.dense_layers)}" if cfg.dense_layers else ""
+    return (f"experts:       {cfg.n_experts}, top {cfg.n_experts_used} per token ({weights}), "
+            f"expert ffn {cfg.expert_ffn_size}{dense}")
 
 
 def _tokenizer_lines(mf):

@@ -12,7 +12,8 @@ Hugging Face folder (safetensors, rotate-half rope) represent one model.
 Weights are N(0, 0.02^2) per tensor from an RNG seeded by (seed, tensor name);
 norms are 1 + N(0, 0.05^2) (Gemma's HF files store them less 1, as its norms
 multiply by 1 + w), biases N(0, 0.1^2). A family's fused tensors (Phi-3's qkv,
-gate+up) are its parts' weights stacked, so fused and split files are one model.
+gate+up) are its parts' weights stacked, so fused and split files are one model;
+likewise a MoE model's experts, merged in a GGUF as llama.cpp writes them (ffn_*_exps).
 Vocabulary: Llama 2's 32000 tokens (GGUF metadata from ggml-vocab-llama-spm.gguf,
 tokenizer.json from TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only
 to write files.
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
-from pyforge.loader.names import canonical_to_hf, expected_shapes, fused_shapes
+from pyforge.loader.names import MERGED_EXPERTS, canonical_to_hf, expected_shapes, expert_matrix_shapes, fused_shapes
 from pyforge.models.config import ModelConfig
 from pyforge.models.registry import family
 from pyforge.models.rope_scaling import longrope_attention_factor
@@ -95,6 +97,8 @@ _GRANITE = dict(_TINY, arch="granite", rms_eps=1e-5, rope_theta=10000.0)
 _OLMO2 = dict(_TINY, arch="olmo2", rms_eps=1e-6, rope_theta=500000.0)
 _SMOLLM3 = dict(_TINY, arch="smollm3", rms_eps=1e-6, rope_theta=5000000.0, n_layers=4)
 _GLM4 = dict(_TINY, arch="glm4", rms_eps=1e-5, rope_theta=10000.0, rope_neox=False, attn_bias=True)
+_MIXTRAL = dict(_TINY, arch="mixtral", rms_eps=1e-5, rope_theta=1000000.0, expert_ffn_size=_TINY["ffn_size"])
+_QWEN3_MOE = dict(_TINY, arch="qwen3moe", rms_eps=1e-6, rope_theta=1000000.0)
 
 
 def _longrope_factors(n, top):
@@ -131,6 +135,16 @@ CONFIGS.update({
     # half of each head rotated, interleaved pairs (GLM-4's HF and GGUF layout alike)
     "tiny-glm4": _cfg(**_GLM4, n_kv_heads=2, n_rot=8),
     "tiny-glm4-mha": _cfg(**_GLM4, n_kv_heads=4, n_rot=8, tie_embeddings=True),
+    # Mixtral: every layer routed, the top-k renormalised; expert FFN = intermediate_size
+    "tiny-mixtral": _cfg(**_MIXTRAL, n_kv_heads=2, n_experts=4, n_experts_used=2),
+    "tiny-mixtral-mha": _cfg(**_MIXTRAL, n_kv_heads=4, n_experts=8, n_experts_used=3, tie_embeddings=True),
+    # Qwen3-MoE: per-head q/k norms, head_dim apart from hidden / heads, a small expert FFN
+    "tiny-qwen3-moe": _cfg(**{**_QWEN3_MOE, "head_dim": 32}, n_kv_heads=2, n_experts=8, n_experts_used=2,
+                           expert_ffn_size=32),
+    # dense layers 0 and 2 (decoder_sparse_step 2) and 3 (mlp_only_layers), top-k not renormalised: HF only
+    # (llama.cpp's qwen3moe has neither)
+    "tiny-qwen3-moe-dense": _cfg(**{**_QWEN3_MOE, "n_layers": 4}, n_kv_heads=4, tie_embeddings=True, n_experts=4,
+                                 n_experts_used=2, expert_ffn_size=48, norm_topk_prob=False, dense_layers=(0, 2, 3)),
 })
 
 GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M", "Q4_K", "Q6_K")
@@ -244,7 +258,7 @@ def _use_more_bits(i, n):
 
 def gguf_tensor_type(cfg, fmt, name, shape):
     """The stored type of one tensor for a file format (llama.cpp's choices for Q4_K_M)."""
-    if len(shape) == 1:
+    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):    # llama.cpp keeps the router F32
         return GGMLType.F32
     want = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16, "Q8_0": GGMLType.Q8_0,
             "Q4_K": GGMLType.Q4_K, "Q6_K": GGMLType.Q6_K, "Q4_K_M": GGMLType.Q4_K}[fmt]
@@ -299,28 +313,50 @@ def _check_quantizable(types):
             raise NotImplementedError(f"quantizing to {', '.join(missing)} needs pyforge.native.quant (not built yet)")
 
 
-def gguf_plan(cfg, fmt):
+_EXPERT_NAME = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight")
+
+
+def merge_experts(cfg, entries):
+    """file_tensors' entries with each MoE layer's per-expert matrices merged into llama.cpp's
+    blk.{i}.ffn_*_exps.weight [n_experts, rows, cols] (the experts' rows, expert after expert)."""
+    stems = {stem: merged for merged, stem in MERGED_EXPERTS.items()}
+    shapes, out = expert_matrix_shapes(cfg), []
+    for name, shape, parts in entries:
+        m = _EXPERT_NAME.fullmatch(name)
+        if m is None:
+            out.append((name, shape, parts))
+        elif m.group(3) == "0":
+            i, stem = m.group(1), m.group(2)
+            experts = [(f"blk.{i}.{stem}.{e}.weight", shapes[stem]) for e in range(cfg.n_experts)]
+            out.append((f"blk.{i}.{stems[stem]}", (cfg.n_experts, *shapes[stem]), experts))
+    return out
+
+
+def gguf_plan(cfg, fmt, merged_experts=True):
     """[(GGUF name, numpy shape, stored type, fused parts or None)] in file order, rope frequency
-    tensors included."""
-    plan = [(name, shape, gguf_tensor_type(cfg, fmt, name, shape), parts) for name, shape, parts in file_tensors(cfg)]
+    tensors included; a MoE model's experts merged (llama.cpp's layout today) or one tensor each
+    (its older layout)."""
+    entries = merge_experts(cfg, file_tensors(cfg)) if merged_experts else file_tensors(cfg)
+    plan = [(name, shape, gguf_tensor_type(cfg, fmt, name, shape), parts) for name, shape, parts in entries]
     for name, values in reversed(_rope_tensors(cfg).items()):
         plan.insert(1, (name, values.shape, GGMLType.F32, None))
     return plan
 
 
-def write_gguf(config_name, path, dtype="F32", seed=0):
+def write_gguf(config_name, path, dtype="F32", seed=0, merged_experts=True):
     """Write a synthetic model as GGUF; each tensor is generated, converted and written in turn,
-    so memory stays at about one tensor. dtype: F32, F16, BF16, Q8_0, Q4_K_M, Q4_K, Q6_K."""
+    so memory stays at about one tensor. dtype: F32, F16, BF16, Q8_0, Q4_K_M, Q4_K, Q6_K.
+    merged_experts=False writes a MoE model's experts one tensor each (llama.cpp's older layout)."""
     import gguf
 
     if dtype not in GGUF_FORMATS:
         raise ValueError(f"unknown GGUF format {dtype!r} (known: {', '.join(GGUF_FORMATS)})")
     cfg, path = get_config(config_name), Path(path)
     _check_gguf_can_hold(config_name, cfg)
-    plan = gguf_plan(cfg, dtype)
+    plan = gguf_plan(cfg, dtype, merged_experts)
     _check_quantizable(t for _, _, t, _ in plan)
     rope_tensors = _rope_tensors(cfg)
-    w = gguf.GGUFWriter(str(path), cfg.arch)
+    w = gguf.GGUFWriter(str(path), family(cfg.arch).gguf_architecture)
     try:
         _add_gguf_metadata(w, cfg, config_name, dtype, seed)
         for name, shape, t, _ in plan:
@@ -337,7 +373,10 @@ def write_gguf(config_name, path, dtype="F32", seed=0):
                 w.write_tensor_data(rope_tensors[name])
                 continue
             x = file_tensor(name, shape, parts, seed, lambda part, v: gguf_layout(cfg, part, v))
-            w.write_tensor_data(quantize(x, t) if x.ndim > 1 else x)
+            if x.ndim > 1:     # rows of every dimension but the last (merged experts: [n_experts, rows, cols])
+                x = quantize(x.reshape(-1, shape[-1]), t)
+                x = x.reshape(shape) if t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) else x
+            w.write_tensor_data(x)
             del x
         w.close()
     except BaseException:
@@ -364,7 +403,7 @@ def _check_gguf_can_hold(config_name, cfg):
     """ValueError unless the family options a GGUF reader derives from our metadata are the config's
     (llama.cpp fixes SmolLM3's NoPE layers, for one)."""
     fam = family(cfg.arch)
-    keys = {**_gguf_numbers(cfg), **fam.gguf_extras(cfg)}
+    keys = {**_gguf_numbers(cfg), **fam.gguf_extras(cfg), **_gguf_expert_keys(cfg)}
     derived = fam.gguf_options(lambda key, kind, default=None: kind(keys.get(key, default)), cfg.n_layers)
     differ = {k: v for k, v in derived.items() if getattr(cfg, k) != v}
     if differ:
@@ -380,9 +419,18 @@ def _gguf_numbers(cfg):
             "rope.freq_base": cfg.rope_theta, "attention.layer_norm_rms_epsilon": cfg.rms_eps}
 
 
+def _gguf_expert_keys(cfg):
+    """{GGUF key suffix: integer} of a MoE model (llama.cpp's names)."""
+    if not cfg.n_experts:
+        return {}
+    return {"expert_count": cfg.n_experts, "expert_used_count": cfg.n_experts_used,
+            "expert_feed_forward_length": cfg.expert_ffn_size, "feed_forward_length": cfg.ffn_size}
+
+
 def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     import gguf
 
+    arch = family(cfg.arch).gguf_architecture
     w.add_name("pyforge synthetic model")     # llama.cpp tunes vocabularies by name ("phi3"): keep it neutral
     w.add_string("pyforge.synthetic.config", config_name if isinstance(config_name, str) else "custom")
     w.add_context_length(cfg.context_length)
@@ -397,10 +445,13 @@ def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     for key, value in family(cfg.arch).gguf_extras(cfg).items():
-        _add_typed(w, f"{cfg.arch}.{key}", value)
+        _add_typed(w, f"{arch}.{key}", value)
+    for key, value in _gguf_expert_keys(cfg).items():
+        if key != "feed_forward_length":
+            w.add_uint32(f"{arch}.{key}", value)
     if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
-        w.add_float32(f"{cfg.arch}.rope.scaling.attn_factor", longrope_attention_factor(cfg))
-        w.add_uint32(f"{cfg.arch}.rope.scaling.original_context_length",
+        w.add_float32(f"{arch}.rope.scaling.attn_factor", longrope_attention_factor(cfg))
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length",
                      cfg.rope_scaling["original_max_position_embeddings"])
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(FILE_TYPE[fmt])

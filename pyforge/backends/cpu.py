@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyforge.backends import default_threads
+from pyforge.backends.routing import route_top_k
 from pyforge.dequant import to_float32
 from pyforge.ggml_types import GGMLType
 from pyforge.native import ops, quant
@@ -27,6 +28,15 @@ class RepackedWeight:
     shape: tuple                # (n_out, n_in), as the TensorRef it came from
     data: np.ndarray
     single_token: object = None  # the TensorRef to use for one token instead, if any
+
+
+@dataclass(frozen=True)
+class CpuExperts:
+    """One MoE layer for quant.moe_ffn: the router and ((gate, type), (up, type), (down, type)) of
+    each expert, the stored (mapped) bytes; never repacked."""
+    router: object       # TensorRef [n_experts, d]
+    matrices: tuple
+    n_ff: int
 
 
 # Types whose stored layout beats their repacked one on a single token (decode).
@@ -156,4 +166,19 @@ class CpuBackend:
     def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
         ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale,
                             out, self.n_threads, window, softcap)
+        return out
+
+    # -- mixture of experts ----------------------------------------------
+    @staticmethod
+    def prepare_experts(router, gate, up, down):
+        """TensorRefs: the router and lists of one per expert (shapes checked by the loader)."""
+        matrices = tuple(tuple((t.data, int(t.ggml_type)) for t in mats) for mats in zip(gate, up, down))
+        return CpuExperts(router, matrices, int(gate[0].shape[0]))
+
+    def moe_route(self, x, experts, k, normalize):
+        logits = self.matmul(x, experts.router, self.empty((len(x), experts.router.shape[0])))
+        return route_top_k(logits, k, normalize)
+
+    def moe_ffn(self, x, ids, weights, experts, out):
+        quant.moe_ffn(x, ids, weights, experts.matrices, experts.n_ff, out, self.n_threads)
         return out

@@ -29,6 +29,7 @@ import numpy as np
 
 from pyforge.backends.cuda_batch import BATCH_FIELDS, DeviceBatch, field_views, pack_fields
 from pyforge.backends.cuda_kernels import CudaKernels, cdiv, elementwise_grid, head_dim_problem
+from pyforge.backends.routing import route_top_k
 from pyforge.dequant import to_float32
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 
@@ -49,6 +50,16 @@ class DeviceWeight:
     ggml_type: GGMLType    # F16 (dense) or a KEPT_QUANTIZED type
     shape: tuple           # (n_out, n_in)
     data: object           # cupy: half [n_out, n_in], or uint8 [n_out, row bytes] of GGUF blocks
+
+
+@dataclass
+class DeviceExperts:
+    """One MoE layer on the device: its router in float32 (routing picks as transformers' do) and the
+    experts' DeviceWeights."""
+    router: object           # cupy float32 [n_experts, d]
+    gate: list
+    up: list
+    down: list
 
 
 class CudaBackend:
@@ -292,6 +303,42 @@ class CudaBackend:
                             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, out,
                             n_tok, meta.n_seqs, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
                             scale, window, softcap)
+        return out
+
+    # -- mixture of experts: grouped launches of the matmul kernels, one group per expert picked
+    def prepare_experts(self, router, gate, up, down):
+        prep = lambda refs: [self.prepare_weight(t) for t in refs]    # noqa: E731
+        return DeviceExperts(self.cupy.asarray(to_float32(router)), prep(gate), prep(up), prep(down))
+
+    def moe_route(self, x, experts, k, normalize):
+        """Router logits in float32 (cuBLAS), routed on the host: moe_ffn groups tokens there anyway."""
+        if self.capturing:
+            raise ValueError("a mixture-of-experts model cannot run in CUDA graphs (its tokens are grouped by "
+                             "expert on the host); run it without cuda_graphs")
+        logits = self.cupy.dot(x.astype(self.cupy.float32), experts.router.T)
+        return route_top_k(self.cupy.asnumpy(logits), k, normalize)
+
+    def moe_ffn(self, x, ids, weights, experts, out):
+        """Per expert with tokens: gather its rows, gate/up matmuls, silu_mul, down, weighted add to
+        out (a token picks an expert once, so one group's rows are distinct). Not graph-capturable:
+        the grouping is the host's."""
+        cp, k = self.cupy, ids.shape[1]
+        flat = ids.ravel()
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(len(experts.gate) + 1))
+        out.fill(0)
+        for e in range(len(experts.gate)):
+            picks = order[bounds[e]:bounds[e + 1]]
+            if not len(picks):
+                continue
+            rows = cp.asarray((picks // k).astype(np.int32))
+            w = cp.asarray(weights.ravel()[picks].astype(np.float32))
+            xs = cp.take(x, rows, axis=0)                                             # [m, d]
+            n_ff, m = experts.gate[e].shape[0], len(picks)
+            gate = self.matmul(xs, experts.gate[e], self.empty((m, n_ff)))
+            act = self.silu_mul(gate, self.matmul(xs, experts.up[e], self.empty((m, n_ff))), gate)
+            y = self.matmul(act, experts.down[e], self.empty((m, x.shape[1])))       # [m, d]
+            out[rows] += y.astype(cp.float32) * w[:, None]
         return out
 
     def _decode_attention(self, q, k_cache, v_cache, meta, scale, out, window, softcap):

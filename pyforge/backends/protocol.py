@@ -45,3 +45,13 @@ class Backend(Protocol):
     def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
         """Paged causal attention over the batch; window > 0: each query sees its last `window`
         positions only; softcap > 0: scores soft-capped (cap * tanh(s / cap))."""
+
+    # -- mixture of experts (models/moe.py)
+    def prepare_experts(self, router, gate, up, down):
+        """One MoE layer: its router [n_experts, d] and lists of per-expert matmul weights."""
+    def moe_route(self, x, experts, k, normalize):
+        """(ids int32 [n, k], weights float32 [n, k]) of each row's top-k experts (routing.py), host
+        numpy; router logits in float32 on both backends, so the picks are transformers'."""
+    def moe_ffn(self, x, ids, weights, experts, out):
+        """out[t] = sum_j weights[t, j] * FFN of expert ids[t, j] (silu-gated) of x[t]; tokens grouped by
+        expert, so each expert's weights are read once."""

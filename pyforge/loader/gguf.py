@@ -23,9 +23,9 @@ import numpy as np
 
 from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 from pyforge.loader import ModelFile, ModelFileError, TensorRef, check_tensors, validated
-from pyforge.loader.names import split_fused
+from pyforge.loader.names import split_experts, split_fused
 from pyforge.models.config import ModelConfig
-from pyforge.models.registry import family
+from pyforge.models.registry import SUPPORTED, family_of_gguf
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -340,6 +340,7 @@ def load_gguf(path):
         tensors = {t.name: gf.view(t) for t in gf.tensors}
         config = validated(path, config_from_gguf(path, gf.metadata, tensors))
         split_fused(path, config, tensors)
+        split_experts(path, config, tensors)
         check_tensors(path, config, tensors)
         return ModelFile(path, config, tensors, gf.metadata, ("gguf", gf.metadata), closers=[gf.close])
     except BaseException:
@@ -355,10 +356,9 @@ def config_from_gguf(path, meta, tensors):
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         fail("metadata general.architecture is missing or not a string")
-    try:
-        fam = family(arch)
-    except ValueError as e:
-        fail(str(e))
+    fam = family_of_gguf(arch, meta)        # a llama file with experts is Mixtral's
+    if fam is None:
+        fail(f"unsupported architecture {arch!r} (supported: {SUPPORTED})")
     if "token_embd.weight" not in tensors:
         fail("missing tensor token_embd.weight" + ("" if tensors else " (the file holds no tensors: vocabulary only?)"))
 
@@ -387,7 +387,7 @@ def config_from_gguf(path, meta, tensors):
     if fam.window_all_layers and number("attention.sliding_window", int, 0) > 0:
         options.update(sliding_window=number("attention.sliding_window", int), sliding_layers=tuple(range(n_layers)))
     fields = dict(
-        arch=arch,
+        arch=fam.arch,
         hidden_size=hidden,
         n_layers=n_layers,
         n_heads=n_heads,

@@ -21,6 +21,11 @@ Every loader hands the model tensors under these names, in numpy order
     blk.{i}.ffn_up.weight        (ffn, hidden)
     blk.{i}.ffn_down.weight      (hidden, ffn)
     blk.{i}.post_ffw_norm.weight (hidden,)            post-norm families
+    MoE layers (config.moe_layers) instead of ffn_gate/up/down:
+    blk.{i}.ffn_gate_inp.weight  (n_experts, hidden)  the router
+    blk.{i}.ffn_gate.{e}.weight  (expert_ffn, hidden) expert e, e < n_experts (llama.cpp's older layout;
+    blk.{i}.ffn_up.{e}.weight    (expert_ffn, hidden)  its merged ffn_*_exps tensors, [n_experts, rows,
+    blk.{i}.ffn_down.{e}.weight  (hidden, expert_ffn)  cols], are split into these at load: split_experts)
 
 A family's fused tensors (registry.Family.fused: Phi-3's attn_qkv, the gate+up
 ffn_up of Phi-3 and GLM-4) are split by rows into these names at load
@@ -61,6 +66,11 @@ HF_IGNORED_LAYER = {"self_attn.rotary_emb.inv_freq"}
 _HF_LAYER_RE = re.compile(r"model\.layers\.(0|[1-9][0-9]{0,5})\.(.+)")
 _BLK_RE = re.compile(r"blk\.(0|[1-9][0-9]{0,5})\.(.+)")
 
+_EXPERT_RE = re.compile(r"(0|[1-9][0-9]{0,4})\.(.+)")                     # HF: {e}.{name}
+_CANON_EXPERT_RE = re.compile(r"(ffn_gate|ffn_up|ffn_down)\.(0|[1-9][0-9]{0,4})\.weight")   # ours
+MERGED_EXPERTS = {"ffn_gate_exps.weight": "ffn_gate", "ffn_up_exps.weight": "ffn_up",
+                  "ffn_down_exps.weight": "ffn_down"}     # llama.cpp's merged [n_experts, rows, cols] tensors
+
 _CANON_TO_HF_GLOBAL = {v: k for k, v in HF_GLOBAL.items()}
 _CANON_TO_HF_LAYER = {v: k for k, v in HF_LAYER.items()}
 
@@ -97,6 +107,11 @@ def hf_to_canonical(name, fam=None):
     layer_map = _layer_map(fam)
     if rest in layer_map:
         return f"blk.{layer}.{layer_map[rest]}"
+    if fam is not None and fam.moe:
+        prefix, stems = fam.hf_experts
+        m = _EXPERT_RE.fullmatch(rest[len(prefix):]) if rest.startswith(prefix) else None
+        if m and m.group(2) in stems:
+            return f"blk.{layer}.{stems[m.group(2)]}.{m.group(1)}.weight"
     return None
 
 
@@ -108,6 +123,11 @@ def canonical_to_hf(name, fam=None):
     inverse = _CANON_TO_HF_LAYER if fam is None else {v: k for k, v in _layer_map(fam).items()}
     if m and m.group(2) in inverse:
         return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}"
+    expert = _CANON_EXPERT_RE.fullmatch(m.group(2)) if m and fam is not None and fam.moe else None
+    if expert:
+        prefix, stems = fam.hf_experts
+        names = {stem: hf for hf, stem in stems.items()}
+        return f"model.layers.{m.group(1)}.{prefix}{expert.group(2)}.{names[expert.group(1)]}"
     raise KeyError(f"no Hugging Face name for tensor {name!r}")
 
 
@@ -129,6 +149,8 @@ def expected_shapes(config):
             p + "attn_k.weight": (c.kv_dim, c.hidden_size),
             p + "attn_v.weight": (c.kv_dim, c.hidden_size),
             p + "attn_output.weight": (c.hidden_size, c.q_dim),
+        })
+        shapes.update(_expert_shapes(c, p) if i in c.moe_layers else {
             p + "ffn_gate.weight": (c.ffn_size, c.hidden_size),
             p + "ffn_up.weight": (c.ffn_size, c.hidden_size),
             p + "ffn_down.weight": (c.hidden_size, c.ffn_size),
@@ -143,6 +165,42 @@ def expected_shapes(config):
                 p + "attn_v.bias": (c.kv_dim,),
             })
     return shapes
+
+
+def _expert_shapes(c, p):
+    """The router and every expert's matrices of a MoE layer (prefix p)."""
+    shapes = {p + "ffn_gate_inp.weight": (c.n_experts, c.hidden_size)}
+    for stem, shape in expert_matrix_shapes(c).items():
+        shapes.update({f"{p}{stem}.{e}.weight": shape for e in range(c.n_experts)})
+    return shapes
+
+
+def expert_matrix_shapes(c):
+    """{stem: one expert's matrix shape} (ffn_gate, ffn_up, ffn_down)."""
+    f, d = c.expert_ffn_size, c.hidden_size
+    return {"ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+
+
+def split_experts(path, config, tensors):
+    """Replace llama.cpp's merged expert tensors (blk.{i}.ffn_*_exps.weight, [n_experts, rows, cols])
+    by one tensor per expert: zero-copy views, any stored type (an expert is whole rows)."""
+    from pyforge.loader import ModelFileError, TensorRef      # the loader package imports this module
+
+    shapes = expert_matrix_shapes(config)
+    for i in config.moe_layers:
+        for merged, stem in MERGED_EXPERTS.items():
+            ref = tensors.pop(f"blk.{i}.{merged}", None)
+            if ref is None:
+                continue
+            expected = (config.n_experts, *shapes[stem])
+            if tuple(ref.shape) != expected:
+                raise ModelFileError(path, f"tensor blk.{i}.{merged} has shape {tuple(ref.shape)}, expected {expected}")
+            for e in range(config.n_experts):
+                name = f"blk.{i}.{stem}.{e}.weight"
+                if name in tensors:
+                    raise ModelFileError(path, f"tensor {name} is in the file both merged ({merged}) and on its own")
+                tensors[name] = TensorRef(name, ref.ggml_type, shapes[stem], ref.data[e])
+    return tensors
 
 
 def optional_shapes(config):

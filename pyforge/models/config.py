@@ -17,6 +17,7 @@ MAX_HEAD_DIM = 1024
 MAX_FFN = 1 << 20
 MAX_VOCAB = 1 << 20
 MAX_CONTEXT = 1 << 24
+MAX_EXPERTS = 1024
 LONGROPE_LISTS = ("short_factor", "long_factor")     # per-frequency divisors of longrope (Phi-3)
 
 
@@ -48,6 +49,12 @@ class ModelConfig:
     attn_softcap: float = 0.0          # > 0: attention scores soft-capped, cap * tanh(s / cap) (Gemma 2)
     final_softcap: float = 0.0         # > 0: logits soft-capped likewise (Gemma 2)
     rope_theta_local: float | None = None  # the sliding layers' rope base, unscaled (Gemma 3); None: rope_theta
+    # Mixture of experts (models/moe.py): n_experts routed FFNs of expert_ffn_size, n_experts_used per token
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn_size: int = 0
+    norm_topk_prob: bool = True        # the top-k routing weights renormalised to sum to 1
+    dense_layers: tuple = ()           # layers with a dense FFN (ffn_size) instead of experts (Qwen3-MoE)
 
     @property
     def q_dim(self):
@@ -60,6 +67,11 @@ class ModelConfig:
     def layer_window(self, i):
         """The sliding window of layer i (0: it attends to the whole context)."""
         return self.sliding_window if i in self.sliding_layers else 0
+
+    @property
+    def moe_layers(self):
+        """The layers whose FFN is routed experts."""
+        return tuple(i for i in range(self.n_layers) if self.n_experts and i not in self.dense_layers)
 
     def validate(self):
         """Raise ValueError naming the first field that is out of range; return self."""
@@ -87,6 +99,8 @@ class ModelConfig:
         self._validate_layer_options()
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
+        if self.n_experts:
+            self._validate_experts()
         return self
 
     def _validate_scales(self):
@@ -122,6 +136,19 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be an integer in 0..{MAX_CONTEXT} (0: none), got {w!r}")
         if self.sliding_layers and not w:
             raise ValueError("sliding_layers are given but sliding_window is 0")
+
+    def _validate_experts(self):
+        for name, limit in (("n_experts", MAX_EXPERTS), ("n_experts_used", self.n_experts),
+                            ("expert_ffn_size", MAX_FFN)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"{name} must be an integer in 1..{limit}, got {value!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+        if not isinstance(self.dense_layers, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.dense_layers):
+            raise ValueError(f"dense_layers must be a tuple of layer indices below {self.n_layers}, "
+                             f"got {self.dense_layers!r}")
 
     def _validate_rope_scaling(self):
         s = self.rope_scaling

@@ -36,6 +36,7 @@ class LayerWeights:
     k_norm: object = None
     use_rope: bool = True
     window: int = 0                  # > 0: a sliding-window layer (each query sees its last `window` positions)
+    experts: object = None           # a MoE layer's router and experts (models/moe.py), in place of w_gate/up/down
 
 
 class LlamaModel:
@@ -60,14 +61,17 @@ class LlamaModel:
         def vector(name):
             return b.prepare_vector(t[p + name]) if p + name in t else None
 
+        def matrix(name):       # absent: the FFN of a MoE layer (models/moe.py)
+            return b.prepare_weight(t[p + name]) if p + name in t else None
+
         return LayerWeights(
             wq=b.prepare_weight(t[p + "attn_q.weight"]),
             wk=b.prepare_weight(t[p + "attn_k.weight"]),
             wv=b.prepare_weight(t[p + "attn_v.weight"]),
             wo=b.prepare_weight(t[p + "attn_output.weight"]),
-            w_gate=b.prepare_weight(t[p + "ffn_gate.weight"]),
-            w_up=b.prepare_weight(t[p + "ffn_up.weight"]),
-            w_down=b.prepare_weight(t[p + "ffn_down.weight"]),
+            w_gate=matrix("ffn_gate.weight"),
+            w_up=matrix("ffn_up.weight"),
+            w_down=matrix("ffn_down.weight"),
             attn_norm=vector("attn_norm.weight"),
             ffn_norm=vector("ffn_norm.weight"),
             attn_post_norm=vector("post_attention_norm.weight"),

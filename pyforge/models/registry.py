@@ -67,6 +67,18 @@ class Family:
     gguf_options: Callable = _none           # (metadata reader, n_layers) -> extra ModelConfig fields
     gguf_extras: Callable = _none            # ModelConfig -> {GGUF key suffix: value} a written file adds
     model_class_path: str = "pyforge.models.llama:LlamaModel"
+    gguf_arch: str = ""                      # GGUF general.architecture where it is not `arch` (Mixtral: llama)
+    # MoE: (HF prefix of the experts, {HF name of an expert's tensor: our stem}); expert e of
+    # layer i is model.layers.{i}.{prefix}{e}.{name} in HF files and blk.{i}.{stem}.{e}.weight here
+    hf_experts: tuple = ()
+
+    @property
+    def gguf_architecture(self):
+        return self.gguf_arch or self.arch
+
+    @property
+    def moe(self):
+        return bool(self.hf_experts)
 
     def model_class(self):
         module, name = self.model_class_path.split(":")
@@ -133,6 +145,64 @@ _GEMMA2_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight"
                  "pre_feedforward_layernorm.weight": "ffn_norm.weight",
                  "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
 
+
+# -- mixture of experts ---------------------------------------------------------
+MOE_MODEL = "pyforge.models.moe:MoeModel"
+
+
+def _hf_int(cfg, key, default=None):
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{key} must be an integer, got {v!r}")
+    return v
+
+
+def _mixtral_hf(cfg):
+    return {"n_experts": _hf_int(cfg, "num_local_experts", 8), "n_experts_used": _hf_int(cfg, "num_experts_per_tok", 2),
+            "expert_ffn_size": _hf_int(cfg, "intermediate_size")}
+
+
+def _qwen3_moe_hf(cfg):
+    """transformers' rule: layer i is sparse unless in mlp_only_layers or (i + 1) % decoder_sparse_step."""
+    n_layers, step = _hf_int(cfg, "num_hidden_layers"), _hf_int(cfg, "decoder_sparse_step", 1)
+    only = cfg.get("mlp_only_layers") or []
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be positive, got {step}")
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise ValueError(f"mlp_only_layers must be a list of layer indices, got {str(only)[:80]}")
+    norm = cfg.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise ValueError(f"norm_topk_prob must be a bool, got {norm!r}")
+    return {"n_experts": _hf_int(cfg, "num_experts", 128), "n_experts_used": _hf_int(cfg, "num_experts_per_tok", 8),
+            "expert_ffn_size": _hf_int(cfg, "moe_intermediate_size", 768), "norm_topk_prob": norm,
+            "dense_layers": tuple(i for i in range(n_layers) if i in only or (i + 1) % step)}
+
+
+def _mixtral_config_json(c):
+    return {**_no_biases(c), "num_local_experts": c.n_experts, "num_experts_per_tok": c.n_experts_used,
+            "sliding_window": None, "router_jitter_noise": 0.0}
+
+
+def _qwen3_moe_config_json(c):
+    dense = set(c.dense_layers)
+    step = next((s for s in range(c.n_layers, 0, -1)
+                 if {i for i in range(c.n_layers) if (i + 1) % s} <= dense), 1)
+    only = sorted(dense - {i for i in range(c.n_layers) if (i + 1) % step})
+    return {**_no_biases(c), "use_sliding_window": False, "sliding_window": None, "max_window_layers": c.n_layers,
+            "num_experts": c.n_experts, "num_experts_per_tok": c.n_experts_used,
+            "moe_intermediate_size": c.expert_ffn_size, "norm_topk_prob": c.norm_topk_prob,
+            "decoder_sparse_step": step, "mlp_only_layers": only}
+
+
+def _moe_gguf(expert_ffn_key):
+    """GGUF options of a MoE family: llama.cpp renormalises the top-k weights of both and has no
+    dense layers in them."""
+    def options(number, n_layers):
+        return {"n_experts": number("expert_count", int), "n_experts_used": number("expert_used_count", int),
+                "expert_ffn_size": number(expert_ffn_key, int), "norm_topk_prob": True, "dense_layers": ()}
+    return options
+
+
 FAMILIES = {f.arch: f for f in (
     Family("llama", ("LlamaForCausalLM",), "llama", {"max_position_embeddings": 2048, **_ROPE_EPS}),
     Family("mistral", ("MistralForCausalLM",), "mistral",
@@ -184,6 +254,22 @@ FAMILIES = {f.arch: f for f in (
                "text_config", {"language_model.": "", "model.language_model.": "model."},     # model alone
                ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."))},
            **gemma_options.family_options(3)),
+    Family("mixtral", ("MixtralForCausalLM",), "mixtral",
+           {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0},
+           gguf_arch="llama", model_class_path=MOE_MODEL,
+           hf_layer_names={"block_sparse_moe.gate.weight": "ffn_gate_inp.weight"},
+           hf_experts=("block_sparse_moe.experts.", {"w1.weight": "ffn_gate", "w3.weight": "ffn_up",
+                                                     "w2.weight": "ffn_down"}),
+           hf_config_extras=_mixtral_config_json, hf_options=_mixtral_hf,
+           gguf_options=_moe_gguf("feed_forward_length")),
+    Family("qwen3moe", ("Qwen3MoeForCausalLM",), "qwen3_moe",
+           {"max_position_embeddings": 32768, **_ROPE_EPS},
+           gguf_rope_neox=True, qk_norm="head", model_class_path=MOE_MODEL,
+           hf_layer_names={"mlp.gate.weight": "ffn_gate_inp.weight"},
+           hf_experts=("mlp.experts.", {"gate_proj.weight": "ffn_gate", "up_proj.weight": "ffn_up",
+                                        "down_proj.weight": "ffn_down"}),
+           hf_config_extras=_qwen3_moe_config_json, hf_options=_qwen3_moe_hf,
+           gguf_options=_moe_gguf("expert_feed_forward_length")),
 )}
 SUPPORTED = ", ".join(FAMILIES)
 
@@ -194,6 +280,14 @@ def family(arch):
         return FAMILIES[arch]
     except (KeyError, TypeError):
         raise ValueError(f"unsupported architecture {arch!r} (supported: {SUPPORTED})") from None
+
+
+def family_of_gguf(arch, metadata):
+    """The Family of a GGUF file's general.architecture (a "llama" file with experts is Mixtral's), or None."""
+    candidates = [f for f in FAMILIES.values() if arch in (f.gguf_architecture, f.arch)]
+    experts = metadata.get(f"{arch}.expert_count") or 0
+    moe = isinstance(experts, int) and experts > 0
+    return next((f for f in candidates if f.moe == moe), candidates[0] if candidates else None)
 
 
 def family_of_hf_config(config):

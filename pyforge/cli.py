@@ -20,6 +20,7 @@ def add_generate_parser(sub):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="cuda: fraction of the GPU's memory for weights and the KV cache")
     p.add_argument("--cuda-graphs", action="store_true", help="cuda: decode steps as captured CUDA graph replays")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, f32, f16, bf16 or q8_0 (cpu); auto on cuda")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=run_generate)
@@ -55,7 +56,8 @@ def run_generate(args):
     from pyforge.tokenizer import IncrementalDetokenizer
 
     engine = Engine(args.model, device=args.device, n_threads=args.threads,
-                    gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs)
+                    gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
+                    kv_cache_dtype=args.kv_cache_dtype)
     tok = engine.tokenizer
     text = args.prompt
     if args.chat:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyforge.backends import kv_dtype
 from pyforge.backends.cuda_batch import BATCH_FIELDS, DeviceBatch, field_views, pack_fields
 from pyforge.backends.cuda_kernels import CudaKernels, cdiv, elementwise_grid, head_dim_problem
 from pyforge.dequant import to_float32
@@ -53,11 +54,14 @@ class DeviceWeight:
 
 class CudaBackend:
     name = "cuda"
+    kv_dtype = "f16"
     kv_dtype_bytes = 2
     activation_dtype_bytes = 2
 
     def __init__(self, device_index=0, n_threads=None, gpu_memory_utilization=0.9,
-                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False):
+                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False,
+                 kv_cache_dtype="auto"):
+        kv_dtype.resolve(kv_cache_dtype, self.name)  # f16 alone, for now: refuse the rest before any CUDA work
         import cupy
 
         from pyforge.backends import default_threads

@@ -19,6 +19,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = False
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"        # backends/kv_dtype.py: auto | f32 | f16 | bf16 | q8_0 | fp8_e4m3
 
     @classmethod
     def from_server_config(cls, config):
@@ -28,7 +29,7 @@ class EngineConfig:
                    block_size=config.block_size, max_num_seqs=config.max_num_seqs,
                    max_num_batched_tokens=config.max_num_batched_tokens, null_model=config.null_model,
                    gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
-                   enable_prefix_caching=config.enable_prefix_caching)
+                   enable_prefix_caching=config.enable_prefix_caching, kv_cache_dtype=config.kv_cache_dtype)
 
     def to_dict(self):
         return dataclasses.asdict(self)

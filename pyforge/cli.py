@@ -20,7 +20,7 @@ def add_generate_parser(sub):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="cuda: fraction of the GPU's memory for weights and the KV cache")
     p.add_argument("--cuda-graphs", action="store_true", help="cuda: decode steps as captured CUDA graph replays")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto, f32, f16, bf16 or q8_0 (cpu); auto on cuda")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, f32, f16, bf16 or q8_0 (cpu); auto, f16 or fp8_e4m3 (cuda)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=run_generate)

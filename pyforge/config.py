@@ -458,8 +458,8 @@ _HELP = {
     "kv_cache_tokens": "KV cache size in tokens (default: about 2 GiB on cpu; on cuda, what "
                        "--gpu-memory-utilization leaves)",
     "block_size": "KV cache block size in tokens",
-    "kv_cache_dtype": "KV cache element type: auto (cpu: f32; cuda: f16), f32, f16, bf16 or q8_0 (cpu); "
-                      "fp8_e4m3 (alias f8e4m3) is not built yet",
+    "kv_cache_dtype": "KV cache element type: auto (cpu: f32; cuda: f16), f32, f16, bf16 or q8_0 (cpu), "
+                      "fp8_e4m3 (cuda; alias f8e4m3)",
     "queue_capacity": "waiting requests before new ones get 503",
     "default_max_tokens": "max_tokens when a request sets none",
     "max_tokens_limit": "largest max_tokens a request may ask for",

@@ -5,11 +5,11 @@ cpu  f32 | f16 | bf16 | q8_0 (ggml's block_q8_0: 34 bytes per 32 values);
      auto = f32: f16's logits are ~1.4e-4 from transformers' float32 ones, over the
      reference tests' 1e-4, and its speed measured at parity (benchmarks/RESULTS.md,
      "KV cache dtypes"); f16 halves the memory per token, q8_0 takes 0.27x.
-cuda f16 (auto); fp8_e4m3 is not built yet and is refused with a clear error.
+cuda f16 (auto) | fp8_e4m3 (1 byte a value, per-kv-head scales; backends/cuda.py Fp8KvPool).
 """
 KV_CACHE_DTYPES = ("auto", "f32", "f16", "bf16", "q8_0", "fp8_e4m3")
 ALIASES = {"f8e4m3": "fp8_e4m3", "fp8": "fp8_e4m3", "fp16": "f16", "fp32": "f32"}  # LLM_PAGED_CACHE_TYPE's spellings
-BACKEND_KV_DTYPES = {"cpu": ("f32", "f16", "bf16", "q8_0"), "cuda": ("f16",)}
+BACKEND_KV_DTYPES = {"cpu": ("f32", "f16", "bf16", "q8_0"), "cuda": ("f16", "fp8_e4m3")}
 AUTO = {"cpu": "f32", "cuda": "f16"}
 BYTES_PER_VALUE = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "fp8_e4m3": 1}
 

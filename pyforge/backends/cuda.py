@@ -1,7 +1,8 @@
 """CUDA backend: the model primitives over CuPy, kernels from cuda/*.cu.
 
 Activations are float16 on the device. The fused quantized matvec, paged
-attention and the KV store in cuda/ all take half, the KV cache is half, and
+attention and the KV store in cuda/ all take half, the KV cache is half (or
+fp8 e4m3 with per-kv-head scales: --kv-cache-dtype fp8_e4m3, Fp8KvPool), and
 cuBLAS multiplies half matrices on tensor cores with float32 accumulation, so
 fp32 activations would need a conversion around each of them and double the
 activation traffic of a memory-bound decode. Every kernel computes in float;

@@ -16,7 +16,7 @@ LDFLAGS = ["-fopenmp"]
 NATIVE_MODULES = {
     "quant": ["native/quants.c", "native/matmul.c", "native/matmul_amx.c", "native/matmul_vnni.c",
               "native/moe_kernels.c"],
-    "ops": ["native/ops_kernels.c"],
+    "ops": ["native/ops_kernels.c", "native/kv_dtypes.c"],
     "sampler": ["native/sampler_kernels.c"],
     "ipc": ["native/shm_ring.c"],
     "block_pool": [],

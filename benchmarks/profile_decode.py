@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py [--format Q4_K_M] [--threads 2] [--batch 1] [--steps 64] [--context 64]
     python benchmarks/profile_decode.py --attention-prefill 512 [--threads 2] [--reps 20]
+    python benchmarks/profile_decode.py --attention-decode 2048 [--batch 1] [--threads 2] [--reps 20]
 
 Wraps every CPU-backend primitive and the sampler's native call with a timer
 (about 0.1 µs each), runs decode steps, and reports the share of the step spent
@@ -12,6 +13,11 @@ prompt of TinyLlama's shape (one layer), each path (PYFORGE_ATTN_TILES: per-row,
 tiles on AVX2, tiles on the widest kernels), on 1 and --threads threads, best
 of --reps calls, with GFLOP/s over the causal work (4 x heads x head_dim per
 query-key pair).
+
+--attention-decode L times one decode step's attention alone (--batch rows, each
+at context L) over TinyLlama's 22 layers, each layer its own K/V pool so the
+caches stream from memory as in a real step, per --kv-cache-dtype (f32, f16,
+bf16, q8_0): best of --reps steps, the cache bytes read and the bandwidth.
 """
 import argparse
 import functools
@@ -85,6 +91,40 @@ def bench_attention_prefill(n_tok, threads, reps):
             os.environ["PYFORGE_ATTN_TILES"] = saved
 
 
+N_LAYERS = 22  # TinyLlama-1.1B
+
+
+def bench_attention_decode(n_ctx, batch, threads, reps):
+    n_heads, n_kv, hd, bs = ATTN_SHAPE
+    rng = np.random.default_rng(0)
+    per_seq = -(-n_ctx // bs)
+    n_blocks = per_seq * batch
+    tables = rng.permutation(n_blocks).astype(np.int32).reshape(batch, per_seq)
+    lens, qsl = np.full(batch, n_ctx, np.int32), np.arange(batch + 1, dtype=np.int32)
+    q = rng.standard_normal((batch, n_heads, hd), dtype=np.float32)
+    out = np.empty_like(q)
+    print(f"paged attention, one decode step of {batch} row(s) at context {n_ctx}, {N_LAYERS} layers x "
+          f"{n_heads} heads / {n_kv} kv heads, head_dim {hd}, {threads} threads, best of {reps}")
+    base = None
+    for kv_dtype in ops.KV_DTYPES:
+        shape, dtype = ops.kv_cache_shape(n_blocks, n_kv, bs, hd, kv_dtype)
+        x = rng.standard_normal((n_blocks * n_kv * bs, hd), dtype=np.float32)
+        layers = [(ops.kv_encode(x, kv_dtype).reshape(shape), ops.kv_encode(x[::-1].copy(), kv_dtype).reshape(shape))
+                  for _ in range(N_LAYERS)]
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for k_cache, v_cache in layers:
+                ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, hd**-0.5, out, threads,
+                                    kv_dtype=kv_dtype)
+            best = min(best, time.perf_counter() - t0)
+        read = 2 * N_LAYERS * batch * n_ctx * n_kv * ops.kv_row_bytes(kv_dtype, hd)
+        base = base or best
+        print(f"  {kv_dtype:5s} {1e3 * best:7.2f} ms/step  {read / 2**20:7.1f} MiB read  "
+              f"{read / best / 1e9:5.1f} GB/s  {base / best:5.2f}x  "
+              f"{2 * N_LAYERS * n_kv * ops.kv_row_bytes(kv_dtype, hd) / 1024:.1f} KiB/token")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="Q4_K_M")
@@ -94,8 +134,13 @@ def main():
     ap.add_argument("--context", type=int, default=64, help="prompt tokens before the timed decode steps")
     ap.add_argument("--attention-prefill", type=int, default=0, metavar="N",
                     help="instead: time the attention kernel alone on an N-token prompt, per path")
+    ap.add_argument("--attention-decode", type=int, default=0, metavar="L",
+                    help="instead: time one decode step's attention alone at context L, per KV cache dtype")
     ap.add_argument("--reps", type=int, default=20, help="calls per path with --attention-prefill (best is kept)")
     args = ap.parse_args()
+    if args.attention_decode:
+        bench_attention_decode(args.attention_decode, args.batch, args.threads, args.reps)
+        return
     if args.attention_prefill:
         bench_attention_prefill(args.attention_prefill, args.threads, args.reps)
         return

@@ -1,7 +1,8 @@
-/* Paged attention over an fp16 KV cache, with the metadata of the CPU kernel
- * (native/ops_kernels.h, pf_paged_attention):
+/* Paged attention over an fp16 or fp8 (e4m3) KV cache, with the metadata of
+ * the CPU kernel (native/ops_kernels.h, pf_paged_attention):
  *   q, out        half [n_tok, n_heads, head_dim]   (a flattened varlen batch)
- *   k/v_cache     half [n_blocks, block_size, n_kv, head_dim]
+ *   k/v_cache     half or fp8 e4m3 bytes [n_blocks, block_size, n_kv, head_dim]
+ *   k/v_scale     (fp8 kernels) float [n_kv]: kv head j's value = e4m3 * scale[j]
  *   block_tables  int32 [n_seq, max_blocks]
  *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
  *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..
@@ -19,6 +20,36 @@
 #include "common.cuh"
 
 #define ATT_MAX_DPL 8    /* dims per lane: head_dim <= 256 */
+#define FP8_E4M3_MAX 448.0f
+
+/* fp8 e4m3 ("fn": no infinities) as a byte: sign, 4 exponent bits (bias 7), 3
+ * mantissa bits; exponent 0 holds subnormals m * 2^-9; 0x7f / 0xff are NaN.
+ * Arithmetic rather than bit casts, so NVRTC and the emulator run the same code. */
+__device__ __forceinline__ float pf_fp8_e4m3_to_float(pf_u8 b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    float a;
+    if ((b & 0x7f) == 0x7f) a = __int_as_float(0x7fc00000); /* NaN */
+    else if (e == 0) a = ldexpf((float)m, -9);
+    else a = ldexpf((float)(8 + m), e - 10);                  /* (1 + m/8) 2^(e-7) */
+    return (b & 0x80) ? -a : a;
+}
+
+/* Round to nearest even, saturating to +-448 (a KV cache wants the largest
+ * value, not NaN, for an outlier); NaN stays NaN. */
+__device__ __forceinline__ pf_u8 pf_float_to_fp8_e4m3(float x) {
+    if (x != x) return 0x7f;
+    const pf_u8 sign = copysignf(1.0f, x) < 0.0f ? 0x80 : 0;
+    const float a = fminf(fabsf(x), FP8_E4M3_MAX);
+    if (a < 0.015625f) return sign | (pf_u8)rintf(a * 512.0f); /* under 2^-6: subnormal (8 -> 2^-6 itself) */
+    int e;
+    float m = rintf(frexpf(a, &e) * 16.0f);                      /* a = m/16 2^e, m in 8 ..= 16 */
+    if (m == 16.0f) m = 8.0f, e++;
+    return sign | (pf_u8)((e + 6) << 3) | (pf_u8)(m - 8.0f);
+}
+
+/* A cached value as float (times its kv head's scale for fp8, folded in by the caller). */
+__device__ __forceinline__ float kv_value(const __half *c, pf_i64 i) { return __half2float(c[i]); }
+__device__ __forceinline__ float kv_value(const pf_u8 *c, pf_i64 i) { return pf_fp8_e4m3_to_float(c[i]); }
 #define ATT_DECODE_WARPS 4 /* paged_attention_decode: blockDim.x == 32 * this */
 
 /* Online-softmax state of one warp for one (query row, head). All lanes hold
@@ -42,12 +73,13 @@ __device__ __forceinline__ int attn_window_start(int n_ctx, int window) {
 
 /* Positions p_begin, p_begin + p_step, ... < p_end of one sequence into st.
  * q: this lane's dims of the query, already multiplied by the scale.
- * row_stride = n_kv * head_dim (halves between positions), head_off = kv
- * head * head_dim. */
-__device__ __forceinline__ void attn_run(AttnState &st, const float *q, const __half *__restrict__ k_cache,
-                                         const __half *__restrict__ v_cache, const int *__restrict__ table,
+ * row_stride = n_kv * head_dim (values between positions), head_off = kv
+ * head * head_dim; ks, vs: the kv head's cache scales (1 for fp16). */
+template <typename T>
+__device__ __forceinline__ void attn_run(AttnState &st, const float *q, const T *__restrict__ k_cache,
+                                         const T *__restrict__ v_cache, const int *__restrict__ table,
                                          int block_size, pf_i64 row_stride, int head_off, int dpl, int p_begin,
-                                         int p_end, int p_step, float softcap) {
+                                         int p_end, int p_step, float softcap, float ks, float vs) {
     const int lane = threadIdx.x & 31;
     for (int p = p_begin; p < p_end; p += p_step) {
         const pf_i64 base =
@@ -55,8 +87,8 @@ __device__ __forceinline__ void attn_run(AttnState &st, const float *q, const __
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < ATT_MAX_DPL; i++)
-            if (i < dpl) s += q[i] * __half2float(k_cache[base + 32 * i]);
-        s = pf_warp_sum(s);
+            if (i < dpl) s += q[i] * kv_value(k_cache, base + 32 * i);
+        s = pf_warp_sum(s) * ks;
         if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
         if (s > st.m) { /* warp-uniform: every lane has the same s */
             const float c = expf(st.m - s); /* 0 on the first position */
@@ -65,11 +97,11 @@ __device__ __forceinline__ void attn_run(AttnState &st, const float *q, const __
             for (int i = 0; i < ATT_MAX_DPL; i++) st.acc[i] *= c;
             st.m = s;
         }
-        const float w = expf(s - st.m);
+        const float w = expf(s - st.m), wv = w * vs;
         st.l += w;
 #pragma unroll
         for (int i = 0; i < ATT_MAX_DPL; i++)
-            if (i < dpl) st.acc[i] += w * __half2float(v_cache[base + 32 * i]);
+            if (i < dpl) st.acc[i] += wv * kv_value(v_cache, base + 32 * i);
     }
 }
 
@@ -91,13 +123,14 @@ __device__ __forceinline__ void attn_load_q(float *q, const __half *__restrict__
  *   Warp w of block (bx, h) computes query row bx * 4 + w, head h, over its
  *   whole causal context; consecutive rows of one sequence share a block, so
  *   the keys they read come from L1 / L2. */
-extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q, const __half *__restrict__ k_cache,
-                                                   const __half *__restrict__ v_cache, const int *__restrict__ block_tables,
-                                                   const int *__restrict__ context_lens,
-                                                   const int *__restrict__ query_start, __half *__restrict__ out,
-                                                   int n_tok, int n_seq, int n_heads, int n_kv, int head_dim,
-                                                   int block_size, int max_blocks, float scale, int window,
-                                                   float softcap) {
+template <typename T>
+__device__ __forceinline__ void prefill_rows(const __half *__restrict__ q, const T *__restrict__ k_cache,
+                                             const T *__restrict__ v_cache, const int *__restrict__ block_tables,
+                                             const int *__restrict__ context_lens,
+                                             const int *__restrict__ query_start, __half *__restrict__ out,
+                                             int n_tok, int n_seq, int n_heads, int n_kv, int head_dim,
+                                             int block_size, int max_blocks, float scale, int window,
+                                             float softcap, const float *k_scale, const float *v_scale) {
     const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     const int h = blockIdx.y, lane = threadIdx.x & 31;
     if (row >= n_tok) return;
@@ -114,14 +147,41 @@ extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q,
     attn_load_q(qv, q, row, h, n_heads, head_dim, scale);
     AttnState st;
     attn_init(st);
+    const int kvh = h / (n_heads / n_kv);
     attn_run(st, qv, k_cache, v_cache, block_tables + (pf_i64)s * max_blocks, block_size,
-             (pf_i64)n_kv * head_dim, (h / (n_heads / n_kv)) * head_dim, dpl, attn_window_start(n_ctx, window),
-             n_ctx, 1, softcap);
+             (pf_i64)n_kv * head_dim, kvh * head_dim, dpl, attn_window_start(n_ctx, window),
+             n_ctx, 1, softcap, k_scale ? k_scale[kvh] : 1.0f, v_scale ? v_scale[kvh] : 1.0f);
     __half *o = out + ((pf_i64)row * n_heads + h) * head_dim + lane;
     const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
 #pragma unroll
     for (int i = 0; i < ATT_MAX_DPL; i++)
         if (i < dpl) o[32 * i] = __float2half_rn(st.acc[i] * inv);
+}
+
+extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q, const __half *__restrict__ k_cache,
+                                                   const __half *__restrict__ v_cache, const int *__restrict__ block_tables,
+                                                   const int *__restrict__ context_lens,
+                                                   const int *__restrict__ query_start, __half *__restrict__ out,
+                                                   int n_tok, int n_seq, int n_heads, int n_kv, int head_dim,
+                                                   int block_size, int max_blocks, float scale, int window,
+                                                   float softcap) {
+    prefill_rows(q, k_cache, v_cache, block_tables, context_lens, query_start, out, n_tok, n_seq, n_heads, n_kv,
+                 head_dim, block_size, max_blocks, scale, window, softcap, (const float *)0, (const float *)0);
+}
+
+/* paged_attention_prefill_fp8: the same over fp8 e4m3 caches, k_scale / v_scale
+ * float [n_kv] after softcap. */
+extern "C" __global__ void paged_attention_prefill_fp8(const __half *__restrict__ q, const pf_u8 *__restrict__ k_cache,
+                                                       const pf_u8 *__restrict__ v_cache,
+                                                       const int *__restrict__ block_tables,
+                                                       const int *__restrict__ context_lens,
+                                                       const int *__restrict__ query_start, __half *__restrict__ out,
+                                                       int n_tok, int n_seq, int n_heads, int n_kv, int head_dim,
+                                                       int block_size, int max_blocks, float scale, int window,
+                                                       float softcap, const float *__restrict__ k_scale,
+                                                       const float *__restrict__ v_scale) {
+    prefill_rows(q, k_cache, v_cache, block_tables, context_lens, query_start, out, n_tok, n_seq, n_heads, n_kv,
+                 head_dim, block_size, max_blocks, scale, window, softcap, k_scale, v_scale);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -141,13 +201,15 @@ extern "C" __global__ void paged_attention_prefill(const __half *__restrict__ q,
  * paged_attention_decode_reduce skips them by the same rule. A partition
  * wholly before the window writes max -inf and sum 0, which the reduction
  * weighs by e^-inf = 0 (the partition holding L_s - 1 always has a position). */
-extern "C" __global__ void paged_attention_decode(const __half *__restrict__ q, const __half *__restrict__ k_cache,
-                                                  const __half *__restrict__ v_cache, const int *__restrict__ block_tables,
-                                                  const int *__restrict__ context_lens,
-                                                  const int *__restrict__ query_start, float *__restrict__ part_acc,
-                                                  float *__restrict__ part_ml, int n_heads, int n_kv, int head_dim,
-                                                  int block_size, int max_blocks, int partition, float scale,
-                                                  int window, float softcap) {
+template <typename T>
+__device__ __forceinline__ void decode_partition(const __half *__restrict__ q, const T *__restrict__ k_cache,
+                                                 const T *__restrict__ v_cache, const int *__restrict__ block_tables,
+                                                 const int *__restrict__ context_lens,
+                                                 const int *__restrict__ query_start, float *__restrict__ part_acc,
+                                                 float *__restrict__ part_ml, int n_heads, int n_kv, int head_dim,
+                                                 int block_size, int max_blocks, int partition, float scale,
+                                                 int window, float softcap, const float *k_scale,
+                                                 const float *v_scale) {
     __shared__ float sh_ml[ATT_DECODE_WARPS][2];
     __shared__ float sh_acc[ATT_DECODE_WARPS][32 * ATT_MAX_DPL]; /* per warp [head_dim]: merged below */
     const int h = blockIdx.x, s = blockIdx.y, z = blockIdx.z;
@@ -161,8 +223,10 @@ extern "C" __global__ void paged_attention_decode(const __half *__restrict__ q, 
     attn_load_q(qv, q, query_start[s + 1] - 1, h, n_heads, head_dim, scale);
     AttnState st;
     attn_init(st);
+    const int kvh = h / (n_heads / n_kv);
     attn_run(st, qv, k_cache, v_cache, block_tables + (pf_i64)s * max_blocks, block_size,
-             (pf_i64)n_kv * head_dim, (h / (n_heads / n_kv)) * head_dim, dpl, p_begin + warp, p1, n_warps, softcap);
+             (pf_i64)n_kv * head_dim, kvh * head_dim, dpl, p_begin + warp, p1, n_warps, softcap,
+             k_scale ? k_scale[kvh] : 1.0f, v_scale ? v_scale[kvh] : 1.0f);
     if (lane == 0) sh_ml[warp][0] = st.m, sh_ml[warp][1] = st.l;
 #pragma unroll
     for (int i = 0; i < ATT_MAX_DPL; i++)
@@ -184,6 +248,33 @@ extern "C" __global__ void paged_attention_decode(const __half *__restrict__ q, 
         part_ml[2 * at] = m;
         part_ml[2 * at + 1] = l;
     }
+}
+
+extern "C" __global__ void paged_attention_decode(const __half *__restrict__ q, const __half *__restrict__ k_cache,
+                                                  const __half *__restrict__ v_cache, const int *__restrict__ block_tables,
+                                                  const int *__restrict__ context_lens,
+                                                  const int *__restrict__ query_start, float *__restrict__ part_acc,
+                                                  float *__restrict__ part_ml, int n_heads, int n_kv, int head_dim,
+                                                  int block_size, int max_blocks, int partition, float scale,
+                                                  int window, float softcap) {
+    decode_partition(q, k_cache, v_cache, block_tables, context_lens, query_start, part_acc, part_ml, n_heads, n_kv,
+                     head_dim, block_size, max_blocks, partition, scale, window, softcap, (const float *)0,
+                     (const float *)0);
+}
+
+/* paged_attention_decode_fp8: the same over fp8 e4m3 caches, k_scale / v_scale float [n_kv] after softcap. */
+extern "C" __global__ void paged_attention_decode_fp8(const __half *__restrict__ q, const pf_u8 *__restrict__ k_cache,
+                                                      const pf_u8 *__restrict__ v_cache,
+                                                      const int *__restrict__ block_tables,
+                                                      const int *__restrict__ context_lens,
+                                                      const int *__restrict__ query_start,
+                                                      float *__restrict__ part_acc, float *__restrict__ part_ml,
+                                                      int n_heads, int n_kv, int head_dim, int block_size,
+                                                      int max_blocks, int partition, float scale, int window,
+                                                      float softcap, const float *__restrict__ k_scale,
+                                                      const float *__restrict__ v_scale) {
+    decode_partition(q, k_cache, v_cache, block_tables, context_lens, query_start, part_acc, part_ml, n_heads, n_kv,
+                     head_dim, block_size, max_blocks, partition, scale, window, softcap, k_scale, v_scale);
 }
 
 /* paged_attention_decode_reduce(part_acc, part_ml, context_lens, query_start, out,
@@ -228,5 +319,22 @@ extern "C" __global__ void kv_store_f16(const __half *__restrict__ k, const __ha
     for (int j = threadIdx.x; j < row; j += blockDim.x) {
         k_cache[dst + j] = k[src + j];
         v_cache[dst + j] = v[src + j];
+    }
+}
+
+/* kv_store_fp8(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, n_kv, head_dim)
+ *   as kv_store_f16 into fp8 e4m3 caches: value / its kv head's scale, rounded
+ *   to nearest even and saturated to +-448 (pf_float_to_fp8_e4m3). */
+extern "C" __global__ void kv_store_fp8(const __half *__restrict__ k, const __half *__restrict__ v,
+                                        pf_u8 *__restrict__ k_cache, pf_u8 *__restrict__ v_cache,
+                                        const int *__restrict__ slot_mapping, const float *__restrict__ k_scale,
+                                        const float *__restrict__ v_scale, int n_kv, int head_dim) {
+    const int slot = slot_mapping[blockIdx.x], row = n_kv * head_dim;
+    if (slot < 0) return;
+    const pf_i64 src = (pf_i64)blockIdx.x * row, dst = (pf_i64)slot * row;
+    for (int j = threadIdx.x; j < row; j += blockDim.x) {
+        const int h = j / head_dim;
+        k_cache[dst + j] = pf_float_to_fp8_e4m3(__half2float(k[src + j]) / k_scale[h]);
+        v_cache[dst + j] = pf_float_to_fp8_e4m3(__half2float(v[src + j]) / v_scale[h]);
     }
 }

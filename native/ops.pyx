@@ -14,11 +14,20 @@ from libc.stdint cimport int32_t, int64_t
 cnp.import_array()
 
 
+cdef extern from "kv_dtypes.h" nogil:
+    int64_t pf_kv_row_bytes(int dtype, int64_t hd)
+    void pf_kv_row_to_float(int dtype, const void *src, float *dst, int64_t hd)
+    void pf_kv_row_from_float(int dtype, const float *src, void *dst, int64_t hd)
+    void pf_kv_row_to_float_scalar(int dtype, const void *src, float *dst, int64_t hd)
+    void pf_kv_row_from_float_scalar(int dtype, const float *src, void *dst, int64_t hd)
+
+
 cdef extern from "ops_kernels.h" nogil:
     ctypedef struct PagedAttnDims:
         int64_t n_tok, n_heads, n_kv, head_dim, block_size, n_seq, max_blocks
         float scale, softcap
         int64_t window
+        int kv_dtype
 
     void pf_rmsnorm(const float *x, const float *w, float eps, float *out, int64_t n, int64_t d, int n_threads)
     int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads, int64_t head_dim,
@@ -29,11 +38,78 @@ cdef extern from "ops_kernels.h" nogil:
     void pf_add_inplace(float *x, const float *y, int64_t n)
     void pf_softmax_rows(float *x, int64_t n, int64_t d)
     void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out)
-    void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
-                     const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size)
-    void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
+    void pf_kv_store(const float *k, const float *v, void *k_cache, void *v_cache,
+                     const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size,
+                     int kv_dtype)
+    void pf_paged_attention(const float *q, const void *k_cache, const void *v_cache,
                             const int32_t *block_tables, const int32_t *context_lens,
                             const int32_t *query_start, float *out, const PagedAttnDims *dims, int n_threads)
+
+
+# -- KV cache dtypes -----------------------------------------------------------
+
+# name -> (PfKvDtype code, numpy dtype of a cache array). A cache is
+# [n_blocks, n_kv, block_size, row] with row = head_dim values (f32, f16; bf16
+# as its raw uint16 bits) or head_dim / 32 * 34 bytes (q8_0: ggml's block_q8_0).
+KV_DTYPES = {"f32": (0, np.float32), "f16": (1, np.float16), "bf16": (2, np.uint16), "q8_0": (3, np.uint8)}
+
+
+cdef int _kv_code(str kv_dtype) except -1:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return KV_DTYPES[kv_dtype][0]
+
+
+def kv_row_bytes(str kv_dtype, int64_t head_dim):
+    """Bytes of one cached row (one position of one kv head) of head_dim values."""
+    cdef int64_t n = pf_kv_row_bytes(_kv_code(kv_dtype), head_dim)
+    if n < 0 or head_dim < 1:
+        raise ValueError(f"head_dim {head_dim} cannot be stored as {kv_dtype} (q8_0 needs a multiple of 32)")
+    return n
+
+
+def kv_cache_shape(int64_t n_blocks, int64_t n_kv, int64_t block_size, int64_t head_dim, str kv_dtype):
+    """(shape, numpy dtype) of one K or V pool of kv_dtype."""
+    row = kv_row_bytes(kv_dtype, head_dim) // np.dtype(KV_DTYPES[kv_dtype][1]).itemsize
+    return (n_blocks, n_kv, block_size, row), KV_DTYPES[kv_dtype][1]
+
+
+def kv_encode(x, str kv_dtype, bint scalar=False):
+    """Rows x[n, hd] float32 as the cache stores them: [n, row] of the cache's
+    numpy dtype (scalar: through the scalar reference, not the SIMD path)."""
+    cdef cnp.ndarray xa = _f32(x, "x", 2)
+    cdef int code = _kv_code(kv_dtype)
+    cdef int64_t n = xa.shape[0], hd = xa.shape[1], rb = kv_row_bytes(kv_dtype, hd), i
+    cdef cnp.ndarray out = np.zeros((n, rb), dtype=np.uint8)
+    cdef char *dst = <char *>cnp.PyArray_DATA(out)
+    cdef float *src = _fp(xa)
+    with nogil:
+        for i in range(n):
+            if scalar:
+                pf_kv_row_from_float_scalar(code, src + i * hd, dst + i * rb, hd)
+            else:
+                pf_kv_row_from_float(code, src + i * hd, dst + i * rb, hd)
+    return out.view(KV_DTYPES[kv_dtype][1])
+
+
+def kv_decode(rows, str kv_dtype, int64_t head_dim, bint scalar=False):
+    """float32 [n, head_dim] of rows [n, row] stored as kv_dtype (kv_encode's inverse, up to rounding)."""
+    cdef int code = _kv_code(kv_dtype)
+    cdef int64_t rb = kv_row_bytes(kv_dtype, head_dim), i
+    cdef cnp.ndarray ra = _arr(rows, "rows", 2, KV_DTYPES[kv_dtype][1])
+    if ra.shape[1] * ra.itemsize != rb:
+        raise ValueError(f"{kv_dtype} rows of {head_dim} values are {rb} bytes, got {ra.shape[1] * ra.itemsize}")
+    cdef int64_t n = ra.shape[0]
+    cdef cnp.ndarray out = np.empty((n, head_dim), dtype=np.float32)
+    cdef char *src = <char *>cnp.PyArray_DATA(ra)
+    cdef float *dst = _fp(out)
+    with nogil:
+        for i in range(n):
+            if scalar:
+                pf_kv_row_to_float_scalar(code, src + i * rb, dst + i * head_dim, head_dim)
+            else:
+                pf_kv_row_to_float(code, src + i * rb, dst + i * head_dim, head_dim)
+    return out
 
 
 # -- argument checks ---------------------------------------------------------
@@ -215,23 +291,28 @@ def argmax_rows(x):
 
 # -- paged KV cache ----------------------------------------------------------
 
-cdef void _check_caches(cnp.ndarray kc, cnp.ndarray vc, int64_t n_kv, int64_t hd) except *:
-    """Both caches [n_blocks, n_kv, block_size, hd] and alike."""
+cdef cnp.ndarray _cache(c, str name, str kv_dtype, bint writeable=False):
+    return _arr(c, name, 4, KV_DTYPES[kv_dtype][1], writeable)
+
+
+cdef void _check_caches(cnp.ndarray kc, cnp.ndarray vc, int64_t n_kv, int64_t hd, str kv_dtype) except *:
+    """Both caches [n_blocks, n_kv, block_size, row] of kv_dtype and alike."""
     _same_shape(kc, vc, "k_cache", "v_cache")
-    if kc.shape[1] != n_kv or kc.shape[3] != hd:
-        raise ValueError(f"cache {(<object>kc).shape} does not hold {n_kv} kv heads of dim {hd}")
+    if kc.shape[1] != n_kv or kc.shape[3] * kc.itemsize != kv_row_bytes(kv_dtype, hd):
+        raise ValueError(f"{kv_dtype} cache {(<object>kc).shape} does not hold {n_kv} kv heads of dim {hd}")
     if kc.shape[2] < 1:
         raise ValueError("cache block_size must be at least 1")
 
 
-def kv_store(k, v, k_cache, v_cache, slot_mapping):
+def kv_store(k, v, k_cache, v_cache, slot_mapping, str kv_dtype="f32"):
     """Write token t of k, v [n_tok, n_kv, hd] to cache slot slot_mapping[t]
-    (block slot // block_size, position slot % block_size)."""
+    (block slot // block_size, position slot % block_size), converted to kv_dtype."""
+    cdef int code = _kv_code(kv_dtype)
     cdef cnp.ndarray ka = _f32(k, "k", 3), va = _f32(v, "v", 3)
-    cdef cnp.ndarray kc = _f32(k_cache, "k_cache", 4, True), vc = _f32(v_cache, "v_cache", 4, True)
+    cdef cnp.ndarray kc = _cache(k_cache, "k_cache", kv_dtype, True), vc = _cache(v_cache, "v_cache", kv_dtype, True)
     cdef cnp.ndarray sa = _i32(slot_mapping, "slot_mapping", 1)
     _same_shape(ka, va, "k", "v")
-    _check_caches(kc, vc, ka.shape[1], ka.shape[2])
+    _check_caches(kc, vc, ka.shape[1], ka.shape[2], kv_dtype)
     if sa.shape[0] != ka.shape[0]:
         raise ValueError(f"slot_mapping has {sa.shape[0]} entries, k has {ka.shape[0]} tokens")
     cdef int64_t n_tok = ka.shape[0], n_slots = kc.shape[0] * kc.shape[2], t
@@ -242,10 +323,10 @@ def kv_store(k, v, k_cache, v_cache, slot_mapping):
     cdef int64_t n_kv = ka.shape[1], hd = ka.shape[2], block_size = kc.shape[2]
     cdef float *kp = _fp(ka)
     cdef float *vp = _fp(va)
-    cdef float *kcp = _fp(kc)
-    cdef float *vcp = _fp(vc)
+    cdef void *kcp = cnp.PyArray_DATA(kc)
+    cdef void *vcp = cnp.PyArray_DATA(vc)
     with nogil:
-        pf_kv_store(kp, vp, kcp, vcp, slots, n_tok, n_kv, hd, block_size)
+        pf_kv_store(kp, vp, kcp, vcp, slots, n_tok, n_kv, hd, block_size, code)
 
 
 cdef void _check_batch(const int32_t[:, ::1] tables, const int32_t[::1] lens, const int32_t[::1] qsl,
@@ -272,7 +353,7 @@ cdef void _check_batch(const int32_t[:, ::1] tables, const int32_t[::1] lens, co
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, float scale, out,
-                    n_threads=1, window=0, float softcap=0.0):
+                    n_threads=1, window=0, float softcap=0.0, str kv_dtype="f32"):
     """Causal GQA attention of a varlen batch over the paged KV cache.
 
     q, out [n_tok, n_heads, hd]; caches [n_blocks, n_kv, block_size, hd];
@@ -281,14 +362,16 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     L) is at position p = L - n_q + j and attends to positions 0 ..= p, or
     with window > 0 to (p - window, p] (sliding-window attention). softcap > 0
     turns each scaled score s into softcap * tanh(s / softcap) (Gemma 2).
+    The caches hold kv_dtype rows (KV_DTYPES; kv_cache_shape gives their shape).
     """
+    cdef int code = _kv_code(kv_dtype)
     cdef cnp.ndarray qa = _f32(q, "q", 3), oa = _f32(out, "out", 3, True)
-    cdef cnp.ndarray kc = _f32(k_cache, "k_cache", 4), vc = _f32(v_cache, "v_cache", 4)
+    cdef cnp.ndarray kc = _cache(k_cache, "k_cache", kv_dtype), vc = _cache(v_cache, "v_cache", kv_dtype)
     cdef cnp.ndarray bt = _i32(block_tables, "block_tables", 2), cl = _i32(context_lens, "context_lens", 1)
     cdef cnp.ndarray qs = _i32(query_start_loc, "query_start_loc", 1)
     _same_shape(qa, oa, "q", "out")
     cdef int64_t n_heads = qa.shape[1], hd = qa.shape[2], n_kv = kc.shape[1]
-    _check_caches(kc, vc, n_kv, hd)
+    _check_caches(kc, vc, n_kv, hd, kv_dtype)
     if n_kv < 1 or n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} must be a multiple of the cache's n_kv={n_kv}")
     _check_batch(bt, cl, qs, qa.shape[0], kc.shape[2], kc.shape[0])
@@ -300,10 +383,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     cdef PagedAttnDims dims
     dims.n_tok, dims.n_heads, dims.n_kv, dims.head_dim = qa.shape[0], n_heads, n_kv, hd
     dims.block_size, dims.n_seq, dims.max_blocks, dims.scale = kc.shape[2], cl.shape[0], bt.shape[1], scale
-    dims.softcap, dims.window = softcap, window
+    dims.softcap, dims.window, dims.kv_dtype = softcap, window, code
     cdef float *qp = _fp(qa)
-    cdef float *kcp = _fp(kc)
-    cdef float *vcp = _fp(vc)
+    cdef void *kcp = cnp.PyArray_DATA(kc)
+    cdef void *vcp = cnp.PyArray_DATA(vc)
     cdef float *op = _fp(oa)
     cdef int32_t *btp = _ip(bt)
     cdef int32_t *clp = _ip(cl)

@@ -326,15 +326,16 @@ void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out) {
 /* Paged KV cache                                                            */
 /* ------------------------------------------------------------------------ */
 
-void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
-                 const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size) {
-    const size_t bytes = (size_t)head_dim * sizeof(float);
+void pf_kv_store(const float *k, const float *v, void *k_cache, void *v_cache,
+                 const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size,
+                 int kv_dtype) {
+    const int64_t row_bytes = pf_kv_row_bytes(kv_dtype, head_dim);
     for (int64_t t = 0; t < n_tok; t++) {
         const int64_t slot = slot_mapping[t], block = slot / block_size, off = slot % block_size;
         for (int64_t h = 0; h < n_kv; h++) {
-            const int64_t at = ((block * n_kv + h) * block_size + off) * head_dim, from = (t * n_kv + h) * head_dim;
-            memcpy(k_cache + at, k + from, bytes);
-            memcpy(v_cache + at, v + from, bytes);
+            const int64_t row = (block * n_kv + h) * block_size + off, from = (t * n_kv + h) * head_dim;
+            pf_kv_row_from_float(kv_dtype, k + from, (char *)k_cache + row * row_bytes, head_dim);
+            pf_kv_row_from_float(kv_dtype, v + from, (char *)v_cache + row * row_bytes, head_dim);
         }
     }
 }
@@ -438,6 +439,23 @@ static void value_span(const float *p, const float *v_cache, const CacheView *cv
     }
 }
 
+/* rows[cnt][hd] = positions p0 .. p0+cnt-1 of a cache in dtype, as float32.
+ * Offsets from cache_offset count hd-value rows (stride == hd), so row r
+ * starts r * row_bytes into the cache. */
+static void load_span(const void *cache, int dtype, const CacheView *cv, int64_t p0, int64_t cnt, int64_t hd,
+                      float *rows) {
+    const int64_t row_bytes = pf_kv_row_bytes(dtype, hd);
+    for (int64_t j = 0, run; j < cnt; j += run) {
+        const int64_t row = cache_offset(cv, p0 + j, &run) / hd;
+        run = min64(run, cnt - j);
+        for (int64_t i = 0; i < run; i++)
+            pf_kv_row_to_float(dtype, (const char *)cache + (row + i) * row_bytes, rows + (j + i) * hd, hd);
+    }
+}
+
+/* Floats of the conversion buffer a non-F32 cache needs (1 for F32: no VLA of 0). */
+static inline int64_t convert_floats(int dtype, int64_t hd) { return dtype == PF_KV_F32 ? 1 : ATTN_CHUNK * hd; }
+
 /* Online softmax for one head and one chunk: s[cnt] scores become weights
  * relative to the running max *m; out[hd] (the running weighted sum of
  * values) and *sum are rescaled when the max grows. */
@@ -465,11 +483,13 @@ static inline int64_t window_start(int64_t n_ctx, int64_t window) {
  * kernel by L2 bandwidth). Covering several kv heads walks whole cache rows
  * [n_kv, hd] in order, which the hardware prefetcher streams well. */
 static void attend_heads(const float *q /* [gs, hd] */, int64_t h0, int64_t gs, int64_t group,
-                         const float *k_cache, const float *v_cache, CacheView cv,
+                         const void *k_cache, const void *v_cache, int dtype, CacheView cv,
                          int64_t p_begin, int64_t n_ctx, int64_t hd, float scale, float softcap,
                          float *out /* [gs, hd] */) {
     float s[MAX_HEAD_RUN][ATTN_CHUNK];  /* per head: scores, then weights, of one chunk */
     float m[MAX_HEAD_RUN], sum[MAX_HEAD_RUN];
+    float rows[convert_floats(dtype, hd)];  /* [cnt][hd]: the chunk's keys, then values, as float32 */
+    const int conv = dtype != PF_KV_F32;
     const int64_t per_kv = min64(gs, group);  /* query heads per kv head in this item */
     for (int64_t h = 0; h < gs; h++) m[h] = -INFINITY, sum[h] = 0.0f;
     memset(out, 0, (size_t)(gs * hd) * sizeof(float));
@@ -477,12 +497,18 @@ static void attend_heads(const float *q /* [gs, hd] */, int64_t h0, int64_t gs, 
         cnt = min64(ATTN_CHUNK, n_ctx - p);
         for (int64_t g = 0; g < gs; g += per_kv) {
             cv.head_off = ((h0 + g) / group) * cv.block_size * hd;
+            if (conv) load_span(k_cache, dtype, &cv, p, cnt, hd, rows);
             for (int64_t h = g; h < g + per_kv; h++) {
-                score_span(q + h * hd, k_cache, &cv, p, cnt, hd, scale, s[h]);
+                if (conv) score_keys(q + h * hd, rows, hd, cnt, hd, scale, s[h]);
+                else score_span(q + h * hd, k_cache, &cv, p, cnt, hd, scale, s[h]);
                 if (softcap > 0.0f) pf_softcap(s[h], cnt, softcap);
             }
             for (int64_t h = g; h < g + per_kv; h++) softmax_chunk(s[h], cnt, &m[h], &sum[h], out + h * hd, hd);
-            for (int64_t h = g; h < g + per_kv; h++) value_span(s[h], v_cache, &cv, p, cnt, hd, out + h * hd);
+            if (conv) load_span(v_cache, dtype, &cv, p, cnt, hd, rows);
+            for (int64_t h = g; h < g + per_kv; h++) {
+                if (conv) accumulate_values(s[h], rows, hd, cnt, hd, out + h * hd);
+                else value_span(s[h], v_cache, &cv, p, cnt, hd, out + h * hd);
+            }
         }
     }
     for (int64_t h = 0; h < gs; h++) scale_inplace(out + h * hd, 1.0f / sum[h], hd);
@@ -818,10 +844,17 @@ static void unpack_outputs(const float *ot, const float *sum, int64_t mp, int64_
             if (rows[l]) rows[l][d] = ot[d * mp + l] / sum[l];
 }
 
-/* Row pointers of positions p0 .. p0+cnt-1 of one kv head in a cache. */
-static void cache_rows(const float *cache, const CacheView *cv, int64_t p0, int64_t cnt, const float **rows) {
+/* Row pointers of positions p0 .. p0+cnt-1 of one kv head in a cache: into
+ * the cache itself for F32, else into buf[cnt][hd], converted there. */
+static void cache_rows(const void *cache, int dtype, const CacheView *cv, int64_t p0, int64_t cnt, int64_t hd,
+                       float *buf, const float **rows) {
+    if (dtype != PF_KV_F32) {
+        load_span(cache, dtype, cv, p0, cnt, hd, buf);
+        for (int64_t j = 0; j < cnt; j++) rows[j] = buf + j * hd;
+        return;
+    }
     for (int64_t j = 0, run; j < cnt; j += run) {
-        const float *base = cache + cache_offset(cv, p0 + j, &run);
+        const float *base = (const float *)cache + cache_offset(cv, p0 + j, &run);
         run = min64(run, cnt - j);
         for (int64_t i = 0; i < run; i++) rows[j + i] = base + i * cv->stride;
     }
@@ -832,7 +865,7 @@ static void cache_rows(const float *cache, const CacheView *cv, int64_t p0, int6
  * points at. q and out are the first row's [H, hd]; ws holds 2 * hd *
  * TILE_LANES floats (qt, ot); wide: AVX-512 kernels when the lanes allow. */
 static void attend_tile(const float *q, int64_t H, int64_t h0, int64_t gh, int64_t n_rows,
-                        const float *k_cache, const float *v_cache, const CacheView *cv,
+                        const void *k_cache, const void *v_cache, int dtype, const CacheView *cv,
                         int64_t n_ctx0, int64_t hd, float scale, float softcap, int64_t window, int wide,
                         float *ws, float *out) {
     const int64_t lanes = n_rows * gh, n_end = n_ctx0 + n_rows - 1;  /* the last row's n_ctx */
@@ -844,6 +877,7 @@ static void attend_tile(const float *q, int64_t H, int64_t h0, int64_t gh, int64
     float lo[TILE_LANES], lim[TILE_LANES], m[TILE_LANES], sum[TILE_LANES], c[TILE_LANES];
     const float *kr[ATTN_CHUNK + 8], *vr[ATTN_CHUNK], *qrows[TILE_LANES];
     float *orows[TILE_LANES];
+    float buf[convert_floats(dtype, hd)];  /* a non-F32 chunk's keys, then its values, as float32 */
     for (int64_t l = 0; l < mp; l++) {
         int64_t at = ((l / gh) * H + h0 + l % gh) * hd;
         qrows[l] = l < lanes ? q + at : NULL;
@@ -856,12 +890,12 @@ static void attend_tile(const float *q, int64_t H, int64_t h0, int64_t gh, int64
     memset(ot, 0, (size_t)(hd * mp) * sizeof(float));
     for (int64_t p = window_start(n_ctx0, window), cnt; p < n_end; p += cnt) {
         cnt = min64(ATTN_CHUNK, n_end - p);
-        cache_rows(k_cache, cv, p, cnt, kr);
-        cache_rows(v_cache, cv, p, cnt, vr);
+        cache_rows(k_cache, dtype, cv, p, cnt, hd, buf, kr);
         for (int64_t j = cnt; j < cnt + 7; j++) kr[j] = kr[cnt - 1];  /* key blocks overrun */
         tile_gemm(0, wide, mp, kr, vr, cnt, qt, hd, s, NULL, ot);
         if (softcap > 0.0f) pf_softcap(s, cnt * mp, softcap);
         softmax_lanes(s, cnt, mp, p, lo, lim, p + cnt > n_ctx0 || p < lo_end, m, sum, c);
+        cache_rows(v_cache, dtype, cv, p, cnt, hd, buf, vr);  /* after the scores: buf held the keys */
         tile_gemm(1, wide, mp, kr, vr, cnt, qt, hd, s, c, ot);
     }
     unpack_outputs(ot, sum, mp, hd, orows);
@@ -956,7 +990,8 @@ static AttnItem *plan_items(const int32_t *context_lens, const int32_t *qs, cons
 
 /* What every work item of one call shares. */
 typedef struct {
-    const float *q, *k_cache, *v_cache;
+    const float *q;
+    const void *k_cache, *v_cache;  /* of dm->kv_dtype */
     const int32_t *block_tables, *context_lens, *query_start;
     float *out;
     const PagedAttnDims *dm;
@@ -975,14 +1010,14 @@ static void run_item(const AttnCall *c, const AttnItem *it, float *ws) {
                     (it->h0 / group) * dm->block_size * hd};
     if (it->n_rows && ws) {
         const int64_t row = (int64_t)it->row0 * H * hd;  /* q and out of the tile's first row */
-        attend_tile(c->q + row, H, it->h0, c->gh, it->n_rows, c->k_cache, c->v_cache, &cv, n_ctx0, hd,
+        attend_tile(c->q + row, H, it->h0, c->gh, it->n_rows, c->k_cache, c->v_cache, dm->kv_dtype, &cv, n_ctx0, hd,
                     dm->scale, dm->softcap, dm->window, c->wide, ws, c->out + row);
         return;
     }
     const int64_t heads = it->n_rows ? c->gh : c->gs, n_rows = it->n_rows ? it->n_rows : 1;
     for (int64_t r = 0; r < n_rows; r++) {
         const int64_t at = (((int64_t)it->row0 + r) * H + it->h0) * hd;
-        attend_heads(c->q + at, it->h0, heads, group, c->k_cache, c->v_cache, cv,
+        attend_heads(c->q + at, it->h0, heads, group, c->k_cache, c->v_cache, dm->kv_dtype, cv,
                      window_start(n_ctx0 + r, dm->window), n_ctx0 + r, hd, dm->scale, dm->softcap, c->out + at);
     }
 }
@@ -1003,7 +1038,7 @@ static int tile_mode(int *wide) {
 /* Work items are (query row, run of gs heads), handed out dynamically: rows
  * differ in cost (causal prefill, mixed context lengths). Sequences with
  * several query rows go through prefill tiles instead (plan_items). */
-void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
+void pf_paged_attention(const float *q, const void *k_cache, const void *v_cache,
                         const int32_t *block_tables, const int32_t *context_lens,
                         const int32_t *query_start, float *out,
                         const PagedAttnDims *dm, int n_threads) {
@@ -1034,7 +1069,7 @@ void pf_paged_attention(const float *q, const float *k_cache, const float *v_cac
         int64_t n_ctx = context_lens[s] - n_q + (row - query_start[s]) + 1;
         CacheView cv = {block_tables + s * dm->max_blocks, dm->block_size, hd, dm->n_kv * dm->block_size * hd, 0};
         int64_t at = (row * H + h0) * hd;  /* q and out rows of heads h0 .. h0+gs-1 */
-        attend_heads(q + at, h0, gs, group, k_cache, v_cache, cv, window_start(n_ctx, dm->window), n_ctx, hd,
+        attend_heads(q + at, h0, gs, group, k_cache, v_cache, dm->kv_dtype, cv, window_start(n_ctx, dm->window), n_ctx, hd,
                      dm->scale, dm->softcap, out + at);
     }
 }

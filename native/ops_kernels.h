@@ -10,6 +10,8 @@
 
 #include <stdint.h>
 
+#include "kv_dtypes.h"
+
 /* out[n, d] = x[n, d] / sqrt(mean(x^2) + eps) * w[d]  (out may alias x) */
 void pf_rmsnorm(const float *x, const float *w, float eps, float *out,
                 int64_t n, int64_t d, int n_threads);
@@ -43,12 +45,14 @@ void pf_softmax_rows(float *x, int64_t n, int64_t d);
 void pf_argmax_rows(const float *x, int64_t n, int64_t d, int32_t *out);
 
 /* Token t of k, v [n_tok, n_kv, head_dim] goes to slot slot_mapping[t] = block
- * * block_size + offset of the caches [n_blocks, n_kv, block_size, head_dim]:
+ * * block_size + offset of the caches [n_blocks, n_kv, block_size, head_dim],
+ * converted to kv_dtype (a PfKvDtype; rows of pf_kv_row_bytes each):
  * head-major blocks, so one kv head's positions in a block are contiguous
  * (position-major rows n_kv * head_dim apart alias in L1 when attention walks
  * a chunk of positions: 4 kv heads x 64 floats = 1 KB strides used 4 sets). */
-void pf_kv_store(const float *k, const float *v, float *k_cache, float *v_cache,
-                 const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size);
+void pf_kv_store(const float *k, const float *v, void *k_cache, void *v_cache,
+                 const int32_t *slot_mapping, int64_t n_tok, int64_t n_kv, int64_t head_dim, int64_t block_size,
+                 int kv_dtype);
 
 /* The sizes of one paged-attention call. */
 typedef struct {
@@ -62,11 +66,12 @@ typedef struct {
     float scale;         /* applied to q.k before softmax */
     float softcap;       /* > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: off */
     int64_t window;      /* > 0: a query at position p sees only positions (p - window, p]; 0: all */
+    int kv_dtype;        /* PfKvDtype of the caches */
 } PagedAttnDims;
 
 /* Causal attention of a varlen batch over the paged cache.
  *   q, out        [n_tok, n_heads, head_dim]
- *   k/v_cache     [n_blocks, n_kv, block_size, head_dim]
+ *   k/v_cache     [n_blocks, n_kv, block_size, head_dim] of dims->kv_dtype
  *   block_tables  int32 [n_seq, max_blocks]
  *   context_lens  int32 [n_seq]     L_s, cached tokens incl. this step's
  *   query_start   int32 [n_seq + 1] sequence s owns rows query_start[s] ..
@@ -76,8 +81,11 @@ typedef struct {
  * sequence with several query rows (prefill) goes in tiles of consecutive rows
  * x the heads of one kv head, which read each cached row once per tile.
  * PYFORGE_ATTN_TILES=0 puts every row on the per-row path, =avx2 keeps the
- * tiles off the AVX-512 kernels (read at each call; to compare and to test). */
-void pf_paged_attention(const float *q, const float *k_cache, const float *v_cache,
+ * tiles off the AVX-512 kernels (read at each call; to compare and to test).
+ * A cache in another dtype than F32 is read a chunk of positions at a time,
+ * converted to float32 in an L1-sized buffer that every head of the kv head
+ * then uses, so the float kernels serve every dtype. */
+void pf_paged_attention(const float *q, const void *k_cache, const void *v_cache,
                         const int32_t *block_tables, const int32_t *context_lens,
                         const int32_t *query_start, float *out,
                         const PagedAttnDims *dims, int n_threads);

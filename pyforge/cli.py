@@ -24,6 +24,7 @@ def add_generate_parser(sub):
                    help="quantize float matmul weights at load: none, q8_0, q4_k (Q4_K_M mix) or q4_0")
     p.add_argument("--speculative-config", default=None,
                    help='n-gram speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, f32, f16, bf16 or q8_0 (cpu); auto, f16 or fp8_e4m3 (cuda)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(func=run_generate)
@@ -60,7 +61,8 @@ def run_generate(args):
 
     engine = Engine(args.model, device=args.device, n_threads=args.threads,
                     gpu_memory_utilization=args.gpu_memory_utilization, cuda_graphs=args.cuda_graphs,
-                    quantization=args.quantization, speculative_config=args.speculative_config)
+                    quantization=args.quantization, speculative_config=args.speculative_config,
+                    kv_cache_dtype=args.kv_cache_dtype)
     tok = engine.tokenizer
     text = args.prompt
     if args.chat:

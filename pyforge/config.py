@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyforge.backends import kv_dtype
 from pyforge.builtin_templates import NAMED_TEMPLATES     # --chat-template NAME, for models that ship none
 from pyforge.engine.config import SpeculativeConfig
 from pyforge.engine.sampling_params import MAX_TEMPERATURE, POOLINGS
@@ -72,6 +73,7 @@ class ServerConfig:
     max_model_len: int | None = None    # None: the model's context length
     kv_cache_tokens: int | None = None  # None: the engine's default pool size
     block_size: int = 16
+    kv_cache_dtype: str = "auto"        # backends/kv_dtype.py: auto | f32 | f16 | bf16 | q8_0 | fp8_e4m3
     queue_capacity: int = 256           # waiting requests before 503 + Retry-After
     default_max_tokens: int = 1024      # when a request sets no max_tokens
     max_tokens_limit: int | None = None  # largest max_tokens accepted; None: the context decides
@@ -345,6 +347,13 @@ def _speculative_config(name, value):
     return None if spec is None else spec.to_json()
 
 
+def _kv_cache_dtype(name, value):
+    try:
+        return kv_dtype.normalize(_str()(name, value))
+    except ValueError as e:
+        raise _FieldError(name, str(e).removeprefix("kv_cache_dtype ")) from None
+
+
 def _chat_template(name, value):
     value = _str(optional=True)(name, value)
     if value is not None and value not in NAMED_TEMPLATES and not _is_file(Path(value)) and "{" not in value:
@@ -358,7 +367,7 @@ _PARSERS = {
     "device": _str(pattern=_DEVICE), "gpu_memory_utilization": _float(low_open=True, high=1.0),
     "max_num_seqs": _int(1), "max_num_batched_tokens": _int(1),
     "max_model_len": _int(2, optional=True), "kv_cache_tokens": _int(1, optional=True),
-    "block_size": _int(1), "queue_capacity": _int(1), "default_max_tokens": _int(1),
+    "block_size": _int(1), "kv_cache_dtype": _kv_cache_dtype, "queue_capacity": _int(1), "default_max_tokens": _int(1),
     "max_tokens_limit": _int(1, optional=True), "max_body_bytes": _int(1024),
     "default_temperature": _float(optional=True, high=MAX_TEMPERATURE),
     "default_top_p": _float(low_open=True, high=1.0, optional=True),
@@ -389,7 +398,7 @@ ENV_ALIASES = {
     "SERVER_SSL_ENABLED": "ssl_enabled", "TLS_SERVER_CERT_PATH": "ssl_certfile",
     "TLS_SERVER_KEY_PATH": "ssl_keyfile", "LOG_FORMAT": "log_format", "SERVICE_NAME": "service_name",
     "OTEL_SERVICE_NAME": "service_name", "OTEL_EXPORTER_OTLP_ENDPOINT": "otlp_endpoint",
-    "LLM_SSE_KEEPALIVE": "keepalive_interval",
+    "LLM_SSE_KEEPALIVE": "keepalive_interval", "LLM_PAGED_CACHE_TYPE": "kv_cache_dtype",
 }
 # In-situ quantization as other servers name it: LLM_ENABLE_ISQ=true turns it on with the type
 # LLM_ISQ_TYPE (default q8_0); LLM_ISQ_TYPE alone does nothing there, so nothing here either (warned).
@@ -532,6 +541,8 @@ _HELP = {
     "kv_cache_tokens": "KV cache size in tokens (default: about 2 GiB on cpu; on cuda, what "
                        "--gpu-memory-utilization leaves)",
     "block_size": "KV cache block size in tokens",
+    "kv_cache_dtype": "KV cache element type: auto (cpu: f32; cuda: f16), f32, f16, bf16 or q8_0 (cpu), "
+                      "fp8_e4m3 (cuda; alias f8e4m3)",
     "queue_capacity": "waiting requests before new ones get 503",
     "default_max_tokens": "max_tokens when a request sets none",
     "max_tokens_limit": "largest max_tokens a request may ask for",

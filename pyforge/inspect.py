@@ -1,6 +1,7 @@
 """A human-readable summary of a model file (`pyforge inspect`)."""
 from collections import Counter
 
+from pyforge.backends import kv_dtype
 from pyforge.tokenizer import load_tokenizer
 from pyforge.loader import load_model_file
 from pyforge.models.config import ModelConfig
@@ -23,6 +24,7 @@ def describe(path, list_tensors=False):
             f" ({'neox' if cfg.rope_neox else 'interleaved'}, {cfg.n_rot} dims)"
             + (f", scaling {cfg.rope_scaling}" if cfg.rope_scaling else ""),
             f"options:       {_options(cfg)}",
+            f"KV cache:      {_kv_bytes_per_token(cfg)}",
             "tensor types:  " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
             f"vocab:         {cfg.vocab_size}",
         ]
@@ -65,6 +67,13 @@ def _experts_line(cfg):
     dense = f", dense ffn in layers {list(cfg.dense_layers)}" if cfg.dense_layers else ""
     return (f"experts:       {cfg.n_experts}, top {cfg.n_experts_used} per token ({weights}), "
             f"expert ffn {cfg.expert_ffn_size}{dense}")
+
+
+def _kv_bytes_per_token(cfg):
+    """Bytes one cached token takes in each --kv-cache-dtype this model can use."""
+    sizes = [f"{name} {kv_dtype.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, name):,}"
+             for name in kv_dtype.BYTES_PER_VALUE if name != "q8_0" or cfg.head_dim % 32 == 0]
+    return "bytes per token " + ", ".join(sizes)
 
 
 def _tokenizer_lines(mf):

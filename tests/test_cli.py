@@ -25,6 +25,8 @@ def test_inspect_describes_the_model():
     assert r.returncode == 0, r.stderr
     for expected in ("architecture:  llama", "layers:        5", "8 query, 4 kv", "F32", "512 tokens"):
         assert expected in r.stdout
+    # 2 (K, V) x 5 layers x 4 kv heads x head dim 8 x 4 / 2 bytes; no q8_0 for head dim 8
+    assert "KV cache:      bytes per token f32 1,280, f16 640, bf16 640, fp8_e4m3 320" in r.stdout
 
 
 def test_inspect_shows_the_family_options(tmp_path):

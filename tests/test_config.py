@@ -151,6 +151,19 @@ def test_engine_config_carries_device_and_utilization():
     assert EngineConfig(**engine.to_dict()) == engine      # what crosses to the engine process as JSON
 
 
+def test_kv_cache_dtype_from_flag_env_and_alias():
+    from pyforge.engine.config import EngineConfig
+
+    assert ServerConfig.from_sources(parse(["--model", "m"]), env={}).kv_cache_dtype == "auto"
+    flag = ServerConfig.from_sources(parse(["--model", "m", "--kv-cache-dtype", "Q8_0"]), env={})
+    assert flag.kv_cache_dtype == "q8_0" and EngineConfig.from_server_config(flag).kv_cache_dtype == "q8_0"
+    assert ServerConfig.from_sources(parse(["--model", "m"]), env={"LLM_KV_CACHE_DTYPE": "bf16"}).kv_cache_dtype == "bf16"
+    alias = ServerConfig.from_sources(parse(["--model", "m"]), env={"LLM_PAGED_CACHE_TYPE": "f8e4m3"})
+    assert alias.kv_cache_dtype == "fp8_e4m3"
+    with pytest.raises(ValueError, match="kv_cache_dtype.*must be one of auto, f32, f16, bf16, q8_0, fp8_e4m3"):
+        ServerConfig.from_sources(parse(["--model", "m", "--kv-cache-dtype", "int4"]), env={})
+
+
 # -- the operators' settings (issue 11) ----------------------------------------------
 
 def test_operator_env_names_are_aliases():

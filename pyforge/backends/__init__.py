@@ -38,14 +38,16 @@ def resolve_device(device, head_dim=None):
     return "cuda" if cuda_status()[0] else "cpu"
 
 
-def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_dim=None, cuda_graphs=False):
+def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_dim=None, cuda_graphs=False,
+                kv_cache_dtype="auto"):
     """The backend for a device name: cpu, cuda, cuda:N or auto (head_dim: the model's, for auto);
-    cuda_graphs asks for the stream that graph capture needs (ignored on cpu)."""
+    cuda_graphs asks for the stream that graph capture needs (ignored on cpu); kv_cache_dtype:
+    backends/kv_dtype.py."""
     device = resolve_device(device, head_dim)
     if device == "cpu":
         from pyforge.backends.cpu import CpuBackend
 
-        return CpuBackend(n_threads=n_threads)
+        return CpuBackend(n_threads=n_threads, kv_cache_dtype=kv_cache_dtype)
     match = _CUDA.fullmatch(device)
     if match is None:
         raise ValueError(f"unknown device {device!r} (choose auto, cpu, cuda or cuda:N)")
@@ -55,7 +57,7 @@ def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_d
     from pyforge.backends.cuda import CudaBackend
 
     return CudaBackend(int(match.group(1) or 0), n_threads=n_threads, gpu_memory_utilization=gpu_memory_utilization,
-                       stream=cuda_graphs)
+                       stream=cuda_graphs, kv_cache_dtype=kv_cache_dtype)
 
 
 def default_threads():

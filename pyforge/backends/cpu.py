@@ -7,14 +7,15 @@ once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x faster on
 batches; that copy is anonymous memory (1.06-1.11x the stored bytes), and the
 mapped pages are left to the page cache. Q5_K and Q6_K keep their mapped
 originals for single tokens too (their repacked 1-token dots, with more bits to
-unpack, are ~0.83x). Activations are float32. Every kernel call releases the
-GIL inside the native module.
+unpack, are ~0.83x). Activations are float32; the KV cache is in the dtype
+chosen at construction (backends/kv_dtype.py), converted as it is stored and
+read. Every kernel call releases the GIL inside the native module.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from pyforge.backends import default_threads
+from pyforge.backends import default_threads, kv_dtype
 from pyforge.backends.routing import route_top_k
 from pyforge.dequant import to_float32
 from pyforge.ggml_types import GGMLType
@@ -45,13 +46,14 @@ SINGLE_TOKEN_ORIGINAL = (GGMLType.Q5_K, GGMLType.Q6_K)
 
 class CpuBackend:
     name = "cpu"
-    kv_dtype_bytes = 4
     activation_dtype_bytes = 4
 
-    def __init__(self, n_threads=None):
+    def __init__(self, n_threads=None, kv_cache_dtype="auto"):
         self.n_threads = int(n_threads or default_threads())
         if self.n_threads < 1:
             raise ValueError("n_threads must be at least 1")
+        self.kv_dtype = kv_dtype.resolve(kv_cache_dtype, self.name)
+        self.kv_dtype_bytes = kv_dtype.BYTES_PER_VALUE[self.kv_dtype]
         # AMX machines keep the stored layout: their batched Q4_K path reads it.
         self.repack = quant.vnni_available() and not quant.amx_available()
 
@@ -99,9 +101,10 @@ class CpuBackend:
         return x
 
     def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
-        # [n_blocks, n_kv_heads, block_size, head_dim] float32, K and V (ops.kv_store says why)
-        shape = (n_blocks, n_kv_heads, block_size, head_dim)
-        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+        # [n_blocks, n_kv_heads, block_size, row] K and V (ops.kv_store says why); row: head_dim
+        # values of kv_dtype (bf16 as uint16 bits), or head_dim / 32 blocks of 34 bytes for q8_0
+        shape, dtype = ops.kv_cache_shape(n_blocks, n_kv_heads, block_size, head_dim, self.kv_dtype)
+        return np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
 
     # -- primitives ------------------------------------------------------
     def embed(self, token_ids, table, out):
@@ -161,11 +164,11 @@ class CpuBackend:
         return x
 
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
-        ops.kv_store(k, v, k_cache, v_cache, slot_mapping)
+        ops.kv_store(k, v, k_cache, v_cache, slot_mapping, self.kv_dtype)
 
     def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
         ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale,
-                            out, self.n_threads, window, softcap)
+                            out, self.n_threads, window, softcap, self.kv_dtype)
         return out
 
     # -- mixture of experts ----------------------------------------------

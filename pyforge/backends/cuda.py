@@ -1,7 +1,8 @@
 """CUDA backend: the model primitives over CuPy, kernels from cuda/*.cu.
 
 Activations are float16 on the device. The fused quantized matvec, paged
-attention and the KV store in cuda/ all take half, the KV cache is half, and
+attention and the KV store in cuda/ all take half, the KV cache is half (or
+fp8 e4m3 with per-kv-head scales: --kv-cache-dtype fp8_e4m3, Fp8KvPool), and
 cuBLAS multiplies half matrices on tensor cores with float32 accumulation, so
 fp32 activations would need a conversion around each of them and double the
 activation traffic of a memory-bound decode. Every kernel computes in float;
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyforge.backends import kv_dtype
 from pyforge.backends.cuda_batch import BATCH_FIELDS, DeviceBatch, field_views, pack_fields
 from pyforge.backends.cuda_kernels import CudaKernels, cdiv, elementwise_grid, head_dim_problem
 from pyforge.backends.routing import route_top_k
@@ -62,13 +64,32 @@ class DeviceExperts:
     down: list
 
 
+@dataclass(frozen=True)
+class Fp8KvPool:
+    """One layer's K or V pool in fp8 e4m3: the value of kv head j is e4m3 x scale[j].
+    The scales are 1.0 (vLLM's default without calibrated ones): e4m3 then holds
+    |x| <= 448 with 3 mantissa bits, down to 2^-9."""
+    data: object                # uint8 [n_blocks, block_size, n_kv, head_dim]: e4m3 bytes
+    scale: object               # float32 [n_kv]
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes + self.scale.nbytes
+
+
 class CudaBackend:
     name = "cuda"
-    kv_dtype_bytes = 2
     activation_dtype_bytes = 2
 
     def __init__(self, device_index=0, n_threads=None, gpu_memory_utilization=0.9,
-                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False):
+                 matvec_max_rows=MATVEC_MAX_ROWS, dequant_scratch_bytes=DEQUANT_SCRATCH_BYTES, stream=False,
+                 kv_cache_dtype="auto"):
+        self.kv_dtype = kv_dtype.resolve(kv_cache_dtype, self.name)  # refuse what it cannot store before CUDA work
+        self.kv_dtype_bytes = kv_dtype.BYTES_PER_VALUE[self.kv_dtype]
         import cupy
 
         from pyforge.backends import default_threads
@@ -145,13 +166,15 @@ class CudaBackend:
         return self.cupy.empty(shape, dtype=self.cupy.float16)
 
     def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
-        # [n_blocks, block_size, n_kv_heads, head_dim] float16, K and V
+        # [n_blocks, block_size, n_kv_heads, head_dim] float16, or fp8 e4m3 bytes with scales, K and V
         problem = head_dim_problem(head_dim)
         if problem:
             raise ValueError(f"{problem} (use --device cpu)")
-        shape = (n_blocks, block_size, n_kv_heads, head_dim)
+        shape, cp = (n_blocks, block_size, n_kv_heads, head_dim), self.cupy
         try:
-            return self.cupy.zeros(shape, self.cupy.float16), self.cupy.zeros(shape, self.cupy.float16)
+            if self.kv_dtype == "fp8_e4m3":
+                return tuple(Fp8KvPool(cp.zeros(shape, cp.uint8), cp.ones(n_kv_heads, cp.float32)) for _ in "kv")
+            return cp.zeros(shape, cp.float16), cp.zeros(shape, cp.float16)
         except self.cupy.cuda.memory.OutOfMemoryError:
             raise ValueError(f"out of GPU memory allocating a KV pool of {n_blocks} blocks x {block_size} tokens; "
                              "lower --kv-cache-tokens or --max-model-len") from None
@@ -292,17 +315,29 @@ class CudaBackend:
 
     def kv_store(self, k, v, k_cache, v_cache, slot_mapping):
         n_tok, n_kv, head_dim = k.shape
+        if isinstance(k_cache, Fp8KvPool):
+            self.kernels.launch("kv_store_fp8", (n_tok,), 128, k, v, k_cache.data, v_cache.data, slot_mapping,
+                                k_cache.scale, v_cache.scale, n_kv, head_dim)
+            return
         self.kernels.launch("kv_store_f16", (n_tok,), 128, k, v, k_cache, v_cache, slot_mapping, n_kv * head_dim)
+
+    @staticmethod
+    def _cache_args(k_cache, v_cache):
+        """(kernel name suffix, caches, extra arguments) of the attention kernels for these pools."""
+        if isinstance(k_cache, Fp8KvPool):
+            return "_fp8", (k_cache.data, v_cache.data), (k_cache.scale, v_cache.scale)
+        return "", (k_cache, v_cache), ()
 
     def attention(self, q, k_cache, v_cache, meta, scale, out, window=0, softcap=0.0):
         if meta.max_query_len == 1:
             return self._decode_attention(q, k_cache, v_cache, meta, scale, out, window, softcap)
         n_tok, n_heads, head_dim = q.shape
         _, block_size, n_kv, _ = k_cache.shape
-        self.kernels.launch("paged_attention_prefill", (cdiv(n_tok, 4), n_heads), 128,
-                            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, out,
+        suffix, caches, scales = self._cache_args(k_cache, v_cache)
+        self.kernels.launch("paged_attention_prefill" + suffix, (cdiv(n_tok, 4), n_heads), 128,
+                            q, *caches, meta.block_tables, meta.context_lens, meta.query_start_loc, out,
                             n_tok, meta.n_seqs, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
-                            scale, window, softcap)
+                            scale, window, softcap, *scales)
         return out
 
     # -- mixture of experts: grouped launches of the matmul kernels, one group per expert picked
@@ -349,10 +384,11 @@ class CudaBackend:
         cp = self.cupy
         part_acc = cp.empty((meta.n_seqs, n_heads, n_parts, head_dim), dtype=cp.float32)
         part_ml = cp.empty((meta.n_seqs, n_heads, n_parts, 2), dtype=cp.float32)
-        self.kernels.launch("paged_attention_decode", (n_heads, meta.n_seqs, n_parts), 128,
-                            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        suffix, caches, scales = self._cache_args(k_cache, v_cache)
+        self.kernels.launch("paged_attention_decode" + suffix, (n_heads, meta.n_seqs, n_parts), 128,
+                            q, *caches, meta.block_tables, meta.context_lens, meta.query_start_loc,
                             part_acc, part_ml, n_heads, n_kv, head_dim, block_size, meta.block_tables.shape[1],
-                            partition, scale, window, softcap)
+                            partition, scale, window, softcap, *scales)
         self.kernels.launch("paged_attention_decode_reduce", (n_heads, meta.n_seqs), 128,
                             part_acc, part_ml, meta.context_lens, meta.query_start_loc, out,
                             n_heads, head_dim, n_parts, partition)

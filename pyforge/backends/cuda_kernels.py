@@ -3,7 +3,7 @@
 KERNELS is the contract with the sources: every extern "C" kernel the backend
 calls and its parameters, one letter each, in order:
 
-    pointers   h  __half *     f  float *     i  int *     b  quantized blocks (uint8)
+    pointers   h  __half *     f  float *     i  int *     b  quantized blocks, fp8 bytes (uint8)
     scalars    I  int          Q  pf_i64      F  float
 
 tests/cuda/test_cuda_kernel_table.py parses the .cu files and checks this
@@ -50,6 +50,9 @@ KERNELS = {
         "paged_attention_decode": "hhhiiiff" + "IIIIII" + "F" + "IF",
         "paged_attention_decode_reduce": "ffiih" + "IIII",
         "kv_store_f16": "hhhhiI",
+        "paged_attention_prefill_fp8": "hbbiiih" + "IIIIIII" + "F" + "IF" + "ff",
+        "paged_attention_decode_fp8": "hbbiiiff" + "IIIIII" + "F" + "IF" + "ff",
+        "kv_store_fp8": "hhbbiff" + "II",
     },
 }
 

@@ -12,7 +12,8 @@ from typing import Protocol
 class Backend(Protocol):
     name: str                       # "cpu" | "cuda"
     n_threads: int                  # CPU threads (the sampler's too)
-    kv_dtype_bytes: int             # bytes per KV cache element
+    kv_dtype: str                   # KV cache element type (backends/kv_dtype.py)
+    kv_dtype_bytes: float           # bytes per KV cache element (q8_0: 34 / 32)
     activation_dtype_bytes: int     # bytes per activation element
 
     # -- weights, buffers, the KV cache

@@ -86,6 +86,7 @@ class EngineConfig:
     # n-gram speculative decoding (engine/speculative.py): a SpeculativeConfig, or vLLM's
     # --speculative-config JSON text or dict; None: off
     speculative_config: SpeculativeConfig | None = None
+    kv_cache_dtype: str = "auto"        # backends/kv_dtype.py: auto | f32 | f16 | bf16 | q8_0 | fp8_e4m3
 
     def __post_init__(self):
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
@@ -99,7 +100,7 @@ class EngineConfig:
                    max_num_batched_tokens=config.max_num_batched_tokens, null_model=config.null_model,
                    gpu_memory_utilization=config.gpu_memory_utilization, cuda_graphs=config.cuda_graphs,
                    enable_prefix_caching=config.enable_prefix_caching, quantization=config.quantization,
-                   speculative_config=config.speculative_config)
+                   speculative_config=config.speculative_config, kv_cache_dtype=config.kv_cache_dtype)
 
     def to_dict(self):
         return dataclasses.asdict(self)

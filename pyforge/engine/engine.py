@@ -82,7 +82,7 @@ class Engine:
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
         self.backend = get_backend(ec.device, n_threads=ec.n_threads, gpu_memory_utilization=ec.gpu_memory_utilization,
-                                   head_dim=cfg.head_dim, cuda_graphs=ec.cuda_graphs)
+                                   head_dim=cfg.head_dim, cuda_graphs=ec.cuda_graphs, kv_cache_dtype=ec.kv_cache_dtype)
         if ec.null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:

@@ -67,7 +67,8 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(config, dtype_bytes=4):
-        return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes
+        """K and V bytes of one token, all layers (dtype_bytes: q8_0's is 34 / 32)."""
+        return int(2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes)
 
 
 class ModelRunner:

@@ -286,6 +286,7 @@ def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30
         seg.engine_pid = os.getpid()
         from pyforge.engine.config import EngineConfig
         from pyforge.engine.engine import Engine     # the heavy imports happen in this process only
+        from pyforge.engine.model_runner import KVCache
         try:
             engine = Engine(EngineConfig(**engine_kwargs))
         except (ValueError, OSError) as e:
@@ -295,7 +296,10 @@ def run_engine(segment_name, engine_kwargs, queue_capacity=256, drain_timeout=30
         loop.publish_stats()
         seg.publish_facts(engine.facts)
         seg.engine_status = EngineStatus.READY
-        log.info("ready: %s (max_model_len %d)", engine_kwargs.get("model_path"), engine.max_model_len)
+        kv = engine.kv_cache
+        log.info("ready: %s (max_model_len %d; KV cache %s, %d tokens, %d bytes per token)",
+                 engine_kwargs.get("model_path"), engine.max_model_len, engine.backend.kv_dtype,
+                 kv.n_blocks * kv.block_size, KVCache.bytes_per_token(engine.config, engine.backend.kv_dtype_bytes))
         loop.run(lambda: bool(stop), drain_timeout, parent_pid=parent)
         seg.engine_status = EngineStatus.STOPPED     # only an orderly stop says so: a crash leaves it be
     finally:

@@ -9,7 +9,8 @@ For each model on the CPU (the KV pool lives in host memory):
              + the repacked copies the CPU backend makes at load (quant.REPACKABLE
                matrices on VNNI hosts without AMX: backends/cpu.py), which replace
                a copy quantized at load (but Q5_K / Q6_K, kept for single tokens)
-    kv pool  = kv_pool_blocks(...) x block_size x bytes per token (float32 K and V)
+    kv pool  = kv_pool_blocks(...) x block_size x bytes per token (K and V in
+               --kv-cache-dtype: backends/kv_dtype.py)
 
 against MemAvailable of /proc/meminfo. Models on a GPU keep weights and KV pool in
 device memory, sized by gpu_memory_utilization there: they are not counted here.
@@ -55,7 +56,7 @@ def check_memory(model_configs, available=None):
 
 def memory_need(config):
     """MemoryNeed of one model's ServerConfig on the CPU backend."""
-    from pyforge.backends.cpu import CpuBackend
+    from pyforge.backends import kv_dtype
     from pyforge.engine.model_runner import DEFAULT_KV_CACHE_BYTES, KVCache, kv_pool_blocks
     from pyforge.loader import load_model_file
     from pyforge.loader.quantize import loaded_types
@@ -68,8 +69,9 @@ def memory_need(config):
         types = loaded_types(model_file, config.quantization)     # after --quantization
         weights = sum(_resident_bytes(t, types[name], repacks) for name, t in model_file.tensors.items())
     max_model_len = min(ec.max_model_len or mc.context_length, mc.context_length)
-    blocks = kv_pool_blocks(ec, mc, max_model_len, DEFAULT_KV_CACHE_BYTES, CpuBackend.kv_dtype_bytes)
-    kv = blocks * ec.block_size * KVCache.bytes_per_token(mc, CpuBackend.kv_dtype_bytes)
+    value_bytes = kv_dtype.BYTES_PER_VALUE[kv_dtype.resolve(ec.kv_cache_dtype, "cpu")]
+    blocks = kv_pool_blocks(ec, mc, max_model_len, DEFAULT_KV_CACHE_BYTES, value_bytes)
+    kv = blocks * ec.block_size * KVCache.bytes_per_token(mc, value_bytes)
     return MemoryNeed(config.served_model_name, weights, kv)
 
 

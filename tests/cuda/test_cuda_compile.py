@@ -17,7 +17,7 @@ EXPECTED_KERNELS = {
                                           "scale", "add_inplace", "add_bias")
                      for t in ("f32", "f16")},
     "attention.cu": {"paged_attention_prefill", "paged_attention_decode", "paged_attention_decode_reduce",
-                     "kv_store_f16"},
+                     "kv_store_f16", "paged_attention_prefill_fp8", "paged_attention_decode_fp8", "kv_store_fp8"},
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 from pyforge.backends import cuda_kernels
 
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
-_POINTEE = {"__half": "h", "float": "f", "int": "i"}
+_POINTEE = {"__half": "h", "float": "f", "int": "i", "pf_u8": "b"}  # pf_u8: fp8 KV bytes
 _SCALAR = {"int": "I", "pf_i64": "Q", "float": "F"}
 
 

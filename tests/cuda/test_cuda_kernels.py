@@ -381,3 +381,93 @@ def test_kv_store():
     np.testing.assert_array_equal(vc[slots[keep]], v[keep])
     untouched = np.setdiff1d(np.arange(n_blocks * bs), slots[keep])
     assert np.isnan(kc[untouched].astype(np.float32)).all()
+
+
+# -- fp8 e4m3 KV cache --------------------------------------------------------------
+
+def fp8_to_float64(raw):
+    """Bytes as fp8 e4m3fn values, by torch's own dtype (the external reference)."""
+    torch = require_module("torch")
+    return torch.from_numpy(np.ascontiguousarray(raw)).view(torch.float8_e4m3fn).to(torch.float64).numpy()
+
+
+def fp8_batch(seqs, n_heads, n_kv, hd, block_size, rng):
+    """build_batch with fp8 caches: every byte but the two NaNs, at random; per kv head
+    scales that keep values within a few units. Returns the launch arrays and, for the
+    reference, the caches as the float64 values they stand for."""
+    q, k16, _, tables, ctx, qs = build_batch(seqs, n_heads, n_kv, hd, block_size, rng)
+    codes = np.setdiff1d(np.arange(256), [0x7F, 0xFF]).astype(np.uint8)
+    k_raw, v_raw = (rng.choice(codes, k16.shape) for _ in range(2))
+    k_scale, v_scale = (rng.uniform(0.002, 0.01, n_kv).astype(np.float32) for _ in range(2))
+    k_ref = fp8_to_float64(k_raw) * k_scale[:, None]     # [n_blocks, bs, n_kv, hd] x [n_kv, 1]
+    v_ref = fp8_to_float64(v_raw) * v_scale[:, None]
+    return (q, k_raw, v_raw, tables, ctx, qs, k_scale, v_scale), (q, k_ref, v_ref, tables, ctx, qs)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd,block_size", HEADS)
+@pytest.mark.parametrize("window,softcap", WINDOWS)
+def test_attention_prefill_fp8(n_heads, n_kv, hd, block_size, window, softcap):
+    rng = np.random.default_rng(n_heads * hd + block_size + 1)
+    seqs = [(5, 5), (3, 20), (1, 33), (0, 7), (17, 40), (1, 1)]
+    launch_args, ref_args = fp8_batch(seqs, n_heads, n_kv, hd, block_size, rng)
+    scale = (4.0 if softcap else 1.0) / np.sqrt(hd)
+    ref = attention_ref(*ref_args, scale, window, softcap)
+    q, k_cache, v_cache, tables, ctx, qs, k_scale, v_scale = (cupy.asarray(a) for a in launch_args)
+    n_tok = q.shape[0]
+    out = nan_like(q.shape, np.float16)
+    launch("attention", "paged_attention_prefill_fp8", (cdiv(n_tok, 4), n_heads), 128,
+           q, k_cache, v_cache, tables, ctx, qs, out, np.int32(n_tok), np.int32(len(seqs)), np.int32(n_heads),
+           np.int32(n_kv), np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.float32(scale),
+           np.int32(window), np.float32(softcap), k_scale, v_scale)
+    check(out, ref, F16_RTOL, 2e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd,block_size", HEADS[:2])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (100, 2.0)])
+def test_attention_decode_fp8(n_heads, n_kv, hd, block_size, window, softcap):
+    rng = np.random.default_rng(n_heads * hd + block_size + 2)
+    seqs = [(1, 1), (1, 17), (0, 9), (1, 300), (1, 700)]
+    launch_args, ref_args = fp8_batch(seqs, n_heads, n_kv, hd, block_size, rng)
+    scale = (4.0 if softcap else 1.0) / np.sqrt(hd)
+    ref = attention_ref(*ref_args, scale, window, softcap)
+    q, k_cache, v_cache, tables, ctx, qs, k_scale, v_scale = (cupy.asarray(a) for a in launch_args)
+    partition = 64
+    n_seq, n_parts = len(seqs), cdiv(int(launch_args[4].max()), partition)
+    part_acc = nan_like((n_seq, n_heads, n_parts, hd), np.float32)
+    part_ml = nan_like((n_seq, n_heads, n_parts, 2), np.float32)
+    out = nan_like(q.shape, np.float16)
+    launch("attention", "paged_attention_decode_fp8", (n_heads, n_seq, n_parts), 128,
+           q, k_cache, v_cache, tables, ctx, qs, part_acc, part_ml, np.int32(n_heads), np.int32(n_kv),
+           np.int32(hd), np.int32(block_size), np.int32(tables.shape[1]), np.int32(partition), np.float32(scale),
+           np.int32(window), np.float32(softcap), k_scale, v_scale)
+    launch("attention", "paged_attention_decode_reduce", (n_heads, n_seq), 128,
+           part_acc, part_ml, ctx, qs, out, np.int32(n_heads), np.int32(hd), np.int32(n_parts), np.int32(partition))
+    check(out, ref, F16_RTOL, 2e-4 * np.abs(ref).max())
+
+
+def test_kv_store_fp8():
+    """Stored bytes equal torch's float8_e4m3fn rounding of value / scale (nearest even:
+    ties, subnormals, zero and -0 included), values past 448 saturate, padding is skipped."""
+    torch = require_module("torch")
+    rng = np.random.default_rng(4)
+    n_blocks, bs, n_kv, hd, n_tok = 6, 16, 2, 64, 10
+    scales = np.array([0.5, 0.03125], np.float32)                      # powers of 2: value / scale is exact
+    k = (rng.standard_normal((n_tok, n_kv, hd)) * 4).astype(np.float16)
+    v = (rng.standard_normal((n_tok, n_kv, hd)) * 4).astype(np.float16)
+    k[0, 0, :8] = [0.0, -0.0, 2.0 ** -10, 2.0 ** -11 * 3, 2.0 ** -8 * 0.5, 1.0625 * 0.5, 1.1875 * 0.5, 300.0]
+    k[0, 1, :3] = [2.0 ** -10, 2.0 ** -10 * 1.5, 15.0]                # 15 / 0.03125 = 480: saturates
+    slots = rng.choice(n_blocks * bs, n_tok, replace=False).astype(np.int32)
+    slots[3] = -1
+    k_cache = cupy.zeros((n_blocks, bs, n_kv, hd), np.uint8)
+    v_cache = cupy.zeros((n_blocks, bs, n_kv, hd), np.uint8)
+    launch("attention", "kv_store_fp8", (n_tok,), 128, cupy.asarray(k), cupy.asarray(v), k_cache, v_cache,
+           cupy.asarray(slots), cupy.asarray(scales), cupy.asarray(scales), np.int32(n_kv), np.int32(hd))
+    keep = slots >= 0
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        scaled = np.clip(x.astype(np.float32) / scales[:, None], -448, 448)   # saturation, then torch's rounding
+        want = torch.from_numpy(scaled).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        got = cupy.asnumpy(cache).reshape(-1, n_kv, hd)
+        np.testing.assert_array_equal(got[slots[keep]], want[keep])
+        untouched = np.setdiff1d(np.arange(n_blocks * bs), slots[keep])
+        assert not got[untouched].any()
+    assert cupy.asnumpy(k_cache).reshape(-1, n_kv, hd)[slots[0], 1, 2] == 0x7E        # 480 -> 448

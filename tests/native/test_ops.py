@@ -472,6 +472,149 @@ def test_kv_store_then_attention(block_size):
     assert rel_err(out, attention_ref(q, k_cache, v_cache, tables, lens, qsl, 0.125)) < REL_TOL
 
 
+# -- KV cache dtypes ---------------------------------------------------------------
+
+KV_DTYPES = ["f32", "f16", "bf16", "q8_0"]
+
+# Attention over a stored cache against float64 attention over the float32 inputs it
+# was stored from: the storage rounding is the whole error. Per value that is at most
+# half a unit in the last place (f16 2^-11 = 4.9e-4, bf16 2^-8 = 3.9e-3) or half a
+# q8_0 step (amax / 254 of its block: ~1e-2 of a Gaussian's rms); the output, a
+# weighted mean, errs less. Bounds at about 2x what random inputs show.
+KV_STORAGE_TOL = {"f32": REL_TOL, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1.5e-2}
+
+
+def torch_bf16_bits(x):
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def external_encode(x, kv_dtype):
+    """x [n, hd] float32 as the cache stores it, by the external references:
+    numpy's float16 cast, torch's bfloat16 cast, the gguf package's Q8_0 quantizer."""
+    if kv_dtype == "f32":
+        return x.copy()
+    if kv_dtype == "f16":
+        return x.astype(np.float16)
+    if kv_dtype == "bf16":
+        return torch_bf16_bits(x)
+    gguf = pytest.importorskip("gguf")
+    return gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).view(np.uint8)
+
+
+def external_decode(rows, kv_dtype, hd):
+    """float64 [n, hd] of stored rows, by the external references."""
+    if kv_dtype in ("f32", "f16"):
+        return rows.astype(np.float64)
+    if kv_dtype == "bf16":
+        return (rows.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    gguf = pytest.importorskip("gguf")
+    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType.Q8_0).reshape(-1, hd).astype(np.float64)
+
+
+def stored_cache(cache, kv_dtype):
+    """A float32 cache [n_blocks, n_kv, bs, hd] stored as kv_dtype, and what it holds as float64."""
+    n_blocks, n_kv, bs, hd = cache.shape
+    shape, _ = ops.kv_cache_shape(n_blocks, n_kv, bs, hd, kv_dtype)
+    rows = ops.kv_encode(cache.reshape(-1, hd), kv_dtype)
+    return rows.reshape(shape), external_decode(rows, kv_dtype, hd).reshape(cache.shape)
+
+
+@pytest.mark.parametrize("scalar", [False, True])
+@pytest.mark.parametrize("hd", [32, 64, 96, 128])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_kv_encode_matches_external_references(kv_dtype, hd, scalar):
+    """Stored bytes equal numpy's / torch's / gguf's, SIMD and scalar alike (values
+    at rounding ties, subnormal halves, f16 overflow to inf, zero q8_0 blocks)."""
+    rng = np.random.default_rng(hd)
+    x = randn(rng, 40, hd, scale=3.0)
+    x[0] = 0.0                                     # a zero block: q8_0 scale 0
+    x[1, :8] = [1e-6, -3e-7, 6e-8, 65519.0, 65520.0, -7e4, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11]
+    x[2, :4] = [1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -(1 + 2.0 ** -8), 2.0 ** -130]  # bf16 ties, a subnormal
+    if kv_dtype in ("bf16", "q8_0"):
+        x[1, 3:6] = 0.5                            # no f16 overflow values outside the f16 case
+    got = ops.kv_encode(x, kv_dtype, scalar=scalar)
+    with np.errstate(over="ignore"):
+        want = external_encode(x, kv_dtype)
+    assert got.shape[1] * got.itemsize == ops.kv_row_bytes(kv_dtype, hd)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    decoded = ops.kv_decode(got, kv_dtype, hd, scalar=scalar)
+    np.testing.assert_array_equal(decoded, external_decode(got, kv_dtype, hd).astype(np.float32))
+
+
+def test_kv_row_bytes_and_bad_dtypes():
+    assert [ops.kv_row_bytes(d, 128) for d in KV_DTYPES] == [512, 256, 256, 136]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.kv_row_bytes("q8_0", 48)
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        ops.kv_row_bytes("f8", 64)
+
+
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(8, 2, 64), (4, 4, 32), (16, 2, 128)])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_paged_attention_kv_dtypes(kv_dtype, n_heads, n_kv, hd, path, monkeypatch):
+    """Each dtype on the tiled, AVX2-tiled and per-row paths: to float32 rounding
+    of what the cache holds (decoded by the external references), and within the
+    dtype's storage error of float64 attention over the unrounded inputs."""
+    monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+    rng = np.random.default_rng(hd + n_heads)
+    k32, v32, tables, lens, qsl = make_batch(rng, TILED + MIXED, 16, n_kv, hd)
+    (k_cache, k_held), (v_cache, v_held) = stored_cache(k32, kv_dtype), stored_cache(v32, kv_dtype)
+    q = randn(rng, int(qsl[-1]), n_heads, hd)
+    scale = 1.0 / np.sqrt(hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, scale, out, 2, kv_dtype=kv_dtype)
+    assert rel_err(out, attention_ref(q, k_held, v_held, tables, lens, qsl, scale)) < REL_TOL
+    assert rel_err(out, attention_ref(q, k32, v32, tables, lens, qsl, scale)) < KV_STORAGE_TOL[kv_dtype]
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "q8_0"])
+def test_paged_attention_kv_dtype_window_and_softcap(kv_dtype):
+    rng = np.random.default_rng(21)
+    k32, v32, tables, lens, qsl = make_batch(rng, TILED, 16, 2, 64)
+    (k_cache, k_held), (v_cache, v_held) = stored_cache(k32, kv_dtype), stored_cache(v32, kv_dtype)
+    q = randn(rng, int(qsl[-1]), 8, 64, scale=2.0)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125, out, 2, 37, 3.0, kv_dtype)
+    assert rel_err(out, attention_ref(q, k_held, v_held, tables, lens, qsl, 0.125, 37, 3.0)) < REL_TOL
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_kv_store_kv_dtypes(kv_dtype):
+    """kv_store writes the mapped slots as the external encoders do, and nothing else."""
+    rng = np.random.default_rng(22)
+    n_kv, hd, bs, n_blocks = 2, 64, 16, 5
+    shape, dtype = ops.kv_cache_shape(n_blocks, n_kv, bs, hd, kv_dtype)
+    k_cache, v_cache = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    slots = rng.permutation(n_blocks * bs)[:23].astype(np.int32)
+    k, v = randn(rng, 23, n_kv, hd), randn(rng, 23, n_kv, hd)
+    ops.kv_store(k, v, k_cache, v_cache, slots, kv_dtype)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        want = np.zeros(shape, dtype)
+        want[slots // bs, :, slots % bs] = external_encode(x.reshape(-1, hd), kv_dtype).reshape(23, n_kv, -1)
+        np.testing.assert_array_equal(cache.view(np.uint8), want.view(np.uint8))
+
+
+def test_bad_kv_dtype_inputs():
+    k, slots = f32(2, 2, 64), i32(0, 1)
+    shape, dtype = ops.kv_cache_shape(3, 2, 4, 64, "f16")
+    cache = np.zeros(shape, dtype)
+    with pytest.raises(ValueError, match="float16"):
+        ops.kv_store(k, k, f32(3, 2, 4, 64), f32(3, 2, 4, 64), slots, "f16")   # f32 arrays as f16
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        ops.kv_store(k, k, cache, cache.copy(), slots, "fp8_e4m3")
+    q8 = np.zeros(ops.kv_cache_shape(3, 2, 4, 64, "q8_0")[0], np.uint8)
+    with pytest.raises(ValueError, match="does not hold"):
+        ops.kv_store(f32(2, 2, 32), f32(2, 2, 32), q8, q8.copy(), slots, "q8_0")  # rows of 64, k of 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.kv_store(f32(2, 2, 48), f32(2, 2, 48), q8, q8.copy(), slots, "q8_0")
+    q = f32(1, 4, 64)
+    with pytest.raises(ValueError, match="float16"):
+        ops.paged_attention(q, cache, cache, i32(0).reshape(1, 1), i32(1), i32(0, 1), 0.1, f32(1, 4, 64), 1,
+                            kv_dtype="bf16")
+
+
 # -- bad inputs --------------------------------------------------------------------
 
 def f32(*shape):

@@ -137,6 +137,8 @@ def test_memory_need_counts_weights_and_kv_pool(model_path):
     config = ServerConfig(model=model_path, kv_cache_tokens=1024)
     need = memory_need(config)
     assert need.kv_pool == 1024 * 2 * 2 * 2 * 16 * 4     # tokens x K,V x layers x kv heads x head_dim x float32
+    half = memory_need(ServerConfig(model=model_path, kv_cache_tokens=1024, kv_cache_dtype="f16"))
+    assert half.kv_pool == need.kv_pool // 2             # --kv-cache-dtype f16: 2 bytes a value
     assert need.weights >= os.path.getsize(model_path) * 0.9
     check_memory([config], available=need.total)
     with pytest.raises(ValueError, match="need about"):

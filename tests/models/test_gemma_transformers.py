@@ -11,9 +11,9 @@ import pytest
 from emulated_cupy import make_emulated_cupy
 
 from conftest import require_module
+from reference_checks import check_cached_prefix_batch, reference_greedy, rel_err
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
-from pyforge.engine.sequence import Sequence
 from pyforge.loader.hf import config_from_hf
 from pyforge.synthetic import TOKENIZER_FILES, get_config, shared_dir, write_hf_folder
 
@@ -26,9 +26,6 @@ CONFIGS = ["tiny-gemma", "tiny-gemma-b", "tiny-gemma2", "tiny-gemma2-b", "tiny-g
 REL_TOL = 1e-4
 ENGINE_ARGS = dict(n_threads=2, max_model_len=512, kv_cache_tokens=2048, block_size=16)
 
-
-def rel_err(ours, ref):
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def load_reference(folder, **overrides):
@@ -111,36 +108,13 @@ def test_image_text_gemma3_runs_its_text_model(tmp_path):
         assert rel_err(engine.prompt_logits(ids), reference(ids)) < REL_TOL
 
 
-def new_sequence(engine, ids, seq_id):
-    return Sequence(seq_id, ids, SamplingParams(max_tokens=1), 0, engine.max_model_len)
-
 
 def test_flattened_batch_with_cached_prefix_matches(pair):
     """Three sequences in one varlen batch: a prefill from scratch, a chunk after a cached prefix
     of 33 tokens (its first blocks outside every window), a decode row; blocks scattered."""
     engine, reference, *_ = pair
-    rng = np.random.default_rng(1)
-    vocab = engine.config.vocab_size
-    a, b, c = (rng.integers(3, vocab, n).tolist() for n in (23, 50, 18))
-    seqs = [new_sequence(engine, ids, i) for i, ids in enumerate((a, b, c))]
-    bm, runner = engine.block_manager, engine.runner
-    filler = new_sequence(engine, list(range(3, 3 + 64)), 99)
-    bm.allocate(filler, 64)
-    try:
-        for seq, n in ((seqs[1], 33), (seqs[2], 17)):
-            bm.allocate(seq, n)
-        runner.run([(seqs[1], 33), (seqs[2], 17)])
-        seqs[1].num_computed_tokens, seqs[2].num_computed_tokens = 33, 17
-        plan = [(seqs[0], 23), (seqs[1], 17), (seqs[2], 1)]
-        for seq, n in plan:
-            bm.allocate(seq, seq.num_computed_tokens + n)
-        logits, _ = runner.run(plan, all_logits=True)
-        expected = np.concatenate([reference(a), reference(b)[33:], reference(c)[17:]])
-        assert rel_err(logits, expected) < REL_TOL
-    finally:
-        for seq in (*seqs, filler):
-            bm.release(seq)
-    assert bm.num_free == bm.n_blocks
+    check_cached_prefix_batch(engine, reference, REL_TOL)
+
 
 
 def test_greedy_generation_matches(pair):
@@ -149,12 +123,7 @@ def test_greedy_generation_matches(pair):
     ids = prompts(engine.config.vocab_size, seed=3)[2]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     ours = [out.token_id for out in engine.generate(ids, params)]
-    expected, context = [], list(ids)
-    for _ in range(32):
-        nxt = int(np.argmax(reference(context)[-1]))
-        expected.append(nxt)
-        context.append(nxt)
-    assert ours == expected
+    assert ours == reference_greedy(reference, ids, 32)
 
 
 def test_prefix_cache_hit_past_the_window(pair):

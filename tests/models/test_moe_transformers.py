@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import require_module
+from reference_checks import check_cached_prefix_batch, reference_greedy, rel_err
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
-from pyforge.engine.sequence import Sequence
 from pyforge.loader.gguf import read_gguf
 from pyforge.synthetic import write_gguf, write_hf_folder
 
@@ -20,9 +20,6 @@ GREEDY_TOKENS = 32
 REL_TOL = 1e-4
 ENGINE_ARGS = dict(n_threads=2, max_model_len=512, kv_cache_tokens=2048, block_size=16)
 
-
-def rel_err(ours, ref):
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 class Reference:
@@ -81,35 +78,13 @@ def test_routing_matches_token_for_token(pair):
         assert not len(mismatched), f"MoE layer {layer}: tokens {mismatched.tolist()} routed differently"
 
 
-def new_sequence(engine, ids, seq_id):
-    return Sequence(seq_id, ids, SamplingParams(max_tokens=1), 0, engine.max_model_len)
-
 
 def test_flattened_batch_with_cached_prefix_matches(pair):
     """Three sequences in one varlen batch: a prefill from scratch, a chunk after a cached
     prefix (blocks scattered in the pool), a decode row: their tokens share the experts."""
     engine, reference = pair
-    rng = np.random.default_rng(1)
-    a, b, c = (rng.integers(3, engine.config.vocab_size, n).tolist() for n in (23, 50, 18))
-    seqs = [new_sequence(engine, ids, i) for i, ids in enumerate((a, b, c))]
-    bm, runner = engine.block_manager, engine.runner
-    filler = new_sequence(engine, list(range(3, 3 + 64)), 99)
-    bm.allocate(filler, 64)
-    try:
-        for seq, n in ((seqs[1], 33), (seqs[2], 17)):
-            bm.allocate(seq, n)
-        runner.run([(seqs[1], 33), (seqs[2], 17)])
-        seqs[1].num_computed_tokens, seqs[2].num_computed_tokens = 33, 17
-        plan = [(seqs[0], 23), (seqs[1], 17), (seqs[2], 1)]
-        for seq, n in plan:
-            bm.allocate(seq, seq.num_computed_tokens + n)
-        logits, _ = runner.run(plan, all_logits=True)
-        expected = np.concatenate([reference.logits(a), reference.logits(b)[33:], reference.logits(c)[17:]])
-        assert rel_err(logits, expected) < REL_TOL
-    finally:
-        for seq in (*seqs, filler):
-            bm.release(seq)
-    assert bm.num_free == bm.n_blocks
+    check_cached_prefix_batch(engine, reference.logits, REL_TOL)
+
 
 
 def test_greedy_generation_matches(pair):
@@ -117,12 +92,7 @@ def test_greedy_generation_matches(pair):
     ids = prompts(engine.config.vocab_size, seed=3)[2]
     params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
     ours = [out.token_id for out in engine.generate(ids, params)]
-    expected, context = [], list(ids)
-    for _ in range(GREEDY_TOKENS):
-        nxt = int(np.argmax(reference.logits(context)[-1]))
-        expected.append(nxt)
-        context.append(nxt)
-    assert ours == expected
+    assert ours == reference_greedy(reference.logits, ids, GREEDY_TOKENS)
 
 
 @pytest.mark.parametrize("config", ["tiny-mixtral", "tiny-qwen3-moe"])

@@ -1,4 +1,4 @@
-/* Non-matmul model primitives: rmsnorm (alone, or after the residual add), rope,
+/* Non-matmul model primitives: rmsnorm and layernorm (alone, or after the residual add), rope,
  * silu * mul, gelu_tanh * mul, soft-capping, scaling, residual add, bias.
  * Each has an _f32 and an _f16 entry point (activations float or half);
  * norm weights, biases and freq factors are always float32. Arithmetic is
@@ -60,6 +60,50 @@ extern "C" __global__ void add_rmsnorm_f32(float *x, const float *y, const float
 extern "C" __global__ void add_rmsnorm_f16(__half *x, const __half *y, const float *w, __half *out, int d,
                                            float eps) {
     add_rmsnorm_row(x, y, w, out, d, eps);
+}
+
+/* ------------------------------------------------------------------------ */
+/* layernorm: out[i, :] = (x[i, :] - mean) / sqrt(var + eps) * w + b         */
+/* ------------------------------------------------------------------------ */
+/* layernorm_{f32,f16}(x, w, b, out, d, eps) and add_layernorm_{f32,f16}(x, y, w, b,
+ * out, d, eps) (x += y first, stored as add_inplace stores it), laid out and
+ * launched as rmsnorm_* / add_rmsnorm_*; w, b float [d]. The variance is a second
+ * pass around the mean (no cancellation in E[x^2] - mean^2); each thread reads back
+ * only elements it wrote, so no barrier is needed between the passes. */
+template <typename T>
+__device__ void layernorm_row(T *x, const T *y, const float *__restrict__ w, const float *__restrict__ b, T *out,
+                              int d, float eps) {
+    __shared__ float scratch[32];
+    T *xr = x + (pf_i64)blockIdx.x * d;
+    T *orow = out + (pf_i64)blockIdx.x * d;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        if (y) pf_store(xr + j, pf_load(xr + j) + pf_load(y + (pf_i64)blockIdx.x * d + j));
+        s += pf_load(xr + j);
+    }
+    const float mean = pf_block_sum(s, scratch) / (float)d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float c = pf_load(xr + j) - mean;
+        ss += c * c;
+    }
+    const float r = rsqrtf(pf_block_sum(ss, scratch) / (float)d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) pf_store(orow + j, (pf_load(xr + j) - mean) * r * w[j] + b[j]);
+}
+
+extern "C" __global__ void layernorm_f32(float *x, const float *w, const float *b, float *out, int d, float eps) {
+    layernorm_row(x, (const float *)nullptr, w, b, out, d, eps);
+}
+extern "C" __global__ void layernorm_f16(__half *x, const float *w, const float *b, __half *out, int d, float eps) {
+    layernorm_row(x, (const __half *)nullptr, w, b, out, d, eps);
+}
+extern "C" __global__ void add_layernorm_f32(float *x, const float *y, const float *w, const float *b, float *out,
+                                             int d, float eps) {
+    layernorm_row(x, y, w, b, out, d, eps);
+}
+extern "C" __global__ void add_layernorm_f16(__half *x, const __half *y, const float *w, const float *b,
+                                             __half *out, int d, float eps) {
+    layernorm_row(x, y, w, b, out, d, eps);
 }
 
 /* ------------------------------------------------------------------------ */

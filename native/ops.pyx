@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Model primitives for the CPU backend: rmsnorm, rope, silu*up, gelu_tanh*up,
+"""Model primitives for the CPU backend: rmsnorm, layernorm, rope, silu*up, gelu_tanh*up,
 soft-capping, residual add, paged KV store and attention, row softmax / argmax.
 
 Arguments are checked here (dtype, shape, C-contiguity, writability, index
@@ -30,6 +30,8 @@ cdef extern from "ops_kernels.h" nogil:
         int kv_dtype
 
     void pf_rmsnorm(const float *x, const float *w, float eps, float *out, int64_t n, int64_t d, int n_threads)
+    void pf_layernorm(const float *x, const float *w, const float *b, float eps, float *out,
+                      int64_t n, int64_t d, int n_threads)
     int pf_rope(float *x, const int32_t *positions, int64_t n_tok, int64_t n_heads, int64_t head_dim,
                 int n_rot, double theta, int neox, const float *freq_factors, double mscale, int n_threads)
     void pf_silu_mul(const float *gate, const float *up, float *out, int64_t n, int n_threads)
@@ -173,6 +175,26 @@ def rmsnorm(x, weight, float eps, out, n_threads=1):
     cdef float *op = _fp(oa)
     with nogil:
         pf_rmsnorm(xp, wp, eps, op, n, d, nt)
+    return out
+
+
+def layernorm(x, weight, bias, float eps, out, n_threads=1):
+    """out[n, d] = (x - mean(x)) / sqrt(var(x) + eps) * weight[d] + bias[d]. out may be x."""
+    cdef cnp.ndarray xa = _f32(x, "x", 2), wa = _f32(weight, "weight", 1), ba = _f32(bias, "bias", 1)
+    cdef cnp.ndarray oa = _f32(out, "out", 2, True)
+    _same_shape(xa, oa, "x", "out")
+    if wa.shape[0] != xa.shape[1] or ba.shape[0] != xa.shape[1]:
+        raise ValueError(f"weight and bias have {wa.shape[0]} and {ba.shape[0]} elements, x rows have {xa.shape[1]}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    cdef int nt = _threads(n_threads)
+    cdef int64_t n = xa.shape[0], d = xa.shape[1]
+    cdef float *xp = _fp(xa)
+    cdef float *wp = _fp(wa)
+    cdef float *bp = _fp(ba)
+    cdef float *op = _fp(oa)
+    with nogil:
+        pf_layernorm(xp, wp, bp, eps, op, n, d, nt)
     return out
 
 

@@ -183,6 +183,23 @@ void pf_rmsnorm(const float *x, const float *w, float eps, float *out,
     }
 }
 
+/* LayerNorm (StableLM): mean and variance in double, two passes over the row,
+ * so a row with a large mean loses nothing to cancellation. */
+void pf_layernorm(const float *x, const float *w, const float *b, float eps, float *out,
+                  int64_t n, int64_t d, int n_threads) {
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && n * d >= PAR_MIN_WORK)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * d;  /* [d] */
+        float *oi = out + i * d;      /* [d] */
+        double sum = 0.0, var = 0.0;
+        for (int64_t j = 0; j < d; j++) sum += xi[j];
+        double mean = sum / (double)d;
+        for (int64_t j = 0; j < d; j++) var += ((double)xi[j] - mean) * ((double)xi[j] - mean);
+        float r = (float)(1.0 / sqrt(var / (double)d + (double)eps)), m = (float)mean;
+        for (int64_t j = 0; j < d; j++) oi[j] = (xi[j] - m) * r * w[j] + b[j];
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* rope                                                                      */
 /* ------------------------------------------------------------------------ */

@@ -16,6 +16,10 @@
 void pf_rmsnorm(const float *x, const float *w, float eps, float *out,
                 int64_t n, int64_t d, int n_threads);
 
+/* out[n, d] = (x - mean(x)) / sqrt(var(x) + eps) * w[d] + b[d]  (LayerNorm; out may alias x) */
+void pf_layernorm(const float *x, const float *w, const float *b, float eps, float *out,
+                  int64_t n, int64_t d, int n_threads);
+
 /* Rotary embedding in place on x[n_tok, n_heads, head_dim]: the first n_rot
  * dims of every head. Pair i turns by pos * theta^(-2i/n_rot) / freq_factors[i].
  * neox = 0: pairs (2i, 2i+1) (GGUF "normal"); neox = 1: pairs (i, i + n_rot/2).

@@ -5,6 +5,7 @@ from pyforge.backends import kv_dtype
 from pyforge.tokenizer import load_tokenizer
 from pyforge.loader import load_model_file
 from pyforge.models.config import ModelConfig
+from pyforge.models.registry import family
 
 
 def describe(path, list_tensors=False):
@@ -57,6 +58,8 @@ def _options(cfg):
     """The family's options this model sets, or 'none'."""
     shown = [show(getattr(cfg, name)) for name, show in _OPTIONS.items()
              if getattr(cfg, name) != ModelConfig.__dataclass_fields__[name].default]
+    if family(cfg.arch).norm == "layer":
+        shown.append(f"LayerNorms (eps {cfg.rms_eps:g})")
     if cfg.sliding_window:
         shown.append(f"sliding window {cfg.sliding_window} on {len(cfg.sliding_layers)} of {cfg.n_layers} layers")
     return ", ".join(shown) or "none"

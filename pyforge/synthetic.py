@@ -96,6 +96,7 @@ _PHI3 = dict(_TINY, arch="phi3", rms_eps=1e-5, rope_theta=10000.0)
 _GRANITE = dict(_TINY, arch="granite", rms_eps=1e-5, rope_theta=10000.0)
 _OLMO2 = dict(_TINY, arch="olmo2", rms_eps=1e-6, rope_theta=500000.0)
 _SMOLLM3 = dict(_TINY, arch="smollm3", rms_eps=1e-6, rope_theta=5000000.0, n_layers=4)
+_STABLELM = dict(_TINY, arch="stablelm", rms_eps=1e-5, rope_theta=10000.0)
 _GLM4 = dict(_TINY, arch="glm4", rms_eps=1e-5, rope_theta=10000.0, rope_neox=False, attn_bias=True)
 _MIXTRAL = dict(_TINY, arch="mixtral", rms_eps=1e-5, rope_theta=1000000.0, expert_ffn_size=_TINY["ffn_size"])
 _QWEN3_MOE = dict(_TINY, arch="qwen3moe", rms_eps=1e-6, rope_theta=1000000.0)
@@ -135,6 +136,9 @@ CONFIGS.update({
     # half of each head rotated, interleaved pairs (GLM-4's HF and GGUF layout alike)
     "tiny-glm4": _cfg(**_GLM4, n_kv_heads=2, n_rot=8),
     "tiny-glm4-mha": _cfg(**_GLM4, n_kv_heads=4, n_rot=8, tie_embeddings=True),
+    # StableLM 2: LayerNorms, a quarter of each head rotated (1.6B's), q/k/v biases or none
+    "tiny-stablelm": _cfg(**_STABLELM, n_kv_heads=4, n_rot=4, attn_bias=True),
+    "tiny-stablelm-gqa": _cfg(**_STABLELM, n_kv_heads=2, n_rot=8),
     # Mixtral: every layer routed, the top-k renormalised; expert FFN = intermediate_size
     "tiny-mixtral": _cfg(**_MIXTRAL, n_kv_heads=2, n_experts=4, n_experts_used=2),
     "tiny-mixtral-mha": _cfg(**_MIXTRAL, n_kv_heads=4, n_experts=8, n_experts_used=3, tie_embeddings=True),
@@ -168,7 +172,7 @@ def tensor_shapes(cfg):
     """[(canonical name, numpy shape)] in file order (rope_freqs excluded)."""
     shapes = expected_shapes(cfg)
     head = [n for n in ("token_embd.weight",) if n in shapes]
-    tail = [n for n in ("output_norm.weight", "output.weight") if n in shapes]
+    tail = [n for n in ("output_norm.weight", "output_norm.bias", "output.weight") if n in shapes]
     middle = [n for n in shapes if n not in head and n not in tail]
     return [(n, shapes[n]) for n in head + middle + tail]
 
@@ -416,7 +420,7 @@ def _gguf_numbers(cfg):
             "feed_forward_length": cfg.ffn_size, "attention.head_count": cfg.n_heads,
             "attention.head_count_kv": cfg.n_kv_heads, "attention.key_length": cfg.head_dim,
             "attention.value_length": cfg.head_dim, "rope.dimension_count": cfg.n_rot,
-            "rope.freq_base": cfg.rope_theta, "attention.layer_norm_rms_epsilon": cfg.rms_eps}
+            "rope.freq_base": cfg.rope_theta, family(cfg.arch).gguf_eps_key: cfg.rms_eps}
 
 
 def _gguf_expert_keys(cfg):
@@ -443,7 +447,10 @@ def _add_gguf_metadata(w, cfg, config_name, fmt, seed):
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.n_rot)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    if family(cfg.arch).norm == "layer":
+        w.add_layer_norm_eps(cfg.rms_eps)
+    else:
+        w.add_layer_norm_rms_eps(cfg.rms_eps)
     for key, value in family(cfg.arch).gguf_extras(cfg).items():
         _add_typed(w, f"{arch}.{key}", value)
     for key, value in _gguf_expert_keys(cfg).items():
@@ -505,7 +512,7 @@ def hf_config_dict(cfg, dtype="float32"):
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.context_length,
-        "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        fam.hf_eps_key: cfg.rms_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,    # not some family's default, past our vocab
         "initializer_range": WEIGHT_STD, "torch_dtype": dtype,

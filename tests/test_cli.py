@@ -39,6 +39,9 @@ def test_inspect_shows_the_family_options(tmp_path):
     assert ("options:       tied head, attention scale 0.176777, embeddings x 8, attention soft cap 0.05, "
             "logit soft cap 0.5, sliding window 24 on 2 of 4 layers") in r.stdout
     assert "options:       none" in pyforge("inspect", str(STORIES)).stdout
+    stablelm = pyforge("inspect", str(write_gguf("tiny-stablelm", tmp_path / "s.gguf", "F32")))
+    assert "(neox, 4 dims)" in stablelm.stdout
+    assert "options:       q/k/v biases, LayerNorms (eps 1e-05)" in stablelm.stdout
 
 
 @pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00", b"not a model at all"])

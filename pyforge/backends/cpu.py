@@ -138,6 +138,15 @@ class CpuBackend:
         ops.add_inplace(x, y)
         return self.rmsnorm(x, weight, eps, out)
 
+    def layernorm(self, x, weight, bias, eps, out):
+        ops.layernorm(x, weight, bias, eps, out, self.n_threads)
+        return out
+
+    def add_layernorm(self, x, y, weight, bias, eps, out):
+        """x += y, then out = layernorm(x) (two kernels, as add_rmsnorm)."""
+        ops.add_inplace(x, y)
+        return self.layernorm(x, weight, bias, eps, out)
+
     def rope(self, x, positions, n_rot, theta, neox, freq_factors, mscale=1.0):
         ops.rope(x, positions, n_rot, theta, neox, freq_factors, self.n_threads, mscale)
 

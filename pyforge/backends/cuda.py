@@ -284,6 +284,17 @@ class CudaBackend:
         self.kernels.launch("add_rmsnorm_f16", (n,), 256, x, y, weight, out, d, eps)
         return out
 
+    def layernorm(self, x, weight, bias, eps, out):
+        n, d = x.shape
+        self.kernels.launch("layernorm_f16", (n,), 256, x, weight, bias, out, d, eps)
+        return out
+
+    def add_layernorm(self, x, y, weight, bias, eps, out):
+        """x += y, then out = layernorm(x), in one launch."""
+        n, d = x.shape
+        self.kernels.launch("add_layernorm_f16", (n,), 256, x, y, weight, bias, out, d, eps)
+        return out
+
     def rope(self, x, positions, n_rot, theta, neox, freq_factors, mscale=1.0):
         n_tok, n_heads, head_dim = x.shape
         ff = None if freq_factors is None else self._constant(freq_factors)

@@ -37,6 +37,8 @@ KERNELS = {
     "norm_rope": {
         **{f"rmsnorm_{t}": f"{p}f{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"add_rmsnorm_{t}": f"{p}{p}f{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
+        **{f"layernorm_{t}": f"{p}ff{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
+        **{f"add_layernorm_{t}": f"{p}{p}ff{p}IF" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"rope_{t}": f"{p}iIIIFIfF" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"silu_mul_{t}": f"{p}{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},
         **{f"gelu_tanh_mul_{t}": f"{p}{p}{p}Q" for t, p in (("f32", "f"), ("f16", "h"))},

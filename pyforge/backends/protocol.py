@@ -34,6 +34,8 @@ class Backend(Protocol):
     def matmul(self, x, weight, out): """out = x @ weight.T."""
     def rmsnorm(self, x, weight, eps, out): """out = x / rms(x) * weight, per row."""
     def add_rmsnorm(self, x, y, weight, eps, out): """x += y, then out = rmsnorm(x)."""
+    def layernorm(self, x, weight, bias, eps, out): """out = (x - mean(x)) / std(x) * weight + bias, per row."""
+    def add_layernorm(self, x, y, weight, bias, eps, out): """x += y, then out = layernorm(x)."""
     def rope(self, x, positions, n_rot, theta, neox, freq_factors, mscale=1.0):
         """Rotary embedding, in place; the rotated dims multiplied by mscale (longrope's attention factor)."""
     def add_bias(self, x, bias): """x += bias, per row."""

@@ -395,7 +395,7 @@ def config_from_gguf(path, meta, tensors):
         head_dim=head_dim,
         ffn_size=number("feed_forward_length", int),
         vocab_size=int(tensors["token_embd.weight"].shape[0]),
-        rms_eps=number("attention.layer_norm_rms_epsilon", float),
+        rms_eps=number(fam.gguf_eps_key, float),
         rope_theta=number("rope.freq_base", float, 10000.0),
         n_rot=number("rope.dimension_count", int, head_dim),
         rope_neox=fam.gguf_rope_neox,

@@ -5,6 +5,7 @@ Every loader hands the model tensors under these names, in numpy order
 
     token_embd.weight            (vocab, hidden)
     output_norm.weight           (hidden,)
+    output_norm.bias             (hidden,)            LayerNorm families (StableLM): every norm has a bias
     output.weight                (vocab, hidden)      absent when tied
     rope_freqs.weight            (n_rot // 2,)        optional (Llama 3 GGUF)
     blk.{i}.attn_norm.weight     (hidden,)
@@ -42,6 +43,7 @@ ALL_FUSED = (FUSED_QKV, FUSED_QKV_BIAS, FUSED_GATE_UP)
 HF_GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
+    "model.norm.bias": "output_norm.bias",           # LayerNorm families (StableLM)
     "lm_head.weight": "output.weight",
 }
 
@@ -140,10 +142,14 @@ def expected_shapes(config):
     }
     if not c.tie_embeddings:
         shapes["output.weight"] = (c.vocab_size, c.hidden_size)
+    if fam.norm == "layer":
+        shapes["output_norm.bias"] = (c.hidden_size,)
     qk_norms = {"head": (c.head_dim, c.head_dim), "full": (c.q_dim, c.kv_dim)}.get(fam.qk_norm)
     for i in range(c.n_layers):
         p = f"blk.{i}."
         shapes.update({p + f"{norm}.weight": (c.hidden_size,) for norm in fam.norms})
+        if fam.norm == "layer":
+            shapes.update({p + f"{norm}.bias": (c.hidden_size,) for norm in fam.norms})
         shapes.update({
             p + "attn_q.weight": (c.q_dim, c.hidden_size),
             p + "attn_k.weight": (c.kv_dim, c.hidden_size),

@@ -31,7 +31,7 @@ class ModelConfig:
     head_dim: int
     ffn_size: int
     vocab_size: int
-    rms_eps: float
+    rms_eps: float         # epsilon of the layer and final norms (RMSNorm, or LayerNorm: StableLM)
     rope_theta: float
     n_rot: int             # rotary dims per head (<= head_dim)
     rope_neox: bool        # True: rotate-half pairs (i, i + n_rot/2); False: interleaved pairs (2i, 2i+1)

@@ -1,9 +1,10 @@
 """The Llama-shaped decoder (Llama 2/3, TinyLlama, Mistral, Qwen2/3, Phi-3, Granite,
-OLMo 2, SmolLM3, GLM-4; Gemma through models/gemma.py) over backend primitives.
+OLMo 2, SmolLM3, GLM-4, StableLM 2; Gemma through models/gemma.py) over backend primitives.
 
 One definition; the model's tensors and config say what differs: q/k/v biases,
 q/k RMSNorms (per head or over the whole projection), which layer norms there are
-(pre-norms, post-norms on each block's output, or both), tied heads, rope style,
+(pre-norms, post-norms on each block's output, or both) and their kind (RMSNorm, or
+LayerNorm with a bias: StableLM), tied heads, rope style,
 partial rotary dims, rope scaling, layers without rope, Granite's multipliers,
 sliding-window layers (Mistral, Gemma 2/3) with their own rope base (Gemma 3), and
 soft-capped attention scores and logits (Gemma 2). The forward pass runs a
@@ -13,6 +14,7 @@ the same path.
 import math
 from dataclasses import dataclass
 
+from pyforge.models.registry import family
 from pyforge.models.rope_scaling import freq_factors_for, longrope_attention_factor
 
 
@@ -27,6 +29,8 @@ class LayerWeights:
     w_down: object
     attn_norm: object = None         # pre-norms (None: the block reads the residual stream itself)
     ffn_norm: object = None
+    attn_norm_bias: object = None    # the pre-norms' biases (LayerNorm families)
+    ffn_norm_bias: object = None
     attn_post_norm: object = None    # post-norms of the blocks' outputs
     ffn_post_norm: object = None
     bq: object = None
@@ -47,6 +51,8 @@ class LlamaModel:
         embd = t["token_embd.weight"]
         self.token_embd = backend.prepare_embedding(embd)
         self.output_norm = backend.prepare_vector(t["output_norm.weight"])
+        self.layer_norm = family(cfg.arch).norm == "layer"     # LayerNorms with biases, else RMSNorms
+        self.output_norm_bias = backend.prepare_vector(t["output_norm.bias"]) if self.layer_norm else None
         head = t.get("output.weight") or embd
         self.output = backend.prepare_weight(head)
         self.layers = [self.load_layer(t, i) for i in range(cfg.n_layers)]
@@ -74,6 +80,8 @@ class LlamaModel:
             w_down=matrix("ffn_down.weight"),
             attn_norm=vector("attn_norm.weight"),
             ffn_norm=vector("ffn_norm.weight"),
+            attn_norm_bias=vector("attn_norm.bias"),
+            ffn_norm_bias=vector("ffn_norm.bias"),
             attn_post_norm=vector("post_attention_norm.weight"),
             ffn_post_norm=vector("post_ffw_norm.weight"),
             bq=vector("attn_q.bias"),
@@ -130,15 +138,21 @@ class LlamaModel:
         h = b.empty((n, cfg.hidden_size))                                             # [n, d] scratch
         branch = None       # the last block's output, added to x with the norm after it (one launch on cuda)
         for i, layer in enumerate(self.layers):
-            attn_in = self.block_input(x, branch, layer.attn_norm, h)
+            attn_in = self.block_input(x, branch, layer.attn_norm, layer.attn_norm_bias, h)
             branch = self.block_output(self.attention(layer, attn_in, batch, *kv_cache.layer(i)), layer.attn_post_norm)
-            mlp_in = self.block_input(x, branch, layer.ffn_norm, h)
+            mlp_in = self.block_input(x, branch, layer.ffn_norm, layer.ffn_norm_bias, h)
             branch = self.block_output(self.mlp(layer, mlp_in), layer.ffn_post_norm)
         b.add_inplace(x, branch)
         rows = x[batch.logits_rows] if len(batch.logits_rows) != n else x
-        return b.rmsnorm(rows, self.output_norm, cfg.rms_eps, b.empty(rows.shape))      # [rows, d]
+        return self.norm(rows, self.output_norm, self.output_norm_bias, b.empty(rows.shape))   # [rows, d]
 
-    def block_input(self, x, branch, pre_norm, out):
+    def norm(self, x, weight, bias, out):
+        """out = the family's layer norm of x: LayerNorm (with its bias) or RMSNorm."""
+        if self.layer_norm:
+            return self.backend.layernorm(x, weight, bias, self.config.rms_eps, out)
+        return self.backend.rmsnorm(x, weight, self.config.rms_eps, out)
+
+    def block_input(self, x, branch, pre_norm, pre_norm_bias, out):
         """Adds the previous block's output to the residual stream x; returns the next block's
         input: x normed into out, or x itself where the family has no pre-norm."""
         b, eps = self.backend, self.config.rms_eps
@@ -147,7 +161,9 @@ class LlamaModel:
                 b.add_inplace(x, branch)
             return x
         if branch is None:
-            return b.rmsnorm(x, pre_norm, eps, out)
+            return self.norm(x, pre_norm, pre_norm_bias, out)
+        if self.layer_norm:
+            return b.add_layernorm(x, branch, pre_norm, pre_norm_bias, eps, out)
         return b.add_rmsnorm(x, branch, pre_norm, eps, out)
 
     def block_output(self, y, post_norm):

@@ -54,6 +54,7 @@ class Family:
     hf_rope_neox: bool = True               # HF Q/K rows: True: rotate-half pairs; False: interleaved (GLM-4)
     qkv_bias: bool = False                  # q/k/v projections have biases (o_proj never does)
     qk_norm: str | None = None              # RMSNorm of q, k before rope: "head" (per head) | "full" (whole row)
+    norm: str = "rms"                       # the layer and final norms: "rms" (RMSNorm) | "layer" (LayerNorm with a bias)
     norms: tuple = PRE_NORM                 # the layer norms (PRE_NORM, POST_NORM or SANDWICH_NORM)
     fused: tuple = ()                       # (fused name, (part names)) its files hold: split by rows at load
     ffn_act: str = "silu"                   # the MLP: "silu" (SwiGLU, config.json hidden_act) | "gelu_tanh" (GeGLU)
@@ -75,6 +76,16 @@ class Family:
     @property
     def gguf_architecture(self):
         return self.gguf_arch or self.arch
+
+    @property
+    def hf_eps_key(self):
+        """config.json's epsilon of the layer and final norms."""
+        return "layer_norm_eps" if self.norm == "layer" else "rms_norm_eps"
+
+    @property
+    def gguf_eps_key(self):
+        """The GGUF key suffix of that epsilon (llama.cpp's)."""
+        return "attention.layer_norm_epsilon" if self.norm == "layer" else "attention.layer_norm_rms_epsilon"
 
     @property
     def moe(self):
@@ -144,6 +155,27 @@ _GEMMA = dict(gguf_rope_neox=True, ffn_act="gelu_tanh", hf_norm_offset=1.0,
 _GEMMA2_NAMES = {"post_attention_layernorm.weight": "post_attention_norm.weight",
                  "pre_feedforward_layernorm.weight": "ffn_norm.weight",
                  "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+
+
+# StableLM 2: LayerNorms with biases, partial rotary (rotate-half on the first n_rot dims),
+# optional q/k/v biases; the 12B's per-head q/k LayerNorms and parallel residual are refused.
+def _stablelm_hf(cfg):
+    for key, what in (("qk_layernorm", "per-head q/k LayerNorms"), ("use_parallel_residual", "a parallel residual")):
+        if cfg.get(key, False) is not False:
+            raise ValueError(f"{key}={cfg[key]!r} ({what}, StableLM 2 12B) is not supported")
+    bias = cfg.get("use_qkv_bias", False)
+    if not isinstance(bias, bool):
+        raise ValueError(f"use_qkv_bias must be a bool, got {bias!r}")
+    return {"attn_bias": bias}
+
+
+def _stablelm_config_json(c):
+    return {"use_qkv_bias": c.attn_bias, "qk_layernorm": False, "use_parallel_residual": False,
+            "partial_rotary_factor": c.n_rot / c.head_dim,
+            "hidden_dropout": 0.0, "attention_dropout": 0.0}
+
+
+_STABLELM_NORM_BIASES = {"input_layernorm.bias": "attn_norm.bias", "post_attention_layernorm.bias": "ffn_norm.bias"}
 
 
 # -- mixture of experts ---------------------------------------------------------
@@ -242,6 +274,11 @@ FAMILIES = {f.arch: f for f in (
                            "post_mlp_layernorm.weight": "post_ffw_norm.weight",
                            "mlp.gate_up_proj.weight": "ffn_up.weight"},
            hf_config_extras=lambda c: {"attention_bias": True, "partial_rotary_factor": c.n_rot / c.head_dim}),
+    Family("stablelm", ("StableLmForCausalLM",), "stablelm",
+           {"max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25},
+           gguf_rope_neox=True, norm="layer", hf_layer_names=_STABLELM_NORM_BIASES,
+           hf_config_extras=_stablelm_config_json, hf_options=_stablelm_hf),
     Family("gemma", ("GemmaForCausalLM",), "gemma", {"max_position_embeddings": 8192, **_GEMMA_DEFAULTS, **_ROPE_EPS},
            **_GEMMA, **gemma_options.family_options(1)),
     Family("gemma2", ("Gemma2ForCausalLM",), "gemma2",

@@ -172,8 +172,10 @@ def cuda_shaped(name):
 # whole rows (OLMo 2), post-norms in place and blocks without pre-norm (OLMo 2, GLM-4), the
 # scale primitive (Granite), partial interleaved rope with biases (GLM-4), NoPE layers (SmolLM3),
 # rope's mscale on partially rotated heads (longrope; prompts past its pretraining length of 64,
-# where transformers too takes the long factors).
-CUDA_FAMILIES = ["tiny-qwen3", "tiny-olmo2", "tiny-granite", "tiny-glm4", "tiny-smollm3", "tiny-phi4-mini"]
+# where transformers too takes the long factors), LayerNorms alone and after the residual add with
+# partial rotate-half rope and biases (StableLM).
+CUDA_FAMILIES = ["tiny-qwen3", "tiny-olmo2", "tiny-granite", "tiny-glm4", "tiny-smollm3", "tiny-phi4-mini",
+                 "tiny-stablelm"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

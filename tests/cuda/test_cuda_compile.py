@@ -13,7 +13,7 @@ from build_tools import nvcc_check
 EXPECTED_KERNELS = {
     "quant.cu": {"dequant_q8_0_f16", "dequant_q4_K_f16", "dequant_q6_K_f16",
                  "matvec_q8_0_f16", "matvec_q4_K_f16", "matvec_q6_K_f16", "matvec_f16_f16"},
-    "norm_rope.cu": {f"{k}_{t}" for k in ("rmsnorm", "add_rmsnorm", "rope", "silu_mul", "gelu_tanh_mul", "softcap",
+    "norm_rope.cu": {f"{k}_{t}" for k in ("rmsnorm", "add_rmsnorm", "layernorm", "add_layernorm", "rope", "silu_mul", "gelu_tanh_mul", "softcap",
                                           "scale", "add_inplace", "add_bias")
                      for t in ("f32", "f16")},
     "attention.cu": {"paged_attention_prefill", "paged_attention_decode", "paged_attention_decode_reduce",

@@ -175,6 +175,34 @@ def test_add_rmsnorm(t, n, d):
     check(out, ref, rtol, 1e-5 * np.abs(ref).max())
 
 
+def layernorm_ref(x64, w, b, eps):
+    centered = x64 - x64.mean(axis=1, keepdims=True)
+    return centered / np.sqrt((centered ** 2).mean(axis=1, keepdims=True) + eps) * w + b
+
+
+@pytest.mark.parametrize("t", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("n,d", [(1, 64), (3, 5000)])
+def test_layernorm(t, fused, n, d):
+    """layernorm_* and add_layernorm_* (x += y first) on rows with a large mean."""
+    dtype, rtol = DTYPES[t]
+    rng = np.random.default_rng(n + d + 2)
+    x = (rng.standard_normal((n, d)) * 3 + 4).astype(dtype)
+    y = rng.standard_normal((n, d)).astype(dtype)
+    w, b = rng.uniform(0.5, 1.5, d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    summed = (x.astype(np.float64) + y).astype(dtype).astype(np.float64) if fused else x.astype(np.float64)
+    ref = layernorm_ref(summed, w, b, 1e-5)
+    xd, out = cupy.asarray(x), nan_like((n, d), dtype)
+    if fused:
+        launch("norm_rope", f"add_layernorm_{t}", (n,), 256, xd, cupy.asarray(y), cupy.asarray(w), cupy.asarray(b),
+               out, np.int32(d), np.float32(1e-5))
+    else:
+        launch("norm_rope", f"layernorm_{t}", (n,), 256, xd, cupy.asarray(w), cupy.asarray(b), out, np.int32(d),
+               np.float32(1e-5))
+    check(xd, summed, rtol, 1e-7)
+    check(out, ref, rtol, 1e-5 * np.abs(ref).max())
+
+
 def rope_ref(x, pos, n_rot, theta, neox, ff, mscale=1.0):
     """x [n_tok, n_heads, hd] float64, rotated (and the rotated dims scaled) as native/ops_kernels.c does."""
     x = x.copy()

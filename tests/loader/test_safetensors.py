@@ -366,3 +366,31 @@ def test_bad_family_keys(change, words):
         config_from_hf({**hf_config_dict(CONFIGS["tiny-smollm3"]), **change})
     for w in words:
         assert w in str(err.value)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"qk_layernorm": True}, ["qk_layernorm=True", "per-head q/k LayerNorms", "not supported"]),
+    ({"use_parallel_residual": True}, ["use_parallel_residual=True", "parallel residual", "not supported"]),
+    ({"use_qkv_bias": "yes"}, ["use_qkv_bias must be a bool"]),
+    ({"layer_norm_eps": "1e-5"}, ["layer_norm_eps must be a number"]),
+])
+def test_bad_stablelm_keys(change, words):
+    """StableLM 2 12B's q/k LayerNorms and parallel residual are refused by name."""
+    from pyforge.synthetic import CONFIGS, hf_config_dict
+
+    with pytest.raises(ModelFileError) as err:
+        config_from_hf({**hf_config_dict(CONFIGS["tiny-stablelm"]), **change})
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_stablelm_norm_biases_and_qkv_bias_load(tmp_path):
+    """LayerNorm biases (model.norm.bias too) and use_qkv_bias map to our names and flag."""
+    from pyforge.synthetic import write_hf_folder
+
+    folder = write_hf_folder("tiny-stablelm", tmp_path / "stablelm", seed=3)
+    with load_model_file(folder) as mf:
+        assert mf.config.attn_bias and mf.config.n_rot == 4 and mf.config.rms_eps == 1e-5
+        for name in ("output_norm.bias", "blk.1.attn_norm.bias", "blk.1.ffn_norm.bias", "blk.1.attn_q.bias"):
+            assert name in mf.tensors, name
+

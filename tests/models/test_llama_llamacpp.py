@@ -46,12 +46,12 @@ def test_quantized_gguf_logits_agree(fmt, tmp_path):
 
 # Every family llama.cpp runs, from files in its layout: fused Phi-3 tensors (quantized rows
 # split at load), longrope factors as tensors, Granite's scales as metadata, OLMo 2's and
-# GLM-4's norms, SmolLM3's fixed NoPE step, GLM-4's partial interleaved rope.
+# GLM-4's norms, SmolLM3's fixed NoPE step, GLM-4's partial interleaved rope, StableLM's LayerNorms.
 FAMILY_FILES = [("tiny-qwen3", "F32"), ("tiny-qwen3-mha", "Q8_0"), ("tiny-phi3", "Q8_0"),
                 ("tiny-phi3-longrope", "F32"), ("tiny-phi4-mini", "F32"), ("tiny-phi4-mini", "Q8_0"),
                 ("tiny-granite", "F32"), ("tiny-granite-mha", "Q8_0"),
                 ("tiny-olmo2", "Q8_0"), ("tiny-olmo2", "F32"), ("tiny-smollm3", "F32"), ("tiny-glm4", "Q8_0"),
-                ("tiny-glm4-mha", "F32")]     # (llama.cpp needs OLMo 2's output.weight: tiny-olmo2-gqa is tied)
+                ("tiny-glm4-mha", "F32"), ("tiny-stablelm", "F32"), ("tiny-stablelm-gqa", "Q8_0")]     # (llama.cpp needs OLMo 2's output.weight: tiny-olmo2-gqa is tied)
 
 
 @pytest.mark.parametrize("config,fmt", FAMILY_FILES, ids=lambda v: v)

@@ -3,7 +3,8 @@ safetensors models: GQA, MHA, Qwen2 biases + tied head, Llama 3 rope scaling, an
 two configs of each other family models/llama.py runs (Qwen3's per-head q/k norms
 and head_dim apart from hidden / heads, Phi-3's fused tensors, Granite's
 multipliers, OLMo 2's post-norms and whole-projection q/k norms, SmolLM3's NoPE
-layers, GLM-4's partial interleaved rope, biases and sandwich norms)."""
+layers, GLM-4's partial interleaved rope, biases and sandwich norms, StableLM 2's
+LayerNorms and partial rotate-half rope, with and without q/k/v biases)."""
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from pyforge.synthetic import write_hf_folder
 
 CONFIGS = ["tiny-gqa", "tiny-mha", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-qwen3-mha", "tiny-phi3",
            "tiny-granite", "tiny-granite-mha", "tiny-olmo2", "tiny-olmo2-gqa", "tiny-smollm3", "tiny-smollm3-nope",
-           "tiny-glm4", "tiny-glm4-mha"]
+           "tiny-glm4", "tiny-glm4-mha", "tiny-stablelm", "tiny-stablelm-gqa"]
 GREEDY_TOKENS = 32
 REL_TOL = 1e-4
 

@@ -52,6 +52,39 @@ def test_rmsnorm_in_place():
     assert rel_err(x, ref) < REL_TOL
 
 
+# -- layernorm -------------------------------------------------------------------
+
+def layernorm_ref(x, w, b, eps):
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(x.astype(np.float64))
+    return torch.nn.functional.layer_norm(t, (x.shape[-1],), torch.from_numpy(w.astype(np.float64)),
+                                          torch.from_numpy(b.astype(np.float64)), eps).numpy()
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n,d", [(1, 64), (7, 4099), (33, 2048)])
+def test_layernorm(n, d, n_threads):
+    rng = np.random.default_rng(n + d)
+    x, w, b = randn(rng, n, d, scale=3.0) + 5.0, randn(rng, d), randn(rng, d)   # a large mean: no cancellation
+    out = poisoned((n, d))
+    ops.layernorm(x, w, b, 1e-5, out, n_threads)
+    ref = layernorm_ref(x, w, b, 1e-5)
+    assert rel_err(out, ref) < REL_TOL
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_layernorm_in_place_and_bad_inputs():
+    rng = np.random.default_rng(2)
+    x, w, b = randn(rng, 3, 40), randn(rng, 40), randn(rng, 40)
+    ref = layernorm_ref(x, w, b, 1e-6)
+    ops.layernorm(x, w, b, 1e-6, x)
+    assert rel_err(x, ref) < REL_TOL
+    with pytest.raises(ValueError, match="bias"):
+        ops.layernorm(x, w, b[:39], 1e-6, x)
+    with pytest.raises(ValueError, match="eps"):
+        ops.layernorm(x, w, b, -1.0, x)
+
+
 # -- rope ------------------------------------------------------------------------
 
 def rope_ref(x, positions, n_rot, theta, neox, freq_factors=None, mscale=1.0):

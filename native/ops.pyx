@@ -233,23 +233,21 @@ def rope(x, positions, int n_rot, double theta, bint neox, freq_factors=None, n_
     return x
 
 
+ctypedef void (*gated_fn)(const float *gate, const float *up, float *out, int64_t n, int n_threads) noexcept nogil
+
+
 def silu_mul(gate, up, out, n_threads=1):
     """out[n, f] = gate * sigmoid(gate) * up. out may be gate or up."""
-    cdef cnp.ndarray ga = _f32(gate, "gate", 2), ua = _f32(up, "up", 2), oa = _f32(out, "out", 2, True)
-    _same_shape(ga, ua, "gate", "up")
-    _same_shape(ga, oa, "gate", "out")
-    cdef int nt = _threads(n_threads)
-    cdef int64_t n = ga.size
-    cdef float *gp = _fp(ga)
-    cdef float *up_ = _fp(ua)
-    cdef float *op = _fp(oa)
-    with nogil:
-        pf_silu_mul(gp, up_, op, n, nt)
-    return out
+    return _gated(pf_silu_mul, gate, up, out, n_threads)
 
 
 def gelu_tanh_mul(gate, up, out, n_threads=1):
     """out[n, f] = gelu_tanh(gate) * up (GeGLU: GELU's tanh approximation). out may be gate or up."""
+    return _gated(pf_gelu_tanh_mul, gate, up, out, n_threads)
+
+
+cdef object _gated(gated_fn fn, gate, up, out, n_threads):
+    """out = act(gate) * up through `fn`, shapes checked."""
     cdef cnp.ndarray ga = _f32(gate, "gate", 2), ua = _f32(up, "up", 2), oa = _f32(out, "out", 2, True)
     _same_shape(ga, ua, "gate", "up")
     _same_shape(ga, oa, "gate", "out")
@@ -259,7 +257,7 @@ def gelu_tanh_mul(gate, up, out, n_threads=1):
     cdef float *up_ = _fp(ua)
     cdef float *op = _fp(oa)
     with nogil:
-        pf_gelu_tanh_mul(gp, up_, op, n, nt)
+        fn(gp, up_, op, n, nt)
     return out
 
 

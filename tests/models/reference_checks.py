@@ -11,6 +11,12 @@ def rel_err(ours, ref):
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+def prompts(vocab, seed=0):
+    """Random prompts of 1, 7, 40 and 100 tokens (ids from 3: past the special ones)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in (1, 7, 40, 100)]
+
+
 def new_sequence(engine, ids, seq_id):
     return Sequence(seq_id, ids, SamplingParams(max_tokens=1), 0, engine.max_model_len)
 

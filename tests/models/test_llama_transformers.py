@@ -5,11 +5,10 @@ and head_dim apart from hidden / heads, Phi-3's fused tensors, Granite's
 multipliers, OLMo 2's post-norms and whole-projection q/k norms, SmolLM3's NoPE
 layers, GLM-4's partial interleaved rope, biases and sandwich norms, StableLM 2's
 LayerNorms and partial rotate-half rope, with and without q/k/v biases)."""
-import numpy as np
 import pytest
 
 from conftest import require_module
-from reference_checks import check_cached_prefix_batch, reference_greedy, rel_err
+from reference_checks import check_cached_prefix_batch, prompts, reference_greedy, rel_err
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.synthetic import write_hf_folder
@@ -36,11 +35,6 @@ def pair(request, tmp_path_factory):
             return ref(torch.tensor([ids])).logits[0].double().numpy()
 
     return engine, reference
-
-
-def prompts(vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, n).tolist() for n in (1, 7, 40, 100)]
 
 
 def test_prompt_logits_match(pair):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import require_module
-from reference_checks import check_cached_prefix_batch, reference_greedy, rel_err
+from reference_checks import check_cached_prefix_batch, prompts, reference_greedy, rel_err
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.loader.gguf import read_gguf
@@ -47,11 +47,6 @@ def pair(request, tmp_path_factory):
     folder = write_hf_folder(request.param, tmp_path_factory.mktemp(request.param), dtype="float32", seed=7)
     reference = Reference(folder)
     return Engine(str(folder), **ENGINE_ARGS), reference
-
-
-def prompts(vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, n).tolist() for n in (1, 7, 40, 100)]
 
 
 def test_prompt_logits_match(pair):

@@ -15,7 +15,7 @@ LDFLAGS = ["-fopenmp"]
 # module name -> C sources it links besides its .pyx
 NATIVE_MODULES = {
     "quant": ["native/quants.c", "native/matmul.c", "native/matmul_amx.c", "native/matmul_vnni.c",
-              "native/moe_kernels.c"],
+              "native/matmul_x16.c", "native/matmul_x16_avx2.c", "native/moe_kernels.c"],
     "ops": ["native/ops_kernels.c", "native/kv_dtypes.c"],
     "sampler": ["native/sampler_kernels.c"],
     "ipc": ["native/shm_ring.c"],

@@ -7,7 +7,8 @@ shapes), in enough copies (--weight-mib in all) that each call reads its weights
 from DRAM, as a model's layers do, not from the last call's cache; the same
 activations go through `quant.matmul` once per family (AVX2; VNNI for K-quants;
 AMX tiles from 9 tokens up) and through `quant.matmul_x16` over the weights
-repacked 16 rows at a time (Q4_K, Q6_K, Q8_0, on VNNI CPUs), best of --reps. Reported: ms, GFLOP/s (2 x tokens x weights), and the weight
+repacked 16 rows at a time (every x16 family here: AVX2 tiles, and VNNI ones on
+VNNI CPUs), best of --reps. Reported: ms, GFLOP/s (2 x tokens x weights), and the weight
 bytes / time (the decode roofline: a 1-token matmul cannot beat bandwidth).
 """
 import argparse
@@ -42,10 +43,13 @@ def best_time(fn, copies, reps):
 
 def kernel_families():
     """(name, matmul keywords) of every family this CPU runs, AVX2 first (the
-    baseline); "x16": the GEMM over weights repacked 16 rows at a time."""
+    baseline); "x16 ...": the GEMM over weights repacked 16 rows at a time
+    (keywords: {"kernels": family})."""
     families = [("AVX2", dict(amx=False, vnni=False))]
+    if quant.x16_kernels() is not None:
+        families.append(("x16 AVX2", {"kernels": "avx2"}))
     if quant.vnni_available():
-        families += [("VNNI", dict(amx=False, vnni=True)), ("x16", None)]
+        families += [("VNNI", dict(amx=False, vnni=True)), ("x16 VNNI", {"kernels": "vnni"})]
     if quant.amx_available():
         families.append(("AMX", dict(amx=True, vnni=True)))
     return families
@@ -53,8 +57,8 @@ def kernel_families():
 
 def matmul_fn(family, x, t, n_out, out, threads):
     """fn(weights) for one family: the stored bytes, or for x16 the repacked ones."""
-    if family is None:
-        return lambda wc: quant.matmul_x16(x, wc, int(t), n_out, out, threads)
+    if "kernels" in family:
+        return lambda wc: quant.matmul_x16(x, wc, int(t), n_out, out, threads, **family)
     return lambda wc: quant.matmul(x, wc, int(t), n_out, out, threads, **family)
 
 
@@ -63,7 +67,7 @@ def bench_shape(name, t, n_in, n_out, tokens, threads, reps, weight_mib, familie
     w = quant.quantize(rng.standard_normal((n_out, n_in)).astype(np.float32), int(t))
     n_copies = max(1, int(weight_mib * 2**20 // w.nbytes))
     stored = [w] + [w.copy() for _ in range(n_copies - 1)]
-    packed = quant.repack_x16(w, int(t), n_out, n_in)      # None: no x16 layout for t, or no VNNI
+    packed = quant.repack_x16(w, int(t), n_out, n_in)      # None: no x16 layout for t, or no x16 kernels
     repacked = [packed] + [packed.copy() for _ in range(n_copies - 1)] if packed is not None else None
     rows = []
     for n_tok in tokens:
@@ -71,7 +75,7 @@ def bench_shape(name, t, n_in, n_out, tokens, threads, reps, weight_mib, familie
         out = np.empty((n_tok, n_out), dtype=np.float32)
         times = []
         for _, kw in families:
-            weights = stored if kw is not None else repacked
+            weights = repacked if "kernels" in kw else stored
             times.append(best_time(matmul_fn(kw, x, t, n_out, out, threads), weights, reps) if weights else float("nan"))
         rows.append((name, t.name, n_tok, times, 2.0 * n_tok * n_in * n_out, w.nbytes))
     return rows

@@ -1,6 +1,6 @@
 /* AVX-512 VNNI kernels: dots for K-quant weights (Q4_K, Q5_K, Q6_K) against
  * Q8_K activations, 1..4 activation rows per pass over a weight row, and the
- * GEMMs over weights repacked 16 rows at a time (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0; below).
+ * tiles of the GEMMs over weights repacked 16 rows at a time (x16_formats.h).
  *
  * vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
  * and adds each group of 4 products into one of 16 int32 lanes. A 64-byte
@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "k_scales.h"
+#include "x16_formats.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define PF_VNNI_BUILD 1
@@ -28,16 +29,7 @@
 
 int pf_vnni_available(void) { return 0; }
 pf_vec_dot_fn pf_vnni_vec_dot(int type) { (void)type; return NULL; }
-int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) { (void)type, (void)n_out, (void)n_in; return -1; }
-int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    (void)type, (void)w, (void)dst, (void)n_out, (void)n_in, (void)n_threads;
-    return -1;
-}
-int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                  float *out, int n_threads) {
-    (void)type, (void)x, (void)packed, (void)n_tok, (void)n_in, (void)n_out, (void)out, (void)n_threads;
-    return -1;
-}
+pf_x16_tile_fn pf_vnni_x16_tile(int type) { (void)type; return NULL; }
 
 #else
 
@@ -46,73 +38,6 @@ int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, i
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-/* -- Q4_K_X16: 16 Q4_K rows interleaved, one block of 256 columns ----------
- * Weight 8g + j (j < 4) of row r is the low nibble of qs[g][4r + j], weight
- * 8g + 4 + j its high nibble: a 64-byte load of qs[g] gives, after the nibble
- * split, lane r = 4 consecutive weights of row r, two vectors per 8 columns.
- * The scales come unpacked, row-minor, so a sub-block's 16 row scales are one
- * 16-byte load, and the mins as int16 pairs for vpdpwssd. */
-typedef struct {
-    float d[16], dmin[16];
-    uint8_t sc[8][16];      /* sc[j][r]: sub-block j's scale in row r */
-    int16_t m[4][16][2];    /* m[p][r] = the mins of sub-blocks 2p, 2p+1 in row r */
-    uint8_t qs[32][64];
-} block_q4_K_x16;
-_Static_assert(sizeof(block_q4_K_x16) == 2560, "block_q4_K_x16 must be 2560 bytes");
-
-/* Q5_K_X16: Q4_K_X16 plus the fifth bits: byte j of hb[s][4r ..] holds, for
- * row r and k-group 4s + e (e = 0..3), the fifth bit of column 8(4s+e) + j at
- * bit 2e and of column 8(4s+e) + 4 + j at bit 2e + 1. */
-typedef struct {
-    block_q4_K_x16 k;
-    uint8_t hb[8][64];
-} block_q5_K_x16;
-_Static_assert(sizeof(block_q5_K_x16) == 3072, "block_q5_K_x16 must be 3072 bytes");
-
-/* Row r of a Q4_K_X16 block from one Q4_K / Q5_K block's d, dmin, packed
- * scales and weights q (0..15; Q5_K's fifth bits go to hb, if given). */
-static void repack_k_row(pf_half d, pf_half dmin, const uint8_t *scales, const uint8_t q[QK_K], int r,
-                         block_q4_K_x16 *out, uint8_t (*hb)[64]) {
-    uint8_t sc[8], m[8];
-    pf_unpack_k_scales(scales, sc, m);
-    out->d[r] = pf_half_to_float_scalar(d);
-    out->dmin[r] = pf_half_to_float_scalar(dmin);
-    for (int j = 0; j < 8; j++) out->sc[j][r] = sc[j];
-    for (int p = 0; p < 4; p++) out->m[p][r][0] = m[2 * p], out->m[p][r][1] = m[2 * p + 1];
-    for (int g = 0; g < 32; g++)
-        for (int j = 0; j < 4; j++) {
-            const uint8_t lo = q[8 * g + j], hi = q[8 * g + 4 + j];
-            out->qs[g][4 * r + j] = (uint8_t)((lo & 0x0f) | ((hi & 0x0f) << 4));
-            if (hb) hb[g / 4][4 * r + j] |= (uint8_t)(((lo >> 4) << (2 * (g % 4))) | ((hi >> 4) << (2 * (g % 4) + 1)));
-        }
-}
-
-/* The 256 weights of a Q4_K / Q5_K block in column order (qs as in quants.h). */
-static void k_block_weights(const uint8_t *qs, const uint8_t *qh, uint8_t q[QK_K]) {
-    for (int c = 0; c < 4; c++)
-        for (int l = 0; l < 32; l++) {
-            q[64 * c + l] = qs[32 * c + l] & 0x0f;
-            q[64 * c + 32 + l] = qs[32 * c + l] >> 4;
-        }
-    if (qh)
-        for (int e = 0; e < QK_K; e++) q[e] |= (uint8_t)(((qh[e % 32] >> (e / 32)) & 1) << 4);
-}
-
-static void q4_K_row(const void *src, int r, void *dst) {
-    const block_q4_K *b = src;
-    uint8_t q[QK_K];
-    k_block_weights(b->qs, NULL, q);
-    repack_k_row(b->d, b->dmin, b->scales, q, r, dst, NULL);
-}
-
-static void q5_K_row(const void *src, int r, void *dst) {
-    const block_q5_K *b = src;
-    block_q5_K_x16 *o = dst;
-    uint8_t q[QK_K];
-    k_block_weights(b->qs, b->qh, q);
-    repack_k_row(b->d, b->dmin, b->scales, q, r, &o->k, o->hb);
-}
 
 /* Compiled for the baseline target: this runs on every CPU. */
 static int vnni_probe(void) {
@@ -301,27 +226,13 @@ NR_DISPATCH(vec_dot_q4_K_vnni, dot_q4_K)
 NR_DISPATCH(vec_dot_q5_K_vnni, dot_q5_K)
 NR_DISPATCH(vec_dot_q6_K_vnni, dot_q6_K)
 
-/* -- the Q4_K_X16 GEMM ---------------------------------------------------- */
-
-#define X16_TOKENS 8 /* tokens per pass over a row group's unpacked weights */
+/* -- the x16 GEMM tiles (x16_formats.h) --------------------------------------- */
 
 PF_INLINE __m512i bcast_word(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return _mm512_set1_epi32(v);
 }
-
-/* out[t0 + t][16 gr .. 16 gr + 16) for T tokens against row group gr. Per block: 64 vpdpbusd per token into one int32
- * sum per sub-block (16 rows in the lanes), one vpmulld by the row scales per
- * sub-block, 4 vpdpwssd for the mins, one float update. bs[t]: token t's
- * sums per 32 activations, int16 [nb][8]. */
-typedef struct {
-    const void *w;              /* block_q4_K_x16 or block_q5_K_x16 */
-    const block_q8_K *act;      /* [n_tok][nb] */
-    const int16_t *sums;        /* [n_tok][nb][8]: activation sums per 32 */
-    float *out;
-    int64_t nb, n_out;
-} q4_K_job;
 
 /* Bit b of every byte of v, moved to bit 4 (the fifth bit of a Q5_K weight). */
 PF_INLINE __m512i bit_to_16(__m512i v, const int b) {
@@ -331,20 +242,25 @@ PF_INLINE __m512i bit_to_16(__m512i v, const int b) {
     return _mm512_and_si512(v, m);
 }
 
-PF_INLINE void k_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T, const int is_q5) {
+/* out[t0 + t][16 gr .. 16 gr + 16) for T tokens against row group gr. Per
+ * block: 64 vpdpbusd per token into one int32 sum per sub-block (16 rows in the
+ * lanes), one vpmulld by the row scales per sub-block, 4 vpdpwssd for the
+ * mins, one float update. */
+
+PF_INLINE void k_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T, const int is_q5) {
     const int64_t nb = job->nb;
     const size_t block_bytes = is_q5 ? sizeof(block_q5_K_x16) : sizeof(block_q4_K_x16);
     const char *wb = (const char *)job->w + (size_t)(gr * nb) * block_bytes;
-    const block_q8_K *y[X16_TOKENS];
-    const int16_t *bs[X16_TOKENS];
+    const block_q8_K *y[PF_X16_TOKENS];
+    const int16_t *bs[PF_X16_TOKENS];
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m512 facc[X16_TOKENS];
+    __m512 facc[PF_X16_TOKENS];
     for (int t = 0; t < T; t++)
-        y[t] = job->act + (t0 + t) * nb, bs[t] = job->sums + (t0 + t) * nb * 8, facc[t] = _mm512_setzero_ps();
+        y[t] = (const block_q8_K *)job->act + (t0 + t) * nb, bs[t] = job->k_sums + (t0 + t) * nb * 8, facc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const block_q4_K_x16 *b = (const block_q4_K_x16 *)(wb + (size_t)i * block_bytes);
         const uint8_t (*hb)[64] = is_q5 ? ((const block_q5_K_x16 *)b)->hb : NULL;
-        __m512i isum[X16_TOKENS];
+        __m512i isum[PF_X16_TOKENS];
         for (int t = 0; t < T; t++) isum[t] = _mm512_setzero_si512();
         /* A block is not read front to back (scales, weights, then mins),
          * which the hardware prefetchers follow poorly (1 token: 17 instead of
@@ -357,9 +273,9 @@ PF_INLINE void k_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int
             /* few tokens: low and high nibbles in separate sums, so the
              * vpdpbusd chain of a sub-block is 4 long, not 8 (its latency,
              * not the loads, would bound a decode step) */
-            __m512i sub[X16_TOKENS], sub_hi[X16_TOKENS / 2];
+            __m512i sub[PF_X16_TOKENS], sub_hi[PF_X16_TOKENS / 2];
             for (int t = 0; t < T; t++) sub[t] = _mm512_setzero_si512();
-            for (int t = 0; t < T && T <= X16_TOKENS / 2; t++) sub_hi[t] = _mm512_setzero_si512();
+            for (int t = 0; t < T && T <= PF_X16_TOKENS / 2; t++) sub_hi[t] = _mm512_setzero_si512();
             for (int g = 4 * j; g < 4 * j + 4; g++) {
                 const __m512i wv = _mm512_loadu_si512(b->qs[g]);
                 __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
@@ -370,13 +286,13 @@ PF_INLINE void k_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int
                 for (int t = 0; t < T; t++) {
                     const int8_t *a = y[t][i].qs + 8 * g;
                     sub[t] = _mm512_dpbusd_epi32(sub[t], lo, bcast_word(a));
-                    if (T <= X16_TOKENS / 2) sub_hi[t] = _mm512_dpbusd_epi32(sub_hi[t], hi, bcast_word(a + 4));
+                    if (T <= PF_X16_TOKENS / 2) sub_hi[t] = _mm512_dpbusd_epi32(sub_hi[t], hi, bcast_word(a + 4));
                     else sub[t] = _mm512_dpbusd_epi32(sub[t], hi, bcast_word(a + 4));
                 }
             }
             const __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b->sc[j]));
             for (int t = 0; t < T; t++) {
-                const __m512i v = T <= X16_TOKENS / 2 ? _mm512_add_epi32(sub[t], sub_hi[t]) : sub[t];
+                const __m512i v = T <= PF_X16_TOKENS / 2 ? _mm512_add_epi32(sub[t], sub_hi[t]) : sub[t];
                 isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(v, s));
             }
         }
@@ -393,10 +309,10 @@ PF_INLINE void k_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int
     for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
 }
 
-/* A tile of n <= X16_TOKENS tokens (x16_tile_fn), T a literal in each
+/* A tile of n <= PF_X16_TOKENS tokens (pf_x16_tile_fn), T a literal in each
  * instance so the per-token sums live in registers. */
 #define TOKEN_DISPATCH(name, tile)                                                                 \
-    static void name(const void *job, int64_t gr, int64_t t0, int n) {                             \
+    static void name(const pf_x16_job *job, int64_t gr, int64_t t0, int n) {                             \
         switch (n) {                                                                               \
         case 1: tile(job, gr, t0, 1); break;                                                       \
         case 2: tile(job, gr, t0, 2); break;                                                       \
@@ -408,103 +324,16 @@ PF_INLINE void k_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int
         default: tile(job, gr, t0, 8); break;                                                      \
         }                                                                                          \
     }
-PF_INLINE void q4_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T) {
+PF_INLINE void q4_K_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T) {
     k_x16_tile(job, gr, t0, T, 0);
 }
-PF_INLINE void q5_K_x16_tile(const q4_K_job *job, int64_t gr, int64_t t0, const int T) {
+PF_INLINE void q5_K_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T) {
     k_x16_tile(job, gr, t0, T, 1);
 }
 TOKEN_DISPATCH(q4_K_tile, q4_K_x16_tile)
 TOKEN_DISPATCH(q5_K_tile, q5_K_x16_tile)
 
-/* Row groups x token tiles of an x16 GEMM, shared out inside the caller's
- * parallel region (an orphaned omp for). A row group's weights stay in L2
- * while every token tile passes over them. Threads take runs of row groups
- * from a shared counter (about 8 runs a thread: long sequential streams for
- * the prefetchers, and a slow core does not hold the others). */
-typedef void (*x16_tile_fn)(const void *job, int64_t group, int64_t t0, int n_tok);
-
-static void x16_row_groups(const void *job, x16_tile_fn tile, int64_t n_groups, int64_t n_tok) {
-    int nth = 1;
-#ifdef _OPENMP
-    nth = omp_get_num_threads();
-#endif
-    const int64_t run = (n_groups + 8 * nth - 1) / (8 * nth);
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t r0 = 0; r0 < n_groups; r0 += run)
-        for (int64_t gr = r0; gr < r0 + run && gr < n_groups; gr++)
-            for (int64_t t0 = 0; t0 < n_tok; t0 += X16_TOKENS)
-                tile(job, gr, t0, n_tok - t0 < X16_TOKENS ? (int)(n_tok - t0) : X16_TOKENS);
-}
-
-static int matmul_k_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                        int n_threads, x16_tile_fn tile) {
-    if (n_tok == 0) return 0;
-    const int64_t nb = n_in / QK_K;
-    block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
-    int16_t *sums = malloc((size_t)(n_tok * nb * 8) * sizeof(int16_t));
-    if (!act || !sums) {
-        free(act), free(sums);
-        return -2;
-    }
-    const q4_K_job job = {packed, act, sums, out, nb, n_out};
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tok; t++) {
-            pf_q8_K_from_float(x + t * n_in, act + t * nb, n_in);
-            for (int64_t i = 0; i < nb; i++)
-                for (int j = 0; j < 8; j++) {
-                    const int16_t *b = act[t * nb + i].bsums;
-                    sums[(t * nb + i) * 8 + j] = (int16_t)(b[2 * j] + b[2 * j + 1]);
-                }
-        }
-        x16_row_groups(&job, tile, n_out / 16, n_tok);
-    }
-    free(act);
-    free(sums);
-    return 0;
-}
-
-/* -- Q6_K_X16 ----------------------------------------------------------------
- * 16 Q6_K rows, one block of 256 columns. The 6-bit weights q (0..63) split as
- * Q4_K_X16's nibbles (lo, qs[32][64]) plus two high bits: hb[h][4r + j] holds
- * those of row r's columns 16h + j, 16h + 4 + j, 16h + 8 + j, 16h + 12 + j in
- * bit pairs 0-1, 2-3, 4-5, 6-7 (k-group 2h's low and high half, then 2h+1's).
- * The 16 sub-block scales as int16 pairs per row (sub-blocks 2p, 2p+1): one
- * vpdpwssd applies two to the bsums for the -32 offset, and a shift pair
- * gives each as int32 for the dots. */
-typedef struct {
-    float d[16];
-    int16_t sc[8][16][2];   /* sc[p][r] = the scales of sub-blocks 2p, 2p+1 in row r */
-    uint8_t qs[32][64];
-    uint8_t hb[16][64];
-} block_q6_K_x16;
-_Static_assert(sizeof(block_q6_K_x16) == 3648, "block_q6_K_x16 must be 3648 bytes");
-
-static void q6_K_row(const void *src, int r, void *dst) {
-    const block_q6_K *b = src;
-    block_q6_K_x16 *out = dst;
-    int8_t v[QK_K];
-    pf_q6_K_values(b, v);
-    uint8_t q[QK_K];
-    for (int k = 0; k < QK_K; k++) q[k] = (uint8_t)(v[k] + 32);
-    out->d[r] = pf_half_to_float_scalar(b->d);
-    for (int p = 0; p < 8; p++) out->sc[p][r][0] = b->scales[2 * p], out->sc[p][r][1] = b->scales[2 * p + 1];
-    for (int g = 0; g < 32; g++)
-        for (int j = 0; j < 4; j++)
-            out->qs[g][4 * r + j] = (uint8_t)((q[8 * g + j] & 0x0f) | ((q[8 * g + 4 + j] & 0x0f) << 4));
-    for (int h = 0; h < 16; h++)
-        for (int j = 0; j < 4; j++)
-            for (int e = 0; e < 4; e++) out->hb[h][4 * r + j] |= (uint8_t)((q[16 * h + 4 * e + j] >> 4) << (2 * e));
-}
-
-typedef struct {
-    const block_q6_K_x16 *w;
-    const block_q8_K *act;      /* [n_tok][nb] */
-    float *out;
-    int64_t nb, n_out;
-} q6_K_job;
+/* -- Q6_K_X16 ---------------------------------------------------------------- */
 
 /* k-group 2h + e of a block as two vectors of 4 columns per row lane (0..63). */
 PF_INLINE void q6_group(const block_q6_K_x16 *b, int h, int e, __m512i *lo, __m512i *hi) {
@@ -523,15 +352,15 @@ PF_INLINE void q6_group(const block_q6_K_x16 *b, int h, int e, __m512i *lo, __m5
 /* d * d_a * sum_s sc_s ((q - 32) . a)_s for T tokens: unsigned q through
  * vpdpbusd per sub-block, times the row scales (vpmulld), and the -32 back as
  * 32 * sum_s sc_s * bsums_s (vpdpwssd on the scale pairs). */
-PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const int T) {
-    const block_q6_K_x16 *wb = job->w + gr * job->nb;
-    const block_q8_K *y[X16_TOKENS];
-    __m512 facc[X16_TOKENS];
-    for (int t = 0; t < T; t++) y[t] = job->act + (t0 + t) * job->nb, facc[t] = _mm512_setzero_ps();
+PF_INLINE void q6_K_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T) {
+    const block_q6_K_x16 *wb = (const block_q6_K_x16 *)job->w + gr * job->nb;
+    const block_q8_K *y[PF_X16_TOKENS];
+    __m512 facc[PF_X16_TOKENS];
+    for (int t = 0; t < T; t++) y[t] = (const block_q8_K *)job->act + (t0 + t) * job->nb, facc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < job->nb; i++) {
         const block_q6_K_x16 *b = wb + i;
         const char *ahead = (const char *)(b + 2);  /* not read front to back: see q4_K_x16_tile */
-        __m512i isum[X16_TOKENS];
+        __m512i isum[PF_X16_TOKENS];
         for (int t = 0; t < T; t++) isum[t] = _mm512_setzero_si512();
         for (int p = 0; p < 8; p++) {
             for (int l = 0; l < 7; l++) _mm_prefetch(ahead + 64 * (7 * p + l), _MM_HINT_T0);
@@ -567,67 +396,9 @@ PF_INLINE void q6_K_x16_tile(const q6_K_job *job, int64_t gr, int64_t t0, const 
 
 TOKEN_DISPATCH(q6_K_tile, q6_K_x16_tile)
 
-static int matmul_q6_K_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                           int n_threads, x16_tile_fn tile) {
-    if (n_tok == 0) return 0;
-    const int64_t nb = n_in / QK_K;
-    block_q8_K *act = aligned_alloc(64, (size_t)(n_tok * nb) * sizeof(block_q8_K));
-    if (!act) return -2;
-    const q6_K_job job = {packed, act, out, nb, n_out};
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tok; t++) pf_q8_K_from_float(x + t * n_in, act + t * nb, n_in);
-        x16_row_groups(&job, tile, n_out / 16, n_tok);
-    }
-    free(act);
-    return 0;
-}
-
 /* -- Q8_0_X16 and Q4_0_X16 ---------------------------------------------------
- * 16 rows, one block of 32 columns: the row scales as floats, and the weights
- * as unsigned bytes (vpdpbusd wants them so): Q8_0's + 128, one byte each,
- * column 4g + j of row r at qs[g][4r + j]; Q4_0's q (w = d * (q - 8)) as
- * nibbles, columns 8g + j / 8g + 4 + j of row r in the low / high nibble of
- * qs[g][4r + j]. The offset (128 or 8) times sum(a) is the same for every row
- * and comes off once per block and token. */
-typedef struct {
-    float d[16];
-    uint8_t qs[8][64];
-} block_q8_0_x16;
-_Static_assert(sizeof(block_q8_0_x16) == 576, "block_q8_0_x16 must be 576 bytes");
-
-typedef struct {
-    float d[16];
-    uint8_t qs[4][64];
-} block_q4_0_x16;
-_Static_assert(sizeof(block_q4_0_x16) == 320, "block_q4_0_x16 must be 320 bytes");
-
-static void q8_0_row(const void *src, int r, void *dst) {
-    const block_q8_0 *b = src;
-    block_q8_0_x16 *o = dst;
-    o->d[r] = pf_half_to_float_scalar(b->d);
-    for (int k = 0; k < QK8_0; k++) o->qs[k / 4][4 * r + k % 4] = (uint8_t)(b->qs[k] + 128);
-}
-
-static void q4_0_row(const void *src, int r, void *dst) {
-    const block_q4_0 *b = src;
-    block_q4_0_x16 *o = dst;
-    uint8_t q[QK4_0];   /* quants.h: qs[l] holds column l (low nibble) and l + 16 (high) */
-    for (int l = 0; l < QK4_0 / 2; l++) q[l] = b->qs[l] & 0x0f, q[l + 16] = b->qs[l] >> 4;
-    o->d[r] = pf_half_to_float_scalar(b->d);
-    for (int g = 0; g < 4; g++)
-        for (int j = 0; j < 4; j++) o->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
-}
-
-typedef struct {
-    const void *w;              /* block_q8_0_x16 or block_q4_0_x16 */
-    const block_q8_0 *act;      /* [n_tok][nb] */
-    const float *da;            /* [n_tok][nb]: the activation scales as floats */
-    const int32_t *sums;        /* [n_tok][nb]: the sum of each activation block */
-    float *out;
-    int64_t nb, n_out;
-} q32_job;
+ * The weights are unsigned (Q8_0's + 128, Q4_0's q): the offset (128 or 8)
+ * times sum(a) is the same for every row and comes off once per block and token. */
 
 /* Block i's 8 weight vectors, columns 4g .. 4g+3 in vector g. */
 PF_INLINE void q32_x16_weights(const void *w, int64_t i, const int is_q4, __m512i wv[8]) {
@@ -645,12 +416,12 @@ PF_INLINE void q32_x16_weights(const void *w, int64_t i, const int is_q4, __m512
 }
 
 /* out[t0 + t][16 gr .. 16 gr + 16) = sum over blocks of d_w * d_a * (w . a), T tokens. */
-PF_INLINE void q32_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const int T, const int is_q4) {
+PF_INLINE void q32_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T, const int is_q4) {
     const int64_t nb = job->nb;
     const void *wb = is_q4 ? (const void *)((const block_q4_0_x16 *)job->w + gr * nb)
                            : (const void *)((const block_q8_0_x16 *)job->w + gr * nb);
     const int32_t offset = is_q4 ? 8 : 128;
-    __m512 facc[X16_TOKENS];
+    __m512 facc[PF_X16_TOKENS];
     for (int t = 0; t < T; t++) facc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         __m512i wv[8];
@@ -658,8 +429,8 @@ PF_INLINE void q32_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const in
         const __m512 d = _mm512_loadu_ps(is_q4 ? ((const block_q4_0_x16 *)wb)[i].d : ((const block_q8_0_x16 *)wb)[i].d);
         for (int t = 0; t < T; t++) {
             const int64_t at = (t0 + t) * nb + i;
-            const int8_t *a = job->act[at].qs;
-            __m512i s0 = _mm512_set1_epi32(-offset * job->sums[at]), s1 = _mm512_setzero_si512();   /* two chains */
+            const int8_t *a = ((const block_q8_0 *)job->act)[at].qs;
+            __m512i s0 = _mm512_set1_epi32(-offset * job->q_sums[at]), s1 = _mm512_setzero_si512();   /* two chains */
             for (int g = 0; g < 8; g += 2) {
                 s0 = _mm512_dpbusd_epi32(s0, wv[g], bcast_word(a + 4 * g));
                 s1 = _mm512_dpbusd_epi32(s1, wv[g + 1], bcast_word(a + 4 * g + 4));
@@ -671,107 +442,26 @@ PF_INLINE void q32_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const in
     for (int t = 0; t < T; t++) _mm512_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, facc[t]);
 }
 
-PF_INLINE void q8_0_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const int T) {
+PF_INLINE void q8_0_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T) {
     q32_x16_tile(job, gr, t0, T, 0);
 }
-PF_INLINE void q4_0_x16_tile(const q32_job *job, int64_t gr, int64_t t0, const int T) {
+PF_INLINE void q4_0_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T) {
     q32_x16_tile(job, gr, t0, T, 1);
 }
 TOKEN_DISPATCH(q8_0_tile, q8_0_x16_tile)
 TOKEN_DISPATCH(q4_0_tile, q4_0_x16_tile)
 
-static int matmul_q32_x16(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out, float *out,
-                          int n_threads, x16_tile_fn tile) {
-    if (n_tok == 0) return 0;
-    const int64_t nb = n_in / QK8_0;
-    block_q8_0 *act = malloc((size_t)(n_tok * nb) * sizeof(block_q8_0));
-    float *da = malloc((size_t)(n_tok * nb) * sizeof(float));
-    int32_t *sums = malloc((size_t)(n_tok * nb) * sizeof(int32_t));
-    if (!act || !da || !sums) {
-        free(act), free(da), free(sums);
-        return -2;
-    }
-    const q32_job job = {packed, act, da, sums, out, nb, n_out};
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tok; t++) {
-            pf_q8_0_from_float(x + t * n_in, act + t * nb, n_in);
-            for (int64_t i = t * nb; i < (t + 1) * nb; i++) {
-                int32_t s = 0;
-                for (int k = 0; k < QK8_0; k++) s += act[i].qs[k];
-                da[i] = half_to_float(act[i].d), sums[i] = s;
-            }
-        }
-        x16_row_groups(&job, tile, n_out / 16, n_tok);
-    }
-    free(act), free(da), free(sums);
-    return 0;
-}
-
-
-
 #pragma GCC pop_options
 
-/* -- the x16 formats, by ggml type ----------------------------------------- */
-
-/* A GEMM driver: quantizes the activations its tiles read, then runs them. */
-typedef int (*x16_driver_fn)(const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                             float *out, int n_threads, x16_tile_fn tile);
-
-/* Row r of an x16 block from one stored block of that row (the block is zeroed first). */
-typedef void (*x16_row_fn)(const void *src, int r, void *dst);
-
-typedef struct {
-    int type;
-    int64_t cols;               /* columns per block */
-    size_t block_bytes;         /* bytes of an x16 block (16 rows) */
-    x16_row_fn row;
-    x16_driver_fn driver;
-    x16_tile_fn tile;
-} x16_format;
-
-static const x16_format X16_FORMATS[] = {
-    {PF_Q4_K, QK_K, sizeof(block_q4_K_x16), q4_K_row, matmul_k_x16, q4_K_tile},
-    {PF_Q5_K, QK_K, sizeof(block_q5_K_x16), q5_K_row, matmul_k_x16, q5_K_tile},
-    {PF_Q6_K, QK_K, sizeof(block_q6_K_x16), q6_K_row, matmul_q6_K_x16, q6_K_tile},
-    {PF_Q8_0, QK8_0, sizeof(block_q8_0_x16), q8_0_row, matmul_q32_x16, q8_0_tile},
-    {PF_Q4_0, QK4_0, sizeof(block_q4_0_x16), q4_0_row, matmul_q32_x16, q4_0_tile},
-};
-
-static const x16_format *x16_format_of(int type) {
-    for (size_t i = 0; i < sizeof X16_FORMATS / sizeof X16_FORMATS[0]; i++)
-        if (X16_FORMATS[i].type == type) return &X16_FORMATS[i];
-    return NULL;
-}
-
-static int64_t x16_bytes(const x16_format *f, int64_t n_out, int64_t n_in) {
-    if (!f || n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % f->cols) return -1;
-    return n_out / 16 * (n_in / f->cols) * (int64_t)f->block_bytes;
-}
-
-int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) { return x16_bytes(x16_format_of(type), n_out, n_in); }
-
-int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
-    const x16_format *f = x16_format_of(type);
-    if (x16_bytes(f, n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / f->cols, n_groups = n_out / 16;
-    const size_t src_bytes = (size_t)pf_row_bytes(type, f->cols);
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t gr = 0; gr < n_groups; gr++)
-        for (int64_t i = 0; i < nb; i++) {
-            char *o = (char *)dst + (size_t)(gr * nb + i) * f->block_bytes;
-            memset(o, 0, f->block_bytes);
-            for (int r = 0; r < 16; r++) f->row((const char *)w + (size_t)((16 * gr + r) * nb + i) * src_bytes, r, o);
-        }
-    return 0;
-}
-
-int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                  float *out, int n_threads) {
-    const x16_format *f = x16_format_of(type);
-    if (x16_bytes(f, n_out, n_in) < 0 || n_tok < 0 || !pf_vnni_available()) return -1;
-    return f->driver(x, packed, n_tok, n_in, n_out, out, n_threads, f->tile);
+pf_x16_tile_fn pf_vnni_x16_tile(int type) {
+    switch (type) {
+    case PF_Q4_K: return q4_K_tile;
+    case PF_Q5_K: return q5_K_tile;
+    case PF_Q6_K: return q6_K_tile;
+    case PF_Q8_0: return q8_0_tile;
+    case PF_Q4_0: return q4_0_tile;
+    default: return NULL;
+    }
 }
 
 pf_vec_dot_fn pf_vnni_vec_dot(int type) {

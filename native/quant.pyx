@@ -93,6 +93,15 @@ def vnni_available():
     return bool(pf_vnni_available())
 
 
+X16_KERNELS = {"avx2": PF_X16_AVX2, "vnni": PF_X16_VNNI}
+
+
+def x16_kernels():
+    """The kernel family that runs repacked (x16) weights here: "vnni", "avx2",
+    or None (no AVX2 build, or PYFORGE_DISABLE_X16 set): then weights stay as stored."""
+    return {PF_X16_AVX2: "avx2", PF_X16_VNNI: "vnni"}.get(pf_x16_kernels())
+
+
 def dequantize(raw, ggml_type, n):
     """float32[n]: the n weights whose GGUF bytes are raw (exactly that many bytes)."""
     cdef const pf_type_traits *tr = _traits(ggml_type)
@@ -179,20 +188,20 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=Tru
         raise ValueError("matmul: bad arguments")
 
 
-# -- repacked weights (AVX-512 VNNI) ----------------------------------------------
+# -- repacked weights (x16: AVX-512 VNNI or AVX2 tiles) ---------------------------
 
-# ggml types with an x16 format (where this build carries the VNNI kernels)
+# ggml types with an x16 format
 REPACKABLE = tuple(t for t in GGMLType if pf_x16_bytes(t, 16, 256) > 0)
 
 
 def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
     """Weights of a REPACKABLE type (n_out rows of n_in) interleaved 16 rows at
-    a time for matmul_x16 (uint8 array), or None where this CPU has no AVX-512
-    VNNI, the type has no such layout, or the shape does not allow it (n_out % 16)."""
+    a time for matmul_x16 (uint8 array), or None where no x16 kernels run here
+    (x16_kernels()), the type has no such layout, or the shape does not allow it (n_out % 16)."""
     cdef int t = ggml_type
     cdef int64_t no = n_out, ni = n_in
     cdef int64_t nbytes = pf_x16_bytes(t, no, ni)
-    if not pf_vnni_available() or nbytes < 0:
+    if pf_x16_kernels() == PF_X16_NONE or nbytes < 0:
         return None
     cdef cnp.ndarray src = _c_array(w, "w")
     if cnp.PyArray_NBYTES(src) != _row_bytes(t, ni, _traits(t)) * no:
@@ -206,9 +215,13 @@ def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
     return dst
 
 
-def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
-    """out[t, r] = sum_k x[t, k] * W[r, k], W repacked by repack_x16."""
+def matmul_x16(x, packed, ggml_type, n_out, out, n_threads, kernels=None):
+    """out[t, r] = sum_k x[t, k] * W[r, k], W repacked by repack_x16, on the
+    best x16 kernels here, or on `kernels` ("avx2" runs on VNNI hosts too)."""
     cdef int t = ggml_type
+    if kernels is not None and kernels not in X16_KERNELS:
+        raise ValueError(f"kernels must be one of {sorted(X16_KERNELS)} or None, got {kernels!r}")
+    cdef int family = X16_KERNELS.get(kernels, PF_X16_NONE)
     cdef cnp.ndarray xa = _f32_2d(x, "x", False)
     cdef cnp.ndarray oa = _f32_2d(out, "out", True)
     cdef cnp.ndarray pa = _c_array(packed, "packed")
@@ -227,11 +240,11 @@ def matmul_x16(x, packed, ggml_type, n_out, out, n_threads):
     cdef const void *wp = cnp.PyArray_DATA(pa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
     with nogil:
-        rc = pf_matmul_x16(t, xp, wp, n_tok, n_in, no, op, nt)
+        rc = pf_matmul_x16(t, xp, wp, n_tok, n_in, no, op, nt, family)
     if rc == -2:
         raise MemoryError("matmul: out of memory for the quantized activations")
     if rc:
-        raise ValueError("matmul_x16: no AVX-512 VNNI here")
+        raise ValueError(f"matmul_x16: no {kernels or 'x16'} kernels here")
 
 
 # -- test hooks: the portable half converters the F16C build does not use ----

@@ -67,10 +67,18 @@ cdef extern from "quants.h" nogil:
 
 cdef extern from "matmul_vnni.h" nogil:
     int pf_vnni_available()
+
+
+cdef extern from "matmul_x16.h" nogil:
+    enum:
+        PF_X16_NONE
+        PF_X16_AVX2
+        PF_X16_VNNI
+    int pf_x16_kernels()
     int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in)
     int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads)
     int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, int64_t n_in, int64_t n_out,
-                      float *out, int n_threads)
+                      float *out, int n_threads, int kernels)
 
 
 cdef extern from "matmul.h" nogil:

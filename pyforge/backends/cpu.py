@@ -2,9 +2,9 @@
 AVX-512 VNNI, AMX; each runtime-detected).
 
 Weights stay in their stored format (memory-mapped), except Q4_K, Q5_K, Q6_K,
-Q8_0 and Q4_0 matrices on CPUs with AVX-512 VNNI and no AMX: those are repacked
-once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x faster on
-batches; that copy is anonymous memory (1.06-1.11x the stored bytes), and the
+Q8_0 and Q4_0 matrices on CPUs with AVX2 or AVX-512 VNNI and no AMX: those are
+repacked once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x
+faster on batches; that copy is anonymous memory (1.06-1.11x the stored bytes), and the
 mapped pages are left to the page cache. Q5_K and Q6_K keep their mapped
 originals for single tokens too (their repacked 1-token dots, with more bits to
 unpack, are ~0.83x). Activations are float32; the KV cache is in the dtype
@@ -44,6 +44,12 @@ class CpuExperts:
 SINGLE_TOKEN_ORIGINAL = (GGMLType.Q5_K, GGMLType.Q6_K)
 
 
+def repacks_weights():
+    """True where the CPU backend repacks weights at load: x16 kernels run here
+    (quant.x16_kernels) and no AMX, whose batched path reads the stored layout."""
+    return quant.x16_kernels() is not None and not quant.amx_available()
+
+
 class CpuBackend:
     name = "cpu"
     activation_dtype_bytes = 4
@@ -54,13 +60,12 @@ class CpuBackend:
             raise ValueError("n_threads must be at least 1")
         self.kv_dtype = kv_dtype.resolve(kv_cache_dtype, self.name)
         self.kv_dtype_bytes = kv_dtype.BYTES_PER_VALUE[self.kv_dtype]
-        # AMX machines keep the stored layout: their batched Q4_K path reads it.
-        self.repack = quant.vnni_available() and not quant.amx_available()
+        self.repack = repacks_weights()
 
     # -- weights ---------------------------------------------------------
     def prepare_weight(self, tensor):
         """A matmul weight: the mapped bytes as stored (no copy), or the matrix
-        repacked for the VNNI GEMM where that runs."""
+        repacked for the x16 GEMM where that runs."""
         if self.repack and tensor.ggml_type in quant.REPACKABLE and len(tensor.shape) == 2:
             packed = quant.repack_x16(tensor.data, int(tensor.ggml_type), *tensor.shape, self.n_threads)
             if packed is not None:

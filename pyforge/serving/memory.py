@@ -59,11 +59,11 @@ def memory_need(config):
     from pyforge.backends import kv_dtype
     from pyforge.engine.model_runner import DEFAULT_KV_CACHE_BYTES, KVCache, kv_pool_blocks
     from pyforge.loader import load_model_file
+    from pyforge.backends.cpu import repacks_weights
     from pyforge.loader.quantize import loaded_types
-    from pyforge.native import quant
 
     ec = EngineConfig.from_server_config(config)
-    repacks = quant.vnni_available() and not quant.amx_available()
+    repacks = repacks_weights()
     with load_model_file(config.model) as model_file:
         mc = model_file.config
         types = loaded_types(model_file, config.quantization)     # after --quantization

@@ -29,6 +29,9 @@ needs_simd = pytest.mark.skipif(not quant.simd_available(), reason="built withou
 needs_amx = pytest.mark.skipif(not quant.amx_available(), reason="no AMX-INT8 on this CPU (or PYFORGE_DISABLE_AMX)")
 needs_vnni = pytest.mark.skipif(not quant.vnni_available(),
                                 reason="no AVX-512 VNNI on this CPU (or PYFORGE_DISABLE_VNNI)")
+needs_x16 = pytest.mark.skipif(quant.x16_kernels() is None, reason="no x16 kernels here (or PYFORGE_DISABLE_X16)")
+# the x16 kernel families, each where it runs (a VNNI host runs the AVX2 tiles too)
+X16_FAMILIES = [pytest.param("avx2", marks=needs_x16), pytest.param("vnni", marks=needs_vnni)]
 
 
 AMX_TYPES = {T.Q4_K, T.Q6_K}
@@ -401,18 +404,18 @@ X16_SHAPES = {  # type -> (n_in, n_out) pairs, n_out a multiple of 16
 }
 
 
-@needs_vnni
+@pytest.mark.parametrize("family", X16_FAMILIES)
 @pytest.mark.parametrize("n_threads", [1, 2])
-@pytest.mark.parametrize("n_tok", [1, 3, 8, 17, 64])
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 5, 8, 17, 64])
 @pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
-def test_repacked_weights_match_float64_and_the_scalar_kernel(t, n_tok, n_threads):
+def test_repacked_weights_match_float64_and_the_scalar_kernel(t, n_tok, n_threads, family):
     for n_in, n_out in X16_SHAPES[t]:
         raw, w64 = case(t, n_in, n_out)
         packed = quant.repack_x16(raw, int(t), n_out, n_in, n_threads)
         rng = np.random.default_rng(n_tok * 7 + n_in)
         x = (rng.standard_normal((n_tok, n_in)) * rng.uniform(0.1, 4, (n_tok, 1))).astype(np.float32)
         out = np.full((n_tok, n_out), np.nan, dtype=np.float32)
-        quant.matmul_x16(x, packed, int(t), n_out, out, n_threads)
+        quant.matmul_x16(x, packed, int(t), n_out, out, n_threads, kernels=family)
         err = np.abs(out.astype(np.float64) - x.astype(np.float64) @ w64.T)
         assert np.all(err <= matmul_bound(t, x, w64)), f"{n_in}->{n_out}: max err {err.max():.3g}"
         ref = run_matmul(x, raw, t, n_out, 1, "scalar")      # the same quantized activations
@@ -420,7 +423,7 @@ def test_repacked_weights_match_float64_and_the_scalar_kernel(t, n_tok, n_thread
         assert np.all(np.abs(out.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30)
 
 
-@needs_vnni
+@needs_x16
 @pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
 def test_repacking_refuses_what_it_cannot_lay_out(t):
     n_in = X16_SHAPES[t][0][0]
@@ -435,17 +438,23 @@ def test_repacking_refuses_what_it_cannot_lay_out(t):
     with pytest.raises(ValueError):
         quant.matmul_x16(np.zeros((2, n_in), np.float32), packed, int(t), 16, np.zeros((2, 32), np.float32), 1)
     assert quant.repack_x16(*case(T.F16, 256, 16)[:1], int(T.F16), 16, 256) is None     # no layout for F16
+    x, out = np.zeros((2, n_in), np.float32), np.zeros((2, 16), np.float32)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        quant.matmul_x16(x, packed, int(t), 16, out, 1, kernels="amx")
+    if not quant.vnni_available():
+        with pytest.raises(ValueError, match="no vnni kernels here"):
+            quant.matmul_x16(x, packed, int(t), 16, out, 1, kernels="vnni")
 
 
 @pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
-def test_the_cpu_backend_repacks_only_where_the_vnni_gemm_runs(t):
+def test_the_cpu_backend_repacks_only_where_an_x16_gemm_runs(t):
     from pyforge.backends.cpu import CpuBackend, RepackedWeight
     from pyforge.loader import TensorRef
     backend = CpuBackend(n_threads=1)
     n_in = X16_SHAPES[t][-1][0]
     raw, w64 = case(t, n_in, 16)
     prepared = backend.prepare_weight(TensorRef("w", t, (16, n_in), raw))
-    assert isinstance(prepared, RepackedWeight) == (quant.vnni_available() and not quant.amx_available())
+    assert isinstance(prepared, RepackedWeight) == (quant.x16_kernels() is not None and not quant.amx_available())
     for n_tok in (1, 3):        # one token may take another path (SINGLE_TOKEN_ORIGINAL)
         x = np.random.default_rng(n_tok).standard_normal((n_tok, n_in)).astype(np.float32)
         out = backend.matmul(x, prepared, np.empty((n_tok, 16), np.float32))
@@ -461,6 +470,25 @@ def test_vnni_can_be_switched_off():
     env = dict(os.environ, PYFORGE_DISABLE_VNNI="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def x16_kernels_under(env_var):
+    import os
+    import subprocess
+    import sys
+    code = "from pyforge.native import quant; print(quant.x16_kernels())"
+    env = dict(os.environ, **{env_var: "1"})
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_x16_kernels_can_be_switched_off():
+    """PYFORGE_DISABLE_X16=1: no repacking (weights stay as stored, on the row kernels)."""
+    assert x16_kernels_under("PYFORGE_DISABLE_X16") == "None"
+
+
+@needs_x16
+def test_without_vnni_the_avx2_tiles_run_repacked_weights():
+    assert x16_kernels_under("PYFORGE_DISABLE_VNNI") == "avx2"
 
 
 def test_amx_can_be_switched_off():

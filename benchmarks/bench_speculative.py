@@ -61,10 +61,10 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def workload(args, name, engine, n, seed, first=0):
-    """n (prompt ids, SamplingParams) requests of a workload, each decoding args.decode tokens
-    (stories: prompts first, first + 1, ... of STORY_PROMPTS)."""
-    decode = args.decode
+def workload(args, name, engine, n, seed, first=0, decode=None):
+    """n (prompt ids, SamplingParams) requests of a workload, each decoding `decode` tokens
+    (default args.decode; stories: prompts first, first + 1, ... of STORY_PROMPTS)."""
+    decode = decode or args.decode
     rng = np.random.default_rng(seed)
     vocab = engine.facts.vocab_size
     greedy = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
@@ -118,7 +118,7 @@ def bench_row(args, name, path, concurrency, spec):
     speeds = {label: [] for label in engines}
     per_step = {label: [] for label in engines}
     for label, engine in engines.items():       # warm-up: page the weights in
-        decode_run(engine, workload(args, name, engine, 1, 999))
+        decode_run(engine, workload(args, name, engine, 1, 999, decode=16))
     for r in range(args.rounds):
         for label, engine in engines.items():
             tps, tpstep = decode_round(args, name, engine, concurrency, r)

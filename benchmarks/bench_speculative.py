@@ -3,17 +3,22 @@
     python benchmarks/bench_speculative.py [--workloads echo stories nomatch] [--concurrency 1 4 16]
                                            [--threads 2] [--decode 128] [--rounds 3]
                                            [--config tinyllama-1.1b --format Q4_K_M]
+                                           [--echo-config tinyllama-1.1b-copy]
                                            [--spec '{"method": "ngram", ...}'] [--crossover]
 
 Workloads:
-  echo     the synthetic model (random weights, --config / --format) on prompts of a
-           random span said twice; greedy. Random weights do not "copy" the way a
-           trained model rewriting a code block does: what makes drafts land is that
-           its greedy continuation falls into loops, which prompt lookup then predicts.
-           The acceptance rate is printed beside the speed-up, so the two can be judged.
-  stories  stories260K (../shared/models) on TinyStories-like prompts; greedy.
-  nomatch  the synthetic model on distinct random tokens, sampled at temperature 1:
-           drafts (almost) never come, so this measures the adaptive rule's overhead.
+  echo     a copy model (pyforge/synthetic_copy.py: --echo-config, by default TinyLlama-1.1B's
+           shapes and Q4_K_M, so a step costs what that model's does): its embedding and output
+           head are built so that greedy decoding follows fixed 16-token cycles of the
+           vocabulary, while its attention and MLP layers are small random ones. Prompts walk
+           three turns of a cycle from a random token; the continuation goes on around it, as
+           a trained model quoting its input would, so prompt-lookup drafts land. It is a
+           stand-in for "repeat this code block", not a language model; greedy.
+  stories  stories260K (../shared/models) on four TinyStories-like prompts; greedy. A round
+           runs every prompt once: at concurrency 1 one after another, at 4 and 16 together.
+  nomatch  the synthetic model (random weights, --config / --format) on distinct random
+           tokens, sampled at temperature 1: drafts (almost) never come, so this measures
+           the adaptive rule's overhead.
 Each row runs the same requests on two engines (plain and speculative), alternating
 round by round (this machine's speed drifts); medians. Decode time starts once every
 request has its first token (prefill excluded).
@@ -25,6 +30,7 @@ being nearly free (compute-bound), which disable_by_batch_size should follow.
 Not run by the tests; a quiet machine gives meaningful numbers (name the CPU).
 """
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -36,6 +42,7 @@ import numpy as np
 from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.synthetic import ensure_model
+from pyforge.synthetic_copy import COPY_CYCLES, successors, walk
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
         "disable_by_batch_size": 64}
@@ -54,23 +61,31 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def workload(name, engine, n, seed, decode):
-    """n (prompt ids, SamplingParams) requests of a workload, each decoding `decode` tokens."""
+def workload(args, name, engine, n, seed, first=0, decode=None):
+    """n (prompt ids, SamplingParams) requests of a workload, each decoding `decode` tokens
+    (default args.decode; stories: prompts first, first + 1, ... of STORY_PROMPTS)."""
+    decode = decode or args.decode
     rng = np.random.default_rng(seed)
     vocab = engine.facts.vocab_size
+    greedy = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
     if name == "stories":
-        params = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
-        return [(engine.tokenizer.encode(STORY_PROMPTS[i % len(STORY_PROMPTS)]), params) for i in range(n)]
+        return [(engine.tokenizer.encode(STORY_PROMPTS[(first + i) % len(STORY_PROMPTS)]), greedy)
+                for i in range(n)]
     if name == "echo":
-        params = SamplingParams(temperature=0.0, max_tokens=decode, ignore_eos=True)
-        spans = [rng.integers(100, vocab - 100, 48).tolist() for _ in range(n)]
-        return [([1] + span + span, params) for span in spans]
+        nxt, turn = copy_successors(args.echo_config), COPY_CYCLES[args.echo_config]
+        return [([1] + walk(nxt, int(rng.integers(3, vocab)), 3 * turn), greedy) for _ in range(n)]
     params = SamplingParams(temperature=1.0, max_tokens=decode, ignore_eos=True, seed=int(seed))
     return [([1] + rng.choice(np.arange(100, vocab - 100), 96, replace=False).tolist(), params) for _ in range(n)]
 
 
+@functools.lru_cache
+def copy_successors(config_name):
+    return successors(config_name)
+
+
 def decode_run(engine, requests):
-    """(decode tokens/s, tokens per sequence-step) of one batch of requests."""
+    """(tokens decoded, seconds, sequence-steps) of one batch of requests, from the step where
+    every request has its first token (prefill excluded)."""
     seqs = [engine.add_request(p, params) for p, params in requests]
     counts = {s.seq_id: 0 for s in seqs}
     started, steps = None, 0
@@ -82,8 +97,17 @@ def decode_run(engine, requests):
             started, base, steps = time.perf_counter(), sum(counts.values()), 0
         elif started is not None:
             steps += len({o.seq_id for o in outputs})
-    elapsed = time.perf_counter() - started
-    decoded = sum(counts.values()) - base
+    return sum(counts.values()) - base, time.perf_counter() - started, steps
+
+
+def decode_round(args, name, engine, concurrency, seed):
+    """(decode tokens/s, tokens per sequence-step) of one round: one batch of `concurrency`
+    requests; for stories, batches until every story prompt has run once."""
+    batches = -(-len(STORY_PROMPTS) // concurrency) if name == "stories" else 1
+    decoded = elapsed = steps = 0
+    for b in range(batches):
+        d, t, s = decode_run(engine, workload(args, name, engine, concurrency, seed, b * concurrency))
+        decoded, elapsed, steps = decoded + d, elapsed + t, steps + s
     return decoded / elapsed, decoded / max(steps, 1)
 
 
@@ -94,10 +118,10 @@ def bench_row(args, name, path, concurrency, spec):
     speeds = {label: [] for label in engines}
     per_step = {label: [] for label in engines}
     for label, engine in engines.items():       # warm-up: page the weights in
-        decode_run(engine, workload(name, engine, 1, 999, 16))
+        decode_run(engine, workload(args, name, engine, 1, 999, decode=16))
     for r in range(args.rounds):
         for label, engine in engines.items():
-            tps, tpstep = decode_run(engine, workload(name, engine, concurrency, r, args.decode))
+            tps, tpstep = decode_round(args, name, engine, concurrency, r)
             speeds[label].append(tps)
             per_step[label].append(tpstep)
     sp = engines["spec"].speculator
@@ -137,6 +161,13 @@ def _timed(engine, plan):
     return time.perf_counter() - t0
 
 
+def model_path(args, workload_name):
+    """The model a workload runs on (synthetic ones generated on first use)."""
+    if workload_name == "stories":
+        return args.stories
+    return str(ensure_model(args.echo_config if workload_name == "echo" else args.config, args.format))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["echo", "stories", "nomatch"],
@@ -147,22 +178,23 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--config", default="tinyllama-1.1b", help="synthetic model config (pyforge/synthetic.py)")
     ap.add_argument("--format", default="Q4_K_M")
+    ap.add_argument("--echo-config", default="tinyllama-1.1b-copy", choices=sorted(COPY_CYCLES),
+                    help="the echo workload's copy model (pyforge/synthetic_copy.py), in --format")
     ap.add_argument("--stories", default=STORIES)
     ap.add_argument("--spec", default=json.dumps(SPEC), help="the speculative engine's --speculative-config")
     ap.add_argument("--crossover", action="store_true", help="also time verification steps against batch size")
     ap.add_argument("--crossover-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     args = ap.parse_args()
     spec = json.loads(args.spec)
-    synthetic = str(ensure_model(args.config, args.format))
-    print(f"{cpu_name()}, {args.threads} threads; synthetic {args.config} {args.format}; decode {args.decode}; "
-          f"median of {args.rounds} rounds; spec {json.dumps(spec)}")
+    print(f"{cpu_name()}, {args.threads} threads; synthetic {args.config} {args.format}, echo {args.echo_config} "
+          f"{args.format}; decode {args.decode}; median of {args.rounds} rounds; spec {json.dumps(spec)}")
     print("\n| workload | concurrency | plain tok/s | spec tok/s | speed-up | tokens/step (spec) | acceptance |")
     print("|---|---|---|---|---|---|---|")
     for name in args.workloads if args.concurrency else ():
         for c in args.concurrency:
-            bench_row(args, name, args.stories if name == "stories" else synthetic, c, spec)
+            bench_row(args, name, model_path(args, name), c, spec)
     if args.crossover:
-        crossover(args, synthetic, spec)
+        crossover(args, model_path(args, "nomatch"), spec)
     return 0
 
 

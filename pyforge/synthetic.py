@@ -14,6 +14,8 @@ norms are 1 + N(0, 0.05^2) (Gemma's HF files store them less 1, as its norms
 multiply by 1 + w), biases N(0, 0.1^2). A family's fused tensors (Phi-3's qkv,
 gate+up) are its parts' weights stacked, so fused and split files are one model;
 likewise a MoE model's experts, merged in a GGUF as llama.cpp writes them (ffn_*_exps).
+The "-copy" configs keep a config's shapes with weights whose greedy continuation follows
+fixed token cycles (synthetic_copy.py).
 Vocabulary: Llama 2's 32000 tokens (GGUF metadata from ggml-vocab-llama-spm.gguf,
 tokenizer.json from TinyLlama-1.1B-Chat-v1.0). The `gguf` package is used here only
 to write files.
@@ -151,6 +153,10 @@ CONFIGS.update({
                                  n_experts_used=2, expert_ffn_size=48, norm_topk_prob=False, dense_layers=(0, 2, 3)),
 })
 
+# copy models (synthetic_copy.py): a config's shapes, weights whose greedy continuation follows
+# fixed token cycles (what a trained model quoting its prompt gives speculative decoding)
+CONFIGS.update({"tinyllama-1.1b-copy": CONFIGS["tinyllama-1.1b"], "small-k-copy": CONFIGS["small-k"]})
+
 GGUF_FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_K_M", "Q4_K", "Q6_K")
 HF_DTYPES = ("float32", "float16", "bfloat16")
 FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K": 14, "Q4_K_M": 15, "Q6_K": 18, "BF16": 32}
@@ -192,11 +198,19 @@ def file_tensors(cfg):
     return out
 
 
-def file_tensor(name, shape, parts, seed, layout=lambda name, x: x):
-    """float32 values of one file tensor: its parts' weights (each laid out) stacked by rows."""
+def file_tensor(name, shape, parts, seed, layout=lambda name, x: x, make=None):
+    """float32 values of one file tensor: its parts' weights (each laid out) stacked by rows;
+    `make` gives one canonical tensor's values (tensor_maker; default make_tensor)."""
+    make = make or make_tensor
     if parts is None:
-        return layout(name, make_tensor(name, shape, seed))
-    return np.concatenate([layout(part, make_tensor(part, part_shape, seed)) for part, part_shape in parts])
+        return layout(name, make(name, shape, seed))
+    return np.concatenate([layout(part, make(part, part_shape, seed)) for part, part_shape in parts])
+
+
+def tensor_maker(config_name, cfg, seed):
+    """make_tensor, or a copy config's weights (synthetic_copy.py)."""
+    from pyforge.synthetic_copy import CopyWeights, is_copy_config
+    return CopyWeights(config_name, cfg, seed) if is_copy_config(config_name) else make_tensor
 
 
 def make_tensor(name, shape, seed):
@@ -359,6 +373,7 @@ def write_gguf(config_name, path, dtype="F32", seed=0, merged_experts=True):
     _check_gguf_can_hold(config_name, cfg)
     plan = gguf_plan(cfg, dtype, merged_experts)
     _check_quantizable(t for _, _, t, _ in plan)
+    make = tensor_maker(config_name, cfg, seed)
     rope_tensors = _rope_tensors(cfg)
     w = gguf.GGUFWriter(str(path), family(cfg.arch).gguf_architecture)
     try:
@@ -376,7 +391,7 @@ def write_gguf(config_name, path, dtype="F32", seed=0, merged_experts=True):
             if name in rope_tensors:
                 w.write_tensor_data(rope_tensors[name])
                 continue
-            x = file_tensor(name, shape, parts, seed, lambda part, v: gguf_layout(cfg, part, v))
+            x = file_tensor(name, shape, parts, seed, lambda part, v: gguf_layout(cfg, part, v), make)
             if x.ndim > 1:     # rows of every dimension but the last (merged experts: [n_experts, rows, cols])
                 x = quantize(x.reshape(-1, shape[-1]), t)
                 x = x.reshape(shape) if t in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) else x
@@ -538,6 +553,7 @@ def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
     itemsize = 4 if dtype == "float32" else 2
     specs = [(name, shape) for name, shape, _ in file_tensors(cfg)]
     parts_of = {name: parts for name, _, parts in file_tensors(cfg)}
+    make = tensor_maker(config_name, cfg, seed)
     sizes = [math.prod(s) * itemsize for _, s in specs]
     n = shards or max(1, -(-sum(sizes) // MAX_SHARD_BYTES))
     groups = _split(specs, sizes, n)
@@ -545,7 +561,7 @@ def write_hf_folder(config_name, path, dtype="float32", seed=0, shards=None):
     for i, group in enumerate(groups):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         arrays = {canonical_to_hf(name, fam):
-                  _hf_array(_hf_values(fam, name, file_tensor(name, shape, parts_of[name], seed)), dtype)
+                  _hf_array(_hf_values(fam, name, file_tensor(name, shape, parts_of[name], seed, make=make)), dtype)
                   for name, shape in group}
         spec = {k: TensorSpec(dtype="bfloat16" if dtype == "bfloat16" else a.dtype.name, shape=a.shape,
                               data_ptr=a.ctypes.data, data_len=a.nbytes) for k, a in arrays.items()}

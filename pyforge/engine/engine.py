@@ -209,7 +209,7 @@ class Engine:
             started = time.perf_counter()
             logits = self.runner.forward(batch)
             self._forward_s = time.perf_counter() - started
-            if full:
+            if full and _prompt_logprobs_due(plan, full):
                 logits = self._record_prompt_logprobs(plan, full, logits)
             masks = masks and masks.wait()
         except Exception as e:      # nothing of this step was recorded: end its sequences only
@@ -366,6 +366,12 @@ def _full_logits(plan):
         return False
     full = [seq.needs_prompt_logits or bool(seq.draft_tokens) for seq, _ in plan]
     return full if any(full) else False
+
+
+def _prompt_logprobs_due(plan, full):
+    """Whether a full entry is there for its prompt logprobs: else every full entry is a
+    drafted one, and the logits are already the sampling rows, in order."""
+    return any(every and not seq.draft_tokens for (seq, _), every in zip(plan, full))
 
 
 def _verify_rows(seqs):

@@ -43,6 +43,16 @@ def kv_pool_blocks(engine_config, model_config, max_model_len, budget_bytes, dty
     return -(-tokens // engine_config.block_size)
 
 
+def _decoding_with_drafts(plan, all_logits):
+    """Whether every plan entry decodes: its one uncomputed token and all its drafts, every row
+    wanted when it has drafts (all_logits one bool per entry) and none of them for prompt logprobs."""
+    for (seq, n), every in zip(plan, all_logits):
+        drafts = len(seq.draft_tokens)
+        if seq.num_computed_tokens + 1 != len(seq.token_ids) or n != 1 + drafts or every != (drafts > 0):
+            return False
+    return True
+
+
 def _new_tokens(seq, n):
     """The n tokens of seq this step computes: its uncomputed tokens, then its drafts."""
     start = seq.num_computed_tokens
@@ -92,6 +102,8 @@ class ModelRunner:
             if built is not None:
                 return ForwardBatch(*built[0]), built[1]
         self.decode_batch.reset()
+        if isinstance(all_logits, list) and _decoding_with_drafts(plan, all_logits):
+            return self._build_decode_with_drafts(plan), list(range(len(plan)))
         bs, n_seq = self.kv_cache.block_size, len(plan)
         # [n_seq, 4]: tokens cached, new tokens, all tokens (with drafts), blocks held
         ints = np.array([(seq.num_computed_tokens, n, len(seq.token_ids) + len(seq.draft_tokens), len(seq.block_table))
@@ -126,6 +138,30 @@ class ModelRunner:
             logits_rows=logits_rows.astype(np.int32),
         )
         return batch, np.flatnonzero(caught_up).tolist()
+
+    def _build_decode_with_drafts(self, plan):
+        """build_batch of a step where every entry decodes (its last token, then its drafts)
+        and samples every row: a few rows, gathered in Python lists (the array arithmetic
+        of the general path costs more than that at this size)."""
+        bs = self.kv_cache.block_size
+        token_ids, slots, positions, qsl, context_lens = [], [], [], [0], []
+        block_tables = np.zeros((len(plan), max(len(seq.block_table) for seq, _ in plan)), dtype=np.int32)
+        for i, (seq, n) in enumerate(plan):
+            start, table = seq.num_computed_tokens, seq.block_table
+            block_tables[i, :len(table)] = table
+            token_ids.append(seq.token_ids[start])
+            token_ids.extend(seq.draft_tokens[:n - 1])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            qsl.append(qsl[-1] + n)
+            context_lens.append(start + n)
+        n_tok = qsl[-1]
+        return ForwardBatch(token_ids=np.array(token_ids, dtype=np.int32), positions=np.array(positions, dtype=np.int32),
+                            slot_mapping=np.array(slots, dtype=np.int32), block_tables=block_tables,
+                            context_lens=np.array(context_lens, dtype=np.int32),
+                            query_start_loc=np.array(qsl, dtype=np.int32),
+                            logits_rows=np.arange(n_tok, dtype=np.int32))
 
     def run(self, plan, all_logits=False):
         batch, sampling = self.build_batch(plan, all_logits)

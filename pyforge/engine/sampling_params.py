@@ -37,9 +37,11 @@ class SamplingParams:
     # an embedding request (engine/pooling.py): no sampling; the final hidden state (after the
     # final norm) pooled over the prompt by POOLINGS' rule and L2-normalised; None: generate
     pooling: str | None = None
-    # n-gram speculative decoding (engine/speculative.py) may draft for this request when the
-    # engine has it on; False opts out (the output is the same either way: only the speed differs)
-    speculate: bool = True
+    # n-gram speculative decoding (engine/speculative.py), when the engine has it on: at most
+    # this many drafted tokens per step for this request (llama-server's speculative.n_max; the
+    # engine's num_speculative_tokens caps it); 0 opts out; None: the engine's. The output is
+    # the same either way: only the speed differs
+    max_drafts: int | None = None
 
     def __post_init__(self):
         # frozen, but callers pass lists; a tuple keeps the object hashable
@@ -72,8 +74,8 @@ class SamplingParams:
             _integer("stop_token_ids", token, low=0, high=INT32_MAX)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {brief(self.ignore_eos)}")
-        if not isinstance(self.speculate, bool):
-            raise ValueError(f"speculate must be true or false, got {brief(self.speculate)}")
+        if self.max_drafts is not None:
+            _integer("max_drafts", self.max_drafts, low=0, high=INT32_MAX)
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
             raise ValueError(f"grammar must be a non-empty string, got {brief(self.grammar)}")
         for token, bias in self.logit_bias:

@@ -38,9 +38,10 @@ costs what it saves (benchmarks/bench_speculative.py measures the crossover).
 Structured output: a constrained sequence's drafts are cut to the prefix its grammar
 matcher accepts (validate_tokens) before verification, and row i is masked with the
 grammar's state after drafts[:i] (engine/guided.py), so it samples what plain guided
-decoding would. Not speculated: embedding requests and requests whose params opt
-out (`SamplingParams.speculate`).
+decoding would. Not speculated: embedding requests and requests that opt out
+(`SamplingParams.max_drafts` 0); a request's max_drafts caps its k below the config's.
 """
+from pyforge.engine.config import MAX_SPECULATIVE_TOKENS
 from pyforge.native.ngram_index import NgramIndex
 
 GAMMA = 0x9E3779B97F4A7C15      # SplitMix64's per-draw increment (native/sampler_kernels.c)
@@ -115,7 +116,7 @@ class Speculator:
             if state is None:
                 state = seq.draft_state = DraftState(self.config)
             # the last emitted token is always one of this step's: drafts fill what is left
-            k = min(state.budget(), seq.max_tokens - seq.num_output_tokens - 1, rows_left)
+            k = min(state.budget(), _request_cap(seq), seq.max_tokens - seq.num_output_tokens - 1, rows_left)
             if k <= 0:
                 continue
             state.index.extend(seq.token_ids)
@@ -128,7 +129,7 @@ class Speculator:
         self.num_draft_tokens += proposed
         self.num_accepted_tokens += accepted
         self.accepted_per_draft[accepted] += 1
-        seq.draft_state.adapt(proposed, accepted, self.config.num_speculative_tokens)
+        seq.draft_state.adapt(proposed, accepted, min(self.config.num_speculative_tokens, _request_cap(seq)))
 
     @property
     def acceptance_rate(self):
@@ -180,4 +181,10 @@ def _caught_up(seq):
 
 def _may_speculate(seq):
     p = seq.params
-    return p.speculate and p.pooling is None
+    return p.max_drafts != 0 and p.pooling is None
+
+
+def _request_cap(seq):
+    """The most drafts the request allows per step (its max_drafts; unbounded when unset)."""
+    cap = seq.params.max_drafts
+    return MAX_SPECULATIVE_TOKENS if cap is None else cap

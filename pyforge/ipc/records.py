@@ -48,7 +48,7 @@ Byte layout: little-endian, packed, one record per message.
           UTF-8; 2 LOGIT_BIAS: i32 token_ids[k] | f64 biases[k] (n = 12k);
           3 MIN_TOKENS: u32; 4 PROMPT_LOGPROBS: u32 (top alternatives); 5 POOLING:
           u32 (Pooling: 1 mean, 2 last; an embedding request, engine/pooling.py); 6
-          NO_SPECULATION: no value (SamplingParams.speculate false). An
+          MAX_DRAFTS: u32 (SamplingParams.max_drafts; 0: no speculation). An
           engine refuses a SUBMIT with a tag it does not know: never half-honoured)
   PARAMS  (version 1, 68 bytes) f64 temperature | f64 top_p | f64 min_p
           | f64 repetition_penalty | f64 presence_penalty | f64 frequency_penalty
@@ -123,7 +123,7 @@ class ExtensionTag(IntEnum):
     MIN_TOKENS = 3
     PROMPT_LOGPROBS = 4
     POOLING = 5
-    NO_SPECULATION = 6
+    MAX_DRAFTS = 6
 
 
 class Pooling(IntEnum):
@@ -209,8 +209,8 @@ def _pack_extensions(p):
         entries.append((ExtensionTag.PROMPT_LOGPROBS, _pack(_U32, p.prompt_logprobs)))
     if p.pooling is not None:
         entries.append((ExtensionTag.POOLING, _pack(_U32, Pooling[p.pooling.upper()])))
-    if not p.speculate:
-        entries.append((ExtensionTag.NO_SPECULATION, b""))
+    if p.max_drafts is not None:
+        entries.append((ExtensionTag.MAX_DRAFTS, _pack(_U32, p.max_drafts)))
     return b"".join(_pack(_EXTENSION, tag, 0, len(value)) + value for tag, value in entries)
 
 
@@ -245,7 +245,7 @@ _EXTENSION_FIELDS = {           # tag -> (SamplingParams field, reader(value, n)
     ExtensionTag.MIN_TOKENS: ("min_tokens", lambda r, n: r.unpack(_U32)[0]),
     ExtensionTag.PROMPT_LOGPROBS: ("prompt_logprobs", lambda r, n: r.unpack(_U32)[0]),
     ExtensionTag.POOLING: ("pooling", lambda r, n: _read_pooling(r.unpack(_U32)[0])),
-    ExtensionTag.NO_SPECULATION: ("speculate", lambda r, n: False),
+    ExtensionTag.MAX_DRAFTS: ("max_drafts", lambda r, n: r.unpack(_U32)[0]),
 }
 
 

@@ -3,7 +3,7 @@
 Requests take the /v1 sampling fields (`max_tokens`, `temperature`, `top_p`,
 `top_k`, `min_p`, `seed`, `stop`, `presence_penalty`, `frequency_penalty`,
 `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `min_tokens`, `logit_bias`,
-`user`), an optional `model` and an optional
+`user`, llama-server's `speculative.n_max`), an optional `model` and an optional
 output constraint (`json_schema`, `response_format`, `grammar`, `regex`,
 `choice`: see server/constraints.py); unknown fields are ignored. One prompt,
 one choice.

@@ -107,6 +107,15 @@ SAMPLING = {
     "user": _string("An id of the end user (OpenAI).", ["user-1"]),
 }
 
+# llama-server's per-request draft cap (its key has the dot in it); our n-gram speculative
+# decoding takes it when the server runs with --speculative-config
+SPECULATION = {
+    "speculative.n_max": _integer("Speculative decoding: at most this many drafted tokens per step for this request "
+                                  "(llama-server); 0 turns it off for this request. The server's "
+                                  "--speculative-config num_speculative_tokens caps it; without that it has no "
+                                  "effect. The output is the same either way.", 0, INT32_MAX, [0]),
+}
+
 # a JSON schema: an object (llguidance refuses the boolean schemas true and false)
 _SCHEMA_VALUE = {"type": "object", "description": "a JSON schema"}
 CONSTRAINTS = {     # server/constraints.py: one per request
@@ -248,7 +257,7 @@ def _body(description, properties, required=()):
 
 
 COMPLETION = _body("An OpenAI completion request.", {
-    "model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, **SAMPLING,
+    "model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, **SAMPLING, **SPECULATION,
     "n": _integer("Choices to generate per prompt.", 1, MAX_N, [2]),
     "best_of": _integer("Candidates to sample per prompt (n..128, not streamed), of which the n of highest "
                         "cumulative logprob are returned.", 1, MAX_N, [1]),
@@ -262,6 +271,7 @@ COMPLETION = _body("An OpenAI completion request.", {
 CHAT_COMPLETION = _body("An OpenAI chat completion request.", {
     "model": MODEL, "messages": MESSAGES, "max_completion_tokens": MAX_TOKENS,
     "max_tokens": {**MAX_TOKENS, "description": "OpenAI's older name of max_completion_tokens."}, **SAMPLING,
+    **SPECULATION,
     "n": _integer("Choices to generate.", 1, MAX_N, [2]),
     "logprobs": _boolean("Return the log probability of each generated token."),
     "top_logprobs": _integer("With logprobs: this many likeliest alternatives per token.", 0, MAX_TOP_LOGPROBS,
@@ -269,7 +279,7 @@ CHAT_COMPLETION = _body("An OpenAI chat completion request.", {
     **STREAM, **CONSTRAINTS, **TOOLS, **CHAT_TEMPLATE,
 }, ["messages"])
 
-_API = {"model": MODEL, "max_tokens": MAX_TOKENS, **SAMPLING, **CONSTRAINTS}
+_API = {"model": MODEL, "max_tokens": MAX_TOKENS, **SAMPLING, **SPECULATION, **CONSTRAINTS}
 API_GENERATE = _body("A /api generation request: one prompt, one choice.", {"prompt": API_PROMPT, **_API},
                      ["prompt"])
 API_CHAT = _body("A /api chat request: one choice, no tools.", {

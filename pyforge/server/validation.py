@@ -21,6 +21,8 @@ from pyforge.tokenizer import ChatTemplateError
 # request fields passed to SamplingParams under the same name (OpenAI / vLLM names)
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "seed", "ignore_eos", "stop_token_ids", "min_tokens")
+# request fields passed to SamplingParams under another name: {request field: SamplingParams field}
+RENAMED_FIELDS = {"speculative.n_max": "max_drafts"}       # llama-server's
 
 
 def read_json(req, limit):
@@ -95,6 +97,7 @@ def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None
     is the request's output constraint (server/constraints.py), already checked;
     `vocab_size` bounds logit_bias's token ids (else the engine refuses them)."""
     kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    kwargs.update({ours: body[theirs] for theirs, ours in RENAMED_FIELDS.items() if body.get(theirs) is not None})
     kwargs["logit_bias"] = parse_logit_bias(body.get("logit_bias"), vocab_size)
     for name, default in (("temperature", config.default_temperature), ("top_p", config.default_top_p)):
         if default is not None:         # the server's default stands in for an omitted field
@@ -108,6 +111,9 @@ def sampling_params(body, config, max_tokens_keys=("max_tokens",), logprobs=None
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
+        theirs = {ours: theirs for theirs, ours in RENAMED_FIELDS.items()}
+        if field in theirs:
+            raise bad_request(f"{theirs[field]} {str(e).split(' ', 1)[1]}", theirs[field]) from None
         named = field in SAMPLING_FIELDS or field in ("max_tokens", "logit_bias")
         raise bad_request(str(e), field if named else None) from None
 

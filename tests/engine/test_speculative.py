@@ -23,6 +23,7 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence
 from pyforge.engine.speculative import (FIRST_PAUSE, MISS_STREAK, DraftState, accepted_prefix, verify_rows)
 from pyforge.synthetic import write_gguf
+from pyforge.synthetic_copy import successors, walk
 
 STORY_TEXTS = ["Once upon a time, there was a little girl. Once upon a time, there was a little",
                "The cat sat on the mat. The cat sat on the mat. The cat sat on the",
@@ -110,6 +111,23 @@ def test_seeded_sampling_with_penalties_is_identical_with_and_without_speculatio
     engine = make_engine(model_path, SPEC)
     assert_same_outputs(plain, run(engine, requests))
     assert engine.speculator.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_a_copy_model_accepts_nearly_every_draft_and_keeps_its_greedy_output(tmp_path, batch):
+    """The echo benchmark's model (synthetic_copy.py): prompts walking a token cycle, whose
+    continuation goes on around it, so all but the first drafts land; the tokens and
+    logprobs are those of plain decoding."""
+    path = str(write_gguf("small-k-copy", tmp_path / "copy.gguf", "Q4_K_M"))
+    nxt = successors("small-k-copy")
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=1)
+    requests = [([1] + walk(nxt, 100 + 37 * i, 24), params) for i in range(batch)]
+    plain = run(make_engine(path), requests)
+    engine = make_engine(path, SPEC)
+    spec = run(engine, requests)
+    assert_same_outputs(plain, spec)
+    assert engine.speculator.acceptance_rate > 0.9
+    assert all(np.mean(steps[1:]) > 3 for *_, steps in spec)     # most steps emit k + 1 = 5 tokens
 
 
 def stories_engine(spec=None):
@@ -274,10 +292,26 @@ def test_big_batches_and_opted_out_requests_do_not_speculate():
     prompts = story_prompts(engine)
     run(engine, [(p, params) for p in prompts[:3]])
     assert engine.speculator.num_drafts == 0            # three decoding sequences > 2
-    run(engine, [(prompts[3], dataclasses.replace(params, speculate=False))])
+    run(engine, [(prompts[3], dataclasses.replace(params, max_drafts=0))])
     assert engine.speculator.num_drafts == 0
     run(engine, [(prompts[3], params)])
     assert engine.speculator.num_drafts > 0
+
+
+def test_a_requests_max_drafts_caps_its_drafts_and_keeps_its_output(tmp_path):
+    """llama-server's per-request speculative.n_max: at most that many drafts a step (so at
+    most that many + 1 tokens), below the engine's num_speculative_tokens; refused below 0."""
+    path = str(write_gguf("small-k-copy", tmp_path / "copy.gguf", "Q4_K_M"))
+    nxt = successors("small-k-copy")
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    requests = [([1] + walk(nxt, 500, 24), dataclasses.replace(params, max_drafts=cap)) for cap in (1, 2, None)]
+    plain = run(make_engine(path), requests)
+    engine = make_engine(path, SPEC)
+    spec = run(engine, requests)
+    assert [s[0] for s in spec] == [p[0] for p in plain]
+    assert [max(steps) for *_, steps in spec] == [2, 3, SPEC["num_speculative_tokens"] + 1]
+    with pytest.raises(ValueError, match="max_drafts"):
+        SamplingParams(max_drafts=-1)
 
 
 @pytest.mark.parametrize("pattern", ["[A-Za-z .,]{1,400}", "[a-z .]{1,400}"])

@@ -93,8 +93,9 @@ def test_an_unknown_pooling_is_refused():
         decode(data[:-4] + struct.pack("<I", len(entry)) + entry)
 
 
-def test_a_speculation_opt_out_is_an_empty_entry():
-    data = encode(Submit(1, 0, [1], SamplingParams(speculate=False)))
-    assert extensions(data) == struct.pack("<HHI", 6, 0, 0)
-    assert decode(data).params.speculate is False
-    assert decode(encode(Submit(1, 0, [1], SamplingParams()))).params.speculate is True
+@pytest.mark.parametrize("max_drafts", [0, 1, 7])
+def test_a_draft_cap_is_a_u32_entry(max_drafts):
+    data = encode(Submit(1, 0, [1], SamplingParams(max_drafts=max_drafts)))
+    assert extensions(data) == struct.pack("<HHII", 6, 0, 4, max_drafts)
+    assert decode(data).params.max_drafts == max_drafts
+    assert decode(encode(Submit(1, 0, [1], SamplingParams()))).params.max_drafts is None

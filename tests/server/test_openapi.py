@@ -164,6 +164,8 @@ def test_every_documented_field_is_accepted_alone_and_as_null(served, spec):
     ("/v1/completions", {"prompt": "x", "json_schema": True}, "json_schema", "an object"),   # llguidance: no
     ("/v1/completions", {"prompt": "x", "echo": 1}, "echo", "true or false"),
     ("/completions", {"prompt": "x", "min_tokens": -1}, "min_tokens", "in 0.."),     # an alias: the same schema
+    ("/v1/completions", {"prompt": "x", "speculative.n_max": -1}, "speculative.n_max", "in 0.."),
+    ("/v1/chat/completions", {"messages": CHAT, "speculative.n_max": "no"}, "speculative.n_max", "integer"),
     ("/v1/chat/completions", {"messages": []}, "messages", "non-empty"),
     ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages", "messages[0].role is required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
@@ -226,6 +228,7 @@ HAND_CHECKS = {   # (schema, field) -> the hand check of one value
     ("completion", "repetition_penalty"): lambda x: SamplingParams(repetition_penalty=x),
     ("completion", "max_tokens"): lambda x: SamplingParams(max_tokens=x),
     ("completion", "min_tokens"): lambda x: SamplingParams(min_tokens=x, max_tokens=INT32_MAX),
+    ("completion", "speculative.n_max"): lambda x: SamplingParams(max_drafts=x),
     ("completion", "n"): lambda x: v.parse_n({"n": x}),
     ("completion", "best_of"): lambda x: v.parse_best_of({"best_of": x}, 1, False),
     ("completion", "logprobs"): v.parse_completion_logprobs,

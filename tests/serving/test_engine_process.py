@@ -367,7 +367,7 @@ def test_speculative_decoding_through_ipc_keeps_the_tokens_and_counts_drafts(mod
     r = Running(model_path, speculative_config={"method": "ngram", "disable_by_batch_size": 4})
     try:
         client = r.client()
-        opted_out = drain_stream(client.submit(loop_prompt, dataclasses.replace(params, speculate=False)))
+        opted_out = drain_stream(client.submit(loop_prompt, dataclasses.replace(params, max_drafts=0)))
         assert opted_out[0] == expected and r.seg.stats()["spec_decode_num_drafts"] == 0
         tokens, last = drain_stream(client.submit(loop_prompt, params))
         assert tokens == expected and last.completion_tokens == 40

@@ -21,8 +21,10 @@ logits) goes through ModelRunner's general path and calls `reset`.
 append_tokens: the per-token bookkeeping of a plain step (no drafts, no
 grammar): append each sampled token and check EOS / stop ids / max_tokens.
 advance_computed: count the step's tokens as computed; say who filled a block.
-schedule_running: the scheduler's loop over its running sequences, for the plain
-ones; drafts, prompt logprobs and preemption stay with the Python loop.
+schedule_running / schedule_waiting: the scheduler's loops over its running
+sequences (preemption included) and its waiting queue (prefix reuse, admission,
+the release of prefix claims when nothing runs), for the plain sequences; those
+with drafts, prompt logprobs or pooling go to the Python loop, one at a time.
 pack_sampling / store_rng_states: the sampler's per-row inputs and RNG states.
 plan_kinds: which special cases (embeddings, prompt logprobs, drafts, grammars) a
 plan holds, so the usual step skips their per-sequence scans.
@@ -35,6 +37,8 @@ remaining part).
 """
 import numpy as np
 
+from pyforge.engine.sequence import SequenceStatus
+
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
@@ -44,6 +48,7 @@ cnp.import_array()
 cdef int RUNNING = 1
 cdef int FINISHED_STOPPED = 3
 cdef int FINISHED_LENGTH = 4
+_RUNNING_STATUS = SequenceStatus.RUNNING
 
 
 cdef class DecodeBatch:
@@ -240,30 +245,86 @@ def advance_computed(list plan, Py_ssize_t block_size):
     return full
 
 
-def schedule_running(list running, list plan, Py_ssize_t budget, blocks):
-    """The scheduler's running loop (engine/scheduler.py, _schedule_running) over its
-    plain entries: each running sequence in order gets min(uncomputed tokens, budget)
-    tokens, appended to `plan`, and blocks.allocate is asked for the blocks it lacks,
-    while the budget lasts. It stops at the first sequence it does not take on: one
-    with drafts or prompt logprobs (their chunking is the Python loop's), or one whose
-    allocation failed (preemption is the Python loop's). Returns (sequences done,
-    budget left, whether the allocation of the next one failed): the Python loop goes
-    on from there, under the same rule."""
-    cdef Py_ssize_t i = 0, n, total, n_running = len(running), block_size = blocks.block_size
-    while i < n_running and budget > 0:
+cdef inline bint _is_plain(seq):
+    """Whether the native loops take `seq` on: no drafts to chunk, no prompt logprobs (whose
+    prefill is capped to the logits rows and never reuses cached blocks), not an embedding."""
+    return not seq.draft_tokens and seq.prompt_logprobs is None and seq.params.pooling is None
+
+
+def schedule_running(scheduler, list plan, Py_ssize_t start, Py_ssize_t budget):
+    """The scheduler's running loop (engine/scheduler.py) from running[start] on, over
+    its plain sequences: each in order gets min(uncomputed tokens, budget) tokens,
+    appended to `plan`, and blocks.allocate is asked for the blocks it lacks, while the
+    budget lasts. When they run out the newest running sequence is preempted
+    (scheduler.preempt) until they fit, or until the sequence itself is the one
+    preempted. It stops at the first sequence that is not plain: the Python loop
+    takes that one on and calls back. Returns (index of the next sequence, budget left);
+    a sequence that preempted itself leaves the index at len(running)."""
+    cdef list running = scheduler.running
+    cdef Py_ssize_t i = start, n, total
+    blocks = scheduler.blocks
+    cdef Py_ssize_t block_size = blocks.block_size
+    while i < len(running) and budget > 0:
         seq = running[i]
-        if seq.draft_tokens or seq.prompt_logprobs is not None:
+        if not _is_plain(seq):
             break
         n = len(seq.token_ids) - <Py_ssize_t>seq.num_computed_tokens
         if n > budget:
             n = budget
         total = seq.num_computed_tokens + n
-        if (total + block_size - 1) // block_size > len(seq.block_table) and not blocks.allocate(seq, total):
-            return i, budget, True
+        if (total + block_size - 1) // block_size > len(seq.block_table):
+            while not blocks.allocate(seq, total):
+                victim = running[len(running) - 1]
+                scheduler.preempt(victim)
+                if victim is seq:
+                    return i, budget
         plan.append((seq, n))
         budget -= n
         i += 1
-    return i, budget, False
+    return i, budget
+
+
+def schedule_waiting(scheduler, list plan, Py_ssize_t budget):
+    """The scheduler's waiting loop (engine/scheduler.py) over the plain sequences at
+    the head of its queue, while the budget and max_num_seqs allow: a sequence without
+    blocks first takes the cached blocks of its prompt's prefix, then gets
+    min(uncomputed tokens, budget) tokens and the blocks for them, and moves to the
+    running list. When the blocks are not there it stays at the head; and when nothing
+    runs (nothing will free blocks) every waiting sequence's prefix claim is dropped,
+    as one queued behind the head may hold the blocks the head needs. Returns
+    (budget left, whether the Python loop has a non-plain head to take on)."""
+    waiting = scheduler.waiting
+    cdef list running = scheduler.running
+    cdef Py_ssize_t n, computed, max_num_seqs = scheduler.max_num_seqs
+    blocks = scheduler.blocks
+    while waiting and budget > 0 and len(running) < max_num_seqs:
+        seq = waiting[0]
+        if not _is_plain(seq):
+            return budget, True
+        if not seq.block_table:
+            seq.num_computed_tokens = blocks.reuse_prefix(seq)
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        computed = seq.num_computed_tokens
+        n = len(seq.token_ids) - computed
+        if n > budget:
+            n = budget
+        if not blocks.allocate(seq, computed + n):
+            if not running:
+                release_claims(waiting, blocks)
+            break
+        waiting.popleft()
+        seq.status = _RUNNING_STATUS
+        running.append(seq)
+        plan.append((seq, n))
+        budget -= n
+    return budget, False
+
+
+def release_claims(waiting, blocks):
+    """Drop every waiting sequence's blocks (prefix claims): it starts from scratch."""
+    for queued in waiting:
+        blocks.release(queued)
+        queued.num_computed_tokens = 0
 
 
 def pack_sampling(list rows):

@@ -1,7 +1,9 @@
 """native/step_core.pyx: the persistent decode batch, updated by diff, equals the batch
 ModelRunner's general path builds from scratch for the same plan, step after step of
 randomized traces (sequences joining, leaving, growing blocks, coming back with new
-blocks, rows reordered); append_tokens decides what Sequence.check_finished decides."""
+blocks, rows reordered); append_tokens decides what Sequence.check_finished decides;
+the scheduler's native loops hand each sequence that is not plain to the Python loop.
+(tests/engine/test_scheduler_reference.py compares the whole scheduler with a reference.)"""
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,8 +12,11 @@ import pytest
 from pyforge.engine.model_runner import ModelRunner
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence, SequenceStatus
+from pyforge.engine.block_manager import BlockManager
+from pyforge.engine.scheduler import Scheduler
 from pyforge.native.step_core import (KIND_DRAFTS, KIND_GRAMMAR, KIND_POOLING, KIND_PROMPT_LOGPROBS, DecodeBatch,
-                                     advance_computed, append_tokens, pack_sampling, plan_kinds, store_rng_states)
+                                     advance_computed, append_tokens, pack_sampling, plan_kinds, schedule_running,
+                                     schedule_waiting, store_rng_states)
 
 BLOCK = 4
 FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens")
@@ -210,3 +215,59 @@ def test_pack_sampling_packs_what_the_python_columns_hold(seed):
     assert biased == any(p.logit_bias or p.min_tokens for p in params)
     store_rng_states(sub, np.arange(len(sub), dtype=np.uint64))
     assert [row.rng_state for row in sub] == list(range(len(sub)))
+
+
+def scheduler_with(n_blocks, *prompts_and_params, max_num_seqs=8, budget=100):
+    sched = Scheduler(BlockManager(n_blocks, BLOCK), max_num_seqs, budget)
+    seqs = [Sequence(i, list(range(10, 10 + n)), params, 0, 10_000) for i, (n, params) in enumerate(prompts_and_params)]
+    for seq in seqs:
+        sched.add(seq)
+    return sched, seqs
+
+
+def test_schedule_waiting_admits_plain_heads_and_hands_over_at_the_first_other():
+    sched, seqs = scheduler_with(16, (3, SamplingParams()), (5, SamplingParams()),
+                                 (4, SamplingParams(prompt_logprobs=0)), (2, SamplingParams()))
+    plan = []
+    budget, special = schedule_waiting(sched, plan, 20)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 3), (1, 5)] and budget == 12 and special
+    assert sched.running == seqs[:2] and list(sched.waiting) == seqs[2:]
+    assert all(s.status == SequenceStatus.RUNNING for s in seqs[:2]) and seqs[2].status == SequenceStatus.WAITING
+
+
+def test_schedule_waiting_stops_at_the_budget_and_max_num_seqs():
+    sched, seqs = scheduler_with(16, (3, SamplingParams()), (5, SamplingParams()), max_num_seqs=1)
+    plan = []
+    assert schedule_waiting(sched, plan, 2) == (0, False)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 2)] and list(sched.waiting) == seqs[1:]
+
+
+def test_schedule_running_hands_over_a_sequence_with_drafts_by_its_index():
+    sched, seqs = scheduler_with(16, (3, SamplingParams()), (3, SamplingParams()), (3, SamplingParams()))
+    sched.schedule()
+    for seq in seqs:
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.append(7)
+    seqs[1].draft_tokens = [8, 9]
+    plan = []
+    assert schedule_running(sched, plan, 0, 100) == (1, 99)
+    assert schedule_running(sched, plan, 2, 99) == (3, 98)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1), (2, 1)]
+
+
+def test_schedule_running_preempts_the_newest_and_at_last_itself():
+    sched, seqs = scheduler_with(2, (4, SamplingParams()), (4, SamplingParams()))     # each holds one full block
+    sched.schedule()
+    for seq in seqs:
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.append(7)
+    plan = []
+    # the first needs a second block: the second gives its block and waits; then the second's turn never comes
+    assert schedule_running(sched, plan, 0, 100) == (1, 99)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1)] and list(sched.waiting) == [seqs[1]]
+    assert seqs[1].status == SequenceStatus.PREEMPTED and sched.num_preemptions == 1
+    sched.running[0].token_ids.extend([7] * 4)      # now it needs a third block, and there is none
+    sched.running[0].num_computed_tokens = sched.running[0].num_tokens - 1
+    plan = []
+    assert schedule_running(sched, plan, 0, 100) == (0, 100)
+    assert plan == [] and sched.running == [] and list(sched.waiting) == [seqs[0], seqs[1]]

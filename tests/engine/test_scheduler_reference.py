@@ -1,9 +1,9 @@
 """The scheduler, whose loops are native (step_core.schedule_running / schedule_waiting)
 for plain sequences, against a pure-Python reference model of the rule: randomized
 traces (arrivals, prompt lengths and shared prefixes, budgets, block sizes and pool
-sizes, drafts, prompt logprobs, embeddings, finishes, aborts, preemption under a
-small pool, prefix claims released when nothing runs) must give the same plan, block
-tables, statuses and preemptions at every step."""
+sizes, prefix caching on and off, drafts, prompt logprobs, embeddings, finishes,
+aborts, preemption under a small pool, prefix claims released when nothing runs) must
+give the same plan, block tables, statuses and preemptions at every step."""
 from collections import deque
 
 import numpy as np
@@ -113,7 +113,7 @@ class World:
     """One scheduler and its sequences, driven by the trace's decisions."""
 
     def __init__(self, scheduler_class, case):
-        self.blocks = BlockManager(case.n_blocks, case.block_size, prefix_caching=True)
+        self.blocks = BlockManager(case.n_blocks, case.block_size, prefix_caching=case.prefix_caching)
         self.scheduler = scheduler_class(self.blocks, case.max_num_seqs, case.budget)
         self.max_model_len = case.n_blocks * case.block_size
         self.seqs = {}
@@ -183,6 +183,7 @@ class Case:
         self.n_blocks = int(rng.integers(48, 160)) // self.block_size
         self.max_num_seqs = int(rng.integers(1, 9))
         self.budget = int(rng.integers(1, 48))
+        self.prefix_caching = bool(rng.random() < 0.8)
 
 
 def random_params(rng):

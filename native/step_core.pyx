@@ -28,6 +28,8 @@ with drafts, prompt logprobs or pooling go to the Python loop, one at a time.
 pack_sampling / store_rng_states: the sampler's per-row inputs and RNG states.
 plan_kinds: which special cases (embeddings, prompt logprobs, drafts, grammars) a
 plan holds, so the usual step skips their per-sequence scans.
+publish_plain: a plain step's TOKENS and FINISH records, encoded straight into each
+worker slot's response-ring message (the layout of native/pyforge_ipc.h).
 
 The Sequence objects stay the owners of the state (Python reads them
 everywhere); these loops read their attributes with C-level calls instead of
@@ -40,7 +42,9 @@ import numpy as np
 from pyforge.engine.sequence import SequenceStatus
 
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 cnp.import_array()
 
@@ -402,3 +406,105 @@ def plan_kinds(list plan):
         if seq.matcher is not None:
             kinds |= KIND_GRAMMAR
     return kinds
+
+
+# -- publishing a plain step -------------------------------------------------------
+
+cdef extern from "pyforge_ipc.h":
+    ctypedef struct pf_record_header:
+        uint8_t type
+        uint8_t flags
+        uint16_t worker
+        uint64_t request_id
+    ctypedef struct pf_tokens:
+        uint32_t n
+        uint16_t n_top
+        uint16_t has
+    ctypedef struct pf_finish:
+        uint32_t prompt_tokens
+        uint32_t completion_tokens
+        uint32_t cached_tokens
+        uint8_t finish_reason
+    enum: PF_REC_TOKENS, PF_REC_FINISH, PF_FINISH_STOP, PF_FINISH_LENGTH
+
+
+cdef char *_grow(bytearray buf, Py_ssize_t n) except NULL:
+    """n more bytes at the end of buf (bytearray over-allocates: amortised O(1)): where they start."""
+    cdef Py_ssize_t at = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, at + n)
+    return PyByteArray_AS_STRING(buf) + at
+
+
+cdef void _put_header(char *at, uint8_t rtype, uint64_t request_id) noexcept:
+    cdef pf_record_header header
+    header.type, header.flags, header.worker, header.request_id = rtype, 0, 0, request_id
+    memcpy(at, &header, sizeof(header))
+
+
+cdef int _put_token(bytearray buf, uint64_t request_id, int32_t token) except -1:
+    """encode_token(request_id, token): a TOKENS record of one token, no logprobs."""
+    cdef char *at = _grow(buf, sizeof(pf_record_header) + sizeof(pf_tokens) + sizeof(int32_t))
+    cdef pf_tokens body
+    body.n, body.n_top, body.has = 1, 0, 0
+    _put_header(at, PF_REC_TOKENS, request_id)
+    memcpy(at + sizeof(pf_record_header), &body, sizeof(body))
+    memcpy(at + sizeof(pf_record_header) + sizeof(body), &token, sizeof(token))
+    return 0
+
+
+cdef int _put_finish(bytearray buf, uint64_t request_id, seq, int status) except -1:
+    """encode(Finish(...)) of seq, which ended with `status` (FINISHED_STOPPED or _LENGTH)."""
+    cdef pf_finish body
+    cdef uint32_t prompt = seq.num_prompt_tokens
+    body.prompt_tokens = prompt
+    body.completion_tokens = <Py_ssize_t>len(seq.token_ids) - prompt
+    body.cached_tokens = seq.num_cached_prompt_tokens
+    body.finish_reason = PF_FINISH_STOP if status == FINISHED_STOPPED else PF_FINISH_LENGTH
+    cdef char *at = _grow(buf, sizeof(pf_record_header) + sizeof(pf_finish))
+    _put_header(at, PF_REC_FINISH, request_id)
+    memcpy(at + sizeof(pf_record_header), &body, sizeof(body))
+    return 0
+
+
+def publish_plain(list seqs, const int32_t[::1] tokens, const int32_t[::1] statuses, dict by_seq, dict entries,
+                  dict batches, reply_one):
+    """A plain step's replies (engine.PlainOutputs: row i is seqs[i], which got tokens[i] and
+    now has statuses[i]), written as RingReplies would write them, in the same order:
+    per row whose request is still in the table (by_seq: seq id -> Entry), a TOKENS record
+    and, if it ended, a FINISH record (its entry leaves by_seq and entries, request id ->
+    Entry), appended to batches[entry.owner.slot] = (bytearray of records, [entries]).
+    A request that asked for logprobs goes to reply_one(entry, row) instead (Python's
+    records, into the same batches, so the order holds). Returns the prompt tokens of the
+    requests that had their first token now (entry.started turns true)."""
+    cdef Py_ssize_t i, n = len(seqs), started = 0
+    cdef uint64_t request_id
+    cdef int status
+    cdef bytearray buf
+    if tokens.shape[0] != n or statuses.shape[0] != n:
+        raise ValueError(f"{tokens.shape[0]} tokens and {statuses.shape[0]} statuses for {n} sequences")
+    for i in range(n):
+        seq = seqs[i]
+        seq_id = seq.seq_id
+        entry = by_seq.get(seq_id)
+        if entry is None:
+            continue
+        if not entry.started:
+            entry.started = True
+            started += <Py_ssize_t>seq.num_prompt_tokens
+        if entry.want_logprobs:
+            reply_one(entry, i)
+            continue
+        slot = entry.owner.slot
+        batch = batches.get(slot)
+        if batch is None:
+            batch = batches[slot] = (bytearray(), [])
+        buf = <bytearray>(<tuple>batch)[0]
+        request_id = entry.request_id
+        status = statuses[i]
+        _put_token(buf, request_id, tokens[i])
+        if status != RUNNING:
+            del by_seq[seq_id]
+            entries.pop(entry.request_id, None)
+            _put_finish(buf, request_id, seq, status)
+        (<list>(<tuple>batch)[1]).append(entry)
+    return started

@@ -119,3 +119,17 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.release(seq)
         seq.status = status
+
+    def finish_all(self, ended):
+        """finish() for many (seq, status) pairs at once: one pass over each queue however
+        many end (finish's `in` / remove would be quadratic when a batch ends together)."""
+        gone = {id(seq) for seq, _ in ended}
+        before = len(self.running)
+        self.running[:] = [seq for seq in self.running if id(seq) not in gone]
+        if before - len(self.running) < len(gone):      # some were waiting (preempted)
+            kept = [seq for seq in self.waiting if id(seq) not in gone]
+            self.waiting.clear()
+            self.waiting.extend(kept)
+        for seq, status in ended:
+            self.blocks.release(seq)
+            seq.status = status

@@ -480,6 +480,8 @@ def publish_plain(list seqs, const int32_t[::1] tokens, const int32_t[::1] statu
     cdef uint64_t request_id
     cdef int status
     cdef bytearray buf
+    cdef list sent
+    last_slot = None
     if tokens.shape[0] != n or statuses.shape[0] != n:
         raise ValueError(f"{tokens.shape[0]} tokens and {statuses.shape[0]} statuses for {n} sequences")
     for i in range(n):
@@ -495,10 +497,12 @@ def publish_plain(list seqs, const int32_t[::1] tokens, const int32_t[::1] statu
             reply_one(entry, i)
             continue
         slot = entry.owner.slot
-        batch = batches.get(slot)
-        if batch is None:
-            batch = batches[slot] = (bytearray(), [])
-        buf = <bytearray>(<tuple>batch)[0]
+        if slot is not last_slot:      # a run of one worker's rows: no dict lookup
+            batch = batches.get(slot)
+            if batch is None:
+                batch = batches[slot] = (bytearray(), [])
+            buf, sent = <tuple?>batch
+            last_slot = slot
         request_id = entry.request_id
         status = statuses[i]
         _put_token(buf, request_id, tokens[i])
@@ -506,5 +510,5 @@ def publish_plain(list seqs, const int32_t[::1] tokens, const int32_t[::1] statu
             del by_seq[seq_id]
             entries.pop(entry.request_id, None)
             _put_finish(buf, request_id, seq, status)
-        (<list>(<tuple>batch)[1]).append(entry)
+        sent.append(entry)
     return started

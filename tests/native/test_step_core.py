@@ -2,7 +2,8 @@
 ModelRunner's general path builds from scratch for the same plan, step after step of
 randomized traces (sequences joining, leaving, growing blocks, coming back with new
 blocks, rows reordered); append_tokens decides what Sequence.check_finished decides;
-the scheduler's native loops hand each sequence that is not plain to the Python loop.
+the scheduler's native loops hand each sequence that is not plain to the Python loop;
+publish_plain writes the bytes records.py's encoders write.
 (tests/engine/test_scheduler_reference.py compares the whole scheduler with a reference.)"""
 from types import SimpleNamespace
 
@@ -13,10 +14,11 @@ from pyforge.engine.model_runner import ModelRunner
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence, SequenceStatus
 from pyforge.engine.block_manager import BlockManager
+from pyforge.ipc import Finish, encode, encode_token
 from pyforge.engine.scheduler import Scheduler
 from pyforge.native.step_core import (KIND_DRAFTS, KIND_GRAMMAR, KIND_POOLING, KIND_PROMPT_LOGPROBS, DecodeBatch,
-                                     advance_computed, append_tokens, pack_sampling, plan_kinds, schedule_running,
-                                     schedule_waiting, store_rng_states)
+                                     advance_computed, append_tokens, pack_sampling, plan_kinds, publish_plain,
+                                     schedule_running, schedule_waiting, store_rng_states)
 
 BLOCK = 4
 FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens")
@@ -271,3 +273,54 @@ def test_schedule_running_preempts_the_newest_and_at_last_itself():
     plan = []
     assert schedule_running(sched, plan, 0, 100) == (0, 100)
     assert plan == [] and sched.running == [] and list(sched.waiting) == [seqs[0], seqs[1]]
+
+
+def publishing(rows):
+    """(seqs, by_seq, entries) for publish_plain: rows of (seq_id, slot, request_id, prompt, output)."""
+    seqs, by_seq, entries = [], {}, {}
+    for seq_id, slot, request_id, n_prompt, n_output in rows:
+        seq = SimpleNamespace(seq_id=seq_id, num_prompt_tokens=n_prompt, token_ids=[1] * (n_prompt + n_output),
+                              num_cached_prompt_tokens=n_prompt // 2)
+        entry = SimpleNamespace(request_id=request_id, owner=SimpleNamespace(slot=slot), started=False,
+                                want_logprobs=False, seq=seq)
+        seqs.append(seq)
+        by_seq[seq_id] = entries[request_id] = entry
+    return seqs, by_seq, entries
+
+
+def test_publish_plain_writes_what_the_record_encoders_write():
+    seqs, by_seq, entries = publishing([(0, 1, 7 << 48 | 3, 5, 2), (1, 0, 9, 4, 1), (2, 1, (1 << 64) - 1, 3, 6),
+                                        (3, 1, 11, 2, 1)])
+    del by_seq[3]                           # a request the table no longer holds: nothing of it
+    tokens = np.array([42, -1, 2**31 - 1, 8], np.int32)
+    statuses = np.array([SequenceStatus.RUNNING, SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                         SequenceStatus.RUNNING], np.int32)
+    batches = {0: (bytearray(b"earlier"), ["someone"])}
+    started = publish_plain(seqs, tokens, statuses, by_seq, entries, batches, None)
+    assert started == 5 + 4 + 3
+    ids = [7 << 48 | 3, 9, (1 << 64) - 1]
+    assert bytes(batches[1][0]) == (encode_token(ids[0], 42) + encode_token(ids[2], 2**31 - 1)
+                                    + encode(Finish(ids[2], "length", 3, 6, 1)))
+    assert bytes(batches[0][0]) == b"earlier" + encode_token(ids[1], -1) + encode(Finish(ids[1], "stop", 4, 1, 2))
+    assert [e.request_id for e in batches[1][1]] == [ids[0], ids[2]]
+    assert list(entries) == [ids[0], 11] and list(by_seq) == [0]       # the finished left the table
+
+
+def test_publish_plain_hands_requests_wanting_logprobs_back():
+    seqs, by_seq, entries = publishing([(0, 0, 1, 3, 1)])
+    by_seq[0].want_logprobs = True
+    handed, batches = [], {}
+    publish_plain(seqs, np.array([5], np.int32), np.array([SequenceStatus.FINISHED_STOPPED], np.int32), by_seq,
+                  entries, batches, lambda entry, row: handed.append((entry.request_id, row)))
+    assert handed == [(1, 0)] and batches == {} and list(by_seq) == [0]     # the table's own path forgets it
+
+
+def test_publish_plain_refuses_rows_that_do_not_match_and_batches_of_another_shape():
+    seqs, by_seq, entries = publishing([(0, 0, 1, 3, 1), (1, 0, 2, 3, 1)])
+    with pytest.raises(ValueError, match="2 tokens and 1 statuses for 2 sequences"):
+        publish_plain(seqs, np.zeros(2, np.int32), np.zeros(1, np.int32), by_seq, entries, {}, None)
+    running = np.full(2, SequenceStatus.RUNNING, np.int32)
+    with pytest.raises(TypeError):
+        publish_plain(seqs, np.zeros(2, np.int32), running, by_seq, entries, {0: [bytearray(), []]}, None)
+    with pytest.raises(TypeError):
+        publish_plain(seqs, np.zeros(2, np.int32), running, by_seq, entries, {0: (b"", [])}, None)

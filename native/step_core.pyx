@@ -459,7 +459,12 @@ cdef int _put_finish(bytearray buf, uint64_t request_id, seq, int status) except
     body.prompt_tokens = prompt
     body.completion_tokens = <Py_ssize_t>len(seq.token_ids) - prompt
     body.cached_tokens = seq.num_cached_prompt_tokens
-    body.finish_reason = PF_FINISH_STOP if status == FINISHED_STOPPED else PF_FINISH_LENGTH
+    if status == FINISHED_STOPPED:
+        body.finish_reason = PF_FINISH_STOP
+    elif status == FINISHED_LENGTH:
+        body.finish_reason = PF_FINISH_LENGTH
+    else:
+        raise ValueError(f"status {status} is not one a plain step ends with (stopped or length)")
     cdef char *at = _grow(buf, sizeof(pf_record_header) + sizeof(pf_finish))
     _put_header(at, PF_REC_FINISH, request_id)
     memcpy(at + sizeof(pf_record_header), &body, sizeof(body))
@@ -507,8 +512,8 @@ def publish_plain(list seqs, const int32_t[::1] tokens, const int32_t[::1] statu
         status = statuses[i]
         _put_token(buf, request_id, tokens[i])
         if status != RUNNING:
+            _put_finish(buf, request_id, seq, status)
             del by_seq[seq_id]
             entries.pop(entry.request_id, None)
-            _put_finish(buf, request_id, seq, status)
         sent.append(entry)
     return started

@@ -315,10 +315,13 @@ def test_publish_plain_hands_requests_wanting_logprobs_back():
     assert handed == [(1, 0)] and batches == {} and list(by_seq) == [0]     # the table's own path forgets it
 
 
-def test_publish_plain_refuses_rows_that_do_not_match_and_batches_of_another_shape():
+def test_publish_plain_refuses_mismatched_rows_statuses_it_cannot_encode_and_foreign_batches():
     seqs, by_seq, entries = publishing([(0, 0, 1, 3, 1), (1, 0, 2, 3, 1)])
     with pytest.raises(ValueError, match="2 tokens and 1 statuses for 2 sequences"):
         publish_plain(seqs, np.zeros(2, np.int32), np.zeros(1, np.int32), by_seq, entries, {}, None)
+    aborted = np.full(2, SequenceStatus.FINISHED_ABORTED, np.int32)
+    with pytest.raises(ValueError, match="not one a plain step ends with"):
+        publish_plain(seqs, np.zeros(2, np.int32), aborted, by_seq, entries, {}, None)
     running = np.full(2, SequenceStatus.RUNNING, np.int32)
     with pytest.raises(TypeError):
         publish_plain(seqs, np.zeros(2, np.int32), running, by_seq, entries, {0: [bytearray(), []]}, None)

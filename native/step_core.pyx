@@ -21,11 +21,15 @@ logits) goes through ModelRunner's general path and calls `reset`.
 append_tokens: the per-token bookkeeping of a plain step (no drafts, no
 grammar): append each sampled token and check EOS / stop ids / max_tokens.
 advance_computed: count the step's tokens as computed; say who filled a block.
-schedule_running: the scheduler's loop over its running sequences, for the plain
-ones; drafts, prompt logprobs and preemption stay with the Python loop.
+schedule_running / schedule_waiting: the scheduler's loops over its running
+sequences (preemption included) and its waiting queue (prefix reuse, admission,
+the release of prefix claims when nothing runs), for the plain sequences; those
+with drafts, prompt logprobs or pooling go to the Python loop, one at a time.
 pack_sampling / store_rng_states: the sampler's per-row inputs and RNG states.
 plan_kinds: which special cases (embeddings, prompt logprobs, drafts, grammars) a
 plan holds, so the usual step skips their per-sequence scans.
+publish_plain: a plain step's TOKENS and FINISH records, encoded straight into each
+worker slot's response-ring message (the layout of native/pyforge_ipc.h).
 
 The Sequence objects stay the owners of the state (Python reads them
 everywhere); these loops read their attributes with C-level calls instead of
@@ -35,8 +39,12 @@ remaining part).
 """
 import numpy as np
 
+from pyforge.engine.sequence import SequenceStatus
+
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 cnp.import_array()
 
@@ -44,6 +52,7 @@ cnp.import_array()
 cdef int RUNNING = 1
 cdef int FINISHED_STOPPED = 3
 cdef int FINISHED_LENGTH = 4
+_RUNNING_STATUS = SequenceStatus.RUNNING
 
 
 cdef class DecodeBatch:
@@ -240,30 +249,86 @@ def advance_computed(list plan, Py_ssize_t block_size):
     return full
 
 
-def schedule_running(list running, list plan, Py_ssize_t budget, blocks):
-    """The scheduler's running loop (engine/scheduler.py, _schedule_running) over its
-    plain entries: each running sequence in order gets min(uncomputed tokens, budget)
-    tokens, appended to `plan`, and blocks.allocate is asked for the blocks it lacks,
-    while the budget lasts. It stops at the first sequence it does not take on: one
-    with drafts or prompt logprobs (their chunking is the Python loop's), or one whose
-    allocation failed (preemption is the Python loop's). Returns (sequences done,
-    budget left, whether the allocation of the next one failed): the Python loop goes
-    on from there, under the same rule."""
-    cdef Py_ssize_t i = 0, n, total, n_running = len(running), block_size = blocks.block_size
-    while i < n_running and budget > 0:
+cdef inline bint _is_plain(seq):
+    """Whether the native loops take `seq` on: no drafts to chunk, no prompt logprobs (whose
+    prefill is capped to the logits rows and never reuses cached blocks), not an embedding."""
+    return not seq.draft_tokens and seq.prompt_logprobs is None and seq.params.pooling is None
+
+
+def schedule_running(scheduler, list plan, Py_ssize_t start, Py_ssize_t budget):
+    """The scheduler's running loop (engine/scheduler.py) from running[start] on, over
+    its plain sequences: each in order gets min(uncomputed tokens, budget) tokens,
+    appended to `plan`, and blocks.allocate is asked for the blocks it lacks, while the
+    budget lasts. When they run out the newest running sequence is preempted
+    (scheduler.preempt) until they fit, or until the sequence itself is the one
+    preempted. It stops at the first sequence that is not plain: the Python loop
+    takes that one on and calls back. Returns (index of the next sequence, budget left);
+    a sequence that preempted itself leaves the index at len(running)."""
+    cdef list running = scheduler.running
+    cdef Py_ssize_t i = start, n, total
+    blocks = scheduler.blocks
+    cdef Py_ssize_t block_size = blocks.block_size
+    while i < len(running) and budget > 0:
         seq = running[i]
-        if seq.draft_tokens or seq.prompt_logprobs is not None:
+        if not _is_plain(seq):
             break
         n = len(seq.token_ids) - <Py_ssize_t>seq.num_computed_tokens
         if n > budget:
             n = budget
         total = seq.num_computed_tokens + n
-        if (total + block_size - 1) // block_size > len(seq.block_table) and not blocks.allocate(seq, total):
-            return i, budget, True
+        if (total + block_size - 1) // block_size > len(seq.block_table):
+            while not blocks.allocate(seq, total):
+                victim = running[len(running) - 1]
+                scheduler.preempt(victim)
+                if victim is seq:
+                    return i, budget
         plan.append((seq, n))
         budget -= n
         i += 1
-    return i, budget, False
+    return i, budget
+
+
+def schedule_waiting(scheduler, list plan, Py_ssize_t budget):
+    """The scheduler's waiting loop (engine/scheduler.py) over the plain sequences at
+    the head of its queue, while the budget and max_num_seqs allow: a sequence without
+    blocks first takes the cached blocks of its prompt's prefix, then gets
+    min(uncomputed tokens, budget) tokens and the blocks for them, and moves to the
+    running list. When the blocks are not there it stays at the head; and when nothing
+    runs (nothing will free blocks) every waiting sequence's prefix claim is dropped,
+    as one queued behind the head may hold the blocks the head needs. Returns
+    (budget left, whether the Python loop has a non-plain head to take on)."""
+    waiting = scheduler.waiting
+    cdef list running = scheduler.running
+    cdef Py_ssize_t n, computed, max_num_seqs = scheduler.max_num_seqs
+    blocks = scheduler.blocks
+    while waiting and budget > 0 and len(running) < max_num_seqs:
+        seq = waiting[0]
+        if not _is_plain(seq):
+            return budget, True
+        if not seq.block_table:
+            seq.num_computed_tokens = blocks.reuse_prefix(seq)
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        computed = seq.num_computed_tokens
+        n = len(seq.token_ids) - computed
+        if n > budget:
+            n = budget
+        if not blocks.allocate(seq, computed + n):
+            if not running:
+                release_claims(waiting, blocks)
+            break
+        waiting.popleft()
+        seq.status = _RUNNING_STATUS
+        running.append(seq)
+        plan.append((seq, n))
+        budget -= n
+    return budget, False
+
+
+def release_claims(waiting, blocks):
+    """Drop every waiting sequence's blocks (prefix claims): it starts from scratch."""
+    for queued in waiting:
+        blocks.release(queued)
+        queued.num_computed_tokens = 0
 
 
 def pack_sampling(list rows):
@@ -341,3 +406,114 @@ def plan_kinds(list plan):
         if seq.matcher is not None:
             kinds |= KIND_GRAMMAR
     return kinds
+
+
+# -- publishing a plain step -------------------------------------------------------
+
+cdef extern from "pyforge_ipc.h":
+    ctypedef struct pf_record_header:
+        uint8_t type
+        uint8_t flags
+        uint16_t worker
+        uint64_t request_id
+    ctypedef struct pf_tokens:
+        uint32_t n
+        uint16_t n_top
+        uint16_t has
+    ctypedef struct pf_finish:
+        uint32_t prompt_tokens
+        uint32_t completion_tokens
+        uint32_t cached_tokens
+        uint8_t finish_reason
+    enum: PF_REC_TOKENS, PF_REC_FINISH, PF_FINISH_STOP, PF_FINISH_LENGTH
+
+
+cdef char *_grow(bytearray buf, Py_ssize_t n) except NULL:
+    """n more bytes at the end of buf (bytearray over-allocates: amortised O(1)): where they start."""
+    cdef Py_ssize_t at = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, at + n)
+    return PyByteArray_AS_STRING(buf) + at
+
+
+cdef void _put_header(char *at, uint8_t rtype, uint64_t request_id) noexcept:
+    cdef pf_record_header header
+    header.type, header.flags, header.worker, header.request_id = rtype, 0, 0, request_id
+    memcpy(at, &header, sizeof(header))
+
+
+cdef int _put_token(bytearray buf, uint64_t request_id, int32_t token) except -1:
+    """encode_token(request_id, token): a TOKENS record of one token, no logprobs."""
+    cdef char *at = _grow(buf, sizeof(pf_record_header) + sizeof(pf_tokens) + sizeof(int32_t))
+    cdef pf_tokens body
+    body.n, body.n_top, body.has = 1, 0, 0
+    _put_header(at, PF_REC_TOKENS, request_id)
+    memcpy(at + sizeof(pf_record_header), &body, sizeof(body))
+    memcpy(at + sizeof(pf_record_header) + sizeof(body), &token, sizeof(token))
+    return 0
+
+
+cdef int _put_finish(bytearray buf, uint64_t request_id, seq, int status) except -1:
+    """encode(Finish(...)) of seq, which ended with `status` (FINISHED_STOPPED or _LENGTH)."""
+    cdef pf_finish body
+    cdef uint32_t prompt = seq.num_prompt_tokens
+    body.prompt_tokens = prompt
+    body.completion_tokens = <Py_ssize_t>len(seq.token_ids) - prompt
+    body.cached_tokens = seq.num_cached_prompt_tokens
+    if status == FINISHED_STOPPED:
+        body.finish_reason = PF_FINISH_STOP
+    elif status == FINISHED_LENGTH:
+        body.finish_reason = PF_FINISH_LENGTH
+    else:
+        raise ValueError(f"status {status} is not one a plain step ends with (stopped or length)")
+    cdef char *at = _grow(buf, sizeof(pf_record_header) + sizeof(pf_finish))
+    _put_header(at, PF_REC_FINISH, request_id)
+    memcpy(at + sizeof(pf_record_header), &body, sizeof(body))
+    return 0
+
+
+def publish_plain(list seqs, const int32_t[::1] tokens, const int32_t[::1] statuses, dict by_seq, dict entries,
+                  dict batches, reply_one):
+    """A plain step's replies (engine.PlainOutputs: row i is seqs[i], which got tokens[i] and
+    now has statuses[i]), written as RingReplies would write them, in the same order:
+    per row whose request is still in the table (by_seq: seq id -> Entry), a TOKENS record
+    and, if it ended, a FINISH record (its entry leaves by_seq and entries, request id ->
+    Entry), appended to batches[entry.owner.slot] = (bytearray of records, [entries]).
+    A request that asked for logprobs goes to reply_one(entry, row) instead (Python's
+    records, into the same batches, so the order holds). Returns the prompt tokens of the
+    requests that had their first token now (entry.started turns true)."""
+    cdef Py_ssize_t i, n = len(seqs), started = 0
+    cdef uint64_t request_id
+    cdef int status
+    cdef bytearray buf
+    cdef list sent
+    last_slot = None
+    if tokens.shape[0] != n or statuses.shape[0] != n:
+        raise ValueError(f"{tokens.shape[0]} tokens and {statuses.shape[0]} statuses for {n} sequences")
+    for i in range(n):
+        seq = seqs[i]
+        seq_id = seq.seq_id
+        entry = by_seq.get(seq_id)
+        if entry is None:
+            continue
+        if not entry.started:
+            entry.started = True
+            started += <Py_ssize_t>seq.num_prompt_tokens
+        if entry.want_logprobs:
+            reply_one(entry, i)
+            continue
+        slot = entry.owner.slot
+        if slot is not last_slot:      # a run of one worker's rows: no dict lookup
+            batch = batches.get(slot)
+            if batch is None:
+                batch = batches[slot] = (bytearray(), [])
+            buf, sent = <tuple?>batch
+            last_slot = slot
+        request_id = entry.request_id
+        status = statuses[i]
+        _put_token(buf, request_id, tokens[i])
+        if status != RUNNING:
+            _put_finish(buf, request_id, seq, status)
+            del by_seq[seq_id]
+            entries.pop(entry.request_id, None)
+        sent.append(entry)
+    return started

@@ -6,6 +6,7 @@ benchmarks use it in-process.
 import itertools
 import secrets
 import time
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from pyforge.engine.sampler import SampledBatch, Sampler
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.scheduler import Scheduler
 from pyforge.engine.speculative import GAMMA, U64, Speculator, accepted_prefix, verify_rows
-from pyforge.engine.sequence import Sequence, SequenceStatus, check_prompt_ids
+from pyforge.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
 from pyforge.native import step_core
 from pyforge.loader.quantize import quantized_weights
@@ -67,6 +68,41 @@ class StepOutput:
     @property
     def finished(self):
         return self.finish_reason is not None
+
+
+class PlainOutputs(SequenceABC):
+    """A plain step's outputs (Engine._append_plain) kept as the sampler's arrays: row i is
+    seqs[i], which got tokens[i] (logprobs[i], top[i]) and now has statuses[i] (a
+    SequenceStatus value). The serving loop encodes them without StepOutputs
+    (step_core.publish_plain); read as a sequence, they are StepOutputs, made once."""
+
+    def __init__(self, seqs, tokens, logprobs, top, statuses):
+        self.seqs, self.tokens, self.logprobs, self.top, self.statuses = seqs, tokens, logprobs, top, statuses
+        self._outputs = None
+
+    def output(self, i):
+        """Row i's StepOutput."""
+        if self._outputs is not None:
+            return self._outputs[i]
+        return StepOutput(self.seqs[i].seq_id, int(self.tokens[i]), float(self.logprobs[i]),
+                          self.top[i] if self.top is not None else [], FINISH_REASONS.get(int(self.statuses[i])))
+
+    def _list(self):
+        if self._outputs is None:
+            tops = self.top if self.top is not None else ([] for _ in self.seqs)
+            reasons = [FINISH_REASONS.get(s) for s in self.statuses.tolist()]
+            self._outputs = [StepOutput(seq.seq_id, token, logprob, row, reason) for seq, token, logprob, row, reason
+                             in zip(self.seqs, self.tokens.tolist(), self.logprobs.tolist(), tops, reasons)]
+        return self._outputs
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def __getitem__(self, i):
+        return self._list()[i]
+
+    def __iter__(self):
+        return iter(self._list())
 
 
 class Engine:
@@ -162,7 +198,7 @@ class Engine:
         except StepError as e:
             failure = e
         try:
-            outputs = self._generate(plan) if plan else []
+            outputs = list(self._generate(plan)) if plan else []
         except StepError as e:
             e.seq_ids[:0] = failure.seq_ids if failure else []
             e.outputs[:0] = embedded
@@ -233,17 +269,14 @@ class Engine:
 
     def _append_plain(self, seqs, results):
         """append_token for a step without drafts or grammars, its loop native
-        (step_core.append_tokens): StepOutputs, in order."""
+        (step_core.append_tokens): a PlainOutputs."""
         statuses = step_core.append_tokens(seqs, results.tokens, self.facts.eos_ids)
-        tops = results.top if results.top is not None else ([] for _ in seqs)
-        outputs = [StepOutput(seq.seq_id, token, logprob, row)
-                   for seq, token, logprob, row in zip(seqs, results.tokens.tolist(), results.logprobs.tolist(), tops)]
-        for i in np.flatnonzero(statuses != SequenceStatus.RUNNING).tolist():
-            seq = seqs[i]
-            self.scheduler.finish(seq, SequenceStatus(int(statuses[i])))
-            self.sequences.pop(seq.seq_id, None)
-            outputs[i].finish_reason = seq.finish_reason
-        return outputs
+        ended = np.flatnonzero(statuses != SequenceStatus.RUNNING).tolist()
+        if ended:
+            self.scheduler.finish_all([(seqs[i], SequenceStatus(int(statuses[i]))) for i in ended])
+            for i in ended:
+                self.sequences.pop(seqs[i].seq_id, None)
+        return PlainOutputs(seqs, results.tokens, results.logprobs, results.top, statuses)
 
     def _record_prompt_logprobs(self, plan, full, logits):
         """Record the prompt logprobs of this step's full entries; the sampling rows' logits."""

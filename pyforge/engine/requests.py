@@ -13,6 +13,10 @@ The loops differ only in their transport, which the table calls through a
                                        finished(entry, "stop"); it gets no tokens
     finished(entry, reason)            the last record: "stop" | "length" | "abort"
     failed(entry, kind, message)       the last record: an error (an ErrorKind)
+    plain_batches                      optional: None, or where the step core writes a plain step's
+                                       records itself (step_core.publish_plain: the ring
+                                       transport's per-slot messages); requests that asked
+                                       for logprobs still get tokens() / finished()
 
 Each entry is answered with exactly one of finished / failed (a refused
 admission gets failed alone); after that the table has forgotten it.
@@ -20,8 +24,9 @@ admission gets failed alone); after that the table has forgotten it.
 import logging
 from dataclasses import dataclass
 
-from pyforge.engine.engine import StepError
+from pyforge.engine.engine import PlainOutputs, StepError
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
+from pyforge.native import step_core
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +98,30 @@ class RequestTable:
             self.fail_all(ErrorKind.INTERNAL, INTERNAL_ERROR)
             return 0
         self._reply_prompt_logprobs()
+        batches = getattr(self.replies, "plain_batches", None)
+        if batches is not None and isinstance(outputs, PlainOutputs):
+            self.started_prompt_tokens += step_core.publish_plain(
+                outputs.seqs, outputs.tokens, outputs.statuses, self._by_seq, self.entries, batches,
+                lambda entry, i: self._reply(entry, outputs.output(i)))
+            return len(outputs)
         for out in outputs:
             entry = self._by_seq.get(out.seq_id)
-            if entry is None:
-                continue
-            if not entry.started:
-                entry.started = True
-                self.started_prompt_tokens += entry.seq.num_prompt_tokens
-            if out.embedding is not None:
-                self.replies.embedding(entry, out.embedding)
-            else:
-                self.replies.tokens(entry, out)
-            if out.finished:
-                self._forget(entry)
-                self.replies.finished(entry, out.finish_reason)
+            if entry is not None:
+                if not entry.started:
+                    entry.started = True
+                    self.started_prompt_tokens += entry.seq.num_prompt_tokens
+                self._reply(entry, out)
         return len(outputs)
+
+    def _reply(self, entry, out):
+        """An output's records (it has had its first token counted)."""
+        if out.embedding is not None:
+            self.replies.embedding(entry, out.embedding)
+        else:
+            self.replies.tokens(entry, out)
+        if out.finished:
+            self._forget(entry)
+            self.replies.finished(entry, out.finish_reason)
 
     def _reply_prompt_logprobs(self):
         for seq in self.engine.prompt_logprobs_seqs:

@@ -40,48 +40,59 @@ class Scheduler:
         return plan
 
     def _schedule_running(self, plan, budget):
-        # the plain sequences run natively up to the first that needs this loop's
-        # cases (drafts, prompt logprobs, preemption): same rule, same order
-        i, budget, blocked = step_core.schedule_running(self.running, plan, budget, self.blocks)
+        # the plain sequences (preemption included) run natively; the loop stops at each one that
+        # is not (drafts, prompt logprobs, pooling) for _schedule_special_running: same rule, same order
+        i, budget = step_core.schedule_running(self, plan, 0, budget)
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = self._chunk(seq, budget)
-            # blocked: the native loop's allocation for this very (seq, n) just failed
-            while blocked or not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                blocked = False
-                if seq.draft_tokens:        # drafts are the first thing to give up
-                    seq.draft_tokens = []
-                    n = 1
-                    continue
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is seq:
-                    return budget
-            plan.append((seq, n))
-            budget -= n
-            i += 1
+            left = self._schedule_special_running(self.running[i], plan, budget)
+            if left is None:            # it was preempted itself: nothing after it runs
+                break
+            i, budget = step_core.schedule_running(self, plan, i + 1, left)
         return budget
 
+    def _schedule_special_running(self, seq, plan, budget):
+        """The rule for one running sequence: its chunk and the blocks for it; when blocks
+        run out its drafts go first, then the newest running sequence is preempted. The
+        budget left, or None when `seq` itself was preempted."""
+        n = self._chunk(seq, budget)
+        while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+            if seq.draft_tokens:
+                seq.draft_tokens = []
+                n = 1
+                continue
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return None
+        plan.append((seq, n))
+        return budget - n
+
     def _schedule_waiting(self, plan, budget):
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table and seq.reuses_prefix:
-                seq.num_computed_tokens = self.blocks.reuse_prefix(seq)
-                seq.num_cached_prompt_tokens = seq.num_computed_tokens
-            n = self._chunk(seq, budget)
-            if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                if not self.running:
-                    # nothing will free blocks for it: drop the prefix claims and retry later; every
-                    # waiting sequence's, as one queued behind it (preempted past it) may hold one
-                    for queued in self.waiting:
-                        self.blocks.release(queued)
-                        queued.num_computed_tokens = 0
+        # plain heads are admitted natively; one that is not (prompt logprobs, pooling) here
+        budget, special = step_core.schedule_waiting(self, plan, budget)
+        while special:
+            left = self._admit_special(plan, budget)
+            if left is None:            # it stays at the head: nothing behind it runs
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            plan.append((seq, n))
-            budget -= n
+            budget, special = step_core.schedule_waiting(self, plan, left)
+
+    def _admit_special(self, plan, budget):
+        """The rule for the head of the queue: its cached prefix (when it may reuse one), its
+        chunk and the blocks for it. The budget left, or None when its blocks are not there."""
+        seq = self.waiting[0]
+        if not seq.block_table and seq.reuses_prefix:
+            seq.num_computed_tokens = self.blocks.reuse_prefix(seq)
+            seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        n = self._chunk(seq, budget)
+        if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+            if not self.running:
+                step_core.release_claims(self.waiting, self.blocks)
+            return None
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        plan.append((seq, n))
+        return budget - n
 
     def _chunk(self, seq, budget):
         """Tokens of `seq` to compute this step: its drafts (engine/speculative.py) count
@@ -108,3 +119,17 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.release(seq)
         seq.status = status
+
+    def finish_all(self, ended):
+        """finish() for many (seq, status) pairs at once: one pass over each queue however
+        many end (finish's `in` / remove would be quadratic when a batch ends together)."""
+        gone = {id(seq) for seq, _ in ended}
+        before = len(self.running)
+        self.running[:] = [seq for seq in self.running if id(seq) not in gone]
+        if before - len(self.running) < len(gone):      # some were waiting (preempted)
+            kept = [seq for seq in self.waiting if id(seq) not in gone]
+            self.waiting.clear()
+            self.waiting.extend(kept)
+        for seq, status in ended:
+            self.blocks.release(seq)
+            seq.status = status

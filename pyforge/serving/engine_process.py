@@ -9,9 +9,11 @@ The loop (DESIGN.md, "Engine step"; ring traffic in pyforge/ipc/records.py):
   2. Drain the request ring with get_all(): SUBMIT -> Engine.add_request (a bad
      prompt or bad params: ERROR 400; the waiting queue at `queue_capacity`, or
      draining: ERROR 503), ABORT -> Engine.abort + FINISH "abort".
-  3. step(); each StepOutput becomes a TOKENS record (and a FINISH when the
+  3. step(); each output becomes a TOKENS record (and a FINISH when the
      sequence ends) for the worker slot that submitted it; each slot gets its
-     step's records as one batch message (one ring write, one wake-up).
+     step's records as one batch message (one ring write, one wake-up). A plain
+     step's records are encoded by the step core itself (step_core.publish_plain),
+     byte for byte and in the order this module would write them.
   4. Stats (waiting, running, KV usage, prefix-cache counters, token totals,
      speculative-decoding counters) and the heartbeat.
 
@@ -49,18 +51,25 @@ class _Worker(NamedTuple):
 
 class RingReplies:
     """The table's replies as response-ring records: one message per worker slot per
-    flush() (the admissions of a drain; the tokens and finishes of a step); a refusal goes at once."""
+    flush() (the admissions of a drain; the tokens and finishes of a step); a refusal goes at once.
+    A plain step's records are written natively into the same messages (plain_batches,
+    step_core.publish_plain); native_plain=False sends every record through this class."""
 
-    def __init__(self, loop):
+    def __init__(self, loop, native_plain=True):
         self.loop = loop
-        self.batches = {}           # worker slot -> ([encoded records], [entries])
+        self.native_plain = native_plain
+        self.batches = {}           # worker slot -> (bytearray of encoded records, [entries])
+
+    @property
+    def plain_batches(self):
+        return self.batches if self.native_plain else None
 
     def _add(self, entry, record):
         slot = entry.owner.slot
         batch = self.batches.get(slot)     # once per token: no setdefault's throwaway lists
         if batch is None:
-            batch = self.batches[slot] = ([], [])
-        batch[0].append(record)
+            batch = self.batches[slot] = (bytearray(), [])
+        batch[0].extend(record)
         batch[1].append(entry)
 
     def admitted(self, entry):
@@ -94,7 +103,7 @@ class RingReplies:
     def flush(self):
         batches, self.batches = self.batches, {}
         for slot, (records, entries) in batches.items():
-            if not self.loop.send(slot, b"".join(records), entries[0].request_id):
+            if not self.loop.send(slot, records, entries[0].request_id):
                 for entry in entries:           # that worker is gone or stuck: its requests end here
                     if entry.request_id in self.loop.table.entries:
                         self.loop.table.drop(entry)

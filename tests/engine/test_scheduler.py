@@ -66,6 +66,31 @@ def test_finish_releases_blocks():
     assert bm.num_free == 8 and not sched.has_work and a.finish_reason == "abort"
 
 
+
+def scheduler_with_running_and_waiting():
+    """Four running sequences (two blocks each) and two still waiting (the blocks ran out)."""
+    sched = Scheduler(BlockManager(8, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    seqs = [seq(6, i) for i in range(6)]
+    for s in seqs:
+        sched.add(s)
+    advance(sched.schedule())
+    return sched, seqs
+
+
+def test_finish_all_leaves_the_state_finish_leaves():
+    ends = [(3, SequenceStatus.FINISHED_LENGTH), (0, SequenceStatus.FINISHED_STOPPED),
+            (5, SequenceStatus.FINISHED_ABORTED), (2, SequenceStatus.FINISHED_LENGTH)]
+    one_by_one, seqs_a = scheduler_with_running_and_waiting()
+    at_once, seqs_b = scheduler_with_running_and_waiting()
+    assert [s.seq_id for s in at_once.running] == [0, 1, 2, 3] and [s.seq_id for s in at_once.waiting] == [4, 5]
+    for i, status in ends:
+        one_by_one.finish(seqs_a[i], status)
+    at_once.finish_all([(seqs_b[i], status) for i, status in ends])
+    for sched, seqs in ((one_by_one, seqs_a), (at_once, seqs_b)):
+        assert [s.seq_id for s in sched.running] == [1] and [s.seq_id for s in sched.waiting] == [4]
+        assert sched.blocks.num_free == 6
+        assert [s.finish_reason for s in seqs] == ["stop", None, "length", "length", None, "abort"]
+
 class ScriptedBlocks:
     """A block manager whose allocate() fails for `fail_for` once: the scheduler must
     preempt; every other call succeeds (as if the victim's blocks were plenty)."""

@@ -1,7 +1,10 @@
 """native/step_core.pyx: the persistent decode batch, updated by diff, equals the batch
 ModelRunner's general path builds from scratch for the same plan, step after step of
 randomized traces (sequences joining, leaving, growing blocks, coming back with new
-blocks, rows reordered); append_tokens decides what Sequence.check_finished decides."""
+blocks, rows reordered); append_tokens decides what Sequence.check_finished decides;
+the scheduler's native loops hand each sequence that is not plain to the Python loop;
+publish_plain writes the bytes records.py's encoders write.
+(tests/engine/test_scheduler_reference.py compares the whole scheduler with a reference.)"""
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,8 +13,12 @@ import pytest
 from pyforge.engine.model_runner import ModelRunner
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.engine.sequence import Sequence, SequenceStatus
+from pyforge.engine.block_manager import BlockManager
+from pyforge.ipc import Finish, encode, encode_token
+from pyforge.engine.scheduler import Scheduler
 from pyforge.native.step_core import (KIND_DRAFTS, KIND_GRAMMAR, KIND_POOLING, KIND_PROMPT_LOGPROBS, DecodeBatch,
-                                     advance_computed, append_tokens, pack_sampling, plan_kinds, store_rng_states)
+                                     advance_computed, append_tokens, pack_sampling, plan_kinds, publish_plain,
+                                     schedule_running, schedule_waiting, store_rng_states)
 
 BLOCK = 4
 FIELDS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens")
@@ -210,3 +217,113 @@ def test_pack_sampling_packs_what_the_python_columns_hold(seed):
     assert biased == any(p.logit_bias or p.min_tokens for p in params)
     store_rng_states(sub, np.arange(len(sub), dtype=np.uint64))
     assert [row.rng_state for row in sub] == list(range(len(sub)))
+
+
+def scheduler_with(n_blocks, *prompts_and_params, max_num_seqs=8, budget=100):
+    sched = Scheduler(BlockManager(n_blocks, BLOCK), max_num_seqs, budget)
+    seqs = [Sequence(i, list(range(10, 10 + n)), params, 0, 10_000) for i, (n, params) in enumerate(prompts_and_params)]
+    for seq in seqs:
+        sched.add(seq)
+    return sched, seqs
+
+
+def test_schedule_waiting_admits_plain_heads_and_hands_over_at_the_first_other():
+    sched, seqs = scheduler_with(16, (3, SamplingParams()), (5, SamplingParams()),
+                                 (4, SamplingParams(prompt_logprobs=0)), (2, SamplingParams()))
+    plan = []
+    budget, special = schedule_waiting(sched, plan, 20)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 3), (1, 5)] and budget == 12 and special
+    assert sched.running == seqs[:2] and list(sched.waiting) == seqs[2:]
+    assert all(s.status == SequenceStatus.RUNNING for s in seqs[:2]) and seqs[2].status == SequenceStatus.WAITING
+
+
+def test_schedule_waiting_stops_at_the_budget_and_max_num_seqs():
+    sched, seqs = scheduler_with(16, (3, SamplingParams()), (5, SamplingParams()), max_num_seqs=1)
+    plan = []
+    assert schedule_waiting(sched, plan, 2) == (0, False)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 2)] and list(sched.waiting) == seqs[1:]
+
+
+def test_schedule_running_hands_over_a_sequence_with_drafts_by_its_index():
+    sched, seqs = scheduler_with(16, (3, SamplingParams()), (3, SamplingParams()), (3, SamplingParams()))
+    sched.schedule()
+    for seq in seqs:
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.append(7)
+    seqs[1].draft_tokens = [8, 9]
+    plan = []
+    assert schedule_running(sched, plan, 0, 100) == (1, 99)
+    assert schedule_running(sched, plan, 2, 99) == (3, 98)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1), (2, 1)]
+
+
+def test_schedule_running_preempts_the_newest_and_at_last_itself():
+    sched, seqs = scheduler_with(2, (4, SamplingParams()), (4, SamplingParams()))     # each holds one full block
+    sched.schedule()
+    for seq in seqs:
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.append(7)
+    plan = []
+    # the first needs a second block: the second gives its block and waits; then the second's turn never comes
+    assert schedule_running(sched, plan, 0, 100) == (1, 99)
+    assert [(s.seq_id, n) for s, n in plan] == [(0, 1)] and list(sched.waiting) == [seqs[1]]
+    assert seqs[1].status == SequenceStatus.PREEMPTED and sched.num_preemptions == 1
+    sched.running[0].token_ids.extend([7] * 4)      # now it needs a third block, and there is none
+    sched.running[0].num_computed_tokens = sched.running[0].num_tokens - 1
+    plan = []
+    assert schedule_running(sched, plan, 0, 100) == (0, 100)
+    assert plan == [] and sched.running == [] and list(sched.waiting) == [seqs[0], seqs[1]]
+
+
+def publishing(rows):
+    """(seqs, by_seq, entries) for publish_plain: rows of (seq_id, slot, request_id, prompt, output)."""
+    seqs, by_seq, entries = [], {}, {}
+    for seq_id, slot, request_id, n_prompt, n_output in rows:
+        seq = SimpleNamespace(seq_id=seq_id, num_prompt_tokens=n_prompt, token_ids=[1] * (n_prompt + n_output),
+                              num_cached_prompt_tokens=n_prompt // 2)
+        entry = SimpleNamespace(request_id=request_id, owner=SimpleNamespace(slot=slot), started=False,
+                                want_logprobs=False, seq=seq)
+        seqs.append(seq)
+        by_seq[seq_id] = entries[request_id] = entry
+    return seqs, by_seq, entries
+
+
+def test_publish_plain_writes_what_the_record_encoders_write():
+    seqs, by_seq, entries = publishing([(0, 1, 7 << 48 | 3, 5, 2), (1, 0, 9, 4, 1), (2, 1, (1 << 64) - 1, 3, 6),
+                                        (3, 1, 11, 2, 1)])
+    del by_seq[3]                           # a request the table no longer holds: nothing of it
+    tokens = np.array([42, -1, 2**31 - 1, 8], np.int32)
+    statuses = np.array([SequenceStatus.RUNNING, SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                         SequenceStatus.RUNNING], np.int32)
+    batches = {0: (bytearray(b"earlier"), ["someone"])}
+    started = publish_plain(seqs, tokens, statuses, by_seq, entries, batches, None)
+    assert started == 5 + 4 + 3
+    ids = [7 << 48 | 3, 9, (1 << 64) - 1]
+    assert bytes(batches[1][0]) == (encode_token(ids[0], 42) + encode_token(ids[2], 2**31 - 1)
+                                    + encode(Finish(ids[2], "length", 3, 6, 1)))
+    assert bytes(batches[0][0]) == b"earlier" + encode_token(ids[1], -1) + encode(Finish(ids[1], "stop", 4, 1, 2))
+    assert [e.request_id for e in batches[1][1]] == [ids[0], ids[2]]
+    assert list(entries) == [ids[0], 11] and list(by_seq) == [0]       # the finished left the table
+
+
+def test_publish_plain_hands_requests_wanting_logprobs_back():
+    seqs, by_seq, entries = publishing([(0, 0, 1, 3, 1)])
+    by_seq[0].want_logprobs = True
+    handed, batches = [], {}
+    publish_plain(seqs, np.array([5], np.int32), np.array([SequenceStatus.FINISHED_STOPPED], np.int32), by_seq,
+                  entries, batches, lambda entry, row: handed.append((entry.request_id, row)))
+    assert handed == [(1, 0)] and batches == {} and list(by_seq) == [0]     # the table's own path forgets it
+
+
+def test_publish_plain_refuses_mismatched_rows_statuses_it_cannot_encode_and_foreign_batches():
+    seqs, by_seq, entries = publishing([(0, 0, 1, 3, 1), (1, 0, 2, 3, 1)])
+    with pytest.raises(ValueError, match="2 tokens and 1 statuses for 2 sequences"):
+        publish_plain(seqs, np.zeros(2, np.int32), np.zeros(1, np.int32), by_seq, entries, {}, None)
+    aborted = np.full(2, SequenceStatus.FINISHED_ABORTED, np.int32)
+    with pytest.raises(ValueError, match="not one a plain step ends with"):
+        publish_plain(seqs, np.zeros(2, np.int32), aborted, by_seq, entries, {}, None)
+    running = np.full(2, SequenceStatus.RUNNING, np.int32)
+    with pytest.raises(TypeError):
+        publish_plain(seqs, np.zeros(2, np.int32), running, by_seq, entries, {0: [bytearray(), []]}, None)
+    with pytest.raises(TypeError):
+        publish_plain(seqs, np.zeros(2, np.int32), running, by_seq, entries, {0: (b"", [])}, None)

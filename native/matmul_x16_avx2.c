@@ -228,62 +228,71 @@ PF_INLINE void q6_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int 
 
 /* -- Q8_0 / Q4_0 ------------------------------------------------------------ */
 
-/* out = sum over blocks of d_w * d_a * (w . a). Q4_0: 8 vpmaddubsw of the
- * nibbles (0..15) in one int16 sum, minus 8 * sum(a); Q8_0: the stored
- * unsigned bytes back to signed (xor 0x80), |w| times sign(a, w), one
- * vpmaddwd per vector (a pair reaches 2 * 128 * 127). */
-PF_INLINE void q32_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T, const int H, const int h0,
-                        const int is_q4) {
+/* facc[t] += d_w * d_a * s32[t] for one block: the row scales of half h times token t's scale. */
+PF_INLINE void q32_block_update(const pf_x16_job *job, const float *dw, int64_t i, int64_t t0, const int T, int h,
+                                const __m256i *s32, __m256 *facc) {
+    const __m256 d = _mm256_loadu_ps(dw + 8 * h);
+    for (int t = 0; t < T; t++)
+        facc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(job->da[(t0 + t) * job->nb + i])),
+                                  _mm256_cvtepi32_ps(s32[t]), facc[t]);
+}
+
+/* Q4_0: the block's 8 nibble vectors (0..15) unpacked once, then per token 8
+ * vpmaddubsw in one int16 sum, minus 8 * sum(a). */
+PF_INLINE void q4_0_kernel(const pf_x16_job *job, int64_t gr, int64_t t0, const int T, const int H, const int h0) {
     const int64_t nb = job->nb;
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     __m256 facc[2][AVX2_TOKENS];
     for (int h = 0; h < H; h++)
         for (int t = 0; t < T; t++) facc[h][t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const float *dw;
-        __m256i wv[2][8], sw[2][8];   /* Q4_0: the 8 nibble vectors; Q8_0: |w| and w */
-        if (is_q4) {
-            const block_q4_0_x16 *b = (const block_q4_0_x16 *)job->w + gr * nb + i;
-            dw = b->d;
-            for (int h = 0; h < H; h++)
-                for (int g = 0; g < 4; g++) {
-                    const __m256i v = load_half(b->qs[g], h0 + h);
-                    wv[h][2 * g] = _mm256_and_si256(v, m4);
-                    wv[h][2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                }
-        } else {
-            const block_q8_0_x16 *b = (const block_q8_0_x16 *)job->w + gr * nb + i;
-            dw = b->d;
-            for (int h = 0; h < H; h++)
-                for (int g = 0; g < 8; g++) {
-                    sw[h][g] = _mm256_xor_si256(load_half(b->qs[g], h0 + h), _mm256_set1_epi8((char)0x80));
-                    wv[h][g] = _mm256_abs_epi8(sw[h][g]);
-                }
-        }
-        for (int t = 0; t < T; t++) {
-            const int64_t at = (t0 + t) * nb + i;
-            const int8_t *a = ((const block_q8_0 *)job->act)[at].qs;
-            for (int h = 0; h < H; h++) {
-                __m256i s32;
-                if (is_q4) {
-                    __m256i s16 = _mm256_setzero_si256();
-                    for (int g = 0; g < 8; g++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[h][g], bcast_word(a + 4 * g)));
-                    s32 = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * job->q_sums[at]));
-                } else {
-                    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();   /* two chains */
-                    for (int g = 0; g < 8; g += 2) {
-                        const __m256i p0 = _mm256_maddubs_epi16(wv[h][g], _mm256_sign_epi8(bcast_word(a + 4 * g), sw[h][g]));
-                        const __m256i p1 = _mm256_maddubs_epi16(wv[h][g + 1],
-                                                                _mm256_sign_epi8(bcast_word(a + 4 * g + 4), sw[h][g + 1]));
-                        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
-                        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
-                    }
-                    s32 = _mm256_add_epi32(s0, s1);
-                }
-                const __m256 d = _mm256_mul_ps(_mm256_loadu_ps(dw + 8 * (h0 + h)), _mm256_set1_ps(job->da[at]));
-                facc[h][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), facc[h][t]);
+        const block_q4_0_x16 *b = (const block_q4_0_x16 *)job->w + gr * nb + i;
+        for (int h = 0; h < H; h++) {
+            __m256i wv[8], s32[AVX2_TOKENS];
+            for (int g = 0; g < 4; g++) {
+                const __m256i v = load_half(b->qs[g], h0 + h);
+                wv[2 * g] = _mm256_and_si256(v, m4), wv[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             }
+            for (int t = 0; t < T; t++) {
+                const int64_t at = (t0 + t) * nb + i;
+                const int8_t *a = ((const block_q8_0 *)job->act)[at].qs;
+                __m256i s16 = _mm256_setzero_si256();
+                for (int g = 0; g < 8; g++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[g], bcast_word(a + 4 * g)));
+                s32[t] = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * job->q_sums[at]));
+            }
+            q32_block_update(job, b->d, i, t0, T, h0 + h, s32, facc[h]);
         }
+    }
+    for (int h = 0; h < H; h++)
+        for (int t = 0; t < T; t++) store_rows(job, gr, t0 + t, h0 + h, facc[h][t]);
+}
+
+/* Q8_0: the stored unsigned bytes back to signed (xor 0x80), |w| times
+ * sign(a, w), one vpmaddwd per vector (a pair reaches 2 * 128 * 127). Each
+ * weight vector is unpacked and used by every token in turn: kept, the 8 of a
+ * block as |w| and w would fill the registers the per-token sums need. */
+PF_INLINE void q8_0_kernel(const pf_x16_job *job, int64_t gr, int64_t t0, const int T, const int H, const int h0) {
+    const int64_t nb = job->nb;
+    const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
+    __m256 facc[2][AVX2_TOKENS];
+    for (int h = 0; h < H; h++)
+        for (int t = 0; t < T; t++) facc[h][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const block_q8_0_x16 *b = (const block_q8_0_x16 *)job->w + gr * nb + i;
+        const int8_t *a[AVX2_TOKENS];
+        for (int t = 0; t < T; t++) a[t] = ((const block_q8_0 *)job->act)[(t0 + t) * nb + i].qs;
+        __m256i s32[2][AVX2_TOKENS];
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) s32[h][t] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++)
+            for (int h = 0; h < H; h++) {
+                const __m256i w = _mm256_xor_si256(load_half(b->qs[g], h0 + h), bias), aw = _mm256_abs_epi8(w);
+                for (int t = 0; t < T; t++) {
+                    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast_word(a[t] + 4 * g), w));
+                    s32[h][t] = _mm256_add_epi32(s32[h][t], _mm256_madd_epi16(p, ones));
+                }
+            }
+        for (int h = 0; h < H; h++) q32_block_update(job, b->d, i, t0, T, h0 + h, s32[h], facc[h]);
     }
     for (int h = 0; h < H; h++)
         for (int t = 0; t < T; t++) store_rows(job, gr, t0 + t, h0 + h, facc[h][t]);
@@ -317,8 +326,8 @@ PF_INLINE void q32_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int
 AVX2_TILE(q4_K_tile, k_tile, 0)
 AVX2_TILE(q5_K_tile, k_tile, 1)
 AVX2_TILE(q6_K_tile, q6_tile)
-AVX2_TILE(q8_0_tile, q32_tile, 0)
-AVX2_TILE(q4_0_tile, q32_tile, 1)
+AVX2_TILE(q8_0_tile, q8_0_kernel)
+AVX2_TILE(q4_0_tile, q4_0_kernel)
 
 pf_x16_tile_fn pf_avx2_x16_tile(int type) {
     switch (type) {

@@ -3,12 +3,13 @@ AVX-512 VNNI, AMX; each runtime-detected).
 
 Weights stay in their stored format (memory-mapped), except Q4_K, Q5_K, Q6_K,
 Q8_0 and Q4_0 matrices on CPUs with AVX2 or AVX-512 VNNI and no AMX: those are
-repacked once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 2-3x
-faster on batches; that copy is anonymous memory (1.06-1.11x the stored bytes), and the
-mapped pages are left to the page cache. Q5_K and Q6_K keep their mapped
-originals for single tokens too (their repacked 1-token dots, with more bits to
-unpack, are ~0.83x). Activations are float32; the KV cache is in the dtype
-chosen at construction (backends/kv_dtype.py), converted as it is stored and
+repacked once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 1.2-3x
+faster on batches; that copy is anonymous memory (1.06-1.11x the stored bytes),
+and the mapped pages are left to the page cache. On VNNI hosts Q5_K and Q6_K keep
+their mapped originals for single tokens too (their repacked 1-token dots, with
+more bits to unpack, are ~0.83x); the AVX2 tiles win on every type. Activations
+are float32; the KV cache is in the dtype chosen at construction
+(backends/kv_dtype.py), converted as it is stored and
 read. Every kernel call releases the GIL inside the native module.
 """
 from dataclasses import dataclass
@@ -40,8 +41,15 @@ class CpuExperts:
     n_ff: int
 
 
-# Types whose stored layout beats their repacked one on a single token (decode).
-SINGLE_TOKEN_ORIGINAL = (GGMLType.Q5_K, GGMLType.Q6_K)
+# Types whose stored layout beats their repacked one on a single token (decode), by x16 kernel
+# family: the VNNI row dots beat the VNNI tiles there; the AVX2 tiles beat the AVX2 row dots on
+# every type (RESULTS.md, 2026-12-07 Zen 3), so AVX2 hosts leave the mapped originals unread
+SINGLE_TOKEN_ORIGINAL = {"vnni": (GGMLType.Q5_K, GGMLType.Q6_K), "avx2": ()}
+
+
+def single_token_originals():
+    """The types the CPU backend keeps in their stored layout for single tokens, besides repacking."""
+    return SINGLE_TOKEN_ORIGINAL.get(quant.x16_kernels(), ())
 
 
 def repacks_weights():
@@ -61,6 +69,7 @@ class CpuBackend:
         self.kv_dtype = kv_dtype.resolve(kv_cache_dtype, self.name)
         self.kv_dtype_bytes = kv_dtype.BYTES_PER_VALUE[self.kv_dtype]
         self.repack = repacks_weights()
+        self.single_token_originals = single_token_originals()
 
     # -- weights ---------------------------------------------------------
     def prepare_weight(self, tensor):
@@ -69,7 +78,7 @@ class CpuBackend:
         if self.repack and tensor.ggml_type in quant.REPACKABLE and len(tensor.shape) == 2:
             packed = quant.repack_x16(tensor.data, int(tensor.ggml_type), *tensor.shape, self.n_threads)
             if packed is not None:
-                original = tensor if tensor.ggml_type in SINGLE_TOKEN_ORIGINAL else None
+                original = tensor if tensor.ggml_type in self.single_token_originals else None
                 return RepackedWeight(tensor.ggml_type, tuple(tensor.shape), packed, original)
         return tensor
 

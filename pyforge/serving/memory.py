@@ -78,14 +78,14 @@ def memory_need(config):
 def _resident_bytes(tensor, loaded_type, repacks):
     """A weight's bytes once loaded: as mapped or as quantized at load, plus the repacked copy,
     which replaces one quantized at load unless the backend keeps that for single tokens."""
-    from pyforge.backends.cpu import SINGLE_TOKEN_ORIGINAL
+    from pyforge.backends.cpu import single_token_originals
     from pyforge.ggml_types import tensor_bytes
     from pyforge.native import quant
 
     size = tensor_bytes(loaded_type, tensor.shape)
     if not (repacks and loaded_type in quant.REPACKABLE and len(tensor.shape) == 2):
         return size
-    replaced = loaded_type != tensor.ggml_type and loaded_type not in SINGLE_TOKEN_ORIGINAL
+    replaced = loaded_type != tensor.ggml_type and loaded_type not in single_token_originals()
     return size * (1 if replaced else 2)
 
 

@@ -402,8 +402,11 @@ def main(argv=None):
     if args.plot and args.plot != "none":
         title = (f"{Path(args.model).name}{mode}, {args.threads} threads, "
                  f"{args.prompt_tokens}-token prompts, {args.max_tokens} generated")
-        plot(rows, probes, args.plot, title)
-        print(f"plot: {args.plot}")
+        try:
+            plot(rows, probes, args.plot, title)
+            print(f"plot: {args.plot}")
+        except ImportError:     # the table above is the result; the picture is optional
+            print("no plot: matplotlib is not installed (pip install matplotlib, or --plot none)")
     if args.json:
         Path(args.json).write_text(json.dumps({"levels": rows, "prefix_probe_ttft_s": probes}, indent=2))
     return rows

@@ -69,6 +69,9 @@ class PyforgeRunner:
         for _ in range(n_decode):
             self.engine.step()
         t2 = time.perf_counter()
+        if seq.num_output_tokens != n_decode + 1:   # e.g. stopped at the model's context length
+            raise SystemExit(f"pyforge generated {seq.num_output_tokens} of {n_decode + 1} tokens: "
+                             "lower --prompt or --decode")
         self.engine.abort(seq.seq_id)
         return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
 

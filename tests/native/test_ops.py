@@ -462,6 +462,49 @@ def test_paged_attention_window_matches_torch_sdpa():
     assert rel_err(out, ref.numpy()) < REL_TOL
 
 
+@pytest.mark.parametrize("path", TILE_PATHS)
+@pytest.mark.parametrize("kv_dtype,hd,n_heads,n_kv", [
+    ("f32", 64, 32, 4), ("f32", 80, 8, 2), ("f32", 20, 4, 2),   # 16-lane vectors, + a tail, too short
+    ("f16", 80, 8, 2), ("q8_0", 96, 8, 1),
+])
+def test_paged_attention_decode_rows_past_many_chunks(kv_dtype, hd, n_heads, n_kv, path, monkeypatch):
+    """Decode rows (one query row each) over several 64-position chunks, each chunk
+    fetched ahead while the one before computes; head sizes in whole 16-lane vectors,
+    with a tail past the last one, and shorter than one; caches of each kind."""
+    monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+    rng = np.random.default_rng(hd + n_heads)
+    k32, v32, tables, lens, qsl = make_batch(rng, [(333, 1), (64, 1), (130, 1)], 16, n_kv, hd)
+    (k_cache, k_held), (v_cache, v_held) = stored_cache(k32, kv_dtype), stored_cache(v32, kv_dtype)
+    q = randn(rng, int(qsl[-1]), n_heads, hd)
+    out = poisoned(q.shape)
+    ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, hd**-0.5, out, 2, kv_dtype=kv_dtype)
+    assert rel_err(out, attention_ref(q, k_held, v_held, tables, lens, qsl, hd**-0.5)) < REL_TOL
+
+
+def has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f " in line + " " for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_avx512f(), reason="no AVX-512F: decode rows have one path")
+def test_paged_attention_decode_rows_run_on_16_lane_vectors(monkeypatch):
+    """Decode rows on AVX-512 hosts sum in 16 lanes, not 8: not the same bits as the
+    AVX2 kernels (which would mean the wide ones never ran), the same to rounding."""
+    rng = np.random.default_rng(17)
+    k_cache, v_cache, tables, lens, qsl = make_batch(rng, [(300, 1), (90, 1)], 16, 4, 64)
+    q = randn(rng, 2, 32, 64)
+    outs = {}
+    for path in ("", "avx2"):
+        monkeypatch.setenv("PYFORGE_ATTN_TILES", path)
+        outs[path] = poisoned(q.shape)
+        ops.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 0.125, outs[path], 2)
+    assert not np.array_equal(outs[""], outs["avx2"])
+    np.testing.assert_allclose(outs[""], outs["avx2"], rtol=0, atol=1e-5 * np.abs(outs["avx2"]).max())
+
+
 def test_paged_attention_tiles_are_a_different_path(monkeypatch):
     """The tiled and per-row paths agree to rounding but sum in different
     orders: identical bits would mean the tiles never ran."""

@@ -573,6 +573,11 @@ NR_DISPATCH(q6_K, dot_q6_K_k)
 
 /* ============================== driver =================================== */
 
+/* The most weight rows of any prefill tile (pf_vec_dot_tile_fn). */
+#define PF_MAX_TILE_ROWS 8
+_Static_assert(PF_DENSE_TILE_ROWS <= PF_MAX_TILE_ROWS && PF_VNNI_DENSE_TILE_ROWS <= PF_MAX_TILE_ROWS,
+               "rows_x_group's buffer holds every tile");
+
 /* Weight rows per tile in prefill: the tile stays in L2 while every group of
  * 4 activation rows (a few KB, in L1) passes over it. */
 #define TILE_BYTES (192 * 1024)
@@ -592,7 +597,7 @@ typedef struct {
 static void rows_x_group(const matmul_job *job, int64_t r0, int64_t r1, int64_t t, int nr) {
     const char *a = job->act + (size_t)t * job->a_row;
     float *out = job->out + t * job->n_out;
-    float dots[4 * 4];
+    float dots[PF_MAX_TILE_ROWS * 4];
     int64_t r = r0;
     if (job->tile_dot && nr == 4)
         for (; r + job->tile_rows <= r1; r += job->tile_rows) {
@@ -606,10 +611,18 @@ static void rows_x_group(const matmul_job *job, int64_t r0, int64_t r1, int64_t 
     }
 }
 
+/* Weight rows per L2 tile: what TILE_BYTES holds, in whole register tiles
+ * where there are any (rows left over would take the slower per-row dots). */
+static int64_t l2_tile_rows(const matmul_job *job) {
+    int64_t rows = job->w_row >= TILE_BYTES ? 1 : (int64_t)(TILE_BYTES / job->w_row);
+    if (job->tile_dot && rows > job->tile_rows) rows -= rows % job->tile_rows;
+    return rows;
+}
+
 /* Output rows r0..r1 of every token: weight rows in tiles that stay in L2
  * while each group of 4 activation rows (a few KB, in L1) passes over them. */
 static void run_rows(const matmul_job *job, int64_t r0, int64_t r1) {
-    const int64_t tile = job->w_row >= TILE_BYTES ? 1 : (int64_t)(TILE_BYTES / job->w_row);
+    const int64_t tile = l2_tile_rows(job);
     for (int64_t rt = r0; rt < r1; rt += tile) {
         const int64_t re = rt + tile < r1 ? rt + tile : r1;
         for (int64_t t = 0; t < job->n_tok; t += 4)
@@ -625,7 +638,7 @@ static int64_t chunk_rows(const matmul_job *job, int nth) {
     int64_t rows = (job->n_out + 8 * nth - 1) / (8 * nth);
     rows = rows < 16 ? 16 : rows;
     if (job->n_tok <= 4) return rows;
-    const int64_t tile = job->w_row >= TILE_BYTES ? 1 : (int64_t)(TILE_BYTES / job->w_row);
+    const int64_t tile = l2_tile_rows(job);
     return rows < tile ? rows : tile;
 }
 
@@ -651,11 +664,15 @@ int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_
         pf_amx_available())
         return pf_matmul_amx(x, w, type, n_tok, n_in, n_out, out, n_threads);
     const int use_simd = (kernels & PF_KERNELS_AVX2) && pf_simd_available();
+    pf_vec_dot_tile_fn tile_dot = use_simd ? wt->vec_dot_tile : NULL;
+    int tile_rows = wt->tile_rows;
+    if ((kernels & PF_KERNELS_VNNI) && pf_vnni_available() && pf_vnni_dense_tile(type))
+        tile_dot = pf_vnni_dense_tile(type), tile_rows = PF_VNNI_DENSE_TILE_ROWS;
     char *qx = NULL; /* activations quantized to vec_dot_type, unless that is F32 */
     if (vt != PF_F32 && !(qx = aligned_alloc(64, (size_t)n_tok * a_row))) return -2;
     const matmul_job job = {
         .dot = pick_vec_dot(wt, type, kernels),
-        .tile_dot = use_simd ? wt->vec_dot_tile : NULL, .tile_rows = wt->tile_rows,
+        .tile_dot = tile_dot, .tile_rows = tile_rows,
         .w = w, .act = qx ? qx : (const char *)x, .out = out,
         .w_row = (size_t)pf_row_bytes(type, n_in), .a_row = a_row,
         .n_tok = n_tok, .n_in = n_in, .n_out = n_out,

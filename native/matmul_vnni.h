@@ -18,4 +18,11 @@ pf_vec_dot_fn pf_vnni_vec_dot(int type);
 
 /* Its tiles for the x16 GEMMs: pf_vnni_x16_tile (x16_formats.h). */
 
+/* The AVX-512 prefill tile for F32 / F16 / BF16 weights (pf_vec_dot_tile_fn
+ * over PF_VNNI_DENSE_TILE_ROWS weight rows x 4 activation rows), or NULL. It
+ * needs only AVX-512F but runs as part of this family (same probe, same
+ * PYFORGE_DISABLE_VNNI switch). */
+#define PF_VNNI_DENSE_TILE_ROWS 6
+pf_vec_dot_tile_fn pf_vnni_dense_tile(int type);
+
 #endif

@@ -35,13 +35,13 @@ X16_FAMILIES = [pytest.param("avx2", marks=needs_x16), pytest.param("vnni", mark
 
 
 AMX_TYPES = {T.Q4_K, T.Q6_K}
-VNNI_TYPES = K_QUANTS
+VNNI_TYPES = K_QUANTS | set(DENSE)  # dense: the AVX-512 prefill tile
 
 
 def type_kernel_params(types):
     """(type, kernels) for every kernel family that covers the type: AMX
-    tiles (batched Q4_K / Q6_K), AVX-512 VNNI (K-quants), AVX2, and the
-    scalar references."""
+    tiles (batched Q4_K / Q6_K), AVX-512 VNNI (K-quants; for F32 / F16 / BF16
+    the AVX-512 prefill tile), AVX2, and the scalar references."""
     params = []
     for t in types:
         if t in AMX_TYPES:

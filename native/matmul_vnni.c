@@ -517,6 +517,41 @@ static void dense_tile_bf16(int64_t n, const void *w, size_t ws, const void *a, 
     dense_tile(n, w, ws, a, as, out, DENSE_BF16);
 }
 
+/* The row dot (decode: 1..4 activation rows per pass over a weight row) with
+ * the tile's arithmetic for every (row, token): one 16-lane accumulator, k in
+ * steps of 16, the same reduction and tail. So a token's outputs are the same
+ * bits whether it runs alone, beside others, or in a tile: batch invariance.
+ * (Independent rows keep several FMA chains in flight.) */
+PF_INLINE void dense_dot(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out,
+                         const int kind) {
+    const float *y[4];
+    __m512 acc[4];
+    for (int t = 0; t < nr; t++) y[t] = (const float *)((const char *)a + (size_t)t * as), acc[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m512 wv = dense_w16(w, k, kind);
+        for (int t = 0; t < nr; t++) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(y[t] + k), acc[t]);
+    }
+    for (int t = 0; t < nr; t++) {
+        float s = _mm512_reduce_add_ps(acc[t]);
+        for (int64_t kk = k; kk < n; kk++) s += dense_w1(w, kk, kind) * y[t][kk];
+        out[t] = s;
+    }
+}
+
+PF_INLINE void dot_f32_16(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    dense_dot(n, w, a, as, nr, out, DENSE_F32);
+}
+PF_INLINE void dot_f16_16(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    dense_dot(n, w, a, as, nr, out, DENSE_F16);
+}
+PF_INLINE void dot_bf16_16(int64_t n, const void *w, const void *a, size_t as, const int nr, float *out) {
+    dense_dot(n, w, a, as, nr, out, DENSE_BF16);
+}
+NR_DISPATCH(vec_dot_f32_vnni, dot_f32_16)
+NR_DISPATCH(vec_dot_f16_vnni, dot_f16_16)
+NR_DISPATCH(vec_dot_bf16_vnni, dot_bf16_16)
+
 #pragma GCC pop_options
 
 pf_x16_tile_fn pf_vnni_x16_tile(int type) {
@@ -544,6 +579,9 @@ pf_vec_dot_fn pf_vnni_vec_dot(int type) {
     case PF_Q4_K: return vec_dot_q4_K_vnni;
     case PF_Q5_K: return vec_dot_q5_K_vnni;
     case PF_Q6_K: return vec_dot_q6_K_vnni;
+    case PF_F32: return vec_dot_f32_vnni;  /* the dense tile's arithmetic (batch invariance) */
+    case PF_F16: return vec_dot_f16_vnni;
+    case PF_BF16: return vec_dot_bf16_vnni;
     default: return NULL;
     }
 }

@@ -309,6 +309,21 @@ def test_simd_matches_scalar(t):
         assert np.all(np.abs(fast.astype(np.float64) - ref) <= 1e-6 * scale + 1e-30), kernels
 
 
+@needs_vnni
+@pytest.mark.parametrize("t", DENSE, ids=lambda t: t.name)
+def test_dense_matmul_is_batch_invariant_on_the_avx512_family(t):
+    """A token's outputs are the same bits alone, in a batch of any size (tiles of 4
+    tokens, row dots for the rest), on 1 or 2 threads: the row dot does the tile's
+    arithmetic. (The engine's batch invariance rests on it for F32/F16/BF16 models.)"""
+    for n_in, n_out in [(64, 64), (1000, 67), (72, 30)]:
+        raw, _ = case(t, n_in, n_out)
+        x = np.random.default_rng(n_in).standard_normal((9, n_in)).astype(np.float32)
+        alone = run_matmul(x[:1], raw, t, n_out, 1, "vnni")
+        for n in (2, 4, 5, 9):
+            for n_threads in (1, 2):
+                assert np.array_equal(run_matmul(x[:n], raw, t, n_out, n_threads, "vnni")[0], alone[0]), (n, n_threads)
+
+
 def test_matmul_read_only_weights_and_weight_dtypes():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 64)).astype(np.float32)

@@ -1,6 +1,7 @@
 /* AVX-512 VNNI kernels: dots for K-quant weights (Q4_K, Q5_K, Q6_K) against
- * Q8_K activations, 1..4 activation rows per pass over a weight row, and the
- * tiles of the GEMMs over weights repacked 16 rows at a time (x16_formats.h).
+ * Q8_K activations, 1..4 activation rows per pass over a weight row, the
+ * tiles of the GEMMs over weights repacked 16 rows at a time (x16_formats.h),
+ * and the F32 / F16 / BF16 row dots and prefill tile on 16-lane FMAs.
  *
  * vpdpbusd multiplies 64 unsigned weight bytes by 64 signed activation bytes
  * and adds each group of 4 products into one of 16 int32 lanes. A 64-byte

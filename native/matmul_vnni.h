@@ -1,6 +1,7 @@
 /* AVX-512 VNNI vec_dot kernels (matmul_vnni.c): the same dots as the AVX2
  * kernels in matmul.c, on the same activation rows, with vpdpbusd doing in one
- * instruction what maddubs + madd do in two, on 64-byte vectors. Compiled for
+ * instruction what maddubs + madd do in two, on 64-byte vectors; and, in the
+ * same family, 16-lane float kernels for F32 / F16 / BF16 weights. Compiled for
  * every x86-64 build with per-function targets; used only where the CPU and
  * OS have AVX-512 F/BW/VL + VNNI and PYFORGE_DISABLE_VNNI is unset.
  */

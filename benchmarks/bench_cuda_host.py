@@ -16,7 +16,6 @@ the GPU busy, and graphs (or fewer launches) are what pays.
 import argparse
 import contextlib
 import sys
-import time
 import types
 from pathlib import Path
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description  # noqa: E402
 
 MODEL = ("small-k", "F16")
 PROMPT_TOKENS = 8
@@ -123,6 +124,7 @@ def main(argv=None):
     if "cuda" in args.modes:
         from bench_cuda_host import null_cupy
         sys.modules["cupy"] = null_cupy()
+    print(cpu_description())
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| mode | seqs | loop step µs | forward µs | sample µs | core µs | publish µs | core+pub µs/seq |")
     print("|---|---|---|---|---|---|---|---|")

@@ -19,6 +19,8 @@ import numpy as np
 from pyforge.ggml_types import GGMLType as T
 from pyforge.native import quant
 
+from machine import cpu_description
+
 SHAPES = [  # (name, type, n_in, n_out)
     ("ffn_up 2048->5632", T.Q4_K, 2048, 5632),
     ("ffn_down 5632->2048", T.Q4_K, 5632, 2048),
@@ -90,7 +92,7 @@ def main():
     args = ap.parse_args()
     families = kernel_families()
     names = [n for n, _ in families]
-    print(f"kernel families here: {', '.join(names)}; {args.threads} threads; best of {args.reps}")
+    print(f"{cpu_description()}; kernel families here: {', '.join(names)}; {args.threads} threads; best of {args.reps}")
     print("| matmul | type | tokens | " + " | ".join(f"{n} ms" for n in names) + " | "
           + " | ".join(f"{n} GFLOP/s" for n in names) + " | best / AVX2 | best weight GB/s |")
     print("|---|---|---|" + "---|" * (2 * len(names) + 2))

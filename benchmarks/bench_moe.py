@@ -13,7 +13,6 @@ same k experts' worth, so the MoE's cost per token rises toward the total expert
 until every expert is hit. Reported: best ms over --reps, weight bytes read / time.
 """
 import argparse
-import platform
 import time
 
 import numpy as np
@@ -22,13 +21,7 @@ from pyforge.ggml_types import BLOCK_LAYOUT, GGMLType
 from pyforge.native import quant
 from pyforge.synthetic import quantize
 
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from machine import cpu_description
 
 
 def random_matrix(rng, rows, cols, ggml_type):
@@ -83,7 +76,7 @@ def main(argv=None):
                for _ in range(n_exp)]
     dense = [random_matrix(rng, r, c, t) for r, c in ((k * f, d), (k * f, d), (d, k * f))]
     expert_bytes = 2 * matrix_bytes(f, d, t) + matrix_bytes(d, f, t)
-    print(f"# {cpu_name()}, {args.threads} threads; {n_exp} experts, top-{k}, d={d}, expert ffn={f}, {t.name} "
+    print(f"# {cpu_description()}, {args.threads} threads; {n_exp} experts, top-{k}, d={d}, expert ffn={f}, {t.name} "
           f"({expert_bytes / 2**20:.2f} MiB per expert); dense ffn={k * f} (the same active size)")
     print(f"{'tokens':>6} {'experts read':>12} {'MoE ms':>8} {'dense ms':>9} {'MoE GB/s':>9} {'dense GB/s':>10} "
           f"{'MoE/dense':>9}")

@@ -29,6 +29,8 @@ from pyforge.engine.engine import Engine
 from pyforge.engine.sampling_params import SamplingParams
 from pyforge.synthetic import ensure_model
 
+from machine import cpu_description
+
 CONFIG = "tinyllama-1.1b"
 
 
@@ -158,7 +160,7 @@ def bench_format(fmt, args, bandwidth):
 
 def print_table(rows, args, bandwidth):
     peer = args.peer
-    print(f"\nsynthetic {CONFIG}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}, "
+    print(f"\n{cpu_description()}; synthetic {CONFIG}, {args.threads} threads, prompt {args.prompt}, decode {args.decode}, "
           f"median of {args.rounds} rounds; read bandwidth {bandwidth:.1f} GB/s; peer {peer}")
     print(f"| format | file MiB | prefill pyforge | prefill {peer} | ratio | decode pyforge | decode {peer} "
           "| ratio | decode bound | pyforge % of bound |")

@@ -9,7 +9,6 @@ queued requests complete and the running one got an error. Prints a table.
 """
 import argparse
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -19,6 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from live_server import Server, get, metric, wait_for_metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_description  # noqa: E402
 
 
 def engine_pid(server):
@@ -63,9 +65,7 @@ def main():
         rows = [one_kill(server, args.queued) for _ in range(args.kills)]
     finally:
         server.stop()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"\nengine restart after SIGKILL: {Path(args.model).name}, {args.threads} threads, {cpu}\n")
+    print(f"\nengine restart after SIGKILL: {Path(args.model).name}, {args.threads} threads, {cpu_description()}\n")
     print("| kill | ready again (s) | queued done (s) | queued completed | running got an error |")
     print("|---|---|---|---|---|")
     for i, (ready, completed, ok, err) in enumerate(rows, 1):

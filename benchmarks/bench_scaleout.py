@@ -39,7 +39,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import subprocess
@@ -50,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_serving import REPO, free_port, make_prompts, pct, stop
+from machine import cpu_description
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "stories260K" / "stories260K.gguf"
 POLICIES = ("cache_aware", "round_robin")
@@ -241,9 +241,7 @@ def main(argv=None):
     if args.replicas < 2 or min(args.prefixes, args.users, args.concurrency, args.prefix_tokens) < 1:
         ap.error("--replicas must be >= 2; --prefixes, --users, --concurrency, --prefix-tokens >= 1")
     cores = os.cpu_count() or 1
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"{cpu}, {cores} cores; model {Path(args.model).name}; {args.prefixes} prefixes of ~{args.prefix_tokens} "
+    print(f"{cpu_description()}, {cores} cores; model {Path(args.model).name}; {args.prefixes} prefixes of ~{args.prefix_tokens} "
           f"tokens x {args.users} users, concurrency {args.concurrency}, {args.max_tokens} tokens generated",
           flush=True)
     work = make_workload(args.model, args.prefixes, args.users, args.prefix_tokens, args.seed)
@@ -254,7 +252,7 @@ def main(argv=None):
     for ok, text in verdict(rows):
         print(("PASS " if ok else "MISS ") + text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu, "args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "rows": rows}, indent=2))
     return rows
 
 

@@ -59,6 +59,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from machine import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 64
 OUTPUT_TOKENS = 64
@@ -373,7 +375,7 @@ def main(argv=None):
     prefix = make_prefix(args.model, args.prefix_tokens) if args.prefix_tokens else None
     seq_tokens = max(args.prompt_tokens, args.prefix_tokens + 16) + args.max_tokens
     mode = " (NULL MODEL: no forward pass)" if args.null_model else ""
-    print(f"model {args.model}{mode}, {args.threads} threads, prompts {args.prompt_tokens} tokens, "
+    print(f"{cpu_description()}; model {args.model}{mode}, {args.threads} threads, prompts {args.prompt_tokens} tokens, "
           f"{args.max_tokens} generated, {'a new connection per request' if args.new_connections else 'keep-alive'}",
           flush=True)
     rows, probes = [], {}

@@ -32,7 +32,6 @@ Not run by the tests; a quiet machine gives meaningful numbers (name the CPU).
 import argparse
 import functools
 import json
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ from pyforge.engine.sampling_params import SamplingParams
 from pyforge.synthetic import ensure_model
 from pyforge.synthetic_copy import COPY_CYCLES, successors, walk
 
+from machine import cpu_description
+
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
         "disable_by_batch_size": 64}
 STORIES = "../shared/models/stories260K/stories260K.gguf"
@@ -51,14 +52,6 @@ STORY_PROMPTS = ["Once upon a time, there was a little girl named Lily. She love
                  "Tom had a red ball. He liked to throw the ball to his dog.",
                  "One day, a little bird sat on a tree. The bird was sad because",
                  "Sam and his mom went to the park. At the park, Sam saw a big"]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def workload(args, name, engine, n, seed, first=0, decode=None):
@@ -186,7 +179,7 @@ def main():
     ap.add_argument("--crossover-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     args = ap.parse_args()
     spec = json.loads(args.spec)
-    print(f"{cpu_name()}, {args.threads} threads; synthetic {args.config} {args.format}, echo {args.echo_config} "
+    print(f"{cpu_description()}, {args.threads} threads; synthetic {args.config} {args.format}, echo {args.echo_config} "
           f"{args.format}; decode {args.decode}; median of {args.rounds} rounds; spec {json.dumps(spec)}")
     print("\n| workload | concurrency | plain tok/s | spec tok/s | speed-up | tokens/step (spec) | acceptance |")
     print("|---|---|---|---|---|---|---|")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import free_port, make_prompts, pct, run_level, start_pyforge, stop, wait_up  # noqa: E402
+from machine import cpu_description  # noqa: E402
 
 ORDER_SCHEMA = {
     "type": "object",
@@ -96,13 +97,6 @@ def engine_masks(args, model):
             "threaded_steps": len(threaded), "overlap": hidden}
 
 
-def cpu_name():
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, default=16)
@@ -117,7 +111,7 @@ def main(argv=None):
     if args.model is None:
         from pyforge.synthetic import ensure_model
         args.model = str(ensure_model("tinyllama-1.1b", "Q4_K_M"))
-    result = {"cpu": cpu_name(), "model": args.model, "null_model": args.null_model,
+    result = {"cpu": cpu_description(), "model": args.model, "null_model": args.null_model,
               "concurrency": args.concurrency, "threads": args.threads}
     result["engine"] = engine_masks(args, args.model)
     result["serving"] = serving(args, args.model)

@@ -666,8 +666,8 @@ int pf_matmul(const float *x, const void *w, int type, int64_t n_tok, int64_t n_
     const int use_simd = (kernels & PF_KERNELS_AVX2) && pf_simd_available();
     pf_vec_dot_tile_fn tile_dot = use_simd ? wt->vec_dot_tile : NULL;
     int tile_rows = wt->tile_rows;
-    if ((kernels & PF_KERNELS_VNNI) && pf_vnni_available() && pf_vnni_dense_tile(type))
-        tile_dot = pf_vnni_dense_tile(type), tile_rows = PF_VNNI_DENSE_TILE_ROWS;
+    const pf_vec_dot_tile_fn wide = (kernels & PF_KERNELS_VNNI) && pf_vnni_available() ? pf_vnni_dense_tile(type) : NULL;
+    if (wide) tile_dot = wide, tile_rows = PF_VNNI_DENSE_TILE_ROWS;
     char *qx = NULL; /* activations quantized to vec_dot_type, unless that is F32 */
     if (vt != PF_F32 && !(qx = aligned_alloc(64, (size_t)n_tok * a_row))) return -2;
     const matmul_job job = {

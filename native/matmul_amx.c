@@ -25,6 +25,8 @@
 #define _GNU_SOURCE /* syscall() under -std=c11 */
 #include "matmul_amx.h"
 
+#include "cpu_probe.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -66,8 +68,7 @@ int pf_matmul_amx(const float *x, const void *w, int type, int64_t n_tok, int64_
 /* Compiled for the baseline target: this runs on every CPU. */
 
 static int amx_probe(void) {
-    const char *off = getenv("PYFORGE_DISABLE_AMX");
-    if (off && *off && strcmp(off, "0") != 0) return 0;
+    if (pf_env_flag("PYFORGE_DISABLE_AMX")) return 0;
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
@@ -83,13 +84,8 @@ static int amx_probe(void) {
 }
 
 int pf_amx_available(void) {
-    static int state = -1; /* racing first calls compute the same answer */
-    int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
-    if (s < 0) {
-        s = amx_probe();
-        __atomic_store_n(&state, s, __ATOMIC_RELEASE);
-    }
-    return s;
+    static int state = -1;
+    return pf_probe_once(&state, amx_probe);
 }
 
 /* ------------------------------ kernels ---------------------------------- */

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_probe.h"
 #include "k_scales.h"
 #include "x16_formats.h"
 
@@ -43,8 +44,7 @@ pf_vec_dot_tile_fn pf_vnni_dense_tile(int type) { (void)type; return NULL; }
 
 /* Compiled for the baseline target: this runs on every CPU. */
 static int vnni_probe(void) {
-    const char *off = getenv("PYFORGE_DISABLE_VNNI");
-    if (off && *off && strcmp(off, "0") != 0) return 0;
+    if (pf_env_flag("PYFORGE_DISABLE_VNNI")) return 0;
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
     const int f16c_fma = ((c >> 29) & 1) && ((c >> 12) & 1);
@@ -58,13 +58,8 @@ static int vnni_probe(void) {
 }
 
 int pf_vnni_available(void) {
-    static int state = -1; /* racing first calls compute the same answer */
-    int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
-    if (s < 0) {
-        s = vnni_probe();
-        __atomic_store_n(&state, s, __ATOMIC_RELEASE);
-    }
-    return s;
+    static int state = -1;
+    return pf_probe_once(&state, vnni_probe);
 }
 
 #pragma GCC push_options

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_probe.h"
 #include "k_scales.h"
 #include "matmul_vnni.h"
 #include "x16_formats.h"
@@ -150,25 +151,15 @@ int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_i
 
 /* -- which family runs ------------------------------------------------------- */
 
-static int env_set(const char *name) {
-    const char *v = getenv(name);
-    return v && *v && strcmp(v, "0") != 0;
-}
-
 static int x16_probe(void) {
-    if (env_set("PYFORGE_DISABLE_X16")) return PF_X16_NONE;
+    if (pf_env_flag("PYFORGE_DISABLE_X16")) return PF_X16_NONE;
     if (pf_vnni_available()) return PF_X16_VNNI;
     return pf_avx2_x16_tile(PF_Q4_K) ? PF_X16_AVX2 : PF_X16_NONE;
 }
 
 int pf_x16_kernels(void) {
-    static int state = -1; /* racing first calls compute the same answer */
-    int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
-    if (s < 0) {
-        s = x16_probe();
-        __atomic_store_n(&state, s, __ATOMIC_RELEASE);
-    }
-    return s;
+    static int state = -1;
+    return pf_probe_once(&state, x16_probe);
 }
 
 /* The tile of family `kernels` (PF_X16_NONE: the best here), NULL where it cannot run. */

@@ -448,6 +448,33 @@ PF_INLINE void q4_0_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, cons
 TOKEN_DISPATCH(q8_0_tile, q8_0_x16_tile)
 TOKEN_DISPATCH(q4_0_tile, q4_0_x16_tile)
 
+/* -- F32_X16 -------------------------------------------------------------------
+ * Lane r is row r: each column's weight vector meets one broadcast activation
+ * per token; two chains per token (even and odd columns) keep 2T FMAs in flight.
+ * Rows past n_out in the last group are not stored. */
+PF_INLINE void f32_x16_tile(const pf_x16_job *job, int64_t gr, int64_t t0, const int T) {
+    const int64_t n_in = job->nb;
+    const float *w = (const float *)job->w + gr * n_in * 16;
+    const float *x = (const float *)job->act + t0 * n_in;
+    __m512 even[PF_X16_TOKENS], odd[PF_X16_TOKENS];
+    for (int t = 0; t < T; t++) even[t] = odd[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= n_in; k += 2) {
+        const __m512 w0 = _mm512_loadu_ps(w + 16 * k), w1 = _mm512_loadu_ps(w + 16 * k + 16);
+        for (int t = 0; t < T; t++) {
+            even[t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[t * n_in + k]), even[t]);
+            odd[t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[t * n_in + k + 1]), odd[t]);
+        }
+    }
+    if (k < n_in)
+        for (int t = 0; t < T; t++) even[t] = _mm512_fmadd_ps(_mm512_loadu_ps(w + 16 * k), _mm512_set1_ps(x[t * n_in + k]), even[t]);
+    const int64_t rows = job->n_out - 16 * gr;
+    const __mmask16 keep = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+    for (int t = 0; t < T; t++)
+        _mm512_mask_storeu_ps(job->out + (t0 + t) * job->n_out + 16 * gr, keep, _mm512_add_ps(even[t], odd[t]));
+}
+TOKEN_DISPATCH(f32_tile, f32_x16_tile)
+
 /* -- F32 / F16 / BF16 weights, F32 activations: the prefill tile -------------- */
 
 /* The AVX2 tile (matmul.c) on 16-lane vectors, with more rows: R weight rows x
@@ -557,6 +584,7 @@ pf_x16_tile_fn pf_vnni_x16_tile(int type) {
     case PF_Q6_K: return q6_K_tile;
     case PF_Q8_0: return q8_0_tile;
     case PF_Q4_0: return q4_0_tile;
+    case PF_F32: return f32_tile;
     default: return NULL;
     }
 }

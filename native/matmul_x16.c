@@ -97,10 +97,12 @@ static void q4_0_row(const void *src, int r, void *dst) {
         for (int j = 0; j < 4; j++) o->qs[g][4 * r + j] = (uint8_t)(q[8 * g + j] | (q[8 * g + 4 + j] << 4));
 }
 
+static void f32_row(const void *src, int r, void *dst) { ((float *)dst)[r] = *(const float *)src; }
+
 /* -- the formats, by ggml type ----------------------------------------------- */
 
-/* What a format's tiles read besides the weights. */
-enum { ACT_Q8_K, ACT_Q8_K_SUMS, ACT_Q8_0 };
+/* What a format's tiles read besides the weights (ACT_F32: the activations as they are). */
+enum { ACT_Q8_K, ACT_Q8_K_SUMS, ACT_Q8_0, ACT_F32 };
 
 /* Row r of an x16 block from one stored block of that row (the block is zeroed first). */
 typedef void (*x16_row_fn)(const void *src, int r, void *dst);
@@ -119,6 +121,7 @@ static const x16_format X16_FORMATS[] = {
     {PF_Q6_K, QK_K, sizeof(block_q6_K_x16), q6_K_row, ACT_Q8_K},
     {PF_Q8_0, QK8_0, sizeof(block_q8_0_x16), q8_0_row, ACT_Q8_0},
     {PF_Q4_0, QK4_0, sizeof(block_q4_0_x16), q4_0_row, ACT_Q8_0},
+    {PF_F32, 1, 16 * sizeof(float), f32_row, ACT_F32},
 };
 
 static const x16_format *x16_format_of(int type) {
@@ -127,9 +130,15 @@ static const x16_format *x16_format_of(int type) {
     return NULL;
 }
 
+/* Row groups of an n_out-row matrix: F32's last one may be partial (zero rows). */
+static int64_t x16_groups(const x16_format *f, int64_t n_out) {
+    return f->act == ACT_F32 ? (n_out + 15) / 16 : n_out / 16;
+}
+
 static int64_t x16_bytes(const x16_format *f, int64_t n_out, int64_t n_in) {
-    if (!f || n_out <= 0 || n_in <= 0 || n_out % 16 || n_in % f->cols) return -1;
-    return n_out / 16 * (n_in / f->cols) * (int64_t)f->block_bytes;
+    if (!f || n_out <= 0 || n_in <= 0 || n_in % f->cols) return -1;
+    if (f->act == ACT_F32 ? n_in > PF_X16_F32_MAX_IN : n_out % 16 != 0) return -1;
+    return x16_groups(f, n_out) * (n_in / f->cols) * (int64_t)f->block_bytes;
 }
 
 int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) { return x16_bytes(x16_format_of(type), n_out, n_in); }
@@ -137,14 +146,15 @@ int64_t pf_x16_bytes(int type, int64_t n_out, int64_t n_in) { return x16_bytes(x
 int pf_repack_x16(int type, const void *w, void *dst, int64_t n_out, int64_t n_in, int n_threads) {
     const x16_format *f = x16_format_of(type);
     if (x16_bytes(f, n_out, n_in) < 0) return -1;
-    const int64_t nb = n_in / f->cols, n_groups = n_out / 16;
+    const int64_t nb = n_in / f->cols, n_groups = x16_groups(f, n_out);
     const size_t src_bytes = (size_t)pf_row_bytes(type, f->cols);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t gr = 0; gr < n_groups; gr++)
         for (int64_t i = 0; i < nb; i++) {
             char *o = (char *)dst + (size_t)(gr * nb + i) * f->block_bytes;
             memset(o, 0, f->block_bytes);
-            for (int r = 0; r < 16; r++) f->row((const char *)w + (size_t)((16 * gr + r) * nb + i) * src_bytes, r, o);
+            for (int r = 0; r < 16 && 16 * gr + r < n_out; r++)
+                f->row((const char *)w + (size_t)((16 * gr + r) * nb + i) * src_bytes, r, o);
         }
     return 0;
 }
@@ -218,6 +228,13 @@ int pf_matmul_x16(int type, const float *x, const void *packed, int64_t n_tok, i
     if (x16_bytes(f, n_out, n_in) < 0 || n_tok < 0 || !tile) return -1;
     if (n_tok == 0) return 0;
     const int64_t nb = n_in / f->cols, n = n_tok * nb;
+    if (f->act == ACT_F32) {
+        const pf_x16_job job = {packed, x, NULL, NULL, NULL, out, nb, n_out};
+        const int64_t n_groups = x16_groups(f, n_out);
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && n_groups > 1)
+        x16_row_groups(&job, tile, n_groups, n_tok);
+        return 0;
+    }
     const int q8_0 = f->act == ACT_Q8_0;
     void *act = aligned_alloc(64, (((size_t)n * (q8_0 ? sizeof(block_q8_0) : sizeof(block_q8_K))) + 63) & ~(size_t)63);
     int16_t *k_sums = f->act == ACT_Q8_K_SUMS ? malloc((size_t)n * 8 * sizeof(int16_t)) : NULL;

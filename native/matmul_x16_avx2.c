@@ -329,6 +329,42 @@ AVX2_TILE(q6_K_tile, q6_tile)
 AVX2_TILE(q8_0_tile, q8_0_kernel)
 AVX2_TILE(q4_0_tile, q4_0_kernel)
 
+/* -- F32_X16: the VNNI family's arithmetic per lane (even and odd columns in
+ * two chains, then their sum), so both families give the same bits. Rows past
+ * n_out in the last group are not stored. */
+PF_INLINE void f32_kernel(const pf_x16_job *job, int64_t gr, int64_t t0, const int T, const int H, const int h0) {
+    const int64_t n_in = job->nb;
+    const float *w = (const float *)job->w + gr * n_in * 16 + 8 * h0;
+    const float *x = (const float *)job->act + t0 * n_in;
+    __m256 even[2][AVX2_TOKENS], odd[2][AVX2_TOKENS];
+    for (int h = 0; h < H; h++)
+        for (int t = 0; t < T; t++) even[h][t] = odd[h][t] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= n_in; k += 2)
+        for (int h = 0; h < H; h++) {
+            const __m256 w0 = _mm256_loadu_ps(w + 16 * k + 8 * h), w1 = _mm256_loadu_ps(w + 16 * k + 16 + 8 * h);
+            for (int t = 0; t < T; t++) {
+                even[h][t] = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(x + t * n_in + k), even[h][t]);
+                odd[h][t] = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(x + t * n_in + k + 1), odd[h][t]);
+            }
+        }
+    if (k < n_in)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++)
+                even[h][t] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 16 * k + 8 * h), _mm256_broadcast_ss(x + t * n_in + k),
+                                             even[h][t]);
+    for (int h = 0; h < H; h++) {
+        const int64_t rows = job->n_out - 16 * gr - 8 * (h0 + h);   /* this half's rows that exist */
+        if (rows <= 0) continue;
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows > 8 ? 8 : (int)rows),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int t = 0; t < T; t++)
+            _mm256_maskstore_ps(job->out + (t0 + t) * job->n_out + 16 * gr + 8 * (h0 + h), keep,
+                                _mm256_add_ps(even[h][t], odd[h][t]));
+    }
+}
+AVX2_TILE(f32_tile, f32_kernel)
+
 pf_x16_tile_fn pf_avx2_x16_tile(int type) {
     switch (type) {
     case PF_Q4_K: return q4_K_tile;
@@ -336,6 +372,7 @@ pf_x16_tile_fn pf_avx2_x16_tile(int type) {
     case PF_Q6_K: return q6_K_tile;
     case PF_Q8_0: return q8_0_tile;
     case PF_Q4_0: return q4_0_tile;
+    case PF_F32: return f32_tile;
     default: return NULL;
     }
 }

@@ -1062,9 +1062,15 @@ static int64_t tile_heads(int64_t group) {
     return 1;
 }
 
-/* A sequence goes through tiles when it has several query rows that can fill
- * a vector of lanes; decode rows keep the per-row path. */
-static int tiled_seq(int64_t n_q, int64_t gh) { return n_q >= 2 && n_q * gh >= 8; }
+/* A sequence goes through tiles when it has several query rows giving at
+ * least half a vector of (row, head) lanes; decode rows keep the per-row path.
+ * Half-empty tiles pay where the per-row path is overhead (2 threads, Zen 5,
+ * 500 positions: 4-7 rows x 1 head of 96-128 dims 1.0-2.3x faster, 2-3 rows
+ * x 2 heads of 8 dims 1.3-2x — a drafted step of stories260K); at exactly 4
+ * lanes of over 64 dims the rows were faster (2 x 2 of 128: 0.8x). */
+static int tiled_seq(int64_t n_q, int64_t gh, int64_t hd) {
+    return n_q >= 2 && n_q * gh >= (hd > 64 ? 5 : 4);
+}
 
 /* The work items of a batch (NULL when no sequence is tiled, or out of
  * memory: the per-row loop then does it all). Tiles take TILE_LANES / gh
@@ -1075,20 +1081,20 @@ static AttnItem *plan_items(const int32_t *context_lens, const int32_t *qs, cons
                             int64_t gh, int64_t gs, int n_threads, int64_t *n_items) {
     const int64_t H = dm->n_heads;
     int64_t rows = TILE_LANES / gh, n_tiled = 0;
-    for (int64_t s = 0; s < dm->n_seq; s++) n_tiled += tiled_seq(qs[s + 1] - qs[s], gh);
+    for (int64_t s = 0; s < dm->n_seq; s++) n_tiled += tiled_seq(qs[s + 1] - qs[s], gh, dm->head_dim);
     if (!n_tiled) return NULL;
     for (;; rows /= 2) {
         *n_items = 0;
         for (int64_t s = 0; s < dm->n_seq; s++) {
             int64_t n_q = qs[s + 1] - qs[s];
-            *n_items += tiled_seq(n_q, gh) ? (n_q + rows - 1) / rows * (H / gh) : n_q * (H / gs);
+            *n_items += tiled_seq(n_q, gh, dm->head_dim) ? (n_q + rows - 1) / rows * (H / gh) : n_q * (H / gs);
         }
         if (rows == 1 || *n_items >= 2 * (int64_t)n_threads) break;
     }
     AttnItem *items = malloc((size_t)*n_items * sizeof(AttnItem)), *it = items;
     if (!items) return NULL;
     for (int64_t s = 0; s < dm->n_seq; s++) {
-        int64_t n_q = qs[s + 1] - qs[s], pos0 = context_lens[s] - n_q, tiled = tiled_seq(n_q, gh);
+        int64_t n_q = qs[s + 1] - qs[s], pos0 = context_lens[s] - n_q, tiled = tiled_seq(n_q, gh, dm->head_dim);
         int64_t step = tiled ? rows : 1, heads = tiled ? gh : gs;
         for (int64_t r = 0; r < n_q; r += step) {
             int64_t n_rows = min64(step, n_q - r), seen = pos0 + r + n_rows;  /* positions the last row sees */

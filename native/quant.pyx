@@ -190,14 +190,16 @@ def matmul(x, w, ggml_type, n_out, out, n_threads, simd=True, amx=True, vnni=Tru
 
 # -- repacked weights (x16: AVX-512 VNNI or AVX2 tiles) ---------------------------
 
-# ggml types with an x16 format
-REPACKABLE = tuple(t for t in GGMLType if pf_x16_bytes(t, 16, 256) > 0)
+def x16_layout(ggml_type, n_out, n_in):
+    """Whether n_out x n_in weights of ggml_type have an x16 layout: Q4_K, Q5_K, Q6_K,
+    Q8_0, Q4_0 with n_out a multiple of 16; F32 with at most 512 columns (x16_formats.h)."""
+    return pf_x16_bytes(ggml_type, n_out, n_in) > 0
 
 
 def repack_x16(w, ggml_type, n_out, n_in, n_threads=1):
-    """Weights of a REPACKABLE type (n_out rows of n_in) interleaved 16 rows at
-    a time for matmul_x16 (uint8 array), or None where no x16 kernels run here
-    (x16_kernels()), the type has no such layout, or the shape does not allow it (n_out % 16)."""
+    """Weights (n_out rows of n_in) interleaved 16 rows at a time for matmul_x16
+    (uint8 array), or None where no x16 kernels run here (x16_kernels()) or the type
+    and shape have no such layout (x16_layout)."""
     cdef int t = ggml_type
     cdef int64_t no = n_out, ni = n_in
     cdef int64_t nbytes = pf_x16_bytes(t, no, ni)

@@ -62,18 +62,26 @@ typedef struct {
 } block_q4_0_x16;
 _Static_assert(sizeof(block_q4_0_x16) == 320, "block_q4_0_x16 must be 320 bytes");
 
+/* F32_X16: 16 F32 rows, one column per 64-byte block (lane r = row r), for
+ * matrices of at most PF_X16_F32_MAX_IN columns, where a row dot's horizontal
+ * sum costs as much as its multiply-adds (stories260K's 64-wide layers). The
+ * last group's rows past n_out are zeros and never stored. A tile sums each
+ * output in two chains, even and odd columns, each in column order, then adds
+ * them: the same arithmetic for every token count and on both families. */
+#define PF_X16_F32_MAX_IN 512
+
 /* Tokens per tile call: a row group's unpacked weights serve this many. */
 #define PF_X16_TOKENS 8
 
 /* One GEMM for the tiles: activations quantized by the driver, [n_tok][nb] blocks. */
 typedef struct {
     const void *w;          /* the x16 blocks, row group after row group */
-    const void *act;        /* block_q8_K (K-quants) or block_q8_0 (Q8_0, Q4_0) */
+    const void *act;        /* block_q8_K (K-quants), block_q8_0 (Q8_0, Q4_0) or float (F32: [n_tok][nb]) */
     const int16_t *k_sums;  /* Q4_K / Q5_K: sums per 32 activations, [n_tok][nb][8] */
     const float *da;        /* Q8_0 / Q4_0: the activation scales as floats, [n_tok][nb] */
     const int32_t *q_sums;  /* Q8_0 / Q4_0: the sum of each activation block, [n_tok][nb] */
     float *out;             /* [n_tok][n_out] */
-    int64_t nb, n_out;
+    int64_t nb, n_out;      /* blocks per row (F32: columns); output rows */
 } pf_x16_job;
 
 /* out[t0 .. t0 + n_tok) x rows [16 group, 16 group + 16), n_tok <= PF_X16_TOKENS. */

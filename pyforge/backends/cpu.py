@@ -2,10 +2,11 @@
 AVX-512 VNNI, AMX; each runtime-detected).
 
 Weights stay in their stored format (memory-mapped), except Q4_K, Q5_K, Q6_K,
-Q8_0 and Q4_0 matrices on CPUs with AVX2 or AVX-512 VNNI and no AMX: those are
-repacked once at load, 16 rows interleaved (quant.repack_x16), for GEMMs 1.2-3x
-faster on batches; that copy is anonymous memory (1.06-1.11x the stored bytes),
-and the mapped pages are left to the page cache. On VNNI hosts Q5_K and Q6_K keep
+Q8_0 and Q4_0 matrices, and F32 ones of at most 512 columns, on CPUs with AVX2 or
+AVX-512 VNNI and no AMX: those are repacked once at load, 16 rows interleaved
+(quant.repack_x16), for GEMMs 1.2-3x faster on batches (F32: no horizontal sums,
+which cost a narrow row's dot as much as its multiply-adds); that copy is anonymous
+memory (1.06-1.11x the stored bytes), and the mapped pages are left to the page cache. On VNNI hosts Q5_K and Q6_K keep
 their mapped originals for single tokens too (their repacked 1-token dots, with
 more bits to unpack, are ~0.83x); the AVX2 tiles win on every type. Activations
 are float32; the KV cache is in the dtype chosen at construction
@@ -26,7 +27,7 @@ from pyforge.native import ops, quant
 @dataclass(frozen=True)
 class RepackedWeight:
     """A matrix repacked 16 rows at a time for quant.matmul_x16."""
-    ggml_type: GGMLType         # its stored type (quant.REPACKABLE)
+    ggml_type: GGMLType         # its stored type (one with an x16 layout: quant.x16_layout)
     shape: tuple                # (n_out, n_in), as the TensorRef it came from
     data: np.ndarray
     single_token: object = None  # the TensorRef to use for one token instead, if any
@@ -75,7 +76,7 @@ class CpuBackend:
     def prepare_weight(self, tensor):
         """A matmul weight: the mapped bytes as stored (no copy), or the matrix
         repacked for the x16 GEMM where that runs."""
-        if self.repack and tensor.ggml_type in quant.REPACKABLE and len(tensor.shape) == 2:
+        if self.repack and len(tensor.shape) == 2 and quant.x16_layout(tensor.ggml_type, *tensor.shape):
             packed = quant.repack_x16(tensor.data, int(tensor.ggml_type), *tensor.shape, self.n_threads)
             if packed is not None:
                 original = tensor if tensor.ggml_type in self.single_token_originals else None

@@ -6,8 +6,8 @@ For each model on the CPU (the KV pool lives in host memory):
 
     weights  = the model file's tensor bytes (mapped; read in as they are used), or
                the bytes --quantization makes of them (loader/quantize.py)
-             + the repacked copies the CPU backend makes at load (quant.REPACKABLE
-               matrices on VNNI hosts without AMX: backends/cpu.py), which replace
+             + the repacked copies the CPU backend makes at load (matrices with an
+               x16 layout, quant.x16_layout, on hosts with x16 kernels and no AMX: backends/cpu.py), which replace
                a copy quantized at load (but Q5_K / Q6_K, kept for single tokens)
     kv pool  = kv_pool_blocks(...) x block_size x bytes per token (K and V in
                --kv-cache-dtype: backends/kv_dtype.py)
@@ -83,7 +83,7 @@ def _resident_bytes(tensor, loaded_type, repacks):
     from pyforge.native import quant
 
     size = tensor_bytes(loaded_type, tensor.shape)
-    if not (repacks and loaded_type in quant.REPACKABLE and len(tensor.shape) == 2):
+    if not (repacks and len(tensor.shape) == 2 and quant.x16_layout(loaded_type, *tensor.shape)):
         return size
     replaced = loaded_type != tensor.ggml_type and loaded_type not in single_token_originals()
     return size * (1 if replaced else 2)

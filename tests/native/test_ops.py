@@ -394,7 +394,7 @@ def test_paged_attention_prefill_tiles(n_heads, n_kv, hd, n_threads, path, monke
     ([(4, 4)], 8, 1),                 # one short prompt, 2 threads: tiles shrink to 2 then 1 row
     ([(70, 70)], 6, 2),               # GQA group 3: 3 heads x 10 rows, lanes padded to 32
     ([(40, 40), (90, 25)], 64, 1),    # group 64: tiles of 32 heads x 1 row
-    ([(9, 9), (300, 5)], 2, 2),       # group 1: 9 and 5 rows, a vector of lanes or not
+    ([(9, 9), (300, 5), (80, 3)], 2, 2),  # group 1: 9 and 5 rows tiled (5 of 8 lanes), 3 rows by rows
 ])
 def test_paged_attention_tile_shapes(seqs, n_heads, n_kv, path, monkeypatch):
     monkeypatch.setenv("PYFORGE_ATTN_TILES", path)

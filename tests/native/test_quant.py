@@ -408,15 +408,18 @@ def test_bad_matmul_inputs():
     bad(x=buf, out=buf.reshape(-1)[:10].reshape(2, 5))  # out overlaps x
 
 
-# -- Q4_K / Q8_0 repacked 16 rows at a time (the VNNI GEMMs) ---------------------
+# -- weights repacked 16 rows at a time (the x16 GEMMs) ---------------------------
 
-X16_SHAPES = {  # type -> (n_in, n_out) pairs, n_out a multiple of 16
+X16_SHAPES = {  # type -> (n_in, n_out) pairs; n_out a multiple of 16 but for F32
     T.Q4_K: [(256, 16), (768, 48), (2048, 272)],
     T.Q5_K: [(256, 16), (768, 48), (2048, 272)],
     T.Q6_K: [(256, 16), (768, 48), (2048, 272)],
     T.Q8_0: [(32, 16), (96, 48), (2048, 272)],
     T.Q4_0: [(32, 16), (96, 48), (2048, 272)],
+    # F32: at most 512 columns; odd columns (one chain longer), a last group of 1-15 rows
+    T.F32: [(64, 16), (64, 172), (171, 40), (512, 33), (1, 17)],
 }
+X16_QUANTIZED = [t for t in X16_SHAPES if t not in DENSE]
 
 
 @pytest.mark.parametrize("family", X16_FAMILIES)
@@ -439,7 +442,7 @@ def test_repacked_weights_match_float64_and_the_scalar_kernel(t, n_tok, n_thread
 
 
 @needs_x16
-@pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)
+@pytest.mark.parametrize("t", X16_QUANTIZED, ids=lambda t: t.name)
 def test_repacking_refuses_what_it_cannot_lay_out(t):
     n_in = X16_SHAPES[t][0][0]
     raw, _ = case(t, n_in, 5)
@@ -459,6 +462,38 @@ def test_repacking_refuses_what_it_cannot_lay_out(t):
     if not quant.vnni_available():
         with pytest.raises(ValueError, match="no vnni kernels here"):
             quant.matmul_x16(x, packed, int(t), 16, out, 1, kernels="vnni")
+
+
+@needs_x16
+def test_f32_repacks_only_narrow_matrices():
+    """F32 has an x16 layout up to 512 columns, any row count (x16_formats.h): wider rows
+    spend little on their horizontal sums and keep the dense tiles."""
+    assert quant.x16_layout(int(T.F32), 5, 512) and not quant.x16_layout(int(T.F32), 16, 513)
+    raw, _ = case(T.F32, 513, 16)
+    assert quant.repack_x16(raw, int(T.F32), 16, 513) is None
+    raw, _ = case(T.F32, 64, 5)
+    packed = quant.repack_x16(raw, int(T.F32), 5, 64)
+    assert packed.nbytes == 16 * 64 * 4                          # one group, rows 5-15 zeros
+    with pytest.raises(ValueError):
+        quant.matmul_x16(np.zeros((2, 64), np.float32), packed, int(T.F32), 17, np.zeros((2, 17), np.float32), 1)
+
+
+@pytest.mark.parametrize("family", X16_FAMILIES)
+def test_f32_x16_is_batch_invariant_and_the_same_on_both_families(family):
+    """A token's outputs are the same bits alone or in a batch of any size, on 1 or 2
+    threads (each output sums its even and odd columns in two chains whatever the tile),
+    and the AVX2 and AVX-512 tiles agree bit for bit (the same operations per lane)."""
+    for n_in, n_out in [(64, 172), (171, 40)]:
+        raw, _ = case(T.F32, n_in, n_out)
+        packed = quant.repack_x16(raw, int(T.F32), n_out, n_in)
+        x = np.random.default_rng(n_in).standard_normal((19, n_in)).astype(np.float32)
+        alone = np.empty((1, n_out), np.float32)
+        quant.matmul_x16(x[:1], packed, int(T.F32), n_out, alone, 1, kernels="avx2")
+        for n in (1, 2, 4, 5, 9, 19):
+            for n_threads in (1, 2):
+                out = np.full((n, n_out), np.nan, np.float32)
+                quant.matmul_x16(x[:n], packed, int(T.F32), n_out, out, n_threads, kernels=family)
+                assert np.array_equal(out[0], alone[0]), (n_in, n, n_threads)
 
 
 @pytest.mark.parametrize("t", list(X16_SHAPES), ids=lambda t: t.name)

@@ -5,7 +5,8 @@
 The serving engine loop's step (`EngineLoop.step` + the flush of its replies,
 over a real shared-memory segment whose response ring is emptied between
 steps, untimed) in the steady state, every sequence decoding one token, timed
-whole and split: the forward pass, the native sampler call, publishing (the
+whole and split: the forward pass (with the greedy pick, where the backend
+samples greedy steps itself: CUDA), the native sampler call, publishing (the
 request table and the TOKENS / FINISH records) and the rest of `Engine.step`,
 the "step core" (scheduling, batch building, finish checks, per-token
 bookkeeping). core+pub/seq is what issue 15 compiles. Modes:
@@ -87,12 +88,13 @@ def round_times(loop, ring, n_seqs, steps, ids):
     loop_step(loop, ring)   # the prefill
     step = engine.step = Timed(engine.step)
     forward = engine.runner.forward = Timed(engine.runner.forward)
+    greedy = engine.runner.forward_greedy = Timed(engine.runner.forward_greedy)
     sample = engine.sampler.sample = Timed(engine.sampler.sample)
     total = sum(loop_step(loop, ring) for _ in range(steps))
-    del engine.step, engine.runner.forward, engine.sampler.sample
+    del engine.step, engine.runner.forward, engine.runner.forward_greedy, engine.sampler.sample
     while engine.has_work:  # let them finish: the next round starts empty
         loop_step(loop, ring)
-    return total / steps, step.seconds / steps, forward.seconds / steps, sample.seconds / steps
+    return total / steps, step.seconds / steps, (forward.seconds + greedy.seconds) / steps, sample.seconds / steps
 
 
 def measure(mode, n_seqs, steps, repeats):

@@ -87,7 +87,8 @@ typedef struct {
     const int32_t *mask_of;   /* [n_seq] */
 } pf_token_mask;
 
-/* SplitMix64: advance *state, return the next 64-bit output. */
+/* SplitMix64: advance *state (by PF_RNG_GAMMA), return the next 64-bit output. */
+#define PF_RNG_GAMMA 0x9E3779B97F4A7C15ull
 uint64_t pf_rng_next(uint64_t *state);
 
 /* Uniform double in [0, 1) from the top 53 bits of one pf_rng_next. */

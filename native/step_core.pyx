@@ -48,6 +48,10 @@ from libc.string cimport memcpy
 
 cnp.import_array()
 
+cdef extern from "sampler_kernels.h":
+    const float PF_GREEDY_TEMPERATURE     # temperatures below it sample greedily
+    const uint64_t PF_RNG_GAMMA           # a draw's step of the RNG state
+
 # SequenceStatus values (pyforge/engine/sequence.py), mirrored for the C loop
 cdef int RUNNING = 1
 cdef int FINISHED_STOPPED = 3
@@ -374,6 +378,32 @@ def pack_sampling(list rows):
             biased = True
     columns = (temperature, top_k, top_p, min_p, repetition, presence, frequency)
     return columns, rng_state, wants, n_top, penalised, biased
+
+
+def greedy_wants(list rows):
+    """For a step the backend may sample itself (greedy_tokens): None if some row is not plain
+    greedy (temperature under the sampler's greedy bound, no penalties, logit biases, min_tokens
+    or top logprobs), else uint8 [n]: whether each row asks for its token's logprob."""
+    cdef Py_ssize_t i, n = len(rows)
+    wants = np.empty(n, np.uint8)
+    cdef uint8_t[::1] want = wants
+    for i in range(n):
+        p = rows[i].params
+        if not (p.temperature < PF_GREEDY_TEMPERATURE) or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 \
+                or p.frequency_penalty != 0.0 or p.logit_bias or p.min_tokens or p.logprobs:
+            return None
+        want[i] = p.logprobs is not None
+    return wants
+
+
+def advance_rng_states(list rows):
+    """Each row's RNG state one draw on, as the host sampler steps every row it samples
+    (greedy ones too): SplitMix64 adds its increment per draw."""
+    cdef Py_ssize_t i
+    cdef uint64_t state
+    for i in range(len(rows)):
+        state = rows[i].rng_state
+        rows[i].rng_state = state + PF_RNG_GAMMA
 
 
 def store_rng_states(list rows, const uint64_t[::1] rng_state):

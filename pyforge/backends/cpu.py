@@ -62,6 +62,7 @@ def repacks_weights():
 class CpuBackend:
     name = "cpu"
     activation_dtype_bytes = 4
+    samples_on_device = False       # the logits are host memory already: the native sampler takes them
 
     def __init__(self, n_threads=None, kv_cache_dtype="auto"):
         self.n_threads = int(n_threads or default_threads())
@@ -114,6 +115,17 @@ class CpuBackend:
     def to_host(x):
         """Logits for the sampler: already float32 numpy."""
         return x
+
+    @staticmethod
+    def greedy_tokens(logits):
+        """The host sampler's greedy pick and raw logprob per row, in numpy (the engine samples
+        with the native sampler here: samples_on_device is False)."""
+        x = np.where(np.isnan(logits), -np.inf, logits).astype(np.float64)
+        tokens = np.argmax(x, axis=1).astype(np.int32)       # the first maximum: ties to the lower id
+        top = x[np.arange(len(x)), tokens]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
+        return tokens, (x[np.arange(len(x)), tokens] - lse).astype(np.float32)
 
     def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
         # [n_blocks, n_kv_heads, block_size, row] K and V (ops.kv_store says why); row: head_dim

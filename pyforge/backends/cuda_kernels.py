@@ -56,6 +56,7 @@ KERNELS = {
         "paged_attention_decode_fp8": "hbbiiiff" + "IIIIII" + "F" + "IF" + "ff",
         "kv_store_fp8": "hhbbiff" + "II",
     },
+    "sampling": {"greedy_tokens_f32": "fIif", "greedy_tokens_f16": "hIif"},
 }
 
 MAX_HEAD_DIM = 256      # attention.cu: a lane holds head_dim / 32 <= 8 dims
@@ -118,7 +119,7 @@ def convert_args(name, signature, args):
 
 
 class CudaKernels:
-    """Compiles the three modules once (CuPy keeps the binaries in its disk cache)."""
+    """Compiles the modules once (CuPy keeps the binaries in its disk cache)."""
 
     def __init__(self, cupy, cuda_dir=CUDA_DIR):
         if not (Path(cuda_dir) / "common.cuh").is_file():
@@ -141,6 +142,12 @@ class CudaKernels:
         """dst half [n_blocks * block_size] = the weights of n_blocks blocks of src (qtype: q8_0, q4_K, q6_K)."""
         grid = (cdiv(n_blocks * 32, 256),) if qtype == "q8_0" else (n_blocks,)  # one thread per weight
         self.launch(f"dequant_{qtype}_f16", grid, 256, src, dst, n_blocks)
+
+    def greedy_tokens(self, logits, tokens, logprobs):
+        """tokens int32 [n], logprobs float32 [n] = each row's argmax and its raw logprob, as the
+        host sampler's greedy rows (sampling.cu): one block per row of logits [n, vocab]."""
+        t = "f16" if logits.dtype == np.float16 else "f32"
+        self.launch(f"greedy_tokens_{t}", (logits.shape[0],), 256, logits, logits.shape[1], tokens, logprobs)
 
     def matvec(self, qtype, w, x, y, n_in, n_out):
         """y[n_x, n_out] = x[n_x, n_in] @ W^T (qtype q8_0, q4_K, q6_K or f16): one warp per output row

@@ -15,6 +15,7 @@ class Backend(Protocol):
     kv_dtype: str                   # KV cache element type (backends/kv_dtype.py)
     kv_dtype_bytes: float           # bytes per KV cache element (q8_0: 34 / 32)
     activation_dtype_bytes: int     # bytes per activation element
+    samples_on_device: bool         # the engine hands all-greedy steps to greedy_tokens
 
     # -- weights, buffers, the KV cache
     def prepare_weight(self, tensor): """A matmul weight, kept in its stored format where a kernel exists."""
@@ -28,6 +29,9 @@ class Backend(Protocol):
     def prepare_batch(self, batch): """The ForwardBatch's metadata where the kernels read it."""
     def run_forward(self, forward, batch, kv_cache): """forward(batch, kv_cache) -> logits, run here."""
     def to_host(self, x): """A result as a numpy array."""
+    def greedy_tokens(self, logits):
+        """(tokens int32 [n], logprobs float32 [n]), host numpy: each row's argmax and its raw
+        logprob, as the host sampler picks a greedy row (NaN skipped, ties to the lower id)."""
 
     # -- the primitives
     def embed(self, token_ids, table, out): """out[i] = table[token_ids[i]]."""

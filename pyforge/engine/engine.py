@@ -142,6 +142,8 @@ class Engine:
         if ec.speculative_config is not None:
             self.speculator = Speculator(ec.speculative_config, max_draft_rows(ec), self.guided)
         self._forward_s = 0.0       # the last forward pass's seconds: is there time to hide masks behind?
+        # all-greedy plain steps sampled by the backend itself: the logits stay on the GPU
+        self.greedy_on_device = self.backend.samples_on_device and not ec.null_model
         self.sequences = {}
         self.prompt_logprobs_seqs = []    # sequences whose seq.prompt_logprobs grew in the last step
         self._ids = itertools.count()
@@ -234,16 +236,21 @@ class Engine:
         """The generating entries' forward pass and sampling: their StepOutputs.
         kinds: step_core.plan_kinds(plan), when the caller has it."""
         kinds = step_core.plan_kinds(plan) if kinds is None else kinds
-        masks = None
+        masks = greedy = None
         full = _full_logits(plan) if kinds & (step_core.KIND_PROMPT_LOGPROBS | step_core.KIND_DRAFTS) else False
         try:
             batch, sampling = self.runner.build_batch(plan, full)
             seqs = [plan[i][0] for i in sampling]
+            # the backend samples an all-greedy plain step itself (None: some row needs the host sampler)
+            wants = step_core.greedy_wants(seqs) if self.greedy_on_device and not kinds else None
             if kinds & step_core.KIND_GRAMMAR:
                 # grammar masks compute while the forward pass runs, when it runs long enough to hide them
                 masks = self.guided.start(seqs, overlap=self._forward_s >= OVERLAP_MIN_FORWARD_S)
             started = time.perf_counter()
-            logits = self.runner.forward(batch)
+            if wants is not None:
+                greedy = self.runner.forward_greedy(batch)     # (tokens, logprobs): no logits on the host
+            else:
+                logits = self.runner.forward(batch)
             self._forward_s = time.perf_counter() - started
             if full and _prompt_logprobs_due(plan, full):
                 logits = self._record_prompt_logprobs(plan, full, logits)
@@ -258,6 +265,8 @@ class Engine:
         bm = self.block_manager
         for seq in step_core.advance_computed(plan, bm.block_size if bm.prefix_caching else 0):
             bm.register_full_blocks(seq)
+        if greedy is not None:
+            return self._append_plain(seqs, self._device_samples(seqs, *greedy, wants))
         rows = _verify_rows(seqs) if kinds & step_core.KIND_DRAFTS else seqs
         try:
             results = self.sampler.sample(logits, rows, masks)
@@ -266,6 +275,14 @@ class Engine:
         if masks is None and rows is seqs and isinstance(results, SampledBatch):
             return self._append_plain(seqs, results)
         return self._append_all(seqs, results)
+
+    def _device_samples(self, seqs, tokens, logprobs, wants):
+        """The backend's greedy picks as the host sampler would return them: each row's RNG
+        state one draw on, logprobs NaN where nobody asked (unless all_logprobs)."""
+        step_core.advance_rng_states(seqs)
+        if not self.sampler.all_logprobs:
+            logprobs[wants == 0] = np.nan
+        return SampledBatch(tokens, logprobs, None)
 
     def _append_plain(self, seqs, results):
         """append_token for a step without drafts or grammars, its loop native

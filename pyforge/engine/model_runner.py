@@ -171,6 +171,10 @@ class ModelRunner:
         """Logits of the batch's logits_rows."""
         return self.model.forward(batch, self.kv_cache)
 
+    def forward_greedy(self, batch):
+        """(tokens, logprobs) of the batch's logits_rows, sampled greedily on the backend."""
+        return self.model.forward_greedy(batch, self.kv_cache)
+
     def hidden(self, batch):
         """The final hidden state (after the final norm) of the batch's logits_rows: embeddings'."""
         return self.model.hidden(batch, self.kv_cache)

@@ -110,6 +110,12 @@ class LlamaModel:
         b = self.backend
         return b.to_host(b.run_forward(self.forward_device, batch, kv_cache))
 
+    def forward_greedy(self, batch, kv_cache):
+        """(tokens, logprobs) of the logits rows, picked greedily by the backend (greedy_tokens):
+        for steps whose rows are all plain greedy (engine.py), on a backend that samples itself."""
+        b = self.backend
+        return b.greedy_tokens(b.run_forward(self.forward_device, batch, kv_cache))
+
     def forward_device(self, batch, kv_cache):
         """The forward pass over a batch already on the backend (prepare_batch's); logits stay there."""
         b = self.backend

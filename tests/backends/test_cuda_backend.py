@@ -225,6 +225,37 @@ def test_greedy_generation_matches_cpu(engines, impl):
     assert_greedy_agrees(ours, expected, ids, cuda, cpu)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_greedy_steps_sample_on_the_device(impl, monkeypatch):
+    """All-greedy steps take their tokens from the device (cuda/sampling.cu: no logits copied
+    to the host) and give what the host sampler gives on the same logits: the same tokens,
+    logprobs to 1e-5, the same RNG states after; a step with a sampled row goes to the host."""
+    path = str(ensure_model("small-k", "F16"))      # no prefix cache: both runs compute the same logits
+    cuda = with_cupy(impl, lambda: Engine(path, device="cuda", enable_prefix_caching=False, **ENGINE_ARGS))
+    lists = prompts(cuda.config.vocab_size, seed=9, lengths=(5, 30, 12))
+    copies = []
+    monkeypatch.setattr(cuda.backend, "to_host", lambda x, f=cuda.backend.to_host: copies.append(x.shape) or f(x))
+
+    def run(on_device, temperatures=(0.0, 0.0, 0.0)):
+        monkeypatch.setattr(cuda, "greedy_on_device", on_device)
+        copies.clear()
+        seqs = [cuda.add_request(ids, SamplingParams(temperature=t, max_tokens=12, ignore_eos=True, seed=40 + i))
+                for i, (ids, t) in enumerate(zip(lists, temperatures))]
+        out = {s.seq_id: [] for s in seqs}
+        while cuda.has_work:
+            for o in cuda.step():
+                out[o.seq_id].append((o.token_id, o.logprob))
+        return [out[s.seq_id] for s in seqs], [s.rng_state for s in seqs], len(copies)
+
+    (device, device_rng, device_copies), (host, host_rng, host_copies) = run(True), run(False)
+    assert device_copies == 0 and host_copies > 0
+    assert device_rng == host_rng
+    for ours, theirs in zip(device, host):
+        assert [t for t, _ in ours] == [t for t, _ in theirs] and len(ours) == 12
+        np.testing.assert_allclose([lp for _, lp in ours], [lp for _, lp in theirs], rtol=1e-5, atol=1e-5)
+    assert run(True, (0.0, 1.0, 0.0))[2] > 0            # one sampled row: the host sampler's logits
+
+
 def test_out_of_memory_in_a_step_fails_that_step(engines, monkeypatch):
     """CuPy's OutOfMemoryError in a forward pass: the pool's cached blocks go back to the device,
     the engine ends that step's sequences (StepError, out_of_memory) and the next request runs."""

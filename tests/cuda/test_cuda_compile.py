@@ -18,6 +18,7 @@ EXPECTED_KERNELS = {
                      for t in ("f32", "f16")},
     "attention.cu": {"paged_attention_prefill", "paged_attention_decode", "paged_attention_decode_reduce",
                      "kv_store_f16", "paged_attention_prefill_fp8", "paged_attention_decode_fp8", "kv_store_fp8"},
+    "sampling.cu": {"greedy_tokens_f32", "greedy_tokens_f16"},
 }
 
 

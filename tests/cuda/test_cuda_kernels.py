@@ -499,3 +499,35 @@ def test_kv_store_fp8():
         untouched = np.setdiff1d(np.arange(n_blocks * bs), slots[keep])
         assert not got[untouched].any()
     assert cupy.asnumpy(k_cache).reshape(-1, n_kv, hd)[slots[0], 1, 2] == 0x7E        # 480 -> 448
+
+
+# -- sampling on the device ---------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_greedy_tokens_are_the_host_samplers(dtype):
+    """Each row's token is the native sampler's greedy pick (NaN skipped, ties to the lower
+    id, the first -inf when nothing is larger, id 0 for an all-NaN row) and its logprob the
+    host's raw logprob; rows of 1 to 40000 logits, fewer or more than the block's threads."""
+    from pyforge.native import sampler as ns
+    rng = np.random.default_rng(11)
+    for vocab in (1, 7, 255, 4097, 40000):
+        x = (rng.standard_normal((6, vocab)) * 4).astype(dtype)
+        if vocab > 1:
+            x[1, [vocab // 3, vocab - 1]] = x[1].max() + 1          # a tie: the lower id wins
+            x[2, : vocab // 2] = np.nan                             # NaNs, the max after them
+            x[3] = -np.inf
+            x[3, vocab - 1] = np.nan                                # nothing above -inf: the first -inf
+        x[4] = np.nan                                               # all NaN: id 0
+        logits32 = x.astype(np.float32)
+        n = len(x)
+        state = np.zeros(n, np.uint64)
+        want, want_lp, *_ = ns.sample(logits32.copy(), np.zeros(n, np.float32), np.zeros(n, np.int32),
+                                      np.ones(n, np.float32), np.zeros(n, np.float32), np.ones(n, np.float32),
+                                      np.zeros(n, np.float32), np.zeros(n, np.float32),
+                                      np.zeros(n + 1, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                      state)
+        tokens, logprobs = cupy.full(n, -7, np.int32), nan_like(n, np.float32)
+        launch("sampling", "greedy_tokens_f16" if dtype == np.float16 else "greedy_tokens_f32", (n,), 256,
+               cupy.asarray(x), np.int32(vocab), tokens, logprobs)
+        np.testing.assert_array_equal(cupy.asnumpy(tokens), want, err_msg=f"vocab {vocab}")
+        finite = [0, 1, 2, 5] if vocab > 1 else [0, 5]
+        np.testing.assert_allclose(cupy.asnumpy(logprobs)[finite], want_lp[finite], rtol=1e-5, atol=1e-5)

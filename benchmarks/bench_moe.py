@@ -10,7 +10,9 @@ Weights are random floats quantized by pyforge; tokens are routed uniformly at r
 matrix k times as tall), so the times should agree and both sit near memory bandwidth;
 for a batch the MoE reads every expert any token picked (reported), the dense FFN the
 same k experts' worth, so the MoE's cost per token rises toward the total expert bytes
-until every expert is hit. Reported: best ms over --reps, weight bytes read / time.
+until every expert is hit. Reported: best ms over --reps, weight bytes read / time, with
+the weights as stored and repacked 16 rows at a time (x16, as the CPU backend loads them
+where x16 kernels run).
 """
 import argparse
 import time
@@ -48,13 +50,15 @@ def route(rng, n_tok, n_experts, k):
     return ids, weights / weights.sum(axis=1, keepdims=True)
 
 
-def dense_ffn(x, gate, up, down, t, n_ff, threads):
+def dense_ffn(x, gate, up, down, t, n_ff, threads, x16=False):
+    """The dense FFN on stored matrices, or on matrices repacked by quant.repack_x16."""
     n, d = x.shape
+    matmul = quant.matmul_x16 if x16 else quant.matmul
     g, u, out = np.empty((n, n_ff), np.float32), np.empty((n, n_ff), np.float32), np.empty((n, d), np.float32)
-    quant.matmul(x, gate, t, n_ff, g, threads)
-    quant.matmul(x, up, t, n_ff, u, threads)
+    matmul(x, gate, t, n_ff, g, threads)
+    matmul(x, up, t, n_ff, u, threads)
     g *= u / (1 + np.exp(-g))        # silu(g) * u, in numpy: a small share next to the matmuls
-    quant.matmul(g, down, t, d, out, threads)
+    matmul(g, down, t, d, out, threads)
     return out
 
 
@@ -74,21 +78,29 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     experts = [tuple((random_matrix(rng, r, c, t), int(t)) for r, c in ((f, d), (f, d), (d, f)))
                for _ in range(n_exp)]
-    dense = [random_matrix(rng, r, c, t) for r, c in ((k * f, d), (k * f, d), (d, k * f))]
+    tables = {"stored": quant.ExpertTable(experts, f, d), "x16": quant.ExpertTable(experts, f, d, repack=[t])}
+    shapes = ((k * f, d), (k * f, d), (d, k * f))
+    dense = [random_matrix(rng, r, c, t) for r, c in shapes]
+    dense_x16 = [quant.repack_x16(w, int(t), r, c) for w, (r, c) in zip(dense, shapes)]
+    layouts = ["stored"] + (["x16"] if tables["x16"].n_repacked == 3 * n_exp and all(w is not None for w in dense_x16) else [])
     expert_bytes = 2 * matrix_bytes(f, d, t) + matrix_bytes(d, f, t)
     print(f"# {cpu_description()}, {args.threads} threads; {n_exp} experts, top-{k}, d={d}, expert ffn={f}, {t.name} "
-          f"({expert_bytes / 2**20:.2f} MiB per expert); dense ffn={k * f} (the same active size)")
-    print(f"{'tokens':>6} {'experts read':>12} {'MoE ms':>8} {'dense ms':>9} {'MoE GB/s':>9} {'dense GB/s':>10} "
-          f"{'MoE/dense':>9}")
+          f"({expert_bytes / 2**20:.2f} MiB per expert); dense ffn={k * f} (the same active size); "
+          f"weights {' and '.join(layouts)} (x16: repacked 16 rows at a time, as the CPU backend loads them)")
+    print("| tokens | experts read | layout | MoE ms | dense ms | MoE GB/s | dense GB/s | MoE / dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.tokens:
         x = rng.standard_normal((n, d)).astype(np.float32)
         ids, weights = route(rng, n, n_exp, k)
         out = np.empty((n, d), np.float32)
-        moe = best_ms(lambda: quant.moe_ffn(x, ids, weights, experts, f, out, args.threads), args.reps)
-        dns = best_ms(lambda: dense_ffn(x, *dense, int(t), k * f, args.threads), args.reps)
         hit = len(np.unique(ids))
-        print(f"{n:>6} {hit:>12} {moe:>8.3f} {dns:>9.3f} {hit * expert_bytes / moe / 1e6:>9.2f} "
-              f"{k * expert_bytes / dns / 1e6:>10.2f} {moe / dns:>9.2f}")
+        for layout in layouts:
+            table, x16 = tables[layout], layout == "x16"
+            moe = best_ms(lambda: quant.moe_ffn(x, ids, weights, table, out, args.threads), args.reps)
+            dns = best_ms(lambda: dense_ffn(x, *(dense_x16 if x16 else dense), int(t), k * f, args.threads, x16),
+                          args.reps)
+            print(f"| {n} | {hit} | {layout} | {moe:.3f} | {dns:.3f} | {hit * expert_bytes / moe / 1e6:.2f} "
+                  f"| {k * expert_bytes / dns / 1e6:.2f} | {moe / dns:.2f} |", flush=True)
     return 0
 
 

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "matmul.h"
+#include "matmul_x16.h"
 
 /* Token rows grouped by expert (a counting sort): expert e owns picks
  * order[start[e] .. start[e + 1]), each a flat index t * k + j into ids. */
@@ -24,16 +25,23 @@ static int group_by_expert(const int32_t *ids, int64_t n_picks, int n_experts, i
     return 0;
 }
 
+/* out [m, n_out] = x [m, n_in] @ W^T, W stored or repacked (x16). */
+static int expert_matmul(const float *x, const void *w, int type, int x16, int64_t m, int64_t n_in, int64_t n_out,
+                         float *out, int n_threads, int kernels) {
+    if (x16) return pf_matmul_x16(type, x, w, m, n_in, n_out, out, n_threads, PF_X16_NONE);
+    return pf_matmul(x, w, type, m, n_in, n_out, out, n_threads, kernels);
+}
+
 /* One expert on its m gathered rows xs [m, d]: ys [m, d] = down(silu(gate xs) * up xs). */
 static int run_expert(const pf_expert *ex, const float *xs, int64_t m, int64_t d, int64_t n_ff,
                       float *g, float *u, float *ys, int n_threads, int kernels) {
-    int rc = pf_matmul(xs, ex->gate, ex->gate_type, m, d, n_ff, g, n_threads, kernels);
-    if (!rc) rc = pf_matmul(xs, ex->up, ex->up_type, m, d, n_ff, u, n_threads, kernels);
+    int rc = expert_matmul(xs, ex->gate, ex->gate_type, ex->gate_x16, m, d, n_ff, g, n_threads, kernels);
+    if (!rc) rc = expert_matmul(xs, ex->up, ex->up_type, ex->up_x16, m, d, n_ff, u, n_threads, kernels);
     if (rc) return rc;
     const int64_t n = m * n_ff;
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && n >= 16384)
     for (int64_t i = 0; i < n; i++) g[i] = g[i] * u[i] / (1.0f + expf(-g[i]));
-    return pf_matmul(g, ex->down, ex->down_type, m, n_ff, d, ys, n_threads, kernels);
+    return expert_matmul(g, ex->down, ex->down_type, ex->down_x16, m, n_ff, d, ys, n_threads, kernels);
 }
 
 int pf_moe_ffn(const float *x, int64_t n_tok, int64_t d, int64_t n_ff, const int32_t *ids, const float *weights,

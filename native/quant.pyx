@@ -277,20 +277,70 @@ def _float_to_half_scalar(f):
 
 # -- routed experts (mixture of experts) ------------------------------------------
 
-def moe_ffn(x, ids, weights, experts, n_ff, out, n_threads, simd=True):
+cdef class ExpertTable:
+    """One MoE layer's experts as moe_ffn reads them, checked and laid out once (at load).
+
+    experts: one ((gate, type), (up, type), (down, type)) per expert, each a C-contiguous
+    array of stored rows (gate, up: n_ff rows of d weights; down: d rows of n_ff).
+    repack: the ggml types to repack 16 rows at a time (repack_x16) where their shape has an
+    x16 layout and x16 kernels run here; the others stay as given (mapped, not copied)."""
+    cdef pf_expert *table
+    cdef readonly int n_experts
+    cdef readonly int64_t d, n_ff
+    cdef readonly int n_repacked      # matrices repacked
+    cdef list kept                    # the arrays the table points into
+
+    def __cinit__(self):
+        self.table = NULL
+
+    def __init__(self, experts, n_ff, d, repack=(), n_threads=1):
+        self.n_experts, self.n_ff, self.d, self.n_repacked, self.kept = len(experts), n_ff, d, 0, []
+        if n_ff < 1 or d < 1:
+            raise ValueError(f"n_ff and d must be positive, got {n_ff} and {d}")
+        self.table = <pf_expert *>PyMem_Malloc(sizeof(pf_expert) * max(self.n_experts, 1))
+        if self.table == NULL:
+            raise MemoryError()
+        repack = {int(t) for t in repack} if pf_x16_kernels() != PF_X16_NONE else set()
+        for e, matrices in enumerate(experts):
+            if len(matrices) != 3:
+                raise ValueError(f"expert {e} must be (gate, up, down), got {len(matrices)} matrices")
+            laid_out = []
+            for (array, ggml_type), (rows, cols), what in zip(matrices, ((n_ff, d), (n_ff, d), (d, n_ff)),
+                                                             ("gate", "up", "down")):
+                arr = _c_array(array, f"expert {e} {what}")
+                tr = _traits(ggml_type)
+                if arr.nbytes != rows * _row_bytes(ggml_type, cols, tr):
+                    raise ValueError(f"expert {e} {what} must hold {rows} rows of {cols} "
+                                     f"{tr.name.decode()} weights, got {arr.nbytes} bytes")
+                packed = repack_x16(arr, ggml_type, rows, cols, n_threads) if int(ggml_type) in repack else None
+                self.n_repacked += packed is not None
+                self.kept.append(arr if packed is None else packed)
+                laid_out.append((int(ggml_type), packed is not None))
+            (self.table[e].gate_type, self.table[e].gate_x16), (self.table[e].up_type, self.table[e].up_x16), \
+                (self.table[e].down_type, self.table[e].down_x16) = laid_out
+            self.table[e].gate = cnp.PyArray_DATA(<cnp.ndarray>self.kept[3 * e])
+            self.table[e].up = cnp.PyArray_DATA(<cnp.ndarray>self.kept[3 * e + 1])
+            self.table[e].down = cnp.PyArray_DATA(<cnp.ndarray>self.kept[3 * e + 2])
+
+    def __dealloc__(self):
+        PyMem_Free(self.table)
+
+
+def moe_ffn(x, ids, weights, ExpertTable experts not None, out, n_threads, simd=True):
     """out[t] = sum_j weights[t, j] * FFN_e(x[t]) over e = ids[t, j]: each token through the
     experts its router picked, tokens grouped by expert so each expert's weights are read once.
 
-    x float32 [n_tok, d]; ids int32 [n_tok, k] (distinct per token, < len(experts)); weights
-    float32 [n_tok, k]; experts: one ((gate, type), (up, type), (down, type)) per expert, each a
-    C-contiguous array of stored rows (gate, up: n_ff rows of d weights; down: d rows of n_ff);
-    out float32 [n_tok, d], not overlapping x. simd=False runs the scalar reference kernels.
+    x float32 [n_tok, d]; ids int32 [n_tok, k] (distinct per token, < experts.n_experts); weights
+    float32 [n_tok, k]; out float32 [n_tok, d], not overlapping x. simd=False runs the scalar
+    reference kernels (a table with repacked matrices has none: ValueError).
     """
     cdef cnp.ndarray xa = _f32_2d(x, "x", False)
     cdef cnp.ndarray oa = _f32_2d(out, "out", True)
     cdef cnp.ndarray ia = _c_array(ids, "ids")
     cdef cnp.ndarray wa = _f32_2d(weights, "weights", False)
-    cdef int64_t n_tok = xa.shape[0], d = xa.shape[1], nf = n_ff
+    cdef int64_t n_tok = xa.shape[0], d = xa.shape[1]
+    if d != experts.d:
+        raise ValueError(f"x must have rows of {experts.d}, the experts' width, got {d}")
     if cnp.PyArray_TYPE(ia) != cnp.NPY_INT32 or cnp.PyArray_NDIM(ia) != 2 or ia.shape[0] != n_tok:
         raise ValueError(f"ids must be int32 [{n_tok}, k], got {ids.dtype} {ids.shape}")
     cdef int k = ia.shape[1]
@@ -300,46 +350,21 @@ def moe_ffn(x, ids, weights, experts, n_ff, out, n_threads, simd=True):
         raise ValueError(f"out must have shape ({n_tok}, {d}), got {out.shape}")
     if _overlap(xa, oa):
         raise ValueError("out must not overlap x")
-    if nf < 1 or d < 1:
-        raise ValueError(f"n_ff and the rows of x must be positive, got {n_ff} and {d}")
     cdef int nt = n_threads
     if nt < 1:
         raise ValueError(f"n_threads must be at least 1, got {n_threads}")
-    cdef int n_experts = len(experts)
-    if n_experts < k:
-        raise ValueError(f"{n_experts} experts cannot serve {k} picks per token")
-    if n_tok and (int(ids.min()) < 0 or int(ids.max()) >= n_experts):
-        raise ValueError(f"ids must be in 0..{n_experts - 1}")
-    kept = []                                   # the arrays the C code reads, alive until it returns
-    cdef pf_expert *table = <pf_expert *>PyMem_Malloc(sizeof(pf_expert) * n_experts)
-    if table == NULL:
-        raise MemoryError()
+    if experts.n_experts < k:
+        raise ValueError(f"{experts.n_experts} experts cannot serve {k} picks per token")
+    if n_tok and (int(ids.min()) < 0 or int(ids.max()) >= experts.n_experts):
+        raise ValueError(f"ids must be in 0..{experts.n_experts - 1}")
+    if not simd and experts.n_repacked:
+        raise ValueError("the scalar kernels read stored weights: this table has repacked ones")
     cdef int rc
     cdef int kernels = (PF_KERNELS_AVX2 | PF_KERNELS_AMX | PF_KERNELS_VNNI) if simd else PF_KERNELS_SCALAR
-    try:
-        for e, matrices in enumerate(experts):
-            shapes = ((nf, d), (nf, d), (d, nf))
-            types = []
-            if len(matrices) != 3:
-                raise ValueError(f"expert {e} must be (gate, up, down), got {len(matrices)} matrices")
-            for (array, ggml_type), (rows, cols), what in zip(matrices, shapes, ("gate", "up", "down")):
-                arr = _c_array(array, f"expert {e} {what}")
-                tr = _traits(ggml_type)
-                if arr.nbytes != rows * _row_bytes(ggml_type, cols, tr):
-                    raise ValueError(f"expert {e} {what} must hold {rows} rows of {cols} "
-                                     f"{tr.name.decode()} weights, got {arr.nbytes} bytes")
-                kept.append(arr)
-                types.append(int(ggml_type))
-            table[e].gate = cnp.PyArray_DATA(<cnp.ndarray>kept[3 * e])
-            table[e].up = cnp.PyArray_DATA(<cnp.ndarray>kept[3 * e + 1])
-            table[e].down = cnp.PyArray_DATA(<cnp.ndarray>kept[3 * e + 2])
-            table[e].gate_type, table[e].up_type, table[e].down_type = types
-        with nogil:
-            rc = pf_moe_ffn(<const float *>cnp.PyArray_DATA(xa), n_tok, d, nf,
-                            <const int32_t *>cnp.PyArray_DATA(ia), <const float *>cnp.PyArray_DATA(wa), k,
-                            table, n_experts, <float *>cnp.PyArray_DATA(oa), nt, kernels)
-    finally:
-        PyMem_Free(table)
+    with nogil:
+        rc = pf_moe_ffn(<const float *>cnp.PyArray_DATA(xa), n_tok, d, experts.n_ff,
+                        <const int32_t *>cnp.PyArray_DATA(ia), <const float *>cnp.PyArray_DATA(wa), k,
+                        experts.table, experts.n_experts, <float *>cnp.PyArray_DATA(oa), nt, kernels)
     if rc == -2:
         raise MemoryError("moe_ffn: out of memory")
     if rc:

@@ -104,5 +104,8 @@ cdef extern from "moe_kernels.h" nogil:
         int gate_type
         int up_type
         int down_type
+        int gate_x16
+        int up_x16
+        int down_x16
     int pf_moe_ffn(const float *x, int64_t n_tok, int64_t d, int64_t n_ff, const int32_t *ids, const float *weights,
                    int k, const pf_expert *experts, int n_experts, float *out, int n_threads, int kernels)

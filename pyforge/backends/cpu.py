@@ -6,7 +6,9 @@ Q8_0 and Q4_0 matrices, and F32 ones of at most 512 columns, on CPUs with AVX2 o
 AVX-512 VNNI and no AMX: those are repacked once at load, 16 rows interleaved
 (quant.repack_x16), for GEMMs 1.2-3x faster on batches (F32: no horizontal sums,
 which cost a narrow row's dot as much as its multiply-adds); that copy is anonymous
-memory (1.06-1.11x the stored bytes), and the mapped pages are left to the page cache. On VNNI hosts Q5_K and Q6_K keep
+memory (1.06-1.11x the stored bytes), and the mapped pages are left to the page cache.
+Routed experts are repacked the same way (quant.ExpertTable), but for the types kept
+as stored for single tokens, which experts keep as their only copy. On VNNI hosts Q5_K and Q6_K keep
 their mapped originals for single tokens too (their repacked 1-token dots, with
 more bits to unpack, are ~0.83x); the AVX2 tiles win on every type. Activations
 are float32; the KV cache is in the dtype chosen at construction
@@ -35,11 +37,10 @@ class RepackedWeight:
 
 @dataclass(frozen=True)
 class CpuExperts:
-    """One MoE layer for quant.moe_ffn: the router and ((gate, type), (up, type), (down, type)) of
-    each expert, the stored (mapped) bytes; never repacked."""
+    """One MoE layer for quant.moe_ffn: the router and the experts' quant.ExpertTable (their
+    matrices as stored, or repacked as the dense weights are: prepare_experts)."""
     router: object       # TensorRef [n_experts, d]
-    matrices: tuple
-    n_ff: int
+    table: object        # quant.ExpertTable
 
 
 # Types whose stored layout beats their repacked one on a single token (decode), by x16 kernel
@@ -208,16 +209,20 @@ class CpuBackend:
         return out
 
     # -- mixture of experts ----------------------------------------------
-    @staticmethod
-    def prepare_experts(router, gate, up, down):
-        """TensorRefs: the router and lists of one per expert (shapes checked by the loader)."""
-        matrices = tuple(tuple((t.data, int(t.ggml_type)) for t in mats) for mats in zip(gate, up, down))
-        return CpuExperts(router, matrices, int(gate[0].shape[0]))
+    def prepare_experts(self, router, gate, up, down):
+        """TensorRefs: the router and lists of one per expert (shapes checked by the loader). The
+        expert matrices are repacked where dense ones are, but for the types kept in their stored
+        layout for single tokens (a routed expert mostly sees one token a step in decode): one
+        copy of each expert either way."""
+        matrices = [tuple((t.data, int(t.ggml_type)) for t in mats) for mats in zip(gate, up, down)]
+        repack = [t for t in GGMLType if t not in self.single_token_originals] if self.repack else []
+        n_ff, d = gate[0].shape
+        return CpuExperts(router, quant.ExpertTable(matrices, n_ff, d, repack, self.n_threads))
 
     def moe_route(self, x, experts, k, normalize):
         logits = self.matmul(x, experts.router, self.empty((len(x), experts.router.shape[0])))
         return route_top_k(logits, k, normalize)
 
     def moe_ffn(self, x, ids, weights, experts, out):
-        quant.moe_ffn(x, ids, weights, experts.matrices, experts.n_ff, out, self.n_threads)
+        quant.moe_ffn(x, ids, weights, experts.table, out, self.n_threads)
         return out

@@ -17,12 +17,14 @@ device memory, sized by gpu_memory_utilization there: they are not counted here.
 """
 import importlib.util
 import logging
+import re
 from typing import NamedTuple
 
 from pyforge.engine.config import EngineConfig
 
 log = logging.getLogger("pyforge.launcher")
 GiB = 1 << 30
+_EXPERT = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")     # an expert's matrix (loader/names.py)
 
 
 class MemoryNeed(NamedTuple):
@@ -77,7 +79,8 @@ def memory_need(config):
 
 def _resident_bytes(tensor, loaded_type, repacks):
     """A weight's bytes once loaded: as mapped or as quantized at load, plus the repacked copy,
-    which replaces one quantized at load unless the backend keeps that for single tokens."""
+    which replaces one quantized at load unless the backend keeps that for single tokens. An
+    expert matrix of a type kept for single tokens is not repacked at all (CpuBackend.prepare_experts)."""
     from pyforge.backends.cpu import single_token_originals
     from pyforge.ggml_types import tensor_bytes
     from pyforge.native import quant
@@ -85,7 +88,10 @@ def _resident_bytes(tensor, loaded_type, repacks):
     size = tensor_bytes(loaded_type, tensor.shape)
     if not (repacks and len(tensor.shape) == 2 and quant.x16_layout(loaded_type, *tensor.shape)):
         return size
-    replaced = loaded_type != tensor.ggml_type and loaded_type not in single_token_originals()
+    kept_for_one_token = loaded_type in single_token_originals()
+    if kept_for_one_token and _EXPERT.match(tensor.name):
+        return size
+    replaced = loaded_type != tensor.ggml_type and not kept_for_one_token
     return size * (1 if replaced else 2)
 
 

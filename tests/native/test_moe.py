@@ -1,5 +1,6 @@
 """quant.moe_ffn (routed experts, tokens grouped by expert) against a float64 numpy
-reference over the gguf package's dequantized weights; routing against torch."""
+reference over the gguf package's dequantized weights, with the experts as stored and
+repacked 16 rows at a time (quant.ExpertTable); routing against torch."""
 import numpy as np
 import pytest
 
@@ -55,20 +56,49 @@ def routed(rng, n_tok, k):
 MIXED = [(T.Q4_K, T.Q4_K, T.Q6_K), (T.Q8_0, T.F16, T.F32)]     # expert by expert, matrix by matrix
 
 
-@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+needs_x16 = pytest.mark.skipif(quant.x16_kernels() is None, reason="no x16 kernels here (or PYFORGE_DISABLE_X16)")
+
+
+@pytest.mark.parametrize("layout", ["stored", "scalar", pytest.param("repacked", marks=needs_x16)])
 @pytest.mark.parametrize("types", [[(t, t, t)] for t in TOLERANCE] + [MIXED],
                          ids=lambda v: "-".join(t.name for t in v[-1]) + ("-mixed" if len(v) > 1 else ""))
 @pytest.mark.parametrize("n_tok,k", [(1, 2), (37, 3)])
-def test_moe_ffn_matches_reference(types, n_tok, k, simd):
+def test_moe_ffn_matches_reference(types, n_tok, k, layout):
+    """Stored (SIMD kernels), stored through the scalar reference kernels, and repacked for
+    every type with an x16 layout (the others stay stored beside them)."""
     rng = np.random.default_rng(n_tok * 7 + k)
     stored, dense = make_experts(rng, types)
+    table = quant.ExpertTable(stored, N_FF, D, repack=list(T) if layout == "repacked" else ())
+    if layout == "repacked":    # each matrix whose type and shape have an x16 layout
+        assert table.n_repacked == sum(quant.x16_layout(int(t), *shape) for e in range(N_EXPERTS)
+                                       for t, shape in zip(types[e % len(types)], ((N_FF, D), (N_FF, D), (D, N_FF))))
     x = rng.standard_normal((n_tok, D)).astype(np.float32)
     ids, weights = routed(rng, n_tok, k)
     out = np.full((n_tok, D), np.nan, np.float32)
-    quant.moe_ffn(x, ids, weights, stored, N_FF, out, 2, simd=simd)
+    quant.moe_ffn(x, ids, weights, table, out, 2, simd=layout != "scalar")
     ref = reference(x, ids, weights, dense)
     tol = max(TOLERANCE[t] for triple in types for t in triple)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol
+
+
+@needs_x16
+def test_repacked_experts_give_the_x16_matmuls_bits():
+    """A repacked expert computes what quant.matmul_x16 computes on its matrices (the same
+    tiles), and the table repacks exactly the types asked for."""
+    rng = np.random.default_rng(3)
+    stored, _ = make_experts(rng, [(T.Q4_K, T.Q8_0, T.Q6_K)])
+    table = quant.ExpertTable(stored, N_FF, D, repack=[T.Q4_K, T.Q8_0])
+    assert table.n_repacked == 2 * N_EXPERTS
+    x = rng.standard_normal((1, D)).astype(np.float32)
+    out = np.empty_like(x)
+    quant.moe_ffn(x, np.array([[4]], np.int32), np.array([[0.5]], np.float32), table, out, 1)
+    (gate, t_g), (up, t_u), (down, t_d) = stored[4]
+    g, u, y = np.empty((1, N_FF), np.float32), np.empty((1, N_FF), np.float32), np.empty((1, D), np.float32)
+    quant.matmul_x16(x, quant.repack_x16(gate, t_g, N_FF, D), t_g, N_FF, g, 1)
+    quant.matmul_x16(x, quant.repack_x16(up, t_u, N_FF, D), t_u, N_FF, u, 1)
+    act = (g * u / (1 + np.exp(-g))).astype(np.float32)
+    quant.matmul(act, down, t_d, D, y, 1)
+    np.testing.assert_allclose(out, 0.5 * y, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_ffn_rejects_bad_input():
@@ -79,20 +109,25 @@ def test_moe_ffn_rejects_bad_input():
     out = np.empty_like(x)
     bad_ids = ids.copy()
     bad_ids[1, 0] = N_EXPERTS
+    table = quant.ExpertTable(stored, N_FF, D)
     with pytest.raises(ValueError, match="ids must be in 0..5"):
-        quant.moe_ffn(x, bad_ids, weights, stored, N_FF, out, 1)
+        quant.moe_ffn(x, bad_ids, weights, table, out, 1)
     with pytest.raises(ValueError, match="ids must be int32"):
-        quant.moe_ffn(x, ids.astype(np.int64), weights, stored, N_FF, out, 1)
+        quant.moe_ffn(x, ids.astype(np.int64), weights, table, out, 1)
     with pytest.raises(ValueError, match="weights must have the shape of ids"):
-        quant.moe_ffn(x, ids, weights[:, :1].copy(), stored, N_FF, out, 1)
+        quant.moe_ffn(x, ids, weights[:, :1].copy(), table, out, 1)
     short = list(stored)
     short[2] = (stored[2][0], stored[2][1], (stored[2][2][0][:-1], stored[2][2][1]))
     with pytest.raises(ValueError, match="expert 2 down must hold 256 rows"):
-        quant.moe_ffn(x, ids, weights, short, N_FF, out, 1)
+        quant.ExpertTable(short, N_FF, D)
     with pytest.raises(ValueError, match="out must not overlap x"):
-        quant.moe_ffn(x, ids, weights, stored, N_FF, x, 1)
+        quant.moe_ffn(x, ids, weights, table, x, 1)
     with pytest.raises(ValueError, match="cannot serve"):
-        quant.moe_ffn(x, ids, weights, stored[:1], N_FF, out, 1)
+        quant.moe_ffn(x, ids, weights, quant.ExpertTable(stored[:1], N_FF, D), out, 1)
+    with pytest.raises(ValueError, match="rows of 256"):
+        quant.moe_ffn(x[:, :128].copy(), ids, weights, table, out[:, :128].copy(), 1)
+    with pytest.raises(TypeError):
+        quant.moe_ffn(x, ids, weights, stored, out, 1)
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -1,9 +1,11 @@
 """One quantized matmul at several batch sizes: every kernel family this CPU has (AVX2, AVX-512 VNNI, AMX).
 
     python benchmarks/bench_matmul.py [--threads 2] [--tokens 1 4 8 16 32 64 512] [--reps 15]
+                                      [--shapes tinyllama|stories260k]
 
 Weights are random floats quantized by pyforge (TinyLlama-1.1B's FFN and head
-shapes), in enough copies (--weight-mib in all) that each call reads its weights
+shapes; or stories260K's F32 ones, 64 wide, where a call's fixed cost and the
+row dots' horizontal sums are what the x16 layout saves), in enough copies (--weight-mib in all) that each call reads its weights
 from DRAM, as a model's layers do, not from the last call's cache; the same
 activations go through `quant.matmul` once per family (AVX2; VNNI for K-quants;
 AMX tiles from 9 tokens up) and through `quant.matmul_x16` over the weights
@@ -29,6 +31,12 @@ SHAPES = [  # (name, type, n_in, n_out)
     ("ffn_up 2048->5632", T.Q8_0, 2048, 5632),
     ("ffn_up 2048->5632", T.Q4_0, 2048, 5632),
     ("ffn_up 2048->5632", T.Q5_K, 2048, 5632),
+]
+STORIES_SHAPES = [
+    ("attn_q 64->64", T.F32, 64, 64),
+    ("ffn_up 64->172", T.F32, 64, 172),
+    ("ffn_down 172->64", T.F32, 172, 64),
+    ("output 64->512", T.F32, 64, 512),
 ]
 
 
@@ -89,6 +97,7 @@ def main():
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64, 512])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--weight-mib", type=float, default=640, help="weight copies in all (a 1.1B Q4_K_M model: ~640)")
+    ap.add_argument("--shapes", choices=["tinyllama", "stories260k"], default="tinyllama")
     args = ap.parse_args()
     families = kernel_families()
     names = [n for n, _ in families]
@@ -96,7 +105,7 @@ def main():
     print("| matmul | type | tokens | " + " | ".join(f"{n} ms" for n in names) + " | "
           + " | ".join(f"{n} GFLOP/s" for n in names) + " | best / AVX2 | best weight GB/s |")
     print("|---|---|---|" + "---|" * (2 * len(names) + 2))
-    for shape in SHAPES:
+    for shape in SHAPES if args.shapes == "tinyllama" else STORIES_SHAPES:
         for name, tname, n_tok, times, flops, wbytes in bench_shape(*shape, args.tokens, args.threads, args.reps,
                                                                     args.weight_mib, families):
             best = min(x for x in times if x == x)      # NaN: no such kernel for the type

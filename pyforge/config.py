@@ -541,7 +541,8 @@ _HELP = {
     "kv_cache_tokens": "KV cache size in tokens (default: about 2 GiB on cpu; on cuda, what "
                        "--gpu-memory-utilization leaves)",
     "block_size": "KV cache block size in tokens",
-    "kv_cache_dtype": "KV cache element type: auto (cpu: f32; cuda: f16), f32, f16, bf16 or q8_0 (cpu), "
+    "kv_cache_dtype": "KV cache element type: auto (cpu: the model's float type - f32, bf16, or f16 for F16 and "
+                      "quantized weights; cuda: f16), f32, f16, bf16 or q8_0 (cpu), "
                       "fp8_e4m3 (cuda; alias f8e4m3)",
     "queue_capacity": "waiting requests before new ones get 503",
     "default_max_tokens": "max_tokens when a request sets none",

@@ -39,15 +39,15 @@ def resolve_device(device, head_dim=None):
 
 
 def get_backend(device="cpu", n_threads=None, gpu_memory_utilization=0.9, head_dim=None, cuda_graphs=False,
-                kv_cache_dtype="auto"):
+                kv_cache_dtype="auto", weight_type=None):
     """The backend for a device name: cpu, cuda, cuda:N or auto (head_dim: the model's, for auto);
     cuda_graphs asks for the stream that graph capture needs (ignored on cpu); kv_cache_dtype:
-    backends/kv_dtype.py."""
+    backends/kv_dtype.py, whose auto follows the model's weight_type on the CPU."""
     device = resolve_device(device, head_dim)
     if device == "cpu":
         from pyforge.backends.cpu import CpuBackend
 
-        return CpuBackend(n_threads=n_threads, kv_cache_dtype=kv_cache_dtype)
+        return CpuBackend(n_threads=n_threads, kv_cache_dtype=kv_cache_dtype, weight_type=weight_type)
     match = _CUDA.fullmatch(device)
     if match is None:
         raise ValueError(f"unknown device {device!r} (choose auto, cpu, cuda or cuda:N)")

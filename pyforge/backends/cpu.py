@@ -65,11 +65,11 @@ class CpuBackend:
     activation_dtype_bytes = 4
     samples_on_device = False       # the logits are host memory already: the native sampler takes them
 
-    def __init__(self, n_threads=None, kv_cache_dtype="auto"):
+    def __init__(self, n_threads=None, kv_cache_dtype="auto", weight_type=None):
         self.n_threads = int(n_threads or default_threads())
         if self.n_threads < 1:
             raise ValueError("n_threads must be at least 1")
-        self.kv_dtype = kv_dtype.resolve(kv_cache_dtype, self.name)
+        self.kv_dtype = kv_dtype.resolve(kv_cache_dtype, self.name, weight_type)   # auto: by the model's weights
         self.kv_dtype_bytes = kv_dtype.BYTES_PER_VALUE[self.kv_dtype]
         self.repack = repacks_weights()
         self.single_token_originals = single_token_originals()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pyforge.backends import get_backend
+from pyforge.backends import get_backend, kv_dtype
 from pyforge.engine.block_manager import BlockManager
 from pyforge.engine.config import EngineConfig, EngineFacts
 from pyforge.engine.errors import INTERNAL_ERROR, ErrorKind
@@ -25,7 +25,7 @@ from pyforge.engine.speculative import GAMMA, U64, Speculator, accepted_prefix, 
 from pyforge.engine.sequence import FINISH_REASONS, Sequence, SequenceStatus, check_prompt_ids
 from pyforge.loader import load_model_file
 from pyforge.native import step_core
-from pyforge.loader.quantize import quantized_weights
+from pyforge.loader.quantize import loaded_types, quantized_weights
 from pyforge.models.registry import family
 from pyforge.models.null import NullModel, pick_token
 from pyforge.tokenizer import load_tokenizer
@@ -117,8 +117,10 @@ class Engine:
             raise ValueError(f"{ec.model_path}: {e}") from None
         self.config = cfg
         self.tokenizer = load_tokenizer(self.model_file)
+        weight_type = kv_dtype.model_weight_type(self.model_file.tensors, loaded_types(self.model_file, ec.quantization))
         self.backend = get_backend(ec.device, n_threads=ec.n_threads, gpu_memory_utilization=ec.gpu_memory_utilization,
-                                   head_dim=cfg.head_dim, cuda_graphs=ec.cuda_graphs, kv_cache_dtype=ec.kv_cache_dtype)
+                                   head_dim=cfg.head_dim, cuda_graphs=ec.cuda_graphs, kv_cache_dtype=ec.kv_cache_dtype,
+                                   weight_type=weight_type)
         if ec.null_model:      # no forward pass: the serving stack's own ceiling (models/null.py)
             self.model = NullModel(cfg, pick_token(self.tokenizer, cfg.vocab_size))
         else:

@@ -70,8 +70,9 @@ def memory_need(config):
         mc = model_file.config
         types = loaded_types(model_file, config.quantization)     # after --quantization
         weights = sum(_resident_bytes(t, types[name], repacks) for name, t in model_file.tensors.items())
+        weight_type = kv_dtype.model_weight_type(model_file.tensors, types)    # what auto follows
     max_model_len = min(ec.max_model_len or mc.context_length, mc.context_length)
-    value_bytes = kv_dtype.BYTES_PER_VALUE[kv_dtype.resolve(ec.kv_cache_dtype, "cpu")]
+    value_bytes = kv_dtype.BYTES_PER_VALUE[kv_dtype.resolve(ec.kv_cache_dtype, "cpu", weight_type)]
     blocks = kv_pool_blocks(ec, mc, max_model_len, DEFAULT_KV_CACHE_BYTES, value_bytes)
     kv = blocks * ec.block_size * KVCache.bytes_per_token(mc, value_bytes)
     return MemoryNeed(config.served_model_name, weights, kv)

@@ -221,18 +221,23 @@ def test_a_stream_refused_for_capacity_is_503_before_it_starts(model_path):
 
 
 def test_a_non_streamed_client_that_leaves_is_aborted(server):
+    """The request ends when its client leaves, not when its 4 x 2000 tokens are done: the
+    server looks at the socket every DISCONNECT_CHECK (0.25 s), while the whole answer takes
+    the tiny model about a second here (so more work than that would be a stale bound)."""
     before = idle(server)
-    body = json.dumps({"model": "tiny-gqa", "prompt": "Nobody waits for me", "max_tokens": 1800,
+    body = json.dumps({"model": "tiny-gqa", "prompt": "Nobody waits for me", "max_tokens": 2000, "n": 4,
                        "temperature": 0, "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    busy = wait_for_metrics(server, lambda t: metric(t, "pyforge:num_requests_running") == 1)
-    assert metric(busy, "pyforge:num_requests_running") == 1
+    busy = wait_for_metrics(server, lambda t: metric(t, "pyforge:num_requests_running") >= 1)
+    assert metric(busy, "pyforge:num_requests_running") >= 1
     sock.close()
     after = idle(server)
     assert metric(after, "pyforge:kv_cache_usage_perc") == metric(before, "pyforge:kv_cache_usage_perc")
     generated = metric(after, "pyforge:generation_tokens_total") - metric(before, "pyforge:generation_tokens_total")
-    assert generated < 1000
+    print(f"generated {generated:.0f} of 8000 tokens before the abort")
+    assert generated < 4 * 2000
+    assert metric(after, "pyforge:request_success_total") == metric(before, "pyforge:request_success_total")
 
 
 # -- a dead engine, a dead worker ----------------------------------------------------------

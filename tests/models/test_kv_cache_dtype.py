@@ -70,3 +70,16 @@ def test_a_backend_refuses_what_it_cannot_store():
         Engine(STORIES, n_threads=1, kv_cache_dtype="fp8_e4m3")
     with pytest.raises(ValueError, match="multiple of 32"):
         Engine(STORIES, n_threads=1, kv_cache_dtype="q8_0")  # head_dim 8
+
+
+@pytest.mark.parametrize("dtype,fmt,quantization,expected", [
+    ("float32", None, "none", "f32"), ("bfloat16", None, "none", "bf16"), ("float16", None, "none", "f16"),
+    (None, "Q8_0", "none", "f16"), (None, "Q4_K_M", "none", "f16"), (None, "F32", "q8_0", "f16")])
+def test_auto_is_the_models_float_type(tmp_path, dtype, fmt, quantization, expected):
+    """auto on the CPU: f32 for F32 weights, bf16 for BF16, f16 for F16 and quantized ones
+    (also F32 weights quantized at load), as vLLM's auto and llama.cpp's default cache."""
+    from pyforge.synthetic import write_gguf
+    path = (write_hf_folder("tiny-gqa", tmp_path / "hf", dtype=dtype, seed=1) if dtype
+            else write_gguf("tiny-gqa", tmp_path / "m.gguf", fmt, seed=1))
+    e = Engine(str(path), n_threads=1, max_model_len=64, kv_cache_tokens=64, quantization=quantization)
+    assert e.backend.kv_dtype == expected

@@ -1,6 +1,7 @@
 """Where a decode step's time goes: native kernels vs Python glue.
 
     python benchmarks/profile_decode.py [--format Q4_K_M] [--threads 2] [--batch 1] [--steps 64] [--context 64]
+                                        [--kv-cache-dtype auto]
     python benchmarks/profile_decode.py --attention-prefill 512 [--threads 2] [--reps 20]
     python benchmarks/profile_decode.py --attention-decode 2048 [--batch 1] [--threads 2] [--reps 20]
 
@@ -132,6 +133,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--context", type=int, default=64, help="prompt tokens before the timed decode steps")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the engine's KV cache (auto: f16 for quantized weights)")
     ap.add_argument("--attention-prefill", type=int, default=0, metavar="N",
                     help="instead: time the attention kernel alone on an N-token prompt, per path")
     ap.add_argument("--attention-decode", type=int, default=0, metavar="L",
@@ -147,7 +149,7 @@ def main():
     n_ctx = args.context + args.steps + 16
     engine = Engine(str(ensure_model("tinyllama-1.1b", args.format)), n_threads=args.threads,
                     max_model_len=n_ctx, kv_cache_tokens=max(4096, args.batch * n_ctx),
-                    max_num_batched_tokens=max(512, args.context))
+                    max_num_batched_tokens=max(512, args.context), kv_cache_dtype=args.kv_cache_dtype)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 8, ignore_eos=True)
     for _ in range(args.batch):
@@ -162,7 +164,7 @@ def main():
     wall = time.perf_counter() - t0
     native = sum(totals.values())
     print(f"tinyllama-1.1b {args.format}, batch {args.batch}, {args.threads} threads, {args.steps} decode steps "
-          f"after {args.context} context tokens")
+          f"after {args.context} context tokens, {engine.backend.kv_dtype} KV cache")
     print(f"step: {1e3 * wall / args.steps:.2f} ms; native kernels {1e3 * native / args.steps:.2f} ms; "
           f"outside native code {100 * (wall - native) / wall:.1f}%")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):

@@ -109,7 +109,7 @@ def main():
         for name, tname, n_tok, times, flops, wbytes in bench_shape(*shape, args.tokens, args.threads, args.reps,
                                                                     args.weight_mib, families):
             best = min(x for x in times if x == x)      # NaN: no such kernel for the type
-            print(f"| {name} | {tname} | {n_tok} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " | "
+            print(f"| {name} | {tname} | {n_tok} | " + " | ".join(f"{t * 1e3:.3g}" for t in times) + " | "
                   + " | ".join(f"{flops / t / 1e9:.0f}" for t in times)
                   + f" | {times[0] / best:.2f} | {wbytes / best / 1e9:.1f} |")
 

@@ -10,6 +10,7 @@ operations, RNG, tie rules) is written down in sampler_kernels.h.
 import numpy as np
 
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 
 
 cdef extern from "sampler_kernels.h" nogil:
@@ -208,6 +209,53 @@ def sample(float[:, ::1] logits,
     if rc != 0:
         raise MemoryError("sampler scratch allocation failed")
     return tokens, logprobs, top_ids, top_logprobs
+
+
+def sample_greedy(float[:, ::1] logits, uint64_t[::1] rng_state, const uint8_t[::1] want_logprobs=None,
+                  int n_threads=0):
+    """`sample` for rows that are all greedy with no penalties, biases, masks or top
+    logprobs: the same kernel on parameter columns made here (temperature 0, no filters,
+    no history), so the same tokens, logprobs and RNG steps, without the thirteen
+    arrays the general call checks (on a small model that call was most of a step's
+    sampling). Returns (tokens int32[n_seq], logprobs f32[n_seq])."""
+    cdef Py_ssize_t n_seq = logits.shape[0], vocab = logits.shape[1], i
+    if vocab < 1:
+        raise ValueError("logits have an empty vocabulary axis")
+    _check_len("rng_state", rng_state.shape[0], n_seq)
+    if want_logprobs is not None:
+        _check_len("want_logprobs", want_logprobs.shape[0], n_seq)
+    tokens, logprobs = np.empty(n_seq, dtype=np.int32), np.empty(n_seq, dtype=np.float32)
+    if n_seq == 0:
+        return tokens, logprobs
+    cdef int32_t[::1] tokens_v = tokens
+    cdef float[::1] logprobs_v = logprobs
+    cdef float *floats = <float *>malloc(3 * n_seq * sizeof(float))    # zeros, ones, ones
+    cdef int32_t *ints = <int32_t *>calloc(2 * n_seq + 1, sizeof(int32_t))  # top_k, history offsets: zeros
+    if floats == NULL or ints == NULL:
+        free(floats)
+        free(ints)
+        raise MemoryError("sampler parameter columns")
+    for i in range(n_seq):
+        floats[i], floats[n_seq + i], floats[2 * n_seq + i] = 0.0, 1.0, 1.0
+    cdef pf_sampling_params params
+    params.temperature = params.min_p = params.presence_penalty = params.frequency_penalty = floats
+    params.top_p = floats + n_seq
+    params.repetition_penalty = floats + 2 * n_seq
+    params.top_k = ints
+    cdef pf_token_history history
+    history.offsets, history.ids, history.counts = ints + n_seq, _NO_TOKENS, _NO_TOKENS
+    cdef pf_sample_out out
+    out.tokens, out.logprobs, out.top_ids, out.top_logprobs, out.n_top = &tokens_v[0], &logprobs_v[0], NULL, NULL, 0
+    out.want_logprobs = &want_logprobs[0] if want_logprobs is not None else NULL
+    cdef int rc
+    with nogil:
+        rc = pf_sample(&logits[0, 0], <int32_t>n_seq, <int32_t>vocab, &params, &history, NULL, NULL,
+                       &rng_state[0], &out, n_threads)
+    free(floats)
+    free(ints)
+    if rc != 0:
+        raise MemoryError("sampler scratch allocation failed")
+    return tokens, logprobs
 
 
 def apply_penalties(float[:, ::1] logits, const float[::1] repetition_penalty,

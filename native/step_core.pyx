@@ -396,6 +396,16 @@ def greedy_wants(list rows):
     return wants
 
 
+def rng_states(list rows):
+    """uint64 [n]: each row's RNG state (the sampler advances them in place)."""
+    cdef Py_ssize_t i, n = len(rows)
+    states = np.empty(n, np.uint64)
+    cdef uint64_t[::1] st = states
+    for i in range(n):
+        st[i] = rows[i].rng_state
+    return states
+
+
 def advance_rng_states(list rows):
     """Each row's RNG state one draw on, as the host sampler steps every row it samples
     (greedy ones too): SplitMix64 adds its increment per draw."""

@@ -78,6 +78,13 @@ class Sampler:
         logits = np.ascontiguousarray(logits, dtype=np.float32)
         if not logits.flags.writeable:   # the kernel borrows rows as scratch
             logits = logits.copy()
+        wants = step_core.greedy_wants(seqs) if masks is None else None
+        if wants is not None:           # all plain greedy: the kernel without the parameter columns
+            rng_state = step_core.rng_states(seqs)
+            tokens, logprobs = native.sample_greedy(logits, rng_state, None if self.all_logprobs else wants,
+                                                    n_threads=self.n_threads)
+            step_core.store_rng_states(seqs, rng_state)
+            return SampledBatch(tokens, logprobs, None)
         # one native pass over the rows' params and RNG states (native/step_core.pyx)
         columns, rng_state, wants, n_top, penalised, biased = step_core.pack_sampling(seqs)
         n_top = min(n_top, logits.shape[1])

@@ -96,6 +96,26 @@ def test_greedy_is_numpy_argmax_ties_to_lowest_id():
     np.testing.assert_array_equal(tiny_t, tokens)
 
 
+def test_the_greedy_entry_is_the_general_call():
+    """sample_greedy (all rows greedy, no penalties, biases, masks or top logprobs) gives the
+    general call's tokens, logprobs and RNG states bit for bit, rows with and without logprobs."""
+    logits = (np.random.default_rng(2).standard_normal((9, 3000)) * 3).astype(np.float32)
+    logits[1, [7, 70]] = logits[1].max() + 1
+    logits[2, :1500] = np.nan
+    want = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], np.uint8)
+    seeds = np.arange(9, dtype=np.uint64) * 977
+    for wants in (None, want):
+        tokens, logprobs, _, _, state = sample(logits, temperature=0.0, seeds=seeds, want_logprobs=wants, n_threads=2)
+        fast_state = seeds.copy()
+        fast_tokens, fast_logprobs = ns.sample_greedy(logits, fast_state, wants, n_threads=2)
+        np.testing.assert_array_equal(fast_tokens, tokens)
+        np.testing.assert_array_equal(fast_logprobs, logprobs)      # NaN where not wanted, on both
+        np.testing.assert_array_equal(fast_state, state)
+    assert ns.sample_greedy(logits[:0], np.zeros(0, np.uint64))[0].shape == (0,)
+    with pytest.raises(ValueError, match="rng_state has 2 entries"):
+        ns.sample_greedy(logits, np.zeros(2, np.uint64))
+
+
 @pytest.mark.parametrize("vocab", [32000, 151936])
 def test_logprobs_are_log_softmax_of_the_raw_logits(vocab):
     rng = np.random.default_rng(vocab)

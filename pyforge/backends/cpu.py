@@ -126,7 +126,7 @@ class CpuBackend:
         top = x[np.arange(len(x)), tokens]
         with np.errstate(invalid="ignore", divide="ignore"):
             lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-        return tokens, (x[np.arange(len(x)), tokens] - lse).astype(np.float32)
+        return tokens, (top - lse).astype(np.float32)
 
     def allocate_kv_pool(self, n_blocks, block_size, n_kv_heads, head_dim):
         # [n_blocks, n_kv_heads, block_size, row] K and V (ops.kv_store says why); row: head_dim

@@ -6,9 +6,10 @@ For each model on the CPU (the KV pool lives in host memory):
 
     weights  = the model file's tensor bytes (mapped; read in as they are used), or
                the bytes --quantization makes of them (loader/quantize.py)
-             + the repacked copies the CPU backend makes at load (matrices with an
-               x16 layout, quant.x16_layout, on hosts with x16 kernels and no AMX: backends/cpu.py), which replace
-               a copy quantized at load (but Q5_K / Q6_K, kept for single tokens)
+             + the repacked copies the CPU backend makes at load (matrices with an x16
+               layout, quant.x16_layout, on hosts with x16 kernels and no AMX:
+               backends/cpu.py), which replace a copy quantized at load (but Q5_K /
+               Q6_K, kept for single tokens; experts of those types are not repacked)
     kv pool  = kv_pool_blocks(...) x block_size x bytes per token (K and V in
                --kv-cache-dtype: backends/kv_dtype.py)
 
